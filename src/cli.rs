@@ -1,0 +1,369 @@
+//! The command line: `chatcli server|serve`, `chatcli config check|show`, `chatcli connect`. Every
+//! server flag is an `Option` so that a flag that was not given never overrides the config file or
+//! the environment; [`ServerArgs::flag_values`] turns the given ones into the top config layer.
+//! Flags keep the existing ChatCLI's names; Go-style single-dash long flags (`-port 8080`) are
+//! accepted too ([`normalize_args`]).
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use figment::value::Value;
+use serde::Serialize;
+
+use crate::config::FlagValue;
+
+/// chatcli: one authenticated endpoint for many LLM providers, speaking the ChatCLI gRPC protocol.
+#[derive(Debug, Parser)]
+#[command(name = "chatcli", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway daemon.
+    #[command(alias = "serve")]
+    Server(ServerArgs),
+    /// Validate or print the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Connect to a chatcli server (the client).
+    Connect(ConnectArgs),
+}
+
+/// `chatcli config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate the configuration; exit 0, or 78 listing every problem.
+    Check(ServerArgs),
+    /// Print the merged configuration as TOML with the origin of each value (secrets redacted).
+    Show(ServerArgs),
+}
+
+/// `chatcli connect` (arguments are taken as given until the client lands).
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Everything after `connect`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+/// Server flags. Names, meanings and defaults follow the existing ChatCLI server; the environment
+/// variable in each help text is read by the config loader, one layer below the flag.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServerArgs {
+    /// Config file (env CHATCLI_CONFIG; default /etc/chatcli/chatcli.toml when present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC + HTTP port (env CHATCLI_SERVER_PORT; default 50051).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Listen address (env CHATCLI_BIND_ADDRESS; default 127.0.0.1, 0.0.0.0 in Kubernetes).
+    #[arg(long)]
+    pub bind_address: Option<IpAddr>,
+    /// Shared bearer token (env CHATCLI_SERVER_TOKEN).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// TLS certificate (env CHATCLI_SERVER_TLS_CERT).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (env CHATCLI_SERVER_TLS_KEY).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA that client certificates must chain to (env CHATCLI_TLS_CLIENT_CA).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Default provider (env LLM_PROVIDER; default the first configured).
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Default model (default: the provider's).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Prometheus port, 0 = off (env CHATCLI_METRICS_PORT; default 9090).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Fallback chain, comma separated (env CHATCLI_FALLBACK_PROVIDERS).
+    #[arg(long)]
+    pub fallback_providers: Option<String>,
+    /// Retries per provider in the chain (env CHATCLI_FALLBACK_MAX_RETRIES; default 2).
+    #[arg(long)]
+    pub fallback_max_retries: Option<u32>,
+    /// Cooldown base, doubled per failure (env CHATCLI_FALLBACK_COOLDOWN_BASE; default 30s).
+    #[arg(long)]
+    pub fallback_cooldown_base: Option<String>,
+    /// Cooldown cap (env CHATCLI_FALLBACK_COOLDOWN_MAX; default 5m).
+    #[arg(long)]
+    pub fallback_cooldown_max: Option<String>,
+    /// MCP servers JSON (env CHATCLI_MCP_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub mcp_config: Option<PathBuf>,
+    /// Multi-target watcher YAML (env CHATCLI_WATCH_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub watch_config: Option<PathBuf>,
+    /// Single watcher target (env CHATCLI_WATCH_DEPLOYMENT).
+    #[arg(long)]
+    pub watch_deployment: Option<String>,
+    /// Single target namespace (env CHATCLI_WATCH_NAMESPACE; default "default").
+    #[arg(long)]
+    pub watch_namespace: Option<String>,
+    /// Watcher interval (env CHATCLI_WATCH_INTERVAL; default 30s).
+    #[arg(long)]
+    pub watch_interval: Option<String>,
+    /// Watcher window (env CHATCLI_WATCH_WINDOW; default 2h).
+    #[arg(long)]
+    pub watch_window: Option<String>,
+    /// Log lines per pod (env CHATCLI_WATCH_MAX_LOG_LINES; default 100).
+    #[arg(long)]
+    pub watch_max_log_lines: Option<u32>,
+    /// Kubeconfig (env CHATCLI_KUBECONFIG; default in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub watch_kubeconfig: Option<PathBuf>,
+    /// Serve gRPC reflection; CHATCLI_GRPC_REFLECTION=true is needed as well.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub enable_reflection: Option<bool>,
+    /// Let the server start without auth on a non-loopback address (env CHATCLI_ALLOW_NO_AUTH).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_no_auth: Option<bool>,
+    /// Longest drain of in-flight calls on SIGTERM (env CHATCLI_SHUTDOWN_GRACE; default 30s).
+    #[arg(long)]
+    pub shutdown_grace: Option<String>,
+    /// Log filter, e.g. "info" or "chatcli=debug" (env CHATCLI_LOG_LEVEL, LOG_LEVEL; default info).
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Log format: text or json (env CHATCLI_LOG_FORMAT).
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Also log to this file, rotated by size (env CHATCLI_LOG_FILE).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Data dir for sessions and catalog (env CHATCLI_DATA_DIR; default ~/.chatcli).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn val<T: Serialize>(x: T) -> Option<Value> {
+    Value::serialize(x).ok()
+}
+
+impl ServerArgs {
+    /// The flags that were given, as config values.
+    pub fn flag_values(&self) -> Vec<FlagValue> {
+        let entries: [(&'static str, &'static str, Option<Value>); 29] = [
+            ("server.port", "--port", self.port.and_then(val)),
+            (
+                "server.bind_address",
+                "--bind-address",
+                self.bind_address.map(|a| Value::from(a.to_string())),
+            ),
+            ("auth.token", "--token", self.token.clone().map(Value::from)),
+            (
+                "server.tls.cert_file",
+                "--tls-cert",
+                self.tls_cert.as_ref().and_then(val),
+            ),
+            (
+                "server.tls.key_file",
+                "--tls-key",
+                self.tls_key.as_ref().and_then(val),
+            ),
+            (
+                "server.tls.client_ca_file",
+                "--tls-client-ca",
+                self.tls_client_ca.as_ref().and_then(val),
+            ),
+            (
+                "llm.default",
+                "--provider",
+                self.provider.clone().map(Value::from),
+            ),
+            ("llm.model", "--model", self.model.clone().map(Value::from)),
+            (
+                "metrics.port",
+                "--metrics-port",
+                self.metrics_port.and_then(val),
+            ),
+            (
+                "llm.fallback",
+                "--fallback-providers",
+                self.fallback_providers.clone().map(Value::from),
+            ),
+            (
+                "llm.fallback_max_retries",
+                "--fallback-max-retries",
+                self.fallback_max_retries.and_then(val),
+            ),
+            (
+                "llm.fallback_cooldown_base",
+                "--fallback-cooldown-base",
+                self.fallback_cooldown_base.clone().map(Value::from),
+            ),
+            (
+                "llm.fallback_cooldown_max",
+                "--fallback-cooldown-max",
+                self.fallback_cooldown_max.clone().map(Value::from),
+            ),
+            (
+                "catalog.mcp_config",
+                "--mcp-config",
+                self.mcp_config.as_ref().and_then(val),
+            ),
+            (
+                "watcher.config_file",
+                "--watch-config",
+                self.watch_config.as_ref().and_then(val),
+            ),
+            (
+                "watcher.deployment",
+                "--watch-deployment",
+                self.watch_deployment.clone().map(Value::from),
+            ),
+            (
+                "watcher.namespace",
+                "--watch-namespace",
+                self.watch_namespace.clone().map(Value::from),
+            ),
+            (
+                "watcher.interval",
+                "--watch-interval",
+                self.watch_interval.clone().map(Value::from),
+            ),
+            (
+                "watcher.window",
+                "--watch-window",
+                self.watch_window.clone().map(Value::from),
+            ),
+            (
+                "watcher.max_log_lines",
+                "--watch-max-log-lines",
+                self.watch_max_log_lines.and_then(val),
+            ),
+            (
+                "watcher.kubeconfig",
+                "--watch-kubeconfig",
+                self.watch_kubeconfig.as_ref().and_then(val),
+            ),
+            (
+                "server.reflection",
+                "--enable-reflection",
+                self.enable_reflection.and_then(val),
+            ),
+            (
+                "server.allow_no_auth",
+                "--allow-no-auth",
+                self.allow_no_auth.and_then(val),
+            ),
+            (
+                "server.shutdown_grace",
+                "--shutdown-grace",
+                self.shutdown_grace.clone().map(Value::from),
+            ),
+            (
+                "log.level",
+                "--log-level",
+                self.log_level.clone().map(Value::from),
+            ),
+            (
+                "log.format",
+                "--log-format",
+                self.log_format.clone().map(Value::from),
+            ),
+            (
+                "log.file",
+                "--log-file",
+                self.log_file.as_ref().and_then(val),
+            ),
+            (
+                "state.data_dir",
+                "--data-dir",
+                self.data_dir.as_ref().and_then(val),
+            ),
+            ("", "", None),
+        ];
+        entries
+            .into_iter()
+            .filter_map(|(key, flag, value)| value.map(|value| FlagValue { key, value, flag }))
+            .collect()
+    }
+}
+
+/// Rewrites Go-style single-dash long flags (`-port=1`, `-token x`) to `--port=1`, `--token x`, for the
+/// long flags chatcli knows; short flags and values are left alone.
+pub fn normalize_args<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString> {
+    let mut longs: Vec<String> = Vec::new();
+    let cmd = Cli::command();
+    let mut stack = vec![cmd];
+    while let Some(c) = stack.pop() {
+        longs.extend(
+            c.get_arguments()
+                .filter_map(|a| a.get_long().map(String::from)),
+        );
+        stack.extend(c.get_subcommands().cloned());
+    }
+    args.into_iter()
+        .map(|arg| {
+            let Some(text) = arg.to_str() else { return arg };
+            let Some(rest) = text.strip_prefix('-') else {
+                return arg;
+            };
+            if rest.starts_with('-') {
+                return arg;
+            }
+            let name = rest.split_once('=').map_or(rest, |(n, _)| n);
+            if name.len() > 1 && longs.iter().any(|l| l == name) {
+                OsString::from(format!("-{text}"))
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let args = normalize_args(args.iter().map(OsString::from));
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn serve_is_an_alias_and_go_style_flags_work() {
+        let Command::Server(a) = parse(&[
+            "chatcli",
+            "serve",
+            "-port=9",
+            "-token",
+            "t",
+            "--enable-reflection",
+        ])
+        .command
+        else {
+            panic!("not server")
+        };
+        assert_eq!(a.port, Some(9));
+        assert_eq!(a.token.as_deref(), Some("t"));
+        assert_eq!(a.enable_reflection, Some(true));
+        let keys: Vec<_> = a.flag_values().iter().map(|f| f.key).collect();
+        assert_eq!(keys, vec!["server.port", "auth.token", "server.reflection"]);
+    }
+
+    #[test]
+    fn unset_flags_set_nothing() {
+        let Command::Server(a) = parse(&["chatcli", "server"]).command else {
+            panic!("not server")
+        };
+        assert!(a.flag_values().is_empty());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

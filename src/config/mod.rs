@@ -1,0 +1,97 @@
+//! Configuration: the typed config (`types`, whose doc comments are the reference), figment layering
+//! (`load`), validation collecting every problem (`validate`), and `config show` (`show`).
+
+mod load;
+mod show;
+mod types;
+mod validate;
+pub mod values;
+
+use figment::Figment;
+
+pub use load::{COMPAT_ENV, FlagValue, LoadError, Loaded, Sources, load};
+pub use show::render_show;
+pub use types::*;
+pub use values::Secret;
+
+/// One thing wrong with the configuration: which key, where its value came from, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, empty for whole-file problems.
+    pub key: String,
+    /// Where the value came from: `default`, `file <path>`, `env <NAME>`, `flag <--flag>`.
+    pub origin: String,
+    /// Why it is wrong.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem with a key.
+    pub fn new(key: &str, origin: &str, message: &str) -> Self {
+        Self {
+            key: key.into(),
+            origin: origin.into(),
+            message: message.into(),
+        }
+    }
+
+    /// From an error of `figment.extract_inner(section)`. figment appends the section to the end of
+    /// the error's path; the key is put back in order here.
+    fn from_figment(err: &figment::Error, section: &str) -> Self {
+        let mut path = err.path.clone();
+        if path.last().is_some_and(|l| l == section) {
+            path.pop();
+        }
+        path.insert(0, section.to_string());
+        let key = path.join(".");
+        let origin = match &err.metadata {
+            Some(md) => describe(md, &path),
+            None => "unknown".into(),
+        };
+        Self {
+            key,
+            origin,
+            message: err.kind.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.key.is_empty() {
+            true => write!(f, "{}: {}", self.origin, self.message),
+            false => write!(f, "{}: `{}`: {}", self.origin, self.key, self.message),
+        }
+    }
+}
+
+/// Describes where the value of `key` came from: `default`, `file <path>`, `env <NAME>` or `flag <--x>`.
+/// Array elements (`llm.providers.0.name`) take the origin of their array.
+pub fn origin(figment: &Figment, key: &str) -> String {
+    let mut path = key;
+    loop {
+        if let Some(md) = figment.find_metadata(path) {
+            let keys: Vec<String> = path.split('.').map(String::from).collect();
+            return describe(md, &keys);
+        }
+        match path.rsplit_once('.') {
+            Some((head, _)) => path = head,
+            None => return "default".into(),
+        }
+    }
+}
+
+fn describe(md: &figment::Metadata, keys: &[String]) -> String {
+    let kind = md.name.as_ref();
+    match kind {
+        "file" => match md.source.as_ref().and_then(|s| s.file_path()) {
+            Some(p) => format!("file {}", p.display()),
+            None => "file".into(),
+        },
+        "env" | "flag" => format!(
+            "{kind} {}",
+            md.interpolate(&figment::Profile::Default, keys)
+        ),
+        _ => "default".into(),
+    }
+}

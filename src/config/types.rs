@@ -1,0 +1,455 @@
+//! The typed configuration. Every field's doc comment is its reference documentation; defaults live in
+//! the `Default` impls (and in [`Defaults`] for the few that depend on the environment).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::values::{Secret, duration_str, string_or_list};
+use crate::telemetry::LogFormat;
+
+/// The whole daemon configuration, one field per TOML section.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The gRPC + HTTP listener and its limits.
+    pub server: ServerConfig,
+    /// The Prometheus metrics listener.
+    pub metrics: MetricsConfig,
+    /// Logging to stderr and an optional rotated file.
+    pub log: LogConfig,
+    /// Who may call the server.
+    pub auth: AuthConfig,
+    /// Rate limits and request bounds.
+    pub limits: LimitsConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+    /// LLM providers, the default one and the fallback chain.
+    pub llm: LlmConfig,
+    /// The Kubernetes watcher.
+    pub watcher: WatcherConfig,
+    /// Plugins, agents, skills and MCP servers offered to clients.
+    pub catalog: CatalogConfig,
+    /// Where state (sessions, plugins, agents, skills) is kept.
+    pub state: StateConfig,
+}
+
+/// Environment-derived defaults: the bind rule and the data dir depend on the process environment.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// `0.0.0.0` when `KUBERNETES_SERVICE_HOST` is set, else `127.0.0.1`.
+    pub bind_address: IpAddr,
+    /// `$HOME/.chatcli`.
+    pub data_dir: PathBuf,
+}
+
+impl Defaults {
+    /// Derives the defaults from an environment map.
+    pub fn from_env(env: &std::collections::HashMap<String, String>) -> Self {
+        let in_kubernetes = env
+            .get("KUBERNETES_SERVICE_HOST")
+            .is_some_and(|v| !v.is_empty());
+        let bind_address = if in_kubernetes {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        };
+        let home = env
+            .get("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/chatcli"));
+        Self {
+            bind_address,
+            data_dir: home.join(".chatcli"),
+        }
+    }
+}
+
+impl Config {
+    /// The built-in defaults, given the environment-derived ones.
+    pub fn defaults(d: &Defaults) -> Self {
+        let mut c = Config {
+            server: ServerConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            audit: AuditConfig::default(),
+            llm: LlmConfig::default(),
+            watcher: WatcherConfig::default(),
+            catalog: CatalogConfig::default(),
+            state: StateConfig::default(),
+        };
+        c.server.bind_address = d.bind_address;
+        c.metrics.bind_address = d.bind_address;
+        c.state.data_dir = d.data_dir.clone();
+        c
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::defaults(&Defaults {
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            data_dir: PathBuf::from(".chatcli"),
+        })
+    }
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address for gRPC and HTTP (`CHATCLI_BIND_ADDRESS`); default 127.0.0.1, or 0.0.0.0 when
+    /// `KUBERNETES_SERVICE_HOST` is set. Needs a restart.
+    pub bind_address: IpAddr,
+    /// Listen port for gRPC and HTTP (`--port`, `CHATCLI_SERVER_PORT`). Needs a restart.
+    pub port: u16,
+    /// How long in-flight calls may run after SIGTERM before the daemon exits (`--shutdown-grace`).
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
+    /// Largest gRPC message accepted, in bytes (`CHATCLI_MAX_RECV_MSG_SIZE`).
+    pub max_recv_msg_size: usize,
+    /// Largest gRPC message sent, in bytes (`CHATCLI_MAX_SEND_MSG_SIZE`).
+    pub max_send_msg_size: usize,
+    /// HTTP/2 streams per connection (`CHATCLI_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
+    /// Serve gRPC reflection (`--enable-reflection`); also needs `CHATCLI_GRPC_REFLECTION=true`.
+    pub reflection: bool,
+    /// Start without any authentication on a non-loopback address (`--allow-no-auth`).
+    pub allow_no_auth: bool,
+    /// TLS for the listener.
+    pub tls: TlsConfig,
+    /// `CHATCLI_GRPC_REFLECTION=true` was set: the environment's half of the reflection switch.
+    /// Not a config key; set by the loader.
+    #[serde(skip)]
+    pub reflection_env: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 50051,
+            shutdown_grace: Duration::from_secs(30),
+            max_recv_msg_size: 52_428_800,
+            max_send_msg_size: 52_428_800,
+            max_concurrent_streams: 100,
+            reflection: false,
+            allow_no_auth: false,
+            tls: TlsConfig::default(),
+            reflection_env: false,
+        }
+    }
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (`--tls-cert`, `CHATCLI_SERVER_TLS_CERT`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (`--tls-key`, `CHATCLI_SERVER_TLS_KEY`).
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to (`--tls-client-ca`, `CHATCLI_TLS_CLIENT_CA`).
+    pub client_ca_file: Option<PathBuf>,
+    /// Lowest TLS version accepted: "1.2" or "1.3".
+    pub min_version: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            min_version: "1.3".into(),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Port of the metrics listener (`--metrics-port`, `CHATCLI_METRICS_PORT`); 0 turns metrics off.
+    pub port: u16,
+    /// Listen address of the metrics listener; same default rule as `server.bind_address`.
+    pub bind_address: IpAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            port: 9090,
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Filter directive, e.g. "info" or "chatcli=debug,info" (`CHATCLI_LOG_LEVEL`, else `LOG_LEVEL`).
+    pub level: String,
+    /// "text" or "json" (`CHATCLI_LOG_FORMAT`).
+    pub format: LogFormat,
+    /// Also log to this file, rotated by size (`CHATCLI_LOG_FILE`).
+    pub file: Option<PathBuf>,
+    /// Rotate the log file when it passes this size (`CHATCLI_LOG_MAX_SIZE_MB`).
+    pub max_size_mb: u64,
+    /// Rotated files kept (`CHATCLI_LOG_MAX_BACKUPS`).
+    pub max_backups: usize,
+    /// Rotated files older than this many days are deleted (`CHATCLI_LOG_MAX_AGE_DAYS`).
+    pub max_age_days: u64,
+    /// Gzip rotated files (`CHATCLI_LOG_COMPRESS`).
+    pub compress: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+            file: None,
+            max_size_mb: 100,
+            max_backups: 5,
+            max_age_days: 30,
+            compress: false,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Shared bearer token; callers presenting it are admin `legacy-token` (`--token`, `CHATCLI_SERVER_TOKEN`).
+    pub token: Option<Secret>,
+    /// Read the shared token from this file (`CHATCLI_SERVER_TOKEN_FILE`).
+    pub token_file: Option<PathBuf>,
+    /// JSON Web Tokens.
+    pub jwt: JwtConfig,
+}
+
+/// `[auth.jwt]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// HS256 secret (`CHATCLI_JWT_SECRET`).
+    pub secret: Option<Secret>,
+    /// Read the HS256 secret from this file (`CHATCLI_JWT_SECRET_FILE`).
+    pub secret_file: Option<PathBuf>,
+    /// Required `iss` claim (`CHATCLI_JWT_ISSUER`).
+    pub issuer: Option<String>,
+    /// Accepted `aud` values (`CHATCLI_JWT_AUDIENCE`, comma separated).
+    #[serde(deserialize_with = "string_or_list")]
+    pub audience: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "duration_str")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            secret_file: None,
+            issuer: None,
+            audience: Vec::new(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per second per caller (`CHATCLI_RATE_LIMIT_RPS`).
+    pub rate_limit_rps: f64,
+    /// Burst per caller (`CHATCLI_RATE_LIMIT_BURST`).
+    pub rate_limit_burst: u32,
+    /// Largest prompt accepted, in bytes.
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            rate_limit_rps: 10.0,
+            rate_limit_burst: 30,
+            max_prompt_bytes: 524_288,
+        }
+    }
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// JSON-lines audit file; unset = off (`CHATCLI_AUDIT_LOG_PATH`).
+    pub path: Option<PathBuf>,
+}
+
+/// `[llm]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// Provider used when a request names none (`--provider`, `LLM_PROVIDER`); default: the first in `providers`.
+    pub default: Option<String>,
+    /// Model used when a request names none (`--model`); default: the default provider's model.
+    pub model: Option<String>,
+    /// Order of the fallback chain; empty = no fallback (`--fallback-providers`, comma separated).
+    #[serde(deserialize_with = "string_or_list")]
+    pub fallback: Vec<String>,
+    /// Retries per provider in the chain (`--fallback-max-retries`).
+    pub fallback_max_retries: u32,
+    /// First cooldown of a failing provider, doubled per failure (`--fallback-cooldown-base`).
+    #[serde(with = "duration_str")]
+    pub fallback_cooldown_base: Duration,
+    /// Longest cooldown (`--fallback-cooldown-max`).
+    #[serde(with = "duration_str")]
+    pub fallback_cooldown_max: Duration,
+    /// Allow `http://` URLs from clients' `provider_config` (`CHATCLI_ALLOW_HTTP_PROVIDERS`).
+    pub allow_http_providers: bool,
+    /// The providers, in order.
+    pub providers: Vec<ProviderConfig>,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            default: None,
+            model: None,
+            fallback: Vec::new(),
+            fallback_max_retries: 2,
+            fallback_cooldown_base: Duration::from_secs(30),
+            fallback_cooldown_max: Duration::from_secs(300),
+            allow_http_providers: false,
+            providers: Vec::new(),
+        }
+    }
+}
+
+/// One `[[llm.providers]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// What clients put in `provider` (matched case-insensitively).
+    pub name: String,
+    /// Wire format: echo | openai | anthropic | gemini | ollama | stackspot | openai-compatible.
+    pub kind: String,
+    /// Base URL of the provider's API.
+    pub base_url: Option<String>,
+    /// API key.
+    pub api_key: Option<Secret>,
+    /// Read the API key from this file.
+    pub api_key_file: Option<PathBuf>,
+    /// Default model of this provider.
+    pub model: Option<String>,
+    /// Pause between streamed pieces (echo provider only; useful for demos and tests).
+    #[serde(with = "duration_str::option")]
+    pub delay: Option<Duration>,
+}
+
+/// `[watcher]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatcherConfig {
+    /// Multi-target YAML file (`--watch-config`).
+    pub config_file: Option<PathBuf>,
+    /// Single target deployment; enables the watcher (`--watch-deployment`).
+    pub deployment: Option<String>,
+    /// Single target namespace (`--watch-namespace`).
+    pub namespace: String,
+    /// Collection interval (`--watch-interval`).
+    #[serde(with = "duration_str")]
+    pub interval: Duration,
+    /// Observation window (`--watch-window`).
+    #[serde(with = "duration_str")]
+    pub window: Duration,
+    /// Log lines per pod (`--watch-max-log-lines`).
+    pub max_log_lines: u32,
+    /// Kubeconfig path; unset = in-cluster (`--watch-kubeconfig`, `CHATCLI_KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl Default for WatcherConfig {
+    fn default() -> Self {
+        Self {
+            config_file: None,
+            deployment: None,
+            namespace: "default".into(),
+            interval: Duration::from_secs(30),
+            window: Duration::from_secs(2 * 3600),
+            max_log_lines: 100,
+            kubeconfig: None,
+        }
+    }
+}
+
+/// `[catalog]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// Plugin executables; default `<data_dir>/plugins`.
+    pub plugins_dir: Option<PathBuf>,
+    /// Agent markdown files; default `<data_dir>/agents`.
+    pub agents_dir: Option<PathBuf>,
+    /// Skills; default `<data_dir>/skills`.
+    pub skills_dir: Option<PathBuf>,
+    /// Load plugins without a signature (`CHATCLI_ALLOW_UNSIGNED_PLUGINS`).
+    pub allow_unsigned: bool,
+    /// MCP servers JSON (`--mcp-config`).
+    pub mcp_config: Option<PathBuf>,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Where sessions, plugins, agents and skills live (`CHATCLI_DATA_DIR`); default `$HOME/.chatcli`.
+    /// Needs a restart.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".chatcli"),
+        }
+    }
+}
+
+impl Config {
+    /// The sessions folder.
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.state.data_dir.join("sessions")
+    }
+    /// The plugins folder.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.catalog
+            .plugins_dir
+            .clone()
+            .unwrap_or_else(|| self.state.data_dir.join("plugins"))
+    }
+    /// The agents folder.
+    pub fn agents_dir(&self) -> PathBuf {
+        self.catalog
+            .agents_dir
+            .clone()
+            .unwrap_or_else(|| self.state.data_dir.join("agents"))
+    }
+    /// The skills folder.
+    pub fn skills_dir(&self) -> PathBuf {
+        self.catalog
+            .skills_dir
+            .clone()
+            .unwrap_or_else(|| self.state.data_dir.join("skills"))
+    }
+}

@@ -1,0 +1,207 @@
+//! The `chatcli` binary: parses the command line and wires the library together. The daemon writes
+//! to stdout only for `config show` and `--version`; everything else goes to the log (stderr).
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use chatcli::cli::{Cli, Command, ConfigCommand, ServerArgs, normalize_args};
+use chatcli::config::{self, LoadError, Loaded, Sources};
+use chatcli::exit;
+use chatcli::server::{self, Listeners};
+use chatcli::telemetry::{LogSettings, init_logging};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    exit::OK
+                }
+                _ => exit::USAGE,
+            };
+            let _ = e.print();
+            return code_of(code);
+        }
+    };
+    code_of(match cli.command {
+        Command::Server(args) => serve(args),
+        Command::Config(ConfigCommand::Check(args)) => config_check(args),
+        Command::Config(ConfigCommand::Show(args)) => config_show(args),
+        Command::Connect(_) => {
+            eprintln!(
+                "chatcli connect is not in this build yet: it waits for issue #11 (the client)"
+            );
+            exit::UNAVAILABLE
+        }
+    })
+}
+
+fn code_of(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn load(args: &ServerArgs) -> Result<Loaded, i32> {
+    let sources = Sources::from_process(args.config.clone(), args.flag_values());
+    config::load(&sources).map_err(|e| report_config_errors(&e))
+}
+
+/// Before logging is set up, problems go to stderr as plain lines: one per problem.
+fn report_config_errors(e: &LoadError) -> i32 {
+    for w in &e.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!("configuration has {} problem(s):", e.problems.len());
+    for p in &e.problems {
+        eprintln!("  - {p}");
+    }
+    exit::CONFIG
+}
+
+fn config_check(args: ServerArgs) -> i32 {
+    match load(&args) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            let file = loaded
+                .file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "no config file".into());
+            eprintln!("configuration OK ({file})");
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+fn config_show(args: ServerArgs) -> i32 {
+    let loaded = match load(&args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    match config::render_show(&loaded) {
+        Ok(text) => {
+            let mut out = std::io::stdout().lock();
+            if out
+                .write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .is_err()
+            {
+                return exit::SOFTWARE;
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("cannot render the configuration: {e}");
+            exit::SOFTWARE
+        }
+    }
+}
+
+fn serve(args: ServerArgs) -> i32 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let loaded = match load(&args) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let c = &loaded.config;
+    let _log_guard = match init_logging(&LogSettings {
+        level: c.log.level.clone(),
+        format: c.log.format,
+        file: c.log.file.clone(),
+        max_size_mb: c.log.max_size_mb,
+        max_backups: c.log.max_backups,
+        max_age_days: c.log.max_age_days,
+        compress: c.log.compress,
+    }) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot set up logging: {e}");
+            return exit::CONFIG;
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    match &loaded.file {
+        Some(f) => {
+            tracing::info!(config = %f.display(), version = chatcli::VERSION, "starting chatcli server")
+        }
+        None => tracing::info!(
+            version = chatcli::VERSION,
+            "starting chatcli server without a config file"
+        ),
+    }
+    if c.llm.providers.is_empty() {
+        tracing::warn!(
+            "no LLM provider is configured: prompts will fail; add [[llm.providers]] (try config/demo.toml)"
+        );
+    }
+    if c.auth.token.is_none() {
+        tracing::warn!(
+            "no authentication is configured: every caller is admin (set --token or CHATCLI_SERVER_TOKEN)"
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return exit::SOFTWARE;
+        }
+    };
+    runtime.block_on(async move {
+        let listeners = match Listeners::bind(&loaded.config).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return exit::UNAVAILABLE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        match server::run(listeners, loaded.config, shutdown).await {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                tracing::error!("{e}");
+                exit::SOFTWARE
+            }
+        }
+    })
+}
+
+/// First SIGTERM or SIGINT starts the drain; a second one exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal = name,
+        "shutting down; a second signal exits at once"
+    );
+    shutdown.cancel();
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::warn!(signal = name, "second signal: exiting now");
+    std::process::exit(exit::SOFTWARE);
+}

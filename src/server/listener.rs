@@ -1,0 +1,188 @@
+//! The accept loop of the main listener: one connection task per client, HTTP/1 and HTTP/2 on the
+//! same port, each request authenticated and then dispatched by content type to the gRPC routes or
+//! the HTTP router. Shutdown stops accepting, sends GOAWAY and waits for in-flight calls up to the
+//! grace period, then aborts what is left.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+use super::AppState;
+use crate::telemetry::GrpcMetricsLayer;
+
+type GrpcService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+fn grpc_service(state: &AppState, routes: tonic::service::Routes) -> GrpcService {
+    let router = routes.into_axum_router();
+    match &state.metrics {
+        Some(m) => {
+            let layered = tower::ServiceBuilder::new()
+                .layer(GrpcMetricsLayer::new(m.clone()))
+                .service(router);
+            BoxCloneSyncService::new(ServiceExt::<Request<Incoming>>::map_response(
+                layered,
+                |r| r.map(Body::new),
+            ))
+        }
+        None => BoxCloneSyncService::new(router),
+    }
+}
+
+/// Accepts until `shutdown`, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    routes: tonic::service::Routes,
+    http: Router,
+    shutdown: CancellationToken,
+    on_drain: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let grpc = grpc_service(&state, routes);
+    let max_streams = state.prepared().config.server.max_concurrent_streams;
+    let local = listener.local_addr().ok();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, remote) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let grpc = grpc.clone();
+                let http = http.clone();
+                let svc = tower::service_fn(move |req: Request<Incoming>| {
+                    dispatch(state.clone(), grpc.clone(), http.clone(), local, remote, req)
+                });
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http2().max_concurrent_streams(max_streams);
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .into_owned();
+                let watched = graceful.watch(conn);
+                conns.spawn(async move {
+                    if let Err(e) = watched.await {
+                        tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(in_flight_connections = conns.len(), grace = ?grace, "draining");
+    on_drain.await;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = conns.len(),
+            "grace period over; closing the remaining connections"
+        );
+    }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+}
+
+async fn dispatch(
+    state: Arc<AppState>,
+    grpc: GrpcService,
+    http: Router,
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let prepared = state.prepared();
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let principal = match prepared.auth.authenticate(authorization) {
+        Ok(p) => Some(p),
+        Err(_) if crate::auth::is_exempt(req.uri().path()) => None,
+        Err(e) => {
+            tracing::warn!(peer = %remote.ip(), path = req.uri().path(), reason = %e, "authentication failed");
+            return Ok(unauthenticated(is_grpc));
+        }
+    };
+    let ext = req.extensions_mut();
+    ext.insert(tonic::transport::server::TcpConnectInfo {
+        local_addr: local,
+        remote_addr: Some(remote),
+    });
+    ext.insert(axum::extract::ConnectInfo(remote));
+    if let Some(p) = principal {
+        ext.insert(p);
+    }
+    ext.insert(prepared);
+    if is_grpc {
+        grpc.oneshot(req).await
+    } else {
+        http.oneshot(req).await
+    }
+}
+
+fn unauthenticated(is_grpc: bool) -> Response<Body> {
+    let mut resp = if is_grpc {
+        let mut r = Response::new(Body::empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", header::HeaderValue::from_static("16"));
+        h.insert(
+            "grpc-message",
+            header::HeaderValue::from_static("authentication failed"),
+        );
+        r
+    } else {
+        let mut r = Response::new(Body::from(
+            r#"{"error":{"message":"authentication failed","type":"authentication_error","code":"unauthenticated"}}"#,
+        ));
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        r
+    };
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}

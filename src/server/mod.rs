@@ -1,0 +1,169 @@
+//! The daemon: one listener for gRPC and HTTP (dispatched by content type), the metrics listener,
+//! and the lifecycle (ready, watchdog, drain on shutdown). [`run`] takes listeners the caller bound,
+//! so tests start the server on port 0.
+
+mod grpc;
+mod http;
+mod listener;
+mod metrics_http;
+mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+pub use state::{AppState, Prepared};
+
+/// The sockets the server serves, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC + HTTP.
+    pub main: TcpListener,
+    /// Prometheus metrics, `/healthz`, `/readyz`; `None` when metrics are off.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`: the main port, and the metrics port unless it is 0.
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let main_addr = SocketAddr::new(config.server.bind_address, config.server.port);
+        let main = TcpListener::bind(main_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: main_addr,
+                source,
+            })?;
+        let metrics = match config.metrics.port {
+            0 => None,
+            port => {
+                let addr = SocketAddr::new(config.metrics.bind_address, port);
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind { addr, source })?,
+                )
+            }
+        };
+        Ok(Self { main, metrics })
+    }
+}
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Some other I/O failure.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The metrics registry could not be built.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Serves until `shutdown` is cancelled, then stops accepting, reports NOT_SERVING, lets in-flight
+/// calls finish for up to `server.shutdown_grace`, and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let main_addr = local_addr(&listeners.main)?;
+    let metrics_addr = listeners.metrics.as_ref().map(local_addr).transpose()?;
+    let state = Arc::new(AppState::new(config, metrics_addr.is_some())?);
+    let grace = state.prepared().config.server.shutdown_grace;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let routes = grpc::routes(&state, health_service);
+    health_reporter
+        .set_serving::<crate::proto::chat_cli_service_server::ChatCliServiceServer<grpc::ChatCliGrpc>>()
+        .await;
+
+    let metrics_task = match (listeners.metrics, &state.metrics) {
+        (Some(l), Some(_)) => Some(tokio::spawn(metrics_http::serve(
+            l,
+            state.clone(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+
+    match metrics_addr {
+        Some(m) => {
+            tracing::info!(grpc_http = %main_addr, metrics = %m, "listening on {main_addr} (gRPC + HTTP), metrics on {m}")
+        }
+        None => {
+            tracing::info!(grpc_http = %main_addr, "listening on {main_addr} (gRPC + HTTP), metrics off")
+        }
+    }
+    state.set_listening(true);
+    crate::systemd::ready(&format!("serving on {main_addr}"));
+    let watchdog = crate::systemd::watchdog_interval().map(|every| {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => crate::systemd::watchdog(),
+                }
+            }
+        })
+    });
+
+    let on_drain = {
+        let state = state.clone();
+        let reporter = health_reporter.clone();
+        async move {
+            crate::systemd::stopping();
+            state.set_draining();
+            reporter
+                .set_not_serving::<crate::proto::chat_cli_service_server::ChatCliServiceServer<grpc::ChatCliGrpc>>()
+                .await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    };
+    let http = http::router(state.clone());
+    listener::serve(
+        listeners.main,
+        state.clone(),
+        routes,
+        http,
+        shutdown,
+        on_drain,
+        grace,
+    )
+    .await;
+
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn local_addr(l: &TcpListener) -> Result<SocketAddr, ServerError> {
+    l.local_addr().map_err(|source| ServerError::Io {
+        what: "reading the listen address".into(),
+        source,
+    })
+}

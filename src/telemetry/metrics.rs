@@ -1,0 +1,560 @@
+//! The server's Prometheus metrics (PROTOCOL.md §5): one private `Registry` per [`Metrics`], so
+//! several servers can run in one process, holding the gRPC, LLM, session and server-info series
+//! plus the process collector, rendered in the Prometheus text format.
+//!
+//! `Metrics` is cheap to clone (every field is reference-counted inside `prometheus`); the gRPC
+//! layer and most callers share it as `Arc<Metrics>`. With metrics off, callers hold no `Metrics`.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+const GRPC_DURATION_BUCKETS: &[f64] =
+    &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const LLM_DURATION_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+
+/// Outcome of one provider call, the `status` label of `chatcli_llm_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LlmStatus {
+    /// The provider answered.
+    Success,
+    /// The call failed (also count it with [`Metrics::record_llm_error`]).
+    Error,
+}
+
+impl LlmStatus {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// The `error_type` label of `chatcli_llm_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LlmErrorType {
+    /// HTTP 429 or a provider quota error.
+    RateLimit,
+    /// The call exceeded its deadline.
+    Timeout,
+    /// HTTP 401/403 or a rejected credential.
+    AuthError,
+    /// HTTP 5xx.
+    ServerError,
+    /// The caller went away.
+    Canceled,
+    /// Anything else.
+    Unknown,
+}
+
+impl LlmErrorType {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimit => "rate_limit",
+            Self::Timeout => "timeout",
+            Self::AuthError => "auth_error",
+            Self::ServerError => "server_error",
+            Self::Canceled => "canceled",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The `operation` label of `chatcli_session_operations_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionOperation {
+    /// SaveSession.
+    Save,
+    /// LoadSession.
+    Load,
+    /// ListSessions.
+    List,
+    /// DeleteSession.
+    Delete,
+}
+
+impl SessionOperation {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Save => "save",
+            Self::Load => "load",
+            Self::List => "list",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// All metric handles of one server, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    start: Instant,
+    grpc_requests: IntCounterVec,
+    grpc_duration: HistogramVec,
+    grpc_in_flight: IntGaugeVec,
+    grpc_messages_sent: IntCounterVec,
+    grpc_messages_received: IntCounterVec,
+    llm_requests: IntCounterVec,
+    llm_duration: HistogramVec,
+    llm_errors: IntCounterVec,
+    llm_tokens: IntCounterVec,
+    session_active: IntGauge,
+    session_operations: IntCounterVec,
+    server_info: IntGaugeVec,
+    uptime: Gauge,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// The `Content-Type` of [`Metrics::render`]'s output.
+    pub const CONTENT_TYPE: &'static str = prometheus::TEXT_FORMAT;
+
+    /// Creates the metrics in a new registry, with the process collector where supported.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let metrics = Self {
+            grpc_requests: counter_vec(
+                &registry,
+                "chatcli_grpc_requests_total",
+                "Total gRPC calls, by full method and gRPC status code.",
+                &["method", "code"],
+            )?,
+            grpc_duration: histogram_vec(
+                &registry,
+                "chatcli_grpc_request_duration_seconds",
+                "Duration of gRPC calls from request to the end of the response, in seconds.",
+                &["method"],
+                GRPC_DURATION_BUCKETS,
+            )?,
+            grpc_in_flight: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "chatcli_grpc_in_flight_requests",
+                        "gRPC calls currently being served.",
+                    ),
+                    &["method"],
+                )?,
+            )?,
+            grpc_messages_sent: counter_vec(
+                &registry,
+                "chatcli_grpc_stream_messages_sent_total",
+                "Stream messages sent by the server.",
+                &["method"],
+            )?,
+            grpc_messages_received: counter_vec(
+                &registry,
+                "chatcli_grpc_stream_messages_received_total",
+                "Stream messages received by the server.",
+                &["method"],
+            )?,
+            llm_requests: counter_vec(
+                &registry,
+                "chatcli_llm_requests_total",
+                "Total LLM provider calls, by status (success or error).",
+                &["provider", "model", "status"],
+            )?,
+            llm_duration: histogram_vec(
+                &registry,
+                "chatcli_llm_request_duration_seconds",
+                "Duration of LLM provider calls, in seconds.",
+                &["provider", "model"],
+                LLM_DURATION_BUCKETS,
+            )?,
+            llm_errors: counter_vec(
+                &registry,
+                "chatcli_llm_errors_total",
+                "Failed LLM provider calls, by error type.",
+                &["provider", "model", "error_type"],
+            )?,
+            llm_tokens: counter_vec(
+                &registry,
+                "chatcli_llm_tokens_used_total",
+                "Tokens used by LLM provider calls, by token type.",
+                &["provider", "model", "type"],
+            )?,
+            session_active: register(
+                &registry,
+                IntGauge::new(
+                    "chatcli_session_active_total",
+                    "Open InteractiveSession streams.",
+                )?,
+            )?,
+            session_operations: counter_vec(
+                &registry,
+                "chatcli_session_operations_total",
+                "Session store operations, by operation (save, load, list, delete).",
+                &["operation"],
+            )?,
+            server_info: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "chatcli_server_info",
+                        "Server version and default provider and model; always 1.",
+                    ),
+                    &["version", "provider", "model"],
+                )?,
+            )?,
+            uptime: register(
+                &registry,
+                Gauge::new(
+                    "chatcli_server_uptime_seconds",
+                    "Seconds since the server started.",
+                )?,
+            )?,
+            start: Instant::now(),
+            registry,
+        };
+        metrics.register_process_collector();
+        Ok(metrics)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn register_process_collector(&self) {
+        let collector = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = self.registry.register(Box::new(collector)) {
+            tracing::debug!(error = %e, "process metrics unavailable");
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn register_process_collector(&self) {}
+
+    /// The registry, for scraping or for registering further collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// All metrics in the Prometheus text format 0.0.4, uptime refreshed first.
+    pub fn render(&self) -> String {
+        self.uptime.set(self.start.elapsed().as_secs_f64());
+        let families = self.registry.gather();
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Counts one message sent on the stream of `method` (a full gRPC path).
+    pub fn stream_message_sent(&self, method: &str) {
+        self.grpc_messages_sent.with_label_values(&[method]).inc();
+    }
+
+    /// Counts one message received on the stream of `method` (a full gRPC path).
+    pub fn stream_message_received(&self, method: &str) {
+        self.grpc_messages_received
+            .with_label_values(&[method])
+            .inc();
+    }
+
+    /// Records one finished provider call and its duration.
+    pub fn record_llm_request(
+        &self,
+        provider: &str,
+        model: &str,
+        status: LlmStatus,
+        elapsed: Duration,
+    ) {
+        self.llm_requests
+            .with_label_values(&[provider, model, status.as_str()])
+            .inc();
+        self.llm_duration
+            .with_label_values(&[provider, model])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one failed provider call by its kind.
+    pub fn record_llm_error(&self, provider: &str, model: &str, error_type: LlmErrorType) {
+        self.llm_errors
+            .with_label_values(&[provider, model, error_type.as_str()])
+            .inc();
+    }
+
+    /// Adds `count` tokens of `token_type` (e.g. `prompt`, `completion`).
+    pub fn add_llm_tokens(&self, provider: &str, model: &str, token_type: &str, count: u64) {
+        self.llm_tokens
+            .with_label_values(&[provider, model, token_type])
+            .inc_by(count);
+    }
+
+    /// Counts an open InteractiveSession stream until the returned guard is dropped.
+    pub fn session_started(&self) -> ActiveSession {
+        self.session_active.inc();
+        ActiveSession {
+            gauge: self.session_active.clone(),
+        }
+    }
+
+    /// Counts one session store operation.
+    pub fn session_operation(&self, operation: SessionOperation) {
+        self.session_operations
+            .with_label_values(&[operation.as_str()])
+            .inc();
+    }
+
+    /// Replaces the single `chatcli_server_info` series.
+    pub fn set_server_info(&self, version: &str, provider: &str, model: &str) {
+        self.server_info.reset();
+        self.server_info
+            .with_label_values(&[version, provider, model])
+            .set(1);
+    }
+
+    pub(crate) fn grpc_call_started(&self, method: &str) {
+        self.grpc_in_flight.with_label_values(&[method]).inc();
+    }
+
+    pub(crate) fn grpc_call_finished(&self, method: &str, code: &str, elapsed: Duration) {
+        self.grpc_requests.with_label_values(&[method, code]).inc();
+        self.grpc_duration
+            .with_label_values(&[method])
+            .observe(elapsed.as_secs_f64());
+        self.grpc_in_flight.with_label_values(&[method]).dec();
+    }
+}
+
+/// Keeps `chatcli_session_active_total` incremented while alive.
+#[must_use = "the session stops being counted when the guard is dropped"]
+#[derive(Debug)]
+pub struct ActiveSession {
+    gauge: IntGauge,
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> Result<HistogramVec, prometheus::Error> {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    register(registry, HistogramVec::new(opts, labels)?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line `series` (name with labels, as rendered) in `text`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+    }
+
+    const ALL_NAMES: &[(&str, &str)] = &[
+        ("chatcli_grpc_requests_total", "counter"),
+        ("chatcli_grpc_request_duration_seconds", "histogram"),
+        ("chatcli_grpc_in_flight_requests", "gauge"),
+        ("chatcli_grpc_stream_messages_sent_total", "counter"),
+        ("chatcli_grpc_stream_messages_received_total", "counter"),
+        ("chatcli_llm_requests_total", "counter"),
+        ("chatcli_llm_request_duration_seconds", "histogram"),
+        ("chatcli_llm_errors_total", "counter"),
+        ("chatcli_llm_tokens_used_total", "counter"),
+        ("chatcli_session_active_total", "gauge"),
+        ("chatcli_session_operations_total", "counter"),
+        ("chatcli_server_info", "gauge"),
+        ("chatcli_server_uptime_seconds", "gauge"),
+    ];
+
+    #[test]
+    fn render_lists_every_metric_with_help_and_type() {
+        let m = Metrics::new().unwrap();
+        m.grpc_call_started("/x/A");
+        m.grpc_call_finished("/x/A", "OK", Duration::from_millis(20));
+        m.stream_message_sent("/x/A");
+        m.stream_message_received("/x/A");
+        m.record_llm_request("openai", "gpt", LlmStatus::Success, Duration::from_secs(3));
+        m.record_llm_error("openai", "gpt", LlmErrorType::RateLimit);
+        m.add_llm_tokens("openai", "gpt", "prompt", 7);
+        let session = m.session_started();
+        m.session_operation(SessionOperation::Save);
+        m.set_server_info("1.2.3", "openai", "gpt");
+        std::thread::sleep(Duration::from_millis(20));
+        let text = m.render();
+        for (name, kind) in ALL_NAMES {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}"
+            );
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "no TYPE for {name}"
+            );
+        }
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_grpc_requests_total{code="OK",method="/x/A"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"chatcli_grpc_in_flight_requests{method="/x/A"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_grpc_request_duration_seconds_bucket{method="/x/A",le="0.05"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_grpc_request_duration_seconds_bucket{method="/x/A",le="0.01"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_llm_requests_total{model="gpt",provider="openai",status="success"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_llm_errors_total{error_type="rate_limit",model="gpt",provider="openai"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_llm_tokens_used_total{model="gpt",provider="openai",type="prompt"}"#
+            ),
+            Some(7.0)
+        );
+        assert_eq!(sample(&text, "chatcli_session_active_total"), Some(1.0));
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_session_operations_total{operation="save"}"#
+            ),
+            Some(1.0)
+        );
+        let uptime = sample(&text, "chatcli_server_uptime_seconds").unwrap();
+        assert!(uptime > 0.0, "uptime {uptime}");
+        drop(session);
+        assert_eq!(
+            sample(&m.render(), "chatcli_session_active_total"),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn buckets_match_the_protocol() {
+        let m = Metrics::new().unwrap();
+        m.grpc_call_finished("/x/A", "OK", Duration::ZERO);
+        m.record_llm_request("p", "m", LlmStatus::Error, Duration::ZERO);
+        let bounds = |name: &str| -> Vec<f64> {
+            let families = m.registry().gather();
+            let family = families.iter().find(|f| f.name() == name).unwrap();
+            family.get_metric()[0]
+                .get_histogram()
+                .get_bucket()
+                .iter()
+                .map(|b| b.upper_bound())
+                .collect()
+        };
+        assert_eq!(
+            bounds("chatcli_grpc_request_duration_seconds"),
+            GRPC_DURATION_BUCKETS
+        );
+        assert_eq!(
+            bounds("chatcli_llm_request_duration_seconds"),
+            [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0]
+        );
+    }
+
+    #[test]
+    fn two_instances_do_not_share_series() {
+        let a = Metrics::new().unwrap();
+        let b = Metrics::new().unwrap();
+        a.session_operation(SessionOperation::Delete);
+        assert!(a.render().contains(r#"operation="delete""#));
+        assert!(!b.render().contains(r#"operation="delete""#));
+    }
+
+    #[test]
+    fn server_info_keeps_exactly_one_series() {
+        let m = Metrics::new().unwrap();
+        m.set_server_info("1.0.0", "openai", "gpt-4o");
+        m.set_server_info("1.0.1", "claudeai", "sonnet");
+        let text = m.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("chatcli_server_info{"))
+            .collect();
+        assert_eq!(
+            series,
+            [r#"chatcli_server_info{model="sonnet",provider="claudeai",version="1.0.1"} 1"#]
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_collector_is_registered() {
+        let text = Metrics::new().unwrap().render();
+        assert!(text.contains("process_cpu_seconds_total"), "{text}");
+    }
+
+    #[test]
+    fn clones_share_series() {
+        let m = Metrics::new().unwrap();
+        m.clone().session_operation(SessionOperation::List);
+        assert_eq!(
+            sample(
+                &m.render(),
+                r#"chatcli_session_operations_total{operation="list"}"#
+            ),
+            Some(1.0)
+        );
+    }
+}
