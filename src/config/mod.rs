@@ -95,3 +95,6 @@ fn describe(md: &figment::Metadata, keys: &[String]) -> String {
         _ => "default".into(),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,7 +3,7 @@
 //!
 //! A call's status is in the response headers for trailers-only responses and otherwise in the
 //! trailers at the end of the body, so the response body is wrapped and the call is recorded when
-//! the body ends, or when the body or the response future is dropped: a [`CallRecorder`] does the
+//! the body ends, or when the body or the response future is dropped: a `CallRecorder` does the
 //! recording in its `Drop`, which makes it happen exactly once on every path.
 
 use std::collections::HashSet;
@@ -349,14 +349,18 @@ mod tests {
     fn find(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<prometheus::proto::Metric> {
         let families = m.registry().gather();
         let family = families.into_iter().find(|f| f.name() == name)?;
-        family.get_metric().iter().cloned().find(|metric| {
-            labels.iter().all(|(k, v)| {
-                metric
-                    .get_label()
-                    .iter()
-                    .any(|pair| pair.name() == *k && pair.value() == *v)
+        family
+            .get_metric()
+            .iter()
+            .find(|metric| {
+                labels.iter().all(|(k, v)| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .any(|pair| pair.name() == *k && pair.value() == *v)
+                })
             })
-        })
+            .cloned()
     }
 
     fn requests(m: &Metrics, method: &str, code: &str) -> Option<f64> {

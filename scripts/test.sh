@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what the tests need (a Python venv with grpcio
+# and grpcio-tools for the non-Rust peer), then runs the format check, clippy and every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "Python venv for the grpcio peer (.venv)"
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  # Debian's python3 ships venv/ensurepip separately.
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  else
+    echo "python3 with the venv module is needed (Debian: apt-get install python3-venv)" >&2; exit 69
+  fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+export CHATCLI_TEST_PYTHON="$PWD/.venv/bin/python"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "one crypto backend (ring): no openssl, native-tls or aws-lc in the tree"
+if cargo tree --locked -e normal,build --prefix none | grep -E '^(openssl-sys|openssl|native-tls|aws-lc-sys|aws-lc-rs) '; then
+  echo "a forbidden TLS/crypto crate is in the dependency tree (see DEPENDENCIES.md)" >&2; exit 1
+fi
+
+step "cargo clippy --all-targets --locked -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test --locked (unit, integration, end-to-end with the real binary and the Python peer)"
+cargo test --locked --all-targets
+cargo test --locked --doc
+
+echo >&2
+echo "all checks passed in $(( $(date +%s) - start ))s" >&2

@@ -1,0 +1,303 @@
+//! Unit tests of the layering, secrets from files, unknown keys and validation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use figment::value::Value;
+
+use super::*;
+
+fn sources(env: &[(&str, &str)], file: Option<&Path>, flags: Vec<FlagValue>) -> Sources {
+    Sources {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+        config_flag: file.map(Path::to_path_buf),
+        default_config_path: PathBuf::from("/nonexistent/chatcli.toml"),
+        flags,
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn port_flag(port: u16) -> FlagValue {
+    FlagValue {
+        key: "server.port",
+        value: Value::serialize(port).unwrap(),
+        flag: "--port",
+    }
+}
+
+fn problems(s: &Sources) -> Vec<Problem> {
+    match load(s) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems,
+    }
+}
+
+#[test]
+fn each_layer_overrides_the_one_below() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "c.toml", "[server]\nport = 1000\n");
+
+    let l = load(&sources(&[], None, vec![])).unwrap();
+    assert_eq!(l.config.server.port, 50051);
+    assert_eq!(origin(&l.figment, "server.port"), "default");
+
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert_eq!(l.config.server.port, 1000);
+    assert_eq!(origin(&l.figment, "server.port"), format!("file {}", f.display()));
+
+    let env = [("CHATCLI_SERVER__PORT", "2000")];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    assert_eq!(l.config.server.port, 2000);
+    assert_eq!(origin(&l.figment, "server.port"), "env CHATCLI_SERVER__PORT");
+
+    let env = [("CHATCLI_SERVER__PORT", "2000"), ("CHATCLI_SERVER_PORT", "3000")];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    assert_eq!(l.config.server.port, 3000);
+    assert_eq!(origin(&l.figment, "server.port"), "env CHATCLI_SERVER_PORT");
+
+    let l = load(&sources(&env, Some(&f), vec![port_flag(4000)])).unwrap();
+    assert_eq!(l.config.server.port, 4000);
+    assert_eq!(origin(&l.figment, "server.port"), "flag --port");
+}
+
+#[test]
+fn config_file_comes_from_flag_then_env_then_default_path() {
+    let d = tempfile::tempdir().unwrap();
+    let a = write(d.path(), "a.toml", "[server]\nport = 1\n");
+    let b = write(d.path(), "b.toml", "[server]\nport = 2\n");
+    let c = write(d.path(), "c.toml", "[server]\nport = 3\n");
+    let env = [("CHATCLI_CONFIG", b.to_str().unwrap())];
+    let mut s = sources(&env, Some(&a), vec![]);
+    s.default_config_path = c.clone();
+    assert_eq!(load(&s).unwrap().config.server.port, 1);
+    s.config_flag = None;
+    assert_eq!(load(&s).unwrap().config.server.port, 2);
+    s.env.clear();
+    assert_eq!(load(&s).unwrap().config.server.port, 3);
+    s.default_config_path = d.path().join("missing.toml");
+    let l = load(&s).unwrap();
+    assert_eq!((l.config.server.port, l.file), (50051, None));
+}
+
+#[test]
+fn compatible_log_level_loses_to_chatcli_log_level() {
+    let l = load(&sources(&[("LOG_LEVEL", "debug")], None, vec![])).unwrap();
+    assert_eq!(l.config.log.level, "debug");
+    let env = [("LOG_LEVEL", "debug"), ("CHATCLI_LOG_LEVEL", "warn")];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.config.log.level, "warn");
+}
+
+#[test]
+fn bind_address_follows_kubernetes_and_can_be_overridden() {
+    let l = load(&sources(&[], None, vec![])).unwrap();
+    assert_eq!(l.config.server.bind_address, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let env = [("KUBERNETES_SERVICE_HOST", "10.0.0.1")];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.config.server.bind_address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    assert_eq!(l.config.metrics.bind_address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let env = [("KUBERNETES_SERVICE_HOST", "10.0.0.1"), ("CHATCLI_BIND_ADDRESS", "127.0.0.2")];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.config.server.bind_address, "127.0.0.2".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn data_dir_defaults_to_home_and_env_overrides() {
+    let l = load(&sources(&[("HOME", "/home/u")], None, vec![])).unwrap();
+    assert_eq!(l.config.state.data_dir, PathBuf::from("/home/u/.chatcli"));
+    let env = [("HOME", "/home/u"), ("CHATCLI_DATA_DIR", "/var/lib/chatcli")];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.config.sessions_dir(), PathBuf::from("/var/lib/chatcli/sessions"));
+}
+
+#[test]
+fn secrets_are_read_from_files() {
+    let d = tempfile::tempdir().unwrap();
+    let tok = write(d.path(), "token", "from-file\n");
+    let env = [("CHATCLI_SERVER_TOKEN_FILE", tok.to_str().unwrap())];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.config.auth.token.as_ref().map(Secret::expose), Some("from-file"));
+
+    let key = write(d.path(), "openai", "sk-test\n");
+    let f = write(
+        d.path(),
+        "c.toml",
+        &format!(
+            "[[llm.providers]]\nname = \"o\"\nkind = \"echo\"\napi_key_file = \"{}\"\n",
+            key.display()
+        ),
+    );
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert_eq!(l.config.llm.providers[0].api_key.as_ref().map(Secret::expose), Some("sk-test"));
+
+    // A relative name is looked up in systemd's credentials directory.
+    write(d.path(), "cred-token", "from-credentials");
+    let env = [
+        ("CREDENTIALS_DIRECTORY", d.path().to_str().unwrap()),
+        ("CHATCLI_AUTH__TOKEN_FILE", "cred-token"),
+    ];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.config.auth.token.as_ref().map(Secret::expose), Some("from-credentials"));
+}
+
+#[test]
+fn secret_file_problems_name_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let env = [("CHATCLI_SERVER_TOKEN_FILE", "/nonexistent/token")];
+    let p = problems(&sources(&env, None, vec![]));
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].key, "auth.token_file");
+    assert_eq!(p[0].origin, "env CHATCLI_SERVER_TOKEN_FILE");
+    assert!(p[0].message.contains("cannot read /nonexistent/token"), "{}", p[0].message);
+
+    let empty = write(d.path(), "empty", "\n");
+    let env = [("CHATCLI_SERVER_TOKEN_FILE", empty.to_str().unwrap())];
+    assert!(problems(&sources(&env, None, vec![]))[0].message.contains("is empty"));
+
+    let tok = write(d.path(), "token", "x");
+    let env = [
+        ("CHATCLI_SERVER_TOKEN_FILE", tok.to_str().unwrap()),
+        ("CHATCLI_SERVER_TOKEN", "y"),
+    ];
+    let p = problems(&sources(&env, None, vec![]));
+    assert!(p[0].message.contains("keep one"), "{}", p[0].message);
+}
+
+#[test]
+fn unknown_toml_keys_are_errors_all_listed() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "typo = 1\n[server]\nprot = 1\n[server.tls]\ncert = \"x\"\n[[llm.providers]]\nname = \"e\"\nkind = \"echo\"\nkey = \"k\"\n",
+    );
+    let mut keys: Vec<String> = problems(&sources(&[], Some(&f), vec![]))
+        .into_iter()
+        .map(|p| {
+            assert_eq!(p.message, "unknown key");
+            p.key
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec!["llm.providers.0.key", "server.prot", "server.tls.cert", "typo"]);
+}
+
+#[test]
+fn unknown_chatcli_variables_are_warnings() {
+    let env = [
+        ("CHATCLI_SERVER__PROT", "1"),
+        ("CHATCLI_NOT_A_THING", "1"),
+        ("CHATCLI_REMOTE_ADDR", "x:1"),
+        ("CHATCLI_FALLBACK_MODEL_OPENAI", "gpt"),
+        ("OTHER_VAR", "1"),
+    ];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
+    assert!(l.warnings.iter().any(|w| w.contains("CHATCLI_SERVER__PROT")));
+    assert!(l.warnings.iter().any(|w| w.contains("CHATCLI_NOT_A_THING")));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[server]\nport = \"abc\"\nbogus = 1\n[log]\nlevel = \"=[\"\n[llm]\ndefault = \"nope\"\n[[llm.providers]]\nname = \"a\"\nkind = \"zzz\"\n",
+    );
+    let env = [("CHATCLI_METRICS_PORT", "x")];
+    let mut keys: Vec<String> = problems(&sources(&env, Some(&f), vec![]))
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec!["llm.default", "llm.providers.0.kind", "log.level", "metrics.port", "server.bogus", "server.port"]
+    );
+}
+
+#[test]
+fn invalid_toml_is_one_clear_problem() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "c.toml", "[server\nport = 1\n");
+    let p = problems(&sources(&[], Some(&f), vec![]));
+    assert_eq!(p.len(), 1);
+    assert!(p[0].message.starts_with("invalid TOML"), "{}", p[0].message);
+    assert_eq!(p[0].origin, format!("file {}", f.display()));
+}
+
+#[test]
+fn compatible_values_are_converted() {
+    let env = [
+        ("CHATCLI_MAX_RECV_MSG_SIZE", "0"),
+        ("CHATCLI_MAX_SEND_MSG_SIZE", "2048"),
+        ("CHATCLI_FALLBACK_COOLDOWN_BASE", "10s"),
+        ("CHATCLI_GRPC_REFLECTION", "true"),
+        ("CHATCLI_JWT_AUDIENCE", "a, b"),
+    ];
+    let mut s = sources(&env, None, vec![]);
+    // JWT is refused until issue #6; check only how the values were read.
+    let e = load(&s).unwrap_err();
+    assert_eq!(e.problems.len(), 1);
+    assert_eq!(e.problems[0].key, "auth.jwt");
+    s.env.remove("CHATCLI_JWT_AUDIENCE");
+    let l = load(&s).unwrap();
+    assert_eq!(l.config.server.max_recv_msg_size, 52_428_800);
+    assert!(l.warnings.iter().any(|w| w.contains("CHATCLI_MAX_RECV_MSG_SIZE")));
+    assert_eq!(l.config.server.max_send_msg_size, 2048);
+    assert_eq!(l.config.llm.fallback_cooldown_base, std::time::Duration::from_secs(10));
+    assert!(l.config.server.reflection_env);
+    assert!(!l.config.server.reflection);
+}
+
+#[test]
+fn fallback_list_from_env_is_comma_separated_and_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[[llm.providers]]\nname = \"a\"\nkind = \"echo\"\n[[llm.providers]]\nname = \"b\"\nkind = \"echo\"\n",
+    );
+    let env = [("CHATCLI_FALLBACK_PROVIDERS", "a, B")];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    assert_eq!(l.config.llm.fallback, vec!["a", "B"]);
+    let env = [("CHATCLI_FALLBACK_PROVIDERS", "a,c")];
+    let p = problems(&sources(&env, Some(&f), vec![]));
+    assert_eq!(p[0].key, "llm.fallback");
+    assert!(p[0].message.contains("`c`"));
+}
+
+#[test]
+fn tls_and_jwt_are_refused_until_they_exist() {
+    let env = [("CHATCLI_SERVER_TLS_CERT", "/c.pem")];
+    let keys: Vec<String> = problems(&sources(&env, None, vec![])).into_iter().map(|p| p.key).collect();
+    assert!(keys.contains(&"server.tls.cert_file".to_string()), "{keys:?}");
+    let env = [("CHATCLI_JWT_SECRET", "k")];
+    assert_eq!(problems(&sources(&env, None, vec![]))[0].key, "auth.jwt");
+}
+
+#[test]
+fn show_prints_origins_and_redacts_secrets() {
+    let env = [("CHATCLI_SERVER_TOKEN", "topsecret"), ("CHATCLI_SERVER_PORT", "6000")];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    let text = render_show(&l).unwrap();
+    assert!(!text.contains("topsecret"), "{text}");
+    assert!(text.contains("token = \"[redacted]\"  # env CHATCLI_SERVER_TOKEN"), "{text}");
+    assert!(text.contains("port = 6000  # env CHATCLI_SERVER_PORT"), "{text}");
+    assert!(text.contains("port = 9090  # default"), "{text}");
+    // The output is TOML that loads back to the same values (comments aside).
+    let back: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(back["server"]["port"].as_integer(), Some(6000));
+}
