@@ -12,11 +12,18 @@ use chatcli::proto::{GetServerInfoRequest, StreamPromptRequest};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let addr = args.next().unwrap_or_else(|| "http://127.0.0.1:50051".into());
-    let prompt = args.next().unwrap_or_else(|| "hello from the first call".into());
+    let addr = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:50051".into());
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "hello from the first call".into());
     let mut client = ChatCliServiceClient::connect(addr.clone()).await?;
 
-    let info = client.get_server_info(GetServerInfoRequest {}).await?.into_inner();
+    let info = client
+        .get_server_info(GetServerInfoRequest {})
+        .await?
+        .into_inner();
     eprintln!(
         "Connected to chatcli server at {addr} (version: {}, provider: {}, model: {}, providers: {:?})",
         info.version, info.provider, info.model, info.available_providers

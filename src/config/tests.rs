@@ -54,14 +54,23 @@ fn each_layer_overrides_the_one_below() {
 
     let l = load(&sources(&[], Some(&f), vec![])).unwrap();
     assert_eq!(l.config.server.port, 1000);
-    assert_eq!(origin(&l.figment, "server.port"), format!("file {}", f.display()));
+    assert_eq!(
+        origin(&l.figment, "server.port"),
+        format!("file {}", f.display())
+    );
 
     let env = [("CHATCLI_SERVER__PORT", "2000")];
     let l = load(&sources(&env, Some(&f), vec![])).unwrap();
     assert_eq!(l.config.server.port, 2000);
-    assert_eq!(origin(&l.figment, "server.port"), "env CHATCLI_SERVER__PORT");
+    assert_eq!(
+        origin(&l.figment, "server.port"),
+        "env CHATCLI_SERVER__PORT"
+    );
 
-    let env = [("CHATCLI_SERVER__PORT", "2000"), ("CHATCLI_SERVER_PORT", "3000")];
+    let env = [
+        ("CHATCLI_SERVER__PORT", "2000"),
+        ("CHATCLI_SERVER_PORT", "3000"),
+    ];
     let l = load(&sources(&env, Some(&f), vec![])).unwrap();
     assert_eq!(l.config.server.port, 3000);
     assert_eq!(origin(&l.figment, "server.port"), "env CHATCLI_SERVER_PORT");
@@ -102,23 +111,44 @@ fn compatible_log_level_loses_to_chatcli_log_level() {
 #[test]
 fn bind_address_follows_kubernetes_and_can_be_overridden() {
     let l = load(&sources(&[], None, vec![])).unwrap();
-    assert_eq!(l.config.server.bind_address, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert_eq!(
+        l.config.server.bind_address,
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    );
     let env = [("KUBERNETES_SERVICE_HOST", "10.0.0.1")];
     let l = load(&sources(&env, None, vec![])).unwrap();
-    assert_eq!(l.config.server.bind_address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    assert_eq!(l.config.metrics.bind_address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let env = [("KUBERNETES_SERVICE_HOST", "10.0.0.1"), ("CHATCLI_BIND_ADDRESS", "127.0.0.2")];
+    assert_eq!(
+        l.config.server.bind_address,
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    );
+    assert_eq!(
+        l.config.metrics.bind_address,
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    );
+    let env = [
+        ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+        ("CHATCLI_BIND_ADDRESS", "127.0.0.2"),
+    ];
     let l = load(&sources(&env, None, vec![])).unwrap();
-    assert_eq!(l.config.server.bind_address, "127.0.0.2".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        l.config.server.bind_address,
+        "127.0.0.2".parse::<IpAddr>().unwrap()
+    );
 }
 
 #[test]
 fn data_dir_defaults_to_home_and_env_overrides() {
     let l = load(&sources(&[("HOME", "/home/u")], None, vec![])).unwrap();
     assert_eq!(l.config.state.data_dir, PathBuf::from("/home/u/.chatcli"));
-    let env = [("HOME", "/home/u"), ("CHATCLI_DATA_DIR", "/var/lib/chatcli")];
+    let env = [
+        ("HOME", "/home/u"),
+        ("CHATCLI_DATA_DIR", "/var/lib/chatcli"),
+    ];
     let l = load(&sources(&env, None, vec![])).unwrap();
-    assert_eq!(l.config.sessions_dir(), PathBuf::from("/var/lib/chatcli/sessions"));
+    assert_eq!(
+        l.config.sessions_dir(),
+        PathBuf::from("/var/lib/chatcli/sessions")
+    );
 }
 
 #[test]
@@ -127,7 +157,10 @@ fn secrets_are_read_from_files() {
     let tok = write(d.path(), "token", "from-file\n");
     let env = [("CHATCLI_SERVER_TOKEN_FILE", tok.to_str().unwrap())];
     let l = load(&sources(&env, None, vec![])).unwrap();
-    assert_eq!(l.config.auth.token.as_ref().map(Secret::expose), Some("from-file"));
+    assert_eq!(
+        l.config.auth.token.as_ref().map(Secret::expose),
+        Some("from-file")
+    );
 
     let key = write(d.path(), "openai", "sk-test\n");
     let f = write(
@@ -139,7 +172,13 @@ fn secrets_are_read_from_files() {
         ),
     );
     let l = load(&sources(&[], Some(&f), vec![])).unwrap();
-    assert_eq!(l.config.llm.providers[0].api_key.as_ref().map(Secret::expose), Some("sk-test"));
+    assert_eq!(
+        l.config.llm.providers[0]
+            .api_key
+            .as_ref()
+            .map(Secret::expose),
+        Some("sk-test")
+    );
 
     // A relative name is looked up in systemd's credentials directory.
     write(d.path(), "cred-token", "from-credentials");
@@ -148,7 +187,10 @@ fn secrets_are_read_from_files() {
         ("CHATCLI_AUTH__TOKEN_FILE", "cred-token"),
     ];
     let l = load(&sources(&env, None, vec![])).unwrap();
-    assert_eq!(l.config.auth.token.as_ref().map(Secret::expose), Some("from-credentials"));
+    assert_eq!(
+        l.config.auth.token.as_ref().map(Secret::expose),
+        Some("from-credentials")
+    );
 }
 
 #[test]
@@ -159,11 +201,19 @@ fn secret_file_problems_name_the_key() {
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].key, "auth.token_file");
     assert_eq!(p[0].origin, "env CHATCLI_SERVER_TOKEN_FILE");
-    assert!(p[0].message.contains("cannot read /nonexistent/token"), "{}", p[0].message);
+    assert!(
+        p[0].message.contains("cannot read /nonexistent/token"),
+        "{}",
+        p[0].message
+    );
 
     let empty = write(d.path(), "empty", "\n");
     let env = [("CHATCLI_SERVER_TOKEN_FILE", empty.to_str().unwrap())];
-    assert!(problems(&sources(&env, None, vec![]))[0].message.contains("is empty"));
+    assert!(
+        problems(&sources(&env, None, vec![]))[0]
+            .message
+            .contains("is empty")
+    );
 
     let tok = write(d.path(), "token", "x");
     let env = [
@@ -190,7 +240,15 @@ fn unknown_toml_keys_are_errors_all_listed() {
         })
         .collect();
     keys.sort();
-    assert_eq!(keys, vec!["llm.providers.0.key", "server.prot", "server.tls.cert", "typo"]);
+    assert_eq!(
+        keys,
+        vec![
+            "llm.providers.0.key",
+            "server.prot",
+            "server.tls.cert",
+            "typo"
+        ]
+    );
 }
 
 #[test]
@@ -204,7 +262,11 @@ fn unknown_chatcli_variables_are_warnings() {
     ];
     let l = load(&sources(&env, None, vec![])).unwrap();
     assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
-    assert!(l.warnings.iter().any(|w| w.contains("CHATCLI_SERVER__PROT")));
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("CHATCLI_SERVER__PROT"))
+    );
     assert!(l.warnings.iter().any(|w| w.contains("CHATCLI_NOT_A_THING")));
 }
 
@@ -224,7 +286,14 @@ fn every_problem_is_reported_at_once() {
     keys.sort();
     assert_eq!(
         keys,
-        vec!["llm.default", "llm.providers.0.kind", "log.level", "metrics.port", "server.bogus", "server.port"]
+        vec![
+            "llm.default",
+            "llm.providers.0.kind",
+            "log.level",
+            "metrics.port",
+            "server.bogus",
+            "server.port"
+        ]
     );
 }
 
@@ -255,9 +324,16 @@ fn compatible_values_are_converted() {
     s.env.remove("CHATCLI_JWT_AUDIENCE");
     let l = load(&s).unwrap();
     assert_eq!(l.config.server.max_recv_msg_size, 52_428_800);
-    assert!(l.warnings.iter().any(|w| w.contains("CHATCLI_MAX_RECV_MSG_SIZE")));
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("CHATCLI_MAX_RECV_MSG_SIZE"))
+    );
     assert_eq!(l.config.server.max_send_msg_size, 2048);
-    assert_eq!(l.config.llm.fallback_cooldown_base, std::time::Duration::from_secs(10));
+    assert_eq!(
+        l.config.llm.fallback_cooldown_base,
+        std::time::Duration::from_secs(10)
+    );
     assert!(l.config.server.reflection_env);
     assert!(!l.config.server.reflection);
 }
@@ -282,20 +358,35 @@ fn fallback_list_from_env_is_comma_separated_and_checked() {
 #[test]
 fn tls_and_jwt_are_refused_until_they_exist() {
     let env = [("CHATCLI_SERVER_TLS_CERT", "/c.pem")];
-    let keys: Vec<String> = problems(&sources(&env, None, vec![])).into_iter().map(|p| p.key).collect();
-    assert!(keys.contains(&"server.tls.cert_file".to_string()), "{keys:?}");
+    let keys: Vec<String> = problems(&sources(&env, None, vec![]))
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+    assert!(
+        keys.contains(&"server.tls.cert_file".to_string()),
+        "{keys:?}"
+    );
     let env = [("CHATCLI_JWT_SECRET", "k")];
     assert_eq!(problems(&sources(&env, None, vec![]))[0].key, "auth.jwt");
 }
 
 #[test]
 fn show_prints_origins_and_redacts_secrets() {
-    let env = [("CHATCLI_SERVER_TOKEN", "topsecret"), ("CHATCLI_SERVER_PORT", "6000")];
+    let env = [
+        ("CHATCLI_SERVER_TOKEN", "topsecret"),
+        ("CHATCLI_SERVER_PORT", "6000"),
+    ];
     let l = load(&sources(&env, None, vec![])).unwrap();
     let text = render_show(&l).unwrap();
     assert!(!text.contains("topsecret"), "{text}");
-    assert!(text.contains("token = \"[redacted]\"  # env CHATCLI_SERVER_TOKEN"), "{text}");
-    assert!(text.contains("port = 6000  # env CHATCLI_SERVER_PORT"), "{text}");
+    assert!(
+        text.contains("token = \"[redacted]\"  # env CHATCLI_SERVER_TOKEN"),
+        "{text}"
+    );
+    assert!(
+        text.contains("port = 6000  # env CHATCLI_SERVER_PORT"),
+        "{text}"
+    );
     assert!(text.contains("port = 9090  # default"), "{text}");
     // The output is TOML that loads back to the same values (comments aside).
     let back: toml::Table = toml::from_str(&text).unwrap();

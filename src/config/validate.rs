@@ -75,10 +75,10 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
             "JWT authentication is not in this build yet (issue #6); refusing to start without the protection asked for".into(),
         );
     }
-    if let Some(t) = &config.auth.token {
-        if t.expose().trim().is_empty() {
-            bad("auth.token", "is empty".into());
-        }
+    if let Some(t) = &config.auth.token
+        && t.expose().trim().is_empty()
+    {
+        bad("auth.token", "is empty".into());
     }
     if let Err(e) = crate::telemetry::validate_level(&config.log.level) {
         bad(
@@ -129,10 +129,10 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
         }
     }
     let known = |n: &str| llm.providers.iter().any(|p| p.name.eq_ignore_ascii_case(n));
-    if let Some(d) = &llm.default {
-        if !known(d) {
-            bad("llm.default", format!("`{d}` is not a configured provider"));
-        }
+    if let Some(d) = &llm.default
+        && !known(d)
+    {
+        bad("llm.default", format!("`{d}` is not a configured provider"));
     }
     for f in &llm.fallback {
         if !known(f) {

@@ -27,12 +27,40 @@ use crate::telemetry::GrpcMetricsLayer;
 
 type GrpcService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
+/// Every gRPC method path this server knows, so that metrics label anything else `unknown` instead of
+/// letting unauthenticated callers mint new series.
+fn known_methods() -> Vec<String> {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    for set in [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(fds) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in fds.file {
+            for svc in &file.service {
+                for m in &svc.method {
+                    out.push(format!("/{}.{}/{}", file.package(), svc.name(), m.name()));
+                }
+            }
+        }
+    }
+    for v in ["v1", "v1alpha"] {
+        out.push(format!(
+            "/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo"
+        ));
+    }
+    out
+}
+
 fn grpc_service(state: &AppState, routes: tonic::service::Routes) -> GrpcService {
     let router = routes.into_axum_router();
     match &state.metrics {
         Some(m) => {
             let layered = tower::ServiceBuilder::new()
-                .layer(GrpcMetricsLayer::new(m.clone()))
+                .layer(GrpcMetricsLayer::new(m.clone()).with_known_methods(known_methods()))
                 .service(router);
             BoxCloneSyncService::new(ServiceExt::<Request<Incoming>>::map_response(
                 layered,
@@ -185,4 +213,20 @@ fn unauthenticated(is_grpc: bool) -> Response<Body> {
         header::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn known_methods_cover_every_service() {
+        let m = super::known_methods();
+        assert!(m.contains(&"/chatcli.v1.ChatCLIService/StreamPrompt".to_string()));
+        assert!(m.contains(&"/grpc.health.v1.Health/Check".to_string()));
+        assert_eq!(
+            m.iter()
+                .filter(|x| x.starts_with("/chatcli.v1.ChatCLIService/"))
+                .count(),
+            27
+        );
+    }
 }
