@@ -14,6 +14,7 @@ pub mod server;
 pub mod sessions;
 pub mod systemd;
 pub mod telemetry;
+pub mod testing;
 
 /// Types and service traits generated from `proto/chatcli/v1/chatcli.proto`.
 #[allow(clippy::all, missing_docs)] // reason: generated code

@@ -563,5 +563,12 @@ fn read_secret_files(
             &mut p.api_key,
             &file,
         );
+        let file = p.client_key_file.clone();
+        read(
+            &format!("llm.providers.{i}.client_key"),
+            &format!("llm.providers.{i}.client_key_file"),
+            &mut p.client_key,
+            &file,
+        );
     }
 }

@@ -337,12 +337,14 @@ impl Default for LlmConfig {
 }
 
 /// One `[[llm.providers]]` entry.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderConfig {
     /// What clients put in `provider` (matched case-insensitively).
     pub name: String,
-    /// Wire format: echo | openai | anthropic | gemini | ollama | stackspot | openai-compatible.
+    /// Wire format: echo | openai | anthropic | gemini | ollama | stackspot, or an OpenAI-compatible
+    /// preset with its own base URL, model and headers: openai-compatible | xai | openrouter |
+    /// moonshot | zai | github-models | copilot.
     pub kind: String,
     /// Base URL of the provider's API.
     pub base_url: Option<String>,
@@ -355,6 +357,48 @@ pub struct ProviderConfig {
     /// Pause between streamed pieces (echo provider only; useful for demos and tests).
     #[serde(with = "duration_str::option")]
     pub delay: Option<Duration>,
+    /// Extra HTTP headers sent upstream (e.g. OpenRouter's `HTTP-Referer` and `X-Title`).
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Longest wait for the upstream's first byte of an answer.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+    /// Anthropic `anthropic-version` header.
+    pub api_version: Option<String>,
+    /// StackSpot client id.
+    pub client_id: Option<String>,
+    /// StackSpot client key.
+    pub client_key: Option<Secret>,
+    /// Read the StackSpot client key from this file.
+    pub client_key_file: Option<PathBuf>,
+    /// StackSpot realm (default "zup").
+    pub realm: Option<String>,
+    /// StackSpot agent id.
+    pub agent_id: Option<String>,
+    /// StackSpot token endpoint (default `https://idm.stackspot.com/<realm>/oidc/oauth/token`).
+    pub token_url: Option<String>,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            kind: String::new(),
+            base_url: None,
+            api_key: None,
+            api_key_file: None,
+            model: None,
+            delay: None,
+            headers: Default::default(),
+            timeout: Duration::from_secs(120),
+            api_version: None,
+            client_id: None,
+            client_key: None,
+            client_key_file: None,
+            realm: None,
+            agent_id: None,
+            token_url: None,
+        }
+    }
 }
 
 /// `[watcher]`

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use super::{ChatRequest, Delta, DeltaStream, Provider, ProviderKind, Usage};
+use super::{
+    ChatRequest, ClientCredentials, Delta, DeltaStream, LlmError, Provider, ProviderKind, Usage,
+};
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -45,6 +47,13 @@ pub fn words(text: &str) -> Vec<String> {
     pieces
 }
 
+impl EchoProvider {
+    /// The pieces echo streams for `text` (see [`words`]).
+    pub fn words_of(text: &str) -> Vec<String> {
+        words(text)
+    }
+}
+
 impl Provider for EchoProvider {
     fn name(&self) -> &str {
         &self.name
@@ -54,6 +63,15 @@ impl Provider for EchoProvider {
     }
     fn default_model(&self) -> &str {
         &self.model
+    }
+    fn with_client_credentials<'a>(
+        &'a self,
+        _creds: &'a ClientCredentials,
+    ) -> futures::future::BoxFuture<'a, Result<std::sync::Arc<dyn Provider>, LlmError>> {
+        // Echo needs no key; a forwarded one is accepted and ignored, so clients that always send
+        // their key (e.g. `chatcli connect --llm-key`) work against the demo.
+        let me = self.clone();
+        Box::pin(async move { Ok(std::sync::Arc::new(me) as std::sync::Arc<dyn Provider>) })
     }
     fn stream(&self, request: ChatRequest) -> DeltaStream {
         let prompt = request
@@ -79,6 +97,7 @@ impl Provider for EchoProvider {
                 yield Ok(Delta::Text(piece));
             }
             yield Ok(Delta::Usage(Usage { prompt_tokens, completion_tokens }));
+            yield Ok(Delta::Finish("stop".into()));
         })
     }
 }

@@ -3,15 +3,35 @@
 //! one file per wire format implements the trait. This build has the built-in `echo` kind; the real
 //! wire formats arrive with issue #5 and answer `UNIMPLEMENTED` until then.
 
+pub mod anthropic;
+mod credentials;
 mod echo;
+pub mod error;
+pub mod gemini;
+pub mod http;
+pub mod ollama;
+pub mod openai;
 mod registry;
+pub mod ssrf;
+pub mod stackspot;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
+use futures::future::BoxFuture;
 
+pub use credentials::{ClientCredentials, ClientKey, KeyScheme};
 pub use echo::EchoProvider;
+pub use error::{ErrorClass, LlmError, UpstreamError};
 pub use registry::{ProviderRegistry, Resolved};
+
+/// What every provider gets at construction: the SSRF guard for client-supplied URLs.
+#[derive(Debug, Clone)]
+pub struct ProviderContext {
+    /// The guard.
+    pub ssrf: Arc<ssrf::SsrfPolicy>,
+}
 
 /// One turn of a conversation sent upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +51,26 @@ pub struct ChatRequest {
     pub model: String,
     /// Upper bound on generated tokens; `None` = provider default.
     pub max_tokens: Option<u32>,
+    /// Sampling temperature, passed through where the provider supports it.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling, passed through where the provider supports it.
+    pub top_p: Option<f32>,
+    /// Stop sequences, passed through where the provider supports them.
+    pub stop: Vec<String>,
+}
+
+impl ChatRequest {
+    /// A request for `messages` with the provider defaults for everything else.
+    pub fn new(messages: Vec<Message>, model: impl Into<String>) -> Self {
+        Self {
+            messages,
+            model: model.into(),
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: Vec::new(),
+        }
+    }
 }
 
 /// Token counts reported by the upstream.
@@ -49,45 +89,8 @@ pub enum Delta {
     Text(String),
     /// Token usage, usually once near the end.
     Usage(Usage),
-}
-
-/// Why a provider call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LlmError {
-    /// The named provider is not configured.
-    #[error("unknown provider `{name}`; available: {available}")]
-    UnknownProvider {
-        /// What the caller asked for.
-        name: String,
-        /// The configured names.
-        available: String,
-    },
-    /// No provider is configured at all.
-    #[error("no LLM provider is configured on this server")]
-    NoProviders,
-    /// The provider kind is not in this build yet.
-    #[error("provider kind `{kind}` is not in this build yet: it waits for {waits_for}")]
-    NotImplemented {
-        /// The kind.
-        kind: String,
-        /// The issue it waits for.
-        waits_for: &'static str,
-    },
-    /// The upstream failed.
-    #[error("LLM error: {0}")]
-    Upstream(String),
-}
-
-impl LlmError {
-    /// The gRPC status for this error.
-    pub fn to_status(&self) -> tonic::Status {
-        match self {
-            LlmError::UnknownProvider { .. } => tonic::Status::invalid_argument(self.to_string()),
-            LlmError::NoProviders => tonic::Status::unavailable(self.to_string()),
-            LlmError::NotImplemented { .. } => tonic::Status::unimplemented(self.to_string()),
-            LlmError::Upstream(_) => tonic::Status::internal(self.to_string()),
-        }
-    }
+    /// Why the answer ended ("stop", "length", …), when the upstream says.
+    Finish(String),
 }
 
 /// A stream of deltas, ending when the answer is complete.
@@ -98,10 +101,8 @@ pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, LlmError>> + Send
 pub enum ProviderKind {
     /// Built-in: streams the prompt back word by word. For demos and tests.
     Echo,
-    /// OpenAI Chat Completions.
+    /// OpenAI Chat Completions, and the OpenAI-compatible presets (xAI, OpenRouter, …).
     OpenAi,
-    /// OpenAI-compatible APIs (xAI, OpenRouter, …).
-    OpenAiCompatible,
     /// Anthropic Messages.
     Anthropic,
     /// Google Gemini.
@@ -113,23 +114,29 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
-    /// Every kind's config name.
+    /// Every kind name accepted in config (OpenAI-compatible presets included).
     pub const NAMES: &[&str] = &[
         "echo",
         "openai",
         "openai-compatible",
+        "xai",
+        "openrouter",
+        "moonshot",
+        "zai",
+        "github-models",
+        "copilot",
         "anthropic",
         "gemini",
         "ollama",
         "stackspot",
     ];
 
-    /// Parses a config name (case-insensitive).
+    /// Parses a config kind name (case-insensitive); presets map to their wire format.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_lowercase().as_str() {
             "echo" => Self::Echo,
-            "openai" => Self::OpenAi,
-            "openai-compatible" => Self::OpenAiCompatible,
+            "openai" | "openai-compatible" | "xai" | "openrouter" | "moonshot" | "zai"
+            | "github-models" | "copilot" => Self::OpenAi,
             "anthropic" => Self::Anthropic,
             "gemini" => Self::Gemini,
             "ollama" => Self::Ollama,
@@ -138,12 +145,11 @@ impl ProviderKind {
         })
     }
 
-    /// The config name.
+    /// The wire format's name.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Echo => "echo",
             Self::OpenAi => "openai",
-            Self::OpenAiCompatible => "openai-compatible",
             Self::Anthropic => "anthropic",
             Self::Gemini => "gemini",
             Self::Ollama => "ollama",
@@ -160,8 +166,30 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> ProviderKind;
     /// The model used when the request names none.
     fn default_model(&self) -> &str;
+    /// Every model this provider offers (for model lists); at least the default.
+    fn models(&self) -> Vec<String> {
+        vec![self.default_model().to_string()]
+    }
     /// Starts the call; deltas arrive as the upstream produces them. Dropping the stream cancels it.
     fn stream(&self, request: ChatRequest) -> DeltaStream;
+    /// A request-scoped provider that uses the caller's credentials instead of the server's. URLs in
+    /// `creds.config` must pass the SSRF guard of the [`ProviderContext`] the provider was built with.
+    fn with_client_credentials<'a>(
+        &'a self,
+        _creds: &'a ClientCredentials,
+    ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
+        let name = self.name().to_string();
+        Box::pin(async move {
+            Err(LlmError::InvalidRequest(format!(
+                "provider `{name}` does not take client credentials"
+            )))
+        })
+    }
+    /// Checks, at start-up, that the provider can serve (e.g. Ollama has the model); the error says
+    /// what is missing.
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Collects a stream into the full answer text and the last usage seen.
@@ -173,6 +201,7 @@ pub async fn collect(mut stream: DeltaStream) -> Result<(String, Option<Usage>),
         match item? {
             Delta::Text(t) => text.push_str(&t),
             Delta::Usage(u) => usage = Some(u),
+            Delta::Finish(_) => {}
         }
     }
     Ok((text, usage))

@@ -132,11 +132,8 @@ impl PromptCall {
             role: "user".into(),
             content: self.prompt,
         });
-        let request = ChatRequest {
-            messages,
-            model: resolved.model.clone(),
-            max_tokens: u32::try_from(self.max_tokens).ok().filter(|n| *n > 0),
-        };
+        let mut request = ChatRequest::new(messages, resolved.model.clone());
+        request.max_tokens = u32::try_from(self.max_tokens).ok().filter(|n| *n > 0);
         Ok((resolved, request))
     }
 }
@@ -237,6 +234,7 @@ impl ChatCliService for ChatCliGrpc {
                         yield Ok(StreamPromptResponse { chunk, done: false, model: model.clone(), provider: provider.clone() });
                     }
                     Ok(Delta::Usage(u)) => usage = Some(u),
+                    Ok(Delta::Finish(_)) => {}
                     Err(e) => {
                         this.record_llm(&resolved, started, Err(&e));
                         yield Err(e.to_status());

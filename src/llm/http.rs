@@ -1,0 +1,273 @@
+//! HTTP plumbing shared by the wire formats: client construction (rustls, TCP_NODELAY, timeouts, the
+//! SSRF guard's resolver for client-supplied URLs), sending with error classification, and the SSE
+//! and NDJSON framings of streamed answers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::{Stream, StreamExt, TryStreamExt};
+use reqwest::header::HeaderMap;
+
+use super::error::{ErrorClass, LlmError, UpstreamError};
+
+/// How a provider's HTTP client is built.
+#[derive(Clone, Default)]
+pub struct HttpOptions {
+    /// Longest time to establish a connection (default 10 s).
+    pub connect_timeout: Option<Duration>,
+    /// For URLs a client supplied: the host and the addresses the SSRF guard checked; the client
+    /// connects only to these (no second DNS lookup, so no rebinding between check and connect).
+    pub pin: Option<(String, Vec<std::net::SocketAddr>)>,
+}
+
+impl std::fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("pin", &self.pin)
+            .finish()
+    }
+}
+
+/// Builds a client: rustls (ring), TCP_NODELAY, HTTP/1.1 or HTTP/2 by ALPN, no overall timeout (a
+/// stream may legitimately run for minutes; callers bound the time to the first byte).
+pub fn client(opts: &HttpOptions) -> Result<reqwest::Client, LlmError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(90))
+        // A redirect could lead a guarded request to an address that was never checked.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("chatcli/", env!("CARGO_PKG_VERSION")));
+    if let Some((host, addrs)) = &opts.pin {
+        b = b.resolve_to_addrs(host, addrs);
+    }
+    b.build()
+        .map_err(|e| LlmError::InvalidRequest(format!("cannot build an HTTP client: {e}")))
+}
+
+/// Parses a provider's error body into a class and message; `None` falls back to the HTTP status.
+pub type ErrorParser = fn(status: u16, body: &str) -> Option<(ErrorClass, String)>;
+
+/// Sends a request; a non-2xx answer becomes a classified [`LlmError::Upstream`].
+pub async fn send(
+    provider: &str,
+    request: reqwest::RequestBuilder,
+    parse_error: ErrorParser,
+) -> Result<reqwest::Response, LlmError> {
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| transport_error(provider, &e))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = retry_after(resp.headers());
+    let body = read_bounded(resp, 64 * 1024).await;
+    let code = status.as_u16();
+    let (class, message) = parse_error(code, &body).unwrap_or_else(|| {
+        let text = body.trim();
+        let text = if text.len() > 300 {
+            &text[..floor_char_boundary(text, 300)]
+        } else {
+            text
+        };
+        (ErrorClass::from_status(code), text.to_string())
+    });
+    Err(LlmError::Upstream(UpstreamError {
+        provider: provider.to_string(),
+        class,
+        status: Some(code),
+        message,
+        retry_after,
+    }))
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+async fn read_bounded(resp: reqwest::Response, limit: usize) -> String {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        let room = limit.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Classifies a reqwest transport error (never an HTTP status: those are handled in [`send`]).
+pub fn transport_error(provider: &str, e: &reqwest::Error) -> LlmError {
+    let class = if e.is_timeout() {
+        ErrorClass::Timeout
+    } else if e.is_decode() {
+        ErrorClass::Malformed
+    } else {
+        ErrorClass::Transport
+    };
+    // reqwest's Display includes the URL, which never carries keys in our requests (keys go in
+    // headers); strip it anyway to keep messages short and stable.
+    let message = e.without_url_ref_text();
+    LlmError::upstream(provider, class, message)
+}
+
+trait WithoutUrl {
+    fn without_url_ref_text(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref_text(&self) -> String {
+        let mut text = if self.is_connect() {
+            "connection failed".to_string()
+        } else if self.is_timeout() {
+            "timed out".to_string()
+        } else if self.is_body() || self.is_decode() {
+            "the response body broke off or could not be read".to_string()
+        } else {
+            "request failed".to_string()
+        };
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text = format!("{text}: {s}");
+            source = s.source();
+        }
+        text
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when =
+        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+    let delta = when - time::OffsetDateTime::now_utc();
+    Some(Duration::try_from(delta).unwrap_or(Duration::ZERO))
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field ("message" when absent).
+    pub event: String,
+    /// The `data:` lines joined by newlines.
+    pub data: String,
+}
+
+/// The SSE events of a streamed response, as they arrive.
+pub fn sse_events(
+    provider: &str,
+    resp: reqwest::Response,
+) -> impl Stream<Item = Result<SseEvent, LlmError>> + Send + use<> {
+    let provider = provider.to_string();
+    resp.bytes_stream()
+        .eventsource()
+        .map_ok(|e| SseEvent {
+            event: e.event,
+            data: e.data,
+        })
+        .map_err(move |e| match e {
+            eventsource_stream::EventStreamError::Transport(t) => transport_error(&provider, &t),
+            other => LlmError::upstream(&provider, ErrorClass::Malformed, other.to_string()),
+        })
+}
+
+/// The JSON lines of a newline-delimited JSON response (Ollama), as they arrive.
+pub fn ndjson_lines(
+    provider: &str,
+    resp: reqwest::Response,
+) -> impl Stream<Item = Result<serde_json::Value, LlmError>> + Send + use<> {
+    let provider = provider.to_string();
+    let bytes = resp.bytes_stream();
+    async_stream::stream! {
+        let mut buf: Vec<u8> = Vec::new();
+        futures::pin_mut!(bytes);
+        loop {
+            match bytes.next().await {
+                Some(Ok(chunk)) => {
+                    buf.extend_from_slice(&chunk);
+                    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=pos).collect();
+                        if let Some(v) = parse_line(&provider, &line) {
+                            yield v;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    yield Err(transport_error(&provider, &e));
+                    return;
+                }
+                None => {
+                    if let Some(v) = parse_line(&provider, &buf) {
+                        yield v;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn parse_line(provider: &str, line: &[u8]) -> Option<Result<serde_json::Value, LlmError>> {
+    let text = std::str::from_utf8(line)
+        .map(str::trim)
+        .unwrap_or("\u{fffd}");
+    if text.is_empty() {
+        return None;
+    }
+    Some(serde_json::from_str(text).map_err(|e| {
+        LlmError::upstream(
+            provider,
+            ErrorClass::Malformed,
+            format!("invalid JSON line: {e}"),
+        )
+    }))
+}
+
+/// A body for tests and fakes: bytes in order.
+pub fn bytes_of(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            "3".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert(
+            "retry-after",
+            "soon".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! ollama wire format (being written).

@@ -1,0 +1,1 @@
+//! stackspot wire format (being written).

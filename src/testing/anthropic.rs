@@ -1,0 +1,1 @@
+//! Fake anthropic upstream (being written).

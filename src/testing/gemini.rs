@@ -1,0 +1,1 @@
+//! Fake gemini upstream (being written).

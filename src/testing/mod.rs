@@ -1,0 +1,411 @@
+//! Test support: fake LLM upstreams on 127.0.0.1 port 0 that answer in a provider's wire format and,
+//! on command, stream with pauses, stall until released, drop the connection mid-stream, answer with
+//! an error status (429 with `Retry-After`, 5xx, 401, 404) or with garbage. Unit tests, the
+//! integration tests and the benchmark mock use them; nothing here runs in the daemon.
+//!
+//! One engine ([`FakeUpstream`]) serves every format; a [`WireFormat`] turns text into that format's
+//! bytes and may answer side routes itself (token endpoints, model lists).
+
+pub mod anthropic;
+pub mod gemini;
+pub mod ollama;
+pub mod openai;
+pub mod stackspot;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response, StatusCode};
+use tokio::sync::Notify;
+
+use crate::llm::Usage;
+
+/// One request the fake received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// HTTP method.
+    pub method: Method,
+    /// Path without the query.
+    pub path: String,
+    /// The raw query string ("" when none).
+    pub query: String,
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Recorded {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    }
+}
+
+/// How one wire format writes answers.
+pub trait WireFormat: Send + Sync + 'static {
+    /// Whether the request asks for a streamed answer.
+    fn wants_stream(&self, req: &Recorded) -> bool;
+    /// Content type of a streamed answer.
+    fn stream_content_type(&self) -> &'static str;
+    /// The bytes of one streamed delta (`index` counts from 0).
+    fn stream_piece(&self, text: &str, index: usize) -> Bytes;
+    /// The bytes that end a complete stream (finish reason, usage, terminator).
+    fn stream_end(&self, usage: Option<Usage>) -> Bytes;
+    /// A whole answer: content type and body.
+    fn unary(&self, text: &str, usage: Option<Usage>) -> (&'static str, Bytes);
+    /// Requests the format answers itself (token endpoints, model lists); `None` = use the script.
+    fn extra(&self, _req: &Recorded) -> Option<Response<Body>> {
+        None
+    }
+}
+
+/// One step of a scripted answer.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// A delta of text.
+    Text(String),
+    /// Wait this long.
+    Pause(Duration),
+    /// Wait until [`FakeUpstream::release`] is called.
+    AwaitRelease,
+    /// Abort the connection here (no clean end of the stream).
+    Drop,
+    /// Raw bytes written into the stream as they are (for malformed events).
+    Raw(String),
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// An answer, streamed or whole depending on the request; `usage` is reported at the end.
+    Answer {
+        /// The steps.
+        steps: Vec<Step>,
+        /// Token usage to report.
+        usage: Option<Usage>,
+    },
+    /// An error status with a body (in the format's error shape, written by the test).
+    Error {
+        /// HTTP status.
+        status: u16,
+        /// Body (JSON text usually).
+        body: String,
+        /// `Retry-After` header value.
+        retry_after: Option<String>,
+    },
+    /// A 200 with any content type and body (garbage, wrong protocol).
+    Raw {
+        /// Content type.
+        content_type: String,
+        /// Body.
+        body: String,
+    },
+}
+
+impl Reply {
+    /// An answer whose deltas are the words of `text` (each keeps its leading space).
+    pub fn text(text: &str) -> Self {
+        Self::Answer {
+            steps: crate::llm::EchoProvider::words_of(text)
+                .into_iter()
+                .map(Step::Text)
+                .collect(),
+            usage: Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: crate::llm::EchoProvider::words_of(text).len() as u64,
+            }),
+        }
+    }
+
+    /// An answer made of these steps, with usage.
+    pub fn steps(steps: Vec<Step>) -> Self {
+        Self::Answer {
+            steps,
+            usage: Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+            }),
+        }
+    }
+
+    /// An error status with a JSON body.
+    pub fn error(status: u16, body: &str) -> Self {
+        Self::Error {
+            status,
+            body: body.to_string(),
+            retry_after: None,
+        }
+    }
+
+    /// A 429 with `Retry-After: <secs>`.
+    pub fn rate_limited(body: &str, retry_after_secs: u64) -> Self {
+        Self::Error {
+            status: 429,
+            body: body.to_string(),
+            retry_after: Some(retry_after_secs.to_string()),
+        }
+    }
+}
+
+struct Shared {
+    format: Box<dyn WireFormat>,
+    script: Mutex<VecDeque<Reply>>,
+    fallback: Mutex<Reply>,
+    requests: Mutex<Vec<Recorded>>,
+    release: Notify,
+    released: AtomicUsize,
+    cancelled: AtomicUsize,
+    cancelled_notify: Notify,
+}
+
+/// A fake upstream server. Dropping it stops the server.
+pub struct FakeUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FakeUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeUpstream")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl FakeUpstream {
+    /// Starts a fake speaking `format`; unscripted requests get `Reply::text("hello from the fake")`.
+    pub async fn start(format: impl WireFormat) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            format: Box::new(format),
+            script: Mutex::new(VecDeque::new()),
+            fallback: Mutex::new(Reply::text("hello from the fake")),
+            requests: Mutex::new(Vec::new()),
+            release: Notify::new(),
+            released: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            cancelled_notify: Notify::new(),
+        });
+        let s = shared.clone();
+        let app =
+            axum::Router::new().fallback(move |req: http::Request<Body>| handle(s.clone(), req));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Queues the reply for the next scripted request.
+    pub fn push(&self, reply: Reply) {
+        lock(&self.shared.script).push_back(reply);
+    }
+
+    /// The reply used when the queue is empty.
+    pub fn set_default(&self, reply: Reply) {
+        *lock(&self.shared.fallback) = reply;
+    }
+
+    /// Every request received so far (side routes included).
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.shared.requests).clone()
+    }
+
+    /// Lets every stream waiting at [`Step::AwaitRelease`] (now or later) go on.
+    pub fn release(&self) {
+        self.shared.released.fetch_add(1, Ordering::SeqCst);
+        self.shared.release.notify_waiters();
+    }
+
+    /// How many answers were abandoned by the client before their end.
+    pub fn cancelled(&self) -> usize {
+        self.shared.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` answers were abandoned by the client, up to `timeout`.
+    pub async fn wait_cancelled(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.cancelled_notify.notified();
+            if self.cancelled() >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.cancelled() >= n;
+            }
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 16 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let rec = Recorded {
+        method: parts.method,
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        headers: parts.headers,
+        body,
+    };
+    lock(&shared.requests).push(rec.clone());
+    if let Some(resp) = shared.format.extra(&rec) {
+        return resp;
+    }
+    let reply = lock(&shared.script)
+        .pop_front()
+        .unwrap_or_else(|| lock(&shared.fallback).clone());
+    match reply {
+        Reply::Error {
+            status,
+            body,
+            retry_after,
+        } => {
+            let mut b = Response::builder()
+                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+                .header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(r) = retry_after {
+                b = b.header(http::header::RETRY_AFTER, r);
+            }
+            b.body(Body::from(body)).unwrap_or_default()
+        }
+        Reply::Raw { content_type, body } => Response::builder()
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap_or_default(),
+        Reply::Answer { steps, usage } if shared.format.wants_stream(&rec) => {
+            stream_answer(shared, steps, usage)
+        }
+        Reply::Answer { steps, usage } => {
+            let mut text = String::new();
+            let mut guard = CancelGuard::new(shared.clone());
+            for step in steps {
+                match step {
+                    Step::Text(t) | Step::Raw(t) => text.push_str(&t),
+                    Step::Pause(d) => tokio::time::sleep(d).await,
+                    Step::AwaitRelease => await_release(&shared).await,
+                    Step::Drop => {
+                        guard.finished = true;
+                        return drop_connection();
+                    }
+                }
+            }
+            guard.finished = true;
+            let (ct, body) = shared.format.unary(&text, usage);
+            Response::builder()
+                .header(http::header::CONTENT_TYPE, ct)
+                .body(Body::from(body))
+                .unwrap_or_default()
+        }
+    }
+}
+
+async fn await_release(shared: &Shared) {
+    let seen = shared.released.load(Ordering::SeqCst);
+    loop {
+        let notified = shared.release.notified();
+        if shared.released.load(Ordering::SeqCst) > seen {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// Counts an answer abandoned by the client: dropped before it was marked finished.
+struct CancelGuard {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl CancelGuard {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
+            self.shared.cancelled_notify.notify_waiters();
+        }
+    }
+}
+
+fn drop_connection() -> Response<Body> {
+    let s = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("fake drops the connection"))
+    });
+    Response::builder()
+        .body(Body::from_stream(s))
+        .unwrap_or_default()
+}
+
+fn stream_answer(shared: Arc<Shared>, steps: Vec<Step>, usage: Option<Usage>) -> Response<Body> {
+    let ct = shared.format.stream_content_type();
+    let body = async_stream::stream! {
+        let mut guard = CancelGuard::new(shared.clone());
+        let mut index = 0;
+        for step in steps {
+            match step {
+                Step::Text(t) => {
+                    yield Ok::<Bytes, std::io::Error>(shared.format.stream_piece(&t, index));
+                    index += 1;
+                }
+                Step::Raw(r) => yield Ok(Bytes::from(r)),
+                Step::Pause(d) => tokio::time::sleep(d).await,
+                Step::AwaitRelease => await_release(&shared).await,
+                Step::Drop => {
+                    guard.finished = true;
+                    yield Err(std::io::Error::other("fake drops the connection"));
+                    return;
+                }
+            }
+        }
+        yield Ok(shared.format.stream_end(usage));
+        guard.finished = true;
+    };
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, ct)
+        .header(http::header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_default()
+}

@@ -1,0 +1,1 @@
+//! Fake ollama upstream (being written).

@@ -1,0 +1,1 @@
+//! Fake openai upstream (being written).

@@ -1,0 +1,1 @@
+//! Fake stackspot upstream (being written).

@@ -1,0 +1,269 @@
+//! The real `chatcli` binary: startup and the listening line, exit codes, `config show` origins and
+//! redaction, and the SIGTERM drain.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
+use chatcli::proto::health_response;
+use chatcli::proto::{HealthRequest, SaveSessionRequest};
+use predicates::prelude::*;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::support::{
+    BinaryServer, HANG_GUARD, chatcli_command, collect_stream, connect, demo_config, stream_request,
+};
+
+/// `chatcli` with a controlled environment, as an assert_cmd command bounded by [`HANG_GUARD`].
+fn cli(home: &Path) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::from_std(chatcli_command(home));
+    cmd.timeout(HANG_GUARD);
+    cmd
+}
+
+/// Writes a config with one echo provider pausing `delay` between words.
+fn slow_echo_config(dir: &Path, delay: &str) -> PathBuf {
+    let path = dir.join("chatcli.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[llm]\ndefault = \"echo\"\n\n[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n\
+             model = \"echo-1\"\ndelay = \"{delay}\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn binary_serves_the_demo_config() {
+    let server = BinaryServer::start(&demo_config(), &[]);
+    assert_ne!(server.addr.port(), 0);
+    assert!(server.addr.ip().is_loopback(), "{}", server.addr);
+    let channel = connect(server.addr).await;
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    let mut client = ChatCliServiceClient::new(channel);
+    let h = client.health(HealthRequest {}).await.unwrap().into_inner();
+    assert_eq!(h.status(), health_response::Status::Serving);
+    let mut stream = client
+        .stream_prompt(stream_request("hello from the demo"))
+        .await
+        .unwrap()
+        .into_inner();
+    let msgs = collect_stream(&mut stream).await;
+    let text: String = msgs.iter().map(|m| m.chunk.as_str()).collect();
+    assert_eq!(text, "hello from the demo");
+    assert!(msgs.last().unwrap().done);
+    assert!(msgs.len() >= 4, "{msgs:?}");
+    assert!(server.stderr().contains("metrics off"));
+
+    // CHATCLI_DATA_DIR wins over the demo file's data_dir.
+    let saved = client
+        .save_session(SaveSessionRequest {
+            name: "demo".into(),
+            ..SaveSessionRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(saved.success);
+    assert!(server.data_dir.join("sessions/demo.json").is_file());
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let home = tempfile::tempdir().unwrap();
+    cli(home.path())
+        .arg("--version")
+        .assert()
+        .code(0)
+        .stdout(predicate::str::contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn config_check_lists_every_problem() {
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[server]\nbogus_key = 1\nport = \"not a number\"\n\n\
+         [[llm.providers]]\nname = \"x\"\nkind = \"nope\"\n",
+    )
+    .unwrap();
+    cli(home.path())
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .assert()
+        .code(78)
+        .stderr(
+            predicate::str::contains("server.bogus_key")
+                .and(predicate::str::contains("server.port"))
+                .and(predicate::str::contains("llm.providers.0.kind"))
+                .and(predicate::str::contains("3 problem")),
+        );
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let home = tempfile::tempdir().unwrap();
+    cli(home.path())
+        .args(["server", "--bogus-flag"])
+        .assert()
+        .code(64)
+        .stderr(predicate::str::contains("--bogus-flag"));
+}
+
+#[test]
+fn missing_config_file_is_a_config_error() {
+    let home = tempfile::tempdir().unwrap();
+    let missing = home.path().join("does-not-exist.toml");
+    cli(home.path())
+        .args(["server", "--port", "0", "--metrics-port", "0", "--config"])
+        .arg(&missing)
+        .assert()
+        .code(78)
+        .stderr(predicate::str::contains("does-not-exist.toml"));
+}
+
+#[test]
+fn busy_port_is_unavailable() {
+    let home = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    cli(home.path())
+        .env("CHATCLI_DATA_DIR", home.path().join("data"))
+        .arg("server")
+        .arg("--config")
+        .arg(demo_config())
+        .args(["--port", &addr.port().to_string(), "--metrics-port", "0"])
+        .assert()
+        .code(69)
+        .stderr(predicate::str::contains(addr.to_string()));
+    drop(taken);
+}
+
+#[test]
+fn config_show_names_origins_and_redacts_secrets() {
+    let home = tempfile::tempdir().unwrap();
+    let out = cli(home.path())
+        .env("CHATCLI_SERVER_PORT", "6000")
+        .env("CHATCLI_SERVER_TOKEN", "topsecret")
+        .args(["config", "show", "--metrics-port", "7000", "--config"])
+        .arg(demo_config())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stderr}", out.status);
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        "port = 6000  # env CHATCLI_SERVER_PORT",
+        "port = 7000  # flag --metrics-port",
+        "token = \"[redacted]\"  # env CHATCLI_SERVER_TOKEN",
+    ] {
+        assert!(lines.contains(&want), "{want:?} missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("topsecret"), "{stdout}");
+    assert!(!stderr.contains("topsecret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_streaming_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = slow_echo_config(dir.path(), "200ms");
+    let mut server = BinaryServer::start(&config, &["--shutdown-grace", "20s"]);
+    let prompt = "one two three four five six seven eight nine ten";
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    let mut stream = client
+        .stream_prompt(stream_request(prompt))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(HANG_GUARD, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("no first chunk");
+    assert_eq!(first.chunk, "one");
+
+    server.terminate();
+    let second = tokio::time::timeout(HANG_GUARD, stream.message())
+        .await
+        .unwrap()
+        .expect("stream failed after SIGTERM")
+        .expect("stream ended after SIGTERM");
+    // The listener is closed before the drain is logged.
+    server.wait_for_log("draining").await;
+    let refused = std::net::TcpStream::connect_timeout(&server.addr, Duration::from_secs(5));
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted while draining"
+    );
+
+    let rest = collect_stream(&mut stream).await;
+    let all: Vec<_> = [first, second].into_iter().chain(rest).collect();
+    let text: String = all.iter().map(|m| m.chunk.as_str()).collect();
+    assert_eq!(text, prompt, "the drained stream lost words");
+    assert!(
+        all.last().unwrap().done,
+        "the drained stream did not finish"
+    );
+    drop(stream);
+    drop(client);
+
+    let status = server
+        .wait_exit(HANG_GUARD)
+        .await
+        .unwrap_or_else(|| panic!("still running; stderr:\n{}", server.stderr()));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", server.stderr());
+}
+
+#[tokio::test]
+async fn sigterm_exits_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = slow_echo_config(dir.path(), "5s");
+    let mut server = BinaryServer::start(&config, &["--shutdown-grace", "1s"]);
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    let mut stream = client
+        .stream_prompt(stream_request("this answer takes fifty seconds to stream"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(HANG_GUARD, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("no first chunk");
+    assert!(!first.done);
+
+    server.terminate();
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "not exited 15s after SIGTERM with a 1s grace; stderr:\n{}",
+                server.stderr()
+            )
+        });
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", server.stderr());
+    assert!(server.stderr().contains("grace period over"));
+    // The unfinished call was cut, not completed.
+    let next = tokio::time::timeout(HANG_GUARD, stream.message())
+        .await
+        .unwrap();
+    assert!(
+        !matches!(next, Ok(Some(ref m)) if m.done),
+        "the stream claims completion: {next:?}"
+    );
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests of chatcli, linked into one test binary: the server started in-process on port 0
+//! and driven by real gRPC and HTTP clients, the real `chatcli` binary (exit codes, `config show`,
+//! the listening line, SIGTERM drain), and a Python gRPC peer generated from our proto.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // reason: a failed unwrap is a failed test
+
+mod binary;
+mod grpc;
+mod http;
+mod python;
+mod sessions;
+mod support;

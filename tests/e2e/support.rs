@@ -1,0 +1,362 @@
+//! The harness: [`TestServer`] runs `chatcli::server::run` in-process on listeners bound to port 0,
+//! [`BinaryServer`] runs the real `chatcli` binary and reads its address from the "listening on"
+//! log line, plus small helpers (clients, prompts, bounded waits).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatcli::config::{Config, ProviderConfig};
+use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
+use chatcli::proto::{StreamPromptRequest, StreamPromptResponse};
+use chatcli::server::{Listeners, ServerError};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// Upper bound of every wait, only there so a broken feature fails instead of hanging.
+pub const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// The path of the real binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_chatcli");
+
+/// `<repo>/config/demo.toml`.
+pub fn demo_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml")
+}
+
+/// An echo provider answering with model `echo-1`.
+pub fn echo_provider(name: &str, delay: Option<Duration>) -> ProviderConfig {
+    ProviderConfig {
+        name: name.into(),
+        kind: "echo".into(),
+        model: Some("echo-1".into()),
+        delay,
+        ..ProviderConfig::default()
+    }
+}
+
+/// Defaults plus one echo provider named `echo` without delay.
+pub fn echo_config() -> Config {
+    echo_config_with_delay(None)
+}
+
+/// Defaults plus one echo provider named `echo` pausing `delay` between words.
+pub fn echo_config_with_delay(delay: Option<Duration>) -> Config {
+    let mut config = Config::default();
+    config.llm.providers = vec![echo_provider("echo", delay)];
+    config
+}
+
+/// A `StreamPrompt` request for the default provider.
+pub fn stream_request(prompt: &str) -> StreamPromptRequest {
+    StreamPromptRequest {
+        prompt: prompt.into(),
+        ..StreamPromptRequest::default()
+    }
+}
+
+/// Connects a channel to `addr`.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(HANG_GUARD)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
+}
+
+/// Reads a stream to its end, failing on any error status.
+pub async fn collect_stream(
+    stream: &mut tonic::Streaming<StreamPromptResponse>,
+) -> Vec<StreamPromptResponse> {
+    let mut out = Vec::new();
+    while let Some(msg) = tokio::time::timeout(HANG_GUARD, stream.message())
+        .await
+        .expect("stream stalled")
+        .expect("stream failed")
+    {
+        out.push(msg);
+    }
+    out
+}
+
+/// A reqwest client for plain HTTP.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(HANG_GUARD)
+        .build()
+        .unwrap()
+}
+
+/// Polls `check` until it returns `Some`, failing after [`HANG_GUARD`] with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// The server running in this process.
+pub struct TestServer {
+    /// gRPC + HTTP address.
+    pub addr: SocketAddr,
+    /// Metrics address, when started with metrics.
+    pub metrics_addr: Option<SocketAddr>,
+    /// A channel to `addr`.
+    pub channel: Channel,
+    /// A ChatCLI client on `channel`.
+    pub client: ChatCliServiceClient<Channel>,
+    /// `state.data_dir`, inside [`TestServer::root`].
+    pub data_dir: PathBuf,
+    root: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl TestServer {
+    /// One echo provider, metrics off.
+    pub async fn start() -> Self {
+        Self::launch(echo_config(), false).await
+    }
+
+    /// `config` (its data dir replaced by a fresh one), metrics off.
+    pub async fn start_with(config: Config) -> Self {
+        Self::launch(config, false).await
+    }
+
+    /// `config` (its data dir replaced by a fresh one), with a metrics listener.
+    pub async fn start_with_metrics(config: Config) -> Self {
+        Self::launch(config, true).await
+    }
+
+    async fn launch(mut config: Config, metrics: bool) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let data_dir = root.path().join("data");
+        config.state.data_dir = data_dir.clone();
+        // Bounds shutdown() should a client connection linger.
+        config.server.shutdown_grace = Duration::from_secs(5);
+        let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = match metrics {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let addr = main.local_addr().unwrap();
+        let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(chatcli::server::run(
+            Listeners { main, metrics },
+            config,
+            shutdown.clone(),
+        ));
+        let channel = connect(addr).await;
+        Self {
+            addr,
+            metrics_addr,
+            client: ChatCliServiceClient::new(channel.clone()),
+            channel,
+            data_dir,
+            root,
+            shutdown,
+            task,
+        }
+    }
+
+    /// The temp dir holding `data_dir`; nothing the server writes should land outside of it.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// `http://<addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://<metrics addr><path>`.
+    pub fn metrics_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.metrics_addr.expect("metrics are off")
+        )
+    }
+
+    /// Cancels the server and waits for `run` to return `Ok`.
+    pub async fn shutdown(self) {
+        drop(self.client);
+        drop(self.channel);
+        self.shutdown.cancel();
+        tokio::time::timeout(HANG_GUARD, self.task)
+            .await
+            .expect("server did not stop")
+            .expect("server task panicked")
+            .expect("server returned an error");
+    }
+}
+
+/// A `chatcli` command with a controlled environment: only `PATH` and `HOME` (a fresh dir).
+pub fn chatcli_command(home: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("HOME", home)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd
+}
+
+/// The real binary running `chatcli server`.
+pub struct BinaryServer {
+    child: Child,
+    /// gRPC + HTTP address, from the listening line.
+    pub addr: SocketAddr,
+    /// `CHATCLI_DATA_DIR` of the process.
+    pub data_dir: PathBuf,
+    stderr: Arc<Mutex<String>>,
+    _home: tempfile::TempDir,
+}
+
+impl BinaryServer {
+    /// Runs `chatcli server --config <config> --port 0 --metrics-port 0 <extra>` with a fresh
+    /// `HOME` and `CHATCLI_DATA_DIR`, and waits for its listening line.
+    pub fn start(config: &Path, extra: &[&str]) -> Self {
+        let home = tempfile::tempdir().unwrap();
+        let data_dir = home.path().join("data");
+        let mut child = chatcli_command(home.path())
+            .env("CHATCLI_DATA_DIR", &data_dir)
+            .arg("server")
+            .arg("--config")
+            .arg(config)
+            .args(["--port", "0", "--metrics-port", "0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut buf = sink.lock().unwrap();
+                buf.push_str(&line);
+                buf.push('\n');
+            }
+        });
+        let mut server = Self {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            data_dir,
+            stderr,
+            _home: home,
+        };
+        server.addr = server.wait_for_listening();
+        server
+    }
+
+    fn wait_for_listening(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            if let Some(addr) = parse_listening(&self.stderr()) {
+                return addr;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the drain thread catch up before reporting.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "chatcli exited ({status}) before listening; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no listening line; stderr so far:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// Waits until stderr contains `needle`; panics after [`HANG_GUARD`].
+    pub async fn wait_for_log(&self, needle: &str) {
+        eventually(&format!("log line containing {needle:?}"), || async {
+            self.stderr().contains(needle).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The address in a "listening on <addr> ..." log line.
+pub fn parse_listening(log: &str) -> Option<SocketAddr> {
+    let rest = &log[log.find("listening on ")? + "listening on ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
