@@ -43,9 +43,22 @@ fn code_of(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// Loads and validates the config, and checks that every provider can be built from it.
 fn load(args: &ServerArgs) -> Result<Loaded, i32> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let sources = Sources::from_process(args.config.clone(), args.flag_values());
-    config::load(&sources).map_err(|e| report_config_errors(&e))
+    let loaded = config::load(&sources).map_err(|e| report_config_errors(&e))?;
+    if let Err(errors) = server::preflight(&loaded.config) {
+        let problems = errors
+            .into_iter()
+            .map(|e| config::Problem::new("llm.providers", "config", &e))
+            .collect();
+        return Err(report_config_errors(&LoadError {
+            problems,
+            warnings: loaded.warnings,
+        }));
+    }
+    Ok(loaded)
 }
 
 /// Before logging is set up, problems go to stderr as plain lines: one per problem.
@@ -106,7 +119,6 @@ fn config_show(args: ServerArgs) -> i32 {
 }
 
 fn serve(args: ServerArgs) -> i32 {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let loaded = match load(&args) {
         Ok(l) => l,
         Err(code) => return code,
@@ -171,6 +183,10 @@ fn serve(args: ServerArgs) -> i32 {
         tokio::spawn(watch_signals(shutdown.clone()));
         match server::run(listeners, loaded.config, shutdown).await {
             Ok(()) => exit::OK,
+            Err(e @ server::ServerError::Config(_)) => {
+                tracing::error!("{e}");
+                exit::CONFIG
+            }
             Err(e) => {
                 tracing::error!("{e}");
                 exit::SOFTWARE

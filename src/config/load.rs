@@ -411,6 +411,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
         .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
 
     config.server.reflection_env = reflection_env;
+    add_env_providers(&mut config, env, &mut warnings);
     read_secret_files(&mut config, &figment, env, &mut problems);
     problems.extend(validate::validate(&config, &figment));
     warnings.extend(validate::warnings(&config));
@@ -493,6 +494,38 @@ fn extract(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
         watcher: section(figment, "watcher", problems),
         catalog: section(figment, "catalog", problems),
         state: section(figment, "state", problems),
+    }
+}
+
+/// Registers providers from the existing ChatCLI's variables and applies `<PROVIDER>_MODEL` and
+/// `CHATCLI_FALLBACK_MODEL_<PROVIDER>`.
+fn add_env_providers(
+    config: &mut Config,
+    env: &HashMap<String, String>,
+    warnings: &mut Vec<String>,
+) {
+    for p in &mut config.llm.providers {
+        if p.model.is_none() {
+            p.model = super::env_providers::model_for(env, &p.name);
+        }
+    }
+    for (p, var) in super::env_providers::from_env(env) {
+        if config
+            .llm
+            .providers
+            .iter()
+            .any(|q| q.name.eq_ignore_ascii_case(&p.name))
+        {
+            warnings.push(format!(
+                "{var} is set but provider `{}` is configured in the file; the file wins",
+                p.name
+            ));
+            continue;
+        }
+        config.llm.providers.push(p);
+    }
+    for (k, v) in super::env_providers::fallback_models(env) {
+        config.llm.fallback_models.entry(k).or_insert(v);
     }
 }
 

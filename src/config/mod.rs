@@ -1,6 +1,7 @@
 //! Configuration: the typed config (`types`, whose doc comments are the reference), figment layering
 //! (`load`), validation collecting every problem (`validate`), and `config show` (`show`).
 
+mod env_providers;
 mod load;
 mod show;
 mod types;

@@ -315,9 +315,16 @@ pub struct LlmConfig {
     /// Longest cooldown (`--fallback-cooldown-max`).
     #[serde(with = "duration_str")]
     pub fallback_cooldown_max: Duration,
+    /// Model each provider uses when it answers as a fallback, by provider name
+    /// (`CHATCLI_FALLBACK_MODEL_<PROVIDER>`); default: the provider's model.
+    pub fallback_models: std::collections::BTreeMap<String, String>,
     /// Allow `http://` URLs from clients' `provider_config` (`CHATCLI_ALLOW_HTTP_PROVIDERS`).
     pub allow_http_providers: bool,
-    /// The providers, in order.
+    /// Hosts (`name`, `*.domain`) and addresses/CIDRs that client-supplied URLs may reach even though
+    /// they are private (e.g. a team's Ollama box).
+    pub ssrf_allow: Vec<String>,
+    /// The providers, in order. Providers are also registered from the existing ChatCLI's variables
+    /// (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`, `OLLAMA_ENABLED`, …) after these, alphabetically.
     pub providers: Vec<ProviderConfig>,
 }
 
@@ -330,7 +337,9 @@ impl Default for LlmConfig {
             fallback_max_retries: 2,
             fallback_cooldown_base: Duration::from_secs(30),
             fallback_cooldown_max: Duration::from_secs(300),
+            fallback_models: Default::default(),
             allow_http_providers: false,
+            ssrf_allow: Vec::new(),
             providers: Vec::new(),
         }
     }

@@ -1,1 +1,1088 @@
-//! anthropic wire format (being written).
+//! The Anthropic Messages wire format: `POST {base}/v1/messages` with `stream: true`, read as SSE
+//! events (`message_start`, `content_block_delta`, `message_delta`, `message_stop`, `error`), each
+//! text delta passed on as it arrives. Owns the request body, the auth headers (server API key as
+//! `x-api-key`; a forwarded `oauth:`/`token:` key as `Authorization: Bearer`), the classification
+//! of Anthropic's typed errors, and request-scoped copies built from client credentials.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::error::{ErrorClass, LlmError};
+use super::http::{self, HttpOptions, SseEvent};
+use super::{
+    ChatRequest, ClientCredentials, ClientKey, Delta, DeltaStream, KeyScheme, Provider,
+    ProviderContext, ProviderKind, Usage,
+};
+use crate::config::{ProviderConfig, Secret};
+
+/// Where Anthropic's API lives when the config names no `base_url`.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+/// The model used when the config names none.
+pub const DEFAULT_MODEL: &str = "claude-sonnet-4-6";
+/// The `anthropic-version` header when the config names none.
+pub const DEFAULT_API_VERSION: &str = "2023-06-01";
+/// Anthropic requires `max_tokens`; this is sent when the request has none.
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+/// The beta flag Anthropic requires for OAuth access tokens.
+const OAUTH_BETA: &str = "oauth-2025-04-20";
+/// The only `provider_config` key this provider reads.
+const CONFIG_KEYS: &[&str] = &["base_url"];
+
+/// How requests authenticate.
+#[derive(Clone)]
+enum Auth {
+    /// `x-api-key`.
+    ApiKey(Secret),
+    /// `Authorization: Bearer`; OAuth tokens also need the OAuth beta flag.
+    Bearer { token: Secret, oauth: bool },
+}
+
+impl Auth {
+    fn from_client_key(key: &ClientKey) -> Self {
+        match key.scheme {
+            KeyScheme::ApiKey => Auth::ApiKey(key.secret.clone()),
+            KeyScheme::OAuth => Auth::Bearer {
+                token: key.secret.clone(),
+                oauth: true,
+            },
+            KeyScheme::Token => Auth::Bearer {
+                token: key.secret.clone(),
+                oauth: false,
+            },
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Auth::ApiKey(_) => "api-key",
+            Auth::Bearer { oauth: true, .. } => "oauth",
+            Auth::Bearer { oauth: false, .. } => "token",
+        }
+    }
+}
+
+/// An Anthropic provider (the server's, or a request-scoped copy with a caller's credentials).
+#[derive(Clone)]
+pub struct AnthropicProvider {
+    name: String,
+    model: String,
+    /// Without a trailing slash.
+    base_url: String,
+    version: HeaderValue,
+    /// Operator-configured extra headers (never sent to a client-supplied URL).
+    headers: HeaderMap,
+    auth: Auth,
+    timeout: Duration,
+    client: reqwest::Client,
+    ctx: ProviderContext,
+}
+
+impl std::fmt::Debug for AnthropicProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Hand-written so that no credential (key, extra headers) can ever reach a log line.
+        f.debug_struct("AnthropicProvider")
+            .field("name", &self.name)
+            .field("model", &self.model)
+            .field("base_url", &self.base_url)
+            .field("auth", &self.auth.label())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the provider from its config.
+pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Provider>, LlmError> {
+    Ok(Arc::new(AnthropicProvider::new(cfg, ctx)?))
+}
+
+impl AnthropicProvider {
+    /// Builds the provider; config errors name the provider.
+    pub fn new(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Self, LlmError> {
+        let name = cfg.name.clone();
+        let bad = |what: String| {
+            LlmError::InvalidRequest(format!("provider `{name}` (anthropic): {what}"))
+        };
+        let key = cfg
+            .api_key
+            .as_ref()
+            .filter(|k| !k.expose().trim().is_empty())
+            .ok_or_else(|| bad("an api_key (or api_key_file) is required".into()))?;
+        let base_url = cfg
+            .base_url
+            .as_deref()
+            .unwrap_or(DEFAULT_BASE_URL)
+            .trim_end_matches('/')
+            .to_string();
+        reqwest::Url::parse(&base_url).map_err(|e| bad(format!("base_url is not a URL: {e}")))?;
+        let version =
+            HeaderValue::from_str(cfg.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION))
+                .map_err(|_| bad("api_version is not a valid header value".into()))?;
+        let headers = extra_headers(&cfg.headers).map_err(bad)?;
+        Ok(Self {
+            name: name.clone(),
+            model: cfg
+                .model
+                .clone()
+                .filter(|m| !m.trim().is_empty())
+                .unwrap_or_else(|| DEFAULT_MODEL.into()),
+            base_url,
+            version,
+            headers,
+            auth: Auth::ApiKey(Secret::new(key.expose().trim())),
+            timeout: cfg.timeout,
+            client: http::client(&HttpOptions::default())?,
+            ctx: ctx.clone(),
+        })
+    }
+
+    /// The request for `req`, or why it cannot be made.
+    fn request(&self, req: &ChatRequest) -> Result<reqwest::RequestBuilder, LlmError> {
+        let model = if req.model.trim().is_empty() {
+            self.model.as_str()
+        } else {
+            req.model.as_str()
+        };
+        let body = MessagesBody::new(req, model);
+        let mut headers = self.headers.clone();
+        headers.insert(
+            HeaderName::from_static("anthropic-version"),
+            self.version.clone(),
+        );
+        match &self.auth {
+            Auth::ApiKey(key) => {
+                headers.remove(AUTHORIZATION);
+                headers.insert(
+                    HeaderName::from_static("x-api-key"),
+                    self.secret_header(key.expose())?,
+                );
+            }
+            Auth::Bearer { token, oauth } => {
+                headers.remove("x-api-key");
+                headers.insert(
+                    AUTHORIZATION,
+                    self.secret_header(&format!("Bearer {}", token.expose()))?,
+                );
+                if *oauth {
+                    // Keep any beta flags the operator configured; add the one OAuth needs.
+                    let beta = match headers.get("anthropic-beta").and_then(|v| v.to_str().ok()) {
+                        Some(existing) if !existing.trim().is_empty() => {
+                            format!("{existing},{OAUTH_BETA}")
+                        }
+                        _ => OAUTH_BETA.to_string(),
+                    };
+                    let value = HeaderValue::from_str(&beta).map_err(|_| {
+                        LlmError::InvalidRequest(format!(
+                            "provider `{}`: the anthropic-beta header is invalid",
+                            self.name
+                        ))
+                    })?;
+                    headers.insert(HeaderName::from_static("anthropic-beta"), value);
+                }
+            }
+        }
+        Ok(self
+            .client
+            .post(format!("{}/v1/messages", self.base_url))
+            .headers(headers)
+            .json(&body))
+    }
+
+    fn secret_header(&self, value: &str) -> Result<HeaderValue, LlmError> {
+        let mut v = HeaderValue::from_str(value).map_err(|_| {
+            // Never echo the value: it is a credential.
+            LlmError::InvalidRequest(format!(
+                "provider `{}`: the key contains characters that cannot be sent in an HTTP header",
+                self.name
+            ))
+        })?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+}
+
+/// Parses the operator's extra headers (values are not echoed in errors: they may be secrets).
+fn extra_headers(
+    configured: &std::collections::BTreeMap<String, String>,
+) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    for (k, v) in configured {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("header name `{k}` is invalid"))?;
+        let mut value =
+            HeaderValue::from_str(v).map_err(|_| format!("header `{k}` has an invalid value"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
+
+impl Provider for AnthropicProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Anthropic
+    }
+
+    fn default_model(&self) -> &str {
+        &self.model
+    }
+
+    fn with_client_credentials<'a>(
+        &'a self,
+        creds: &'a ClientCredentials,
+    ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
+        Box::pin(async move {
+            let unknown: Vec<&str> = creds
+                .config
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !CONFIG_KEYS.contains(k))
+                .collect();
+            if !unknown.is_empty() {
+                return Err(LlmError::InvalidRequest(format!(
+                    "provider `{}` does not accept provider_config key(s) {}; accepted: {}",
+                    self.name,
+                    unknown
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    CONFIG_KEYS.join(", ")
+                )));
+            }
+            let mut scoped = self.clone();
+            if let Some(url) = creds.config.get("base_url") {
+                // The server's key and headers are for the operator's upstream; sending them to a
+                // URL the caller chose would hand them to the caller.
+                if creds.key.is_none() {
+                    return Err(LlmError::InvalidRequest(format!(
+                        "provider `{}`: provider_config base_url needs a client_api_key \
+                         (the server's key is never sent to a client-supplied URL)",
+                        self.name
+                    )));
+                }
+                let (client, url) = self.ctx.ssrf.guarded_client(url).await?;
+                scoped.client = client;
+                scoped.base_url = url.as_str().trim_end_matches('/').to_string();
+                scoped.headers = HeaderMap::new();
+            }
+            if let Some(key) = &creds.key {
+                scoped.auth = Auth::from_client_key(key);
+            }
+            Ok(Arc::new(scoped) as Arc<dyn Provider>)
+        })
+    }
+
+    fn stream(&self, request: ChatRequest) -> DeltaStream {
+        let name = self.name.clone();
+        let timeout = self.timeout;
+        let prepared = self.request(&request);
+        Box::pin(async_stream::stream! {
+            let builder = match prepared {
+                Ok(b) => b,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+            let resp = match tokio::time::timeout(timeout, http::send(&name, builder, parse_error)).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => {
+                    yield Err(e);
+                    return;
+                }
+                Err(_) => {
+                    yield Err(LlmError::upstream(
+                        &name,
+                        ErrorClass::Timeout,
+                        format!("no response within {timeout:?}"),
+                    ));
+                    return;
+                }
+            };
+            if let Some(ct) = content_type(&resp).filter(|ct| !ct.starts_with("text/event-stream")) {
+                yield Err(LlmError::upstream(
+                    &name,
+                    ErrorClass::Malformed,
+                    format!("expected an event stream, got content type `{ct}`"),
+                ));
+                return;
+            }
+            let mut events = Box::pin(http::sse_events(&name, resp));
+            let mut state = StreamState::default();
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                };
+                match state.on_event(&name, &event) {
+                    Ok(Some(delta)) => yield Ok(delta),
+                    Ok(None) => {}
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                }
+                if state.done {
+                    if let Some(usage) = state.usage() {
+                        yield Ok(Delta::Usage(usage));
+                    }
+                    return;
+                }
+            }
+            yield Err(LlmError::upstream(
+                &name,
+                ErrorClass::Transport,
+                "the stream ended before `message_stop`",
+            ));
+        })
+    }
+}
+
+fn content_type(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_ascii_lowercase())
+}
+
+/// The Messages request body.
+#[derive(Debug, Serialize)]
+struct MessagesBody<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
+    messages: Vec<WireMessage<'a>>,
+    stream: bool,
+    // f32 fields so serde_json writes the shortest form (0.7, not 0.699999988079071).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+}
+
+#[derive(Debug, Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+impl<'a> MessagesBody<'a> {
+    fn new(req: &'a ChatRequest, model: &'a str) -> Self {
+        // Anthropic takes system text as a top-level field, not as a message.
+        let system: Vec<&str> = req
+            .messages
+            .iter()
+            .filter(|m| m.role == "system" && !m.content.is_empty())
+            .map(|m| m.content.as_str())
+            .collect();
+        let messages = req
+            .messages
+            .iter()
+            // Anthropic refuses empty text turns.
+            .filter(|m| m.role != "system" && !m.content.is_empty())
+            .map(|m| WireMessage {
+                // Anthropic knows only these two roles; anything else is input to the model.
+                role: if m.role == "assistant" {
+                    "assistant"
+                } else {
+                    "user"
+                },
+                content: &m.content,
+            })
+            .collect();
+        Self {
+            model,
+            max_tokens: req
+                .max_tokens
+                .filter(|n| *n > 0)
+                .unwrap_or(DEFAULT_MAX_TOKENS),
+            system: (!system.is_empty()).then(|| system.join("\n\n")),
+            messages,
+            stream: true,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            stop_sequences: &req.stop,
+        }
+    }
+}
+
+/// What the event stream has said so far.
+#[derive(Debug, Default)]
+struct StreamState {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    /// `message_stop` was seen.
+    done: bool,
+}
+
+impl StreamState {
+    /// Handles one event; returns the delta it carries, if any.
+    fn on_event(&mut self, provider: &str, event: &SseEvent) -> Result<Option<Delta>, LlmError> {
+        if event.data.trim().is_empty() {
+            return Ok(None);
+        }
+        let data: Value = serde_json::from_str(&event.data).map_err(|e| {
+            LlmError::upstream(
+                provider,
+                ErrorClass::Malformed,
+                format!("invalid JSON in a `{}` event: {e}", event.event),
+            )
+        })?;
+        // The `event:` field names the type; the data's own `type` stands in when it is missing.
+        let kind = if event.event == "message" {
+            data.get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("message")
+        } else {
+            event.event.as_str()
+        };
+        let malformed = |what: &str| {
+            LlmError::upstream(
+                provider,
+                ErrorClass::Malformed,
+                format!("`{kind}` event without {what}"),
+            )
+        };
+        match kind {
+            "message_start" => {
+                let usage = data.pointer("/message/usage");
+                self.take_usage(usage);
+                Ok(None)
+            }
+            "content_block_start" => {
+                let text = data
+                    .pointer("/content_block/text")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty());
+                Ok(text.map(|t| Delta::Text(t.to_string())))
+            }
+            "content_block_delta" => {
+                let delta = data.get("delta").ok_or_else(|| malformed("`delta`"))?;
+                if delta.get("type").and_then(Value::as_str) != Some("text_delta") {
+                    // Tool input, thinking and signature deltas are not answer text.
+                    return Ok(None);
+                }
+                let text = delta
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| malformed("`delta.text`"))?;
+                Ok((!text.is_empty()).then(|| Delta::Text(text.to_string())))
+            }
+            "message_delta" => {
+                self.take_usage(data.get("usage"));
+                let reason = data
+                    .pointer("/delta/stop_reason")
+                    .and_then(Value::as_str)
+                    .map(|r| Delta::Finish(r.to_string()));
+                Ok(reason)
+            }
+            "message_stop" => {
+                self.done = true;
+                Ok(None)
+            }
+            "error" => {
+                let (class, message) = classify_body(&data)
+                    .unwrap_or((ErrorClass::Server, "error event without details".into()));
+                Err(LlmError::upstream(provider, class, message))
+            }
+            // `ping`, `content_block_stop` and event types added later carry no answer text.
+            _ => Ok(None),
+        }
+    }
+
+    fn take_usage(&mut self, usage: Option<&Value>) {
+        let Some(usage) = usage else { return };
+        if let Some(n) = usage.get("input_tokens").and_then(Value::as_u64) {
+            self.input_tokens = Some(n);
+        }
+        if let Some(n) = usage.get("output_tokens").and_then(Value::as_u64) {
+            self.output_tokens = Some(n);
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        if self.input_tokens.is_none() && self.output_tokens.is_none() {
+            return None;
+        }
+        Some(Usage {
+            prompt_tokens: self.input_tokens.unwrap_or(0),
+            completion_tokens: self.output_tokens.unwrap_or(0),
+        })
+    }
+}
+
+/// The class of an Anthropic error `type`.
+fn class_of(error_type: &str) -> Option<ErrorClass> {
+    Some(match error_type {
+        "rate_limit_error" | "overloaded_error" => ErrorClass::RateLimit,
+        "authentication_error" | "permission_error" => ErrorClass::Auth,
+        "not_found_error" => ErrorClass::ModelNotFound,
+        "api_error" => ErrorClass::Server,
+        "timeout_error" => ErrorClass::Timeout,
+        "request_too_large" => ErrorClass::ContextTooLong,
+        "invalid_request_error" => ErrorClass::BadRequest,
+        _ => return None,
+    })
+}
+
+/// `{"type":"error","error":{"type":…,"message":…}}` → class and message; `None` when the shape or
+/// the type is unknown.
+fn classify_body(body: &Value) -> Option<(ErrorClass, String)> {
+    let error = body.get("error")?;
+    let class = class_of(error.get("type")?.as_str()?)?;
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Some((class, short(message)))
+}
+
+fn short(message: &str) -> String {
+    let message = message.trim();
+    match message.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &message[..i]),
+        None => message.to_string(),
+    }
+}
+
+/// Error parser for [`http::send`]: the typed error wins over the HTTP status.
+fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    if let Some(found) = classify_body(&value) {
+        return Some(found);
+    }
+    // A known shape with a type this code does not know: keep the message, classify by status.
+    let message = value.pointer("/error/message").and_then(Value::as_str)?;
+    Some((ErrorClass::from_status(status), short(message)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::llm::ssrf::SsrfPolicy;
+    use crate::llm::{Message, UpstreamError, collect};
+    use crate::testing::anthropic::{AnthropicFormat, error_body, error_event};
+    use crate::testing::{FakeUpstream, Reply, Step};
+
+    const KEY: &str = "sk-ant-test-key-123";
+
+    fn ctx() -> ProviderContext {
+        ProviderContext {
+            ssrf: Arc::new(SsrfPolicy::default()),
+        }
+    }
+
+    fn config(base_url: &str) -> ProviderConfig {
+        ProviderConfig {
+            name: "claude".into(),
+            kind: "anthropic".into(),
+            base_url: Some(base_url.into()),
+            api_key: Some(Secret::new(KEY)),
+            ..Default::default()
+        }
+    }
+
+    async fn setup() -> (FakeUpstream, Arc<dyn Provider>) {
+        let fake = FakeUpstream::start(AnthropicFormat).await.unwrap();
+        let provider = build(&config(&fake.base_url()), &ctx()).unwrap();
+        (fake, provider)
+    }
+
+    fn user(text: &str) -> ChatRequest {
+        ChatRequest::new(
+            vec![Message {
+                role: "user".into(),
+                content: text.into(),
+            }],
+            "",
+        )
+    }
+
+    async fn items(provider: &Arc<dyn Provider>, req: ChatRequest) -> Vec<Result<Delta, LlmError>> {
+        provider.stream(req).collect().await
+    }
+
+    fn upstream(e: &LlmError) -> &UpstreamError {
+        e.as_upstream()
+            .unwrap_or_else(|| panic!("not an upstream error: {e:?}"))
+    }
+
+    async fn failure(provider: &Arc<dyn Provider>) -> UpstreamError {
+        let err = collect(provider.stream(user("hi"))).await.unwrap_err();
+        upstream(&err).clone()
+    }
+
+    #[tokio::test]
+    async fn unary_answer_and_usage() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::text("Hello there, friend"));
+        let (text, usage) = collect(provider.stream(user("hi"))).await.unwrap();
+        assert_eq!(text, "Hello there, friend");
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 3
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn stream_yields_each_delta_then_finish_and_usage() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::text("one two three"));
+        let got: Vec<Delta> = items(&provider, user("hi"))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Delta::Text("one".into()),
+                Delta::Text(" two".into()),
+                Delta::Text(" three".into()),
+                Delta::Finish("end_turn".into()),
+                Delta::Usage(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 3
+                }),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn request_shape() {
+        let (fake, provider) = setup().await;
+        let mut req = ChatRequest::new(
+            vec![
+                Message {
+                    role: "system".into(),
+                    content: "Be brief.".into(),
+                },
+                Message {
+                    role: "system".into(),
+                    content: "Speak English.".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "Hello!".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: "How are you?".into(),
+                },
+            ],
+            "claude-opus-4-1",
+        );
+        req.temperature = Some(0.7);
+        req.top_p = Some(0.9);
+        req.stop = vec!["END".into()];
+        collect(provider.stream(req)).await.unwrap();
+        let recorded = fake.requests();
+        assert_eq!(recorded.len(), 1);
+        let r = &recorded[0];
+        assert_eq!(r.method, ::http::Method::POST);
+        assert_eq!(r.path, "/v1/messages");
+        assert_eq!(r.header("x-api-key").as_deref(), Some(KEY));
+        assert_eq!(r.header("anthropic-version").as_deref(), Some("2023-06-01"));
+        assert!(r.header("authorization").is_none());
+        assert!(r.header("anthropic-beta").is_none());
+        assert_eq!(
+            r.json(),
+            serde_json::json!({
+                "model": "claude-opus-4-1",
+                "max_tokens": 4096,
+                "system": "Be brief.\n\nSpeak English.",
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "How are you?"},
+                ],
+                "stream": true,
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "stop_sequences": ["END"],
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn defaults_model_omits_system_and_honours_max_tokens_and_version() {
+        let fake = FakeUpstream::start(AnthropicFormat).await.unwrap();
+        let mut cfg = config(&fake.base_url());
+        cfg.api_version = Some("2024-01-01".into());
+        cfg.headers = BTreeMap::from([("x-team".to_string(), "blue".to_string())]);
+        let provider = build(&cfg, &ctx()).unwrap();
+        assert_eq!(provider.default_model(), DEFAULT_MODEL);
+        let mut req = user("hi");
+        req.max_tokens = Some(100);
+        collect(provider.stream(req)).await.unwrap();
+        let r = &fake.requests()[0];
+        let body = r.json();
+        assert_eq!(body["model"], DEFAULT_MODEL);
+        assert_eq!(body["max_tokens"], 100);
+        assert!(body.get("system").is_none());
+        assert!(body.get("temperature").is_none());
+        assert!(body.get("stop_sequences").is_none());
+        assert_eq!(r.header("anthropic-version").as_deref(), Some("2024-01-01"));
+        assert_eq!(r.header("x-team").as_deref(), Some("blue"));
+    }
+
+    #[tokio::test]
+    async fn first_delta_arrives_before_the_upstream_continues() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("first".into()),
+            Step::AwaitRelease,
+            Step::Text(" rest".into()),
+        ]));
+        let mut stream = provider.stream(user("hi"));
+        let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the first delta must not wait for the rest of the answer");
+        assert_eq!(first.unwrap().unwrap(), Delta::Text("first".into()));
+        fake.release();
+        let (rest, usage) = collect(stream).await.unwrap();
+        assert_eq!(rest, " rest");
+        assert!(usage.is_some());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_cancels_the_upstream_request() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("first".into()),
+            Step::AwaitRelease,
+            Step::Text(" rest".into()),
+        ]));
+        let mut stream = provider.stream(user("hi"));
+        assert_eq!(
+            stream.next().await.unwrap().unwrap(),
+            Delta::Text("first".into())
+        );
+        drop(stream);
+        assert!(fake.wait_cancelled(1, Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_carries_retry_after() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::rate_limited(
+            &error_body("rate_limit_error", "slow down"),
+            7,
+        ));
+        let e = failure(&provider).await;
+        assert_eq!(e.class, ErrorClass::RateLimit);
+        assert_eq!(e.status, Some(429));
+        assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(e.message, "slow down");
+        assert_eq!(e.provider, "claude");
+    }
+
+    #[tokio::test]
+    async fn http_errors_are_classified() {
+        let (fake, provider) = setup().await;
+        let cases = [
+            (401, "authentication_error", ErrorClass::Auth),
+            (403, "permission_error", ErrorClass::Auth),
+            (404, "not_found_error", ErrorClass::ModelNotFound),
+            (500, "api_error", ErrorClass::Server),
+            (529, "overloaded_error", ErrorClass::RateLimit),
+            (400, "invalid_request_error", ErrorClass::BadRequest),
+        ];
+        for (status, kind, class) in cases {
+            fake.push(Reply::error(status, &error_body(kind, "nope")));
+            let e = failure(&provider).await;
+            assert_eq!((e.class, e.status), (class, Some(status)), "{kind}");
+        }
+        // Without a typed body the status decides.
+        fake.push(Reply::error(503, "upstream unavailable"));
+        assert_eq!(failure(&provider).await.class, ErrorClass::Server);
+        fake.push(Reply::error(401, ""));
+        assert_eq!(failure(&provider).await.class, ErrorClass::Auth);
+        fake.push(Reply::error(
+            404,
+            &error_body("some_future_error", "no such model"),
+        ));
+        let e = failure(&provider).await;
+        assert_eq!(
+            (e.class, e.message.as_str()),
+            (ErrorClass::ModelNotFound, "no such model")
+        );
+    }
+
+    #[tokio::test]
+    async fn error_event_mid_stream_is_classified() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("partial".into()),
+            Step::Raw(error_event("overloaded_error", "Overloaded")),
+        ]));
+        let got = items(&provider, user("hi")).await;
+        assert_eq!(got[0].as_ref().unwrap(), &Delta::Text("partial".into()));
+        let e = upstream(got[1].as_ref().unwrap_err());
+        assert_eq!(e.class, ErrorClass::RateLimit);
+        assert_eq!(e.message, "Overloaded");
+        assert_eq!(got.len(), 2, "nothing after the error");
+    }
+
+    #[tokio::test]
+    async fn connection_drop_mid_stream_is_a_transport_error_after_the_first_delta() {
+        let (fake, provider) = setup().await;
+        // The fake holds the drop until the first delta was read, so hyper has flushed it.
+        fake.push(Reply::steps(vec![
+            Step::Text("first".into()),
+            Step::AwaitRelease,
+            Step::Drop,
+        ]));
+        let mut stream = provider.stream(user("hi"));
+        assert_eq!(
+            stream.next().await.unwrap().unwrap(),
+            Delta::Text("first".into())
+        );
+        fake.release();
+        let rest: Vec<_> = stream.collect().await;
+        assert_eq!(rest.len(), 1, "{rest:?}");
+        assert_eq!(
+            upstream(rest[0].as_ref().unwrap_err()).class,
+            ErrorClass::Transport
+        );
+    }
+
+    #[tokio::test]
+    async fn stream_without_message_stop_is_an_error() {
+        let (fake, provider) = setup().await;
+        // A well-formed start and delta, then a clean end of the body with no `message_stop`.
+        fake.push(Reply::Raw {
+            content_type: "text/event-stream".into(),
+            body: "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":1}}}\n\n\
+                   event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"cut\"}}\n\n"
+                .into(),
+        });
+        let got = items(&provider, user("hi")).await;
+        assert_eq!(got[0].as_ref().unwrap(), &Delta::Text("cut".into()));
+        assert_eq!(
+            upstream(got[1].as_ref().unwrap_err()).class,
+            ErrorClass::Transport
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_event_is_malformed() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::steps(vec![Step::Raw(
+            "event: content_block_delta\ndata: {not json\n\n".into(),
+        )]));
+        assert_eq!(failure(&provider).await.class, ErrorClass::Malformed);
+        fake.push(Reply::steps(vec![Step::Raw(
+            "event: content_block_delta\ndata: {\"delta\":{\"type\":\"text_delta\"}}\n\n".into(),
+        )]));
+        assert_eq!(failure(&provider).await.class, ErrorClass::Malformed);
+        fake.push(Reply::Raw {
+            content_type: "text/html".into(),
+            body: "<html>proxy error</html>".into(),
+        });
+        assert_eq!(failure(&provider).await.class, ErrorClass::Malformed);
+    }
+
+    #[tokio::test]
+    async fn usage_comes_from_message_start_and_message_delta() {
+        let (fake, provider) = setup().await;
+        fake.push(Reply::Raw {
+            content_type: "text/event-stream".into(),
+            body: "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\n\
+                   event: ping\ndata: {\"type\":\"ping\"}\n\n\
+                   event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+                   event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"ok\"}}\n\n\
+                   event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+                   event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\"},\"usage\":{\"output_tokens\":5}}\n\n\
+                   event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+                .into(),
+        });
+        let got: Vec<Delta> = items(&provider, user("hi"))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Delta::Text("ok".into()),
+                Delta::Finish("max_tokens".into()),
+                Delta::Usage(Usage {
+                    prompt_tokens: 11,
+                    completion_tokens: 5
+                }),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn oauth_key_uses_bearer_and_the_oauth_beta() {
+        let (fake, provider) = setup().await;
+        let creds = ClientCredentials {
+            key: ClientKey::parse("oauth:at-secret-1"),
+            config: BTreeMap::new(),
+        };
+        let scoped = provider.with_client_credentials(&creds).await.unwrap();
+        collect(scoped.stream(user("hi"))).await.unwrap();
+        let r = &fake.requests()[0];
+        assert_eq!(
+            r.header("authorization").as_deref(),
+            Some("Bearer at-secret-1")
+        );
+        assert!(r.header("x-api-key").is_none());
+        assert_eq!(r.header("anthropic-beta").as_deref(), Some(OAUTH_BETA));
+        assert_eq!(r.header("anthropic-version").as_deref(), Some("2023-06-01"));
+        assert!(!format!("{scoped:?}").contains("at-secret-1"));
+        // The server's provider is untouched.
+        collect(provider.stream(user("hi"))).await.unwrap();
+        assert_eq!(fake.requests()[1].header("x-api-key").as_deref(), Some(KEY));
+    }
+
+    #[tokio::test]
+    async fn token_and_api_key_schemes() {
+        let (fake, provider) = setup().await;
+        for (raw, auth, api_key) in [
+            ("token:tk-1", Some("Bearer tk-1"), None),
+            ("apikey:sk-2", None, Some("sk-2")),
+            ("sk-3", None, Some("sk-3")),
+        ] {
+            let creds = ClientCredentials {
+                key: ClientKey::parse(raw),
+                config: BTreeMap::new(),
+            };
+            let scoped = provider.with_client_credentials(&creds).await.unwrap();
+            collect(scoped.stream(user("hi"))).await.unwrap();
+            let r = fake.requests().pop().unwrap();
+            assert_eq!(r.header("authorization").as_deref(), auth, "{raw}");
+            assert_eq!(r.header("x-api-key").as_deref(), api_key, "{raw}");
+            assert!(r.header("anthropic-beta").is_none(), "{raw}");
+        }
+    }
+
+    #[tokio::test]
+    async fn client_config_is_checked() {
+        let (fake, provider) = setup().await;
+        let with = |pairs: &[(&str, &str)]| ClientCredentials {
+            key: ClientKey::parse("sk-client"),
+            config: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let err = provider
+            .with_client_credentials(&with(&[("realm", "zup")]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, LlmError::InvalidRequest(m) if m.contains("`realm`")),
+            "{err}"
+        );
+        let err = provider
+            .with_client_credentials(&with(&[("base_url", "https://10.0.0.1")]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LlmError::InvalidRequest(_)), "{err}");
+        let no_key = ClientCredentials {
+            key: None,
+            config: BTreeMap::from([("base_url".into(), "https://api.example.com".into())]),
+        };
+        let err = provider.with_client_credentials(&no_key).await.unwrap_err();
+        assert!(matches!(err, LlmError::InvalidRequest(_)), "{err}");
+        assert!(fake.requests().is_empty(), "nothing may be sent");
+    }
+
+    #[tokio::test]
+    async fn client_base_url_goes_through_the_guard_without_server_secrets() {
+        let operator = FakeUpstream::start(AnthropicFormat).await.unwrap();
+        let client_host = FakeUpstream::start(AnthropicFormat).await.unwrap();
+        // Loopback is refused by default; the operator allowlists it (and http) for this test.
+        let ctx = ProviderContext {
+            ssrf: Arc::new(SsrfPolicy::new(true, &["127.0.0.1".to_string()]).unwrap()),
+        };
+        let mut cfg = config(&operator.base_url());
+        cfg.headers = BTreeMap::from([("x-team".to_string(), "team-secret".to_string())]);
+        let provider = build(&cfg, &ctx).unwrap();
+        let creds = ClientCredentials {
+            key: ClientKey::parse("sk-client"),
+            config: BTreeMap::from([("base_url".into(), client_host.base_url())]),
+        };
+        let scoped = provider.with_client_credentials(&creds).await.unwrap();
+        let (text, _) = collect(scoped.stream(user("hi"))).await.unwrap();
+        assert_eq!(text, "hello from the fake");
+        assert!(operator.requests().is_empty());
+        let r = &client_host.requests()[0];
+        assert_eq!(r.header("x-api-key").as_deref(), Some("sk-client"));
+        assert!(
+            r.header("x-team").is_none(),
+            "operator headers stay with the operator"
+        );
+    }
+
+    #[tokio::test]
+    async fn build_needs_a_key_and_never_shows_it() {
+        let mut cfg = config("https://api.anthropic.com");
+        cfg.api_key = None;
+        let err = build(&cfg, &ctx()).unwrap_err();
+        assert!(err.to_string().contains("`claude`"), "{err}");
+        assert!(err.to_string().contains("api_key"), "{err}");
+        let provider = build(&config("https://api.anthropic.com"), &ctx()).unwrap();
+        assert!(!format!("{provider:?}").contains(KEY));
+        assert_eq!(provider.kind(), ProviderKind::Anthropic);
+    }
+
+    #[tokio::test]
+    async fn waiting_longer_than_the_timeout_is_a_timeout() {
+        // A server that accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let mut cfg = config(&format!("http://{addr}"));
+        cfg.timeout = Duration::from_millis(200);
+        let provider = build(&cfg, &ctx()).unwrap();
+        assert_eq!(failure(&provider).await.class, ErrorClass::Timeout);
+        hold.abort();
+    }
+
+    #[test]
+    fn error_bodies_classify_by_type() {
+        assert_eq!(
+            parse_error(400, &error_body("overloaded_error", "busy")),
+            Some((ErrorClass::RateLimit, "busy".into()))
+        );
+        assert_eq!(parse_error(502, "<html>"), None);
+        assert_eq!(
+            class_of("request_too_large"),
+            Some(ErrorClass::ContextTooLong)
+        );
+        assert_eq!(class_of("whatever"), None);
+    }
+}

@@ -134,8 +134,7 @@ mod tests {
                     content: "one two three".into(),
                 },
             ],
-            model: "echo".into(),
-            max_tokens: None,
+            ..ChatRequest::new(Vec::new(), "echo")
         };
         let (text, usage) = collect(p.stream(req))
             .await

@@ -4,9 +4,13 @@
 //! wire formats arrive with issue #5 and answer `UNIMPLEMENTED` until then.
 
 pub mod anthropic;
+pub mod chunker;
+pub mod compose;
 mod credentials;
 mod echo;
 pub mod error;
+pub mod fallback;
+pub mod gateway;
 pub mod gemini;
 pub mod http;
 pub mod ollama;
@@ -27,7 +31,7 @@ pub use error::{ErrorClass, LlmError, UpstreamError};
 pub use registry::{ProviderRegistry, Resolved};
 
 /// What every provider gets at construction: the SSRF guard for client-supplied URLs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ProviderContext {
     /// The guard.
     pub ssrf: Arc<ssrf::SsrfPolicy>,
@@ -205,6 +209,42 @@ pub async fn collect(mut stream: DeltaStream) -> Result<(String, Option<Usage>),
         }
     }
     Ok((text, usage))
+}
+
+impl ProviderContext {
+    /// The context of an `[llm]` config: its SSRF policy.
+    pub fn from_config(llm: &crate::config::LlmConfig) -> Result<Self, String> {
+        let policy = ssrf::SsrfPolicy::new(llm.allow_http_providers, &llm.ssrf_allow)
+            .map_err(|e| format!("llm.ssrf_allow: {e}"))?;
+        Ok(Self {
+            ssrf: Arc::new(policy),
+        })
+    }
+}
+
+/// Builds one configured provider.
+pub fn build_provider(
+    cfg: &crate::config::ProviderConfig,
+    ctx: &ProviderContext,
+) -> Result<Arc<dyn Provider>, LlmError> {
+    let kind = ProviderKind::parse(&cfg.kind)
+        .ok_or_else(|| LlmError::InvalidRequest(format!("unknown provider kind `{}`", cfg.kind)))?;
+    match kind {
+        ProviderKind::Echo => Ok(Arc::new(EchoProvider::new(
+            &cfg.name,
+            cfg.model.clone(),
+            cfg.delay,
+        ))),
+        ProviderKind::OpenAi => openai::build(cfg, ctx),
+        ProviderKind::Anthropic => anthropic::build(cfg, ctx),
+        ProviderKind::Gemini => gemini::build(cfg, ctx),
+        ProviderKind::Ollama => ollama::build(cfg, ctx),
+        ProviderKind::StackSpot => Ok(Arc::new(PendingProvider {
+            name: cfg.name.clone(),
+            kind: ProviderKind::StackSpot,
+            model: cfg.agent_id.clone().unwrap_or_default(),
+        })),
+    }
 }
 
 /// A configured provider whose kind is not in this build yet: every call answers `UNIMPLEMENTED`.

@@ -1,1 +1,1304 @@
-//! openai wire format (being written).
+//! The `openai` wire format: OpenAI Chat Completions (`POST {base_url}/chat/completions`, Bearer
+//! auth, SSE with `stream_options.include_usage`), and the OpenAI-compatible presets that speak it
+//! with their own base URL, default model and headers (`openai-compatible`, `xai`, `openrouter`,
+//! `moonshot`, `zai`, `github-models`, `copilot`). This module owns the request body, the parsing
+//! of `chat.completion.chunk` events into [`Delta`]s, the classification of OpenAI error objects,
+//! and the request-scoped copies built from a caller's forwarded key or `provider_config` URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use serde_json::{Map, Value, json};
+
+use super::error::{ErrorClass, LlmError, UpstreamError};
+use super::http;
+use super::ssrf::SsrfPolicy;
+use super::{
+    ChatRequest, ClientCredentials, Delta, DeltaStream, Provider, ProviderContext, ProviderKind,
+    Usage,
+};
+use crate::config::{ProviderConfig, Secret};
+
+/// What differs between the OpenAI-compatible services; the wire format is the same.
+#[derive(Debug)]
+struct Preset {
+    kind: &'static str,
+    base_url: Option<&'static str>,
+    model: Option<&'static str>,
+    /// Local OpenAI-compatible servers often take no key, so only `openai-compatible` may omit it.
+    needs_key: bool,
+    /// OpenAI's own API rejects `max_tokens` for its reasoning and GPT-5 models and wants
+    /// `max_completion_tokens`; the compatible services still take `max_tokens`.
+    max_tokens_field: &'static str,
+}
+
+const PRESETS: &[Preset] = &[
+    Preset {
+        kind: "openai",
+        base_url: Some("https://api.openai.com/v1"),
+        model: Some("gpt-5.4"),
+        needs_key: true,
+        max_tokens_field: "max_completion_tokens",
+    },
+    Preset {
+        kind: "openai-compatible",
+        base_url: None,
+        model: None,
+        needs_key: false,
+        max_tokens_field: "max_tokens",
+    },
+    Preset {
+        kind: "xai",
+        base_url: Some("https://api.x.ai/v1"),
+        model: Some("grok-4-1"),
+        needs_key: true,
+        max_tokens_field: "max_tokens",
+    },
+    Preset {
+        kind: "openrouter",
+        base_url: Some("https://openrouter.ai/api/v1"),
+        model: Some("openai/gpt-5.2"),
+        needs_key: true,
+        max_tokens_field: "max_tokens",
+    },
+    Preset {
+        kind: "moonshot",
+        base_url: Some("https://api.moonshot.ai/v1"),
+        model: Some("kimi-k2.6"),
+        needs_key: true,
+        max_tokens_field: "max_tokens",
+    },
+    Preset {
+        kind: "zai",
+        base_url: Some("https://api.z.ai/api/paas/v4"),
+        model: Some("glm-5"),
+        needs_key: true,
+        max_tokens_field: "max_tokens",
+    },
+    Preset {
+        kind: "github-models",
+        base_url: Some("https://models.github.ai/inference"),
+        model: Some("gpt-4o"),
+        needs_key: true,
+        max_tokens_field: "max_tokens",
+    },
+    Preset {
+        kind: "copilot",
+        base_url: Some("https://api.githubcopilot.com"),
+        model: Some("gpt-4o"),
+        needs_key: true,
+        max_tokens_field: "max_tokens",
+    },
+];
+
+/// The headers a preset sends by default (`cfg.headers` override them by name).
+fn preset_headers(kind: &str) -> Vec<(&'static str, String)> {
+    let version = format!("chatcli/{}", env!("CARGO_PKG_VERSION"));
+    match kind {
+        // OpenRouter attributes traffic to an app by these two headers.
+        "openrouter" => vec![
+            ("HTTP-Referer", "https://github.com/chatcli".to_string()),
+            ("X-Title", "chatcli".to_string()),
+        ],
+        // Copilot's API refuses callers that do not present themselves as an editor integration.
+        "copilot" => vec![
+            ("Openai-Intent", "conversation-edits".to_string()),
+            ("X-Initiator", "user".to_string()),
+            ("Editor-Version", version.clone()),
+            ("Editor-Plugin-Version", version),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+/// `provider_config` keys that replace the base URL of one request, in order of precedence.
+const URL_KEYS: &[&str] = &["base_url", "api_base", "endpoint"];
+
+/// A provider speaking OpenAI Chat Completions. Cloning gives an independent value (the HTTP
+/// client inside is a shared connection pool, which holds no credentials).
+#[derive(Clone)]
+pub struct OpenAiProvider {
+    name: String,
+    preset: &'static Preset,
+    /// Without a trailing slash; `/chat/completions` is appended.
+    base_url: String,
+    model: String,
+    /// Kept to scrub it from upstream error messages that echo it back.
+    api_key: Option<Secret>,
+    /// `Bearer <key>`, marked sensitive so no Debug output shows it.
+    auth: Option<HeaderValue>,
+    /// Preset headers overridden by the operator's `headers`.
+    headers: HeaderMap,
+    /// Only the preset's headers: what a client-chosen base URL gets, since the operator's
+    /// headers may carry credentials meant for the operator's upstream.
+    preset_only_headers: HeaderMap,
+    timeout: Duration,
+    client: reqwest::Client,
+    ssrf: Arc<SsrfPolicy>,
+}
+
+impl std::fmt::Debug for OpenAiProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiProvider")
+            .field("name", &self.name)
+            .field("preset", &self.preset.kind)
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("has_key", &self.auth.is_some())
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Builds an OpenAI-format provider from its config; `cfg.kind` picks the preset.
+pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Provider>, LlmError> {
+    OpenAiProvider::new(cfg, ctx).map(|p| Arc::new(p) as Arc<dyn Provider>)
+}
+
+fn bearer(name: &str, key: &str) -> Result<HeaderValue, LlmError> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+        LlmError::InvalidRequest(format!(
+            "provider `{name}`: the API key contains characters not allowed in an HTTP header"
+        ))
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+fn header_map<'a>(
+    name: &str,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<HeaderMap, LlmError> {
+    let mut map = HeaderMap::new();
+    for (k, v) in pairs {
+        let hn = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+            LlmError::InvalidRequest(format!(
+                "provider `{name}`: `{k}` is not a valid header name"
+            ))
+        })?;
+        let hv = HeaderValue::from_str(v).map_err(|_| {
+            LlmError::InvalidRequest(format!(
+                "provider `{name}`: the value of header `{k}` is not a valid header value"
+            ))
+        })?;
+        // `insert` replaces, so later pairs (the operator's) override earlier ones (the preset's).
+        map.insert(hn, hv);
+    }
+    Ok(map)
+}
+
+impl OpenAiProvider {
+    /// Builds the provider; config errors name the provider.
+    pub fn new(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Self, LlmError> {
+        let name = cfg.name.as_str();
+        let kind = cfg.kind.to_ascii_lowercase();
+        let preset = PRESETS.iter().find(|p| p.kind == kind).ok_or_else(|| {
+            LlmError::InvalidRequest(format!(
+                "provider `{name}`: kind `{}` is not an OpenAI-format kind",
+                cfg.kind
+            ))
+        })?;
+        let base_url = cfg
+            .base_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .or(preset.base_url)
+            .ok_or_else(|| {
+                LlmError::InvalidRequest(format!(
+                    "provider `{name}` ({kind}) needs base_url (e.g. http://localhost:8000/v1)"
+                ))
+            })?;
+        match reqwest::Url::parse(base_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => {
+                return Err(LlmError::InvalidRequest(format!(
+                    "provider `{name}` ({kind}): base_url `{base_url}` is not an http(s) URL"
+                )));
+            }
+        }
+        let model = cfg
+            .model
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .or(preset.model)
+            .ok_or_else(|| {
+                LlmError::InvalidRequest(format!("provider `{name}` ({kind}) needs model"))
+            })?;
+        let api_key = cfg
+            .api_key
+            .clone()
+            .filter(|k| !k.expose().trim().is_empty());
+        if preset.needs_key && api_key.is_none() {
+            return Err(LlmError::InvalidRequest(format!(
+                "provider `{name}` ({kind}) needs api_key (or api_key_file)"
+            )));
+        }
+        let auth = api_key
+            .as_ref()
+            .map(|k| bearer(name, k.expose().trim()))
+            .transpose()?;
+        let defaults = preset_headers(preset.kind);
+        let preset_only_headers = header_map(name, defaults.iter().map(|(k, v)| (*k, v.as_str())))?;
+        let headers = header_map(
+            name,
+            defaults
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .chain(cfg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        )?;
+        Ok(Self {
+            name: name.to_string(),
+            preset,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            model: model.to_string(),
+            api_key,
+            auth,
+            headers,
+            preset_only_headers,
+            timeout: cfg.timeout,
+            client: http::client(&http::HttpOptions::default())?,
+            ssrf: ctx.ssrf.clone(),
+        })
+    }
+
+    /// The preset (config kind) this provider was built from.
+    pub fn preset(&self) -> &'static str {
+        self.preset.kind
+    }
+
+    /// The base URL requests go to (`/chat/completions` is appended).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    fn body(&self, request: &ChatRequest) -> Value {
+        let model = if request.model.trim().is_empty() {
+            &self.model
+        } else {
+            &request.model
+        };
+        let messages: Vec<Value> = request
+            .messages
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect();
+        let mut body = Map::new();
+        body.insert("model".into(), json!(model));
+        body.insert("messages".into(), Value::Array(messages));
+        body.insert("stream".into(), json!(true));
+        // Without this OpenAI reports no usage on streamed answers.
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+        if let Some(n) = request.max_tokens {
+            body.insert(self.preset.max_tokens_field.into(), json!(n));
+        }
+        if let Some(t) = request.temperature {
+            body.insert("temperature".into(), float(t));
+        }
+        if let Some(p) = request.top_p {
+            body.insert("top_p".into(), float(p));
+        }
+        if !request.stop.is_empty() {
+            body.insert("stop".into(), json!(request.stop));
+        }
+        Value::Object(body)
+    }
+
+    fn request(&self, request: &ChatRequest) -> reqwest::RequestBuilder {
+        let mut headers = self.headers.clone();
+        headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        if let Some(auth) = &self.auth {
+            headers.insert(AUTHORIZATION, auth.clone());
+        }
+        self.client
+            .post(format!("{}/chat/completions", self.base_url))
+            .headers(headers)
+            .json(&self.body(request))
+    }
+}
+
+/// An f32 as the JSON number it was written as (0.7, not 0.699999988079071).
+fn float(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .map(Value::from)
+        .unwrap_or(Value::Null)
+}
+
+impl Provider for OpenAiProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::OpenAi
+    }
+
+    fn default_model(&self) -> &str {
+        &self.model
+    }
+
+    fn stream(&self, request: ChatRequest) -> DeltaStream {
+        let call = self.request(&request);
+        let name = self.name.clone();
+        let key = self.api_key.clone();
+        let deltas = deltas(name, call, self.timeout);
+        Box::pin(deltas.map(move |item| item.map_err(|e| scrub(e, key.as_ref()))))
+    }
+
+    fn with_client_credentials<'a>(
+        &'a self,
+        creds: &'a ClientCredentials,
+    ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
+        Box::pin(async move {
+            if let Some(unknown) = creds
+                .config
+                .keys()
+                .find(|k| !URL_KEYS.contains(&k.as_str()))
+            {
+                return Err(LlmError::InvalidRequest(format!(
+                    "provider `{}` does not accept provider_config key `{unknown}`; accepted keys: {}",
+                    self.name,
+                    URL_KEYS.join(", ")
+                )));
+            }
+            let mut scoped = self.clone();
+            if let Some(url) = URL_KEYS.iter().find_map(|k| creds.config.get(*k)) {
+                let (client, mut url) = self.ssrf.guarded_client(url.trim()).await?;
+                url.set_query(None);
+                url.set_fragment(None);
+                scoped.client = client;
+                scoped.base_url = url.as_str().trim_end_matches('/').to_string();
+                scoped.headers = self.preset_only_headers.clone();
+                // The server's key must never travel to a host the caller chose.
+                scoped.auth = None;
+                scoped.api_key = None;
+            }
+            if let Some(key) = &creds.key {
+                // Every scheme (API key, OAuth token, GitHub token for Copilot) is a Bearer token.
+                let secret = key.secret.expose().trim();
+                if secret.is_empty() {
+                    return Err(LlmError::InvalidRequest(format!(
+                        "provider `{}`: client_api_key is empty",
+                        self.name
+                    )));
+                }
+                scoped.auth = Some(bearer(&self.name, secret)?);
+                scoped.api_key = Some(key.secret.clone());
+            }
+            Ok(Arc::new(scoped) as Arc<dyn Provider>)
+        })
+    }
+}
+
+/// Removes the key from an upstream message that quotes it (OpenAI echoes part of a wrong key).
+fn scrub(err: LlmError, key: Option<&Secret>) -> LlmError {
+    match (
+        err,
+        key.map(|k| k.expose().trim()).filter(|k| !k.is_empty()),
+    ) {
+        (LlmError::Upstream(mut u), Some(k)) if u.message.contains(k) => {
+            u.message = u.message.replace(k, crate::config::values::REDACTED);
+            LlmError::Upstream(u)
+        }
+        (other, _) => other,
+    }
+}
+
+/// The call: wait (bounded) for the response headers, then map events to deltas as they arrive.
+fn deltas(
+    name: String,
+    call: reqwest::RequestBuilder,
+    timeout: Duration,
+) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
+    async_stream::try_stream! {
+        let sent = http::send(&name, call, parse_error);
+        // A zero timeout means no bound (the config cannot express "none" otherwise).
+        let resp = if timeout.is_zero() {
+            sent.await?
+        } else {
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(r) => r?,
+                Err(_) => Err(LlmError::upstream(
+                    &name,
+                    ErrorClass::Timeout,
+                    format!("no response within {}s", timeout.as_secs_f64()),
+                ))?,
+            }
+        };
+        let is_json = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
+        if is_json {
+            // Some compatible servers ignore `stream` and answer with one `chat.completion`.
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| http::transport_error(&name, &e))?;
+            for d in whole_answer(&name, &body)? {
+                yield d;
+            }
+            return;
+        }
+        let events = http::sse_events(&name, resp);
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            let event = event?;
+            match parse_chunk(&name, &event.data)? {
+                Chunk::Done => return,
+                Chunk::Deltas(ds) => {
+                    for d in ds {
+                        yield d;
+                    }
+                }
+            }
+        }
+        Err(LlmError::upstream(
+            &name,
+            ErrorClass::Transport,
+            "the stream ended before `data: [DONE]`",
+        ))?;
+    }
+}
+
+enum Chunk {
+    Deltas(Vec<Delta>),
+    Done,
+}
+
+fn malformed(name: &str, what: impl Into<String>) -> LlmError {
+    LlmError::upstream(name, ErrorClass::Malformed, what)
+}
+
+/// One SSE `data:` payload: a `chat.completion.chunk`, an error object, or `[DONE]`.
+fn parse_chunk(name: &str, data: &str) -> Result<Chunk, LlmError> {
+    let data = data.trim();
+    if data == "[DONE]" {
+        return Ok(Chunk::Done);
+    }
+    if data.is_empty() {
+        return Ok(Chunk::Deltas(Vec::new()));
+    }
+    let v: Value = serde_json::from_str(data)
+        .map_err(|e| malformed(name, format!("a stream event is not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(malformed(name, "a stream event is not a JSON object"));
+    }
+    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+        return Err(stream_error(name, err));
+    }
+    let mut out = Vec::new();
+    let choice = first_choice(&v);
+    if let Some(text) = choice
+        .and_then(|c| c.pointer("/delta/content"))
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+    {
+        out.push(Delta::Text(text.to_string()));
+    }
+    if let Some(reason) = choice
+        .and_then(|c| c.get("finish_reason"))
+        .and_then(Value::as_str)
+    {
+        out.push(Delta::Finish(reason.to_string()));
+    }
+    // OpenAI puts usage at the top level; Moonshot puts it into the final choice.
+    if let Some(u) = usage(v.get("usage")).or_else(|| usage(choice.and_then(|c| c.get("usage")))) {
+        out.push(Delta::Usage(u));
+    }
+    Ok(Chunk::Deltas(out))
+}
+
+/// The choice with index 0 (chatcli asks for one completion; `n` is never sent).
+fn first_choice(v: &Value) -> Option<&Value> {
+    let choices = v.get("choices")?.as_array()?;
+    choices
+        .iter()
+        .find(|c| c.get("index").and_then(Value::as_u64) == Some(0))
+        .or_else(|| choices.first())
+}
+
+fn usage(v: Option<&Value>) -> Option<Usage> {
+    let u = v?.as_object()?;
+    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+    Some(Usage {
+        prompt_tokens: n("prompt_tokens"),
+        completion_tokens: n("completion_tokens"),
+    })
+}
+
+/// A whole `chat.completion` (the upstream ignored `stream: true`).
+fn whole_answer(name: &str, body: &[u8]) -> Result<Vec<Delta>, LlmError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| malformed(name, format!("the answer is not JSON: {e}")))?;
+    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+        return Err(stream_error(name, err));
+    }
+    let choice = first_choice(&v)
+        .ok_or_else(|| malformed(name, "the answer has no choices and no error"))?;
+    let mut out = Vec::new();
+    if let Some(text) = choice
+        .pointer("/message/content")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+    {
+        out.push(Delta::Text(text.to_string()));
+    }
+    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+        out.push(Delta::Finish(reason.to_string()));
+    }
+    if let Some(u) = usage(v.get("usage")) {
+        out.push(Delta::Usage(u));
+    }
+    Ok(out)
+}
+
+/// The class of an OpenAI error `type` or `code` value, when it names one.
+fn class_of_name(name: &str) -> Option<ErrorClass> {
+    Some(match name {
+        // OpenAI's 429s have type `requests`/`tokens` and code `rate_limit_exceeded`; an exhausted
+        // quota is `insufficient_quota`. Both clear with time (or on another provider).
+        "insufficient_quota"
+        | "rate_limit_exceeded"
+        | "rate_limit_error"
+        | "requests"
+        | "tokens" => ErrorClass::RateLimit,
+        "invalid_api_key" | "authentication_error" | "permission_error" => ErrorClass::Auth,
+        "model_not_found" => ErrorClass::ModelNotFound,
+        "context_length_exceeded" => ErrorClass::ContextTooLong,
+        "server_error" | "internal_error" | "service_unavailable" => ErrorClass::Server,
+        _ => return None,
+    })
+}
+
+/// Classifies an OpenAI error object: its `code` first (the more specific, e.g.
+/// `context_length_exceeded` under type `invalid_request_error`), then its `type`, then a numeric
+/// `code` some compatible services use for the HTTP status, then the HTTP status itself.
+fn classify(err: &Value, status: Option<u16>) -> Option<ErrorClass> {
+    let code = err.get("code");
+    code.and_then(Value::as_str)
+        .and_then(class_of_name)
+        .or_else(|| {
+            err.get("type")
+                .and_then(Value::as_str)
+                .and_then(class_of_name)
+        })
+        .or_else(|| {
+            code.and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (400..=599).contains(c))
+                .map(ErrorClass::from_status)
+        })
+        .or_else(|| status.map(ErrorClass::from_status))
+}
+
+/// The error's message, trimmed and bounded; its type or code when it has none.
+fn error_message(err: &Value) -> String {
+    let text = match err {
+        Value::String(s) => s.as_str(),
+        _ => err
+            .get("message")
+            .and_then(Value::as_str)
+            .filter(|m| !m.trim().is_empty())
+            .or_else(|| err.get("code").and_then(Value::as_str))
+            .or_else(|| err.get("type").and_then(Value::as_str))
+            .unwrap_or(""),
+    };
+    let text = text.trim();
+    match text.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// An error object inside a 200 answer (mid-stream). Without a type, code or status to go on,
+/// it counts as a server failure: the upstream accepted the request and then broke.
+fn stream_error(name: &str, err: &Value) -> LlmError {
+    LlmError::Upstream(UpstreamError {
+        provider: name.to_string(),
+        class: classify(err, None).unwrap_or(ErrorClass::Server),
+        status: None,
+        message: error_message(err),
+        retry_after: None,
+    })
+}
+
+/// [`http::ErrorParser`] for OpenAI error bodies `{"error":{"message","type","code"}}` (also
+/// `{"error":"text"}`, which some compatible servers send).
+fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let err = v.get("error").filter(|e| !e.is_null())?;
+    let class = classify(err, Some(status)).unwrap_or_else(|| ErrorClass::from_status(status));
+    Some((class, error_message(err)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::llm::{KeyScheme, Message, collect};
+    use crate::testing::openai::{OpenAiFormat, error_body};
+    use crate::testing::{FakeUpstream, Reply, Step};
+
+    const SERVER_KEY: &str = "sk-server-0123456789";
+
+    fn ctx() -> ProviderContext {
+        ProviderContext {
+            ssrf: Arc::new(SsrfPolicy::default()),
+        }
+    }
+
+    fn cfg(kind: &str, base_url: Option<String>) -> ProviderConfig {
+        ProviderConfig {
+            name: "p".into(),
+            kind: kind.into(),
+            base_url,
+            api_key: Some(Secret::new(SERVER_KEY)),
+            model: Some("m-1".into()),
+            ..Default::default()
+        }
+    }
+
+    async fn fake() -> FakeUpstream {
+        FakeUpstream::start(OpenAiFormat).await.unwrap()
+    }
+
+    fn provider(fake: &FakeUpstream, kind: &str) -> Arc<dyn Provider> {
+        build(&cfg(kind, Some(fake.base_url())), &ctx()).unwrap()
+    }
+
+    fn ask(text: &str) -> ChatRequest {
+        ChatRequest::new(
+            vec![Message {
+                role: "user".into(),
+                content: text.into(),
+            }],
+            "",
+        )
+    }
+
+    fn upstream(e: LlmError) -> UpstreamError {
+        e.as_upstream().cloned().unwrap_or_else(|| panic!("{e:?}"))
+    }
+
+    async fn fails_with(reply: Reply) -> UpstreamError {
+        let fake = fake().await;
+        fake.push(reply);
+        upstream(
+            collect(provider(&fake, "openai").stream(ask("hi")))
+                .await
+                .unwrap_err(),
+        )
+    }
+
+    #[tokio::test]
+    async fn unary_collects_the_scripted_text_and_usage() {
+        let fake = fake().await;
+        fake.push(Reply::text("Hello there, world"));
+        let (text, usage) = collect(provider(&fake, "openai").stream(ask("hi")))
+            .await
+            .unwrap();
+        assert_eq!(text, "Hello there, world");
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 3
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_each_delta_then_finish_and_usage() {
+        let fake = fake().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("Hel".into()),
+            Step::Text("lo 世界".into()),
+        ]));
+        let items: Vec<Delta> = provider(&fake, "openai")
+            .stream(ask("hi"))
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(
+            items,
+            vec![
+                Delta::Text("Hel".into()),
+                Delta::Text("lo 世界".into()),
+                Delta::Finish("stop".into()),
+                Delta::Usage(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 2
+                }),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn request_has_the_chat_completions_shape() {
+        let fake = fake().await;
+        let p = provider(&fake, "openai-compatible");
+        let mut req = ChatRequest::new(
+            vec![
+                Message {
+                    role: "system".into(),
+                    content: "be brief".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: "hi".into(),
+                },
+            ],
+            "",
+        );
+        req.max_tokens = Some(64);
+        req.temperature = Some(0.7);
+        req.top_p = Some(0.9);
+        req.stop = vec!["END".into()];
+        collect(p.stream(req.clone())).await.unwrap();
+        req.model = "other-model".into();
+        req.max_tokens = None;
+        req.temperature = None;
+        req.top_p = None;
+        req.stop.clear();
+        collect(p.stream(req)).await.unwrap();
+
+        let reqs = fake.requests();
+        assert_eq!(reqs.len(), 2);
+        let r = &reqs[0];
+        assert_eq!(r.method, reqwest::Method::POST);
+        assert_eq!(r.path, "/chat/completions");
+        assert_eq!(
+            r.header("authorization").as_deref(),
+            Some(format!("Bearer {SERVER_KEY}").as_str())
+        );
+        let b = r.json();
+        assert_eq!(b["model"], "m-1");
+        assert_eq!(b["stream"], true);
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        assert_eq!(
+            b["messages"],
+            json!([
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"}
+            ])
+        );
+        assert_eq!(b["max_tokens"], 64);
+        assert_eq!(b["temperature"], 0.7);
+        assert_eq!(b["top_p"], 0.9);
+        assert_eq!(b["stop"], json!(["END"]));
+        let b = reqs[1].json();
+        assert_eq!(b["model"], "other-model");
+        for absent in ["max_tokens", "temperature", "top_p", "stop"] {
+            assert!(b.get(absent).is_none(), "{absent} sent: {b}");
+        }
+    }
+
+    #[tokio::test]
+    async fn openai_itself_gets_max_completion_tokens() {
+        let fake = fake().await;
+        let mut req = ask("hi");
+        req.max_tokens = Some(32);
+        collect(provider(&fake, "openai").stream(req))
+            .await
+            .unwrap();
+        let b = fake.requests()[0].json();
+        assert_eq!(b["max_completion_tokens"], 32);
+        assert!(b.get("max_tokens").is_none());
+    }
+
+    #[tokio::test]
+    async fn keyless_compatible_server_gets_no_authorization() {
+        let fake = fake().await;
+        let mut c = cfg(
+            "openai-compatible",
+            Some(format!("{}/v1/", fake.base_url())),
+        );
+        c.api_key = None;
+        let p = build(&c, &ctx()).unwrap();
+        collect(p.stream(ask("hi"))).await.unwrap();
+        let r = &fake.requests()[0];
+        assert_eq!(r.path, "/v1/chat/completions");
+        assert!(r.header("authorization").is_none());
+    }
+
+    #[tokio::test]
+    async fn first_delta_arrives_before_the_rest_is_released() {
+        let fake = fake().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("first".into()),
+            Step::AwaitRelease,
+            Step::Text(" rest".into()),
+        ]));
+        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert!(first.is_ok(), "the first delta was held back");
+        assert_eq!(
+            first.unwrap().unwrap().unwrap(),
+            Delta::Text("first".into())
+        );
+        fake.release();
+        let (rest, usage) = collect(s).await.unwrap();
+        assert_eq!(rest, " rest");
+        assert!(usage.is_some());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_cancels_the_upstream_call() {
+        let fake = fake().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("first".into()),
+            Step::AwaitRelease,
+            Step::Text(" rest".into()),
+        ]));
+        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert_eq!(
+            first.unwrap().unwrap().unwrap(),
+            Delta::Text("first".into())
+        );
+        drop(s);
+        assert!(fake.wait_cancelled(1, Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_keeps_retry_after() {
+        let e = fails_with(Reply::rate_limited(
+            &error_body("rate_limit_exceeded", "Rate limit reached"),
+            7,
+        ))
+        .await;
+        assert_eq!(e.class, ErrorClass::RateLimit);
+        assert_eq!(e.status, Some(429));
+        assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(e.message, "Rate limit reached");
+    }
+
+    #[tokio::test]
+    async fn unauthorized_is_auth_and_the_key_is_scrubbed() {
+        let e = fails_with(Reply::error(
+            401,
+            &error_body(
+                "invalid_api_key",
+                &format!("Incorrect API key provided: {SERVER_KEY}."),
+            ),
+        ))
+        .await;
+        assert_eq!(e.class, ErrorClass::Auth);
+        assert_eq!(e.status, Some(401));
+        assert!(!e.message.contains(SERVER_KEY), "{}", e.message);
+        assert!(e.message.starts_with("Incorrect API key provided"));
+    }
+
+    #[tokio::test]
+    async fn unknown_model_is_model_not_found() {
+        let e = fails_with(Reply::error(
+            404,
+            &error_body("model_not_found", "The model `m-1` does not exist"),
+        ))
+        .await;
+        assert_eq!(e.class, ErrorClass::ModelNotFound);
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_server() {
+        let e = fails_with(Reply::error(500, &error_body("server_error", "boom"))).await;
+        assert_eq!(e.class, ErrorClass::Server);
+        assert_eq!(e.message, "boom");
+        // Not JSON at all: the status decides.
+        let e = fails_with(Reply::error(502, "<html>bad gateway</html>")).await;
+        assert_eq!(e.class, ErrorClass::Server);
+        assert_eq!(e.status, Some(502));
+    }
+
+    #[test]
+    fn error_bodies_classify_by_code_then_type_then_status() {
+        let c = |status, body: &str| parse_error(status, body).map(|(c, _)| c);
+        assert_eq!(
+            c(400, &error_body("context_length_exceeded", "too long")),
+            Some(ErrorClass::ContextTooLong)
+        );
+        assert_eq!(
+            c(429, &error_body("insufficient_quota", "quota")),
+            Some(ErrorClass::RateLimit)
+        );
+        // A 200-style type under an odd status still wins over the status.
+        assert_eq!(
+            c(400, &error_body("rate_limit_exceeded", "slow")),
+            Some(ErrorClass::RateLimit)
+        );
+        assert_eq!(
+            c(400, &error_body("invalid_request_error", "bad field")),
+            Some(ErrorClass::BadRequest)
+        );
+        assert_eq!(
+            c(
+                403,
+                r#"{"error":{"message":"no","type":"invalid_request_error","code":null}}"#
+            ),
+            Some(ErrorClass::Auth)
+        );
+        assert_eq!(
+            c(400, r#"{"error":{"message":"upstream busy","code":503}}"#),
+            Some(ErrorClass::Server)
+        );
+        assert_eq!(
+            parse_error(500, r#"{"error":"plain text error"}"#),
+            Some((ErrorClass::Server, "plain text error".to_string()))
+        );
+        assert_eq!(parse_error(500, "not json"), None);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_after_the_first_delta_is_transport() {
+        let fake = fake().await;
+        // The release makes sure the first delta left the fake before the connection drops.
+        fake.push(Reply::steps(vec![
+            Step::Text("first".into()),
+            Step::AwaitRelease,
+            Step::Drop,
+        ]));
+        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        assert_eq!(
+            s.next().await.unwrap().unwrap(),
+            Delta::Text("first".into())
+        );
+        fake.release();
+        let e = upstream(s.next().await.unwrap().unwrap_err());
+        assert_eq!(e.class, ErrorClass::Transport, "{e}");
+        assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_done_is_transport() {
+        let fake = fake().await;
+        let piece = crate::testing::WireFormat::stream_piece(&OpenAiFormat, "partial", 0);
+        fake.push(Reply::Raw {
+            content_type: "text/event-stream".into(),
+            body: String::from_utf8(piece.to_vec()).unwrap(),
+        });
+        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        assert_eq!(
+            s.next().await.unwrap().unwrap(),
+            Delta::Text("partial".into())
+        );
+        let e = upstream(s.next().await.unwrap().unwrap_err());
+        assert_eq!(e.class, ErrorClass::Transport);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_data_line_is_malformed() {
+        let fake = fake().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("ok".into()),
+            Step::Raw("data: {not json\n\n".into()),
+        ]));
+        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        assert_eq!(s.next().await.unwrap().unwrap(), Delta::Text("ok".into()));
+        let e = upstream(s.next().await.unwrap().unwrap_err());
+        assert_eq!(e.class, ErrorClass::Malformed);
+    }
+
+    #[tokio::test]
+    async fn an_error_event_mid_stream_is_classified() {
+        let fake = fake().await;
+        fake.push(Reply::steps(vec![
+            Step::Text("ok".into()),
+            Step::Raw(format!(
+                "data: {}\n\n",
+                error_body("rate_limit_exceeded", "slow down")
+            )),
+        ]));
+        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        assert_eq!(s.next().await.unwrap().unwrap(), Delta::Text("ok".into()));
+        let e = upstream(s.next().await.unwrap().unwrap_err());
+        assert_eq!(e.class, ErrorClass::RateLimit);
+        assert_eq!(e.message, "slow down");
+    }
+
+    #[tokio::test]
+    async fn a_whole_json_answer_is_accepted() {
+        let fake = fake().await;
+        let (_, body) = crate::testing::WireFormat::unary(
+            &OpenAiFormat,
+            "all at once",
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 3,
+            }),
+        );
+        fake.push(Reply::Raw {
+            content_type: "application/json".into(),
+            body: String::from_utf8(body.to_vec()).unwrap(),
+        });
+        let (text, usage) = collect(provider(&fake, "openai").stream(ask("hi")))
+            .await
+            .unwrap();
+        assert_eq!(text, "all at once");
+        assert_eq!(usage.map(|u| u.completion_tokens), Some(3));
+    }
+
+    #[tokio::test]
+    async fn garbage_json_answer_is_malformed() {
+        let e = fails_with(Reply::Raw {
+            content_type: "application/json".into(),
+            body: "{\"hello\": 1}".into(),
+        })
+        .await;
+        assert_eq!(e.class, ErrorClass::Malformed);
+    }
+
+    #[tokio::test]
+    async fn no_response_headers_within_the_timeout_is_timeout() {
+        // A server that accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let (_sock, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let mut c = cfg("openai", Some(format!("http://{addr}")));
+        c.timeout = Duration::from_millis(200);
+        let p = build(&c, &ctx()).unwrap();
+        let e = upstream(collect(p.stream(ask("hi"))).await.unwrap_err());
+        assert_eq!(e.class, ErrorClass::Timeout);
+        hold.abort();
+    }
+
+    #[tokio::test]
+    async fn openrouter_sends_referer_and_title_overridable() {
+        let fake = fake().await;
+        collect(provider(&fake, "openrouter").stream(ask("hi")))
+            .await
+            .unwrap();
+        let mut c = cfg("openrouter", Some(fake.base_url()));
+        c.headers.insert("x-title".into(), "my app".into());
+        collect(build(&c, &ctx()).unwrap().stream(ask("hi")))
+            .await
+            .unwrap();
+        let reqs = fake.requests();
+        assert_eq!(
+            reqs[0].header("http-referer").as_deref(),
+            Some("https://github.com/chatcli")
+        );
+        assert_eq!(reqs[0].header("x-title").as_deref(), Some("chatcli"));
+        assert_eq!(
+            reqs[1].header("http-referer").as_deref(),
+            Some("https://github.com/chatcli")
+        );
+        assert_eq!(reqs[1].header("x-title").as_deref(), Some("my app"));
+        assert_eq!(reqs[1].headers.get_all("x-title").iter().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn copilot_presents_itself_as_an_editor() {
+        let fake = fake().await;
+        collect(provider(&fake, "copilot").stream(ask("hi")))
+            .await
+            .unwrap();
+        let r = &fake.requests()[0];
+        let version = format!("chatcli/{}", env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            r.header("openai-intent").as_deref(),
+            Some("conversation-edits")
+        );
+        assert_eq!(r.header("x-initiator").as_deref(), Some("user"));
+        assert_eq!(r.header("editor-version"), Some(version.clone()));
+        assert_eq!(r.header("editor-plugin-version"), Some(version));
+        assert!(r.header("x-title").is_none());
+    }
+
+    #[test]
+    fn presets_have_their_defaults() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let table = [
+            ("openai", "https://api.openai.com/v1", "gpt-5.4"),
+            ("xai", "https://api.x.ai/v1", "grok-4-1"),
+            (
+                "openrouter",
+                "https://openrouter.ai/api/v1",
+                "openai/gpt-5.2",
+            ),
+            ("moonshot", "https://api.moonshot.ai/v1", "kimi-k2.6"),
+            ("zai", "https://api.z.ai/api/paas/v4", "glm-5"),
+            (
+                "github-models",
+                "https://models.github.ai/inference",
+                "gpt-4o",
+            ),
+            ("copilot", "https://api.githubcopilot.com", "gpt-4o"),
+        ];
+        for (kind, url, model) in table {
+            let mut c = cfg(kind, None);
+            c.model = None;
+            let p = OpenAiProvider::new(&c, &ctx()).unwrap();
+            assert_eq!(p.base_url(), url, "{kind}");
+            assert_eq!(p.default_model(), model, "{kind}");
+            assert_eq!(p.kind(), ProviderKind::OpenAi);
+            assert_eq!(p.preset(), kind);
+            // Upper-case kinds from config work too.
+            let mut c = cfg(&kind.to_uppercase(), None);
+            c.model = Some("mine".into());
+            c.base_url = Some("https://proxy.example/v1/".into());
+            let p = OpenAiProvider::new(&c, &ctx()).unwrap();
+            assert_eq!(p.base_url(), "https://proxy.example/v1");
+            assert_eq!(p.default_model(), "mine");
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_provider() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let err = |c: ProviderConfig| match OpenAiProvider::new(&c, &ctx()) {
+            Err(LlmError::InvalidRequest(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let m = err(cfg("openai-compatible", None));
+        assert!(m.contains("`p`") && m.contains("base_url"), "{m}");
+        let mut c = cfg("openai-compatible", Some("http://localhost:8000/v1".into()));
+        c.model = None;
+        assert!(err(c).contains("model"));
+        let mut c = cfg("xai", None);
+        c.api_key = None;
+        let m = err(c);
+        assert!(m.contains("`p`") && m.contains("api_key"), "{m}");
+        assert!(err(cfg("openai", Some("ftp://x".into()))).contains("http(s)"));
+        let mut c = cfg("openai", None);
+        c.headers.insert("bad header".into(), "v".into());
+        assert!(err(c).contains("header"));
+        assert!(err(cfg("anthropic", None)).contains("not an OpenAI-format kind"));
+        // A key-less local server is fine.
+        let mut c = cfg("openai-compatible", Some("http://localhost:8000/v1".into()));
+        c.api_key = None;
+        assert!(OpenAiProvider::new(&c, &ctx()).is_ok());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let p = OpenAiProvider::new(&cfg("openai", None), &ctx()).unwrap();
+        let text = format!("{p:?}");
+        assert!(!text.contains(SERVER_KEY), "{text}");
+        assert!(text.contains("has_key: true"));
+    }
+
+    fn creds(key: Option<&str>, config: &[(&str, &str)]) -> ClientCredentials {
+        ClientCredentials {
+            key: key.map(|k| crate::llm::ClientKey {
+                scheme: KeyScheme::ApiKey,
+                secret: Secret::new(k),
+            }),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_key_is_used_for_that_request_only() {
+        let fake = fake().await;
+        let server = provider(&fake, "copilot");
+        for scheme in [KeyScheme::ApiKey, KeyScheme::OAuth, KeyScheme::Token] {
+            let mut c = creds(Some("caller-key"), &[]);
+            if let Some(k) = c.key.as_mut() {
+                k.scheme = scheme;
+            }
+            let scoped = server.with_client_credentials(&c).await.unwrap();
+            collect(scoped.stream(ask("hi"))).await.unwrap();
+        }
+        collect(server.stream(ask("hi"))).await.unwrap();
+        let reqs = fake.requests();
+        assert_eq!(reqs.len(), 4);
+        for r in &reqs[..3] {
+            assert_eq!(
+                r.header("authorization").as_deref(),
+                Some("Bearer caller-key")
+            );
+            // The preset's headers stay.
+            assert_eq!(r.header("x-initiator").as_deref(), Some("user"));
+        }
+        assert_eq!(
+            reqs[3].header("authorization").as_deref(),
+            Some(format!("Bearer {SERVER_KEY}").as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_base_url_is_invalid_request() {
+        let fake = fake().await;
+        let server = provider(&fake, "openai");
+        for key in URL_KEYS {
+            let e = server
+                .with_client_credentials(&creds(Some("k"), &[(key, "https://10.0.0.1")]))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, LlmError::InvalidRequest(_)), "{key}: {e:?}");
+        }
+        assert!(fake.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_client_base_url_never_gets_the_server_key_or_operator_headers() {
+        let fake = fake().await;
+        // The operator's own upstream is elsewhere; the caller points the request at the fake.
+        let mut c = cfg(
+            "openrouter",
+            Some("https://openrouter.invalid/api/v1".into()),
+        );
+        c.headers
+            .insert("X-Operator-Secret".into(), "operator-only".into());
+        let guarded = ProviderContext {
+            ssrf: Arc::new(SsrfPolicy::new(true, &["127.0.0.1".to_string()]).unwrap()),
+        };
+        let server = build(&c, &guarded).unwrap();
+        let url = format!("{}/v1/?ignored=1", fake.base_url());
+        let keyless = server
+            .with_client_credentials(&creds(None, &[("api_base", url.as_str())]))
+            .await
+            .unwrap();
+        collect(keyless.stream(ask("hi"))).await.unwrap();
+        let keyed = server
+            .with_client_credentials(&creds(Some("caller-key"), &[("base_url", url.as_str())]))
+            .await
+            .unwrap();
+        collect(keyed.stream(ask("hi"))).await.unwrap();
+        let reqs = fake.requests();
+        assert_eq!(reqs.len(), 2);
+        for r in &reqs {
+            assert_eq!(r.path, "/v1/chat/completions");
+            assert_eq!(r.query, "");
+            assert!(r.header("x-operator-secret").is_none());
+            assert_eq!(r.header("x-title").as_deref(), Some("chatcli"));
+        }
+        assert!(reqs[0].header("authorization").is_none());
+        assert_eq!(
+            reqs[1].header("authorization").as_deref(),
+            Some("Bearer caller-key")
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_provider_config_keys_are_refused_with_the_accepted_list() {
+        let fake = fake().await;
+        let server = provider(&fake, "openai");
+        match server
+            .with_client_credentials(&creds(None, &[("realm", "secret-realm")]))
+            .await
+        {
+            Err(LlmError::InvalidRequest(m)) => {
+                assert!(m.contains("`realm`"), "{m}");
+                assert!(m.contains("base_url, api_base, endpoint"), "{m}");
+                assert!(!m.contains("secret-realm"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,9 +1,13 @@
-//! The providers configured for this server, in config order, with the default one. Names match
-//! case-insensitively, so ChatCLI clients sending `ECHO` or `OpenAI` find `echo` and `openai`.
+//! The providers configured for this server, in config order, with the default one and the
+//! fallback settings. Names match case-insensitively, so ChatCLI clients sending `ECHO` or
+//! `OpenAI` find `echo` and `openai`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{EchoProvider, LlmError, PendingProvider, Provider, ProviderKind};
+use super::fallback::{Candidate, FallbackSettings};
+use super::{LlmError, Provider, ProviderContext};
 use crate::config::LlmConfig;
 
 /// What a request resolved to: the provider and the model to ask it for.
@@ -21,29 +25,23 @@ pub struct ProviderRegistry {
     providers: Vec<Arc<dyn Provider>>,
     default: Option<usize>,
     default_model: Option<String>,
+    fallback: FallbackSettings,
 }
 
 impl ProviderRegistry {
-    /// Builds the registry from validated config.
-    pub fn from_config(llm: &LlmConfig) -> Self {
-        let providers: Vec<Arc<dyn Provider>> = llm
-            .providers
-            .iter()
-            .filter_map(|p| {
-                let kind = ProviderKind::parse(&p.kind)?;
-                Some(match kind {
-                    ProviderKind::Echo => {
-                        Arc::new(EchoProvider::new(&p.name, p.model.clone(), p.delay))
-                            as Arc<dyn Provider>
-                    }
-                    other => Arc::new(PendingProvider {
-                        name: p.name.clone(),
-                        kind: other,
-                        model: p.model.clone().unwrap_or_default(),
-                    }),
-                })
-            })
-            .collect();
+    /// Builds every provider of a validated config; the errors name each provider that cannot be built.
+    pub fn build(llm: &LlmConfig, ctx: &ProviderContext) -> Result<Self, Vec<String>> {
+        let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
+        let mut errors = Vec::new();
+        for p in &llm.providers {
+            match super::build_provider(p, ctx) {
+                Ok(built) => providers.push(built),
+                Err(e) => errors.push(format!("provider `{}`: {e}", p.name)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         let default = match &llm.default {
             Some(name) => providers
                 .iter()
@@ -51,11 +49,24 @@ impl ProviderRegistry {
             None if providers.is_empty() => None,
             None => Some(0),
         };
-        Self {
+        let fallback = FallbackSettings {
+            chain: llm.fallback.clone(),
+            max_retries: llm.fallback_max_retries,
+            cooldown_base: llm.fallback_cooldown_base,
+            cooldown_max: llm.fallback_cooldown_max,
+            max_retry_wait: Duration::from_secs(10),
+            models: llm
+                .fallback_models
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect::<HashMap<_, _>>(),
+        };
+        Ok(Self {
             providers,
             default,
             default_model: llm.model.clone(),
-        }
+            fallback,
+        })
     }
 
     /// The default provider, if any is configured.
@@ -80,9 +91,25 @@ impl ProviderRegistry {
             .collect()
     }
 
+    /// Every provider, in config order.
+    pub fn providers(&self) -> &[Arc<dyn Provider>] {
+        &self.providers
+    }
+
     /// Whether any provider is configured.
     pub fn is_empty(&self) -> bool {
         self.providers.is_empty()
+    }
+
+    /// The fallback settings.
+    pub fn fallback(&self) -> &FallbackSettings {
+        &self.fallback
+    }
+
+    fn find(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.providers
+            .iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name))
     }
 
     /// Resolves a request's provider and model; empty strings mean "the default".
@@ -93,9 +120,7 @@ impl ProviderRegistry {
                 .ok_or(LlmError::NoProviders)?
                 .clone()
         } else {
-            self.providers
-                .iter()
-                .find(|p| p.name().eq_ignore_ascii_case(provider))
+            self.find(provider)
                 .cloned()
                 .ok_or_else(|| LlmError::UnknownProvider {
                     name: provider.to_string(),
@@ -118,6 +143,31 @@ impl ProviderRegistry {
             provider: chosen,
             model,
         })
+    }
+
+    /// The providers to try for `resolved`, in order: it first, then the fallback chain.
+    pub fn candidates(&self, resolved: &Resolved) -> Vec<Candidate> {
+        let mut out = vec![Candidate {
+            provider: resolved.provider.clone(),
+            model: resolved.model.clone(),
+        }];
+        for name in &self.fallback.chain {
+            let Some(p) = self.find(name) else { continue };
+            if out.iter().any(|c| Arc::ptr_eq(&c.provider, p)) {
+                continue;
+            }
+            let model = self
+                .fallback
+                .models
+                .get(&p.name().to_ascii_lowercase())
+                .cloned()
+                .unwrap_or_else(|| p.default_model().to_string());
+            out.push(Candidate {
+                provider: p.clone(),
+                model,
+            });
+        }
+        out
     }
 }
 
@@ -142,16 +192,20 @@ mod tests {
         }
     }
 
+    fn build(c: &LlmConfig) -> ProviderRegistry {
+        ProviderRegistry::build(c, &ProviderContext::default()).unwrap_or_default()
+    }
+
     #[test]
     fn default_is_first_in_config_order_unless_named() {
-        let r = ProviderRegistry::from_config(&cfg(&["b", "a"], None));
+        let r = build(&cfg(&["b", "a"], None));
         assert_eq!(
             r.default_provider()
                 .map(|p| p.name().to_string())
                 .as_deref(),
             Some("b")
         );
-        let r = ProviderRegistry::from_config(&cfg(&["b", "a"], Some("A")));
+        let r = build(&cfg(&["b", "a"], Some("A")));
         assert_eq!(
             r.default_provider()
                 .map(|p| p.name().to_string())
@@ -163,7 +217,7 @@ mod tests {
 
     #[test]
     fn resolves_case_insensitively_with_models() {
-        let r = ProviderRegistry::from_config(&cfg(&["echo", "other"], None));
+        let r = build(&cfg(&["echo", "other"], None));
         let x = r.resolve("ECHO", "").map_err(|e| e.to_string());
         assert_eq!(x.as_ref().map(|r| r.model.as_str()), Ok("echo-model"));
         let x = r.resolve("Other", "").map_err(|e| e.to_string());
@@ -179,5 +233,27 @@ mod tests {
             ProviderRegistry::default().resolve("", ""),
             Err(LlmError::NoProviders)
         ));
+    }
+
+    #[test]
+    fn candidates_follow_the_chain_with_fallback_models() {
+        let mut c = cfg(&["a", "b", "c"], None);
+        c.fallback = vec!["c".into(), "A".into(), "b".into(), "zz".into()];
+        c.fallback_models.insert("C".into(), "c-fallback".into());
+        let r = build(&c);
+        let res = r.resolve("a", "").unwrap_or_else(|_| unreachable!());
+        let got: Vec<(String, String)> = r
+            .candidates(&res)
+            .into_iter()
+            .map(|c| (c.provider.name().to_string(), c.model))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".to_string(), "a-model".to_string()),
+                ("c".to_string(), "c-fallback".to_string()),
+                ("b".to_string(), "b-model".to_string())
+            ]
+        );
     }
 }

@@ -10,14 +10,19 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, Prepared};
 use crate::auth::Principal;
-use crate::llm::{ChatRequest, Delta, LlmError, Message, Resolved};
+use crate::llm::fallback::Answer;
+use crate::llm::gateway::{self, PromptCall};
+use crate::llm::{ClientCredentials, Delta, Message};
 use crate::proto::chat_cli_service_server::{ChatCliService, ChatCliServiceServer};
 use crate::proto::*;
 use crate::sessions::SessionData;
-use crate::telemetry::{LlmErrorType, LlmStatus, SessionOperation};
+use crate::telemetry::SessionOperation;
 
 /// Largest `max_tokens` a request may ask for.
 const MAX_TOKENS_LIMIT: i32 = 200_000;
+
+/// About how many bytes of already-waiting text StreamPrompt merges into one message.
+const STREAM_CHUNK_TARGET: usize = 200;
 
 /// The service implementation.
 #[derive(Debug, Clone)]
@@ -89,77 +94,230 @@ fn waits_for(rpc: &str, capability: &str) -> Status {
     ))
 }
 
-/// The fields SendPrompt and StreamPrompt share.
-struct PromptCall {
+/// The fields SendPrompt and StreamPrompt share (two message types with the same fields).
+struct PromptFields {
     prompt: String,
     history: Vec<ChatMessage>,
     max_tokens: i32,
     provider: String,
     model: String,
+    client_api_key: String,
+    provider_config: std::collections::HashMap<String, String>,
 }
 
-impl PromptCall {
-    /// Validates the request and resolves its provider.
-    fn prepare(self, prepared: &Prepared) -> Result<(Resolved, ChatRequest), Status> {
-        if self.prompt.is_empty() {
-            return Err(Status::invalid_argument("prompt cannot be empty"));
-        }
-        let limit = prepared.config.limits.max_prompt_bytes;
-        if self.prompt.len() > limit {
-            return Err(Status::invalid_argument(format!(
-                "validation: prompt is {} bytes; the limit is {limit}",
-                self.prompt.len()
-            )));
-        }
+/// The caller's deadline from the `grpc-timeout` header.
+fn deadline<T>(req: &Request<T>) -> Option<Instant> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
+impl PromptFields {
+    /// Validates the request and turns it into the core call.
+    fn into_call(
+        self,
+        prepared: &Prepared,
+        deadline: Option<Instant>,
+    ) -> Result<PromptCall, Status> {
+        validate_prompt(&self.prompt, prepared)?;
         if !(0..=MAX_TOKENS_LIMIT).contains(&self.max_tokens) {
             return Err(Status::invalid_argument(format!(
                 "validation: max_tokens must be between 0 and {MAX_TOKENS_LIMIT}"
             )));
         }
-        let resolved = prepared
-            .registry
-            .resolve(&self.provider, &self.model)
-            .map_err(|e| e.to_status())?;
-        let mut messages: Vec<Message> = self
-            .history
-            .into_iter()
-            .map(|m| Message {
-                role: m.role,
-                content: m.content,
-            })
-            .collect();
-        messages.push(Message {
-            role: "user".into(),
-            content: self.prompt,
-        });
-        let mut request = ChatRequest::new(messages, resolved.model.clone());
-        request.max_tokens = u32::try_from(self.max_tokens).ok().filter(|n| *n > 0);
-        Ok((resolved, request))
+        Ok(PromptCall {
+            provider: self.provider,
+            model: self.model,
+            history: self
+                .history
+                .into_iter()
+                .map(|m| Message {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
+            prompt: self.prompt,
+            max_tokens: u32::try_from(self.max_tokens).ok().filter(|n| *n > 0),
+            credentials: ClientCredentials::from_request(
+                &self.client_api_key,
+                self.provider_config,
+            ),
+            deadline,
+            ..Default::default()
+        })
+    }
+}
+
+fn validate_prompt(prompt: &str, prepared: &Prepared) -> Result<(), Status> {
+    if prompt.is_empty() {
+        return Err(Status::invalid_argument("prompt cannot be empty"));
+    }
+    let limit = prepared.config.limits.max_prompt_bytes;
+    if prompt.len() > limit {
+        return Err(Status::invalid_argument(format!(
+            "validation: prompt is {} bytes; the limit is {limit}",
+            prompt.len()
+        )));
+    }
+    Ok(())
+}
+
+fn session_reply(
+    kind: session_message::Type,
+    content: String,
+    metadata: std::collections::HashMap<String, String>,
+) -> SessionMessage {
+    SessionMessage {
+        r#type: kind as i32,
+        content,
+        metadata,
     }
 }
 
 impl ChatCliGrpc {
-    fn record_llm(
+    /// One USER_INPUT turn: the history gains the user turn and the answer only when the call
+    /// succeeds, so a failed turn leaves no orphan message.
+    async fn session_turn(
         &self,
-        r: &Resolved,
-        started: Instant,
-        result: Result<Option<crate::llm::Usage>, &LlmError>,
-    ) {
-        let Some(m) = &self.state.metrics else { return };
-        let name = r.provider.name();
-        match result {
-            Ok(usage) => {
-                m.record_llm_request(name, &r.model, LlmStatus::Success, started.elapsed());
-                if let Some(u) = usage {
-                    m.add_llm_tokens(name, &r.model, "prompt", u.prompt_tokens);
-                    m.add_llm_tokens(name, &r.model, "completion", u.completion_tokens);
-                }
-            }
-            Err(_) => {
-                m.record_llm_request(name, &r.model, LlmStatus::Error, started.elapsed());
-                m.record_llm_error(name, &r.model, LlmErrorType::Unknown);
-            }
+        prepared: &Prepared,
+        history: &mut Vec<Message>,
+        msg: SessionMessage,
+    ) -> SessionMessage {
+        use session_message::Type;
+        if let Err(status) = validate_prompt(&msg.content, prepared) {
+            return session_reply(
+                Type::Error,
+                status.message().to_string(),
+                Default::default(),
+            );
         }
+        let meta = |k: &str| msg.metadata.get(k).cloned().unwrap_or_default();
+        let call = PromptCall {
+            provider: meta("provider"),
+            model: meta("model"),
+            history: history.clone(),
+            prompt: msg.content.clone(),
+            credentials: ClientCredentials::from_request(&meta("client_api_key"), Vec::new()),
+            ..Default::default()
+        };
+        let answer = match self.start(prepared, call).await {
+            Ok(a) => a,
+            Err(status) => {
+                return session_reply(
+                    Type::Error,
+                    status.message().to_string(),
+                    Default::default(),
+                );
+            }
+        };
+        match crate::llm::collect(answer.stream).await {
+            Ok((text, _)) => {
+                history.push(Message {
+                    role: "user".into(),
+                    content: msg.content,
+                });
+                history.push(Message {
+                    role: "assistant".into(),
+                    content: text.clone(),
+                });
+                let metadata = [
+                    ("model".to_string(), answer.model),
+                    ("provider".to_string(), answer.provider),
+                ]
+                .into_iter()
+                .collect();
+                session_reply(Type::AssistantResponse, text, metadata)
+            }
+            Err(e) => session_reply(Type::Error, e.to_string(), Default::default()),
+        }
+    }
+
+    /// A remote slash command.
+    async fn command(&self, prepared: &Prepared, raw: &str) -> String {
+        let text = raw.trim();
+        let cmd = text.strip_prefix('/').unwrap_or(text);
+        let c = &prepared.config;
+        let counts = || {
+            let (p, a, s) = (c.plugins_dir(), c.agents_dir(), c.skills_dir());
+            tokio::task::spawn_blocking(move || crate::catalog::count(&p, &a, &s))
+        };
+        match cmd {
+            "" => "Error: empty command".to_string(),
+            "status" => {
+                let reg = &prepared.registry;
+                let n = counts().await.unwrap_or_default();
+                let mut out = format!(
+                    "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  inactive\nPlugins:  {} found (not served by this build)\nAgents:   {} found (not served by this build)\nSkills:   {} found (not served by this build)\nProviders: {}",
+                    crate::VERSION,
+                    reg.default_provider().map(|p| p.name()).unwrap_or("none"),
+                    reg.default_model(),
+                    n.plugins,
+                    n.agents,
+                    n.skills,
+                    reg.names().join(", "),
+                );
+                if !reg.fallback().chain.is_empty() {
+                    out.push_str(&format!(
+                        "\nFallback: configured ({})",
+                        reg.fallback().chain.join(" -> ")
+                    ));
+                }
+                for cd in self.state.cooldowns.snapshot() {
+                    out.push_str(&format!(
+                        "\nCooldown: {} for {}s after {} failure(s) ({})",
+                        cd.provider,
+                        cd.remaining.as_secs().max(1),
+                        cd.failures,
+                        cd.reason
+                    ));
+                }
+                out
+            }
+            "watcher status" => "K8s Watcher: inactive (no watcher configured)".to_string(),
+            "plugins list" => {
+                "No plugin manager configured on this server (the catalog is not in this build)."
+                    .to_string()
+            }
+            "agents list" => {
+                let n = counts().await.unwrap_or_default();
+                format!(
+                    "Agents are not served by this build yet ({} agent file(s) found on the server).",
+                    n.agents
+                )
+            }
+            "skills list" => {
+                let n = counts().await.unwrap_or_default();
+                format!(
+                    "Skills are not served by this build yet ({} skill(s) found on the server).",
+                    n.skills
+                )
+            }
+            _ => format!(
+                "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model and fallback state\n  /watcher status  Kubernetes watcher state\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
+            ),
+        }
+    }
+
+    async fn start(&self, prepared: &Prepared, call: PromptCall) -> Result<Answer, Status> {
+        gateway::start(
+            &prepared.registry,
+            &self.state.cooldowns,
+            self.state.metrics.clone(),
+            None,
+            call,
+        )
+        .await
+        .map_err(|e| e.to_status())
     }
 
     fn session_op(&self, op: SessionOperation) {
@@ -178,23 +336,26 @@ impl ChatCliService for ChatCliGrpc {
         request: Request<SendPromptRequest>,
     ) -> Result<Response<SendPromptResponse>, Status> {
         let prepared = snapshot(&self.state, &request);
+        let deadline = deadline(&request);
         let r = request.into_inner();
-        let call = PromptCall {
+        let call = PromptFields {
             prompt: r.prompt,
             history: r.history,
             max_tokens: r.max_tokens,
             provider: r.provider,
             model: r.model,
-        };
-        let (resolved, chat) = call.prepare(&prepared)?;
-        let started = Instant::now();
-        let result = crate::llm::collect(resolved.provider.stream(chat)).await;
-        self.record_llm(&resolved, started, result.as_ref().map(|(_, u)| *u));
-        let (text, _) = result.map_err(|e| e.to_status())?;
+            client_api_key: r.client_api_key,
+            provider_config: r.provider_config,
+        }
+        .into_call(&prepared, deadline)?;
+        let answer = self.start(&prepared, call).await?;
+        let (text, _) = crate::llm::collect(answer.stream)
+            .await
+            .map_err(|e| e.to_status())?;
         Ok(Response::new(SendPromptResponse {
             response: text,
-            model: resolved.model,
-            provider: resolved.provider.name().to_string(),
+            model: answer.model,
+            provider: answer.provider,
         }))
     }
 
@@ -205,45 +366,48 @@ impl ChatCliService for ChatCliGrpc {
         request: Request<StreamPromptRequest>,
     ) -> Result<Response<Self::StreamPromptStream>, Status> {
         let prepared = snapshot(&self.state, &request);
+        let deadline = deadline(&request);
         let r = request.into_inner();
-        let call = PromptCall {
+        let call = PromptFields {
             prompt: r.prompt,
             history: r.history,
             max_tokens: r.max_tokens,
             provider: r.provider,
             model: r.model,
-        };
-        let (resolved, chat) = call.prepare(&prepared)?;
-        let this = self.clone();
+            client_api_key: r.client_api_key,
+            provider_config: r.provider_config,
+        }
+        .into_call(&prepared, deadline)?;
+        let answer = self.start(&prepared, call).await?;
+        let metrics = self.state.metrics.clone();
         let method = "/chatcli.v1.ChatCLIService/StreamPrompt";
-        // Deltas are forwarded as the provider yields them; dropping this stream (the client went
-        // away) drops the provider stream, which cancels the upstream call.
+        // Deltas go out as the provider yields them (small ones merged only while more text is
+        // already waiting); dropping this stream (the client went away) drops the provider's,
+        // which aborts the upstream request.
+        let Answer {
+            provider,
+            model,
+            stream,
+        } = answer;
+        let mut upstream = crate::llm::chunker::coalesce(stream, STREAM_CHUNK_TARGET);
         let out = async_stream::stream! {
-            let started = Instant::now();
-            let provider = resolved.provider.name().to_string();
-            let model = resolved.model.clone();
-            let mut upstream = resolved.provider.stream(chat);
-            let mut usage = None;
             while let Some(item) = upstream.next().await {
                 match item {
                     Ok(Delta::Text(chunk)) if chunk.is_empty() => {}
                     Ok(Delta::Text(chunk)) => {
-                        if let Some(m) = &this.state.metrics {
+                        if let Some(m) = &metrics {
                             m.stream_message_sent(method);
                         }
                         yield Ok(StreamPromptResponse { chunk, done: false, model: model.clone(), provider: provider.clone() });
                     }
-                    Ok(Delta::Usage(u)) => usage = Some(u),
-                    Ok(Delta::Finish(_)) => {}
+                    Ok(_) => {}
                     Err(e) => {
-                        this.record_llm(&resolved, started, Err(&e));
                         yield Err(e.to_status());
                         return;
                     }
                 }
             }
-            this.record_llm(&resolved, started, Ok(usage));
-            if let Some(m) = &this.state.metrics {
+            if let Some(m) = &metrics {
                 m.stream_message_sent(method);
             }
             yield Ok(StreamPromptResponse { chunk: String::new(), done: true, model, provider });
@@ -255,12 +419,46 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn interactive_session(
         &self,
-        _request: Request<tonic::Streaming<SessionMessage>>,
+        request: Request<tonic::Streaming<SessionMessage>>,
     ) -> Result<Response<Self::InteractiveSessionStream>, Status> {
-        Err(waits_for(
-            "InteractiveSession",
-            "issue #5 (LLM providers and InteractiveSession)",
-        ))
+        let prepared = snapshot(&self.state, &request);
+        let mut inbound = request.into_inner();
+        let this = self.clone();
+        let method = "/chatcli.v1.ChatCLIService/InteractiveSession";
+        let out = async_stream::stream! {
+            let _active = this.state.metrics.as_ref().map(|m| m.session_started());
+            let mut history: Vec<Message> = Vec::new();
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "interactive session ended by the client");
+                        break;
+                    }
+                };
+                if let Some(m) = &this.state.metrics {
+                    m.stream_message_received(method);
+                }
+                let reply = match session_message::Type::try_from(msg.r#type) {
+                    Ok(session_message::Type::UserInput) => this.session_turn(&prepared, &mut history, msg).await,
+                    Ok(session_message::Type::Command) => session_reply(
+                        session_message::Type::CommandResult,
+                        this.command(&prepared, &msg.content).await,
+                        Default::default(),
+                    ),
+                    other => {
+                        tracing::debug!(kind = ?other, "ignored interactive message type");
+                        continue;
+                    }
+                };
+                if let Some(m) = &this.state.metrics {
+                    m.stream_message_sent(method);
+                }
+                yield Ok(reply);
+            }
+        };
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn list_sessions(

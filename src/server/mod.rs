@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-pub use state::{AppState, Prepared};
+pub use state::{AppState, Prepared, preflight};
 
 /// The sockets the server serves, bound by the caller.
 #[derive(Debug)]
@@ -70,6 +70,9 @@ pub enum ServerError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Parts of the config could not be prepared (e.g. a provider without its key).
+    #[error("configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
     /// The metrics registry could not be built.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -111,6 +114,10 @@ pub async fn run(
         }
     }
     state.set_listening(true);
+    let checks = {
+        let state = state.clone();
+        tokio::spawn(async move { state.check_providers().await })
+    };
     crate::systemd::ready(&format!("serving on {main_addr}"));
     let watchdog = crate::systemd::watchdog_interval().map(|every| {
         let stop = shutdown.clone();
@@ -154,6 +161,7 @@ pub async fn run(
     if let Some(w) = watchdog {
         w.abort();
     }
+    checks.abort();
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

@@ -12,6 +12,7 @@ use super::ServerError;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::llm::ProviderRegistry;
+use crate::llm::fallback::Cooldowns;
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;
 
@@ -27,16 +28,22 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Prepares the state of a validated config.
-    pub fn new(config: Config) -> Self {
-        let registry = ProviderRegistry::from_config(&config.llm);
+    /// Prepares the state of a validated config; the errors name each part that cannot be built.
+    pub fn new(config: Config) -> Result<Self, Vec<String>> {
+        let ctx = crate::llm::ProviderContext::from_config(&config.llm).map_err(|e| vec![e])?;
+        let registry = ProviderRegistry::build(&config.llm, &ctx)?;
         let auth = Authenticator::new(config.auth.token.as_ref().map(|t| t.expose()));
-        Self {
+        Ok(Self {
             config,
             registry,
             auth,
-        }
+        })
     }
+}
+
+/// Checks that `config` can be prepared (every provider builds), without serving it.
+pub fn preflight(config: &Config) -> Result<(), Vec<String>> {
+    Prepared::new(config.clone()).map(|_| ())
 }
 
 /// See the module docs.
@@ -47,8 +54,12 @@ pub struct AppState {
     pub sessions: SessionStore,
     /// Metrics, when the metrics listener is on.
     pub metrics: Option<Arc<Metrics>>,
+    /// Cooldowns of the fallback chain (kept across reloads).
+    pub cooldowns: Cooldowns,
     listening: AtomicBool,
     draining: AtomicBool,
+    /// Providers whose start-up check failed, with the reason (e.g. Ollama lacks the model).
+    unready: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// When the server started.
     pub started: Instant,
 }
@@ -57,7 +68,7 @@ impl AppState {
     /// Prepares the state; metrics objects exist only when `with_metrics`.
     pub fn new(config: Config, with_metrics: bool) -> Result<Self, ServerError> {
         let sessions = SessionStore::new(config.sessions_dir());
-        let prepared = Prepared::new(config);
+        let prepared = Prepared::new(config).map_err(ServerError::Config)?;
         let metrics = match with_metrics {
             true => {
                 let m = Metrics::new()?;
@@ -78,7 +89,9 @@ impl AppState {
             prepared: ArcSwap::from_pointee(prepared),
             sessions,
             metrics,
+            cooldowns: Cooldowns::default(),
             listening: AtomicBool::new(false),
+            unready: Default::default(),
             draining: AtomicBool::new(false),
             started: Instant::now(),
         })
@@ -105,7 +118,7 @@ impl AppState {
     }
 
     /// Why the server is not ready, or `None` when it is: config loaded, listener up, not draining,
-    /// and at least one provider usable.
+    /// and at least one provider usable (configured and past its start-up check).
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if !self.listening.load(Ordering::SeqCst) {
             return Some("listener not up");
@@ -113,9 +126,44 @@ impl AppState {
         if self.is_draining() {
             return Some("draining");
         }
-        if self.prepared().registry.is_empty() {
+        let prepared = self.prepared();
+        if prepared.registry.is_empty() {
             return Some("no LLM provider configured");
         }
+        let unready = self
+            .unready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if prepared
+            .registry
+            .names()
+            .iter()
+            .all(|n| unready.contains_key(n))
+        {
+            return Some("no LLM provider passed its start-up check");
+        }
         None
+    }
+
+    /// Runs every provider's start-up check and remembers the failures (logged with their reason).
+    pub async fn check_providers(&self) {
+        let prepared = self.prepared();
+        for p in prepared.registry.providers() {
+            if let Err(why) = p.check_ready().await {
+                tracing::warn!(provider = p.name(), "provider is not ready: {why}");
+                self.unready
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(p.name().to_string(), why);
+            }
+        }
+    }
+
+    /// Providers whose start-up check failed, with the reason.
+    pub fn unready_providers(&self) -> std::collections::BTreeMap<String, String> {
+        self.unready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }

@@ -17,6 +17,9 @@ const GRPC_DURATION_BUCKETS: &[f64] =
     &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 const LLM_DURATION_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 
+/// Buckets of `chatcli_llm_time_to_first_token_seconds`.
+const TTFT_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
+
 /// Outcome of one provider call, the `status` label of `chatcli_llm_requests_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LlmStatus {
@@ -106,6 +109,8 @@ pub struct Metrics {
     llm_duration: HistogramVec,
     llm_errors: IntCounterVec,
     llm_tokens: IntCounterVec,
+    llm_ttft: HistogramVec,
+    llm_fallback: IntCounterVec,
     session_active: IntGauge,
     session_operations: IntCounterVec,
     server_info: IntGaugeVec,
@@ -187,6 +192,19 @@ impl Metrics {
                 "chatcli_llm_tokens_used_total",
                 "Tokens used by LLM provider calls, by token type.",
                 &["provider", "model", "type"],
+            )?,
+            llm_ttft: histogram_vec(
+                &registry,
+                "chatcli_llm_time_to_first_token_seconds",
+                "Time from sending a provider call to its first answer delta, in seconds.",
+                &["provider", "model"],
+                TTFT_BUCKETS,
+            )?,
+            llm_fallback: counter_vec(
+                &registry,
+                "chatcli_llm_fallback_total",
+                "Calls handed from one provider of the fallback chain to the next, by reason.",
+                &["from", "to", "reason"],
             )?,
             session_active: register(
                 &registry,
@@ -292,6 +310,20 @@ impl Metrics {
         self.llm_tokens
             .with_label_values(&[provider, model, token_type])
             .inc_by(count);
+    }
+
+    /// Observes the time to the first delta of a provider call.
+    pub fn observe_ttft(&self, provider: &str, model: &str, elapsed: Duration) {
+        self.llm_ttft
+            .with_label_values(&[provider, model])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one hand-over in the fallback chain.
+    pub fn record_fallback(&self, from: &str, to: &str, reason: &str) {
+        self.llm_fallback
+            .with_label_values(&[from, to, reason])
+            .inc();
     }
 
     /// Counts an open InteractiveSession stream until the returned guard is dropped.

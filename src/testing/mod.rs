@@ -395,6 +395,9 @@ fn stream_answer(shared: Arc<Shared>, steps: Vec<Step>, usage: Option<Usage>) ->
                 Step::AwaitRelease => await_release(&shared).await,
                 Step::Drop => {
                     guard.finished = true;
+                    // Let what was written reach the client first: hyper may still hold the
+                    // headers and the last piece in its buffer, and an error discards them.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     yield Err(std::io::Error::other("fake drops the connection"));
                     return;
                 }

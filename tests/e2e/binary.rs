@@ -13,7 +13,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
-    BinaryServer, HANG_GUARD, chatcli_command, collect_stream, connect, demo_config, stream_request,
+    BearerToken, BinaryServer, HANG_GUARD, chatcli_command, collect_stream, connect, demo_config,
+    list_services, stream_request,
 };
 
 /// `chatcli` with a controlled environment, as an assert_cmd command bounded by [`HANG_GUARD`].
@@ -265,5 +266,83 @@ async fn sigterm_exits_after_the_grace_period() {
     assert!(
         !matches!(next, Ok(Some(ref m)) if m.done),
         "the stream claims completion: {next:?}"
+    );
+}
+
+#[tokio::test]
+async fn second_sigterm_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = slow_echo_config(dir.path(), "5s");
+    let mut server = BinaryServer::start(&config, &["--shutdown-grace", "60s"]);
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    let mut stream = client
+        .stream_prompt(stream_request("a slow answer that would outlast the test"))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(HANG_GUARD, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("no first chunk");
+    server.terminate();
+    server.wait_for_log("draining").await;
+    server.terminate();
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "a second SIGTERM did not end a 60s drain; stderr:\n{}",
+                server.stderr()
+            )
+        });
+    assert_eq!(status.code(), Some(70), "stderr:\n{}", server.stderr());
+}
+
+#[tokio::test]
+async fn token_and_reflection_switch_come_from_the_environment() {
+    let server = BinaryServer::start_with_env(
+        &demo_config(),
+        &["--enable-reflection"],
+        &[
+            ("CHATCLI_SERVER_TOKEN", "topsecret"),
+            ("CHATCLI_GRPC_REFLECTION", "true"),
+        ],
+    );
+    let channel = connect(server.addr).await;
+    let err = ChatCliServiceClient::new(channel.clone())
+        .send_prompt(chatcli::proto::SendPromptRequest {
+            prompt: "hello".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let mut authed = ChatCliServiceClient::with_interceptor(
+        channel.clone(),
+        BearerToken(Some("topsecret".into())),
+    );
+    let r = authed
+        .send_prompt(chatcli::proto::SendPromptRequest {
+            prompt: "hello".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.response, "hello");
+
+    let err = list_services(channel.clone(), None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let services = list_services(channel, Some("topsecret")).await.unwrap();
+    assert!(
+        services.iter().any(|s| s == "chatcli.v1.ChatCLIService"),
+        "{services:?}"
+    );
+    assert!(
+        !server.stderr().contains("topsecret"),
+        "the token leaked into the log:\n{}",
+        server.stderr()
     );
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use chatcli::config::Secret;
 use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
 use chatcli::proto::{
-    ChatMessage, GetAlertsRequest, GetServerInfoRequest, HealthRequest, ListRemotePluginsRequest,
-    SendPromptRequest, SessionMessage, health_response,
+    AppendEventRequest, ChatMessage, DownloadPluginRequest, GetAlertsRequest, GetServerInfoRequest,
+    HealthRequest, ListRemotePluginsRequest, SendPromptRequest, health_response,
 };
 use futures::StreamExt;
 use tonic::Code;
@@ -16,14 +16,10 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 use crate::support::{
     HANG_GUARD, TestServer, collect_stream, echo_config, echo_config_with_delay, echo_provider,
-    http_client, stream_request,
+    http_client, list_services, stream_request,
 };
 
 const SERVICE: &str = "chatcli.v1.ChatCLIService";
@@ -122,7 +118,10 @@ async fn server_info_reports_providers_and_catalog_counts() {
 
 #[tokio::test]
 async fn stream_prompt_echoes_in_chunks() {
-    let mut s = TestServer::start().await;
+    // A short pause between words: a server may merge deltas that are ready together, but must
+    // forward each one that arrives on its own.
+    let mut s =
+        TestServer::start_with(echo_config_with_delay(Some(Duration::from_millis(25)))).await;
     let prompt = "one two three four";
     let mut stream = s
         .client
@@ -235,6 +234,34 @@ async fn stream_prompt_rejects_invalid_requests() {
 }
 
 #[tokio::test]
+async fn prompt_size_limit_is_enforced() {
+    let mut config = echo_config();
+    config.limits.max_prompt_bytes = 16;
+    let mut s = TestServer::start_with(config).await;
+    let err = s
+        .client
+        .send_prompt(send_request(&"y".repeat(17)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("validation:"), "{err:?}");
+    let err = s
+        .client
+        .stream_prompt(stream_request(&"y".repeat(17)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let ok = s
+        .client
+        .send_prompt(send_request(&"y".repeat(16)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.response.len(), 16);
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn send_prompt_returns_the_echo_with_provider_and_model() {
     let mut s = TestServer::start().await;
     let mut req = send_request("what is the answer?");
@@ -343,29 +370,6 @@ async fn token_auth_guards_everything_but_health() {
     s.shutdown().await;
 }
 
-/// The services listed by reflection, or the status of the attempt.
-async fn list_services(channel: Channel) -> Result<Vec<String>, tonic::Status> {
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(futures::stream::iter([request]))
-        .await?
-        .into_inner();
-    let first = responses
-        .next()
-        .await
-        .ok_or_else(|| tonic::Status::unknown("no reflection response"))??;
-    match first.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            Ok(list.service.into_iter().map(|s| s.name).collect())
-        }
-        other => panic!("unexpected reflection answer: {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn reflection_needs_both_switches() {
     for (flag, env) in [(false, false), (true, false), (false, true)] {
@@ -373,7 +377,7 @@ async fn reflection_needs_both_switches() {
         config.server.reflection = flag;
         config.server.reflection_env = env;
         let s = TestServer::start_with(config).await;
-        let err = list_services(s.channel.clone()).await.unwrap_err();
+        let err = list_services(s.channel.clone(), None).await.unwrap_err();
         assert_eq!(
             err.code(),
             Code::Unimplemented,
@@ -386,7 +390,7 @@ async fn reflection_needs_both_switches() {
     config.server.reflection = true;
     config.server.reflection_env = true;
     let s = TestServer::start_with(config).await;
-    let services = list_services(s.channel.clone()).await.unwrap();
+    let services = list_services(s.channel.clone(), None).await.unwrap();
     for want in [SERVICE, "grpc.health.v1.Health"] {
         assert!(
             services.iter().any(|s| s == want),
@@ -415,20 +419,30 @@ async fn unbuilt_rpcs_say_what_they_wait_for() {
                 .unwrap_err(),
         ),
     ];
-    let input = futures::stream::iter([SessionMessage {
-        content: "hi".into(),
-        ..SessionMessage::default()
-    }]);
-    let interactive = match s.client.interactive_session(input).await {
+    // A server-streaming one: the status may come with the headers or as the first item.
+    let download = match s
+        .client
+        .download_plugin(DownloadPluginRequest {
+            plugin_name: "tool".into(),
+            ..DownloadPluginRequest::default()
+        })
+        .await
+    {
         Err(status) => status,
         Ok(resp) => resp
             .into_inner()
             .next()
             .await
-            .expect("InteractiveSession ended without a status")
-            .expect_err("InteractiveSession answered"),
+            .expect("DownloadPlugin ended without a status")
+            .expect_err("DownloadPlugin answered"),
     };
-    errors.push(("InteractiveSession", interactive));
+    errors.push(("DownloadPlugin", download));
+    let append = s
+        .client
+        .append_event(AppendEventRequest::default())
+        .await
+        .unwrap_err();
+    errors.push(("AppendEvent", append));
     for (rpc, err) in errors {
         assert_eq!(err.code(), Code::Unimplemented, "{rpc}: {err:?}");
         assert!(

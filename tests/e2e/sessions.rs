@@ -35,6 +35,12 @@ fn load(name: &str) -> LoadSessionRequest {
 async fn sessions_round_trip_v1_and_v2() {
     let mut s = TestServer::start().await;
     let c = &mut s.client;
+    let list = c
+        .list_sessions(ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.sessions.is_empty(), "fresh data dir: {list:?}");
 
     let v1 = vec![msg("user", "hello"), msg("assistant", "hi there")];
     let saved = c
@@ -174,7 +180,13 @@ async fn files_written_by_the_local_chatcli_load() {
     let data = legacy.session_data.unwrap();
     assert_eq!(data.version, 2);
     assert_eq!(data.chat_history, want);
-    // Loading again (the file may have been migrated to v2 meanwhile) gives the same answer.
+    // The legacy file was rewritten as a private v2 object that keeps the messages.
+    let path = dir.join("legacy.json");
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(file["version"], 2, "{file}");
+    assert_eq!(file["chat_history"][1]["content"], "hello", "{file}");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
     let again = s
         .client
         .load_session(load("legacy"))

@@ -85,6 +85,52 @@ pub async fn collect_stream(
     out
 }
 
+/// Adds `authorization: Bearer <token>` to every call when a token is given.
+#[derive(Clone)]
+pub struct BearerToken(pub Option<String>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+/// The services listed by gRPC reflection (v1), or the status of the attempt.
+pub async fn list_services(
+    channel: Channel,
+    token: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut client =
+        ServerReflectionClient::with_interceptor(channel, BearerToken(token.map(String::from)));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await?
+        .into_inner();
+    let first = responses
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unknown("no reflection response"))?;
+    match first.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("unexpected reflection answer: {other:?}"),
+    }
+}
+
 /// A reqwest client for plain HTTP.
 pub fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -213,6 +259,11 @@ impl TestServer {
         )
     }
 
+    /// Starts the drain (what SIGTERM does) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Cancels the server and waits for `run` to return `Ok`.
     pub async fn shutdown(self) {
         drop(self.client);
@@ -250,10 +301,16 @@ impl BinaryServer {
     /// Runs `chatcli server --config <config> --port 0 --metrics-port 0 <extra>` with a fresh
     /// `HOME` and `CHATCLI_DATA_DIR`, and waits for its listening line.
     pub fn start(config: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(config, extra, &[])
+    }
+
+    /// [`BinaryServer::start`] with extra environment variables.
+    pub fn start_with_env(config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let home = tempfile::tempdir().unwrap();
         let data_dir = home.path().join("data");
         let mut child = chatcli_command(home.path())
             .env("CHATCLI_DATA_DIR", &data_dir)
+            .envs(env.iter().copied())
             .arg("server")
             .arg("--config")
             .arg(config)

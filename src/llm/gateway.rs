@@ -1,0 +1,167 @@
+//! The one prompt call behind every surface (SendPrompt, StreamPrompt, InteractiveSession, and the
+//! HTTP APIs): resolve the provider, apply the caller's credentials or the fallback chain, compose
+//! the upstream conversation, and count the call in the LLM metrics when its stream ends.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+
+use super::compose::compose;
+use super::fallback::{self, Answer, Candidate, Cooldowns};
+use super::{ChatRequest, ClientCredentials, Delta, LlmError, Message, ProviderRegistry};
+use crate::telemetry::{LlmErrorType, LlmStatus, Metrics};
+
+/// One prompt, as any surface receives it.
+#[derive(Debug, Clone, Default)]
+pub struct PromptCall {
+    /// Provider name; empty = the default.
+    pub provider: String,
+    /// Model; empty = the provider's default (or the server default for the default provider).
+    pub model: String,
+    /// Earlier turns, oldest first.
+    pub history: Vec<Message>,
+    /// The new user turn.
+    pub prompt: String,
+    /// Generation bounds and sampling, passed through.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    pub top_p: Option<f32>,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// What the caller forwarded (`client_api_key`, `provider_config`).
+    pub credentials: Option<ClientCredentials>,
+    /// The caller's deadline.
+    pub deadline: Option<Instant>,
+}
+
+/// Starts a prompt: returns once a provider has produced its first delta (or every candidate
+/// failed). Server context (e.g. the watcher's summary) is added by [`compose`].
+pub async fn start(
+    registry: &ProviderRegistry,
+    cooldowns: &Cooldowns,
+    metrics: Option<Arc<Metrics>>,
+    context: Option<&str>,
+    call: PromptCall,
+) -> Result<Answer, LlmError> {
+    let resolved = registry.resolve(&call.provider, &call.model)?;
+    let candidates = match &call.credentials {
+        // Forwarded credentials belong to the provider the caller named: no fallback.
+        Some(creds) => vec![Candidate {
+            provider: resolved.provider.with_client_credentials(creds).await?,
+            model: resolved.model.clone(),
+        }],
+        None => registry.candidates(&resolved),
+    };
+    let mut request = ChatRequest::new(
+        compose(context, call.history, &call.prompt),
+        resolved.model.clone(),
+    );
+    request.max_tokens = call.max_tokens;
+    request.temperature = call.temperature;
+    request.top_p = call.top_p;
+    request.stop = call.stop;
+    let started = Instant::now();
+    let result = fallback::start(
+        candidates,
+        request,
+        registry.fallback(),
+        cooldowns,
+        metrics.as_deref(),
+        call.deadline,
+    )
+    .await;
+    match (result, metrics) {
+        (Ok(answer), Some(m)) => Ok(instrument(answer, m, started)),
+        (Ok(answer), None) => Ok(answer),
+        (Err(e), Some(m)) => {
+            let model = resolved.model.as_str();
+            let name = resolved.provider.name();
+            m.record_llm_request(name, model, LlmStatus::Error, started.elapsed());
+            m.record_llm_error(name, model, error_type(&e));
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// The existing ChatCLI's `error_type` label for an error.
+pub fn error_type(e: &LlmError) -> LlmErrorType {
+    use super::ErrorClass::*;
+    match e.as_upstream().map(|u| u.class) {
+        Some(RateLimit) => LlmErrorType::RateLimit,
+        Some(Timeout) => LlmErrorType::Timeout,
+        Some(Auth) => LlmErrorType::AuthError,
+        Some(Server) => LlmErrorType::ServerError,
+        _ => LlmErrorType::Unknown,
+    }
+}
+
+/// Counts the call when its stream ends: success with tokens, error by type, or cancelled when the
+/// caller drops it first.
+fn instrument(answer: Answer, metrics: Arc<Metrics>, started: Instant) -> Answer {
+    struct Record {
+        metrics: Arc<Metrics>,
+        provider: String,
+        model: String,
+        started: Instant,
+        done: bool,
+    }
+    impl Drop for Record {
+        fn drop(&mut self) {
+            if !self.done {
+                self.metrics.record_llm_request(
+                    &self.provider,
+                    &self.model,
+                    LlmStatus::Error,
+                    self.started.elapsed(),
+                );
+                self.metrics
+                    .record_llm_error(&self.provider, &self.model, LlmErrorType::Canceled);
+            }
+        }
+    }
+    let Answer {
+        provider,
+        model,
+        stream,
+    } = answer;
+    let mut rec = Record {
+        metrics,
+        provider: provider.clone(),
+        model: model.clone(),
+        started,
+        done: false,
+    };
+    let mut inner = stream;
+    let out = async_stream::stream! {
+        while let Some(item) = inner.next().await {
+            match &item {
+                Ok(Delta::Usage(u)) => {
+                    rec.metrics.add_llm_tokens(&rec.provider, &rec.model, "prompt", u.prompt_tokens);
+                    rec.metrics.add_llm_tokens(&rec.provider, &rec.model, "completion", u.completion_tokens);
+                }
+                Err(e) => {
+                    rec.done = true;
+                    rec.metrics.record_llm_request(&rec.provider, &rec.model, LlmStatus::Error, rec.started.elapsed());
+                    rec.metrics.record_llm_error(&rec.provider, &rec.model, error_type(e));
+                }
+                _ => {}
+            }
+            let failed = item.is_err();
+            yield item;
+            if failed {
+                return;
+            }
+        }
+        rec.done = true;
+        rec.metrics.record_llm_request(&rec.provider, &rec.model, LlmStatus::Success, rec.started.elapsed());
+    };
+    Answer {
+        provider,
+        model,
+        stream: Box::pin(out),
+    }
+}
