@@ -42,7 +42,8 @@ pub fn client(opts: &HttpOptions) -> Result<reqwest::Client, LlmError> {
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("chatcli/", env!("CARGO_PKG_VERSION")));
     if let Some((host, addrs)) = &opts.pin {
-        b = b.resolve_to_addrs(host, addrs);
+        // An environment proxy would look the name up itself and defeat the pin.
+        b = b.resolve_to_addrs(host, addrs).no_proxy();
     }
     b.build()
         .map_err(|e| LlmError::InvalidRequest(format!("cannot build an HTTP client: {e}")))
@@ -108,9 +109,23 @@ async fn read_bounded(resp: reqwest::Response, limit: usize) -> String {
 
 /// Classifies a reqwest transport error (never an HTTP status: those are handled in [`send`]).
 pub fn transport_error(provider: &str, e: &reqwest::Error) -> LlmError {
+    // reqwest marks every failed body read as a decode error; only a decode error that did not come
+    // from the connection (hyper or I/O underneath) is the upstream speaking garbage.
+    let from_connection = {
+        let mut source = std::error::Error::source(e);
+        let mut found = false;
+        while let Some(s) = source {
+            if s.is::<hyper::Error>() || s.is::<std::io::Error>() {
+                found = true;
+                break;
+            }
+            source = s.source();
+        }
+        found
+    };
     let class = if e.is_timeout() {
         ErrorClass::Timeout
-    } else if e.is_decode() {
+    } else if e.is_decode() && !from_connection {
         ErrorClass::Malformed
     } else {
         ErrorClass::Transport

@@ -784,4 +784,52 @@ mod tests {
         assert!(!model_matches("llama3", "llama3:8b"));
         assert!(!model_matches("llama", "llama3:latest"));
     }
+
+    #[tokio::test]
+    async fn probe_chain() {
+        fn broke_off(e: &reqwest::Error) -> bool {
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                if s.is::<std::io::Error>() || s.is::<hyper::Error>() {
+                    return true;
+                }
+                source = s.source();
+            }
+            false
+        }
+        let fake = fake(&[]).await;
+        fake.push(Reply::steps(vec![Step::Text("partial".into()), Step::Drop]));
+        let resp = reqwest::Client::new()
+            .post(format!("{}/api/chat", fake.base_url()))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let mut bs = resp.bytes_stream();
+        let mut err = None;
+        while let Some(x) = bs.next().await {
+            if let Err(e) = x {
+                err = Some(e);
+            }
+        }
+        let e = err.unwrap();
+        eprintln!(
+            "PROBE decode={} body={} broke_off={}",
+            e.is_decode(),
+            e.is_body(),
+            broke_off(&e)
+        );
+        let bad = reqwest::Client::new()
+            .post(format!("{}/api/chat", fake.base_url()))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let je = bad.json::<Vec<u8>>().await.unwrap_err();
+        eprintln!(
+            "PROBE json decode={} broke_off={}",
+            je.is_decode(),
+            broke_off(&je)
+        );
+    }
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use super::AppState;
+use super::{AppState, Prepared};
 use crate::telemetry::GrpcMetricsLayer;
 
 type GrpcService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
@@ -55,19 +55,57 @@ fn known_methods() -> Vec<String> {
     out
 }
 
+/// The gRPC side: metrics outermost (so refused calls are counted too), then auth, then the routes.
 fn grpc_service(state: &AppState, routes: tonic::service::Routes) -> GrpcService {
     let router = routes.into_axum_router();
+    let authorized = tower::service_fn(move |mut req: Request<Incoming>| {
+        let router = router.clone();
+        async move {
+            if !authorize(&mut req) {
+                return Ok::<_, Infallible>(unauthenticated(true));
+            }
+            router.oneshot(req).await
+        }
+    });
     match &state.metrics {
         Some(m) => {
             let layered = tower::ServiceBuilder::new()
                 .layer(GrpcMetricsLayer::new(m.clone()).with_known_methods(known_methods()))
-                .service(router);
+                .service(authorized);
             BoxCloneSyncService::new(ServiceExt::<Request<Incoming>>::map_response(
                 layered,
                 |r| r.map(Body::new),
             ))
         }
-        None => BoxCloneSyncService::new(router),
+        None => BoxCloneSyncService::new(authorized),
+    }
+}
+
+/// Resolves the caller with the request's snapshot and puts the principal into the extensions;
+/// `false` when the call must be refused (the reason goes to the log only).
+fn authorize(req: &mut Request<Incoming>) -> bool {
+    let Some(prepared) = req.extensions().get::<Arc<Prepared>>().cloned() else {
+        return false;
+    };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match prepared.auth.authenticate(authorization) {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            true
+        }
+        Err(_) if crate::auth::is_exempt(req.uri().path()) => true,
+        Err(e) => {
+            let peer = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_default();
+            tracing::warn!(peer = %peer, path = req.uri().path(), reason = %e, "authentication failed");
+            false
+        }
     }
 }
 
@@ -148,33 +186,19 @@ async fn dispatch(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let prepared = state.prepared();
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    let principal = match prepared.auth.authenticate(authorization) {
-        Ok(p) => Some(p),
-        Err(_) if crate::auth::is_exempt(req.uri().path()) => None,
-        Err(e) => {
-            tracing::warn!(peer = %remote.ip(), path = req.uri().path(), reason = %e, "authentication failed");
-            return Ok(unauthenticated(is_grpc));
-        }
-    };
     let ext = req.extensions_mut();
     ext.insert(tonic::transport::server::TcpConnectInfo {
         local_addr: local,
         remote_addr: Some(remote),
     });
     ext.insert(axum::extract::ConnectInfo(remote));
-    if let Some(p) = principal {
-        ext.insert(p);
-    }
-    ext.insert(prepared);
+    ext.insert(state.prepared());
     if is_grpc {
         grpc.oneshot(req).await
-    } else {
+    } else if authorize(&mut req) {
         http.oneshot(req).await
+    } else {
+        Ok(unauthenticated(false))
     }
 }
 

@@ -96,11 +96,14 @@ pub async fn run(
         .set_serving::<crate::proto::chat_cli_service_server::ChatCliServiceServer<grpc::ChatCliGrpc>>()
         .await;
 
+    // The metrics listener outlives the drain, so /readyz can say "draining" and in-flight calls can
+    // still be scraped; it stops once the main listener is done.
+    let metrics_stop = CancellationToken::new();
     let metrics_task = match (listeners.metrics, &state.metrics) {
         (Some(l), Some(_)) => Some(tokio::spawn(metrics_http::serve(
             l,
             state.clone(),
-            shutdown.clone(),
+            metrics_stop.clone(),
         ))),
         _ => None,
     };
@@ -162,6 +165,7 @@ pub async fn run(
         w.abort();
     }
     checks.abort();
+    metrics_stop.cancel();
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

@@ -105,7 +105,6 @@ async fn readyz_is_unavailable_without_providers() {
 }
 
 #[tokio::test]
-#[ignore = "bug: calls refused by auth never reach the metrics layer, so chatcli_grpc_requests_total has no code=\"Unauthenticated\" series (src/server/listener.rs dispatch answers before the GrpcMetricsLayer)"]
 async fn metrics_count_calls_refused_by_auth() {
     let mut config = echo_config();
     config.auth.token = Some(chatcli::config::Secret::new("s3cret"));
@@ -177,7 +176,6 @@ async fn metrics_do_not_grow_a_series_per_unknown_path() {
 }
 
 #[tokio::test]
-#[ignore = "bug: the metrics listener stops at the start of the drain (src/server/mod.rs passes the shutdown token to metrics_http::serve), so /readyz never answers 503 \"draining\" and /metrics cannot be scraped while in-flight calls finish"]
 async fn readyz_reports_the_drain() {
     let config = echo_config_with_delay(Some(std::time::Duration::from_secs(2)));
     let mut s = TestServer::start_with_metrics(config).await;
