@@ -168,9 +168,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
     if config.audit.path.is_some() {
         later("audit.path", "issue #6 (audit log)");
     }
-    if !config.llm.fallback.is_empty() {
-        later("llm.fallback", "issue #5 (fallback chain)");
-    }
     if config.server.allow_no_auth {
         later("server.allow_no_auth", "issue #6 (auth)");
     }
@@ -185,14 +182,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
             "catalog.mcp_config",
             "the catalog capability (not scheduled yet)",
         );
-    }
-    for p in &config.llm.providers {
-        if ProviderKind::parse(&p.kind).is_some_and(|k| k != ProviderKind::Echo) {
-            w.push(format!(
-                "provider `{}` of kind `{}`: calls answer UNIMPLEMENTED until issue #5 (LLM providers) lands",
-                p.name, p.kind
-            ));
-        }
     }
     w
 }

@@ -115,14 +115,6 @@ pub enum LlmError {
     /// The caller's request is wrong (bad `provider_config`, refused URL, bad key prefix…).
     #[error("{0}")]
     InvalidRequest(String),
-    /// The provider kind is not in this build yet.
-    #[error("provider kind `{kind}` is not in this build yet: it waits for {waits_for}")]
-    NotImplemented {
-        /// The kind.
-        kind: String,
-        /// The issue it waits for.
-        waits_for: &'static str,
-    },
     /// One provider failed.
     #[error("LLM error: {0}")]
     Upstream(UpstreamError),
@@ -160,7 +152,6 @@ impl LlmError {
                 Status::invalid_argument(msg)
             }
             LlmError::NoProviders | LlmError::AllFailed(_) => Status::unavailable(msg),
-            LlmError::NotImplemented { .. } => Status::unimplemented(msg),
             LlmError::Upstream(u) => match u.class {
                 ErrorClass::RateLimit => Status::resource_exhausted(msg),
                 ErrorClass::Timeout => Status::deadline_exceeded(msg),
@@ -182,7 +173,7 @@ impl LlmError {
             LlmError::Upstream(u) => u.class.as_str(),
             LlmError::AllFailed(_) => "all_failed",
             LlmError::InvalidRequest(_) | LlmError::UnknownProvider { .. } => "invalid_request",
-            LlmError::NoProviders | LlmError::NotImplemented { .. } => "unavailable",
+            LlmError::NoProviders => "unavailable",
         }
     }
 }

@@ -239,37 +239,6 @@ pub fn build_provider(
         ProviderKind::Anthropic => anthropic::build(cfg, ctx),
         ProviderKind::Gemini => gemini::build(cfg, ctx),
         ProviderKind::Ollama => ollama::build(cfg, ctx),
-        ProviderKind::StackSpot => Ok(Arc::new(PendingProvider {
-            name: cfg.name.clone(),
-            kind: ProviderKind::StackSpot,
-            model: cfg.agent_id.clone().unwrap_or_default(),
-        })),
-    }
-}
-
-/// A configured provider whose kind is not in this build yet: every call answers `UNIMPLEMENTED`.
-#[derive(Debug)]
-pub struct PendingProvider {
-    name: String,
-    kind: ProviderKind,
-    model: String,
-}
-
-impl Provider for PendingProvider {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn kind(&self) -> ProviderKind {
-        self.kind
-    }
-    fn default_model(&self) -> &str {
-        &self.model
-    }
-    fn stream(&self, _request: ChatRequest) -> DeltaStream {
-        let err = LlmError::NotImplemented {
-            kind: self.kind.as_str().to_string(),
-            waits_for: "issue #5 (LLM providers)",
-        };
-        Box::pin(futures::stream::once(async move { Err(err) }))
+        ProviderKind::StackSpot => stackspot::build(cfg, ctx),
     }
 }
