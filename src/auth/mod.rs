@@ -5,34 +5,90 @@
 use subtle::ConstantTimeEq;
 
 /// How a principal proved who it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthMethod {
     /// No auth configured.
     None,
-    /// A bearer token.
+    /// A bearer token (shared or named).
     Token,
+    /// A JSON Web Token.
+    Jwt,
+    /// A client certificate.
+    Mtls,
+}
+
+impl AuthMethod {
+    /// Stable name (audit, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Token => "token",
+            Self::Jwt => "jwt",
+            Self::Mtls => "mtls",
+        }
+    }
 }
 
 /// What a principal may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Everything.
+    /// Everything, including other principals' data.
     Admin,
     /// Prompts and own sessions.
+    #[default]
     User,
-    /// Read only.
+    /// Reads only: no plugin runs, no session writes or deletes.
+    #[serde(rename = "readonly")]
     ReadOnly,
+}
+
+impl Role {
+    /// Parses a JWT `role` claim: admin | user | readonly, anything else → user.
+    pub fn from_claim(s: &str) -> Self {
+        match s.to_ascii_lowercase().as_str() {
+            "admin" => Self::Admin,
+            "readonly" | "read-only" | "read_only" => Self::ReadOnly,
+            _ => Self::User,
+        }
+    }
+
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::User => "user",
+            Self::ReadOnly => "readonly",
+        }
+    }
 }
 
 /// The caller, resolved before any handler runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// Stable id: `legacy-token` for the shared token, `anonymous` without auth.
+    /// Stable id: `legacy-token` for the shared token, a token's name, a JWT `sub`, a certificate
+    /// identity, or `anonymous` without auth.
     pub id: String,
     /// Role.
     pub role: Role,
     /// Method.
     pub method: AuthMethod,
+    /// JWT `email`, when given.
+    pub email: Option<String>,
+    /// JWT `tenant_id`, when given.
+    pub tenant_id: Option<String>,
 }
 
 impl Principal {
@@ -98,6 +154,8 @@ impl Authenticator {
                 id: "anonymous".into(),
                 role: Role::Admin,
                 method: AuthMethod::None,
+                email: None,
+                tenant_id: None,
             });
         };
         let header = authorization.ok_or(AuthError::Missing)?;
@@ -109,6 +167,8 @@ impl Authenticator {
                 id: "legacy-token".into(),
                 role: Role::Admin,
                 method: AuthMethod::Token,
+                email: None,
+                tenant_id: None,
             })
         } else {
             Err(AuthError::Invalid)

@@ -103,6 +103,8 @@ pub const COMPAT_ENV: &[(&str, &str)] = &[
     ("CHATCLI_SERVER_TOKEN_FILE", "auth.token_file"),
     ("CHATCLI_JWT_SECRET", "auth.jwt.secret"),
     ("CHATCLI_JWT_SECRET_FILE", "auth.jwt.secret_file"),
+    ("CHATCLI_JWT_PUBLIC_KEY_FILE", "auth.jwt.public_key_file"),
+    ("CHATCLI_JWT_JWKS_FILE", "auth.jwt.jwks_file"),
     ("CHATCLI_JWT_ISSUER", "auth.jwt.issuer"),
     ("CHATCLI_JWT_AUDIENCE", "auth.jwt.audience"),
     ("CHATCLI_RATE_LIMIT_RPS", "limits.rate_limit_rps"),

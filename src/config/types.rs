@@ -234,6 +234,38 @@ pub struct AuthConfig {
     pub token_file: Option<PathBuf>,
     /// JSON Web Tokens.
     pub jwt: JwtConfig,
+    /// Named tokens with roles, so a fleet can hand out one token per team.
+    pub tokens: Vec<NamedToken>,
+    /// Roles of client-certificate identities (mTLS).
+    pub mtls: MtlsConfig,
+}
+
+/// One `[[auth.tokens]]` entry: a token known by its SHA-256 or read from a file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamedToken {
+    /// The principal id of callers presenting this token.
+    pub name: String,
+    /// admin | user | readonly.
+    pub role: crate::auth::Role,
+    /// Lower-case hex SHA-256 of the token (so the config holds no secret).
+    pub sha256: Option<String>,
+    /// A file holding the token itself.
+    pub file: Option<PathBuf>,
+    /// Requests per second for this token (overrides the role's and the default).
+    pub rate_limit_rps: Option<f64>,
+    /// Burst for this token.
+    pub rate_limit_burst: Option<u32>,
+}
+
+/// `[auth.mtls]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MtlsConfig {
+    /// Certificate identity (first URI SAN, else DNS SAN, else CN) → role.
+    pub roles: std::collections::BTreeMap<String, crate::auth::Role>,
+    /// Role of a verified certificate identity not listed in `roles`.
+    pub default_role: crate::auth::Role,
 }
 
 /// `[auth.jwt]`
@@ -244,6 +276,10 @@ pub struct JwtConfig {
     pub secret: Option<Secret>,
     /// Read the HS256 secret from this file (`CHATCLI_JWT_SECRET_FILE`).
     pub secret_file: Option<PathBuf>,
+    /// PEM public key (RSA → RS256, EC P-256 → ES256, Ed25519 → EdDSA) (`CHATCLI_JWT_PUBLIC_KEY_FILE`).
+    pub public_key_file: Option<PathBuf>,
+    /// JWKS file with public keys, chosen by `kid` (`CHATCLI_JWT_JWKS_FILE`).
+    pub jwks_file: Option<PathBuf>,
     /// Required `iss` claim (`CHATCLI_JWT_ISSUER`).
     pub issuer: Option<String>,
     /// Accepted `aud` values (`CHATCLI_JWT_AUDIENCE`, comma separated).
@@ -259,6 +295,8 @@ impl Default for JwtConfig {
         Self {
             secret: None,
             secret_file: None,
+            public_key_file: None,
+            jwks_file: None,
             issuer: None,
             audience: Vec::new(),
             leeway: Duration::from_secs(30),
@@ -276,6 +314,26 @@ pub struct LimitsConfig {
     pub rate_limit_burst: u32,
     /// Largest prompt accepted, in bytes.
     pub max_prompt_bytes: usize,
+    /// Most history messages accepted with one prompt.
+    pub max_history_messages: usize,
+    /// Most history bytes (all contents together) accepted with one prompt.
+    pub max_history_bytes: usize,
+    /// Rate limit per role, overriding the default (`[limits.roles.readonly] rate_limit_rps = 1`).
+    pub roles: std::collections::BTreeMap<crate::auth::Role, RoleLimits>,
+    /// Concurrent streams one principal may hold open (0 = no cap beyond the per-connection limit).
+    pub max_streams_per_principal: u32,
+    /// Failed authentications allowed per client IP per minute before they are slowed.
+    pub auth_failures_per_minute: u32,
+}
+
+/// A role's rate limit.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleLimits {
+    /// Requests per second.
+    pub rate_limit_rps: Option<f64>,
+    /// Burst.
+    pub rate_limit_burst: Option<u32>,
 }
 
 impl Default for LimitsConfig {
@@ -284,16 +342,38 @@ impl Default for LimitsConfig {
             rate_limit_rps: 10.0,
             rate_limit_burst: 30,
             max_prompt_bytes: 524_288,
+            max_history_messages: 1000,
+            max_history_bytes: 8 * 1024 * 1024,
+            roles: Default::default(),
+            max_streams_per_principal: 32,
+            auth_failures_per_minute: 5,
         }
     }
 }
 
 /// `[audit]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// JSON-lines audit file; unset = off (`CHATCLI_AUDIT_LOG_PATH`).
     pub path: Option<PathBuf>,
+    /// Rotate the audit file when it passes this size.
+    pub max_size_mb: u64,
+    /// Rotated audit files kept.
+    pub max_backups: usize,
+    /// Records waiting to be written; when full, new records are dropped and counted.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_size_mb: 100,
+            max_backups: 10,
+            queue: 10_000,
+        }
+    }
 }
 
 /// `[llm]`

@@ -417,3 +417,65 @@ pub fn parse_listening(log: &str) -> Option<SocketAddr> {
     let rest = &log[log.find("listening on ")? + "listening on ".len()..];
     rest.split_whitespace().next()?.parse().ok()
 }
+
+/// A provider of `kind` at `base_url`, with an API key and a model (kinds whose API sits under a
+/// `/v1` prefix, like `openai`, need it in `base_url`).
+pub fn upstream_provider(name: &str, kind: &str, base_url: String, model: &str) -> ProviderConfig {
+    ProviderConfig {
+        name: name.into(),
+        kind: kind.into(),
+        base_url: Some(base_url),
+        api_key: Some(chatcli::config::Secret::new("sk-test")),
+        model: Some(model.into()),
+        ..ProviderConfig::default()
+    }
+}
+
+/// An `openai` provider named `name` pointing at `fake` (`<fake>/v1`) with key `sk-test`.
+pub fn openai_provider(
+    name: &str,
+    fake: &chatcli::testing::FakeUpstream,
+    model: &str,
+) -> ProviderConfig {
+    upstream_provider(name, "openai", format!("{}/v1", fake.base_url()), model)
+}
+
+/// A fake OpenAI upstream on port 0.
+pub async fn openai_fake() -> chatcli::testing::FakeUpstream {
+    chatcli::testing::FakeUpstream::start(chatcli::testing::openai::OpenAiFormat)
+        .await
+        .unwrap()
+}
+
+/// Polls the metrics listener of `server` until every line of `wanted` is in `/metrics` (exact
+/// lines), then returns the whole text; fails after [`HANG_GUARD`].
+pub async fn metrics_with_lines(server: &TestServer, wanted: &[&str]) -> String {
+    let http = http_client();
+    let url = server.metrics_url("/metrics");
+    eventually(&format!("{wanted:?} in /metrics"), || async {
+        let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+        wanted
+            .iter()
+            .all(|w| text.lines().any(|l| l == *w))
+            .then_some(text)
+    })
+    .await
+}
+
+/// The Python for the gRPC peers: `$CHATCLI_TEST_PYTHON`, else `<repo>/.venv/bin/python`.
+pub fn python_interpreter() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidate = match std::env::var_os("CHATCLI_TEST_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => repo.join(".venv/bin/python"),
+    };
+    assert!(
+        candidate.exists(),
+        "no Python for the gRPC peer at {}: set CHATCLI_TEST_PYTHON to an interpreter with grpcio \
+         and grpcio-tools, or create the venv in {}: `python3 -m venv .venv && .venv/bin/pip \
+         install -r tests/python/requirements.txt`",
+        candidate.display(),
+        repo.display()
+    );
+    candidate
+}

@@ -1,0 +1,604 @@
+//! LLM providers end to end: gRPC prompts against fake upstreams speaking each wire format. True
+//! streaming (tonic and Python grpcio clients see the first delta while the upstream stalls),
+//! cancellation reaching the upstream, the fallback chain (rate limit, auth cooldown, all failing,
+//! no fallback after the first delta), error mapping without keys, client credentials, the SSRF
+//! guard, usage metrics, and providers registered from the existing ChatCLI's environment.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chatcli::config::{Config, Secret};
+use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
+use chatcli::proto::{
+    GetServerInfoRequest, SendPromptRequest, StreamPromptRequest, StreamPromptResponse,
+};
+use chatcli::testing::anthropic::AnthropicFormat;
+use chatcli::testing::gemini::GeminiFormat;
+use chatcli::testing::ollama::OllamaFormat;
+use chatcli::testing::openai::error_body;
+use chatcli::testing::{FakeUpstream, Recorded, Reply, Step};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tonic::Code;
+
+use crate::support::{
+    BinaryServer, HANG_GUARD, TestServer, collect_stream, connect, metrics_with_lines,
+    openai_fake, openai_provider, python_interpreter, upstream_provider,
+};
+
+/// How long a test waits for a message that must already be on its way.
+const FIRST_MESSAGE: Duration = Duration::from_secs(10);
+
+fn send(prompt: &str) -> SendPromptRequest {
+    SendPromptRequest {
+        prompt: prompt.into(),
+        ..SendPromptRequest::default()
+    }
+}
+
+fn stream_to(provider: &str, prompt: &str) -> StreamPromptRequest {
+    StreamPromptRequest {
+        prompt: prompt.into(),
+        provider: provider.into(),
+        ..StreamPromptRequest::default()
+    }
+}
+
+fn text(steps: &[&str]) -> Vec<Step> {
+    steps.iter().map(|s| Step::Text((*s).into())).collect()
+}
+
+/// One `openai` provider `primary` (model `gpt-test`) at `fake`.
+fn primary_config(fake: &FakeUpstream) -> Config {
+    let mut config = Config::default();
+    config.llm.providers = vec![openai_provider("primary", fake, "gpt-test")];
+    config
+}
+
+/// `primary` (gpt-test) then `secondary` (gpt-secondary) with the chain primary → secondary.
+fn chain_config(primary: &FakeUpstream, secondary: &FakeUpstream) -> Config {
+    let mut config = Config::default();
+    config.llm.providers = vec![
+        openai_provider("primary", primary, "gpt-test"),
+        openai_provider("secondary", secondary, "gpt-secondary"),
+    ];
+    config.llm.fallback = vec!["primary".into(), "secondary".into()];
+    config
+}
+
+/// The chat requests a fake received (side routes such as Ollama's `/api/tags` left out).
+fn chat_requests(fake: &FakeUpstream) -> Vec<Recorded> {
+    fake.requests()
+        .into_iter()
+        .filter(|r| r.path != "/api/tags")
+        .collect()
+}
+
+async fn next_message(
+    stream: &mut tonic::Streaming<StreamPromptResponse>,
+) -> Result<Option<StreamPromptResponse>, tonic::Status> {
+    tokio::time::timeout(FIRST_MESSAGE, stream.message())
+        .await
+        .expect("no stream message within 10s")
+}
+
+#[tokio::test]
+async fn stream_prompt_forwards_the_first_delta_while_the_upstream_stalls() {
+    let fake = openai_fake().await;
+    fake.push(Reply::steps(vec![
+        Step::Text("first".into()),
+        Step::AwaitRelease,
+        Step::Text(" second".into()),
+        Step::Text(" third".into()),
+    ]));
+    let mut s = TestServer::start_with(primary_config(&fake)).await;
+    let mut stream = s
+        .client
+        .stream_prompt(stream_to("", "count to three"))
+        .await
+        .unwrap()
+        .into_inner();
+    // The upstream holds " second" until release(): this message can only be here if the server
+    // forwarded the first delta on its own.
+    let first = next_message(&mut stream)
+        .await
+        .unwrap()
+        .expect("the stream ended before its first message");
+    assert_eq!(first.chunk, "first");
+    assert!(!first.done, "the first message must not be done: {first:?}");
+    fake.release();
+    let rest = collect_stream(&mut stream).await;
+    let all: String = std::iter::once(&first)
+        .chain(&rest)
+        .map(|m| m.chunk.as_str())
+        .collect();
+    assert_eq!(all, "first second third");
+    let last = rest.last().expect("nothing after the first message");
+    assert!(last.done, "the last message must be done: {last:?}");
+    assert_eq!(
+        (last.provider.as_str(), last.model.as_str()),
+        ("primary", "gpt-test")
+    );
+    assert!(rest[..rest.len() - 1].iter().all(|m| !m.done));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn python_grpcio_client_sees_the_first_chunk_before_the_upstream_continues() {
+    let python = python_interpreter();
+    let fake = openai_fake().await;
+    fake.push(Reply::steps(vec![
+        Step::Text("first".into()),
+        Step::AwaitRelease,
+        Step::Text(" second".into()),
+        Step::Text(" third".into()),
+    ]));
+    let s = TestServer::start_with(primary_config(&fake)).await;
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/stream_peer.py");
+    let home = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(&python)
+        .arg(&peer)
+        .arg(s.addr.to_string())
+        .arg("primary")
+        .env_clear()
+        .env("HOME", home.path())
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut buf = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr_pipe, &mut buf).await;
+        buf
+    });
+    // Generating the stubs takes a few seconds; the bound only keeps a stuck peer from hanging.
+    let limit = Duration::from_secs(120);
+    let first = tokio::time::timeout(limit, stdout.next_line())
+        .await
+        .expect("the python peer printed nothing within 120s")
+        .unwrap();
+    let Some(first) = first else {
+        let status = child.wait().await.unwrap();
+        panic!(
+            "the python peer exited ({status}) before its FIRST line:\n{}",
+            stderr.await.unwrap()
+        );
+    };
+    // The fake still holds the rest of the answer here.
+    assert_eq!(first, "FIRST first");
+    assert!(chat_requests(&fake).len() == 1 && fake.cancelled() == 0);
+    fake.release();
+    stdin.write_all(b"go\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let mut lines = Vec::new();
+    while let Some(line) = tokio::time::timeout(limit, stdout.next_line())
+        .await
+        .expect("the python peer stalled after go")
+        .unwrap()
+    {
+        lines.push(line);
+    }
+    let status = tokio::time::timeout(limit, child.wait())
+        .await
+        .expect("the python peer did not exit")
+        .unwrap();
+    let stderr = stderr.await.unwrap();
+    assert!(
+        status.success(),
+        "python stream peer failed ({status}):\n--- stdout\n{lines:?}\n--- stderr\n{stderr}"
+    );
+    assert_eq!(
+        lines,
+        vec!["REST  second third", "DONE primary gpt-test"],
+        "stderr:\n{stderr}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_the_stream_aborts_the_upstream_request() {
+    let fake = openai_fake().await;
+    fake.push(Reply::steps(vec![
+        Step::Text("a".into()),
+        Step::AwaitRelease,
+        Step::Text("b".into()),
+    ]));
+    let s = TestServer::start_with(primary_config(&fake)).await;
+    let mut client = ChatCliServiceClient::new(connect(s.addr).await);
+    let mut stream = client
+        .stream_prompt(stream_to("", "go slowly"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(first.chunk, "a");
+    assert_eq!(fake.cancelled(), 0);
+    drop(stream);
+    drop(client);
+    assert!(
+        fake.wait_cancelled(1, Duration::from_secs(10)).await,
+        "the upstream request was not aborted after the client went away"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limited_primary_falls_back_to_the_secondary() {
+    let primary = openai_fake().await;
+    let secondary = openai_fake().await;
+    // Longer than the server is willing to wait: it moves on at once.
+    primary.push(Reply::rate_limited(
+        &error_body("rate_limit_exceeded", "slow down"),
+        60,
+    ));
+    secondary.push(Reply::text("from secondary"));
+    let mut config = chain_config(&primary, &secondary);
+    config.llm.fallback_max_retries = 0;
+    let mut s = TestServer::start_with_metrics(config).await;
+    let r = tokio::time::timeout(HANG_GUARD, s.client.send_prompt(send("hello")))
+        .await
+        .expect("SendPrompt hung")
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.response, "from secondary");
+    assert_eq!(
+        (r.provider.as_str(), r.model.as_str()),
+        ("secondary", "gpt-secondary")
+    );
+    assert_eq!(chat_requests(&primary).len(), 1);
+    assert_eq!(chat_requests(&secondary).len(), 1);
+    metrics_with_lines(
+        &s,
+        &[r#"chatcli_llm_fallback_total{from="primary",reason="rate_limit",to="secondary"} 1"#],
+    )
+    .await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn auth_failure_cools_the_provider_down_and_the_next_call_skips_it() {
+    let primary = openai_fake().await;
+    let secondary = openai_fake().await;
+    primary.push(Reply::error(
+        401,
+        &error_body("invalid_api_key", "Incorrect API key provided"),
+    ));
+    secondary.push(Reply::text("first answer"));
+    secondary.push(Reply::text("second answer"));
+    let mut config = chain_config(&primary, &secondary);
+    config.llm.fallback_max_retries = 0;
+    let mut s = TestServer::start_with(config).await;
+    for want in ["first answer", "second answer"] {
+        let r = s.client.send_prompt(send("hello")).await.unwrap().into_inner();
+        assert_eq!((r.response.as_str(), r.provider.as_str()), (want, "secondary"));
+    }
+    // Unscripted, the primary would have answered the second call: it was skipped.
+    assert_eq!(
+        chat_requests(&primary).len(),
+        1,
+        "the cooled-down primary was called again"
+    );
+    assert_eq!(chat_requests(&secondary).len(), 2);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_provider_failing_is_unavailable_with_each_reason() {
+    let primary = openai_fake().await;
+    let secondary = openai_fake().await;
+    primary.set_default(Reply::error(500, &error_body("server_error", "primary broke")));
+    secondary.set_default(Reply::error(
+        500,
+        &error_body("server_error", "secondary broke"),
+    ));
+    let mut config = chain_config(&primary, &secondary);
+    config.llm.fallback_max_retries = 0;
+    let mut s = TestServer::start_with(config).await;
+    let err = s.client.send_prompt(send("hello")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    for name in ["primary", "secondary"] {
+        assert!(err.message().contains(name), "{name} missing: {err:?}");
+    }
+    assert_eq!(chat_requests(&primary).len(), 1);
+    assert_eq!(chat_requests(&secondary).len(), 1);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failure_after_the_first_delta_is_reported_not_retried() {
+    let primary = openai_fake().await;
+    let secondary = openai_fake().await;
+    primary.push(Reply::steps(vec![
+        Step::Text("partial".into()),
+        Step::AwaitRelease,
+        Step::Drop,
+    ]));
+    // Default retries: neither a retry of the primary nor the secondary may happen.
+    let mut s = TestServer::start_with(chain_config(&primary, &secondary)).await;
+    let mut stream = s
+        .client
+        .stream_prompt(stream_to("", "tell me"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(first.chunk, "partial");
+    assert!(!first.done);
+    primary.release();
+    let status = loop {
+        match tokio::time::timeout(HANG_GUARD, stream.message())
+            .await
+            .expect("the stream hung after the upstream dropped")
+        {
+            Ok(Some(m)) => assert!(!m.done, "a broken answer ended with done=true: {m:?}"),
+            Ok(None) => panic!("the stream ended cleanly after the upstream dropped"),
+            Err(status) => break status,
+        }
+    };
+    assert_ne!(status.code(), Code::Ok);
+    assert!(status.message().contains("primary"), "{status:?}");
+    assert!(
+        chat_requests(&secondary).is_empty(),
+        "a stream fell back after its first delta"
+    );
+    assert_eq!(chat_requests(&primary).len(), 1, "the primary was retried");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_auth_error_is_a_clear_status_without_the_key() {
+    let fake = openai_fake().await;
+    // OpenAI quotes the wrong key back; the caller must not see it.
+    fake.push(Reply::error(
+        401,
+        &error_body(
+            "invalid_api_key",
+            "Incorrect API key provided: sk-test. You can find your API key in your account.",
+        ),
+    ));
+    let mut s = TestServer::start_with(primary_config(&fake)).await;
+    let err = s.client.send_prompt(send("hello")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("auth"), "{err:?}");
+    assert!(err.message().contains("primary"), "{err:?}");
+    assert!(!err.message().contains("sk-test"), "the key leaked: {err:?}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_api_key_is_used_for_that_request_only() {
+    let fake = openai_fake().await;
+    let mut s = TestServer::start_with(primary_config(&fake)).await;
+    let mut req = send("with my key");
+    req.client_api_key = "apikey:sk-client".into();
+    let r = s.client.send_prompt(req).await.unwrap().into_inner();
+    assert_eq!(r.response, "hello from the fake");
+    let r = s
+        .client
+        .send_prompt(send("with the server's key"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.response, "hello from the fake");
+    let auth: Vec<Option<String>> = chat_requests(&fake)
+        .iter()
+        .map(|r| r.header("authorization"))
+        .collect();
+    assert_eq!(
+        auth,
+        vec![
+            Some("Bearer sk-client".to_string()),
+            Some("Bearer sk-test".to_string())
+        ]
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn provider_config_url_to_cloud_metadata_is_refused() {
+    let ollama = FakeUpstream::start(OllamaFormat::with_models(&["llama3:latest"]))
+        .await
+        .unwrap();
+    let mut config = Config::default();
+    config.llm.providers = vec![upstream_provider(
+        "local",
+        "ollama",
+        ollama.base_url(),
+        "llama3",
+    )];
+    // http is allowed, so the refusal is about the address, not the scheme.
+    config.llm.allow_http_providers = true;
+    let mut s = TestServer::start_with(config).await;
+    let mut req = send("hello");
+    req.provider = "local".into();
+    req.provider_config = [("base_url".to_string(), "http://169.254.169.254/".to_string())]
+        .into_iter()
+        .collect();
+    let err = s.client.send_prompt(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("169.254.169.254"), "{err:?}");
+    assert!(err.message().contains("metadata"), "says why: {err:?}");
+    assert!(
+        chat_requests(&ollama).is_empty(),
+        "a refused call still reached the operator's Ollama"
+    );
+    // The provider itself works: the refusal was about the URL.
+    ollama.push(Reply::text("from ollama"));
+    let mut req = send("hello");
+    req.provider = "local".into();
+    let r = s.client.send_prompt(req).await.unwrap().into_inner();
+    assert_eq!(r.response, "from ollama");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_usage_and_success_are_counted() {
+    let fake = openai_fake().await;
+    fake.push(Reply::text("three little words"));
+    let mut s = TestServer::start_with_metrics(primary_config(&fake)).await;
+    let r = s.client.send_prompt(send("count me")).await.unwrap().into_inner();
+    assert_eq!(r.response, "three little words");
+    let text = metrics_with_lines(
+        &s,
+        &[r#"chatcli_llm_requests_total{model="gpt-test",provider="primary",status="success"} 1"#],
+    )
+    .await;
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    };
+    let completion =
+        value(r#"chatcli_llm_tokens_used_total{model="gpt-test",provider="primary",type="completion"}"#);
+    assert!(completion > 0.0, "completion tokens = {completion}");
+    let prompt =
+        value(r#"chatcli_llm_tokens_used_total{model="gpt-test",provider="primary",type="prompt"}"#);
+    assert!(prompt > 0.0, "prompt tokens = {prompt}");
+    s.shutdown().await;
+}
+
+/// `[state] data_dir` only: every provider comes from the environment.
+fn minimal_config(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("chatcli.toml");
+    let data = dir.join("data");
+    std::fs::write(
+        &path,
+        format!("[state]\ndata_dir = {:?}\n", data.display().to_string()),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn providers_register_from_the_chatcli_environment() {
+    let openai = openai_fake().await;
+    let anthropic = FakeUpstream::start(AnthropicFormat).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path());
+    let openai_url = format!("{}/v1", openai.base_url());
+    let anthropic_url = anthropic.base_url();
+    let env = [
+        ("OPENAI_API_KEY", "sk-env"),
+        ("OPENAI_API_URL", openai_url.as_str()),
+        ("OPENAI_MODEL", "gpt-env"),
+        ("ANTHROPIC_API_KEY", "x"),
+        ("ANTHROPIC_BASE_URL", anthropic_url.as_str()),
+    ];
+
+    let server = BinaryServer::start_with_env(&config, &[], &env);
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    let info = client
+        .get_server_info(GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.available_providers, vec!["CLAUDEAI", "OPENAI"]);
+    assert_eq!(info.provider, "CLAUDEAI", "the first registered is the default");
+
+    openai.push(Reply::text("from the env provider"));
+    let mut req = send("hello");
+    req.provider = "openai".into();
+    let r = client.send_prompt(req).await.unwrap().into_inner();
+    assert_eq!(r.response, "from the env provider");
+    assert_eq!(
+        (r.provider.as_str(), r.model.as_str()),
+        ("OPENAI", "gpt-env")
+    );
+    let seen = chat_requests(&openai);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert_eq!(seen[0].header("authorization").as_deref(), Some("Bearer sk-env"));
+    assert_eq!(seen[0].json()["model"], "gpt-env");
+    assert!(chat_requests(&anthropic).is_empty());
+
+    // A failure that quotes the key: neither the caller nor the log may show it.
+    openai.push(Reply::error(
+        401,
+        &error_body("invalid_api_key", "Incorrect API key provided: sk-env"),
+    ));
+    let mut req = send("hello again");
+    req.provider = "OpenAI".into();
+    let err = client.send_prompt(req).await.unwrap_err();
+    assert!(!err.message().contains("sk-env"), "{err:?}");
+    drop(client);
+    let log = server.stderr();
+    assert!(!log.contains("sk-env"), "the key is in the log:\n{log}");
+    drop(server);
+
+    let mut env = env.to_vec();
+    env.push(("LLM_PROVIDER", "OPENAI"));
+    let server = BinaryServer::start_with_env(&config, &[], &env);
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    let info = client
+        .get_server_info(GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.available_providers, vec!["CLAUDEAI", "OPENAI"]);
+    assert_eq!(
+        (info.provider.as_str(), info.model.as_str()),
+        ("OPENAI", "gpt-env")
+    );
+    let log = server.stderr();
+    assert!(!log.contains("sk-env"), "the key is in the log:\n{log}");
+}
+
+#[tokio::test]
+async fn each_wire_format_streams_through_grpc() {
+    let anthropic = FakeUpstream::start(AnthropicFormat).await.unwrap();
+    let gemini = FakeUpstream::start(GeminiFormat).await.unwrap();
+    let ollama = FakeUpstream::start(OllamaFormat::with_models(&["llama3:latest"]))
+        .await
+        .unwrap();
+    let mut config = Config::default();
+    config.llm.providers = vec![
+        upstream_provider("claude", "anthropic", anthropic.base_url(), "claude-test"),
+        upstream_provider("google", "gemini", gemini.base_url(), "gemini-test"),
+        upstream_provider("local", "ollama", ollama.base_url(), "llama3"),
+    ];
+    config.llm.providers[2].api_key = None::<Secret>;
+    let mut s = TestServer::start_with(config).await;
+    let cases = [
+        ("claude", "claude-test", &anthropic, "/v1/messages"),
+        (
+            "google",
+            "gemini-test",
+            &gemini,
+            "/v1beta/models/gemini-test:streamGenerateContent",
+        ),
+        ("local", "llama3", &ollama, "/api/chat"),
+    ];
+    for (provider, model, fake, path) in cases {
+        let answer = format!("hello from {provider}");
+        fake.push(Reply::Answer {
+            steps: text(&["hello", " from", &format!(" {provider}")]),
+            usage: None,
+        });
+        let mut stream = s
+            .client
+            .stream_prompt(stream_to(provider, "hi"))
+            .await
+            .unwrap_or_else(|e| panic!("{provider}: {e:?}"))
+            .into_inner();
+        let msgs = collect_stream(&mut stream).await;
+        let all: String = msgs.iter().map(|m| m.chunk.as_str()).collect();
+        assert_eq!(all, answer, "{provider}");
+        let last = msgs.last().unwrap();
+        assert!(last.done, "{provider}: {last:?}");
+        assert_eq!(
+            (last.provider.as_str(), last.model.as_str()),
+            (provider, model)
+        );
+        let seen = chat_requests(fake);
+        assert_eq!(seen.len(), 1, "{provider}: {seen:?}");
+        assert_eq!(seen[0].path, path, "{provider}");
+    }
+    s.shutdown().await;
+}
