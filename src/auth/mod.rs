@@ -2,6 +2,9 @@
 //! `CHATCLI_SERVER_TOKEN`), compared in constant time; named tokens, JWT and mTLS arrive with
 //! issue #6. The resolved [`Principal`] goes into the request extensions, where handlers read it.
 
+pub mod jwt;
+pub mod tokens;
+
 use subtle::ConstantTimeEq;
 
 /// How a principal proved who it is.

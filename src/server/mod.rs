@@ -2,11 +2,14 @@
 //! and the lifecycle (ready, watchdog, drain on shutdown). [`run`] takes listeners the caller bound,
 //! so tests start the server on port 0.
 
+pub mod audit;
 mod grpc;
 mod http;
 mod listener;
 mod metrics_http;
+pub mod ratelimit;
 mod state;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

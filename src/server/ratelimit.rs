@@ -1,0 +1,960 @@
+//! Request throttling keyed by who is calling, never by the connection: per-principal request rates
+//! ([`RateLimits`]), the failed-authentication limiter keyed by client IP ([`AuthFailureLimiter`]) and
+//! the per-principal cap on concurrent streams ([`StreamCaps`]).
+//!
+//! The existing ChatCLI rate-limits before it authenticates, keyed by `ip:port`, answers
+//! `retry-after: 0` and charges its failed-auth limiter for every call (PROTOCOL §8 defects 3–5).
+//! Here the request limiter runs after auth and is keyed by principal id, retry-after is read from
+//! the bucket and rounded up to whole seconds (at least 1), and only failed authentications
+//! consume the IP limiter.
+//!
+//! Memory stays bounded without a timer: every [`HOUSEKEEPING_EVERY`] calls to
+//! [`RateLimits::check`] or [`AuthFailureLimiter::record_failure`] drop the keys whose bucket is
+//! full again (governor's `retain_recent`). `housekeeping()` does the same on demand (e.g. from a
+//! once-a-minute task); [`StreamCaps`] removes a principal's entry when its last stream ends.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+use crate::auth::{AuthMethod, Principal, Role};
+use crate::config::LimitsConfig;
+
+/// Calls between two automatic clean-ups of stale keys. A clean-up walks every key, so it is not
+/// done per call; between two of them at most this many new keys can pile up.
+pub const HOUSEKEEPING_EVERY: u64 = 4096;
+
+/// Refilling a whole burst may take at most this long: governor counts time in `u64` nanoseconds
+/// (about 584 years) and multiplies the period by the burst without overflow checks in release.
+const MAX_BURST_WINDOW: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+type PrincipalLimiter<C> =
+    RateLimiter<String, DefaultKeyedStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type IpLimiter<C> =
+    RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, StateInformationMiddleware>;
+
+const ROLES: [Role; 3] = [Role::Admin, Role::User, Role::ReadOnly];
+
+fn role_slot(role: Role) -> usize {
+    match role {
+        Role::Admin => 0,
+        Role::User => 1,
+        Role::ReadOnly => 2,
+    }
+}
+
+/// A wait rounded up to whole seconds, at least one: `Retry-After` has second resolution, and
+/// rounding down would tell a client to retry before the bucket has a token (defect 5: "0").
+fn whole_seconds(wait: Duration) -> Duration {
+    let secs = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0));
+    Duration::from_secs(secs.max(1))
+}
+
+/// True on every [`HOUSEKEEPING_EVERY`]-th call counted by `counter`.
+fn due(counter: &AtomicU64) -> bool {
+    counter.fetch_add(1, Ordering::Relaxed) % HOUSEKEEPING_EVERY == HOUSEKEEPING_EVERY - 1
+}
+
+/// Per-principal request limits. The key is the principal id; the quota comes from the principal's
+/// token entry override (if any), else its role's override in `limits.roles`, else the default
+/// rps/burst — field by field, so a token that sets only its burst keeps its role's rate. One
+/// principal's burst never throttles another. A keyed limiter has one quota, so there is one limiter
+/// per distinct (period, burst), built at construction.
+pub struct RateLimits<C: Clock = DefaultClock> {
+    limiters: Vec<PrincipalLimiter<C>>,
+    /// Limiter index per role (role override, else default).
+    by_role: [usize; 3],
+    /// Limiter index per named token and role of the caller (the token's fields, else the role's).
+    by_token: HashMap<String, [usize; 3]>,
+    calls: AtomicU64,
+}
+
+impl<C: Clock> std::fmt::Debug for RateLimits<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("limiters", &self.limiters.len())
+            .field("by_role", &self.by_role)
+            .field("tokens", &self.by_token.len())
+            .finish()
+    }
+}
+
+/// One rps/burst pair being resolved, with the keys that name each field in errors.
+struct Setting<'a> {
+    rps: Option<f64>,
+    rps_key: &'a str,
+    burst: Option<u32>,
+    burst_key: &'a str,
+}
+
+/// Checks one setting's fields, pushing an error naming each bad one.
+fn check_setting(s: &Setting<'_>, errors: &mut Vec<String>) {
+    if let Some(rps) = s.rps {
+        if !(rps.is_finite() && rps > 0.0) {
+            errors.push(format!(
+                "{}: must be a positive number (got {rps})",
+                s.rps_key
+            ));
+        } else if period_of(rps).is_none() {
+            errors.push(format!(
+                "{}: {rps} is out of range (from one request per {} years to 1e9 per second)",
+                s.rps_key,
+                MAX_BURST_WINDOW.as_secs() / (365 * 24 * 3600)
+            ));
+        }
+    }
+    if s.burst == Some(0) {
+        errors.push(format!("{}: must be greater than 0", s.burst_key));
+    }
+}
+
+/// The replenish period of one request at `rps`, when representable and non-zero.
+fn period_of(rps: f64) -> Option<Duration> {
+    let p = Duration::try_from_secs_f64(1.0 / rps).ok()?;
+    (!p.is_zero() && p <= MAX_BURST_WINDOW).then_some(p)
+}
+
+impl RateLimits {
+    /// Builds the limiters from `[limits]` and the named tokens' overrides.
+    ///
+    /// `token_overrides`: token name → (rps, burst) from `[[auth.tokens]]`, in config order (the
+    /// index names the entry in errors). Every bad setting (rps ≤ 0, NaN, infinite or out of range;
+    /// burst 0; a burst that would take more than ten years to refill) is reported, joined by `; `,
+    /// each naming its key (`limits.rate_limit_rps`, `limits.roles.readonly.rate_limit_burst`,
+    /// `auth.tokens.2.rate_limit_rps`).
+    pub fn from_config(
+        limits: &LimitsConfig,
+        token_overrides: &[(String, Option<f64>, Option<u32>)],
+    ) -> Result<Self, String> {
+        Self::with_clock(limits, token_overrides, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimits<C> {
+    fn with_clock(
+        limits: &LimitsConfig,
+        token_overrides: &[(String, Option<f64>, Option<u32>)],
+        clock: C,
+    ) -> Result<Self, String> {
+        let mut errors = Vec::new();
+        check_setting(
+            &Setting {
+                rps: Some(limits.rate_limit_rps),
+                rps_key: "limits.rate_limit_rps",
+                burst: Some(limits.rate_limit_burst),
+                burst_key: "limits.rate_limit_burst",
+            },
+            &mut errors,
+        );
+        let role_keys: Vec<(Role, String, String)> = ROLES
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    format!("limits.roles.{}.rate_limit_rps", r.as_str()),
+                    format!("limits.roles.{}.rate_limit_burst", r.as_str()),
+                )
+            })
+            .collect();
+        for (role, rps_key, burst_key) in &role_keys {
+            if let Some(rl) = limits.roles.get(role) {
+                check_setting(
+                    &Setting {
+                        rps: rl.rate_limit_rps,
+                        rps_key,
+                        burst: rl.rate_limit_burst,
+                        burst_key,
+                    },
+                    &mut errors,
+                );
+            }
+        }
+        for (i, (name, rps, burst)) in token_overrides.iter().enumerate() {
+            check_setting(
+                &Setting {
+                    rps: *rps,
+                    rps_key: &format!("auth.tokens.{i}.rate_limit_rps (token `{name}`)"),
+                    burst: *burst,
+                    burst_key: &format!("auth.tokens.{i}.rate_limit_burst (token `{name}`)"),
+                },
+                &mut errors,
+            );
+        }
+
+        let mut limiters = Vec::new();
+        let mut index: HashMap<(Duration, u32), usize> = HashMap::new();
+        // Resolves a pair to a limiter, creating it for a new quota; errors were collected above.
+        let mut intern = |rps: f64, burst: u32, key: (&str, &str)| -> Option<usize> {
+            let (Some(period), Some(burst)) = (period_of(rps), NonZeroU32::new(burst)) else {
+                return None;
+            };
+            if period.saturating_mul(burst.get()) > MAX_BURST_WINDOW {
+                errors.push(format!(
+                    "{} / {}: refilling a burst of {burst} at {rps}/s would take more than {} years",
+                    key.0,
+                    key.1,
+                    MAX_BURST_WINDOW.as_secs() / (365 * 24 * 3600)
+                ));
+                return None;
+            }
+            let quota = Quota::with_period(period)?.allow_burst(burst);
+            let slot = *index.entry((period, burst.get())).or_insert_with(|| {
+                limiters.push(RateLimiter::new(
+                    quota,
+                    DefaultKeyedStateStore::default(),
+                    clock.clone(),
+                ));
+                limiters.len() - 1
+            });
+            Some(slot)
+        };
+
+        let mut by_role = [0usize; 3];
+        let mut role_pairs = [(0.0f64, 0u32); 3];
+        let mut ok = true;
+        for (role, rps_key, burst_key) in &role_keys {
+            let rl = limits.roles.get(role);
+            let rps = rl
+                .and_then(|r| r.rate_limit_rps)
+                .unwrap_or(limits.rate_limit_rps);
+            let burst = rl
+                .and_then(|r| r.rate_limit_burst)
+                .unwrap_or(limits.rate_limit_burst);
+            role_pairs[role_slot(*role)] = (rps, burst);
+            let keys = match rl {
+                Some(_) => (rps_key.as_str(), burst_key.as_str()),
+                None => ("limits.rate_limit_rps", "limits.rate_limit_burst"),
+            };
+            match intern(rps, burst, keys) {
+                Some(i) => by_role[role_slot(*role)] = i,
+                None => ok = false,
+            }
+        }
+        let mut by_token = HashMap::new();
+        for (i, (name, rps, burst)) in token_overrides.iter().enumerate() {
+            if rps.is_none() && burst.is_none() {
+                continue;
+            }
+            let rps_key = format!("auth.tokens.{i}.rate_limit_rps (token `{name}`)");
+            let burst_key = format!("auth.tokens.{i}.rate_limit_burst (token `{name}`)");
+            let mut slots = [0usize; 3];
+            for role in ROLES {
+                let (role_rps, role_burst) = role_pairs[role_slot(role)];
+                match intern(
+                    rps.unwrap_or(role_rps),
+                    burst.unwrap_or(role_burst),
+                    (&rps_key, &burst_key),
+                ) {
+                    Some(s) => slots[role_slot(role)] = s,
+                    None => ok = false,
+                }
+            }
+            by_token.insert(name.clone(), slots);
+        }
+        if !errors.is_empty() || !ok {
+            errors.dedup();
+            if errors.is_empty() {
+                // Unreachable: every refusal in `intern` is reported above or by `check_setting`.
+                errors.push("limits: invalid rate limit".into());
+            }
+            return Err(errors.join("; "));
+        }
+        Ok(Self {
+            limiters,
+            by_role,
+            by_token,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    fn limiter_for(&self, principal: &Principal) -> Option<&PrincipalLimiter<C>> {
+        let role = role_slot(principal.role);
+        let slot = match principal.method {
+            // Only a named token's own principal gets its override: a JWT `sub` or certificate
+            // identity that happens to equal a token name keeps its role's quota.
+            AuthMethod::Token => self
+                .by_token
+                .get(&principal.id)
+                .map_or(self.by_role[role], |s| s[role]),
+            _ => self.by_role[role],
+        };
+        self.limiters.get(slot)
+    }
+
+    /// Ok, or `Err(retry_after)`: how long until one more request of this principal is allowed,
+    /// read from its bucket and rounded up to whole seconds, at least 1 s.
+    pub fn check(&self, principal: &Principal) -> Result<(), Duration> {
+        if due(&self.calls) {
+            self.housekeeping();
+        }
+        let Some(limiter) = self.limiter_for(principal) else {
+            return Ok(()); // unreachable: every slot indexes `limiters`
+        };
+        limiter
+            .check_key(&principal.id)
+            .map_err(|not_until| whole_seconds(not_until.wait_time_from(limiter.clock().now())))
+    }
+
+    /// Drops the principals whose bucket is full again (indistinguishable from a new one). Runs by
+    /// itself every [`HOUSEKEEPING_EVERY`] checks; callers may also run it from a timer.
+    pub fn housekeeping(&self) {
+        for l in &self.limiters {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
+    #[cfg(test)]
+    fn tracked_keys(&self) -> usize {
+        self.limiters.iter().map(|l| l.len()).sum()
+    }
+}
+
+/// The key of a client address: IPv4-mapped IPv6 counts as IPv4, and IPv6 is keyed by its /64 —
+/// one host usually owns a whole /64, so per-address keys would let it rotate past the limiter and
+/// grow the key set without bound.
+fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(
+            u128::from(v6) & 0xffff_ffff_ffff_ffff_0000_0000_0000_0000,
+        )),
+        v4 => v4,
+    }
+}
+
+/// Failed-authentication limiter keyed by client IP (not ip:port; IPv6 by /64):
+/// `auth_failures_per_minute` failures per minute with that burst (the existing ChatCLI's 5 is
+/// "5 at once, then one per 12 s"). Only failures consume it ([`record_failure`]);
+/// [`is_blocked`] is checked before authenticating so a blocked IP is refused early; successful
+/// calls never touch it (defect 4 of PROTOCOL §8).
+///
+/// [`record_failure`]: AuthFailureLimiter::record_failure
+/// [`is_blocked`]: AuthFailureLimiter::is_blocked
+pub struct AuthFailureLimiter<C: Clock = DefaultClock> {
+    /// `None` when off (`auth_failures_per_minute = 0`).
+    inner: Option<FailureState<C>>,
+}
+
+struct FailureState<C: Clock> {
+    limiter: IpLimiter<C>,
+    /// IPs with no failures left, and until when. governor cannot test a bucket without taking a
+    /// token from it, so the moment a failure empties a bucket is remembered here, where
+    /// `is_blocked` can read it without charging anyone.
+    blocked: RwLock<HashMap<IpAddr, C::Instant>>,
+    calls: AtomicU64,
+}
+
+impl<C: Clock> std::fmt::Debug for AuthFailureLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthFailureLimiter")
+            .field("enabled", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl AuthFailureLimiter {
+    /// `per_minute` failures per minute per IP, all of them usable at once; 0 = off.
+    pub fn new(per_minute: u32) -> Self {
+        Self::with_clock(per_minute, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> AuthFailureLimiter<C> {
+    fn with_clock(per_minute: u32, clock: C) -> Self {
+        let inner = NonZeroU32::new(per_minute).map(|n| FailureState {
+            limiter: RateLimiter::new(
+                Quota::per_minute(n),
+                DefaultKeyedStateStore::default(),
+                clock,
+            ),
+            blocked: RwLock::new(HashMap::new()),
+            calls: AtomicU64::new(0),
+        });
+        Self { inner }
+    }
+
+    /// Charges one failed authentication to `ip`. When that uses up its last failure, the IP is
+    /// blocked until the bucket has one again.
+    pub fn record_failure(&self, ip: IpAddr) {
+        let Some(s) = &self.inner else { return };
+        if due(&s.calls) {
+            self.housekeeping();
+        }
+        let key = ip_key(ip);
+        let empty_until = match s.limiter.check_key(&key) {
+            Ok(snapshot) if snapshot.remaining_burst_capacity() > 0 => None,
+            // That was the last one: a second look is refused without changing the bucket (a
+            // refused check does not update governor's state) and tells exactly until when.
+            // Should the refill time have been reached in between, the look costs one more
+            // failure, which errs on the strict side.
+            Ok(_) => s.limiter.check_key(&key).err(),
+            // Already empty (concurrent failures that all passed `is_blocked`).
+            Err(not_until) => Some(not_until),
+        };
+        if let Some(not_until) = empty_until {
+            let until = not_until.earliest_possible();
+            let mut blocked = s.blocked.write().unwrap_or_else(PoisonError::into_inner);
+            let entry = blocked.entry(key).or_insert(until);
+            if *entry < until {
+                *entry = until;
+            }
+        }
+    }
+
+    /// `Some(retry_after)` (whole seconds, at least 1) when `ip` has no failed authentications
+    /// left; `None` otherwise. Never charges the IP.
+    pub fn is_blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let s = self.inner.as_ref()?;
+        let until = *s
+            .blocked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&ip_key(ip))?;
+        let now = s.limiter.clock().now();
+        (until > now).then(|| whole_seconds(until.duration_since(now).into()))
+    }
+
+    /// Forgets IPs whose bucket is full again and blocks that have ended. Runs by itself every
+    /// [`HOUSEKEEPING_EVERY`] failures; callers may also run it from a timer.
+    pub fn housekeeping(&self) {
+        let Some(s) = &self.inner else { return };
+        s.limiter.retain_recent();
+        s.limiter.shrink_to_fit();
+        let now = s.limiter.clock().now();
+        s.blocked
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, until| *until > now);
+    }
+}
+
+type Held = Arc<Mutex<HashMap<String, u32>>>;
+
+/// Per-principal cap on concurrent streams. [`try_acquire`](StreamCaps::try_acquire) returns a guard
+/// that releases its slot on drop; a principal's entry is removed when its count drops to 0. Clones
+/// share the counts.
+#[derive(Debug, Clone)]
+pub struct StreamCaps {
+    max: u32,
+    held: Held,
+}
+
+/// One open stream of one principal; dropping it frees the slot.
+#[derive(Debug)]
+pub struct StreamGuard {
+    /// `None` when streams are not capped (nothing to release).
+    slot: Option<(Held, String)>,
+}
+
+impl StreamCaps {
+    /// At most `max` concurrent streams per principal; 0 = no cap.
+    pub fn new(max: u32) -> Self {
+        Self {
+            max,
+            held: Arc::default(),
+        }
+    }
+
+    /// A slot for one more stream of `principal_id`, or `None` when it already holds `max`.
+    pub fn try_acquire(&self, principal_id: &str) -> Option<StreamGuard> {
+        if self.max == 0 {
+            return Some(StreamGuard { slot: None });
+        }
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        match held.get_mut(principal_id) {
+            Some(n) if *n >= self.max => return None,
+            Some(n) => *n += 1,
+            None => {
+                held.insert(principal_id.to_owned(), 1);
+            }
+        }
+        Some(StreamGuard {
+            slot: Some((self.held.clone(), principal_id.to_owned())),
+        })
+    }
+
+    /// Streams `principal_id` holds now (0 when uncapped: nothing is counted then).
+    pub fn active(&self, principal_id: &str) -> u32 {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(principal_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    #[cfg(test)]
+    fn tracked_principals(&self) -> usize {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let Some((held, id)) = self.slot.take() else {
+            return;
+        };
+        let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+    use crate::config::RoleLimits;
+
+    fn principal(id: &str, role: Role, method: AuthMethod) -> Principal {
+        Principal {
+            id: id.into(),
+            role,
+            method,
+            email: None,
+            tenant_id: None,
+        }
+    }
+
+    fn user(id: &str) -> Principal {
+        principal(id, Role::User, AuthMethod::Jwt)
+    }
+
+    fn limits(rps: f64, burst: u32) -> LimitsConfig {
+        LimitsConfig {
+            rate_limit_rps: rps,
+            rate_limit_burst: burst,
+            ..LimitsConfig::default()
+        }
+    }
+
+    fn fake(
+        l: &LimitsConfig,
+        tokens: &[(String, Option<f64>, Option<u32>)],
+    ) -> (RateLimits<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        (
+            RateLimits::with_clock(l, tokens, clock.clone()).unwrap(),
+            clock,
+        )
+    }
+
+    /// Calls `check` until the first refusal; returns how many passed and the retry-after.
+    fn passes_until_refused<C: Clock + Clone>(r: &RateLimits<C>, p: &Principal) -> (u32, Duration) {
+        for n in 0..10_000 {
+            if let Err(wait) = r.check(p) {
+                return (n, wait);
+            }
+        }
+        panic!("never refused");
+    }
+
+    #[test]
+    fn burst_passes_then_refused_with_whole_second_retry_after() {
+        let (r, _clock) = fake(&limits(10.0, 30), &[]);
+        let (passed, wait) = passes_until_refused(&r, &user("alice"));
+        assert_eq!(passed, 30);
+        // 10 rps: the next token is 100 ms away, announced as 1 s (never 0).
+        assert_eq!(wait, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn real_clock_burst_and_retry_after_at_least_one_second() {
+        let r = RateLimits::from_config(&limits(10.0, 30), &[]).unwrap();
+        let p = user("alice");
+        for _ in 0..30 {
+            assert!(r.check(&p).is_ok());
+        }
+        let wait = r.check(&p).unwrap_err();
+        assert!(wait >= Duration::from_secs(1));
+        assert_eq!(wait.subsec_nanos(), 0, "whole seconds");
+    }
+
+    #[test]
+    fn bucket_refills_with_time() {
+        let (r, clock) = fake(&limits(1.0, 2), &[]);
+        let p = user("alice");
+        assert_eq!(passes_until_refused(&r, &p).0, 2);
+        clock.advance(Duration::from_millis(999));
+        assert!(r.check(&p).is_err());
+        clock.advance(Duration::from_millis(1));
+        assert!(r.check(&p).is_ok());
+        assert_eq!(r.check(&p), Err(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn one_principals_exhaustion_leaves_another_alone() {
+        let (r, _clock) = fake(&limits(1.0, 3), &[]);
+        assert_eq!(passes_until_refused(&r, &user("alice")).0, 3);
+        assert!(r.check(&user("alice")).is_err());
+        assert_eq!(passes_until_refused(&r, &user("bob")).0, 3);
+    }
+
+    #[test]
+    fn role_override_applies() {
+        let mut l = limits(10.0, 30);
+        l.roles.insert(
+            Role::ReadOnly,
+            RoleLimits {
+                rate_limit_rps: Some(1.0),
+                rate_limit_burst: Some(1),
+            },
+        );
+        let (r, _clock) = fake(&l, &[]);
+        let ro = principal("viewer", Role::ReadOnly, AuthMethod::Jwt);
+        assert!(r.check(&ro).is_ok());
+        assert_eq!(r.check(&ro), Err(Duration::from_secs(1)));
+        // Other roles keep the default.
+        assert_eq!(passes_until_refused(&r, &user("alice")).0, 30);
+    }
+
+    #[test]
+    fn role_override_of_one_field_keeps_the_default_other() {
+        let mut l = limits(10.0, 30);
+        l.roles.insert(
+            Role::Admin,
+            RoleLimits {
+                rate_limit_rps: None,
+                rate_limit_burst: Some(50),
+            },
+        );
+        let (r, _clock) = fake(&l, &[]);
+        let admin = principal("root", Role::Admin, AuthMethod::Jwt);
+        assert_eq!(
+            passes_until_refused(&r, &admin),
+            (50, Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn token_override_beats_its_role() {
+        let mut l = limits(10.0, 30);
+        l.roles.insert(
+            Role::ReadOnly,
+            RoleLimits {
+                rate_limit_rps: Some(1.0),
+                rate_limit_burst: Some(1),
+            },
+        );
+        let tokens = vec![
+            ("ci".to_string(), Some(1.0), Some(5)),
+            ("dash".to_string(), None, Some(3)),
+        ];
+        let (r, _clock) = fake(&l, &tokens);
+        let ci = principal("ci", Role::ReadOnly, AuthMethod::Token);
+        assert_eq!(passes_until_refused(&r, &ci).0, 5);
+        // Only the burst is overridden: the role's 1 rps stays.
+        let dash = principal("dash", Role::ReadOnly, AuthMethod::Token);
+        assert_eq!(passes_until_refused(&r, &dash), (3, Duration::from_secs(1)));
+        // A JWT subject named like a token does not get the token's quota.
+        let jwt_ci = principal("ci", Role::ReadOnly, AuthMethod::Jwt);
+        let (r2, _clock) = fake(&l, &tokens);
+        assert_eq!(passes_until_refused(&r2, &jwt_ci).0, 1);
+    }
+
+    #[test]
+    fn fractional_rps_gives_two_second_retry_after() {
+        let (r, _clock) = fake(&limits(0.5, 1), &[]);
+        let p = user("alice");
+        assert!(r.check(&p).is_ok());
+        assert_eq!(r.check(&p), Err(Duration::from_secs(2)));
+        let real = RateLimits::from_config(&limits(0.5, 1), &[]).unwrap();
+        assert!(real.check(&p).is_ok());
+        assert_eq!(real.check(&p), Err(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(whole_seconds(Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(
+            whole_seconds(Duration::from_millis(1)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            whole_seconds(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            whole_seconds(Duration::from_millis(1001)),
+            Duration::from_secs(2)
+        );
+        // 3 rps: a third of a second, still 1.
+        let (r, _clock) = fake(&limits(3.0, 1), &[]);
+        let p = user("a");
+        assert!(r.check(&p).is_ok());
+        assert_eq!(r.check(&p), Err(Duration::from_secs(1)));
+        // 0.4 rps: 2.5 s → 3 s.
+        let (r, _clock) = fake(&limits(0.4, 1), &[]);
+        assert!(r.check(&p).is_ok());
+        assert_eq!(r.check(&p), Err(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn invalid_config_names_the_key() {
+        let err = |l: &LimitsConfig, t: &[(String, Option<f64>, Option<u32>)]| {
+            RateLimits::from_config(l, t).unwrap_err()
+        };
+        let e = err(&limits(0.0, 30), &[]);
+        assert!(e.contains("limits.rate_limit_rps"), "{e}");
+        let e = err(&limits(-1.0, 30), &[]);
+        assert!(e.contains("limits.rate_limit_rps"), "{e}");
+        let e = err(&limits(f64::NAN, 30), &[]);
+        assert!(
+            e.contains("limits.rate_limit_rps") && e.contains("NaN"),
+            "{e}"
+        );
+        let e = err(&limits(f64::INFINITY, 30), &[]);
+        assert!(e.contains("limits.rate_limit_rps"), "{e}");
+        let e = err(&limits(10.0, 0), &[]);
+        assert!(e.contains("limits.rate_limit_burst"), "{e}");
+        assert!(!e.contains("limits.rate_limit_rps"), "{e}");
+
+        let mut l = limits(10.0, 30);
+        l.roles.insert(
+            Role::ReadOnly,
+            RoleLimits {
+                rate_limit_rps: Some(-2.0),
+                rate_limit_burst: Some(0),
+            },
+        );
+        let e = err(&l, &[]);
+        assert!(e.contains("limits.roles.readonly.rate_limit_rps"), "{e}");
+        assert!(e.contains("limits.roles.readonly.rate_limit_burst"), "{e}");
+
+        let e = err(
+            &limits(10.0, 30),
+            &[
+                ("ok".into(), Some(1.0), None),
+                ("bad".into(), Some(f64::NAN), Some(0)),
+            ],
+        );
+        assert!(
+            e.contains("auth.tokens.1.rate_limit_rps (token `bad`)"),
+            "{e}"
+        );
+        assert!(e.contains("auth.tokens.1.rate_limit_burst"), "{e}");
+        assert!(!e.contains("auth.tokens.0"), "{e}");
+
+        // Representable but absurd: refilling would overflow governor's clock arithmetic.
+        let e = err(&limits(1e-12, 30), &[]);
+        assert!(e.contains("limits.rate_limit_rps"), "{e}");
+        let e = err(&limits(1e12, 30), &[]);
+        assert!(e.contains("limits.rate_limit_rps"), "{e}");
+        let e = err(&limits(1e-8, 1000), &[]);
+        assert!(e.contains("limits.rate_limit_burst"), "{e}");
+    }
+
+    #[test]
+    fn equal_quotas_share_one_limiter() {
+        let mut l = limits(10.0, 30);
+        l.roles.insert(
+            Role::Admin,
+            RoleLimits {
+                rate_limit_rps: Some(10.0),
+                rate_limit_burst: None,
+            },
+        );
+        let r = RateLimits::from_config(&l, &[("t".into(), None, Some(30))]).unwrap();
+        assert_eq!(r.limiters.len(), 1);
+    }
+
+    #[test]
+    fn housekeeping_forgets_full_buckets() {
+        let (r, clock) = fake(&limits(1.0, 2), &[]);
+        for i in 0..50 {
+            assert!(r.check(&user(&format!("p{i}"))).is_ok());
+        }
+        assert_eq!(r.tracked_keys(), 50);
+        r.housekeeping();
+        assert_eq!(r.tracked_keys(), 50, "buckets not yet full are kept");
+        clock.advance(Duration::from_secs(5));
+        r.housekeeping();
+        assert_eq!(r.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn housekeeping_runs_by_itself() {
+        let (r, clock) = fake(&limits(1.0, 2), &[]);
+        assert!(r.check(&user("old")).is_ok());
+        clock.advance(Duration::from_secs(5));
+        for _ in 0..HOUSEKEEPING_EVERY {
+            let _ = r.check(&user("busy"));
+        }
+        // "old" was dropped by the automatic clean-up; "busy" is still throttled.
+        assert_eq!(r.tracked_keys(), 1);
+    }
+
+    const A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+
+    fn fake_auth(per_minute: u32) -> (AuthFailureLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        (
+            AuthFailureLimiter::with_clock(per_minute, clock.clone()),
+            clock,
+        )
+    }
+
+    #[test]
+    fn five_failures_block_the_ip_and_not_another() {
+        let l = AuthFailureLimiter::new(5);
+        for _ in 0..4 {
+            l.record_failure(A);
+            assert_eq!(l.is_blocked(A), None);
+        }
+        l.record_failure(A);
+        let wait = l.is_blocked(A).unwrap();
+        assert!(wait >= Duration::from_secs(1) && wait <= Duration::from_secs(12));
+        assert_eq!(wait.subsec_nanos(), 0);
+        assert_eq!(l.is_blocked(B), None);
+    }
+
+    #[test]
+    fn blocked_ip_gets_one_more_try_per_period() {
+        let (l, clock) = fake_auth(5);
+        for _ in 0..5 {
+            l.record_failure(A);
+        }
+        assert_eq!(l.is_blocked(A), Some(Duration::from_secs(12)));
+        clock.advance(Duration::from_millis(11_500));
+        assert_eq!(l.is_blocked(A), Some(Duration::from_secs(1)));
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(l.is_blocked(A), None);
+        l.record_failure(A);
+        assert_eq!(l.is_blocked(A), Some(Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn successes_never_block() {
+        let (l, _clock) = fake_auth(5);
+        // Four failures, then any number of authenticated calls (which only look): still open.
+        for _ in 0..4 {
+            l.record_failure(A);
+        }
+        for _ in 0..1000 {
+            assert_eq!(l.is_blocked(A), None);
+        }
+        // The fifth failure is what blocks, not the looks before it.
+        l.record_failure(A);
+        assert!(l.is_blocked(A).is_some());
+    }
+
+    #[test]
+    fn zero_per_minute_never_blocks() {
+        let l = AuthFailureLimiter::new(0);
+        for _ in 0..100 {
+            l.record_failure(A);
+        }
+        assert_eq!(l.is_blocked(A), None);
+    }
+
+    #[test]
+    fn failures_are_keyed_by_ip_and_ipv6_by_64() {
+        let (l, _clock) = fake_auth(2);
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        l.record_failure(v6a);
+        l.record_failure(v6b);
+        assert!(l.is_blocked(v6a).is_some());
+        assert!(l.is_blocked(v6b).is_some());
+        assert_eq!(l.is_blocked(v6other), None);
+
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        l.record_failure(mapped);
+        l.record_failure(A);
+        assert!(l.is_blocked(A).is_some());
+        assert!(l.is_blocked(mapped).is_some());
+        assert_eq!(l.is_blocked(B), None);
+        assert_eq!(
+            ip_key(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        );
+    }
+
+    #[test]
+    fn auth_housekeeping_forgets_old_ips() {
+        let (l, clock) = fake_auth(5);
+        for i in 0..5 {
+            l.record_failure(A);
+            l.record_failure(IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)));
+        }
+        let s = l.inner.as_ref().unwrap();
+        assert_eq!(s.limiter.len(), 6);
+        assert_eq!(s.blocked.read().unwrap().len(), 1);
+        clock.advance(Duration::from_secs(120));
+        l.housekeeping();
+        assert_eq!(s.limiter.len(), 0);
+        assert_eq!(s.blocked.read().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn stream_cap_limits_each_principal() {
+        let caps = StreamCaps::new(2);
+        let g1 = caps.try_acquire("alice").unwrap();
+        let _g2 = caps.try_acquire("alice").unwrap();
+        assert!(caps.try_acquire("alice").is_none());
+        assert_eq!(caps.active("alice"), 2);
+        // Another principal is unaffected.
+        let b = caps.try_acquire("bob").unwrap();
+        drop(g1);
+        assert_eq!(caps.active("alice"), 1);
+        let _g3 = caps.try_acquire("alice").unwrap();
+        assert!(caps.try_acquire("alice").is_none());
+        drop(b);
+        assert_eq!(caps.active("bob"), 0);
+        assert_eq!(caps.tracked_principals(), 1, "bob's entry removed at zero");
+    }
+
+    #[test]
+    fn stream_cap_entry_removed_at_zero() {
+        let caps = StreamCaps::new(2);
+        let a = caps.try_acquire("alice").unwrap();
+        let b = caps.clone().try_acquire("alice").unwrap();
+        assert_eq!(caps.tracked_principals(), 1);
+        drop(a);
+        drop(b);
+        assert_eq!(caps.tracked_principals(), 0);
+        assert_eq!(caps.active("alice"), 0);
+    }
+
+    #[test]
+    fn stream_cap_zero_is_uncapped() {
+        let caps = StreamCaps::new(0);
+        let guards: Vec<_> = (0..1000)
+            .map(|_| caps.try_acquire("alice").unwrap())
+            .collect();
+        assert_eq!(guards.len(), 1000);
+        assert_eq!(caps.tracked_principals(), 0);
+    }
+
+    #[test]
+    fn stream_guard_is_send_and_static() {
+        fn assert_send<T: Send + Sync + 'static>() {}
+        assert_send::<StreamGuard>();
+        assert_send::<StreamCaps>();
+        assert_send::<RateLimits>();
+        assert_send::<AuthFailureLimiter>();
+    }
+}
