@@ -95,37 +95,59 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// The session namespace of this principal. Until per-user sessions land (issue #6) every caller
-    /// shares the `default` namespace, which is the existing ChatCLI's session folder.
-    pub fn session_namespace(&self) -> &str {
-        "default"
+    /// The session namespace of this principal. The shared token and no-auth mode use `default`, the
+    /// existing ChatCLI's flat sessions folder, so existing files keep working; every other principal
+    /// gets its own, prefixed by its method so a JWT `sub` can never collide with a token's name.
+    pub fn session_namespace(&self) -> String {
+        match self.method {
+            AuthMethod::None => "default".into(),
+            AuthMethod::Token if self.id == "legacy-token" => "default".into(),
+            m => format!("{}:{}", m.as_str(), self.id),
+        }
+    }
+
+    /// Whether this principal may write or delete sessions.
+    pub fn can_write(&self) -> bool {
+        self.role != Role::ReadOnly
     }
 }
 
-/// Why a call was refused (logged; the caller only sees "authentication failed").
+/// Why a call was refused (logged and audited; the caller only sees "authentication failed").
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    /// No `authorization` header.
-    #[error("missing bearer token")]
+    /// No credentials.
+    #[error("missing credentials")]
     Missing,
     /// Not `Bearer <token>`.
     #[error("malformed authorization header")]
     Malformed,
-    /// Wrong token.
+    /// No token or key accepts it.
     #[error("invalid token")]
     Invalid,
+    /// A JWT that failed verification.
+    #[error("invalid JWT: {0}")]
+    Jwt(String),
+    /// Too many failures from this address.
+    #[error("too many failed attempts from this address")]
+    Throttled,
 }
 
-/// The configured ways to authenticate.
-#[derive(Clone, Default)]
+/// The configured ways to authenticate, prepared from config (rebuilt on reload).
+#[derive(Default)]
 pub struct Authenticator {
     token: Option<Vec<u8>>,
+    tokens: tokens::TokenTable,
+    jwt: Option<jwt::JwtVerifier>,
+    mtls: Option<crate::config::MtlsConfig>,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .field("shared_token", &self.token.is_some())
+            .field("named_tokens", &!self.tokens.is_empty())
+            .field("jwt", &self.jwt.is_some())
+            .field("mtls", &self.mtls.is_some())
             .finish()
     }
 }
@@ -138,21 +160,52 @@ pub fn is_exempt(path: &str) -> bool {
 }
 
 impl Authenticator {
-    /// From the configured shared token, if any.
+    /// From config; errors name the setting. `client_ca` says whether mTLS is on.
+    pub fn from_config(
+        auth: &crate::config::AuthConfig,
+        client_ca: bool,
+    ) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let tokens = tokens::TokenTable::from_config(&auth.tokens).unwrap_or_else(|e| {
+            errors.push(e);
+            tokens::TokenTable::default()
+        });
+        let jwt = jwt::JwtVerifier::from_config(&auth.jwt).unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            token: auth.token.as_ref().map(|t| t.expose().as_bytes().to_vec()),
+            tokens,
+            jwt,
+            mtls: client_ca.then(|| auth.mtls.clone()),
+        })
+    }
+
+    /// From a shared token only (tests and simple setups).
     pub fn new(token: Option<&str>) -> Self {
         Self {
             token: token.map(|t| t.as_bytes().to_vec()),
+            ..Default::default()
         }
     }
 
     /// Whether any auth is configured.
     pub fn enabled(&self) -> bool {
-        self.token.is_some()
+        self.token.is_some() || !self.tokens.is_empty() || self.jwt.is_some() || self.mtls.is_some()
     }
 
-    /// Resolves the principal from the `authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Principal, AuthError> {
-        let Some(expected) = &self.token else {
+    /// Resolves the caller. A bearer credential, when present, must be valid (it is never ignored in
+    /// favour of a certificate); without one, a verified client certificate identifies the caller.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        client_identity: Option<&str>,
+    ) -> Result<Principal, AuthError> {
+        if !self.enabled() {
             return Ok(Principal {
                 id: "anonymous".into(),
                 role: Role::Admin,
@@ -160,54 +213,173 @@ impl Authenticator {
                 email: None,
                 tenant_id: None,
             });
+        }
+        let Some(header) = authorization else {
+            return match (client_identity, &self.mtls) {
+                (Some(id), Some(m)) => Ok(Principal {
+                    id: id.to_string(),
+                    role: m.roles.get(id).copied().unwrap_or(m.default_role),
+                    method: AuthMethod::Mtls,
+                    email: None,
+                    tenant_id: None,
+                }),
+                _ => Err(AuthError::Missing),
+            };
         };
-        let header = authorization.ok_or(AuthError::Missing)?;
         let token = header
             .strip_prefix(b"Bearer ")
             .ok_or(AuthError::Malformed)?;
-        if bool::from(token.ct_eq(expected.as_slice())) {
-            Ok(Principal {
+        if let Some(expected) = &self.token
+            && bool::from(token.ct_eq(expected.as_slice()))
+        {
+            return Ok(Principal {
                 id: "legacy-token".into(),
                 role: Role::Admin,
                 method: AuthMethod::Token,
                 email: None,
                 tenant_id: None,
-            })
-        } else {
-            Err(AuthError::Invalid)
+            });
         }
+        let text = std::str::from_utf8(token).map_err(|_| AuthError::Malformed)?;
+        if let Some(entry) = self.tokens.lookup(text) {
+            return Ok(entry.principal());
+        }
+        if let Some(jwt) = &self.jwt
+            && text.split('.').count() == 3
+        {
+            return jwt.verify(text).map_err(|e| AuthError::Jwt(e.to_string()));
+        }
+        Err(AuthError::Invalid)
+    }
+
+    /// Rate-limit overrides of the named tokens: (name, rps, burst).
+    pub fn token_overrides(&self) -> Vec<(String, Option<f64>, Option<u32>)> {
+        self.tokens
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.rate_limit_rps, e.rate_limit_burst))
+            .collect()
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::config::{AuthConfig, MtlsConfig, NamedToken};
+    use sha2::Digest;
 
     #[test]
     fn shared_token_is_checked() {
         let a = Authenticator::new(Some("s3cret"));
-        assert_eq!(a.authenticate(None), Err(AuthError::Missing));
+        assert_eq!(a.authenticate(None, None), Err(AuthError::Missing));
         assert_eq!(
-            a.authenticate(Some(b"Basic s3cret")),
+            a.authenticate(Some(b"Basic s3cret"), None),
             Err(AuthError::Malformed)
         );
         assert_eq!(
-            a.authenticate(Some(b"bearer s3cret")),
+            a.authenticate(Some(b"bearer s3cret"), None),
             Err(AuthError::Malformed)
         );
         assert_eq!(
-            a.authenticate(Some(b"Bearer s3cre")),
+            a.authenticate(Some(b"Bearer s3cre"), None),
             Err(AuthError::Invalid)
         );
+        let p = a.authenticate(Some(b"Bearer s3cret"), None).unwrap();
         assert_eq!(
-            a.authenticate(Some(b"Bearer s3cret")).map(|p| p.id),
-            Ok("legacy-token".to_string())
+            (p.id.as_str(), p.role, p.method),
+            ("legacy-token", Role::Admin, AuthMethod::Token)
         );
+        assert_eq!(p.session_namespace(), "default");
         let none = Authenticator::new(None);
+        let p = none.authenticate(None, None).unwrap();
         assert_eq!(
-            none.authenticate(None).map(|p| p.method),
-            Ok(AuthMethod::None)
+            (p.method, p.session_namespace().as_str()),
+            (AuthMethod::None, "default")
         );
-        assert!(format!("{a:?}").contains("[redacted]"));
+        assert!(!format!("{a:?}").contains("s3cret"));
+    }
+
+    fn config() -> AuthConfig {
+        let digest = hex(&sha2::Sha256::digest(b"team-token"));
+        AuthConfig {
+            tokens: vec![NamedToken {
+                name: "team-a".into(),
+                role: Role::ReadOnly,
+                sha256: Some(digest),
+                ..Default::default()
+            }],
+            mtls: MtlsConfig {
+                roles: [("spiffe://test/admin".to_string(), Role::Admin)]
+                    .into_iter()
+                    .collect(),
+                default_role: Role::User,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn named_tokens_and_certificates_resolve_principals() {
+        let a = Authenticator::from_config(&config(), true).unwrap();
+        let p = a.authenticate(Some(b"Bearer team-token"), None).unwrap();
+        assert_eq!((p.id.as_str(), p.role), ("team-a", Role::ReadOnly));
+        assert_eq!(p.session_namespace(), "token:team-a");
+        assert!(!p.can_write());
+        let p = a.authenticate(None, Some("spiffe://test/admin")).unwrap();
+        assert_eq!((p.role, p.method), (Role::Admin, AuthMethod::Mtls));
+        let p = a.authenticate(None, Some("spiffe://test/bob")).unwrap();
+        assert_eq!(
+            (p.role, p.session_namespace().as_str()),
+            (Role::User, "mtls:spiffe://test/bob")
+        );
+        // A bad bearer token is never ignored in favour of a good certificate.
+        assert_eq!(
+            a.authenticate(Some(b"Bearer wrong"), Some("spiffe://test/admin")),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(a.authenticate(None, None), Err(AuthError::Missing));
+        // Without a client CA, a certificate identity is not a credential.
+        let no_ca = Authenticator::from_config(&config(), false).unwrap();
+        assert_eq!(
+            no_ca.authenticate(None, Some("spiffe://test/admin")),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            a.token_overrides(),
+            vec![("team-a".to_string(), None, None)]
+        );
+    }
+
+    #[test]
+    fn jwt_claims_become_the_principal() {
+        let mut cfg = AuthConfig::default();
+        cfg.jwt.secret = Some(crate::config::Secret::new(
+            "0123456789abcdef0123456789abcdef",
+        ));
+        let a = Authenticator::from_config(&cfg, false).unwrap();
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 600;
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"sub": "alice", "role": "readonly", "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        let p = a
+            .authenticate(Some(format!("Bearer {token}").as_bytes()), None)
+            .unwrap();
+        assert_eq!(
+            (p.id.as_str(), p.role, p.method),
+            ("alice", Role::ReadOnly, AuthMethod::Jwt)
+        );
+        assert_eq!(p.session_namespace(), "jwt:alice");
+        assert!(matches!(
+            a.authenticate(Some(b"Bearer a.b.c"), None),
+            Err(AuthError::Jwt(_))
+        ));
     }
 }

@@ -115,7 +115,10 @@ fn bind_address_follows_kubernetes_and_can_be_overridden() {
         l.config.server.bind_address,
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     );
-    let env = [("KUBERNETES_SERVICE_HOST", "10.0.0.1")];
+    let env = [
+        ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+        ("CHATCLI_SERVER_TOKEN", "t"),
+    ];
     let l = load(&sources(&env, None, vec![])).unwrap();
     assert_eq!(
         l.config.server.bind_address,
@@ -316,13 +319,15 @@ fn compatible_values_are_converted() {
         ("CHATCLI_GRPC_REFLECTION", "true"),
         ("CHATCLI_JWT_AUDIENCE", "a, b"),
     ];
-    let mut s = sources(&env, None, vec![]);
-    // JWT is refused until issue #6; check only how the values were read.
+    let s = sources(&env, None, vec![]);
+    // An audience without any JWT key is a problem; check it is read as a list on the way.
     let e = load(&s).unwrap_err();
     assert_eq!(e.problems.len(), 1);
     assert_eq!(e.problems[0].key, "auth.jwt");
-    s.env.remove("CHATCLI_JWT_AUDIENCE");
+    let mut s = s;
+    s.env.insert("CHATCLI_JWT_SECRET".into(), "k".into());
     let l = load(&s).unwrap();
+    assert_eq!(l.config.auth.jwt.audience, vec!["a", "b"]);
     assert_eq!(l.config.server.max_recv_msg_size, 52_428_800);
     assert!(
         l.warnings
@@ -356,18 +361,27 @@ fn fallback_list_from_env_is_comma_separated_and_checked() {
 }
 
 #[test]
-fn tls_and_jwt_are_refused_until_they_exist() {
-    let env = [("CHATCLI_SERVER_TLS_CERT", "/c.pem")];
-    let keys: Vec<String> = problems(&sources(&env, None, vec![]))
-        .into_iter()
-        .map(|p| p.key)
-        .collect();
-    assert!(
-        keys.contains(&"server.tls.cert_file".to_string()),
-        "{keys:?}"
+fn no_auth_on_a_public_address_is_refused_unless_allowed() {
+    let env = [("CHATCLI_BIND_ADDRESS", "0.0.0.0")];
+    let p = problems(&sources(&env, None, vec![]));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "server.bind_address");
+    assert!(p[0].message.contains("--allow-no-auth"), "{}", p[0].message);
+    let env = [
+        ("CHATCLI_BIND_ADDRESS", "0.0.0.0"),
+        ("CHATCLI_ALLOW_NO_AUTH", "true"),
+    ];
+    assert!(load(&sources(&env, None, vec![])).is_ok());
+    let env = [
+        ("CHATCLI_BIND_ADDRESS", "0.0.0.0"),
+        ("CHATCLI_SERVER_TOKEN", "t"),
+    ];
+    assert!(load(&sources(&env, None, vec![])).is_ok());
+    let env = [("CHATCLI_TLS_CLIENT_CA", "/ca.pem")];
+    assert_eq!(
+        problems(&sources(&env, None, vec![]))[0].key,
+        "server.tls.client_ca_file"
     );
-    let env = [("CHATCLI_JWT_SECRET", "k")];
-    assert_eq!(problems(&sources(&env, None, vec![]))[0].key, "auth.jwt");
 }
 
 #[test]

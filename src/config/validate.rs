@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use figment::Figment;
 
-use super::types::{Config, LimitsConfig};
+use super::types::Config;
 use super::{Problem, origin};
 use crate::llm::ProviderKind;
 
@@ -56,23 +56,38 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
         };
         bad(key, format!("is set but {missing} is not; TLS needs both"));
     }
-    for key in ["server.tls.cert_file", "server.tls.client_ca_file"] {
-        let set = match key {
-            "server.tls.cert_file" => tls.cert_file.is_some(),
-            _ => tls.client_ca_file.is_some(),
-        };
-        if set {
-            bad(
-                key,
-                "TLS and mTLS serving are not in this build yet (issue #6); unset it to serve plaintext".into(),
-            );
-        }
+    if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
+        bad(
+            "server.tls.client_ca_file",
+            "needs server.tls.cert_file and key_file: client certificates are only asked for over TLS".into(),
+        );
     }
-    let jwt = &config.auth.jwt;
-    if jwt.secret.is_some() || jwt.issuer.is_some() || !jwt.audience.is_empty() {
+    let auth = &config.auth;
+    let any_auth = auth.token.is_some()
+        || auth.token_file.is_some()
+        || !auth.tokens.is_empty()
+        || auth.jwt.secret.is_some()
+        || auth.jwt.public_key_file.is_some()
+        || auth.jwt.jwks_file.is_some()
+        || tls.client_ca_file.is_some();
+    if !any_auth && !s.bind_address.is_loopback() && !s.allow_no_auth {
+        bad(
+            "server.bind_address",
+            format!(
+                "{} is not a loopback address and no authentication is configured; set a token (--token), JWT keys or a client CA, or pass --allow-no-auth (CHATCLI_ALLOW_NO_AUTH=true) to serve everyone",
+                s.bind_address
+            ),
+        );
+    }
+    if (auth.jwt.issuer.is_some() || !auth.jwt.audience.is_empty())
+        && auth.jwt.secret.is_none()
+        && auth.jwt.public_key_file.is_none()
+        && auth.jwt.jwks_file.is_none()
+    {
         bad(
             "auth.jwt",
-            "JWT authentication is not in this build yet (issue #6); refusing to start without the protection asked for".into(),
+            "issuer/audience are set but no JWT key (secret, public_key_file or jwks_file) is"
+                .into(),
         );
     }
     if let Some(t) = &config.auth.token
@@ -157,20 +172,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
     let mut later = |what: &str, issue: &str| {
         w.push(format!("{what} has no effect yet: it waits for {issue}"));
     };
-    let l = &config.limits;
-    let d = LimitsConfig::default();
-    if l.rate_limit_rps != d.rate_limit_rps || l.rate_limit_burst != d.rate_limit_burst {
-        later(
-            "limits.rate_limit_*",
-            "issue #6 (per-principal rate limits)",
-        );
-    }
-    if config.audit.path.is_some() {
-        later("audit.path", "issue #6 (audit log)");
-    }
-    if config.server.allow_no_auth {
-        later("server.allow_no_auth", "issue #6 (auth)");
-    }
     if config.watcher.deployment.is_some() || config.watcher.config_file.is_some() {
         later(
             "the Kubernetes watcher (watcher.*)",

@@ -15,6 +15,7 @@ use crate::llm::gateway::{self, PromptCall};
 use crate::llm::{ClientCredentials, Delta, Message};
 use crate::proto::chat_cli_service_server::{ChatCliService, ChatCliServiceServer};
 use crate::proto::*;
+use crate::server::pipeline::AuditNotes;
 use crate::sessions::SessionData;
 use crate::telemetry::SessionOperation;
 
@@ -81,11 +82,93 @@ fn snapshot<T>(state: &AppState, req: &Request<T>) -> Arc<Prepared> {
         .unwrap_or_else(|| state.prepared())
 }
 
-fn namespace<T>(req: &Request<T>) -> String {
+fn principal<T>(req: &Request<T>) -> Principal {
     req.extensions()
         .get::<Principal>()
-        .map(|p| p.session_namespace().to_string())
-        .unwrap_or_else(|| "default".into())
+        .cloned()
+        .unwrap_or_else(|| Principal {
+            id: "anonymous".into(),
+            role: crate::auth::Role::Admin,
+            method: crate::auth::AuthMethod::None,
+            email: None,
+            tenant_id: None,
+        })
+}
+
+fn namespace<T>(req: &Request<T>) -> String {
+    principal(req).session_namespace()
+}
+
+fn notes<T>(req: &Request<T>) -> Arc<AuditNotes> {
+    req.extensions()
+        .get::<Arc<AuditNotes>>()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Readonly principals may not change state.
+fn require_write<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
+    if principal(req).can_write() {
+        return Ok(());
+    }
+    notes(req).denied();
+    Err(Status::permission_denied(format!(
+        "readonly principals cannot {what}"
+    )))
+}
+
+/// Keys a client may put in `provider_config` (PROTOCOL.md §2.1), and the longest value accepted.
+const PROVIDER_CONFIG_KEYS: &[&str] = &[
+    "client_id",
+    "client_key",
+    "realm",
+    "agent_id",
+    "base_url",
+    "api_base",
+    "endpoint",
+    "url",
+    "host",
+    "server_url",
+    "realm_url",
+    "token_url",
+];
+const MAX_PROVIDER_CONFIG_VALUE: usize = 4096;
+
+fn validate_provider_config(cfg: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    for (k, v) in cfg {
+        if !PROVIDER_CONFIG_KEYS.contains(&k.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "validation: provider_config key `{}` is not one of: {}",
+                k.chars().take(64).collect::<String>(),
+                PROVIDER_CONFIG_KEYS.join(", ")
+            )));
+        }
+        if v.len() > MAX_PROVIDER_CONFIG_VALUE {
+            return Err(Status::invalid_argument(format!(
+                "validation: provider_config.{k} is longer than {MAX_PROVIDER_CONFIG_VALUE} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn validate_history(history: &[ChatMessage], prepared: &Prepared) -> Result<(), Status> {
+    let limits = &prepared.config.limits;
+    if history.len() > limits.max_history_messages {
+        return Err(Status::invalid_argument(format!(
+            "validation: history has {} messages; the limit is {}",
+            history.len(),
+            limits.max_history_messages
+        )));
+    }
+    let bytes: usize = history.iter().map(|m| m.content.len() + m.role.len()).sum();
+    if bytes > limits.max_history_bytes {
+        return Err(Status::invalid_argument(format!(
+            "validation: history is {bytes} bytes; the limit is {}",
+            limits.max_history_bytes
+        )));
+    }
+    Ok(())
 }
 
 fn waits_for(rpc: &str, capability: &str) -> Status {
@@ -94,7 +177,23 @@ fn waits_for(rpc: &str, capability: &str) -> Status {
     ))
 }
 
-/// The fields SendPrompt and StreamPrompt share (two message types with the same fields).
+/// SendPromptRequest and StreamPromptRequest are two message types with the same fields.
+macro_rules! prompt_fields {
+    ($r:expr) => {{
+        let r = $r;
+        PromptFields {
+            prompt: r.prompt,
+            history: r.history,
+            max_tokens: r.max_tokens,
+            provider: r.provider,
+            model: r.model,
+            client_api_key: r.client_api_key,
+            provider_config: r.provider_config,
+        }
+    }};
+}
+
+/// The fields SendPrompt and StreamPrompt share.
 struct PromptFields {
     prompt: String,
     history: Vec<ChatMessage>,
@@ -130,6 +229,8 @@ impl PromptFields {
         deadline: Option<Instant>,
     ) -> Result<PromptCall, Status> {
         validate_prompt(&self.prompt, prepared)?;
+        validate_history(&self.history, prepared)?;
+        validate_provider_config(&self.provider_config)?;
         if !(0..=MAX_TOKENS_LIMIT).contains(&self.max_tokens) {
             return Err(Status::invalid_argument(format!(
                 "validation: max_tokens must be between 0 and {MAX_TOKENS_LIMIT}"
@@ -320,6 +421,29 @@ impl ChatCliGrpc {
         .map_err(|e| e.to_status())
     }
 
+    /// One of the principal's concurrent-stream slots, held until the stream ends.
+    fn stream_slot<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<Option<crate::server::ratelimit::StreamGuard>, Status> {
+        let cap = self
+            .state
+            .prepared()
+            .config
+            .limits
+            .max_streams_per_principal;
+        if cap == 0 {
+            return Ok(None);
+        }
+        let who = principal(req);
+        match self.state.stream_caps.try_acquire(&who.id) {
+            Some(g) => Ok(Some(g)),
+            None => Err(Status::resource_exhausted(format!(
+                "too many open streams for this principal (the limit is {cap})"
+            ))),
+        }
+    }
+
     fn session_op(&self, op: SessionOperation) {
         if let Some(m) = &self.state.metrics {
             m.session_operation(op);
@@ -337,18 +461,10 @@ impl ChatCliService for ChatCliGrpc {
     ) -> Result<Response<SendPromptResponse>, Status> {
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
-        let r = request.into_inner();
-        let call = PromptFields {
-            prompt: r.prompt,
-            history: r.history,
-            max_tokens: r.max_tokens,
-            provider: r.provider,
-            model: r.model,
-            client_api_key: r.client_api_key,
-            provider_config: r.provider_config,
-        }
-        .into_call(&prepared, deadline)?;
+        let notes = notes(&request);
+        let call = prompt_fields!(request.into_inner()).into_call(&prepared, deadline)?;
         let answer = self.start(&prepared, call).await?;
+        notes.answered_by(&answer.provider, &answer.model);
         let (text, _) = crate::llm::collect(answer.stream)
             .await
             .map_err(|e| e.to_status())?;
@@ -367,18 +483,11 @@ impl ChatCliService for ChatCliGrpc {
     ) -> Result<Response<Self::StreamPromptStream>, Status> {
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
-        let r = request.into_inner();
-        let call = PromptFields {
-            prompt: r.prompt,
-            history: r.history,
-            max_tokens: r.max_tokens,
-            provider: r.provider,
-            model: r.model,
-            client_api_key: r.client_api_key,
-            provider_config: r.provider_config,
-        }
-        .into_call(&prepared, deadline)?;
+        let notes = notes(&request);
+        let slot = self.stream_slot(&request)?;
+        let call = prompt_fields!(request.into_inner()).into_call(&prepared, deadline)?;
         let answer = self.start(&prepared, call).await?;
+        notes.answered_by(&answer.provider, &answer.model);
         let metrics = self.state.metrics.clone();
         let method = "/chatcli.v1.ChatCLIService/StreamPrompt";
         // Deltas go out as the provider yields them (small ones merged only while more text is
@@ -391,6 +500,7 @@ impl ChatCliService for ChatCliGrpc {
         } = answer;
         let mut upstream = crate::llm::chunker::coalesce(stream, STREAM_CHUNK_TARGET);
         let out = async_stream::stream! {
+            let _slot = slot;
             while let Some(item) = upstream.next().await {
                 match item {
                     Ok(Delta::Text(chunk)) if chunk.is_empty() => {}
@@ -422,10 +532,12 @@ impl ChatCliService for ChatCliGrpc {
         request: Request<tonic::Streaming<SessionMessage>>,
     ) -> Result<Response<Self::InteractiveSessionStream>, Status> {
         let prepared = snapshot(&self.state, &request);
+        let slot = self.stream_slot(&request)?;
         let mut inbound = request.into_inner();
         let this = self.clone();
         let method = "/chatcli.v1.ChatCLIService/InteractiveSession";
         let out = async_stream::stream! {
+            let _slot = slot;
             let _active = this.state.metrics.as_ref().map(|m| m.session_started());
             let mut history: Vec<Message> = Vec::new();
             loop {
@@ -481,6 +593,7 @@ impl ChatCliService for ChatCliGrpc {
         request: Request<LoadSessionRequest>,
     ) -> Result<Response<LoadSessionResponse>, Status> {
         self.session_op(SessionOperation::Load);
+        notes(&request).resource(&request.get_ref().name);
         let ns = namespace(&request);
         let name = request.into_inner().name;
         let data = self
@@ -501,6 +614,8 @@ impl ChatCliService for ChatCliGrpc {
         request: Request<SaveSessionRequest>,
     ) -> Result<Response<SaveSessionResponse>, Status> {
         self.session_op(SessionOperation::Save);
+        notes(&request).resource(&request.get_ref().name);
+        require_write(&request, "write sessions")?;
         let ns = namespace(&request);
         let r = request.into_inner();
         let data = match r.session_data {
@@ -520,6 +635,8 @@ impl ChatCliService for ChatCliGrpc {
         request: Request<DeleteSessionRequest>,
     ) -> Result<Response<DeleteSessionResponse>, Status> {
         self.session_op(SessionOperation::Delete);
+        notes(&request).resource(&request.get_ref().name);
+        require_write(&request, "delete sessions")?;
         let ns = namespace(&request);
         let name = request.into_inner().name;
         self.state
@@ -664,8 +781,21 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn execute_remote_plugin(
         &self,
-        _request: Request<ExecuteRemotePluginRequest>,
+        request: Request<ExecuteRemotePluginRequest>,
     ) -> Result<Response<ExecuteRemotePluginResponse>, Status> {
+        notes(&request).resource(&request.get_ref().plugin_name);
+        require_write(&request, "run plugins")?;
+        let r = request.get_ref();
+        if r.plugin_name.is_empty() || r.plugin_name.len() > 256 {
+            return Err(Status::invalid_argument(
+                "validation: plugin_name must be 1 to 256 bytes",
+            ));
+        }
+        if r.args.len() > 100 || r.args.iter().any(|a| a.len() > 10 * 1024) {
+            return Err(Status::invalid_argument(
+                "validation: args must be at most 100 arguments of at most 10 KiB each",
+            ));
+        }
         Err(waits_for(
             "ExecuteRemotePlugin",
             "the catalog capability (not scheduled yet)",

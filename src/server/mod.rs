@@ -7,6 +7,7 @@ mod grpc;
 mod http;
 mod listener;
 mod metrics_http;
+pub mod pipeline;
 pub mod ratelimit;
 mod state;
 pub mod tls;
@@ -153,22 +154,50 @@ pub async fn run(
         }
     };
     let http = http::router(state.clone());
+    let pipeline = pipeline::Pipeline::new(state.clone(), routes, http);
+    let _tls_watch = match &state.tls {
+        Some(acceptor) => match tls::watch(
+            acceptor.clone(),
+            state.prepared().config.server.tls.clone(),
+            state.metrics.as_ref().map(|m| m.registry()),
+        ) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!("TLS files are not watched for rotation: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let housekeeping = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                state.prepared().rate_limits.housekeeping();
+            }
+        })
+    };
     listener::serve(
         listeners.main,
         state.clone(),
-        routes,
-        http,
+        pipeline,
         shutdown,
         on_drain,
         grace,
     )
     .await;
+    housekeeping.abort();
 
     if let Some(w) = watchdog {
         w.abort();
     }
     checks.abort();
     metrics_stop.cancel();
+    if let Some(audit) = &state.audit {
+        audit.close().await;
+    }
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

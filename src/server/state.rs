@@ -13,6 +13,9 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::llm::ProviderRegistry;
 use crate::llm::fallback::Cooldowns;
+use crate::server::audit::AuditLog;
+use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, StreamCaps};
+use crate::server::tls::{RotatingAcceptor, TlsMaterial};
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;
 
@@ -25,25 +28,50 @@ pub struct Prepared {
     pub registry: ProviderRegistry,
     /// Its credentials.
     pub auth: Authenticator,
+    /// Its per-principal rate limits.
+    pub rate_limits: RateLimits,
 }
 
 impl Prepared {
     /// Prepares the state of a validated config; the errors name each part that cannot be built.
     pub fn new(config: Config) -> Result<Self, Vec<String>> {
-        let ctx = crate::llm::ProviderContext::from_config(&config.llm).map_err(|e| vec![e])?;
-        let registry = ProviderRegistry::build(&config.llm, &ctx)?;
-        let auth = Authenticator::new(config.auth.token.as_ref().map(|t| t.expose()));
+        let mut errors = Vec::new();
+        let registry = crate::llm::ProviderContext::from_config(&config.llm)
+            .map_err(|e| vec![e])
+            .and_then(|ctx| ProviderRegistry::build(&config.llm, &ctx));
+        let auth =
+            Authenticator::from_config(&config.auth, config.server.tls.client_ca_file.is_some());
+        let (registry, auth) = match (registry, auth) {
+            (Ok(r), Ok(a)) => (r, a),
+            (r, a) => {
+                errors.extend(r.err().unwrap_or_default());
+                errors.extend(a.err().unwrap_or_default());
+                return Err(errors);
+            }
+        };
+        let rate_limits = RateLimits::from_config(&config.limits, &auth.token_overrides())
+            .map_err(|e| vec![e])?;
         Ok(Self {
             config,
             registry,
             auth,
+            rate_limits,
         })
     }
 }
 
 /// Checks that `config` can be prepared (every provider builds), without serving it.
 pub fn preflight(config: &Config) -> Result<(), Vec<String>> {
-    Prepared::new(config.clone()).map(|_| ())
+    let mut errors = Prepared::new(config.clone()).err().unwrap_or_default();
+    if config.server.tls.cert_file.is_some()
+        && let Err(e) = TlsMaterial::load(&config.server.tls)
+    {
+        errors.push(e);
+    }
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(errors),
+    }
 }
 
 /// See the module docs.
@@ -56,6 +84,14 @@ pub struct AppState {
     pub metrics: Option<Arc<Metrics>>,
     /// Cooldowns of the fallback chain (kept across reloads).
     pub cooldowns: Cooldowns,
+    /// Slows down client IPs that keep failing to authenticate.
+    pub auth_failures: AuthFailureLimiter,
+    /// Concurrent streams per principal.
+    pub stream_caps: StreamCaps,
+    /// The audit log, when configured.
+    pub audit: Option<AuditLog>,
+    /// The TLS acceptor, when TLS is configured.
+    pub tls: Option<RotatingAcceptor>,
     listening: AtomicBool,
     draining: AtomicBool,
     /// Providers whose start-up check failed, with the reason (e.g. Ollama lacks the model).
@@ -69,6 +105,16 @@ impl AppState {
     pub fn new(config: Config, with_metrics: bool) -> Result<Self, ServerError> {
         let sessions = SessionStore::new(config.sessions_dir());
         let prepared = Prepared::new(config).map_err(ServerError::Config)?;
+        let tls = match prepared.config.server.tls.cert_file {
+            Some(_) => Some(RotatingAcceptor::new(
+                TlsMaterial::load(&prepared.config.server.tls)
+                    .map_err(|e| ServerError::Config(vec![e]))?,
+            )),
+            None => None,
+        };
+        let limits = &prepared.config.limits;
+        let auth_failures = AuthFailureLimiter::new(limits.auth_failures_per_minute);
+        let stream_caps = StreamCaps::new(limits.max_streams_per_principal);
         let metrics = match with_metrics {
             true => {
                 let m = Metrics::new()?;
@@ -85,11 +131,20 @@ impl AppState {
             }
             false => None,
         };
+        let audit = AuditLog::open(
+            &prepared.config.audit,
+            metrics.as_ref().map(|m| m.registry()),
+        )
+        .map_err(|e| ServerError::Config(vec![e]))?;
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             sessions,
             metrics,
             cooldowns: Cooldowns::default(),
+            auth_failures,
+            stream_caps,
+            audit,
+            tls,
             listening: AtomicBool::new(false),
             unready: Default::default(),
             draining: AtomicBool::new(false),

@@ -1,0 +1,553 @@
+//! What every request on the main listener goes through, gRPC and HTTP alike, in this order:
+//! request id → authentication (the failed-auth limiter first) → per-principal rate limit → the
+//! gRPC routes or the HTTP router; the audit record is written when the response ends. The
+//! principal goes into the request extensions, where handlers read it; they never re-parse headers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body::Frame;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+use super::audit::{AuditRecord, AuditResult};
+use super::tls::PeerCertificates;
+use super::{AppState, Prepared};
+use crate::auth::{AuthError, Principal};
+use crate::telemetry::GrpcMetricsLayer;
+
+/// The gRPC side as one boxed service.
+pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// The header that carries the request id, in and out.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Facts about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Our address.
+    pub local: Option<SocketAddr>,
+    /// The peer.
+    pub remote: SocketAddr,
+    /// The verified client chain (mTLS), leaf first.
+    pub peer_certs: Option<PeerCertificates>,
+    /// The identity of the verified client certificate.
+    pub client_identity: Option<String>,
+}
+
+/// What handlers add to the audit record of their call (resource, provider, model).
+#[derive(Debug, Default)]
+pub struct AuditNotes {
+    inner: Mutex<Notes>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Notes {
+    principal: Option<Principal>,
+    auth_failed: bool,
+    denied: bool,
+    resource: String,
+    provider: Option<String>,
+    model: Option<String>,
+}
+
+impl AuditNotes {
+    fn with<R>(&self, f: impl FnOnce(&mut Notes) -> R) -> R {
+        f(&mut self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+    /// The session, plugin or agent the call is about.
+    pub fn resource(&self, r: &str) {
+        self.with(|n| n.resource = r.to_string());
+    }
+    /// The provider and model that answered.
+    pub fn answered_by(&self, provider: &str, model: &str) {
+        self.with(|n| {
+            n.provider = Some(provider.to_string());
+            n.model = Some(model.to_string());
+        });
+    }
+    /// The call was refused by RBAC.
+    pub fn denied(&self) {
+        self.with(|n| n.denied = true);
+    }
+}
+
+/// The per-request pipeline.
+#[derive(Clone)]
+pub struct Pipeline {
+    state: Arc<AppState>,
+    grpc: GrpcService,
+    http: Router,
+}
+
+impl Pipeline {
+    /// Builds the pipeline over the gRPC routes and the HTTP router. Metrics wrap the gRPC side
+    /// outside auth, so refused calls are counted too.
+    pub fn new(state: Arc<AppState>, routes: tonic::service::Routes, http: Router) -> Self {
+        let router = routes.into_axum_router();
+        let guarded = {
+            let state = state.clone();
+            tower::service_fn(move |req: Request<Body>| {
+                let state = state.clone();
+                let router = router.clone();
+                async move { Ok::<_, Infallible>(guard(&state, req, router, true).await) }
+            })
+        };
+        let grpc = match &state.metrics {
+            Some(m) => {
+                let layered = tower::ServiceBuilder::new()
+                    .layer(GrpcMetricsLayer::new(m.clone()).with_known_methods(known_methods()))
+                    .service(guarded);
+                BoxCloneSyncService::new(ServiceExt::<Request<Body>>::map_response(layered, |r| {
+                    r.map(Body::new)
+                }))
+            }
+            None => BoxCloneSyncService::new(guarded),
+        };
+        Self { state, grpc, http }
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(
+        self,
+        conn: Arc<ConnInfo>,
+        req: Request<B>,
+    ) -> Result<Response<Body>, Infallible>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let started = Instant::now();
+        let is_grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(String::from)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let method = if is_grpc {
+            req.uri().path().to_string()
+        } else {
+            format!("{} {}", req.method(), req.uri().path())
+        };
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let notes = Arc::new(AuditNotes::default());
+        let (mut parts, body) = req.into_parts();
+        parts
+            .extensions
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: conn.local,
+                remote_addr: Some(conn.remote),
+            });
+        parts
+            .extensions
+            .insert(axum::extract::ConnectInfo(conn.remote));
+        parts.extensions.insert(self.state.prepared());
+        parts.extensions.insert(conn.clone());
+        parts.extensions.insert(notes.clone());
+        if let Some(certs) = &conn.peer_certs {
+            parts.extensions.insert(certs.clone());
+        }
+        let body = Body::new(Counting {
+            inner: Box::pin(body),
+            count: bytes_in.clone(),
+        });
+        let req = Request::from_parts(parts, body);
+        let mut resp = if is_grpc {
+            self.grpc.oneshot(req).await?
+        } else {
+            guard(&self.state, req, self.http, false).await
+        };
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
+        let Some(audit) = self.state.audit.clone() else {
+            return Ok(resp);
+        };
+        let (parts, body) = resp.into_parts();
+        let pending = PendingAudit {
+            audit,
+            started,
+            request_id,
+            client_addr: conn.remote.to_string(),
+            method,
+            is_grpc,
+            http_status: parts.status,
+            header_status: status_of(&parts.headers),
+            bytes_in,
+            bytes_out: 0,
+            notes,
+            done: false,
+        };
+        Ok(Response::from_parts(
+            parts,
+            Body::new(Audited {
+                inner: body,
+                pending,
+            }),
+        ))
+    }
+}
+
+/// Every gRPC method path this server knows, so metrics label anything else `unknown` instead of
+/// letting unauthenticated callers mint new series.
+fn known_methods() -> Vec<String> {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    for set in [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(fds) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in fds.file {
+            for svc in &file.service {
+                for m in &svc.method {
+                    out.push(format!("/{}.{}/{}", file.package(), svc.name(), m.name()));
+                }
+            }
+        }
+    }
+    for v in ["v1", "v1alpha"] {
+        out.push(format!(
+            "/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo"
+        ));
+    }
+    out
+}
+
+/// Authentication and the rate limit, then the router.
+async fn guard(
+    state: &AppState,
+    mut req: Request<Body>,
+    router: Router,
+    is_grpc: bool,
+) -> Response<Body> {
+    let Some(prepared) = req.extensions().get::<Arc<Prepared>>().cloned() else {
+        return refuse(is_grpc, Refusal::Unauthenticated);
+    };
+    let notes = req
+        .extensions()
+        .get::<Arc<AuditNotes>>()
+        .cloned()
+        .unwrap_or_default();
+    let conn = req.extensions().get::<Arc<ConnInfo>>().cloned();
+    let ip = conn.as_ref().map(|c| c.remote.ip());
+    let exempt = crate::auth::is_exempt(req.uri().path());
+    let identity = conn.as_ref().and_then(|c| c.client_identity.clone());
+    let result = match ip.and_then(|ip| state.auth_failures.is_blocked(ip)) {
+        Some(_) => Err(AuthError::Throttled),
+        None => prepared.auth.authenticate(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+            identity.as_deref(),
+        ),
+    };
+    let principal = match result {
+        Ok(p) => p,
+        Err(_) if exempt => Principal {
+            id: "anonymous".into(),
+            role: crate::auth::Role::ReadOnly,
+            method: crate::auth::AuthMethod::None,
+            email: None,
+            tenant_id: None,
+        },
+        Err(e) => {
+            if let (Some(ip), false) = (ip, e == AuthError::Throttled) {
+                state.auth_failures.record_failure(ip);
+            }
+            tracing::warn!(peer = ?ip, path = req.uri().path(), reason = %e, "authentication failed");
+            notes.with(|n| n.auth_failed = true);
+            return refuse(is_grpc, Refusal::Unauthenticated);
+        }
+    };
+    notes.with(|n| n.principal = Some(principal.clone()));
+    if !exempt && let Err(wait) = prepared.rate_limits.check(&principal) {
+        let secs = wait.as_secs().max(1);
+        tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
+        return refuse(is_grpc, Refusal::RateLimited(secs));
+    }
+    req.extensions_mut().insert(principal);
+    match router.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+enum Refusal {
+    Unauthenticated,
+    RateLimited(u64),
+}
+
+fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
+    let mut resp = if is_grpc {
+        let (code, message) = match why {
+            Refusal::Unauthenticated => ("16", "authentication failed".to_string()),
+            Refusal::RateLimited(s) => {
+                ("8", format!("rate limit exceeded, retry after {s} seconds"))
+            }
+        };
+        let mut r = Response::new(Body::empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(code));
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let (status, body) = match why {
+            Refusal::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                r#"{"error":{"message":"authentication failed","type":"authentication_error","code":"unauthenticated"}}"#.to_string(),
+            ),
+            Refusal::RateLimited(s) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    r#"{{"error":{{"message":"rate limit exceeded, retry after {s} seconds","type":"rate_limit_error","code":"rate_limited"}}}}"#
+                ),
+            ),
+        };
+        let mut r = Response::new(Body::from(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    };
+    if let Refusal::RateLimited(s) = why
+        && let Ok(v) = HeaderValue::from_str(&s.to_string())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The `grpc-status` in `headers`.
+fn status_of(headers: &HeaderMap) -> Option<tonic::Code> {
+    let v = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()?;
+    Some(tonic::Code::from_i32(v))
+}
+
+/// Counts the bytes of a request body.
+struct Counting<B> {
+    inner: Pin<Box<B>>,
+    count: Arc<AtomicU64>,
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for Counting<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(Ok(f)) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The audit record of one call, written exactly once when its response ends or is dropped.
+struct PendingAudit {
+    audit: super::audit::AuditLog,
+    started: Instant,
+    request_id: String,
+    client_addr: String,
+    method: String,
+    is_grpc: bool,
+    http_status: StatusCode,
+    header_status: Option<tonic::Code>,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: u64,
+    notes: Arc<AuditNotes>,
+    done: bool,
+}
+
+impl PendingAudit {
+    fn finish(&mut self, trailers: Option<&HeaderMap>, ended: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let notes = self.notes.with(|n| n.clone());
+        let (code, ok, error) = if self.is_grpc {
+            let code = self
+                .header_status
+                .or_else(|| trailers.and_then(status_of))
+                .unwrap_or(if ended {
+                    tonic::Code::Unknown
+                } else {
+                    tonic::Code::Cancelled
+                });
+            let message = trailers
+                .and_then(|t| t.get("grpc-message"))
+                .and_then(|v| v.to_str().ok())
+                .map(percent_decode);
+            (
+                crate::telemetry::code_name(code).to_string(),
+                code == tonic::Code::Ok,
+                if code == tonic::Code::Ok {
+                    None
+                } else {
+                    message.or_else(|| Some(crate::telemetry::code_name(code).to_string()))
+                },
+            )
+        } else {
+            let ok = self.http_status.is_success();
+            (
+                self.http_status.as_u16().to_string(),
+                ok,
+                (!ok).then(|| {
+                    self.http_status
+                        .canonical_reason()
+                        .unwrap_or("error")
+                        .to_string()
+                }),
+            )
+        };
+        let result = if notes.auth_failed || notes.denied {
+            AuditResult::Denied
+        } else if ok {
+            AuditResult::Ok
+        } else {
+            AuditResult::Error
+        };
+        let (principal, auth_method) = match (&notes.principal, notes.auth_failed) {
+            (_, true) => ("anonymous".to_string(), "failed".to_string()),
+            (Some(p), false) => (p.id.clone(), p.method.as_str().to_string()),
+            (None, false) => ("anonymous".to_string(), "none".to_string()),
+        };
+        self.audit.log(AuditRecord {
+            timestamp: super::audit::now_rfc3339(),
+            request_id: std::mem::take(&mut self.request_id),
+            principal,
+            auth_method,
+            client_addr: std::mem::take(&mut self.client_addr),
+            method: std::mem::take(&mut self.method),
+            resource: notes.resource,
+            result,
+            code,
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out,
+            provider: notes.provider,
+            model: notes.model,
+            error,
+        });
+    }
+}
+
+/// gRPC percent-encodes `grpc-message`.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..(i + 3).min(s.len())], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A response body that writes its call's audit record when it ends or is dropped.
+struct Audited {
+    inner: Body,
+    pending: PendingAudit,
+}
+
+impl http_body::Body for Audited {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let polled = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &polled {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.pending.bytes_out += d.len() as u64;
+                }
+                if let Some(t) = f.trailers_ref() {
+                    this.pending.finish(Some(t), true);
+                }
+            }
+            Some(Err(_)) | None => this.pending.finish(None, true),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        let ended = http_body::Body::is_end_stream(&self.inner);
+        self.pending.finish(None, ended);
+    }
+}
