@@ -155,19 +155,47 @@ pub async fn run(
     };
     let http = http::router(state.clone());
     let pipeline = pipeline::Pipeline::new(state.clone(), routes, http);
-    let _tls_watch = match &state.tls {
+    let tls_watch = match &state.tls {
         Some(acceptor) => match tls::watch(
             acceptor.clone(),
             state.prepared().config.server.tls.clone(),
             state.metrics.as_ref().map(|m| m.registry()),
         ) {
-            Ok(g) => Some(g),
+            Ok(g) => Some(Arc::new(g)),
             Err(e) => {
-                tracing::warn!("TLS files are not watched for rotation: {e}");
+                tracing::warn!(
+                    "TLS files are not watched for rotation (SIGHUP still reloads them): {e}"
+                );
                 None
             }
         },
         None => None,
+    };
+    // SIGHUP re-reads what can change without a restart (today the TLS material; issue #9 makes
+    // this the full reload).
+    let sighup = {
+        let state = state.clone();
+        let tls_watch = tls_watch.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the TLS material");
+                let result = match (&tls_watch, &state.tls) {
+                    // The watcher logs and counts its own reloads.
+                    (Some(guard), _) => guard.reload().or(Ok(())),
+                    (None, Some(acceptor)) => acceptor.reload(&state.prepared().config.server.tls),
+                    (None, None) => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::error!(
+                        "TLS reload failed, still serving the previous certificate: {e}"
+                    );
+                }
+            }
+        })
     };
     let housekeeping = {
         let state = state.clone();
@@ -189,6 +217,7 @@ pub async fn run(
     )
     .await;
     housekeeping.abort();
+    sighup.abort();
 
     if let Some(w) = watchdog {
         w.abort();
