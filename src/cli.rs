@@ -34,6 +34,25 @@ pub enum Command {
     Config(ConfigCommand),
     /// Connect to a chatcli server (the client).
     Connect(ConnectArgs),
+    /// Probe the local server's gRPC health (exit 0 when SERVING, 1 otherwise): the image's HEALTHCHECK.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `chatcli healthcheck`
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// Server address (`host:port`).
+    #[arg(long, default_value = "127.0.0.1:50051", env = "CHATCLI_HEALTHCHECK_ADDR")]
+    pub addr: String,
+    /// Connect with TLS.
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificate for `--tls` (default: the system roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 5)]
+    pub timeout: u64,
 }
 
 /// `chatcli config …`
@@ -43,15 +62,111 @@ pub enum ConfigCommand {
     Check(ServerArgs),
     /// Print the merged configuration as TOML with the origin of each value (secrets redacted).
     Show(ServerArgs),
+    /// Print a commented example config with every key and its default.
+    Example,
 }
 
-/// `chatcli connect` (arguments are taken as given until the client lands).
-#[derive(Debug, Args)]
+/// `chatcli connect [flags] [address]`: the client. Flags, variables and defaults follow the
+/// existing ChatCLI client (PROTOCOL.md §4); `chatcli::client` resolves and validates them.
+#[derive(Debug, Clone, Default, Args)]
+#[command(after_help = CONNECT_EXAMPLES)]
 pub struct ConnectArgs {
-    /// Everything after `connect`.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub args: Vec<String>,
+    /// Server address: `host:port`, `dns:///host:port` (every address, round robin),
+    /// `http://host:port` or `https://host:port` (env CHATCLI_REMOTE_ADDR).
+    #[arg(value_name = "ADDRESS")]
+    pub address: Option<String>,
+    /// Server address, as the positional ADDRESS.
+    #[arg(long, env = "CHATCLI_REMOTE_ADDR", value_name = "ADDRESS")]
+    pub addr: Option<String>,
+    /// Bearer token sent with every call.
+    #[arg(long, env = "CHATCLI_REMOTE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Use TLS (1.2+). Without it, plaintext is used for loopback addresses (or anywhere when
+    /// CHATCLI_ALLOW_INSECURE=true) and TLS with the system roots otherwise.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub tls: Option<bool>,
+    /// CA certificate (PEM) that the server's certificate must chain to; default: the system roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS.
+    #[arg(long, alias = "client-cert", env = "CHATCLI_TLS_CLIENT_CERT", value_name = "FILE")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "CHATCLI_TLS_CLIENT_KEY", value_name = "FILE")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Name the server's certificate must carry (default: the host of the address).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Allow plaintext to non-loopback addresses when --tls is not given.
+    #[arg(long, env = "CHATCLI_ALLOW_INSECURE", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_insecure: Option<bool>,
+    /// Your own provider API key or token, forwarded as `client_api_key`.
+    #[arg(long, env = "CHATCLI_CLIENT_API_KEY", hide_env_values = true)]
+    pub llm_key: Option<String>,
+    /// Forward credentials from the local store (`auth-profiles.json` in ~/.chatcli or
+    /// $CHATCLI_AUTH_DIR) or the environment: Anthropic, then OpenAI, then Copilot (or only
+    /// --provider's). Profiles of one provider are tried `<provider>:default` first, then by id.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub use_local_auth: Option<bool>,
+    /// Provider for every prompt (default: the server's).
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Model for every prompt (default: the provider's).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Most tokens in an answer (0 = the provider's default).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<i32>,
+    /// StackSpot client id, forwarded in `provider_config`.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// StackSpot client key, forwarded in `provider_config`.
+    #[arg(long)]
+    pub client_key: Option<String>,
+    /// StackSpot realm, forwarded in `provider_config`.
+    #[arg(long)]
+    pub realm: Option<String>,
+    /// StackSpot agent id, forwarded in `provider_config`.
+    #[arg(long)]
+    pub agent_id: Option<String>,
+    /// Ollama base URL, forwarded as `provider_config.base_url`.
+    #[arg(long, value_name = "URL")]
+    pub ollama_url: Option<String>,
+    /// One prompt, answered on stdout as it streams; `-` reads the prompt from stdin (so does a
+    /// piped stdin without -p).
+    #[arg(short = 'p', long = "prompt", value_name = "PROMPT", allow_hyphen_values = true)]
+    pub prompt: Option<String>,
+    /// One-shot: print only the answer's text on stdout, nothing added.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub raw: Option<bool>,
+    /// One-shot: print one JSON object {answer, provider, model, usage} on stdout.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", conflicts_with = "raw")]
+    pub json: Option<bool>,
+    /// Give up on connecting, or on an answer, after this long (`30s`, `2m`, or seconds).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Say more on stderr (addresses, TLS mode, where credentials came from; never their values).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
+
+/// The examples at the end of `chatcli connect --help`.
+const CONNECT_EXAMPLES: &str = "\
+Examples:
+  chatcli connect localhost:50051                      chat interactively (type /help)
+  chatcli connect localhost:50051 -p \"explain TLS\"     one answer, streamed to stdout
+  git diff | chatcli connect localhost:50051 --raw -p -     the prompt from stdin
+  chatcli connect localhost:50051 --json -p \"hi\" | jq .answer
+  chatcli connect dns:///chat.internal:50051 --tls --ca-cert ca.pem --token \"$TOKEN\"
+  chatcli connect chat.example.com:443 --use-local-auth --provider CLAUDEAI
+  chatcli connect localhost:50051 --provider STACKSPOT --client-id ID --client-key KEY \\
+      --realm zup --agent-id AGENT
+
+Exit codes: 0 ok, 2 usage or bad input, 3 cannot connect or TLS failure, 4 unauthenticated or
+denied, 5 rate limited, 6 the provider failed.
+Environment: CHATCLI_REMOTE_ADDR, CHATCLI_REMOTE_TOKEN, CHATCLI_CLIENT_API_KEY,
+CHATCLI_TLS_CLIENT_CERT, CHATCLI_TLS_CLIENT_KEY, CHATCLI_ALLOW_INSECURE, CHATCLI_AUTH_DIR,
+CHATCLI_DATA_DIR (history), NO_COLOR.";
 
 /// Server flags. Names, meanings and defaults follow the existing ChatCLI server; the environment
 /// variable in each help text is read by the config loader, one layer below the flag.

@@ -30,6 +30,8 @@ fn main() -> ExitCode {
         Command::Server(args) => serve(args),
         Command::Config(ConfigCommand::Check(args)) => config_check(args),
         Command::Config(ConfigCommand::Show(args)) => config_show(args),
+        Command::Config(ConfigCommand::Example) => config_example(),
+        Command::Healthcheck(args) => healthcheck(&args),
         Command::Connect(_) => {
             eprintln!(
                 "chatcli connect is not in this build yet: it waits for issue #11 (the client)"
@@ -115,6 +117,40 @@ fn config_show(args: ServerArgs) -> i32 {
             eprintln!("cannot render the configuration: {e}");
             exit::SOFTWARE
         }
+    }
+}
+
+fn healthcheck(args: &chatcli::cli::HealthcheckArgs) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("healthcheck: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(server::healthcheck::probe(args)) {
+        Ok(()) => {
+            eprintln!("healthcheck: {} is SERVING", args.addr);
+            0
+        }
+        Err(why) => {
+            eprintln!("healthcheck: {why}");
+            1
+        }
+    }
+}
+
+fn config_example() -> i32 {
+    let mut out = std::io::stdout().lock();
+    match out
+        .write_all(config::example::render().as_bytes())
+        .and_then(|_| out.flush())
+    {
+        Ok(()) => exit::OK,
+        Err(_) => exit::SOFTWARE,
     }
 }
 

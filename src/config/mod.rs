@@ -2,6 +2,7 @@
 //! (`load`), validation collecting every problem (`validate`), and `config show` (`show`).
 
 mod env_providers;
+pub mod example;
 mod load;
 mod show;
 mod types;

@@ -20,7 +20,7 @@ use crate::sessions::SessionData;
 use crate::telemetry::SessionOperation;
 
 /// Largest `max_tokens` a request may ask for.
-const MAX_TOKENS_LIMIT: i32 = 200_000;
+pub(super) const MAX_TOKENS_LIMIT: i32 = 200_000;
 
 /// About how many bytes of already-waiting text StreamPrompt merges into one message.
 const STREAM_CHUNK_TARGET: usize = 200;
@@ -152,7 +152,7 @@ fn validate_provider_config(cfg: &std::collections::HashMap<String, String>) -> 
     Ok(())
 }
 
-fn validate_history(history: &[ChatMessage], prepared: &Prepared) -> Result<(), Status> {
+pub(super) fn validate_history(history: &[ChatMessage], prepared: &Prepared) -> Result<(), Status> {
     let limits = &prepared.config.limits;
     if history.len() > limits.max_history_messages {
         return Err(Status::invalid_argument(format!(
@@ -259,7 +259,7 @@ impl PromptFields {
     }
 }
 
-fn validate_prompt(prompt: &str, prepared: &Prepared) -> Result<(), Status> {
+pub(super) fn validate_prompt(prompt: &str, prepared: &Prepared) -> Result<(), Status> {
     if prompt.is_empty() {
         return Err(Status::invalid_argument("prompt cannot be empty"));
     }

@@ -3,7 +3,9 @@
 //! so tests start the server on port 0.
 
 pub mod audit;
+pub mod events;
 mod grpc;
+pub mod healthcheck;
 mod http;
 mod listener;
 mod metrics_http;

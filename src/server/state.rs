@@ -98,6 +98,8 @@ pub struct AppState {
     unready: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// When the server started.
     pub started: Instant,
+    /// The events of `/request` calls, for `GET /updates`.
+    pub events: super::events::EventBus,
 }
 
 impl AppState {
@@ -149,6 +151,7 @@ impl AppState {
             unready: Default::default(),
             draining: AtomicBool::new(false),
             started: Instant::now(),
+            events: super::events::EventBus::default(),
         })
     }
 

@@ -1,0 +1,125 @@
+//! `chatcli_http_requests_total{route,status}` and `chatcli_http_request_duration_seconds{route}`,
+//! registered beside the gRPC series. `route` is the router's template (`/v1/chat/completions`),
+//! `unmatched` for paths without a route, so callers cannot mint series. A call is counted when its
+//! response body ends (or the client goes away), so a stream's duration is the whole stream.
+//! Calls refused before the router (authentication, rate limit) are not seen here.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body::Frame;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The HTTP series.
+#[derive(Clone)]
+pub(super) struct HttpMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    /// Creates the series in `registry`.
+    pub(super) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "chatcli_http_requests_total",
+                "Total HTTP requests on the main listener, by route template and HTTP status.",
+            ),
+            &["route", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "chatcli_http_request_duration_seconds",
+                "Duration of HTTP requests from request to the end of the response body, in seconds.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Self { requests, duration })
+    }
+}
+
+/// The middleware: labels the call with its route and counts it when the body ends.
+pub(super) async fn track(State(m): State<HttpMetrics>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let record = Record {
+        metrics: m,
+        route,
+        status: resp.status().as_u16().to_string(),
+        started,
+    };
+    resp.map(|inner| {
+        Body::new(Tracked {
+            inner,
+            record: Some(record),
+        })
+    })
+}
+
+struct Record {
+    metrics: HttpMetrics,
+    route: String,
+    status: String,
+    started: Instant,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        self.metrics
+            .requests
+            .with_label_values(&[self.route.as_str(), self.status.as_str()])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[self.route.as_str()])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// A response body that records its call when it ends or is dropped.
+struct Tracked {
+    inner: Body,
+    record: Option<Record>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let polled = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if !matches!(polled, Some(Ok(_))) {
+            this.record.take();
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

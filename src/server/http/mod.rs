@@ -1,0 +1,692 @@
+//! The HTTP router on the main listener (everything that is not `application/grpc`), behind the
+//! same pipeline as gRPC (request id, auth, rate limit, audit):
+//!
+//! - `POST /v1/chat/completions`, `GET /v1/models`: the OpenAI-compatible API ([`openai`]);
+//! - `POST /request`, `GET /updates`: the prompt/SSE API ([`prompt`]);
+//! - `GET /status`, `GET /health` ([`status`]).
+//!
+//! Handlers convert to and from the core call ([`gateway::start`], the one SendPrompt uses) and
+//! nothing more. This module holds what they share: the caller, the error type with its mapping
+//! from core errors to HTTP statuses, JSON body and `Accept` checks, and the HTTP metrics.
+//!
+//! # Errors
+//!
+//! | failure | status | `type` / `code` |
+//! |---|---|---|
+//! | malformed JSON, a wrong field, a bad value | 400 | `invalid_request_error` / `invalid_json`, `invalid_request` |
+//! | no or wrong credentials (pipeline) | 401 | `authentication_error` / `unauthenticated` |
+//! | readonly principal writing a session | 403 | `permission_error` / `permission_denied` |
+//! | unknown provider or model (ours or the upstream's 404) | 404 | `invalid_request_error` / `model_not_found` |
+//! | `Accept` refusing `text/event-stream` for a stream | 406 | `invalid_request_error` / `not_acceptable` |
+//! | body over [`MAX_BODY_BYTES`] | 413 | `invalid_request_error` / `request_too_large` |
+//! | `Content-Type` not JSON | 415 | `invalid_request_error` / `unsupported_media_type` |
+//! | our rate limit (pipeline), too many streams, the upstream's 429 | 429 + `Retry-After` | `rate_limit_error` / `rate_limited`, `too_many_streams`, `upstream_rate_limited` |
+//! | the provider failed (5xx, connection, garbage) | 502 | `upstream_error` / the class (`server_error`, …) |
+//! | the provider refused our key | 502 | `upstream_auth_error` / `upstream_auth_error` |
+//! | every provider of the fallback chain failed or is cooling down | 503 (+ `Retry-After` when known) | `upstream_error` / `all_providers_failed` |
+//! | no provider configured | 503 | `server_error` / `no_providers` |
+//! | the provider timed out | 504 | `upstream_error` / `timeout` |
+//!
+//! The OpenAI routes answer `{"error":{"message","type","code"}}`; `/request` answers
+//! `{"success":false,"error":"<message>","code":"<code>"}` with the same status.
+
+mod metrics;
+mod openai;
+mod prompt;
+mod status;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::{AppState, Prepared};
+use crate::auth::Principal;
+use crate::llm::fallback::Answer;
+use crate::llm::gateway::{self, PromptCall};
+use crate::llm::{ErrorClass, LlmError, UpstreamError};
+use crate::server::pipeline::AuditNotes;
+
+/// Largest request body accepted (JSON of a prompt with its history).
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let http_metrics = state
+        .metrics
+        .as_ref()
+        .and_then(|m| match metrics::HttpMetrics::register(m.registry()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTP metrics could not be registered");
+                None
+            }
+        });
+    let api = Arc::new(Api {
+        state,
+        in_flight: AtomicUsize::new(0),
+        session_locks: Default::default(),
+    });
+    let router = Router::new()
+        .route("/health", get(status::health))
+        .route("/status", get(status::status))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/request", post(prompt::request))
+        .route("/updates", get(prompt::updates))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let router = match http_metrics {
+        Some(m) => router.layer(axum::middleware::from_fn_with_state(m, metrics::track)),
+        None => router,
+    };
+    router.with_state(api)
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+struct Api {
+    state: Arc<AppState>,
+    /// Prompt calls being answered (`/v1/chat/completions`, `/request`), streams until they end.
+    in_flight: AtomicUsize,
+    session_locks: prompt::SessionLocks,
+}
+
+impl Api {
+    /// Counts a prompt call in flight until the guard is dropped.
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// Starts the core prompt call: returns once the first delta is there.
+    async fn start(&self, prepared: &Prepared, call: PromptCall) -> Result<Answer, ApiError> {
+        gateway::start(
+            &prepared.registry,
+            &self.state.cooldowns,
+            self.state.metrics.clone(),
+            None,
+            call,
+        )
+        .await
+        .map_err(|e| {
+            tracing::debug!(error = %e, "prompt call failed");
+            ApiError::from_llm(&e)
+        })
+    }
+
+    /// One of the principal's concurrent-stream slots, held until the stream ends.
+    fn stream_slot(
+        &self,
+        prepared: &Prepared,
+        who: &Principal,
+    ) -> Result<Option<crate::server::ratelimit::StreamGuard>, ApiError> {
+        let cap = prepared.config.limits.max_streams_per_principal;
+        if cap == 0 {
+            return Ok(None);
+        }
+        match self.state.stream_caps.try_acquire(&who.id) {
+            Some(g) => Ok(Some(g)),
+            None => Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too_many_streams",
+                format!("too many open streams for this principal (the limit is {cap})"),
+            )
+            .retry_after(1)),
+        }
+    }
+}
+
+/// See [`Api::busy`].
+struct Busy(Arc<Api>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Who is calling and the config snapshot of the call, as the pipeline put them in the request.
+struct Caller {
+    principal: Principal,
+    prepared: Arc<Prepared>,
+    notes: Arc<AuditNotes>,
+    /// The client's `x-request-id`, else a fresh id; names the call in `/updates` events.
+    request_id: String,
+}
+
+impl FromRequestParts<Arc<Api>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
+        // The pipeline always sets the principal; without it the request did not pass auth.
+        let principal = parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthenticated",
+                "authentication failed",
+            )
+        })?;
+        let prepared = parts
+            .extensions
+            .get::<Arc<Prepared>>()
+            .cloned()
+            .unwrap_or_else(|| api.state.prepared());
+        let notes = parts
+            .extensions
+            .get::<Arc<AuditNotes>>()
+            .cloned()
+            .unwrap_or_default();
+        let request_id = parts
+            .headers
+            .get(super::pipeline::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(String::from)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        Ok(Self {
+            principal,
+            prepared,
+            notes,
+            request_id,
+        })
+    }
+}
+
+/// An error answer: status, OpenAI `type` and `code`, a message for people.
+#[derive(Debug, Clone)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Cow<'static, str>,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code: code.into(),
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400 for a request that is wrong.
+    fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    /// The mapping of core errors (table in the module docs).
+    fn from_llm(e: &LlmError) -> Self {
+        let msg = e.to_string();
+        match e {
+            LlmError::UnknownProvider { .. } => Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                msg,
+            ),
+            LlmError::NoProviders => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_providers",
+                msg,
+            ),
+            LlmError::InvalidRequest(_) => Self::invalid("invalid_request", msg),
+            LlmError::Upstream(u) => Self::from_upstream(u, msg),
+            LlmError::AllFailed(all) => {
+                let wait = all
+                    .iter()
+                    .filter_map(|u| u.retry_after)
+                    .min()
+                    .map(|d| d.as_secs_f64().ceil() as u64);
+                if !all.is_empty() && all.iter().all(|u| u.class == ErrorClass::RateLimit) {
+                    return Self::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        "upstream_rate_limited",
+                        msg,
+                    )
+                    .retry_after(wait.unwrap_or(1));
+                }
+                let err = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_error",
+                    "all_providers_failed",
+                    msg,
+                );
+                match wait {
+                    Some(w) => err.retry_after(w),
+                    None => err,
+                }
+            }
+        }
+    }
+
+    fn from_upstream(u: &UpstreamError, msg: String) -> Self {
+        match u.class {
+            ErrorClass::RateLimit => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "upstream_rate_limited",
+                msg,
+            )
+            .retry_after(u.retry_after.map_or(1, |d| d.as_secs_f64().ceil() as u64)),
+            ErrorClass::ModelNotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                msg,
+            ),
+            ErrorClass::ContextTooLong => Self::invalid("context_length_exceeded", msg),
+            ErrorClass::BadRequest => Self::invalid("upstream_bad_request", msg),
+            ErrorClass::Auth => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_auth_error",
+                "upstream_auth_error",
+                msg,
+            ),
+            ErrorClass::Timeout => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                u.class.as_str(),
+                msg,
+            ),
+            ErrorClass::Server | ErrorClass::Transport | ErrorClass::Malformed => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                u.class.as_str(),
+                msg,
+            ),
+        }
+    }
+
+    /// The mapping of the gRPC statuses our shared validation answers.
+    fn from_status(s: &tonic::Status) -> Self {
+        use tonic::Code;
+        let (status, kind, code) = match s.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            Code::NotFound => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
+            Code::PermissionDenied => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "permission_denied",
+            ),
+            Code::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthenticated",
+            ),
+            Code::ResourceExhausted => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limited",
+            ),
+            Code::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "unavailable",
+            ),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error", "timeout"),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            ),
+        };
+        let err = Self::new(status, kind, code, s.message());
+        match status {
+            StatusCode::TOO_MANY_REQUESTS => err.retry_after(1),
+            _ => err,
+        }
+    }
+
+    /// The OpenAI error object `{"error":{"message","type","param","code"}}`.
+    fn openai_body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": null,
+            "code": self.code,
+        }})
+    }
+
+    /// `/request`'s error body.
+    fn request_body(&self) -> Value {
+        json!({"success": false, "error": self.message, "code": self.code})
+    }
+
+    fn respond(&self, body: Value) -> Response {
+        let mut resp = (self.status, Json(body)).into_response();
+        let h = resp.headers_mut();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            h.insert(header::RETRY_AFTER, v);
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+
+    /// In `/request`'s shape.
+    fn into_request_response(self) -> Response {
+        self.respond(self.request_body())
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// In OpenAI's shape.
+    fn into_response(self) -> Response {
+        self.respond(self.openai_body())
+    }
+}
+
+/// Reads a JSON body: the content type must be JSON, the body within [`MAX_BODY_BYTES`] and
+/// well-formed, and `T` must accept it. The body is read before the checks, so a refused request
+/// leaves the connection usable.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        ),
+        status => ApiError::new(
+            status,
+            "invalid_request_error",
+            "invalid_body",
+            format!("the request body could not be read: {}", r.body_text()),
+        ),
+    })?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let is_json = ct.as_deref().is_some_and(|ct| {
+        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"))
+    });
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            match ct {
+                Some(ct) => format!(
+                    "Content-Type must be application/json, not `{}`",
+                    ct.chars().take(100).collect::<String>()
+                ),
+                None => "Content-Type must be application/json (the header is missing)".into(),
+            },
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::invalid("invalid_request", format!("invalid request: {e}"))
+        }
+        _ => ApiError::invalid("invalid_json", format!("malformed JSON: {e}")),
+    })
+}
+
+/// Whether the `Accept` header admits an SSE answer (also `application/json` when `json_too`:
+/// OpenAI clients send `Accept: application/json` for streams). No header admits anything.
+fn accepts_event_stream(headers: &HeaderMap, json_too: bool) -> bool {
+    let values: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if values.is_empty() {
+        return true;
+    }
+    let ranges: Vec<(String, f32)> = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .filter_map(|r| {
+            let mut parts = r.split(';');
+            let range = parts.next()?.trim().to_ascii_lowercase();
+            if range.is_empty() {
+                return None;
+            }
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            Some((range, q))
+        })
+        .collect();
+    let admits = |(ty, sub): (&str, &str)| {
+        // The most specific range decides (RFC 9110 §12.5.1).
+        let exact = format!("{ty}/{sub}");
+        let wild = format!("{ty}/*");
+        [exact.as_str(), wild.as_str(), "*/*"]
+            .iter()
+            .find_map(|want| ranges.iter().find(|(r, _)| r == want).map(|(_, q)| *q))
+            .is_some_and(|q| q > 0.0)
+    };
+    admits(("text", "event-stream")) || (json_too && admits(("application", "json")))
+}
+
+fn not_acceptable() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_ACCEPTABLE,
+        "invalid_request_error",
+        "not_acceptable",
+        "a streamed answer is text/event-stream, which the Accept header refuses",
+    )
+}
+
+/// SSE responses also tell proxies not to buffer them.
+fn sse_headers(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "not_found",
+        format!("no route for {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn accept(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn accept_negotiation_picks_the_most_specific_range() {
+        assert!(accepts_event_stream(&HeaderMap::new(), false));
+        assert!(accepts_event_stream(&accept("text/event-stream"), false));
+        assert!(accepts_event_stream(&accept("*/*"), false));
+        assert!(accepts_event_stream(&accept("text/*;q=0.5"), false));
+        assert!(accepts_event_stream(
+            &accept("application/json, text/event-stream;q=0.1"),
+            false
+        ));
+        assert!(!accepts_event_stream(&accept("application/json"), false));
+        assert!(accepts_event_stream(&accept("application/json"), true));
+        assert!(!accepts_event_stream(&accept("text/html"), true));
+        assert!(!accepts_event_stream(
+            &accept("*/*, text/event-stream;q=0"),
+            false
+        ));
+    }
+
+    #[test]
+    fn core_errors_map_to_statuses() {
+        use std::time::Duration;
+        let up = |class, retry_after| UpstreamError {
+            provider: "p".into(),
+            class,
+            status: None,
+            message: String::new(),
+            retry_after,
+        };
+        let cases = [
+            (
+                LlmError::UnknownProvider {
+                    name: "x".into(),
+                    available: "p".into(),
+                },
+                404,
+                "model_not_found",
+            ),
+            (LlmError::NoProviders, 503, "no_providers"),
+            (
+                LlmError::InvalidRequest("bad".into()),
+                400,
+                "invalid_request",
+            ),
+            (
+                LlmError::Upstream(up(ErrorClass::RateLimit, Some(Duration::from_millis(2500)))),
+                429,
+                "upstream_rate_limited",
+            ),
+            (
+                LlmError::Upstream(up(ErrorClass::Auth, None)),
+                502,
+                "upstream_auth_error",
+            ),
+            (
+                LlmError::Upstream(up(ErrorClass::Server, None)),
+                502,
+                "server_error",
+            ),
+            (
+                LlmError::Upstream(up(ErrorClass::ModelNotFound, None)),
+                404,
+                "model_not_found",
+            ),
+            (
+                LlmError::Upstream(up(ErrorClass::Timeout, None)),
+                504,
+                "timeout",
+            ),
+            (
+                LlmError::AllFailed(vec![
+                    up(ErrorClass::Server, None),
+                    up(ErrorClass::Auth, None),
+                ]),
+                503,
+                "all_providers_failed",
+            ),
+            (
+                LlmError::AllFailed(vec![up(ErrorClass::RateLimit, None)]),
+                429,
+                "upstream_rate_limited",
+            ),
+        ];
+        for (e, status, code) in cases {
+            let a = ApiError::from_llm(&e);
+            assert_eq!((a.status.as_u16(), a.code.as_ref()), (status, code), "{e}");
+            assert_eq!(
+                a.retry_after.is_some(),
+                status == 429,
+                "Retry-After goes with 429: {e}"
+            );
+        }
+        let a = ApiError::from_llm(&LlmError::Upstream(up(
+            ErrorClass::RateLimit,
+            Some(Duration::from_millis(2500)),
+        )));
+        assert_eq!(a.retry_after, Some(3));
+        assert_eq!(
+            ApiError::from_llm(&LlmError::Upstream(up(ErrorClass::Auth, None))).kind,
+            "upstream_auth_error"
+        );
+    }
+
+    #[test]
+    fn json_bodies_are_checked_in_order() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)] // reason: only deserialised
+        struct T {
+            a: u32,
+        }
+        let json = {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            );
+            h
+        };
+        let ok: Result<T, _> = json_body(&json, Ok(Bytes::from_static(br#"{"a":1}"#)));
+        assert!(ok.is_ok());
+        let e = json_body::<T>(&HeaderMap::new(), Ok(Bytes::from_static(b"{}"))).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let e = json_body::<T>(&json, Ok(Bytes::from_static(b"{\"a\":"))).unwrap_err();
+        assert_eq!((e.status, e.code.as_ref()), (StatusCode::BAD_REQUEST, "invalid_json"));
+        let e = json_body::<T>(&json, Ok(Bytes::from_static(br#"{"a":1,"b":2}"#))).unwrap_err();
+        assert_eq!(e.code, "invalid_request");
+        assert!(e.message.contains("unknown field `b`"), "{}", e.message);
+    }
+}
