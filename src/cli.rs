@@ -153,9 +153,9 @@ pub struct ConnectArgs {
 /// The examples at the end of `chatcli connect --help`.
 const CONNECT_EXAMPLES: &str = "\
 Examples:
-  chatcli connect localhost:50051                      chat interactively (type /help)
-  chatcli connect localhost:50051 -p \"explain TLS\"     one answer, streamed to stdout
-  git diff | chatcli connect localhost:50051 --raw -p -     the prompt from stdin
+  chatcli connect localhost:50051                     chat interactively (type /help)
+  chatcli connect localhost:50051 -p \"explain TLS\"    one answer, streamed to stdout
+  git diff | chatcli connect localhost:50051 --raw -p -    the prompt from stdin
   chatcli connect localhost:50051 --json -p \"hi\" | jq .answer
   chatcli connect dns:///chat.internal:50051 --tls --ca-cert ca.pem --token \"$TOKEN\"
   chatcli connect chat.example.com:443 --use-local-auth --provider CLAUDEAI

@@ -7,9 +7,11 @@
 pub mod auth;
 pub mod catalog;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod exit;
 pub mod llm;
+pub mod reload;
 pub mod server;
 pub mod sessions;
 pub mod systemd;

@@ -20,6 +20,8 @@ fn main() -> ExitCode {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                     exit::OK
                 }
+                // `chatcli connect` has the issue's exit codes: usage errors are 2.
+                _ if chatcli::client::invoked() => chatcli::client::exit::USAGE,
                 _ => exit::USAGE,
             };
             let _ = e.print();
@@ -32,12 +34,7 @@ fn main() -> ExitCode {
         Command::Config(ConfigCommand::Show(args)) => config_show(args),
         Command::Config(ConfigCommand::Example) => config_example(),
         Command::Healthcheck(args) => healthcheck(&args),
-        Command::Connect(_) => {
-            eprintln!(
-                "chatcli connect is not in this build yet: it waits for issue #11 (the client)"
-            );
-            exit::UNAVAILABLE
-        }
+        Command::Connect(args) => chatcli::client::run(args),
     })
 }
 
@@ -160,7 +157,7 @@ fn serve(args: ServerArgs) -> i32 {
         Err(code) => return code,
     };
     let c = &loaded.config;
-    let _log_guard = match init_logging(&LogSettings {
+    let log_guard = match init_logging(&LogSettings {
         level: c.log.level.clone(),
         format: c.log.format,
         file: c.log.file.clone(),
@@ -217,7 +214,15 @@ fn serve(args: ServerArgs) -> i32 {
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
-        match server::run(listeners, loaded.config, shutdown).await {
+        let log_guard = std::sync::Arc::new(log_guard);
+        let options = server::RunOptions {
+            reload: Some(Sources::from_process(args.config.clone(), args.flag_values())),
+            set_log_level: Some(std::sync::Arc::new({
+                let g = log_guard.clone();
+                move |level: &str| g.set_level(level)
+            })),
+        };
+        match server::run_with(listeners, loaded.config, shutdown, options).await {
             Ok(()) => exit::OK,
             Err(e @ server::ServerError::Config(_)) => {
                 tracing::error!("{e}");

@@ -1,4 +1,5 @@
-//! systemd integration through sd-notify: `READY=1` once listening, `WATCHDOG=1` at half of
+//! systemd integration through sd-notify: `READY=1` once listening (and after each reload),
+//! `RELOADING=1` when a reload starts, `WATCHDOG=1` at half of
 //! `WATCHDOG_USEC`, `STOPPING=1` when draining starts. Every call is a no-op without `NOTIFY_SOCKET`.
 
 use std::time::Duration;
@@ -14,6 +15,14 @@ fn send(states: &[NotifyState<'_>]) {
 /// Startup is finished; `status` is shown by `systemctl status`.
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// A reload has started (systemd ≥ 253 wants the monotonic timestamp with it); follow with [`ready`].
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
 }
 
 /// Draining has started.

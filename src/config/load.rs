@@ -59,6 +59,8 @@ pub struct Loaded {
     pub figment: Figment,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
+    /// Every file read, in merge order: the config file, then its `conf.d/*.toml` drop-ins.
+    pub files: Vec<PathBuf>,
     /// Non-fatal findings (unknown `CHATCLI_*` variables, settings without effect yet).
     pub warnings: Vec<String>,
 }
@@ -334,7 +336,9 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
                 .exists()
                 .then(|| sources.default_config_path.clone())
         });
-    if let Some(path) = &file {
+    let mut files: Vec<PathBuf> = file.iter().cloned().collect();
+    files.extend(drop_ins(file.as_deref(), &sources.default_config_path, &mut problems));
+    for (i, path) in files.iter().enumerate() {
         match file_layer(path, &schema) {
             Ok((layer, unknown)) => {
                 for key in unknown {
@@ -344,7 +348,11 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
                         "unknown key",
                     ));
                 }
-                figment = figment.merge(layer);
+                // Drop-ins append to lists (a file can add a provider) and override the rest.
+                figment = match i {
+                    0 if file.is_some() => figment.merge(layer),
+                    _ => figment.admerge(layer),
+                };
             }
             Err(p) => problems.push(p),
         }
@@ -424,6 +432,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
         config,
         figment,
         file,
+        files,
         warnings,
     })
 }
@@ -434,6 +443,35 @@ fn defaults_layer(defaults: &Defaults) -> Layer {
         layer.dict = dict;
     }
     layer
+}
+
+/// The drop-ins merged after the main file, in name order: `<config dir>/conf.d/*.toml`, or
+/// `/etc/chatcli/conf.d/` when no config file is used and the default path's folder has one.
+pub fn drop_in_dir(file: Option<&Path>, default_config_path: &Path) -> Option<PathBuf> {
+    let base = file.unwrap_or(default_config_path);
+    let dir = base.parent()?.join("conf.d");
+    dir.is_dir().then_some(dir)
+}
+
+fn drop_ins(file: Option<&Path>, default_config_path: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
+    let Some(dir) = drop_in_dir(file, default_config_path) else {
+        return Vec::new();
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push(Problem::new("", &format!("dir {}", dir.display()), &format!("cannot read the drop-in folder: {e}")));
+            return Vec::new();
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    files.sort();
+    files
 }
 
 fn file_layer(path: &Path, schema: &Schema) -> Result<(Layer, Vec<String>), Problem> {

@@ -23,6 +23,9 @@ pub struct Resolved {
 #[derive(Debug, Clone, Default)]
 pub struct ProviderRegistry {
     providers: Vec<Arc<dyn Provider>>,
+    /// A digest of each provider's settings (secrets included), to reuse unchanged providers, with
+    /// their connection pools, across reloads.
+    fingerprints: Vec<String>,
     default: Option<usize>,
     default_model: Option<String>,
     fallback: FallbackSettings,
@@ -31,11 +34,32 @@ pub struct ProviderRegistry {
 impl ProviderRegistry {
     /// Builds every provider of a validated config; the errors name each provider that cannot be built.
     pub fn build(llm: &LlmConfig, ctx: &ProviderContext) -> Result<Self, Vec<String>> {
+        Self::build_reusing(llm, ctx, None)
+    }
+
+    /// Like [`build`](Self::build), but a provider whose settings did not change since `previous`
+    /// is kept as it is (same HTTP connection pool, same token cache).
+    pub fn build_reusing(
+        llm: &LlmConfig,
+        ctx: &ProviderContext,
+        previous: Option<&ProviderRegistry>,
+    ) -> Result<Self, Vec<String>> {
         let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
+        let mut fingerprints = Vec::new();
         let mut errors = Vec::new();
         for p in &llm.providers {
-            match super::build_provider(p, ctx) {
-                Ok(built) => providers.push(built),
+            let fp = fingerprint(p, llm);
+            let kept = previous.and_then(|prev| {
+                prev.fingerprints
+                    .iter()
+                    .position(|f| *f == fp)
+                    .and_then(|i| prev.providers.get(i).cloned())
+            });
+            match kept.map(Ok).unwrap_or_else(|| super::build_provider(p, ctx)) {
+                Ok(built) => {
+                    providers.push(built);
+                    fingerprints.push(fp);
+                }
                 Err(e) => errors.push(format!("provider `{}`: {e}", p.name)),
             }
         }
@@ -63,6 +87,7 @@ impl ProviderRegistry {
         };
         Ok(Self {
             providers,
+            fingerprints,
             default,
             default_model: llm.model.clone(),
             fallback,
@@ -171,7 +196,22 @@ impl ProviderRegistry {
     }
 }
 
+/// A digest of everything a built provider depends on: its settings with the secrets themselves (the
+/// serialized config redacts them) and the SSRF policy settings.
+fn fingerprint(p: &crate::config::ProviderConfig, llm: &LlmConfig) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(p).unwrap_or_default());
+    for secret in [&p.api_key, &p.client_key].into_iter().flatten() {
+        h.update(b"\0secret:");
+        h.update(secret.expose().as_bytes());
+    }
+    h.update(format!("\0ssrf:{}:{:?}", llm.allow_http_providers, llm.ssrf_allow).as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::ProviderConfig;
@@ -233,6 +273,24 @@ mod tests {
             ProviderRegistry::default().resolve("", ""),
             Err(LlmError::NoProviders)
         ));
+    }
+
+    #[test]
+    fn unchanged_providers_are_reused_across_rebuilds() {
+        let c = cfg(&["a", "b"], None);
+        let first = build(&c);
+        let mut changed = c.clone();
+        changed.providers[1].model = Some("other".into());
+        changed.providers.reverse();
+        let second = ProviderRegistry::build_reusing(&changed, &ProviderContext::default(), Some(&first)).unwrap();
+        let a1 = first.find("a").unwrap();
+        let a2 = second.find("a").unwrap();
+        assert!(Arc::ptr_eq(a1, a2), "a did not change: same instance");
+        assert!(!Arc::ptr_eq(first.find("b").unwrap(), second.find("b").unwrap()));
+        let mut rekeyed = c.clone();
+        rekeyed.providers[0].api_key = Some(crate::config::Secret::new("new"));
+        let third = ProviderRegistry::build_reusing(&rekeyed, &ProviderContext::default(), Some(&first)).unwrap();
+        assert!(!Arc::ptr_eq(a1, third.find("a").unwrap()), "a new key builds a new provider");
     }
 
     #[test]

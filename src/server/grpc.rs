@@ -344,7 +344,7 @@ impl ChatCliGrpc {
     }
 
     /// A remote slash command.
-    async fn command(&self, prepared: &Prepared, raw: &str) -> String {
+    async fn command(&self, prepared: &Prepared, who: &Principal, raw: &str) -> String {
         let text = raw.trim();
         let cmd = text.strip_prefix('/').unwrap_or(text);
         let c = &prepared.config;
@@ -373,6 +373,17 @@ impl ChatCliGrpc {
                         reg.fallback().chain.join(" -> ")
                     ));
                 }
+                if let Some(r) = self.state.reloader.get() {
+                    let st = r.status();
+                    out.push_str(&format!(
+                        "\nConfig:   generation {}, hash {}",
+                        st.generation,
+                        st.config_hash.get(..12).unwrap_or(&st.config_hash)
+                    ));
+                    if let Some(e) = st.last_error {
+                        out.push_str(&format!("\nLast reload error: {e}"));
+                    }
+                }
                 for cd in self.state.cooldowns.snapshot() {
                     out.push_str(&format!(
                         "\nCooldown: {} for {}s after {} failure(s) ({})",
@@ -384,6 +395,19 @@ impl ChatCliGrpc {
                 }
                 out
             }
+            "reload" if who.role != crate::auth::Role::Admin => {
+                "Error: /reload is for admins".to_string()
+            }
+            "reload" => match self.state.reloader.get() {
+                None => "Reload is not available: this server was not started from config files.".to_string(),
+                Some(r) => match r.reload("admin command", true).await {
+                    Ok(outcome) => format!("Configuration reloaded: {outcome:?}"),
+                    Err(problems) => format!(
+                        "Reload failed; the previous configuration keeps serving:\n  - {}",
+                        problems.join("\n  - ")
+                    ),
+                },
+            },
             "watcher status" => "K8s Watcher: inactive (no watcher configured)".to_string(),
             "plugins list" => {
                 "No plugin manager configured on this server (the catalog is not in this build)."
@@ -404,7 +428,7 @@ impl ChatCliGrpc {
                 )
             }
             _ => format!(
-                "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model and fallback state\n  /watcher status  Kubernetes watcher state\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
+                "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model, fallback and config state\n  /reload          re-read the configuration (admins)\n  /watcher status  Kubernetes watcher state\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
             ),
         }
     }
@@ -533,6 +557,7 @@ impl ChatCliService for ChatCliGrpc {
     ) -> Result<Response<Self::InteractiveSessionStream>, Status> {
         let prepared = snapshot(&self.state, &request);
         let slot = self.stream_slot(&request)?;
+        let who = principal(&request);
         let mut inbound = request.into_inner();
         let this = self.clone();
         let method = "/chatcli.v1.ChatCLIService/InteractiveSession";
@@ -556,7 +581,7 @@ impl ChatCliService for ChatCliGrpc {
                     Ok(session_message::Type::UserInput) => this.session_turn(&prepared, &mut history, msg).await,
                     Ok(session_message::Type::Command) => session_reply(
                         session_message::Type::CommandResult,
-                        this.command(&prepared, &msg.content).await,
+                        this.command(&prepared, &who, &msg.content).await,
                         Default::default(),
                     ),
                     other => {

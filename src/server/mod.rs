@@ -36,12 +36,33 @@ impl Listeners {
     /// Binds the addresses of `config`: the main port, and the metrics port unless it is 0.
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         let main_addr = SocketAddr::new(config.server.bind_address, config.server.port);
-        let main = TcpListener::bind(main_addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: main_addr,
+        // Under systemd socket activation (`LISTEN_FDS`, see `systemd/chatcli.socket`) the first
+        // passed socket is the main listener, so restarts lose no connection attempt.
+        let activated = listenfd::ListenFd::from_env()
+            .take_tcp_listener(0)
+            .map_err(|source| ServerError::Io {
+                what: "taking the socket passed by systemd (LISTEN_FDS)".into(),
                 source,
             })?;
+        let main = match activated {
+            Some(std_listener) => {
+                let adopt = |l: std::net::TcpListener| {
+                    l.set_nonblocking(true)?;
+                    TcpListener::from_std(l)
+                };
+                tracing::info!("using the listening socket passed by systemd (LISTEN_FDS)");
+                adopt(std_listener).map_err(|source| ServerError::Io {
+                    what: "adopting the socket passed by systemd".into(),
+                    source,
+                })?
+            }
+            None => TcpListener::bind(main_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: main_addr,
+                    source,
+                })?,
+        };
         let metrics = match config.metrics.port {
             0 => None,
             port => {
@@ -84,6 +105,16 @@ pub enum ServerError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// How the server can reload itself: the sources its config came from (files are re-read; the
+/// environment and flags are those of the start) and the hook that changes the log level.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Reload from these sources on file changes, SIGHUP and the admin commands; `None` = no reload.
+    pub reload: Option<crate::config::Sources>,
+    /// Sets the log filter of the running process.
+    pub set_log_level: Option<crate::reload::LevelSetter>,
+}
+
 /// Serves until `shutdown` is cancelled, then stops accepting, reports NOT_SERVING, lets in-flight
 /// calls finish for up to `server.shutdown_grace`, and returns.
 pub async fn run(
@@ -91,10 +122,37 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    run_with(listeners, config, shutdown, RunOptions::default()).await
+}
+
+/// [`run`], reloading the config from `options.reload` when files change, on SIGHUP and on the
+/// admin commands.
+pub async fn run_with(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+    options: RunOptions,
+) -> Result<(), ServerError> {
     let main_addr = local_addr(&listeners.main)?;
     let metrics_addr = listeners.metrics.as_ref().map(local_addr).transpose()?;
     let state = Arc::new(AppState::new(config, metrics_addr.is_some())?);
     let grace = state.prepared().config.server.shutdown_grace;
+    let reloader = options
+        .reload
+        .map(|sources| crate::reload::Reloader::new(&state, sources, options.set_log_level.clone()));
+    if let Some(r) = &reloader {
+        let _ = state.reloader.set(r.clone());
+    }
+    let _config_watch = match &reloader {
+        Some(r) => match crate::reload::watch(r.clone()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!("config files are not watched (SIGHUP still reloads): {e}");
+                None
+            }
+        },
+        None => None,
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let routes = grpc::routes(&state, health_service);
@@ -184,7 +242,10 @@ pub async fn run(
                 return;
             };
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the TLS material");
+                tracing::info!("SIGHUP: reloading");
+                if let Some(r) = state.reloader.get() {
+                    let _ = r.reload("SIGHUP", true).await;
+                }
                 let result = match (&tls_watch, &state.tls) {
                     // The watcher logs and counts its own reloads.
                     (Some(guard), _) => guard.reload().or(Ok(())),

@@ -35,10 +35,15 @@ pub struct Prepared {
 impl Prepared {
     /// Prepares the state of a validated config; the errors name each part that cannot be built.
     pub fn new(config: Config) -> Result<Self, Vec<String>> {
+        Self::new_reusing(config, None)
+    }
+
+    /// Prepares a new config, keeping the providers of `previous` whose settings did not change.
+    pub fn new_reusing(config: Config, previous: Option<&Prepared>) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
         let registry = crate::llm::ProviderContext::from_config(&config.llm)
             .map_err(|e| vec![e])
-            .and_then(|ctx| ProviderRegistry::build(&config.llm, &ctx));
+            .and_then(|ctx| ProviderRegistry::build_reusing(&config.llm, &ctx, previous.map(|p| &p.registry)));
         let auth =
             Authenticator::from_config(&config.auth, config.server.tls.client_ca_file.is_some());
         let (registry, auth) = match (registry, auth) {
@@ -92,6 +97,8 @@ pub struct AppState {
     pub audit: Option<AuditLog>,
     /// The TLS acceptor, when TLS is configured.
     pub tls: Option<RotatingAcceptor>,
+    /// Reloads the config from its files, when the server was started from files.
+    pub reloader: std::sync::OnceLock<Arc<crate::reload::Reloader>>,
     listening: AtomicBool,
     draining: AtomicBool,
     /// Providers whose start-up check failed, with the reason (e.g. Ollama lacks the model).
@@ -147,6 +154,7 @@ impl AppState {
             stream_caps,
             audit,
             tls,
+            reloader: std::sync::OnceLock::new(),
             listening: AtomicBool::new(false),
             unready: Default::default(),
             draining: AtomicBool::new(false),
@@ -158,6 +166,11 @@ impl AppState {
     /// The current prepared state; hold it for the whole request.
     pub fn prepared(&self) -> Arc<Prepared> {
         self.prepared.load_full()
+    }
+
+    /// Publishes a new prepared state (a reload); requests already running keep theirs.
+    pub fn publish(&self, prepared: Prepared) {
+        self.prepared.store(Arc::new(prepared));
     }
 
     /// Marks the listener up (or down).

@@ -119,9 +119,35 @@ pub enum LoggingError {
 /// Keeps the background log writer alive; dropping it flushes the buffered lines. Hold it in
 /// `main` until exit.
 #[must_use = "dropping the guard stops the log file writer"]
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LogGuard {
     _workers: Vec<WorkerGuard>,
+    filter: Option<FilterHandle>,
+}
+
+type FilterHandle = tracing_subscriber::reload::Handle<
+    EnvFilter,
+    tracing_subscriber::layer::Layered<Vec<BoxedLayer>, Registry>,
+>;
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogGuard")
+            .field("workers", &self._workers.len())
+            .field("reloadable", &self.filter.is_some())
+            .finish()
+    }
+}
+
+impl LogGuard {
+    /// Swaps the level filter of the running subscriber (hot reload of `log.level`).
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        let filter = parse_filter(level).map_err(|e| e.to_string())?;
+        match &self.filter {
+            Some(h) => h.reload(filter).map_err(|e| e.to_string()),
+            None => Err("logging is not initialised".into()),
+        }
+    }
 }
 
 /// Checks that `s` is a usable `EnvFilter` directive, for config validation.
@@ -191,6 +217,8 @@ fn build_subscriber_with(
             false,
         ));
     }
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    guard.filter = Some(handle);
     let subscriber = tracing_subscriber::registry().with(layers).with(filter);
     Ok((subscriber, guard))
 }

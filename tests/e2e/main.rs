@@ -6,6 +6,11 @@
 mod binary;
 mod grpc;
 mod http;
+mod http_api;
+mod interactive;
+mod providers;
 mod python;
+mod security;
 mod sessions;
 mod support;
+mod tls;

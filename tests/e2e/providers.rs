@@ -11,7 +11,8 @@ use std::time::Duration;
 use chatcli::config::{Config, Secret};
 use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
 use chatcli::proto::{
-    GetServerInfoRequest, SendPromptRequest, StreamPromptRequest, StreamPromptResponse,
+    GetServerInfoRequest, SendPromptRequest, SendPromptResponse, StreamPromptRequest,
+    StreamPromptResponse,
 };
 use chatcli::testing::anthropic::AnthropicFormat;
 use chatcli::testing::gemini::GeminiFormat;
@@ -20,10 +21,11 @@ use chatcli::testing::openai::error_body;
 use chatcli::testing::{FakeUpstream, Recorded, Reply, Step};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::support::{
-    BinaryServer, HANG_GUARD, TestServer, collect_stream, connect, metrics_with_lines,
-    openai_fake, openai_provider, python_interpreter, upstream_provider,
+    BinaryServer, HANG_GUARD, TestServer, collect_stream, connect, metrics_with_lines, openai_fake,
+    openai_provider, python_interpreter, upstream_provider, within,
 };
 
 /// How long a test waits for a message that must already be on its way.
@@ -74,6 +76,32 @@ fn chat_requests(fake: &FakeUpstream) -> Vec<Recorded> {
         .collect()
 }
 
+/// SendPrompt, bounded.
+async fn ask(
+    client: &mut ChatCliServiceClient<Channel>,
+    req: SendPromptRequest,
+) -> Result<SendPromptResponse, tonic::Status> {
+    within(HANG_GUARD, "SendPrompt", client.send_prompt(req))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// StreamPrompt up to its response headers, which a streaming server sends before the upstream
+/// has finished.
+async fn open_stream(
+    client: &mut ChatCliServiceClient<Channel>,
+    req: StreamPromptRequest,
+) -> tonic::Streaming<StreamPromptResponse> {
+    within(
+        FIRST_MESSAGE,
+        "StreamPrompt response headers",
+        client.stream_prompt(req),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 async fn next_message(
     stream: &mut tonic::Streaming<StreamPromptResponse>,
 ) -> Result<Option<StreamPromptResponse>, tonic::Status> {
@@ -92,12 +120,7 @@ async fn stream_prompt_forwards_the_first_delta_while_the_upstream_stalls() {
         Step::Text(" third".into()),
     ]));
     let mut s = TestServer::start_with(primary_config(&fake)).await;
-    let mut stream = s
-        .client
-        .stream_prompt(stream_to("", "count to three"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&mut s.client, stream_to("", "count to three")).await;
     // The upstream holds " second" until release(): this message can only be here if the server
     // forwarded the first delta on its own.
     let first = next_message(&mut stream)
@@ -165,18 +188,23 @@ async fn python_grpcio_client_sees_the_first_chunk_before_the_upstream_continues
         .expect("the python peer printed nothing within 120s")
         .unwrap();
     let Some(first) = first else {
-        let status = child.wait().await.unwrap();
+        let status = within(limit, "the python peer's exit", child.wait()).await;
+        let stderr = within(limit, "the python peer's stderr", stderr).await;
         panic!(
-            "the python peer exited ({status}) before its FIRST line:\n{}",
-            stderr.await.unwrap()
+            "the python peer exited ({status:?}) before its FIRST line:\n{}",
+            stderr.unwrap()
         );
     };
     // The fake still holds the rest of the answer here.
     assert_eq!(first, "FIRST first");
     assert!(chat_requests(&fake).len() == 1 && fake.cancelled() == 0);
     fake.release();
-    stdin.write_all(b"go\n").await.unwrap();
-    stdin.flush().await.unwrap();
+    within(limit, "writing go", async {
+        stdin.write_all(b"go\n").await?;
+        stdin.flush().await
+    })
+    .await
+    .unwrap();
     let mut lines = Vec::new();
     while let Some(line) = tokio::time::timeout(limit, stdout.next_line())
         .await
@@ -185,11 +213,12 @@ async fn python_grpcio_client_sees_the_first_chunk_before_the_upstream_continues
     {
         lines.push(line);
     }
-    let status = tokio::time::timeout(limit, child.wait())
+    let status = within(limit, "the python peer's exit", child.wait())
         .await
-        .expect("the python peer did not exit")
         .unwrap();
-    let stderr = stderr.await.unwrap();
+    let stderr = within(limit, "the python peer's stderr", stderr)
+        .await
+        .unwrap();
     assert!(
         status.success(),
         "python stream peer failed ({status}):\n--- stdout\n{lines:?}\n--- stderr\n{stderr}"
@@ -212,11 +241,7 @@ async fn dropping_the_stream_aborts_the_upstream_request() {
     ]));
     let s = TestServer::start_with(primary_config(&fake)).await;
     let mut client = ChatCliServiceClient::new(connect(s.addr).await);
-    let mut stream = client
-        .stream_prompt(stream_to("", "go slowly"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&mut client, stream_to("", "go slowly")).await;
     let first = next_message(&mut stream).await.unwrap().unwrap();
     assert_eq!(first.chunk, "a");
     assert_eq!(fake.cancelled(), 0);
@@ -242,11 +267,7 @@ async fn rate_limited_primary_falls_back_to_the_secondary() {
     let mut config = chain_config(&primary, &secondary);
     config.llm.fallback_max_retries = 0;
     let mut s = TestServer::start_with_metrics(config).await;
-    let r = tokio::time::timeout(HANG_GUARD, s.client.send_prompt(send("hello")))
-        .await
-        .expect("SendPrompt hung")
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut s.client, send("hello")).await.unwrap();
     assert_eq!(r.response, "from secondary");
     assert_eq!(
         (r.provider.as_str(), r.model.as_str()),
@@ -276,8 +297,11 @@ async fn auth_failure_cools_the_provider_down_and_the_next_call_skips_it() {
     config.llm.fallback_max_retries = 0;
     let mut s = TestServer::start_with(config).await;
     for want in ["first answer", "second answer"] {
-        let r = s.client.send_prompt(send("hello")).await.unwrap().into_inner();
-        assert_eq!((r.response.as_str(), r.provider.as_str()), (want, "secondary"));
+        let r = ask(&mut s.client, send("hello")).await.unwrap();
+        assert_eq!(
+            (r.response.as_str(), r.provider.as_str()),
+            (want, "secondary")
+        );
     }
     // Unscripted, the primary would have answered the second call: it was skipped.
     assert_eq!(
@@ -293,7 +317,10 @@ async fn auth_failure_cools_the_provider_down_and_the_next_call_skips_it() {
 async fn every_provider_failing_is_unavailable_with_each_reason() {
     let primary = openai_fake().await;
     let secondary = openai_fake().await;
-    primary.set_default(Reply::error(500, &error_body("server_error", "primary broke")));
+    primary.set_default(Reply::error(
+        500,
+        &error_body("server_error", "primary broke"),
+    ));
     secondary.set_default(Reply::error(
         500,
         &error_body("server_error", "secondary broke"),
@@ -301,7 +328,7 @@ async fn every_provider_failing_is_unavailable_with_each_reason() {
     let mut config = chain_config(&primary, &secondary);
     config.llm.fallback_max_retries = 0;
     let mut s = TestServer::start_with(config).await;
-    let err = s.client.send_prompt(send("hello")).await.unwrap_err();
+    let err = ask(&mut s.client, send("hello")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     for name in ["primary", "secondary"] {
         assert!(err.message().contains(name), "{name} missing: {err:?}");
@@ -322,12 +349,7 @@ async fn a_failure_after_the_first_delta_is_reported_not_retried() {
     ]));
     // Default retries: neither a retry of the primary nor the secondary may happen.
     let mut s = TestServer::start_with(chain_config(&primary, &secondary)).await;
-    let mut stream = s
-        .client
-        .stream_prompt(stream_to("", "tell me"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&mut s.client, stream_to("", "tell me")).await;
     let first = next_message(&mut stream).await.unwrap().unwrap();
     assert_eq!(first.chunk, "partial");
     assert!(!first.done);
@@ -364,11 +386,14 @@ async fn upstream_auth_error_is_a_clear_status_without_the_key() {
         ),
     ));
     let mut s = TestServer::start_with(primary_config(&fake)).await;
-    let err = s.client.send_prompt(send("hello")).await.unwrap_err();
+    let err = ask(&mut s.client, send("hello")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("auth"), "{err:?}");
     assert!(err.message().contains("primary"), "{err:?}");
-    assert!(!err.message().contains("sk-test"), "the key leaked: {err:?}");
+    assert!(
+        !err.message().contains("sk-test"),
+        "the key leaked: {err:?}"
+    );
     s.shutdown().await;
 }
 
@@ -378,14 +403,11 @@ async fn client_api_key_is_used_for_that_request_only() {
     let mut s = TestServer::start_with(primary_config(&fake)).await;
     let mut req = send("with my key");
     req.client_api_key = "apikey:sk-client".into();
-    let r = s.client.send_prompt(req).await.unwrap().into_inner();
+    let r = ask(&mut s.client, req).await.unwrap();
     assert_eq!(r.response, "hello from the fake");
-    let r = s
-        .client
-        .send_prompt(send("with the server's key"))
+    let r = ask(&mut s.client, send("with the server's key"))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(r.response, "hello from the fake");
     let auth: Vec<Option<String>> = chat_requests(&fake)
         .iter()
@@ -418,10 +440,13 @@ async fn provider_config_url_to_cloud_metadata_is_refused() {
     let mut s = TestServer::start_with(config).await;
     let mut req = send("hello");
     req.provider = "local".into();
-    req.provider_config = [("base_url".to_string(), "http://169.254.169.254/".to_string())]
-        .into_iter()
-        .collect();
-    let err = s.client.send_prompt(req).await.unwrap_err();
+    req.provider_config = [(
+        "base_url".to_string(),
+        "http://169.254.169.254/".to_string(),
+    )]
+    .into_iter()
+    .collect();
+    let err = ask(&mut s.client, req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("169.254.169.254"), "{err:?}");
     assert!(err.message().contains("metadata"), "says why: {err:?}");
@@ -433,7 +458,7 @@ async fn provider_config_url_to_cloud_metadata_is_refused() {
     ollama.push(Reply::text("from ollama"));
     let mut req = send("hello");
     req.provider = "local".into();
-    let r = s.client.send_prompt(req).await.unwrap().into_inner();
+    let r = ask(&mut s.client, req).await.unwrap();
     assert_eq!(r.response, "from ollama");
     s.shutdown().await;
 }
@@ -443,7 +468,7 @@ async fn token_usage_and_success_are_counted() {
     let fake = openai_fake().await;
     fake.push(Reply::text("three little words"));
     let mut s = TestServer::start_with_metrics(primary_config(&fake)).await;
-    let r = s.client.send_prompt(send("count me")).await.unwrap().into_inner();
+    let r = ask(&mut s.client, send("count me")).await.unwrap();
     assert_eq!(r.response, "three little words");
     let text = metrics_with_lines(
         &s,
@@ -455,11 +480,13 @@ async fn token_usage_and_success_are_counted() {
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
     };
-    let completion =
-        value(r#"chatcli_llm_tokens_used_total{model="gpt-test",provider="primary",type="completion"}"#);
+    let completion = value(
+        r#"chatcli_llm_tokens_used_total{model="gpt-test",provider="primary",type="completion"}"#,
+    );
     assert!(completion > 0.0, "completion tokens = {completion}");
-    let prompt =
-        value(r#"chatcli_llm_tokens_used_total{model="gpt-test",provider="primary",type="prompt"}"#);
+    let prompt = value(
+        r#"chatcli_llm_tokens_used_total{model="gpt-test",provider="primary",type="prompt"}"#,
+    );
     assert!(prompt > 0.0, "prompt tokens = {prompt}");
     s.shutdown().await;
 }
@@ -494,18 +521,24 @@ async fn providers_register_from_the_chatcli_environment() {
 
     let server = BinaryServer::start_with_env(&config, &[], &env);
     let mut client = ChatCliServiceClient::new(connect(server.addr).await);
-    let info = client
-        .get_server_info(GetServerInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = within(
+        HANG_GUARD,
+        "GetServerInfo",
+        client.get_server_info(GetServerInfoRequest {}),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(info.available_providers, vec!["CLAUDEAI", "OPENAI"]);
-    assert_eq!(info.provider, "CLAUDEAI", "the first registered is the default");
+    assert_eq!(
+        info.provider, "CLAUDEAI",
+        "the first registered is the default"
+    );
 
     openai.push(Reply::text("from the env provider"));
     let mut req = send("hello");
     req.provider = "openai".into();
-    let r = client.send_prompt(req).await.unwrap().into_inner();
+    let r = ask(&mut client, req).await.unwrap();
     assert_eq!(r.response, "from the env provider");
     assert_eq!(
         (r.provider.as_str(), r.model.as_str()),
@@ -514,7 +547,10 @@ async fn providers_register_from_the_chatcli_environment() {
     let seen = chat_requests(&openai);
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/v1/chat/completions");
-    assert_eq!(seen[0].header("authorization").as_deref(), Some("Bearer sk-env"));
+    assert_eq!(
+        seen[0].header("authorization").as_deref(),
+        Some("Bearer sk-env")
+    );
     assert_eq!(seen[0].json()["model"], "gpt-env");
     assert!(chat_requests(&anthropic).is_empty());
 
@@ -525,7 +561,7 @@ async fn providers_register_from_the_chatcli_environment() {
     ));
     let mut req = send("hello again");
     req.provider = "OpenAI".into();
-    let err = client.send_prompt(req).await.unwrap_err();
+    let err = ask(&mut client, req).await.unwrap_err();
     assert!(!err.message().contains("sk-env"), "{err:?}");
     drop(client);
     let log = server.stderr();
@@ -536,11 +572,14 @@ async fn providers_register_from_the_chatcli_environment() {
     env.push(("LLM_PROVIDER", "OPENAI"));
     let server = BinaryServer::start_with_env(&config, &[], &env);
     let mut client = ChatCliServiceClient::new(connect(server.addr).await);
-    let info = client
-        .get_server_info(GetServerInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = within(
+        HANG_GUARD,
+        "GetServerInfo",
+        client.get_server_info(GetServerInfoRequest {}),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(info.available_providers, vec!["CLAUDEAI", "OPENAI"]);
     assert_eq!(
         (info.provider.as_str(), info.model.as_str()),
@@ -581,12 +620,7 @@ async fn each_wire_format_streams_through_grpc() {
             steps: text(&["hello", " from", &format!(" {provider}")]),
             usage: None,
         });
-        let mut stream = s
-            .client
-            .stream_prompt(stream_to(provider, "hi"))
-            .await
-            .unwrap_or_else(|e| panic!("{provider}: {e:?}"))
-            .into_inner();
+        let mut stream = open_stream(&mut s.client, stream_to(provider, "hi")).await;
         let msgs = collect_stream(&mut stream).await;
         let all: String = msgs.iter().map(|m| m.chunk.as_str()).collect();
         assert_eq!(all, answer, "{provider}");

@@ -479,3 +479,237 @@ pub fn python_interpreter() -> PathBuf {
     );
     candidate
 }
+
+/// A certificate and its private key, as PEM.
+#[derive(Clone)]
+pub struct CertPair {
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its PKCS#8 private key.
+    pub key_pem: String,
+}
+
+impl CertPair {
+    /// The DER of the certificate.
+    pub fn der(&self) -> Vec<u8> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    /// The serial number of the certificate (hex, as the server logs it).
+    pub fn serial(&self) -> String {
+        serial_of(&self.der())
+    }
+}
+
+/// The serial number of a DER certificate as upper-case hex.
+pub fn serial_of(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.raw_serial()
+        .iter()
+        .skip_while(|b| **b == 0)
+        .map(|b| format!("{b:02X}"))
+        .collect()
+}
+
+/// A test certificate authority made with rcgen (ECDSA P-256 keys).
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// The CA certificate.
+    pub ca_pem: String,
+}
+
+impl TestCa {
+    /// A new CA whose subject CN is `name`.
+    pub fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            ca_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1 with serial number `serial`.
+    pub fn server_cert(&self, serial: &[u8]) -> CertPair {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate whose first SAN is the URI `uri` and whose CN is `cn`.
+    pub fn client_cert(&self, uri: &str, cn: &str) -> CertPair {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, params: rcgen::CertificateParams) -> CertPair {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        CertPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// Writes `contents` to `path` the way deployment tools do: a temp file in the same directory,
+/// renamed over the target.
+pub fn write_atomically(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp-new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A gRPC channel over TLS to `addr` trusting `ca_pem` for `localhost`, presenting `identity`
+/// (a client certificate) when given.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<&CertPair>,
+) -> Result<Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .connect_timeout(HANG_GUARD)
+        .timeout(HANG_GUARD)
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+/// A reqwest client trusting only `ca_pem`, presenting `identity` when given.
+pub fn https_client(ca_pem: &str, identity: Option<&CertPair>) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .timeout(HANG_GUARD)
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()]);
+    if let Some(id) = identity {
+        let pem = format!("{}{}", id.key_pem, id.cert_pem);
+        builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// Opens a new TLS connection to `addr` (a raw rustls handshake, no HTTP) and returns the serial
+/// number of the certificate the server presented.
+pub async fn served_serial(addr: SocketAddr, ca_pem: &str) -> std::io::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(HANG_GUARD, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake"))??;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    Ok(serial_of(&leaf))
+}
+
+impl TestServer {
+    /// `config` (which sets `server.tls`; its data dir replaced by a fresh one) with a metrics
+    /// listener; [`TestServer::channel`] is a TLS channel trusting `ca_pem` that presents
+    /// `identity` when given.
+    pub async fn start_tls(config: Config, ca_pem: &str, identity: Option<&CertPair>) -> Self {
+        let mut config = config;
+        let root = tempfile::tempdir().unwrap();
+        let data_dir = root.path().join("data");
+        config.state.data_dir = data_dir.clone();
+        config.server.shutdown_grace = Duration::from_secs(5);
+        let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = main.local_addr().unwrap();
+        let metrics_addr = Some(metrics.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(chatcli::server::run(
+            Listeners {
+                main,
+                metrics: Some(metrics),
+            },
+            config,
+            shutdown.clone(),
+        ));
+        let channel = tls_channel(addr, ca_pem, identity)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect over TLS to {addr}: {e:?}"));
+        Self {
+            addr,
+            metrics_addr,
+            client: ChatCliServiceClient::new(channel.clone()),
+            channel,
+            data_dir,
+            root,
+            shutdown,
+            task,
+        }
+    }
+}
+
+/// Lower-case hex SHA-256 of `text` (what `[[auth.tokens]] sha256` holds).
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The folder of a principal's sessions: `<data_dir>/sessions/principals/p<hex of namespace>`.
+pub fn principal_sessions_dir(data_dir: &Path, namespace: &str) -> PathBuf {
+    let hex: String = namespace.bytes().map(|b| format!("{b:02x}")).collect();
+    data_dir
+        .join("sessions")
+        .join("principals")
+        .join(format!("p{hex}"))
+}
+
+/// The value of the metric line starting with `prefix` (e.g. `x_total{result="ok"}`), 0 when absent.
+pub fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Awaits `fut` for at most `limit`, failing with `what` instead of hanging.
+pub async fn within<F: std::future::Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {limit:?}"))
+}

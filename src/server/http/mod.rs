@@ -41,8 +41,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
@@ -61,16 +60,17 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
-    let http_metrics = state
-        .metrics
-        .as_ref()
-        .and_then(|m| match metrics::HttpMetrics::register(m.registry()) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTP metrics could not be registered");
-                None
-            }
-        });
+    let http_metrics =
+        state
+            .metrics
+            .as_ref()
+            .and_then(|m| match metrics::HttpMetrics::register(m.registry()) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP metrics could not be registered");
+                    None
+                }
+            });
     let api = Arc::new(Api {
         state,
         in_flight: AtomicUsize::new(0),
@@ -171,14 +171,18 @@ impl FromRequestParts<Arc<Api>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
         // The pipeline always sets the principal; without it the request did not pass auth.
-        let principal = parts.extensions.get::<Principal>().cloned().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "unauthenticated",
-                "authentication failed",
-            )
-        })?;
+        let principal = parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "unauthenticated",
+                    "authentication failed",
+                )
+            })?;
         let prepared = parts
             .extensions
             .get::<Arc<Prepared>>()
@@ -418,32 +422,61 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Reads a JSON body: the content type must be JSON, the body within [`MAX_BODY_BYTES`] and
-/// well-formed, and `T` must accept it. The body is read before the checks, so a refused request
-/// leaves the connection usable.
-fn json_body<T: serde::de::DeserializeOwned>(
+/// Reads a JSON body: the content type must be JSON, the body within [`MAX_BODY_BYTES`] (a larger
+/// `Content-Length` is refused before reading) and well-formed, and `T` must accept it. Otherwise
+/// the body is read before the checks, so a refused request leaves the connection usable.
+async fn json_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|r| match r.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+    let too_large = || {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "request_too_large",
             format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-        ),
-        status => ApiError::new(
-            status,
-            "invalid_request_error",
-            "invalid_body",
-            format!("the request body could not be read: {}", r.body_text()),
-        ),
-    })?;
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                source = s.source();
+            }
+            ApiError::invalid(
+                "invalid_body",
+                format!("the request body could not be read: {e}"),
+            )
+        })?;
+    check_json(headers, &body)
+}
+
+/// The content-type and JSON checks of [`json_body`].
+fn check_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let is_json = ct.as_deref().is_some_and(|ct| {
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         essence == "application/json"
             || (essence.starts_with("application/") && essence.ends_with("+json"))
     });
@@ -461,7 +494,7 @@ fn json_body<T: serde::de::DeserializeOwned>(
             },
         ));
     }
-    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             ApiError::invalid("invalid_request", format!("invalid request: {e}"))
         }
@@ -679,13 +712,16 @@ mod tests {
             );
             h
         };
-        let ok: Result<T, _> = json_body(&json, Ok(Bytes::from_static(br#"{"a":1}"#)));
+        let ok: Result<T, _> = check_json(&json, br#"{"a":1}"#);
         assert!(ok.is_ok());
-        let e = json_body::<T>(&HeaderMap::new(), Ok(Bytes::from_static(b"{}"))).unwrap_err();
+        let e = check_json::<T>(&HeaderMap::new(), b"{}").unwrap_err();
         assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        let e = json_body::<T>(&json, Ok(Bytes::from_static(b"{\"a\":"))).unwrap_err();
-        assert_eq!((e.status, e.code.as_ref()), (StatusCode::BAD_REQUEST, "invalid_json"));
-        let e = json_body::<T>(&json, Ok(Bytes::from_static(br#"{"a":1,"b":2}"#))).unwrap_err();
+        let e = check_json::<T>(&json, b"{\"a\":").unwrap_err();
+        assert_eq!(
+            (e.status, e.code.as_ref()),
+            (StatusCode::BAD_REQUEST, "invalid_json")
+        );
+        let e = check_json::<T>(&json, br#"{"a":1,"b":2}"#).unwrap_err();
         assert_eq!(e.code, "invalid_request");
         assert!(e.message.contains("unknown field `b`"), "{}", e.message);
     }

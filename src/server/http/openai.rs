@@ -1,0 +1,494 @@
+//! The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`.
+//!
+//! `model` is `provider/model` (split at the first `/`, so `openrouter/meta-llama/llama-3` works),
+//! a provider name alone (its default model), a bare model of the default provider, or empty (the
+//! server's default). A name with a `/` whose prefix is no provider is refused with 404
+//! `model_not_found`, unless the default provider lists it. Answers name the model as
+//! `provider/model` of whoever answered (the fallback chain may have moved on).
+//!
+//! `messages`: `system` (and `developer`), `user`, `assistant`; content as a string or text parts.
+//! The last message must be the user's: it is the prompt, the earlier ones the history. Sampling
+//! fields are passed through; other OpenAI fields (`user`, `seed`, `tools`, …) are accepted and
+//! ignored, and `n` above 1 is refused.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Api, ApiError, Caller};
+use crate::llm::fallback::Answer;
+use crate::llm::gateway::PromptCall;
+use crate::llm::{Delta, Message, ProviderRegistry, Usage};
+use crate::server::Prepared;
+use crate::server::grpc::{MAX_TOKENS_LIMIT, validate_history, validate_prompt};
+
+/// Most stop sequences accepted.
+const MAX_STOP: usize = 16;
+
+/// A chat completion request; fields not listed are accepted and ignored, as OpenAI clients send
+/// many (`user`, `seed`, `logprobs`, …).
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    #[serde(default)]
+    model: Option<String>,
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl Content {
+    fn into_text(self, index: usize) -> Result<String, ApiError> {
+        match self {
+            Content::Text(t) => Ok(t),
+            Content::Parts(parts) => {
+                let mut out = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => out.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                "invalid_request",
+                                format!(
+                                    "messages[{index}]: content part type `{}` is not supported (text only)",
+                                    kind.chars().take(40).collect::<String>()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The provider and model a request's `model` names (empty = the default).
+fn resolve_model(registry: &ProviderRegistry, model: &str) -> Result<(String, String), ApiError> {
+    let model = model.trim();
+    let provider_named = |name: &str| {
+        registry
+            .providers()
+            .iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name))
+            .map(|p| p.name().to_string())
+    };
+    if model.is_empty() {
+        return Ok((String::new(), String::new()));
+    }
+    if let Some(p) = provider_named(model) {
+        return Ok((p, String::new()));
+    }
+    if let Some((prefix, rest)) = model.split_once('/') {
+        if let Some(p) = provider_named(prefix) {
+            return Ok((p, rest.to_string()));
+        }
+        let listed = registry
+            .default_provider()
+            .is_some_and(|d| d.models().iter().any(|m| m == model));
+        if !listed {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!(
+                    "unknown model `{}`: no provider is named `{}` (providers: {}; GET /v1/models lists the models)",
+                    model.chars().take(200).collect::<String>(),
+                    prefix.chars().take(100).collect::<String>(),
+                    registry.names().join(", ")
+                ),
+            ));
+        }
+    }
+    Ok((String::new(), model.to_string()))
+}
+
+/// The OpenAI `finish_reason` of a provider's own reason.
+fn finish_reason(raw: Option<&str>) -> &'static str {
+    match raw.map(str::to_ascii_lowercase).as_deref() {
+        Some("length" | "max_tokens" | "max_output_tokens") => "length",
+        Some("content_filter" | "safety" | "recitation" | "blocklist" | "prohibited_content") => {
+            "content_filter"
+        }
+        Some("tool_calls" | "tool_use" | "function_call") => "tool_calls",
+        _ => "stop",
+    }
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// Validates the request and turns it into the core call.
+fn into_call(r: CompletionRequest, prepared: &Prepared) -> Result<PromptCall, ApiError> {
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            "n: only one choice per request is supported",
+        ));
+    }
+    let max_tokens = r.max_completion_tokens.or(r.max_tokens);
+    if max_tokens.is_some_and(|n| n > MAX_TOKENS_LIMIT.unsigned_abs()) {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            format!("max_tokens must be at most {MAX_TOKENS_LIMIT}"),
+        ));
+    }
+    if r.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            "temperature must be between 0 and 2",
+        ));
+    }
+    if r.top_p.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            "top_p must be between 0 and 1",
+        ));
+    }
+    let stop = match r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            format!("stop: at most {MAX_STOP} sequences"),
+        ));
+    }
+    let (provider, model) = resolve_model(&prepared.registry, r.model.as_deref().unwrap_or(""))?;
+    let mut turns = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::invalid(
+                    "invalid_request",
+                    format!(
+                        "messages[{i}]: role `{}` is not supported (system, developer, user, assistant)",
+                        other.chars().take(40).collect::<String>()
+                    ),
+                ));
+            }
+        };
+        let content = match m.content {
+            Some(c) => c.into_text(i)?,
+            None => String::new(),
+        };
+        turns.push(Message {
+            role: role.to_string(),
+            content,
+        });
+    }
+    let prompt = match turns.pop() {
+        Some(last) if last.role == "user" => last.content,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                "messages: the last message must be the user's (it is the prompt)",
+            ));
+        }
+        None => {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                "messages: at least one user message is required",
+            ));
+        }
+    };
+    validate_prompt(&prompt, prepared).map_err(|s| ApiError::from_status(&s))?;
+    let history_proto: Vec<crate::proto::ChatMessage> = turns
+        .iter()
+        .map(|m| crate::proto::ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+            meta: None,
+        })
+        .collect();
+    validate_history(&history_proto, prepared).map_err(|s| ApiError::from_status(&s))?;
+    Ok(PromptCall {
+        provider,
+        model,
+        history: turns,
+        prompt,
+        max_tokens: max_tokens.filter(|n| *n > 0),
+        temperature: r.temperature,
+        top_p: r.top_p,
+        stop,
+        ..Default::default()
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub(super) async fn chat_completions(
+    State(api): State<Arc<Api>>,
+    caller: Caller,
+    req: Request,
+) -> Response {
+    match completions(api, caller, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let req: CompletionRequest = super::json_body(&headers, body).await?;
+    let stream = req.stream.unwrap_or(false);
+    if stream && !super::accepts_event_stream(&headers, true) {
+        return Err(super::not_acceptable());
+    }
+    let include_usage = req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let prepared = caller.prepared.clone();
+    let call = into_call(req, &prepared)?;
+    let slot = match stream {
+        true => api.stream_slot(&prepared, &caller.principal)?,
+        false => None,
+    };
+    let busy = api.busy();
+    let answer = api.start(&prepared, call).await?;
+    caller.notes.answered_by(&answer.provider, &answer.model);
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = super::unix_now();
+    if !stream {
+        return whole(answer, id, created).await;
+    }
+    let Answer {
+        provider,
+        model,
+        stream: mut upstream,
+    } = answer;
+    let model_id = format!("{provider}/{model}");
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        let mut c = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_id,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    // One event per delta as the provider yields it; dropping this stream (the client went away)
+    // drops the provider's, which aborts the upstream request.
+    let out = async_stream::stream! {
+        let _slot = slot;
+        let _busy = busy;
+        let mut first = true;
+        let mut finish = None;
+        let mut usage = None;
+        while let Some(item) = upstream.next().await {
+            match item {
+                Ok(Delta::Text(t)) if t.is_empty() => {}
+                Ok(Delta::Text(t)) => {
+                    let delta = match first {
+                        true => json!({"role": "assistant", "content": t}),
+                        false => json!({"content": t}),
+                    };
+                    first = false;
+                    yield Ok::<_, std::convert::Infallible>(Event::default().data(chunk(delta, None).to_string()));
+                }
+                Ok(Delta::Usage(u)) => usage = Some(u),
+                Ok(Delta::Finish(r)) => finish = Some(r),
+                Err(e) => {
+                    tracing::debug!(error = %e, "stream failed after its first delta");
+                    let body = ApiError::from_llm(&e).openai_body();
+                    yield Ok(Event::default().data(body.to_string()));
+                    return;
+                }
+            }
+        }
+        if first {
+            yield Ok(Event::default().data(chunk(json!({"role": "assistant", "content": ""}), None).to_string()));
+        }
+        let last = chunk(json!({}), Some(finish_reason(finish.as_deref())));
+        yield Ok(Event::default().data(last.to_string()));
+        if include_usage {
+            let mut u = chunk(json!({}), None);
+            u["choices"] = json!([]);
+            u["usage"] = usage.map_or(Value::Null, usage_json);
+            yield Ok(Event::default().data(u.to_string()));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Ok(super::sse_headers(Sse::new(out).into_response()))
+}
+
+/// A non-streamed answer: the whole text as one `chat.completion`.
+async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, ApiError> {
+    let Answer {
+        provider,
+        model,
+        stream: mut upstream,
+    } = answer;
+    let mut text = String::new();
+    let mut usage = None;
+    let mut finish = None;
+    while let Some(item) = upstream.next().await {
+        match item {
+            Ok(Delta::Text(t)) => text.push_str(&t),
+            Ok(Delta::Usage(u)) => usage = Some(u),
+            Ok(Delta::Finish(r)) => finish = Some(r),
+            Err(e) => return Err(ApiError::from_llm(&e)),
+        }
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": format!("{provider}/{model}"),
+        "system_fingerprint": null,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish_reason(finish.as_deref()),
+        }],
+        "usage": usage.map_or(Value::Null, usage_json),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/models`: every provider's models as `provider/model`.
+pub(super) async fn models(State(api): State<Arc<Api>>, caller: Caller) -> Response {
+    let reg = &caller.prepared.registry;
+    let created = super::unix_now().saturating_sub(api.state.started.elapsed().as_secs());
+    let default_name = reg.default_provider().map(|p| p.name().to_string());
+    let mut data = Vec::new();
+    for p in reg.providers() {
+        let mut models = p.models();
+        if default_name.as_deref() == Some(p.name()) {
+            let m = reg.default_model();
+            if !m.is_empty() && !models.contains(&m) {
+                models.insert(0, m);
+            }
+        }
+        for m in models {
+            data.push(json!({
+                "id": format!("{}/{m}", p.name()),
+                "object": "model",
+                "created": created,
+                "owned_by": p.name(),
+            }));
+        }
+    }
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::{LlmConfig, ProviderConfig};
+
+    fn registry() -> ProviderRegistry {
+        let llm = LlmConfig {
+            providers: ["echo", "other"]
+                .iter()
+                .map(|n| ProviderConfig {
+                    name: n.to_string(),
+                    kind: "echo".into(),
+                    model: Some(format!("{n}-model")),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        ProviderRegistry::build(&llm, &Default::default()).unwrap()
+    }
+
+    #[test]
+    fn model_names_resolve_to_provider_and_model() {
+        let r = registry();
+        let ok = |m: &str| resolve_model(&r, m).unwrap();
+        assert_eq!(ok(""), (String::new(), String::new()));
+        assert_eq!(ok("other"), ("other".into(), String::new()));
+        assert_eq!(ok("OTHER/m1"), ("other".into(), "m1".into()));
+        assert_eq!(ok("echo/a/b"), ("echo".into(), "a/b".into()));
+        assert_eq!(ok("gpt-x"), (String::new(), "gpt-x".into()));
+        assert_eq!(ok("echo-model"), (String::new(), "echo-model".into()));
+        let e = resolve_model(&r, "nope/m").unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.code.as_ref()),
+            (404, "model_not_found")
+        );
+    }
+
+    #[test]
+    fn finish_reasons_use_openai_names() {
+        assert_eq!(finish_reason(Some("end_turn")), "stop");
+        assert_eq!(finish_reason(Some("MAX_TOKENS")), "length");
+        assert_eq!(finish_reason(Some("SAFETY")), "content_filter");
+        assert_eq!(finish_reason(Some("tool_use")), "tool_calls");
+        assert_eq!(finish_reason(None), "stop");
+    }
+}
