@@ -42,7 +42,11 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct HealthcheckArgs {
     /// Server address (`host:port`).
-    #[arg(long, default_value = "127.0.0.1:50051", env = "CHATCLI_HEALTHCHECK_ADDR")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:50051",
+        env = "CHATCLI_HEALTHCHECK_ADDR"
+    )]
     pub addr: String,
     /// Connect with TLS.
     #[arg(long)]
@@ -89,7 +93,12 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Client certificate (PEM) for mTLS.
-    #[arg(long, alias = "client-cert", env = "CHATCLI_TLS_CLIENT_CERT", value_name = "FILE")]
+    #[arg(
+        long,
+        alias = "client-cert",
+        env = "CHATCLI_TLS_CLIENT_CERT",
+        value_name = "FILE"
+    )]
     pub tls_client_cert: Option<PathBuf>,
     /// Private key (PEM) of the client certificate.
     #[arg(long, env = "CHATCLI_TLS_CLIENT_KEY", value_name = "FILE")]
@@ -134,7 +143,12 @@ pub struct ConnectArgs {
     pub ollama_url: Option<String>,
     /// One prompt, answered on stdout as it streams; `-` reads the prompt from stdin (so does a
     /// piped stdin without -p).
-    #[arg(short = 'p', long = "prompt", value_name = "PROMPT", allow_hyphen_values = true)]
+    #[arg(
+        short = 'p',
+        long = "prompt",
+        value_name = "PROMPT",
+        allow_hyphen_values = true
+    )]
     pub prompt: Option<String>,
     /// One-shot: print only the answer's text on stdout, nothing added.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]

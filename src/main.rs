@@ -216,7 +216,10 @@ fn serve(args: ServerArgs) -> i32 {
         tokio::spawn(watch_signals(shutdown.clone()));
         let log_guard = std::sync::Arc::new(log_guard);
         let options = server::RunOptions {
-            reload: Some(Sources::from_process(args.config.clone(), args.flag_values())),
+            reload: Some(Sources::from_process(
+                args.config.clone(),
+                args.flag_values(),
+            )),
             set_log_level: Some(std::sync::Arc::new({
                 let g = log_guard.clone();
                 move |level: &str| g.set_level(level)

@@ -46,14 +46,20 @@ struct ReloadMetrics {
 impl ReloadMetrics {
     fn register(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
         let reloads = IntCounterVec::new(
-            Opts::new("chatcli_config_reloads_total", "Configuration reloads, by result (ok, error)."),
+            Opts::new(
+                "chatcli_config_reloads_total",
+                "Configuration reloads, by result (ok, error).",
+            ),
             &["result"],
         )?;
         let last_success = IntGauge::new(
             "chatcli_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful configuration load.",
         )?;
-        let generation = IntGauge::new("chatcli_config_generation", "Generation of the configuration being served.")?;
+        let generation = IntGauge::new(
+            "chatcli_config_generation",
+            "Generation of the configuration being served.",
+        )?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(generation.clone()))?;
@@ -83,7 +89,9 @@ pub struct Reloader {
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reloader").field("status", &self.status()).finish_non_exhaustive()
+        f.debug_struct("Reloader")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,14 +111,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Reloader {
     /// A reloader for `state`, loading from `sources` (the process environment and flags are those
     /// of the start; only files change).
-    pub fn new(state: &Arc<AppState>, sources: Sources, set_level: Option<LevelSetter>) -> Arc<Self> {
-        let metrics = state.metrics.as_ref().and_then(|m| match ReloadMetrics::register(m.registry()) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(error = %e, "reload metrics unavailable");
-                None
-            }
-        });
+    pub fn new(
+        state: &Arc<AppState>,
+        sources: Sources,
+        set_level: Option<LevelSetter>,
+    ) -> Arc<Self> {
+        let metrics =
+            state
+                .metrics
+                .as_ref()
+                .and_then(|m| match ReloadMetrics::register(m.registry()) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reload metrics unavailable");
+                        None
+                    }
+                });
         let prepared = state.prepared();
         let hash = content_hash(&watched_files(&prepared.config, &sources));
         if let Some(m) = &metrics {
@@ -156,7 +172,12 @@ impl Reloader {
             .map_err(|e| vec![format!("reload task failed: {e}")])?;
         let loaded = match loaded {
             Ok(l) => l,
-            Err(e) => return Err(self.failed(trigger, e.problems.iter().map(ToString::to_string).collect())),
+            Err(e) => {
+                return Err(self.failed(
+                    trigger,
+                    e.problems.iter().map(ToString::to_string).collect(),
+                ));
+            }
         };
         let hash = content_hash(&watched_files(&loaded.config, &self.sources));
         if !force && hash == lock(&self.status).config_hash {
@@ -208,7 +229,8 @@ impl Reloader {
         };
         if let Some(m) = &self.metrics {
             m.reloads.with_label_values(&["ok"]).inc();
-            m.generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
+            m.generation
+                .set(i64::try_from(generation).unwrap_or(i64::MAX));
             m.last_success.set(unix_now());
         }
         tracing::info!(trigger, generation, "configuration reloaded");
@@ -230,7 +252,10 @@ impl Reloader {
     }
 
     fn check_tls(&self, state: &AppState, old: &Config, new: &Config) -> Result<(), Vec<String>> {
-        let (was, is) = (old.server.tls.cert_file.is_some(), new.server.tls.cert_file.is_some());
+        let (was, is) = (
+            old.server.tls.cert_file.is_some(),
+            new.server.tls.cert_file.is_some(),
+        );
         if was != is {
             return Err(vec![format!(
                 "server.tls: turning TLS {} needs a restart",
@@ -252,10 +277,14 @@ impl Reloader {
         {
             return true;
         }
-        let Some(state) = self.state.upgrade() else { return false };
+        let Some(state) = self.state.upgrade() else {
+            return false;
+        };
         let abs = |p: &std::path::Path| {
             std::fs::canonicalize(p).unwrap_or_else(|_| {
-                std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+                std::env::current_dir()
+                    .map(|d| d.join(p))
+                    .unwrap_or_else(|_| p.to_path_buf())
             })
         };
         let changed_abs = abs(changed);
@@ -265,15 +294,29 @@ impl Reloader {
         in_drop_ins
             || watched_files(&state.prepared().config, &self.sources)
                 .iter()
-                .any(|f| abs(f) == changed_abs || f.file_name() == changed.file_name() && abs(f).parent() == changed_abs.parent())
+                .any(|f| {
+                    abs(f) == changed_abs
+                        || f.file_name() == changed.file_name()
+                            && abs(f).parent() == changed_abs.parent()
+                })
     }
 
     /// The directories to watch for `config`.
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
-        let Some(state) = self.state.upgrade() else { return Vec::new() };
+        let Some(state) = self.state.upgrade() else {
+            return Vec::new();
+        };
         let mut dirs: Vec<PathBuf> = watched_files(&state.prepared().config, &self.sources)
             .iter()
-            .filter_map(|f| f.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }))
+            .filter_map(|f| {
+                f.parent().map(|p| {
+                    if p.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        p.to_path_buf()
+                    }
+                })
+            })
             .collect();
         if let Some(file) = config_file(&self.sources) {
             if let Some(d) = config::drop_in_dir(Some(&file), &self.sources.default_config_path) {
@@ -306,7 +349,10 @@ fn keep_restart_settings(old: &Config, new: &mut Config) {
     }
     keep!(server.bind_address, "server.bind_address");
     keep!(server.port, "server.port");
-    keep!(server.max_concurrent_streams, "server.max_concurrent_streams");
+    keep!(
+        server.max_concurrent_streams,
+        "server.max_concurrent_streams"
+    );
     keep!(server.reflection, "server.reflection");
     keep!(metrics.port, "metrics.port");
     keep!(metrics.bind_address, "metrics.bind_address");
@@ -314,7 +360,10 @@ fn keep_restart_settings(old: &Config, new: &mut Config) {
     keep!(log.format, "log.format");
     keep!(log.file, "log.file");
     keep!(audit.path, "audit.path");
-    keep!(limits.max_streams_per_principal, "limits.max_streams_per_principal");
+    keep!(
+        limits.max_streams_per_principal,
+        "limits.max_streams_per_principal"
+    );
     if !restart.is_empty() {
         tracing::warn!(
             "these settings changed but need a restart; the running values stay: {}",
@@ -327,8 +376,19 @@ fn config_file(sources: &Sources) -> Option<PathBuf> {
     sources
         .config_flag
         .clone()
-        .or_else(|| sources.env.get("CHATCLI_CONFIG").filter(|p| !p.is_empty()).map(PathBuf::from))
-        .or_else(|| sources.default_config_path.exists().then(|| sources.default_config_path.clone()))
+        .or_else(|| {
+            sources
+                .env
+                .get("CHATCLI_CONFIG")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| {
+            sources
+                .default_config_path
+                .exists()
+                .then(|| sources.default_config_path.clone())
+        })
 }
 
 /// Every file whose content makes up the configuration: the config file, its drop-ins, and the
@@ -360,7 +420,12 @@ fn watched_files(c: &Config, sources: &Sources) -> Vec<PathBuf> {
         files.extend(p.client_key_file.iter().cloned());
     }
     let t = &c.server.tls;
-    files.extend([&t.cert_file, &t.key_file, &t.client_ca_file].into_iter().flatten().cloned());
+    files.extend(
+        [&t.cert_file, &t.key_file, &t.client_ca_file]
+            .into_iter()
+            .flatten()
+            .cloned(),
+    );
     files.extend(c.watcher.config_file.iter().cloned());
     let creds = sources.env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     files

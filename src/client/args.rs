@@ -58,7 +58,9 @@ pub fn parse_address(raw: &str) -> Result<Address, ClientError> {
     let (scheme, rest) = if let Some(r) = text.strip_prefix("dns:///") {
         (Scheme::Auto, r)
     } else if text.starts_with("dns://") {
-        return Err(bad("a DNS server authority (dns://SERVER/…) is not supported"));
+        return Err(bad(
+            "a DNS server authority (dns://SERVER/…) is not supported",
+        ));
     } else if let Some(r) = text.strip_prefix("http://") {
         (Scheme::Http, r)
     } else if let Some(r) = text.strip_prefix("https://") {
@@ -315,7 +317,10 @@ impl Settings {
                 ));
             }
         };
-        let forward = match (non_empty(args.llm_key), args.use_local_auth.unwrap_or(false)) {
+        let forward = match (
+            non_empty(args.llm_key),
+            args.use_local_auth.unwrap_or(false),
+        ) {
             (Some(k), _) => Forward::LlmKey(k),
             (None, true) => Forward::LocalAuth,
             (None, false) => Forward::Nothing,
@@ -415,11 +420,23 @@ mod tests {
 
     #[test]
     fn addresses_parse() {
-        assert_eq!(addr("localhost:50051"), Ok(("localhost".into(), 50051, Scheme::Auto)));
-        assert_eq!(addr("dns:///chat.internal:9"), Ok(("chat.internal".into(), 9, Scheme::Auto)));
+        assert_eq!(
+            addr("localhost:50051"),
+            Ok(("localhost".into(), 50051, Scheme::Auto))
+        );
+        assert_eq!(
+            addr("dns:///chat.internal:9"),
+            Ok(("chat.internal".into(), 9, Scheme::Auto))
+        );
         assert_eq!(addr("[::1]:7"), Ok(("::1".into(), 7, Scheme::Auto)));
-        assert_eq!(addr("https://example.com"), Ok(("example.com".into(), 443, Scheme::Https)));
-        assert_eq!(addr("http://127.0.0.1:8/"), Ok(("127.0.0.1".into(), 8, Scheme::Http)));
+        assert_eq!(
+            addr("https://example.com"),
+            Ok(("example.com".into(), 443, Scheme::Https))
+        );
+        assert_eq!(
+            addr("http://127.0.0.1:8/"),
+            Ok(("127.0.0.1".into(), 8, Scheme::Http))
+        );
         for bad in [
             "",
             "localhost",
@@ -475,7 +492,10 @@ mod tests {
             true,
         )
         .unwrap();
-        assert_eq!(s.mode, Mode::OneShot(PromptSource::Text("hi".into()), Output::Json));
+        assert_eq!(
+            s.mode,
+            Mode::OneShot(PromptSource::Text("hi".into()), Output::Json)
+        );
         assert_eq!(s.forward, Forward::LlmKey("sk".into()));
         assert_eq!(s.provider_config["client_id"], "id");
         assert_eq!(s.provider_config["base_url"], "https://o");

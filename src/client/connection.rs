@@ -97,11 +97,13 @@ impl Connection {
 }
 
 /// Loads the CA roots for TLS: `--ca-cert`, else `SSL_CERT_FILE`, else the first system bundle.
-fn roots(settings: &Settings, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<u8>, ClientError> {
+fn roots(
+    settings: &Settings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<u8>, ClientError> {
     let read = |p: &std::path::Path, what: &str| {
-        std::fs::read(p).map_err(|e| {
-            ClientError::Usage(format!("cannot read the {what} {}: {e}", p.display()))
-        })
+        std::fs::read(p)
+            .map_err(|e| ClientError::Usage(format!("cannot read the {what} {}: {e}", p.display())))
     };
     if let Some(ca) = &settings.tls_files.ca_cert {
         return read(ca, "CA certificate");
@@ -199,12 +201,10 @@ pub async fn connect(
             .domain_name(name)
             .ca_certificate(Certificate::from_pem(ca));
         if let Some((cert, key)) = &settings.tls_files.identity {
-            let c = std::fs::read(cert).map_err(|e| {
-                ClientError::Usage(format!("cannot read {}: {e}", cert.display()))
-            })?;
-            let k = std::fs::read(key).map_err(|e| {
-                ClientError::Usage(format!("cannot read {}: {e}", key.display()))
-            })?;
+            let c = std::fs::read(cert)
+                .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", cert.display())))?;
+            let k = std::fs::read(key)
+                .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", key.display())))?;
             check_pem(&c, cert, "certificate")?;
             check_pem(&k, key, "private key")?;
             cfg = cfg.identity(Identity::from_pem(c, k));
@@ -218,9 +218,7 @@ pub async fn connect(
         Some(t) => Some(
             format!("Bearer {t}")
                 .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| {
-                    ClientError::Usage("--token cannot be sent in a header".into())
-                })?,
+                .map_err(|_| ClientError::Usage("--token cannot be sent in a header".into()))?,
         ),
         None => None,
     };

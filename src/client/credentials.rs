@@ -213,11 +213,7 @@ impl AuthStore {
                 path.display()
             )));
         }
-        Ok(Some(Self {
-            path,
-            key,
-            doc,
-        }))
+        Ok(Some(Self { path, key, doc }))
     }
 
     /// The store's path.
@@ -347,11 +343,7 @@ pub fn encrypt(key: &[u8; 32], plain: &[u8]) -> Result<String, ClientError> {
         .map_err(|_| store_err("no randomness for a nonce".into()))?;
     let mut buf = plain.to_vec();
     aead_key(key)?
-        .seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::empty(),
-            &mut buf,
-        )
+        .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut buf)
         .map_err(|_| store_err("cannot encrypt the credential store".into()))?;
     let mut out = nonce.to_vec();
     out.extend_from_slice(&buf);
@@ -438,7 +430,8 @@ async fn from_profile(
             if access.is_empty() && refresh.is_empty() {
                 return Ok(None);
             }
-            let expired = access.is_empty() || (expires > 0 && now_ms() + EXPIRY_MARGIN_MS >= expires);
+            let expired =
+                access.is_empty() || (expires > 0 && now_ms() + EXPIRY_MARGIN_MS >= expires);
             if !expired {
                 return Ok(Some(found("oauth:", access, expires, "")));
             }
@@ -483,7 +476,11 @@ async fn refresh_token(
             },
             false,
         ),
-        other => return Err(fail(format!("provider {other:?} tokens cannot be refreshed"))),
+        other => {
+            return Err(fail(format!(
+                "provider {other:?} tokens cannot be refreshed"
+            )));
+        }
     };
     let urls = match env(TOKEN_URL_OVERRIDE_ENV).filter(|v| !v.is_empty()) {
         Some(u) => vec![u],
@@ -645,7 +642,9 @@ mod tests {
         let c = resolve(None, &env).await.unwrap();
         assert_eq!(c.provider, LocalProvider::OpenAi);
         assert_eq!(c.client_api_key, "apikey:sk-env");
-        let err = resolve(Some(LocalProvider::Copilot), &env).await.unwrap_err();
+        let err = resolve(Some(LocalProvider::Copilot), &env)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("GITHUB_COPILOT_TOKEN"), "{err}");
     }
 }

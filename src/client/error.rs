@@ -82,12 +82,6 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// Whether the status was made by the client's transport (no answer from a server) rather than
-/// sent by the server: transport failures carry their cause as `source`.
-pub fn is_transport(status: &tonic::Status) -> bool {
-    status.source().is_some()
-}
-
 /// The server's `retry-after` (seconds), else the seconds in "retry after N seconds".
 pub fn retry_after(status: &tonic::Status) -> Option<u64> {
     if let Some(v) = status.metadata().get("retry-after")
@@ -108,8 +102,22 @@ pub fn retry_after(status: &tonic::Status) -> Option<u64> {
 pub fn from_status(status: &tonic::Status, stage: Stage, target: &str, tls: bool) -> ClientError {
     use tonic::Code;
     let msg = status.message();
-    if is_transport(status) {
-        return connection_failed(target, &chain(status), tls);
+    if let Some(source) = status.source() {
+        let cause = chain(source);
+        if tls && stage == Stage::Handshake {
+            let lower = cause.to_lowercase();
+            if ["closed", "canceled", "cancelled", "reset", "eof"]
+                .iter()
+                .any(|w| lower.contains(w))
+            {
+                return ClientError::Connect(format!(
+                    "{target} closed the TLS connection right after the handshake ({cause}); it \
+                     probably requires a client certificate (mTLS) that it accepts: give \
+                     --tls-client-cert and --tls-client-key (or CHATCLI_TLS_CLIENT_CERT/_KEY)"
+                ));
+            }
+        }
+        return connection_failed(target, &cause, tls);
     }
     match status.code() {
         Code::Unauthenticated => ClientError::Auth(format!(
@@ -136,9 +144,9 @@ pub fn from_status(status: &tonic::Status, stage: Stage, target: &str, tls: bool
             "{target} did not answer as a ChatCLI server ({:?}: {msg}); check the address and port",
             status.code()
         )),
-        Code::InvalidArgument if !msg.starts_with("LLM error") => ClientError::Usage(format!(
-            "the server refused the request: {msg}"
-        )),
+        Code::InvalidArgument if !msg.starts_with("LLM error") => {
+            ClientError::Usage(format!("the server refused the request: {msg}"))
+        }
         Code::DeadlineExceeded => ClientError::Provider(format!(
             "no answer in time ({msg}); try a larger --timeout or another --provider/--model"
         )),
@@ -184,6 +192,12 @@ pub fn connection_failed(target: &str, cause: &str, tls: bool) -> ClientError {
              is it serving plaintext? Leave out --tls for a plaintext server on loopback"
         ));
     }
+    if lower.contains("http2 error") || lower.contains("frame with invalid") {
+        return ClientError::Connect(format!(
+            "{target} does not speak gRPC over HTTP/2 ({cause}); check the address and port: is \
+             it a ChatCLI server?"
+        ));
+    }
     ClientError::Connect(format!(
         "cannot connect to {target} ({cause}); check that the server is running and the address \
          is right"
@@ -198,10 +212,16 @@ mod tests {
     #[test]
     fn codes_follow_the_issue() {
         let t = |s: tonic::Status| from_status(&s, Stage::Call, "srv", false).exit_code();
-        assert_eq!(t(tonic::Status::unauthenticated("authentication failed")), 4);
+        assert_eq!(
+            t(tonic::Status::unauthenticated("authentication failed")),
+            4
+        );
         assert_eq!(t(tonic::Status::permission_denied("no")), 4);
         assert_eq!(t(tonic::Status::resource_exhausted("slow")), 5);
-        assert_eq!(t(tonic::Status::unavailable("LLM error: p: server: boom")), 6);
+        assert_eq!(
+            t(tonic::Status::unavailable("LLM error: p: server: boom")),
+            6
+        );
         assert_eq!(t(tonic::Status::internal("LLM error: x")), 6);
         assert_eq!(
             t(tonic::Status::invalid_argument(

@@ -19,8 +19,8 @@ use super::error::{ClientError, Stage};
 use super::render::{AnswerPrinter, Spinner};
 use crate::proto::session_message::Type as SessionType;
 use crate::proto::{
-    ChatMessage, DeleteSessionRequest, ListSessionsRequest, LoadSessionRequest,
-    SaveSessionRequest, SessionDataV2, SessionMessage,
+    ChatMessage, DeleteSessionRequest, ListSessionsRequest, LoadSessionRequest, SaveSessionRequest,
+    SessionDataV2, SessionMessage,
 };
 
 /// Waits before reconnect attempts.
@@ -374,8 +374,11 @@ impl<'a> Interactive<'a> {
                 self.history.clear();
                 say("conversation cleared");
             }
-            ("status", []) | ("watcher", ["status"]) | ("plugins", ["list"])
-            | ("agents", ["list"]) | ("skills", ["list"]) => {
+            ("status", [])
+            | ("watcher", ["status"])
+            | ("plugins", ["list"])
+            | ("agents", ["list"])
+            | ("skills", ["list"]) => {
                 let text = if rest.is_empty() {
                     head.to_string()
                 } else {

@@ -95,7 +95,10 @@ impl LocalAuth {
     }
 
     /// Resolves `provider` and makes it the one in use.
-    pub async fn switch(&mut self, provider: LocalProvider) -> Result<LocalCredential, ClientError> {
+    pub async fn switch(
+        &mut self,
+        provider: LocalProvider,
+    ) -> Result<LocalCredential, ClientError> {
         let c = credentials::resolve(Some(provider), &process_env).await?;
         self.credential = c.clone();
         Ok(c)
@@ -218,9 +221,8 @@ fn read_stdin_prompt() -> Result<String, ClientError> {
     std::io::stdin()
         .read_to_end(&mut buf)
         .map_err(|e| ClientError::Usage(format!("cannot read the prompt from stdin: {e}")))?;
-    let text = String::from_utf8(buf).map_err(|_| {
-        ClientError::Usage("the prompt on stdin is not UTF-8 text".into())
-    })?;
+    let text = String::from_utf8(buf)
+        .map_err(|_| ClientError::Usage("the prompt on stdin is not UTF-8 text".into()))?;
     let text = text.trim_end_matches(['\n', '\r']).to_string();
     if text.trim().is_empty() {
         return Err(ClientError::Usage(

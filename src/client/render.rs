@@ -176,7 +176,12 @@ impl MarkdownStream {
         out.write_all(b"\x1b[J")
     }
 
-    fn render_line(&mut self, out: &mut impl Write, line: &str, width: usize) -> std::io::Result<()> {
+    fn render_line(
+        &mut self,
+        out: &mut impl Write,
+        line: &str,
+        width: usize,
+    ) -> std::io::Result<()> {
         let fence = line.trim_start().starts_with("```");
         if fence {
             self.in_fence = !self.in_fence;

@@ -11,7 +11,9 @@ mod docs {
     include!(concat!(env!("OUT_DIR"), "/config_docs.rs"));
 }
 
-fn fields(of: &str) -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str, &'static str)> {
+fn fields(
+    of: &str,
+) -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str, &'static str)> {
     docs::FIELDS.iter().filter(move |f| f.0 == of)
 }
 
@@ -20,7 +22,9 @@ fn is_struct(ty: &str) -> bool {
 }
 
 fn vec_of(ty: &str) -> Option<&str> {
-    ty.strip_prefix("Vec<")?.strip_suffix('>').filter(|inner| is_struct(inner))
+    ty.strip_prefix("Vec<")?
+        .strip_suffix('>')
+        .filter(|inner| is_struct(inner))
 }
 
 /// The defaults of one entry of a list of tables.
@@ -73,7 +77,11 @@ fn section(out: &mut String, ty: &str, path: &str, values: Option<&toml::Table>)
         }
     }
     for (name, fty, doc, is_list) in nested {
-        let p = if path.is_empty() { name.to_string() } else { format!("{path}.{name}") };
+        let p = if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}.{name}")
+        };
         let _ = writeln!(out);
         comment(out, doc);
         if is_list {
@@ -94,7 +102,9 @@ fn section(out: &mut String, ty: &str, path: &str, values: Option<&toml::Table>)
             }
         } else {
             let _ = writeln!(out, "[{p}]");
-            let sub = values.and_then(|v| v.get(name)).and_then(toml::Value::as_table);
+            let sub = values
+                .and_then(|v| v.get(name))
+                .and_then(toml::Value::as_table);
             section(out, fty, &p, sub);
         }
     }

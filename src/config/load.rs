@@ -337,7 +337,11 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
                 .then(|| sources.default_config_path.clone())
         });
     let mut files: Vec<PathBuf> = file.iter().cloned().collect();
-    files.extend(drop_ins(file.as_deref(), &sources.default_config_path, &mut problems));
+    files.extend(drop_ins(
+        file.as_deref(),
+        &sources.default_config_path,
+        &mut problems,
+    ));
     for (i, path) in files.iter().enumerate() {
         match file_layer(path, &schema) {
             Ok((layer, unknown)) => {
@@ -453,14 +457,22 @@ pub fn drop_in_dir(file: Option<&Path>, default_config_path: &Path) -> Option<Pa
     dir.is_dir().then_some(dir)
 }
 
-fn drop_ins(file: Option<&Path>, default_config_path: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
+fn drop_ins(
+    file: Option<&Path>,
+    default_config_path: &Path,
+    problems: &mut Vec<Problem>,
+) -> Vec<PathBuf> {
     let Some(dir) = drop_in_dir(file, default_config_path) else {
         return Vec::new();
     };
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) => {
-            problems.push(Problem::new("", &format!("dir {}", dir.display()), &format!("cannot read the drop-in folder: {e}")));
+            problems.push(Problem::new(
+                "",
+                &format!("dir {}", dir.display()),
+                &format!("cannot read the drop-in folder: {e}"),
+            ));
             return Vec::new();
         }
     };
@@ -468,7 +480,10 @@ fn drop_ins(file: Option<&Path>, default_config_path: &Path, problems: &mut Vec<
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     files.sort();
     files

@@ -416,8 +416,16 @@ fn drop_ins_merge_in_name_order_and_append_providers() {
         "[server]\nport = 1\n[[llm.providers]]\nname = \"a\"\nkind = \"echo\"\n",
     );
     std::fs::create_dir(d.path().join("conf.d")).unwrap();
-    write(&d.path().join("conf.d"), "20-port.toml", "[server]\nport = 3\n");
-    write(&d.path().join("conf.d"), "10-port.toml", "[server]\nport = 2\n");
+    write(
+        &d.path().join("conf.d"),
+        "20-port.toml",
+        "[server]\nport = 3\n",
+    );
+    write(
+        &d.path().join("conf.d"),
+        "10-port.toml",
+        "[server]\nport = 2\n",
+    );
     write(
         &d.path().join("conf.d"),
         "30-provider.toml",
@@ -426,10 +434,20 @@ fn drop_ins_merge_in_name_order_and_append_providers() {
     write(&d.path().join("conf.d"), "notes.txt", "ignored");
     let l = load(&sources(&[], Some(&main), vec![])).unwrap();
     assert_eq!(l.config.server.port, 3);
-    let names: Vec<&str> = l.config.llm.providers.iter().map(|p| p.name.as_str()).collect();
+    let names: Vec<&str> = l
+        .config
+        .llm
+        .providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
     assert_eq!(names, vec!["a", "b"]);
     assert_eq!(l.files.len(), 4);
-    write(&d.path().join("conf.d"), "40-bad.toml", "[server]\nprot = 1\n");
+    write(
+        &d.path().join("conf.d"),
+        "40-bad.toml",
+        "[server]\nprot = 1\n",
+    );
     let p = problems(&sources(&[], Some(&main), vec![]));
     assert_eq!(p[0].key, "server.prot");
     assert!(p[0].origin.ends_with("40-bad.toml"), "{}", p[0].origin);

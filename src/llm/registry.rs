@@ -55,7 +55,10 @@ impl ProviderRegistry {
                     .position(|f| *f == fp)
                     .and_then(|i| prev.providers.get(i).cloned())
             });
-            match kept.map(Ok).unwrap_or_else(|| super::build_provider(p, ctx)) {
+            match kept
+                .map(Ok)
+                .unwrap_or_else(|| super::build_provider(p, ctx))
+            {
                 Ok(built) => {
                     providers.push(built);
                     fingerprints.push(fp);
@@ -282,15 +285,25 @@ mod tests {
         let mut changed = c.clone();
         changed.providers[1].model = Some("other".into());
         changed.providers.reverse();
-        let second = ProviderRegistry::build_reusing(&changed, &ProviderContext::default(), Some(&first)).unwrap();
+        let second =
+            ProviderRegistry::build_reusing(&changed, &ProviderContext::default(), Some(&first))
+                .unwrap();
         let a1 = first.find("a").unwrap();
         let a2 = second.find("a").unwrap();
         assert!(Arc::ptr_eq(a1, a2), "a did not change: same instance");
-        assert!(!Arc::ptr_eq(first.find("b").unwrap(), second.find("b").unwrap()));
+        assert!(!Arc::ptr_eq(
+            first.find("b").unwrap(),
+            second.find("b").unwrap()
+        ));
         let mut rekeyed = c.clone();
         rekeyed.providers[0].api_key = Some(crate::config::Secret::new("new"));
-        let third = ProviderRegistry::build_reusing(&rekeyed, &ProviderContext::default(), Some(&first)).unwrap();
-        assert!(!Arc::ptr_eq(a1, third.find("a").unwrap()), "a new key builds a new provider");
+        let third =
+            ProviderRegistry::build_reusing(&rekeyed, &ProviderContext::default(), Some(&first))
+                .unwrap();
+        assert!(
+            !Arc::ptr_eq(a1, third.find("a").unwrap()),
+            "a new key builds a new provider"
+        );
     }
 
     #[test]

@@ -399,7 +399,8 @@ impl ChatCliGrpc {
                 "Error: /reload is for admins".to_string()
             }
             "reload" => match self.state.reloader.get() {
-                None => "Reload is not available: this server was not started from config files.".to_string(),
+                None => "Reload is not available: this server was not started from config files."
+                    .to_string(),
                 Some(r) => match r.reload("admin command", true).await {
                     Ok(outcome) => format!("Configuration reloaded: {outcome:?}"),
                     Err(problems) => format!(

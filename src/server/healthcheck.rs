@@ -23,7 +23,8 @@ pub async fn probe(args: &HealthcheckArgs) -> Result<(), String> {
     if args.tls {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &args.ca_cert {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read --ca-cert {}: {e}", ca.display()))?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("cannot read --ca-cert {}: {e}", ca.display()))?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
         endpoint = endpoint
@@ -42,7 +43,14 @@ pub async fn probe(args: &HealthcheckArgs) -> Result<(), String> {
         .map_err(|s| format!("health check failed: {} ({:?})", s.message(), s.code()))?;
     match ServingStatus::try_from(resp.into_inner().status) {
         Ok(ServingStatus::Serving) => Ok(()),
-        Ok(other) => Err(format!("server at {} is {}", args.addr, other.as_str_name())),
-        Err(_) => Err(format!("server at {} answered an unknown status", args.addr)),
+        Ok(other) => Err(format!(
+            "server at {} is {}",
+            args.addr,
+            other.as_str_name()
+        )),
+        Err(_) => Err(format!(
+            "server at {} answered an unknown status",
+            args.addr
+        )),
     }
 }

@@ -137,9 +137,9 @@ pub async fn run_with(
     let metrics_addr = listeners.metrics.as_ref().map(local_addr).transpose()?;
     let state = Arc::new(AppState::new(config, metrics_addr.is_some())?);
     let grace = state.prepared().config.server.shutdown_grace;
-    let reloader = options
-        .reload
-        .map(|sources| crate::reload::Reloader::new(&state, sources, options.set_log_level.clone()));
+    let reloader = options.reload.map(|sources| {
+        crate::reload::Reloader::new(&state, sources, options.set_log_level.clone())
+    });
     if let Some(r) = &reloader {
         let _ = state.reloader.set(r.clone());
     }

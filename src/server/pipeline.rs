@@ -149,6 +149,10 @@ impl Pipeline {
         let bytes_in = Arc::new(AtomicU64::new(0));
         let notes = Arc::new(AuditNotes::default());
         let (mut parts, body) = req.into_parts();
+        // Handlers (e.g. /updates events) name the call by the same id the response carries.
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            parts.headers.insert(REQUEST_ID, v);
+        }
         parts
             .extensions
             .insert(tonic::transport::server::TcpConnectInfo {

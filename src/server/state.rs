@@ -43,7 +43,9 @@ impl Prepared {
         let mut errors = Vec::new();
         let registry = crate::llm::ProviderContext::from_config(&config.llm)
             .map_err(|e| vec![e])
-            .and_then(|ctx| ProviderRegistry::build_reusing(&config.llm, &ctx, previous.map(|p| &p.registry)));
+            .and_then(|ctx| {
+                ProviderRegistry::build_reusing(&config.llm, &ctx, previous.map(|p| &p.registry))
+            });
         let auth =
             Authenticator::from_config(&config.auth, config.server.tls.client_ca_file.is_some());
         let (registry, auth) = match (registry, auth) {

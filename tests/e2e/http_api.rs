@@ -1158,3 +1158,16 @@ async fn h2c_serves_the_http_apis_and_streams() {
     assert_eq!(rest.len(), 3, "{rest:?}");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn updates_end_when_the_server_drains() {
+    let s = TestServer::start().await;
+    let resp = http_client().get(s.url("/updates")).send().await.unwrap();
+    let mut sse = SseReader::new(resp);
+    assert_eq!(sse.next_json().await["type"], "subscribed");
+    // A long-lived subscription must not hold the drain for the whole grace period.
+    s.begin_shutdown();
+    assert_eq!(sse.next_json().await, json!({"type": "shutdown"}));
+    assert_eq!(sse.next_data().await, None);
+    s.shutdown().await;
+}

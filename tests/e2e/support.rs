@@ -713,3 +713,66 @@ pub async fn within<F: std::future::Future>(limit: Duration, what: &str, fut: F)
         .await
         .unwrap_or_else(|_| panic!("{what}: nothing within {limit:?}"))
 }
+
+impl BinaryServer {
+    /// Runs `chatcli server <args>` as given (no `--port 0` added: the ports come from `args` or
+    /// the config) with a fresh `HOME` and `CHATCLI_DATA_DIR` plus `env`, and waits for its
+    /// listening line.
+    pub fn start_args(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let home = tempfile::tempdir().unwrap();
+        let data_dir = home.path().join("data");
+        let mut child = chatcli_command(home.path())
+            .env("CHATCLI_DATA_DIR", &data_dir)
+            .envs(env.iter().copied())
+            .arg("server")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut buf = sink.lock().unwrap();
+                buf.push_str(&line);
+                buf.push('\n');
+            }
+        });
+        let mut server = Self {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            data_dir,
+            stderr,
+            _home: home,
+        };
+        server.addr = server.wait_for_listening();
+        server
+    }
+
+    /// Sends `signal` (a `kill` name such as `HUP`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until `needle` occurs in stderr more than `count` times; panics after [`HANG_GUARD`].
+    pub async fn wait_for_log_count(&self, needle: &str, count: usize) {
+        eventually(
+            &format!("more than {count} log lines containing {needle:?}"),
+            || async { (self.stderr().matches(needle).count() > count).then_some(()) },
+        )
+        .await;
+    }
+}

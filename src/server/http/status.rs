@@ -80,6 +80,14 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
         "providers": providers,
         "requests_in_flight": api.in_flight.load(Ordering::SeqCst),
         "update_subscribers": state.events.subscribers(),
+        "config": state.reloader.get().map(|r| {
+            let st = r.status();
+            json!({
+                "generation": st.generation,
+                "hash": st.config_hash,
+                "last_reload_error": st.last_error,
+            })
+        }),
         "caller": {
             "id": p.id,
             "role": p.role.as_str(),
@@ -87,4 +95,37 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
         },
     }))
     .into_response()
+}
+
+/// `POST /admin/reload`: re-reads the configuration now (admins only).
+pub(super) async fn admin_reload(State(api): State<Arc<Api>>, caller: Caller) -> Response {
+    use axum::http::StatusCode;
+    if caller.principal.role != crate::auth::Role::Admin {
+        caller.notes.denied();
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": {"message": "reload is for admins", "type": "permission_error", "code": "forbidden"}})),
+        )
+            .into_response();
+    }
+    let Some(reloader) = api.state.reloader.get() else {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": {"message": "this server was not started from config files; nothing to reload", "type": "invalid_request_error", "code": "no_reload"}})),
+        )
+            .into_response();
+    };
+    match reloader.reload("admin API", true).await {
+        Ok(outcome) => {
+            let generation = match outcome {
+                crate::reload::ReloadOutcome::Applied(g) | crate::reload::ReloadOutcome::Unchanged(g) => g,
+            };
+            Json(json!({"reloaded": true, "generation": generation})).into_response()
+        }
+        Err(problems) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"reloaded": false, "error": {"message": "reload failed; the previous configuration keeps serving", "type": "config_error", "code": "reload_failed", "problems": problems}})),
+        )
+            .into_response(),
+    }
 }
