@@ -97,7 +97,9 @@ check_config_files() { # check_config_files CONFIG_DIR
   compgen -G "$dir/conf.d/*.toml" >/dev/null || return 0
   local tmp=$SHIP/dropin-check
   rm -rf "$tmp" && mkdir -p "$tmp"
-  if "$BIN" server --help | grep -q 'conf\.d'; then
+  # Does this build read conf.d/ itself? A drop-in with an unknown key tells.
+  mkdir -p "$tmp/probe/conf.d" && cp "$dir/demo.toml" "$tmp/probe/chatcli.toml" && echo 'no_such_key = 1' >"$tmp/probe/conf.d/probe.toml"
+  if "$BIN" config check --config "$tmp/probe/chatcli.toml" 2>&1 | grep -q 'probe\.toml'; then
     # The daemon reads conf.d/ itself: check the real directory layout.
     cp "$dir/demo.toml" "$tmp/chatcli.toml" && cp -r "$dir/conf.d" "$tmp/conf.d"
     "$BIN" config check --config "$tmp/chatcli.toml" 2>"$SHIP/config-check.err" \
@@ -119,7 +121,7 @@ verify_units() { # verify_units UNIT...: systemd-analyze verify in a staging roo
   rm -rf "$root" && mkdir -p "$root/usr/local/bin" "$root/bin" "$root/etc/systemd/system" "$root/usr/lib/systemd"
   cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/"
   cp "$BIN" "$root/usr/local/bin/chatcli"
-  cp "$(command -v kill)" "$root/bin/kill"
+  cp "$(type -P kill)" "$root/bin/kill"
   local names=() u
   for u in "$@"; do cp "$u" "$root/etc/systemd/system/"; names+=("$(basename "$u")"); done
   out=$(systemd-analyze verify --man=no --root="$root" "${names[@]}" 2>&1) || { echo "  FAIL  systemd-analyze verify: $out" >&2; return 1; }
@@ -198,7 +200,7 @@ selftest() {
   sed 's/^port = 50051$/port = 50052/' config/chatcli.example.toml >"$b/chatcli.example.toml"
   expect_fail "an example config out of sync with \`config example\`" check_example_sync "$b/chatcli.example.toml" || rc=1
   # A drop-in with a misspelt key.
-  mkdir -p "$b/config/conf.d" && cp config/demo.toml "$b/config/" && sed 's/^delay = /dleay = /' config/conf.d/50-echo-fallback.toml >"$b/config/conf.d/50-echo-fallback.toml"
+  mkdir -p "$b/config/conf.d" && cp config/demo.toml "$b/config/" && sed 's/^delay = /dleay = /' config/conf.d/50-echo-slow.toml >"$b/config/conf.d/50-echo-slow.toml"
   expect_fail "a drop-in with an unknown key" check_config_files "$b/config" || rc=1
   # compose.yaml with a misspelt option.
   sed 's/^    read_only: true$/    raed_only: true/' compose.yaml >"$b/compose.yaml"

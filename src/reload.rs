@@ -186,6 +186,13 @@ impl Reloader {
         }
         crate::systemd::reloading();
         let mut config = loaded.config;
+        if config.llm.providers.is_empty() && !old.config.llm.providers.is_empty() {
+            crate::systemd::ready("serving (reload failed)");
+            return Err(self.failed(
+                trigger,
+                vec!["llm.providers: the new configuration has no provider left; refusing to serve nothing (remove the last provider with a restart if that is really meant)".into()],
+            ));
+        }
         keep_restart_settings(&old.config, &mut config);
         if let Err(problems) = self.check_tls(&state, &old.config, &config) {
             crate::systemd::ready("serving (reload failed)");
@@ -288,9 +295,13 @@ impl Reloader {
             })
         };
         let changed_abs = abs(changed);
+        // The drop-in folder may not exist yet: its creation, and anything inside it, counts.
         let in_drop_ins = config_file(&self.sources)
-            .and_then(|f| config::drop_in_dir(Some(&f), &self.sources.default_config_path))
-            .is_some_and(|d| changed_abs.parent() == Some(abs(&d).as_path()));
+            .and_then(|f| f.parent().map(|p| p.join("conf.d")))
+            .is_some_and(|d| {
+                let d = abs(&d);
+                changed_abs == d || changed_abs.parent() == Some(d.as_path())
+            });
         in_drop_ins
             || watched_files(&state.prepared().config, &self.sources)
                 .iter()

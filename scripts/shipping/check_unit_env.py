@@ -269,8 +269,8 @@ def run(args: argparse.Namespace) -> None:
         check("78" in " ".join(service.get("RestartPreventExitStatus", [])).split(), "RestartPreventExitStatus has 78: no restart loop on a bad config")
 
         help_text = subprocess.run([str(binary), "server", "--help"], capture_output=True, text=True).stdout
-        if "LISTEN_FDS" not in help_text:
-            print("  skip  socket activation: this build's `server --help` does not mention LISTEN_FDS yet")
+        if "LISTEN_FDS" not in help_text and b"LISTEN_FDS" not in binary.read_bytes():
+            print("  skip  socket activation: this build does not read LISTEN_FDS")
             return
         activate = shutil.which("systemd-socket-activate")
         if not activate:

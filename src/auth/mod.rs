@@ -106,6 +106,16 @@ impl Principal {
         }
     }
 
+    /// The name of this principal's rate-limit bucket and stream cap: its method and id, so a JWT
+    /// `sub` can never share a bucket with a token of the same name; callers without auth are told
+    /// apart by their address.
+    pub fn limit_key(&self, client_ip: Option<std::net::IpAddr>) -> String {
+        match (self.method, client_ip) {
+            (AuthMethod::None, Some(ip)) => format!("none:{ip}"),
+            (m, _) => format!("{}:{}", m.as_str(), self.id),
+        }
+    }
+
     /// Whether this principal may write or delete sessions.
     pub fn can_write(&self) -> bool {
         self.role != Role::ReadOnly

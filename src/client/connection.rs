@@ -314,10 +314,13 @@ pub async fn handshake(
         Ok(r) => Ok(r.into_inner()),
         Err(status) => {
             let e = conn.error(&status, Stage::Call);
-            if matches!(
-                e,
-                ClientError::Auth(_) | ClientError::RateLimited(_) | ClientError::Connect(_)
-            ) {
+            let fatal = match e {
+                ClientError::Auth(_) | ClientError::RateLimited(_) => true,
+                // An older server without the RPC still serves prompts.
+                ClientError::Connect(_) => status.code() != tonic::Code::Unimplemented,
+                _ => false,
+            };
+            if fatal {
                 return Err(e);
             }
             verbose(&format!("GetServerInfo failed: {e}"));

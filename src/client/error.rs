@@ -117,6 +117,18 @@ pub fn from_status(status: &tonic::Status, stage: Stage, target: &str, tls: bool
                 ));
             }
         }
+        if !tls && stage == Stage::Handshake {
+            let lower = cause.to_lowercase();
+            if ["closed", "canceled", "cancelled", "reset", "eof"]
+                .iter()
+                .any(|w| lower.contains(w))
+            {
+                return ClientError::Connect(format!(
+                    "{target} closed the connection without answering gRPC ({cause}); check the \
+                     address and port: is it a ChatCLI server (and does it want --tls)?"
+                ));
+            }
+        }
         return connection_failed(target, &cause, tls);
     }
     match status.code() {

@@ -123,7 +123,12 @@ impl<'a> Interactive<'a> {
         let mut editor = DefaultEditor::new()
             .map_err(|e| ClientError::Usage(format!("cannot start the line editor: {e}")))?;
         if let Some(dir) = history_file.parent() {
-            let _ = std::fs::create_dir_all(dir);
+            use std::os::unix::fs::DirBuilderExt as _;
+            // Like the existing ChatCLI's ~/.chatcli: private to the user.
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
         }
         let _ = editor.load_history(history_file);
         say("Type /help for commands; Ctrl-D leaves.");

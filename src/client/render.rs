@@ -77,7 +77,7 @@ pub enum AnswerPrinter {
         at_line_start: bool,
     },
     /// Markdown, line by line.
-    Markdown(MarkdownStream),
+    Markdown(Box<MarkdownStream>),
 }
 
 impl std::fmt::Debug for AnswerPrinter {
@@ -93,7 +93,7 @@ impl AnswerPrinter {
     /// Markdown when `markdown`, else plain.
     pub fn new(markdown: bool) -> Self {
         if markdown {
-            Self::Markdown(MarkdownStream::new())
+            Self::Markdown(Box::default())
         } else {
             Self::Plain {
                 at_line_start: true,

@@ -461,7 +461,12 @@ impl ChatCliGrpc {
             return Ok(None);
         }
         let who = principal(req);
-        match self.state.stream_caps.try_acquire(&who.id) {
+        let key = req
+            .extensions()
+            .get::<crate::server::pipeline::LimitKey>()
+            .map(|k| k.0.clone())
+            .unwrap_or_else(|| who.limit_key(None));
+        match self.state.stream_caps.try_acquire(&key) {
             Some(g) => Ok(Some(g)),
             None => Err(Status::resource_exhausted(format!(
                 "too many open streams for this principal (the limit is {cap})"

@@ -58,7 +58,13 @@ struct Notes {
     resource: String,
     provider: Option<String>,
     model: Option<String>,
+    /// Why the pipeline refused the call (for the audit record; the caller sees a generic text).
+    refusal: Option<String>,
 }
+
+/// The name of the caller's rate-limit bucket and stream cap, set by the pipeline.
+#[derive(Debug, Clone)]
+pub struct LimitKey(pub String);
 
 impl AuditNotes {
     fn with<R>(&self, f: impl FnOnce(&mut Notes) -> R) -> R {
@@ -194,6 +200,7 @@ impl Pipeline {
             is_grpc,
             http_status: parts.status,
             header_status: status_of(&parts.headers),
+            header_message: parts.headers.get("grpc-message").cloned(),
             bytes_in,
             bytes_out: 0,
             notes,
@@ -279,16 +286,25 @@ async fn guard(
                 state.auth_failures.record_failure(ip);
             }
             tracing::warn!(peer = ?ip, path = req.uri().path(), reason = %e, "authentication failed");
-            notes.with(|n| n.auth_failed = true);
+            notes.with(|n| {
+                n.auth_failed = true;
+                n.refusal = Some(format!("authentication failed: {e}"));
+            });
             return refuse(is_grpc, Refusal::Unauthenticated);
         }
     };
     notes.with(|n| n.principal = Some(principal.clone()));
-    if !exempt && let Err(wait) = prepared.rate_limits.check(&principal) {
+    let key = LimitKey(principal.limit_key(ip));
+    if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key.0) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
+        notes.with(|n| {
+            n.denied = true;
+            n.refusal = Some(format!("rate limit exceeded, retry after {secs} seconds"));
+        });
         return refuse(is_grpc, Refusal::RateLimited(secs));
     }
+    req.extensions_mut().insert(key);
     req.extensions_mut().insert(principal);
     match router.oneshot(req).await {
         Ok(r) => r,
@@ -410,6 +426,7 @@ struct PendingAudit {
     is_grpc: bool,
     http_status: StatusCode,
     header_status: Option<tonic::Code>,
+    header_message: Option<HeaderValue>,
     bytes_in: Arc<AtomicU64>,
     bytes_out: u64,
     notes: Arc<AuditNotes>,
@@ -434,6 +451,7 @@ impl PendingAudit {
                 });
             let message = trailers
                 .and_then(|t| t.get("grpc-message"))
+                .or(self.header_message.as_ref())
                 .and_then(|v| v.to_str().ok())
                 .map(percent_decode);
             (
@@ -485,7 +503,7 @@ impl PendingAudit {
             bytes_out: self.bytes_out,
             provider: notes.provider,
             model: notes.model,
-            error,
+            error: notes.refusal.or(error),
         });
     }
 }

@@ -294,6 +294,11 @@ impl<C: Clock + Clone> RateLimits<C> {
     /// Ok, or `Err(retry_after)`: how long until one more request of this principal is allowed,
     /// read from its bucket and rounded up to whole seconds, at least 1 s.
     pub fn check(&self, principal: &Principal) -> Result<(), Duration> {
+        self.check_as(principal, &principal.limit_key(None))
+    }
+
+    /// [`check`](Self::check) with the bucket named by `key` (see [`Principal::limit_key`]).
+    pub fn check_as(&self, principal: &Principal, key: &str) -> Result<(), Duration> {
         if due(&self.calls) {
             self.housekeeping();
         }
@@ -301,7 +306,7 @@ impl<C: Clock + Clone> RateLimits<C> {
             return Ok(()); // unreachable: every slot indexes `limiters`
         };
         limiter
-            .check_key(&principal.id)
+            .check_key(&key.to_owned())
             .map_err(|not_until| whole_seconds(not_until.wait_time_from(limiter.clock().now())))
     }
 

@@ -1119,6 +1119,7 @@ async fn interactive_keeps_history_saves_and_loads_sessions_and_shows_status() {
     let fake = FakeUpstream::start(OpenAiFormat).await.unwrap();
     fake.push(Reply::text("Nice to meet you Ada"));
     fake.push(Reply::text("Your name is **Ada**"));
+    fake.push(Reply::text("model answer"));
     fake.push(Reply::text("Still Ada"));
     let dir = tempfile::tempdir().unwrap();
     let config = config_with(dir.path(), "fake", &openai_toml(&fake), "");
@@ -1179,7 +1180,7 @@ async fn interactive_keeps_history_saves_and_loads_sessions_and_shows_status() {
     p.send_line("/model custom-model").unwrap();
     expect(&mut p, "model set to custom-model");
     p.send_line("which model?").unwrap();
-    expect(&mut p, "hello from the fake");
+    expect(&mut p, "model answer");
     assert_eq!(
         chat_requests(&fake).last().unwrap().json()["model"],
         "custom-model"

@@ -11,6 +11,7 @@ mod http_api;
 mod interactive;
 mod providers;
 mod python;
+mod reload;
 mod security;
 mod sessions;
 mod support;

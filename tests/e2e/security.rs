@@ -549,7 +549,6 @@ async fn rate_limit_retry_after_is_whole_seconds_at_least_one() {
 }
 
 #[tokio::test]
-#[ignore = "bug: per-principal rate limits are keyed by the principal id alone (src/server/ratelimit.rs RateLimits::check uses principal.id), so a JWT whose sub equals a named token's name shares that token's bucket and its burst throttles the token"]
 async fn jwt_subject_named_like_a_token_has_its_own_bucket() {
     let mut config = echo_config();
     config.limits.rate_limit_rps = 0.05;
@@ -1247,7 +1246,6 @@ fn bad_key_files_stop_start_up_naming_the_setting() {
 }
 
 #[test]
-#[ignore = "bug: src/main.rs load() reports every preflight error (JWT key, TLS files) as a problem of `llm.providers` from `config`, so the operator is pointed at the wrong setting and origin"]
 fn start_up_key_errors_are_not_blamed_on_the_providers() {
     let home = tempfile::tempdir().unwrap();
     let not_a_key = home.path().join("not-a-key.pem");
@@ -1261,7 +1259,6 @@ fn start_up_key_errors_are_not_blamed_on_the_providers() {
 }
 
 #[tokio::test]
-#[ignore = "bug: src/server/audit.rs documents AuditResult::Denied as covering rate-limit refusals, but src/server/pipeline.rs guard() never marks a rate-limited call denied, so it is audited as result \"error\""]
 async fn rate_limited_calls_are_audited_as_denied() {
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.jsonl");
@@ -1289,5 +1286,34 @@ async fn rate_limited_calls_are_audited_as_denied() {
         .find(|l| l["code"] == "ResourceExhausted")
         .unwrap_or_else(|| panic!("{lines:#?}"));
     assert_eq!(limited["result"], "denied", "{limited}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn audit_names_the_reason_of_an_authentication_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let mut config = echo_config();
+    config.auth.jwt.secret = Some(Secret::new(SECRET));
+    config.audit.path = Some(audit_path.clone());
+    let s = TestServer::start_with(config).await;
+    let expired = hs256(
+        SECRET.as_bytes(),
+        &json!({"sub": "alice", "exp": now() - 3600}),
+    );
+    assert_unauthenticated(
+        client(&s.channel, Some(&expired))
+            .send_prompt(send("x"))
+            .await,
+        "expired",
+    );
+    let line: Value = eventually("the audit line", || async {
+        let text = std::fs::read_to_string(&audit_path).ok()?;
+        serde_json::from_str(text.lines().next()?).ok()
+    })
+    .await;
+    assert_eq!(line["auth_method"], "failed", "{line}");
+    let error = line["error"].as_str().unwrap_or_default();
+    assert!(error.contains("expired"), "no reason in {line}");
     s.shutdown().await;
 }

@@ -130,13 +130,13 @@ impl Api {
     fn stream_slot(
         &self,
         prepared: &Prepared,
-        who: &Principal,
+        who: &str,
     ) -> Result<Option<crate::server::ratelimit::StreamGuard>, ApiError> {
         let cap = prepared.config.limits.max_streams_per_principal;
         if cap == 0 {
             return Ok(None);
         }
-        match self.state.stream_caps.try_acquire(&who.id) {
+        match self.state.stream_caps.try_acquire(who) {
             Some(g) => Ok(Some(g)),
             None => Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -165,6 +165,8 @@ struct Caller {
     notes: Arc<AuditNotes>,
     /// The client's `x-request-id`, else a fresh id; names the call in `/updates` events.
     request_id: String,
+    /// The caller's rate-limit bucket and stream-cap name.
+    limit_key: String,
 }
 
 impl FromRequestParts<Arc<Api>> for Caller {
@@ -201,11 +203,17 @@ impl FromRequestParts<Arc<Api>> for Caller {
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
             .map(String::from)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let limit_key = parts
+            .extensions
+            .get::<super::pipeline::LimitKey>()
+            .map(|k| k.0.clone())
+            .unwrap_or_else(|| principal.limit_key(None));
         Ok(Self {
             principal,
             prepared,
             notes,
             request_id,
+            limit_key,
         })
     }
 }

@@ -307,7 +307,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
     let prepared = caller.prepared.clone();
     let call = into_call(req, &prepared)?;
     let slot = match stream {
-        true => api.stream_slot(&prepared, &caller.principal)?,
+        true => api.stream_slot(&prepared, &caller.limit_key)?,
         false => None,
     };
     let busy = api.busy();

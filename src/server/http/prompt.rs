@@ -233,7 +233,7 @@ async fn run(
         ..Default::default()
     };
     let slot = match stream {
-        true => api.stream_slot(&prepared, &caller.principal)?,
+        true => api.stream_slot(&prepared, &caller.limit_key)?,
         false => None,
     };
     let busy = api.busy();
@@ -387,7 +387,7 @@ pub(super) async fn updates(
     if !super::accepts_event_stream(&headers, false) {
         return super::not_acceptable().into_response();
     }
-    let slot = match api.stream_slot(&caller.prepared, &caller.principal) {
+    let slot = match api.stream_slot(&caller.prepared, &caller.limit_key) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
