@@ -522,6 +522,8 @@ struct Tally {
     lat_us: Vec<u64>,
     ok: u64,
     errors: u64,
+    /// Answered calls, the warm-up's included (for CPU time per call).
+    all: u64,
     first_error: Option<String>,
 }
 
@@ -530,6 +532,7 @@ impl Tally {
         self.lat_us.extend(o.lat_us);
         self.ok += o.ok;
         self.errors += o.errors;
+        self.all += o.all;
         if self.first_error.is_none() {
             self.first_error = o.first_error;
         }
@@ -646,6 +649,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 };
                 let r = one(&mut c, stream).await;
                 let took = due.elapsed();
+                tally.all += 1;
                 if due < measure_from {
                     continue;
                 }
@@ -684,11 +688,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         "connections": workers,
         "window_s": window,
         "requests": total,
+        "all_calls": all.all,
         "ok": all.ok,
         "errors": all.errors,
         "error_rate": if total == 0 { 0.0 } else { all.errors as f64 / total as f64 },
         "rps": all.ok as f64 / window.max(1e-9),
         "first_error": all.first_error,
+        "self_cpu_s": self_cpu_s(),
     });
     let s = summary(&mut all.lat_us);
     if let (Some(o), Some(s)) = (out.as_object_mut(), s.as_object()) {
@@ -701,6 +707,23 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     println!("{out}");
     Ok(())
+}
+
+/// CPU time this process has used (all threads), from `/proc/self/task/*/schedstat`.
+fn self_cpu_s() -> f64 {
+    let mut ns = 0u64;
+    if let Ok(rd) = std::fs::read_dir("/proc/self/task") {
+        for e in rd.flatten() {
+            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 / 1e9
 }
 
 fn median(v: &mut [u64]) -> u64 {
@@ -782,6 +805,7 @@ async fn rounds(a: RoundsArgs) -> anyhow::Result<()> {
             "added_p50_us": p50s[i] as i64 - p50s[base] as i64,
             "added_p90_us": p90 - base_p90,
             "added_p99_us": p99 - base_p99,
+            "self_cpu_s": self_cpu_s(),
         });
         println!("{out}");
     }
@@ -797,19 +821,13 @@ async fn stream_rounds(a: StreamRoundsArgs) -> anyhow::Result<()> {
     let n = targets.len();
     let mut pools: Vec<Vec<Caller>> = Vec::new();
     for t in &targets {
-        let mut cs = callers(t, a.concurrency, true, Some(1)).await?;
-        // Warm up each connection with one stream.
-        for c in cs.iter_mut() {
-            one(c, true)
-                .await
-                .with_context(|| format!("warm-up stream to {}", t.name))?;
-        }
-        pools.push(cs);
+        pools.push(callers(t, a.concurrency, true, Some(1)).await?);
     }
     let mut ttft: Vec<Vec<u64>> = vec![Vec::new(); n];
     let mut gaps: Vec<Vec<u64>> = vec![Vec::new(); n];
     let mut tallies: Vec<Tally> = (0..n).map(|_| Tally::default()).collect();
-    for r in 0..a.rounds {
+    // Round 0 warms the connections up and is not recorded.
+    for r in 0..=a.rounds {
         for k in 0..n {
             let i = (k + r) % n;
             let pool = std::mem::take(&mut pools[i]);
@@ -822,9 +840,15 @@ async fn stream_rounds(a: StreamRoundsArgs) -> anyhow::Result<()> {
                 });
             }
             while let Some(j) = set.join_next().await {
-                let (c, r) = j?;
+                let (c, res) = j?;
                 pools[i].push(c);
-                match r {
+                if r == 0 {
+                    if let Ok(Err(e)) = &res {
+                        bail!("warm-up stream to {}: {e:#}", targets[i].name);
+                    }
+                    continue;
+                }
+                match res {
                     Ok(Ok(s)) => {
                         if a.expect_deltas > 0 && s.deltas != a.expect_deltas {
                             tallies[i].error(format!(
@@ -842,7 +866,7 @@ async fn stream_rounds(a: StreamRoundsArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        eprintln!("stream round {}/{} done", r + 1, a.rounds);
+        eprintln!("stream round {}/{} done", r, a.rounds);
     }
     let base = a
         .baseline
@@ -868,6 +892,7 @@ async fn stream_rounds(a: StreamRoundsArgs) -> anyhow::Result<()> {
             "added_ttft_p99_us": g(&ts[i], "p99_us") - g(&ts[base], "p99_us"),
             "added_gap_p50_us": g(&gs[i], "p50_us") - g(&gs[base], "p50_us"),
             "added_gap_p99_us": g(&gs[i], "p99_us") - g(&gs[base], "p99_us"),
+            "self_cpu_s": self_cpu_s(),
         });
         println!("{out}");
     }

@@ -122,7 +122,7 @@ impl AnthropicProvider {
         let version =
             HeaderValue::from_str(cfg.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION))
                 .map_err(|_| bad("api_version is not a valid header value".into()))?;
-        let headers = extra_headers(&cfg.headers).map_err(bad)?;
+        let headers = http::header_map(&cfg.headers).map_err(bad)?;
         Ok(Self {
             name: name.clone(),
             model: cfg
@@ -205,22 +205,6 @@ impl AnthropicProvider {
     }
 }
 
-/// Parses the operator's extra headers (values are not echoed in errors: they may be secrets).
-fn extra_headers(
-    configured: &std::collections::BTreeMap<String, String>,
-) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::new();
-    for (k, v) in configured {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("header name `{k}` is invalid"))?;
-        let mut value =
-            HeaderValue::from_str(v).map_err(|_| format!("header `{k}` has an invalid value"))?;
-        value.set_sensitive(true);
-        headers.insert(name, value);
-    }
-    Ok(headers)
-}
-
 impl Provider for AnthropicProvider {
     fn name(&self) -> &str {
         &self.name
@@ -239,24 +223,7 @@ impl Provider for AnthropicProvider {
         creds: &'a ClientCredentials,
     ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
         Box::pin(async move {
-            let unknown: Vec<&str> = creds
-                .config
-                .keys()
-                .map(String::as_str)
-                .filter(|k| !CONFIG_KEYS.contains(k))
-                .collect();
-            if !unknown.is_empty() {
-                return Err(LlmError::InvalidRequest(format!(
-                    "provider `{}` does not accept provider_config key(s) {}; accepted: {}",
-                    self.name,
-                    unknown
-                        .iter()
-                        .map(|k| format!("`{k}`"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    CONFIG_KEYS.join(", ")
-                )));
-            }
+            http::check_config_keys(&self.name, &creds.config, CONFIG_KEYS)?;
             let mut scoped = self.clone();
             if let Some(url) = creds.config.get("base_url") {
                 // The server's key and headers are for the operator's upstream; sending them to a
@@ -292,22 +259,14 @@ impl Provider for AnthropicProvider {
                     return;
                 }
             };
-            let resp = match tokio::time::timeout(timeout, http::send(&name, builder, parse_error)).await {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(e)) => {
+            let resp = match http::send_within(&name, timeout, builder, parse_error).await {
+                Ok(resp) => resp,
+                Err(e) => {
                     yield Err(e);
                     return;
                 }
-                Err(_) => {
-                    yield Err(LlmError::upstream(
-                        &name,
-                        ErrorClass::Timeout,
-                        format!("no response within {timeout:?}"),
-                    ));
-                    return;
-                }
             };
-            if let Some(ct) = content_type(&resp).filter(|ct| !ct.starts_with("text/event-stream")) {
+            if let Some(ct) = http::content_type(&resp).filter(|ct| !ct.starts_with("text/event-stream")) {
                 yield Err(LlmError::upstream(
                     &name,
                     ErrorClass::Malformed,
@@ -347,13 +306,6 @@ impl Provider for AnthropicProvider {
             ));
         })
     }
-}
-
-fn content_type(resp: &reqwest::Response) -> Option<String> {
-    resp.headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_ascii_lowercase())
 }
 
 /// The Messages request body.

@@ -110,7 +110,7 @@ impl GeminiProvider {
             .filter(|m| !m.trim().is_empty())
             .unwrap_or_else(|| DEFAULT_MODEL.into());
         model_path(&model).map_err(bad)?;
-        let headers = extra_headers(&cfg.headers).map_err(bad)?;
+        let headers = http::header_map(&cfg.headers).map_err(bad)?;
         Ok(Self {
             name: name.clone(),
             model,
@@ -193,22 +193,6 @@ fn model_path(model: &str) -> Result<&str, String> {
     }
 }
 
-/// Parses the operator's extra headers (values are not echoed in errors: they may be secrets).
-fn extra_headers(
-    configured: &std::collections::BTreeMap<String, String>,
-) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::new();
-    for (k, v) in configured {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("header name `{k}` is invalid"))?;
-        let mut value =
-            HeaderValue::from_str(v).map_err(|_| format!("header `{k}` has an invalid value"))?;
-        value.set_sensitive(true);
-        headers.insert(name, value);
-    }
-    Ok(headers)
-}
-
 impl Provider for GeminiProvider {
     fn name(&self) -> &str {
         &self.name
@@ -227,24 +211,7 @@ impl Provider for GeminiProvider {
         creds: &'a ClientCredentials,
     ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
         Box::pin(async move {
-            let unknown: Vec<&str> = creds
-                .config
-                .keys()
-                .map(String::as_str)
-                .filter(|k| !CONFIG_KEYS.contains(k))
-                .collect();
-            if !unknown.is_empty() {
-                return Err(LlmError::InvalidRequest(format!(
-                    "provider `{}` does not accept provider_config key(s) {}; accepted: {}",
-                    self.name,
-                    unknown
-                        .iter()
-                        .map(|k| format!("`{k}`"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    CONFIG_KEYS.join(", ")
-                )));
-            }
+            http::check_config_keys(&self.name, &creds.config, CONFIG_KEYS)?;
             let mut scoped = self.clone();
             if let Some(url) = creds.config.get("base_url") {
                 // The server's key and headers are for the operator's upstream; sending them to a
@@ -280,22 +247,14 @@ impl Provider for GeminiProvider {
                     return;
                 }
             };
-            let resp = match tokio::time::timeout(timeout, http::send(&name, builder, parse_error)).await {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(e)) => {
+            let resp = match http::send_within(&name, timeout, builder, parse_error).await {
+                Ok(resp) => resp,
+                Err(e) => {
                     yield Err(e);
                     return;
                 }
-                Err(_) => {
-                    yield Err(LlmError::upstream(
-                        &name,
-                        ErrorClass::Timeout,
-                        format!("no response within {timeout:?}"),
-                    ));
-                    return;
-                }
             };
-            if let Some(ct) = content_type(&resp).filter(|ct| !ct.starts_with("text/event-stream")) {
+            if let Some(ct) = http::content_type(&resp).filter(|ct| !ct.starts_with("text/event-stream")) {
                 yield Err(LlmError::upstream(
                     &name,
                     ErrorClass::Malformed,
@@ -339,13 +298,6 @@ impl Provider for GeminiProvider {
             }
         })
     }
-}
-
-fn content_type(resp: &reqwest::Response) -> Option<String> {
-    resp.headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_ascii_lowercase())
 }
 
 /// The `streamGenerateContent` request body.

@@ -255,6 +255,75 @@ fn parse_line(provider: &str, line: &[u8]) -> Option<Result<serde_json::Value, L
     }))
 }
 
+/// [`send`] with a bound on the wait for the response headers (zero = no bound): a provider that
+/// answers nothing within it fails with class Timeout.
+pub async fn send_within(
+    provider: &str,
+    timeout: std::time::Duration,
+    request: reqwest::RequestBuilder,
+    parse_error: ErrorParser,
+) -> Result<reqwest::Response, LlmError> {
+    let send = send(provider, request, parse_error);
+    if timeout.is_zero() {
+        return send.await;
+    }
+    tokio::time::timeout(timeout, send)
+        .await
+        .unwrap_or_else(|_| {
+            Err(LlmError::upstream(
+                provider,
+                ErrorClass::Timeout,
+                format!("no answer within {}s", timeout.as_secs_f64()),
+            ))
+        })
+}
+
+/// The operator's extra headers, marked sensitive; an error names a bad header, never its value
+/// (values may be secrets).
+pub fn header_map(
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("`{k}` is not a valid header name"))?;
+        let mut value = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|_| format!("header `{k}` has an invalid value"))?;
+        value.set_sensitive(true);
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+/// The response's content type, lower case.
+pub fn content_type(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_ascii_lowercase())
+}
+
+/// Refuses `provider_config` keys a provider does not take, naming them (never their values).
+pub fn check_config_keys(
+    provider: &str,
+    config: &std::collections::BTreeMap<String, String>,
+    accepted: &[&str],
+) -> Result<(), LlmError> {
+    let unknown: Vec<String> = config
+        .keys()
+        .filter(|k| !accepted.contains(&k.as_str()))
+        .map(|k| format!("`{k}`"))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(LlmError::InvalidRequest(format!(
+        "provider `{provider}` does not accept provider_config key(s) {}; accepted: {}",
+        unknown.join(", "),
+        accepted.join(", ")
+    )))
+}
+
 /// A body for tests and fakes: bytes in order.
 pub fn bytes_of(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::HeaderMap;
 use serde_json::{Map, Value, json};
 
 use super::error::{ErrorClass, LlmError};
@@ -75,7 +75,7 @@ impl OllamaProvider {
                 .to_string(),
             base_url: normalized_base(url),
             client: http::client(&HttpOptions::default())?,
-            headers: header_map(&cfg.headers).map_err(bad)?,
+            headers: http::header_map(&cfg.headers).map_err(bad)?,
             bearer: cfg
                 .api_key
                 .clone()
@@ -119,7 +119,7 @@ impl Provider for OllamaProvider {
             .json(&chat_body(&model, &request));
         let timeout = self.timeout;
         Box::pin(async_stream::stream! {
-            let resp = match send_within(&name, timeout, rb).await {
+            let resp = match http::send_within(&name, timeout, rb, parse_error).await {
                 Ok(r) => r,
                 Err(e) => {
                     yield Err(e);
@@ -194,7 +194,7 @@ impl Provider for OllamaProvider {
         Box::pin(async move {
             let base = &self.base_url;
             let rb = self.with_auth(self.client.get(format!("{base}/api/tags")));
-            let resp = match send_within(&self.name, self.timeout, rb).await {
+            let resp = match http::send_within(&self.name, self.timeout, rb, parse_error).await {
                 Ok(r) => r,
                 Err(LlmError::Upstream(u)) if u.status.is_none() => {
                     return Err(format!("ollama at {base} is unreachable: {}", u.message));
@@ -333,27 +333,6 @@ fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
     Some((ErrorClass::from_status(status), error_text(err)))
 }
 
-/// [`http::send`] with the config's bound on the wait for response headers.
-async fn send_within(
-    provider: &str,
-    timeout: Duration,
-    rb: reqwest::RequestBuilder,
-) -> Result<reqwest::Response, LlmError> {
-    let send = http::send(provider, rb, parse_error);
-    if timeout.is_zero() {
-        return send.await;
-    }
-    tokio::time::timeout(timeout, send)
-        .await
-        .unwrap_or_else(|_| {
-            Err(LlmError::upstream(
-                provider,
-                ErrorClass::Timeout,
-                format!("no answer within {}s", timeout.as_secs_f64()),
-            ))
-        })
-}
-
 fn non_empty(s: Option<&str>) -> Option<&str> {
     s.map(str::trim).filter(|s| !s.is_empty())
 }
@@ -363,20 +342,6 @@ fn normalized_base(mut url: reqwest::Url) -> String {
     url.set_query(None);
     url.set_fragment(None);
     url.as_str().trim_end_matches('/').to_string()
-}
-
-/// The operator's extra headers; the error names a bad header, never its value.
-fn header_map(headers: &std::collections::BTreeMap<String, String>) -> Result<HeaderMap, String> {
-    let mut map = HeaderMap::new();
-    for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("`{k}` is not a valid header name"))?;
-        let mut value =
-            HeaderValue::from_str(v).map_err(|_| format!("header `{k}` has an invalid value"))?;
-        value.set_sensitive(true);
-        map.insert(name, value);
-    }
-    Ok(map)
 }
 
 #[cfg(test)]

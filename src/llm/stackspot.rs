@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::error::{ErrorClass, LlmError};
-use super::http::{self, ErrorParser, HttpOptions};
+use super::http::{self, HttpOptions};
 use super::{
     ChatRequest, ClientCredentials, Delta, DeltaStream, KeyScheme, Message, Provider,
     ProviderContext, ProviderKind, Usage,
@@ -137,7 +137,7 @@ impl TokenSource {
             )
             .header(reqwest::header::ACCEPT, "application/json")
             .body(body);
-        let resp = send_within(&self.provider, self.timeout, rb, parse_token_error)
+        let resp = http::send_within(&self.provider, self.timeout, rb, parse_token_error)
             .await
             .map_err(|e| match e {
                 LlmError::Upstream(mut u) => {
@@ -265,7 +265,7 @@ impl StackSpotProvider {
             replaced_default: None,
             base_url,
             chat_client: client,
-            headers: header_map(&cfg.headers).map_err(bad)?,
+            headers: http::header_map(&cfg.headers).map_err(bad)?,
             auth: Arc::new(auth),
             account,
             timeout: cfg.timeout,
@@ -555,7 +555,7 @@ impl ChatCall {
                 "text/event-stream, application/json",
             )
             .json(&self.body);
-        send_within(&self.provider, self.timeout, rb, parse_error).await
+        http::send_within(&self.provider, self.timeout, rb, parse_error).await
     }
 }
 
@@ -678,28 +678,6 @@ fn parse_token_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
     Some((class, text))
 }
 
-/// [`http::send`] with the config's bound on the wait for response headers.
-async fn send_within(
-    provider: &str,
-    timeout: Duration,
-    rb: reqwest::RequestBuilder,
-    parse: ErrorParser,
-) -> Result<reqwest::Response, LlmError> {
-    let send = http::send(provider, rb, parse);
-    if timeout.is_zero() {
-        return send.await;
-    }
-    tokio::time::timeout(timeout, send)
-        .await
-        .unwrap_or_else(|_| {
-            Err(LlmError::upstream(
-                provider,
-                ErrorClass::Timeout,
-                format!("no answer within {}s", timeout.as_secs_f64()),
-            ))
-        })
-}
-
 fn is_json(resp: &reqwest::Response) -> bool {
     resp.headers()
         .get(reqwest::header::CONTENT_TYPE)
@@ -764,20 +742,6 @@ fn normalized_base(mut url: reqwest::Url) -> String {
     url.set_query(None);
     url.set_fragment(None);
     url.as_str().trim_end_matches('/').to_string()
-}
-
-/// The operator's extra headers; the error names a bad header, never its value.
-fn header_map(headers: &std::collections::BTreeMap<String, String>) -> Result<HeaderMap, String> {
-    let mut map = HeaderMap::new();
-    for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("`{k}` is not a valid header name"))?;
-        let mut value =
-            HeaderValue::from_str(v).map_err(|_| format!("header `{k}` has an invalid value"))?;
-        value.set_sensitive(true);
-        map.insert(name, value);
-    }
-    Ok(map)
 }
 
 #[cfg(test)]

@@ -416,6 +416,20 @@ async fn http_model_owners(d: &Daemon) -> Vec<String> {
     owners
 }
 
+/// The `config` part of HTTP `GET /status` (generation, hash, last reload error).
+async fn http_config_status(d: &Daemon) -> serde_json::Value {
+    let body: serde_json::Value = d
+        .http
+        .get(d.url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["config"].clone()
+}
+
 fn unary(prompt: &str, provider: &str) -> SendPromptRequest {
     SendPromptRequest {
         prompt: prompt.into(),
@@ -849,6 +863,14 @@ async fn broken_config_keeps_the_old_one_serving_and_fixing_it_recovers() {
         "the error names the file: {status}"
     );
     assert_eq!(status_generation(&status), Some(1), "{status}");
+    let http_status = http_config_status(&d).await;
+    assert_eq!(http_status["generation"], 1, "{http_status}");
+    assert!(
+        http_status["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("chatcli.toml")),
+        "{http_status}"
+    );
     assert_eq!(d.info().await.available_providers, ["a", "b"]);
     // The old config keeps serving for a while.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -860,6 +882,9 @@ async fn broken_config_keeps_the_old_one_serving_and_fixing_it_recovers() {
     assert_eq!((r.ok, r.error), (1, 1), "{r:?}");
     let status = wait_status_generation(&d.channel, 2).await;
     assert!(!status.contains("Last reload error"), "{status}");
+    let http_status = http_config_status(&d).await;
+    assert_eq!(http_status["generation"], 2, "{http_status}");
+    assert!(http_status["last_reload_error"].is_null(), "{http_status}");
     assert_eq!(d.info().await.available_providers, ["a", "b", "c"]);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -1005,7 +1030,6 @@ async fn conf_d_drop_ins_are_watched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a conf.d created after the start is never watched (src/reload.rs is_relevant/watched_dirs)"]
 async fn conf_d_created_after_the_start_is_watched() {
     let d = Daemon::start(tempfile::tempdir().unwrap(), &Conf::echo(&["a", "b"])).await;
     let conf_d = d.path.with_file_name("conf.d");
@@ -1110,6 +1134,29 @@ async fn reload_command_is_for_admins_and_forces_a_reload() {
         .await
         .unwrap();
     assert_eq!(status_generation(&status), Some(2), "{status}");
+
+    // The same over HTTP: `POST /admin/reload`.
+    let url = d.url("/admin/reload");
+    let refused = d
+        .http
+        .post(&url)
+        .bearer_auth(BOB.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::FORBIDDEN);
+    let done = d
+        .http
+        .post(&url)
+        .bearer_auth(ROOT.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), reqwest::StatusCode::OK);
+    let body: serde_json::Value = done.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({"reloaded": true, "generation": 3}));
+    let r = d.wait_generation(3).await;
+    assert_eq!((r.ok, r.error), (2, 0), "{r:?}");
     d.shutdown().await;
 }
 
@@ -1155,7 +1202,6 @@ async fn lowered_rate_limit_applies_after_the_reload() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: src/reload.rs applies a config without providers (GetServerInfo lists none, prompts fail) instead of refusing it"]
 async fn config_without_providers_is_refused() {
     let d = Daemon::start(tempfile::tempdir().unwrap(), &Conf::echo(&["a", "b"])).await;
     d.write(&Conf::echo(&[]));
@@ -1427,6 +1473,12 @@ async fn bad_files_are_refused_and_the_daemon_keeps_serving() {
     );
     restore().await;
 
+    // A config that removes every provider.
+    write_atomically(&path, &Conf::echo(&[]).render(root.path()));
+    let status = failed_once_more("no provider left").await;
+    assert!(status.contains("llm.providers"), "{status}");
+    restore().await;
+
     // Deleted, then re-created with a new provider list.
     std::fs::remove_file(&path).unwrap();
     let status = failed_once_more("the file deleted").await;
@@ -1447,11 +1499,12 @@ async fn bad_files_are_refused_and_the_daemon_keeps_serving() {
 
     // Each failure was logged once, with its reason.
     let log = server.stderr();
-    assert_eq!(log.matches(FAILED).count(), 4, "{log}");
+    assert_eq!(log.matches(FAILED).count(), 5, "{log}");
     for reason in [
         "invalid TOML",
         "Is a directory",
         "Too many levels of symbolic links",
+        "no provider left",
         "No such file",
     ] {
         assert_eq!(

@@ -1,0 +1,485 @@
+#!/usr/bin/env bash
+# The benchmark harness (issue #8): chatcli's OpenAI-compatible HTTP route and gRPC SendPrompt
+# side by side with LiteLLM's proxy, nginx as a plain reverse proxy, and the mock upstream called
+# directly, all against the same mock, in one run. Results go to bench/results/<run id>/ (JSON
+# lines + report.md); BENCHMARKS.md explains them.
+#
+#   bench/run.sh            full run (~15-20 min on the 2-core VM)
+#   bench/run.sh --quick    shorter points, fewer rounds (~6 min)
+#   bench/run.sh --smoke    mock + chatcli only, a few hundred calls, asserts zero errors (~10 s
+#                           after the build); for the test suite
+#
+# Options: --no-litellm (skip the LiteLLM baseline), --no-build (use the built binaries),
+#          --max-wait SECS (how long to wait for a quiet machine before each scenario, default 180),
+#          --load-max N (what counts as quiet: 1-min load average below N, default 1.5).
+# Environment: BENCH_PORT_BASE (default 18000): ports BASE+80.. are used.
+#
+# Pinning (taskset): the gateway under test (chatcli, nginx, LiteLLM) on core 0; the mock upstreams
+# and the load client on core 1.
+set -euo pipefail
+
+QUICK=0 SMOKE=0 LITELLM=1 BUILD=1 MAXWAIT=180 LOADMAX=1.5
+CMDLINE="bench/run.sh $*"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --smoke) SMOKE=1 ;;
+        --no-litellm) LITELLM=0 ;;
+        --no-build) BUILD=0 ;;
+        --max-wait) MAXWAIT=$2; shift ;;
+        --load-max) LOADMAX=$2; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "bench/run.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+[[ $SMOKE == 1 ]] && LITELLM=0
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$ROOT/bench
+LIB="python3 $BENCH/benchlib.py"
+# Pinned LiteLLM: a recent release that installs from PyPI here. Never 1.82.7 or 1.82.8 (those two
+# releases were compromised).
+LITELLM_VERSION=1.106.12
+VENV=$BENCH/.litellm-venv
+MASTER_KEY=sk-bench-master-key
+JWT_SECRET=bench-jwt-secret-0123456789abcdefghijklmnopqrstuvwxyz
+
+BASE=${BENCH_PORT_BASE:-18000}
+M0=$((BASE + 80)) M20=$((BASE + 81)) MS=$((BASE + 82)) MH=$((BASE + 83))
+CC=$((BASE + 100)) CCM=$((BASE + 190)) CA=$((BASE + 101)) CAM=$((BASE + 191))
+NGX=$((BASE + 200)) LLM=$((BASE + 300))
+
+RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
+if [[ $SMOKE == 1 ]]; then
+    OUT=$(mktemp -d /tmp/chatcli-bench-smoke.XXXXXX)
+else
+    OUT=$BENCH/results/$RUN_ID$([[ $QUICK == 1 ]] && echo -quick)
+fi
+mkdir -p "$OUT"
+TMP=$(mktemp -d /tmp/chatcli-bench.XXXXXX)
+START_TS=$(date +%s)
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
+
+declare -A PID=()
+cleanup() {
+    local p
+    [[ -n ${WATCH_PID:-} ]] && kill "$WATCH_PID" 2>/dev/null || true
+    for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    for p in "${PID[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# Preconditions, installs, build
+
+NPROC=$(nproc)
+if (( NPROC >= 2 )); then
+    GW_CORE=0 LOAD_CORE=1
+    pin_gw() { taskset -c "$GW_CORE" "$@"; }
+    pin_load() { taskset -c "$LOAD_CORE" "$@"; }
+else
+    log "only $NPROC core: no pinning, gateway and load share it"
+    pin_gw() { "$@"; }
+    pin_load() { "$@"; }
+fi
+
+need=()
+command -v curl >/dev/null || need+=(curl)
+command -v taskset >/dev/null || need+=(util-linux)
+if [[ $SMOKE == 0 ]]; then
+    [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
+    command -v wrk >/dev/null || need+=(wrk)
+fi
+if (( ${#need[@]} )); then
+    log "installing ${need[*]} (apt)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+        || die "apt-get install ${need[*]} failed"
+fi
+
+if [[ $LITELLM == 1 ]]; then
+    if ! "$VENV/bin/python" -c "import sys; from importlib.metadata import version; sys.exit(version('litellm') != '$LITELLM_VERSION')" 2>/dev/null; then
+        log "installing LiteLLM $LITELLM_VERSION into $VENV"
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" || die "python3 -m venv failed"
+        "$VENV/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION" || die "pip install litellm[proxy]==$LITELLM_VERSION failed"
+    fi
+fi
+
+if [[ $BUILD == 1 ]]; then
+    log "building (cargo build --release --locked --bins --example mock_upstream --example loadgen)"
+    (cd "$ROOT" && cargo build --release --locked --bins --example mock_upstream --example loadgen) \
+        || die "the release build failed"
+fi
+BIN=$ROOT/target/release/chatcli
+MOCK=$ROOT/target/release/examples/mock_upstream
+LG=$ROOT/target/release/examples/loadgen
+for b in "$BIN" "$MOCK" "$LG"; do [[ -x $b ]] || die "$b is missing (run without --no-build)"; done
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+ports=("$M0" "$M20" "$MS" "$MH" "$CC" "$CCM")
+[[ $SMOKE == 0 ]] && ports+=("$CA" "$CAM" "$NGX")
+[[ $LITELLM == 1 ]] && ports+=("$LLM")
+for p in "${ports[@]}"; do
+    port_busy "$p" && die "port $p is in use (another run?); stop it or set BENCH_PORT_BASE"
+done
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+start() { # NAME CMD...: starts CMD in the background, logs to $TMP/NAME.log
+    local name=$1; shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    PID[$name]=$!
+}
+
+wait_http() { # NAME URL TIMEOUT_S [curl args...]
+    local name=$1 url=$2 timeout=$3; shift 3
+    local i=0
+    until curl -sf -o /dev/null --max-time 2 "$@" "$url"; do
+        if ! kill -0 "${PID[$name]}" 2>/dev/null; then
+            tail -n 30 "$TMP/$name.log" >&2 || true
+            die "$name exited before answering $url (log above)"
+        fi
+        (( i++ >= timeout * 5 )) && { tail -n 30 "$TMP/$name.log" >&2; die "$name did not answer $url within ${timeout}s"; }
+        sleep 0.2
+    done
+}
+
+completion_ok() { # URL MODEL [curl args...]: a non-streamed completion answers with the mock's text
+    local url=$1 model=$2; shift 2
+    local body
+    body=$(curl -s --max-time 10 -H 'content-type: application/json' "$@" \
+        -d "{\"model\":\"$model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}" "$url") || return 1
+    [[ $body == *tok0* ]] || { echo "$body" | head -c 400 >&2; echo >&2; return 1; }
+}
+
+render() { # IN OUT KEY=VALUE...
+    local in=$1 out=$2; shift 2
+    local s
+    s=$(<"$in")
+    for kv in "$@"; do s=${s//@${kv%%=*}@/${kv#*=}}; done
+    printf '%s\n' "$s" >"$out"
+}
+
+log "starting the mocks on core ${LOAD_CORE:-any}"
+start mock-m0 pin_load "$MOCK" --port "$M0"
+start mock-m20 pin_load "$MOCK" --port "$M20" --latency 20ms
+start mock-ms pin_load "$MOCK" --port "$MS" --deltas 64 --interval 20ms
+# Long streams for holding 1,000 open: 1200 deltas 50 ms apart (a minute).
+start mock-mh pin_load "$MOCK" --port "$MH" --deltas 1200 --interval 50ms
+for m in m0:$M0 m20:$M20 ms:$MS mh:$MH; do
+    wait_http "mock-${m%%:*}" "http://127.0.0.1:${m#*:}/health" 10
+done
+completion_ok "http://127.0.0.1:$M0/v1/chat/completions" x || die "the mock does not answer a completion"
+
+fill=(TMP="$TMP" M0="$M0" M20="$M20" MS="$MS" MH="$MH")
+render "$BENCH/chatcli.toml.in" "$TMP/chatcli-plain.toml" "${fill[@]}" PORT="$CC" METRICS="$CCM" NAME=plain EXTRA=""
+render "$BENCH/chatcli.toml.in" "$TMP/chatcli-auth.toml" "${fill[@]}" PORT="$CA" METRICS="$CAM" NAME=auth \
+    EXTRA="[auth.jwt]
+secret = \"$JWT_SECRET\"
+
+[audit]
+path = \"$TMP/audit.jsonl\""
+
+log "starting chatcli on core ${GW_CORE:-any}"
+start chatcli pin_gw "$BIN" server --config "$TMP/chatcli-plain.toml"
+wait_http chatcli "http://127.0.0.1:$CC/health" 30
+completion_ok "http://127.0.0.1:$CC/v1/chat/completions" m0 || die "chatcli does not answer a completion through the mock"
+if [[ $SMOKE == 0 ]]; then
+    start chatcli-auth pin_gw "$BIN" server --config "$TMP/chatcli-auth.toml"
+    wait_http chatcli-auth "http://127.0.0.1:$CA/health" 30
+fi
+
+if [[ $SMOKE == 0 ]]; then
+    log "starting nginx on core $GW_CORE"
+    mkdir -p "$TMP"/nginx-{body,proxy,fastcgi,uwsgi,scgi}
+    render "$BENCH/nginx.conf.in" "$TMP/nginx.conf" "${fill[@]}" NGINX="$NGX"
+    start nginx pin_gw /usr/sbin/nginx -c "$TMP/nginx.conf" -p "$TMP"
+    wait_http nginx "http://127.0.0.1:$NGX/m0/health" 10
+    completion_ok "http://127.0.0.1:$NGX/m0/v1/chat/completions" m0 || die "nginx does not proxy a completion"
+fi
+
+if [[ $LITELLM == 1 ]]; then
+    log "starting LiteLLM $LITELLM_VERSION on core $GW_CORE (can take a minute)"
+    render "$BENCH/litellm.yaml.in" "$TMP/litellm.yaml" "${fill[@]}"
+    start litellm env -C "$TMP" LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOG=ERROR LITELLM_TELEMETRY=False \
+        DISABLE_SCHEMA_UPDATE=True NO_DOCS=True \
+        taskset -c "${GW_CORE:-0}" "$VENV/bin/litellm" --config "$TMP/litellm.yaml" \
+        --host 127.0.0.1 --port "$LLM" --num_workers 1
+    wait_http litellm "http://127.0.0.1:$LLM/health/liveliness" 240
+    completion_ok "http://127.0.0.1:$LLM/v1/chat/completions" m0 -H "authorization: Bearer $MASTER_KEY" \
+        || die "LiteLLM started but does not answer a completion through the mock"
+fi
+
+# Target specs for the load client.
+spec_direct() { echo "name=direct,proto=http,url=http://127.0.0.1:$(mport "$1")/v1/chat/completions,model=$1"; }
+spec_nginx() { echo "name=nginx,proto=http,url=http://127.0.0.1:$NGX/$1/v1/chat/completions,model=$1"; }
+spec_cchttp() { echo "name=chatcli-http,proto=http,url=http://127.0.0.1:$CC/v1/chat/completions,model=$1"; }
+spec_ccgrpc() { echo "name=chatcli-grpc,proto=grpc,url=http://127.0.0.1:$CC,model=$1"; }
+spec_cahttp() { echo "name=chatcli-http-auth,proto=http,url=http://127.0.0.1:$CA/v1/chat/completions,model=$1,auth=jwt:$JWT_SECRET"; }
+spec_cagrpc() { echo "name=chatcli-grpc-auth,proto=grpc,url=http://127.0.0.1:$CA,model=$1,auth=jwt:$JWT_SECRET"; }
+spec_litellm() { echo "name=litellm,proto=http,url=http://127.0.0.1:$LLM/v1/chat/completions,model=$1,auth=bearer:$MASTER_KEY"; }
+mport() { case $1 in m0) echo "$M0" ;; m20) echo "$M20" ;; ms) echo "$MS" ;; mh) echo "$MH" ;; esac; }
+gw_of() { case $1 in direct) echo "" ;; nginx) echo nginx ;; chatcli-http|chatcli-grpc) echo chatcli ;; *-auth) echo chatcli-auth ;; litellm) echo litellm ;; esac; }
+
+# The processes whose CPU and RSS are recorded.
+named_pids() {
+    local n
+    for n in chatcli chatcli-auth nginx litellm; do [[ -n ${PID[$n]:-} ]] && printf '%s=%s ' "$n" "$(gw_pid "$n")"; done
+    printf 'mock=%s\n' "${PID[mock-m0]}"
+}
+# The real server process (the started PID may be taskset/env that exec'd it: same PID).
+gw_pid() { echo "${PID[$1]}"; }
+
+UNDER_LOAD=0
+wait_quiet() { # waits until the 1-min load average is below LOADMAX (at most MAXWAIT s)
+    local waited=0 la
+    while :; do
+        la=$(cut -d' ' -f1 /proc/loadavg)
+        awk -v a="$la" -v b="$LOADMAX" 'BEGIN{exit !(a < b)}' && return 0
+        if (( waited >= MAXWAIT )); then
+            log "load average $la is still above $LOADMAX after ${waited}s: measuring anyway (marked as under load)"
+            UNDER_LOAD=1
+            return 0
+        fi
+        (( waited == 0 )) && log "waiting for a quiet machine (load average $la ≥ $LOADMAX)"
+        sleep 10
+        waited=$((waited + 10))
+    done
+}
+
+# measure LABEL FILE GATEWAY EXTRA_JSON -- LOADGEN ARGS...: runs the load client pinned to the load
+# core, with CPU/RSS snapshots of every gateway around it, and appends the enriched JSON to FILE.
+WATCH_PID=
+measure() {
+    local label=$1 file=$2 gw=$3 extra=$4; shift 5
+    local names
+    names=$(named_pids)
+    # shellcheck disable=SC2086
+    $LIB snap $names >"$TMP/before.json"
+    rm -f "$TMP/peak.json"
+    # shellcheck disable=SC2086
+    $LIB watch "$TMP/peak.json" $names &
+    WATCH_PID=$!
+    local rc=0
+    pin_load "$LG" "$@" >"$TMP/result.json" 2>"$TMP/loadgen.err" || rc=$?
+    kill "$WATCH_PID" 2>/dev/null || true
+    wait "$WATCH_PID" 2>/dev/null || true
+    WATCH_PID=
+    # shellcheck disable=SC2086
+    $LIB snap $names >"$TMP/after.json"
+    if (( rc != 0 )); then
+        cat "$TMP/loadgen.err" >&2
+        die "the load client failed in $label (exit $rc)"
+    fi
+    $LIB enrich "$TMP/result.json" "$TMP/before.json" "$TMP/after.json" "$TMP/peak.json" "$gw" "$label" "$extra" \
+        | tee -a "$file" >"$TMP/last.json"
+    grep -v '^round\|^stream round' "$TMP/loadgen.err" >&2 || true
+}
+jget() { $LIB get "$TMP/last.json" "$@"; }
+
+gw_rss() { $LIB snap "x=$(gw_pid "$1")" | python3 -c 'import json,sys; print(json.load(sys.stdin)["procs"]["x"]["rss_kib"])'; }
+
+# ---------------------------------------------------------------------------------------------
+# Smoke run (test suite): correctness, not speed
+
+if [[ $SMOKE == 1 ]]; then
+    log "smoke: HTTP and gRPC through chatcli"
+    measure smoke-http "$OUT/smoke.jsonl" chatcli '{}' -- run --target "$(spec_cchttp m0)" --concurrency 4 --requests 300
+    [[ $(jget errors) == 0 && $(jget ok) == 300 ]] || die "smoke: HTTP calls failed: $(jget first_error)"
+    measure smoke-grpc "$OUT/smoke.jsonl" chatcli '{}' -- run --target "$(spec_ccgrpc m0)" --concurrency 4 --requests 300
+    [[ $(jget errors) == 0 && $(jget ok) == 300 ]] || die "smoke: gRPC calls failed: $(jget first_error)"
+    measure smoke-stream "$OUT/smoke.jsonl" "" '{}' -- stream-rounds --rounds 1 --concurrency 2 --expect-deltas 64 \
+        --target "$(spec_direct ms)" --target "$(spec_cchttp ms)" --target "$(spec_ccgrpc ms)"
+    errs=$(python3 -c 'import json,sys; print(sum(json.loads(l)["errors"] for l in open(sys.argv[1]) if "stream-rounds" in l))' "$OUT/smoke.jsonl")
+    [[ $errs == 0 ]] || die "smoke: streamed calls failed (see $OUT/smoke.jsonl)"
+    log "smoke: ok (600 calls and 6 streams, zero errors) in $(( $(date +%s) - START_TS ))s"
+    rm -rf "$OUT"
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+
+if [[ $QUICK == 1 ]]; then
+    DUR=5 ROUNDS=6 PER_ROUND=100 SROUNDS=3 FACTORS="1.0 0.75 0.5" HOLD_SECS=3
+else
+    DUR=10 ROUNDS=15 PER_ROUND=200 SROUNDS=5 FACTORS="1.0 0.9 0.75 0.5 0.25" HOLD_SECS=5
+fi
+
+meta() {
+    python3 - "$@" <<'EOF'
+import json, os, subprocess, sys
+def sh(c):
+    try:
+        return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return ""
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
+out, run_id, cmdline, litellm, root = sys.argv[1:6]
+json.dump({
+    "run_id": run_id, "cmdline": cmdline, "cpu": cpu, "nproc": os.cpu_count(),
+    "mem": f"{int(mem) / 1024 / 1024:.1f} GiB", "loadavg_start": open("/proc/loadavg").read().split()[0],
+    "kernel": sh("uname -r"), "chatcli_rev": sh(f"git -C {root} rev-parse --short HEAD") + (" (+ uncommitted changes)" if sh(f"git -C {root} status --porcelain -- src Cargo.toml Cargo.lock") else ""),
+    "litellm_version": litellm, "nginx_version": sh("/usr/sbin/nginx -v 2>&1").replace("nginx version: ", ""),
+    "wrk": sh("wrk -v 2>&1 | head -1"), "rustc": sh("rustc --version"),
+}, open(os.path.join(out, "meta.json"), "w"), indent=1)
+EOF
+}
+meta "$OUT" "$RUN_ID" "$CMDLINE" "$([[ $LITELLM == 1 ]] && echo "$LITELLM_VERSION" || echo "not run")" "$ROOT"
+
+# Memory at idle: every gateway started, one call answered, nothing in flight.
+sleep 2
+declare -A IDLE=()
+for g in chatcli chatcli-auth nginx litellm; do
+    [[ -n ${PID[$g]:-} ]] && IDLE[$g]=$(gw_rss "$g")
+done
+
+TARGETS_ALL=(direct nginx chatcli-http chatcli-grpc chatcli-http-auth chatcli-grpc-auth)
+[[ $LITELLM == 1 ]] && TARGETS_ALL+=(litellm)
+spec_of() { # TARGET MOCK
+    case $1 in
+        direct) spec_direct "$2" ;; nginx) spec_nginx "$2" ;; chatcli-http) spec_cchttp "$2" ;;
+        chatcli-grpc) spec_ccgrpc "$2" ;; chatcli-http-auth) spec_cahttp "$2" ;;
+        chatcli-grpc-auth) spec_cagrpc "$2" ;; litellm) spec_litellm "$2" ;;
+    esac
+}
+
+# 1. The mock's own ceiling: the mock and the load client together on the load core, as in every
+# proxied run (where the gateway has core 0 to itself).
+wait_quiet
+log "scenario: mock ceiling"
+measure ceiling "$OUT/1-ceiling.jsonl" "" '{"client":"loadgen"}' -- \
+    run --target "$(spec_direct m0)" --concurrency 64 --duration "$DUR" --warmup 1
+CEILING=$(jget rps)
+log "  mock ceiling (loadgen, c=64): $CEILING req/s"
+# Cross-check with wrk (same pinning), HTTP/1.1 keep-alive, same body.
+printf '%s' '{"model":"m0","messages":[{"role":"user","content":"Say hello to the benchmark."}],"stream":false}' >"$TMP/body.json"
+cat >"$TMP/post.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("$TMP/body.json"); wrk.body = f:read("*a"); f:close()
+done = function(summary, latency, requests)
+  io.write(string.format('{"kind":"wrk","target":"direct","client":"wrk","concurrency":64,"rps":%f,"p50_us":%d,"p90_us":%d,"p99_us":%d,"errors":%d,"ok":%d}\n',
+    summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout, summary.requests))
+end
+EOF
+pin_load wrk -t1 -c64 -d"${DUR}s" -s "$TMP/post.lua" "http://127.0.0.1:$M0/v1/chat/completions" \
+    | grep '^{' | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["label"]="ceiling-wrk"; print(json.dumps(r))' >>"$OUT/1-ceiling.jsonl"
+log "  mock ceiling (wrk, c=64): $($LIB get "$OUT/1-ceiling.jsonl" rps) req/s"
+
+# 2. Added latency at concurrency 1 (zero-delay mock), interleaved rounds.
+wait_quiet
+log "scenario: added latency at concurrency 1 ($ROUNDS rounds × $PER_ROUND calls per target)"
+args=()
+for t in "${TARGETS_ALL[@]}"; do args+=(--target "$(spec_of "$t" m0)"); done
+measure latency "$OUT/2-latency.jsonl" "" '{}' -- rounds --rounds "$ROUNDS" --per-round "$PER_ROUND" --warmup 200 "${args[@]}"
+
+# 3. Throughput: closed-loop peak, then the highest open-loop rate with p99 < 1 s and < 0.1% errors.
+tput() { # MOCK TARGET CONCURRENCY CONNECTIONS
+    local mock=$1 t=$2 conc=$3 conns=$4 gw peak rate f p99 er pass
+    gw=$(gw_of "$t")
+    wait_quiet
+    measure "tput-$mock-closed" "$OUT/3-tput-$mock.jsonl" "$gw" '{}' -- \
+        run --target "$(spec_of "$t" "$mock")" --concurrency "$conc" --duration "$DUR" --warmup 1
+    peak=$(jget rps)
+    log "  $t ($mock): closed loop c=$conc: $peak req/s, p99 $(jget p99_us) µs, errors $(jget errors), gateway CPU $(jget gw_cpu_us_per_call) µs/call"
+    for f in $FACTORS; do
+        rate=$(awk -v p="$peak" -v f="$f" 'BEGIN{r=p*f; if (r < 1) r = 1; printf "%.0f", r}')
+        measure "tput-$mock-open" "$OUT/3-tput-$mock.jsonl.tmp" "$gw" "{\"factor\":$f}" -- \
+            run --target "$(spec_of "$t" "$mock")" --rate "$rate" --connections "$conns" --duration "$DUR" --warmup 1
+        p99=$(jget p99_us) er=$(jget error_rate)
+        pass=$(awk -v p="$p99" -v e="$er" 'BEGIN{print (p < 1000000 && e < 0.001) ? "true" : "false"}')
+        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["passed"]=sys.argv[2]=="true"; print(json.dumps(r))' \
+            "$TMP/last.json" "$pass" >>"$OUT/3-tput-$mock.jsonl"
+        log "    open loop $rate req/s: p50 $(jget p50_us) µs, p99 $p99 µs, errors $(jget errors) → $([[ $pass == true ]] && echo pass || echo fail)"
+        [[ $pass == true ]] && break
+    done
+    rm -f "$OUT/3-tput-$mock.jsonl.tmp"
+}
+log "scenario: throughput, zero-delay mock"
+for t in "${TARGETS_ALL[@]}"; do tput m0 "$t" 64 256; done
+declare -A PEAK=()
+for g in chatcli chatcli-auth nginx litellm; do
+    [[ -n ${PID[$g]:-} ]] && PEAK[$g]=$(python3 -c '
+import json,sys
+v=[json.loads(l).get("gw_rss_peak_kib") or 0 for l in open(sys.argv[1]) if json.loads(l).get("gateway")==sys.argv[2]]
+print(max(v or [0]))' "$OUT/3-tput-m0.jsonl" "$g")
+done
+log "scenario: throughput, 20 ms mock"
+T20=(direct nginx chatcli-http chatcli-grpc)
+[[ $LITELLM == 1 ]] && T20+=(litellm)
+for t in "${T20[@]}"; do tput m20 "$t" 512 1024; done
+
+# 4. Streaming: added time to first token and added gap between chunks.
+wait_quiet
+log "scenario: streaming (64 deltas, 20 ms apart)"
+args=()
+for t in direct nginx chatcli-http chatcli-grpc $([[ $LITELLM == 1 ]] && echo litellm); do args+=(--target "$(spec_of "$t" ms)"); done
+measure streaming "$OUT/4-streaming.jsonl" "" '{}' -- stream-rounds --rounds "$SROUNDS" --concurrency 4 --expect-deltas 64 "${args[@]}"
+
+# 5. Memory with 1,000 streams held open (HTTP, and gRPC for chatcli).
+hold() { # TARGET: prints "RSS_KIB OPENED"
+    local t=$1 g
+    g=$(gw_of "$t")
+    pin_load "$LG" hold --target "$(spec_of "$t" mh)" --streams 1000 --secs "$HOLD_SECS" >"$TMP/hold.out" 2>"$TMP/hold.err" &
+    local hp=$! opened="" i=0
+    while (( i++ < 900 )); do
+        opened=$(sed -n 's/^HELD //p' "$TMP/hold.out" 2>/dev/null)
+        [[ -n $opened ]] && break
+        kill -0 "$hp" 2>/dev/null || break
+        sleep 0.1
+    done
+    sleep 1
+    local rss
+    rss=$(gw_rss "$g")
+    wait "$hp" || true
+    grep -v '^$' "$TMP/hold.err" >&2 || true
+    echo "$rss ${opened:-0}"
+    sleep 2 # let the gateway close the upstream streams
+}
+wait_quiet
+log "scenario: memory with 1,000 open streams"
+for g in chatcli nginx litellm; do
+    [[ -n ${PID[$g]:-} ]] || continue
+    case $g in chatcli) th=chatcli-http ;; *) th=$g ;; esac
+    read -r hk ho < <(hold "$th")
+    gk="" go=""
+    [[ $g == chatcli ]] && read -r gk go < <(hold chatcli-grpc)
+    log "  $g: idle ${IDLE[$g]} KiB, peak ${PEAK[$g]:-?} KiB, 1000 HTTP streams $hk KiB ($ho opened)${gk:+, 1000 gRPC streams $gk KiB ($go opened)}"
+    python3 -c '
+import json,sys
+a=sys.argv[1:]
+v=lambda x: int(x) if x else None
+print(json.dumps({"kind":"memory","target":a[0],"idle_kib":v(a[1]),"peak_kib":v(a[2]),"hold_http_kib":v(a[3]),"hold_http_opened":v(a[4]),"hold_grpc_kib":v(a[5]),"hold_grpc_opened":v(a[6])}))' \
+        "$g" "${IDLE[$g]}" "${PEAK[$g]:-}" "$hk" "$ho" "$gk" "$go" >>"$OUT/5-memory.jsonl"
+done
+python3 -c '
+import json,sys
+print(json.dumps({"kind":"memory","target":"chatcli-auth","idle_kib":int(sys.argv[1]),"peak_kib":int(sys.argv[2] or 0) or None}))' \
+    "${IDLE[chatcli-auth]}" "${PEAK[chatcli-auth]:-}" >>"$OUT/5-memory.jsonl"
+
+# Audit records written (the auth+audit runs must have produced them).
+AUDIT_LINES=$(wc -l <"$TMP/audit.jsonl" 2>/dev/null || echo 0)
+WALL=$(( $(date +%s) - START_TS ))
+python3 - "$OUT/meta.json" "$WALL" "$UNDER_LOAD" "$AUDIT_LINES" <<'EOF'
+import json, sys
+p = sys.argv[1]
+m = json.load(open(p))
+m["wall_s"] = int(sys.argv[2]); m["under_load"] = sys.argv[3] == "1"; m["audit_lines"] = int(sys.argv[4])
+m["loadavg_end"] = open("/proc/loadavg").read().split()[0]
+json.dump(m, open(p, "w"), indent=1)
+EOF
+$LIB report "$OUT" >"$OUT/report.md"
+ln -sfn "$(basename "$OUT")" "$BENCH/results/latest"
+cat "$OUT/report.md"
+log "done in ${WALL}s; results in $OUT (report.md)$([[ $UNDER_LOAD == 1 ]] && echo '; some points were measured while the machine was busy')"
