@@ -202,6 +202,9 @@ impl<'a> Interactive<'a> {
     /// One turn: stream the answer; Ctrl-C cancels; a dropped connection is retried with backoff
     /// while nothing of the answer has arrived.
     async fn turn(&mut self, prompt: &str, sigint: &mut tokio::signal::unix::Signal) -> Turn {
+        // A Ctrl-C pressed while no answer was running (e.g. during a slash command) is stale:
+        // it must not cancel this answer.
+        while let Some(Some(())) = futures::FutureExt::now_or_never(sigint.recv()) {}
         if let Err(e) = self.fresh_credentials().await {
             return Turn::Failed(e);
         }

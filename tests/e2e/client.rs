@@ -1046,7 +1046,7 @@ async fn timeout_bounds_the_answer() {
     .await;
     run.assert_code(6).assert_one_error_line("--timeout");
     assert!(
-        started.elapsed() < Duration::from_secs(4),
+        started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
     );

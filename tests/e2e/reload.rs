@@ -250,7 +250,8 @@ impl Daemon {
             shutdown,
             task,
         };
-        // The watcher is armed before the listener serves; generation 1 is the start.
+        // The metrics listener is served after the watcher is armed: once it answers, every
+        // write is seen. Generation 1 is the start.
         eventually("the reload metrics", || async {
             daemon
                 .reloads()
@@ -1008,6 +1009,29 @@ async fn unrelated_files_and_unchanged_rewrites_do_not_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the debounce never fires while the config file keeps changing faster than 250 ms \
+            (src/reload.rs watch: no upper bound on the wait), so the change does not take effect \
+            within a second"]
+async fn writes_faster_than_the_debounce_still_apply_within_a_second() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &Conf::echo(&["a"])).await;
+    let started = Instant::now();
+    let mut applied_after = None;
+    for i in 0..30u32 {
+        let extra = if i.is_multiple_of(2) { "b" } else { "c" };
+        d.write(&Conf::echo(&["a", extra]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if applied_after.is_none() && d.reloads_now().await.generation > 1 {
+            applied_after = Some(started.elapsed());
+        }
+    }
+    assert!(
+        applied_after.is_some_and(|t| t < Duration::from_millis(1500)),
+        "first reload after {applied_after:?} of writes every 100 ms"
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conf_d_drop_ins_are_watched() {
     let root = tempfile::tempdir().unwrap();
     let conf = Conf::echo(&["a", "b"]);
@@ -1619,7 +1643,7 @@ async fn bench_reload() {
     // Time from the rename to the new state serving, over 50 reloads.
     let mut latencies = Vec::new();
     for i in 0..50u64 {
-        let extra: &'static str = if i % 2 == 0 { "b" } else { "c" };
+        let extra: &'static str = if i.is_multiple_of(2) { "b" } else { "c" };
         let conf = Conf::echo(&["a", extra]);
         let t = Instant::now();
         d.write(&conf);
@@ -1664,7 +1688,7 @@ async fn bench_reload() {
                     tick.tick().await;
                     i += 1;
                     if kind == "file writes" {
-                        let extra: &'static str = if i % 2 == 0 { "b" } else { "c" };
+                        let extra: &'static str = if i.is_multiple_of(2) { "b" } else { "c" };
                         write_atomically(&path, &Conf::echo(&["a", extra]).render(&root));
                     } else {
                         let _ = command(channel.clone(), None, "/reload").await;
