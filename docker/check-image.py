@@ -134,7 +134,10 @@ def unpack(layout: Path, tag: str, image: dict, dest: Path) -> Path | None:
     rootfs.mkdir()
     for layer in image["manifest"]["layers"]:
         with tarfile.open(fileobj=__import__("io").BytesIO(blob(layout, layer)), mode="r:gz") as tf:
-            tf.extractall(rootfs, numeric_owner=True, filter="fully_trusted" if os.geteuid() == 0 else "data")
+            try:
+                tf.extractall(rootfs, numeric_owner=True, filter="fully_trusted" if os.geteuid() == 0 else "data")
+            except TypeError:  # Python before 3.11.4 has no extraction filters
+                tf.extractall(rootfs, numeric_owner=True)
     ok("layers unpacked with Python's tarfile (umoci not installed, or not root)")
     return rootfs
 
@@ -380,6 +383,9 @@ def main() -> int:
             secrets.mkdir()
             g, m = free_port(), free_port()
             runner.env.update(CHATCLI_BIND_ADDRESS="127.0.0.1", CHATCLI_METRICS__BIND_ADDRESS="127.0.0.1")
+            for k in ("CHATCLI_DATA_DIR", "SSL_CERT_FILE"):  # image paths, seen from outside the image
+                if runner.env.get(k, "").startswith("/"):
+                    runner.env[k] = str(rootfs / runner.env[k].lstrip("/"))
             run_checks(runner, secrets, g, m, ["--config", args.demo_config, "--port", str(g), "--metrics-port", str(m)])
     if failures:
         print(f"image check failed: {len(failures)} problem(s)")

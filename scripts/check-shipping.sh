@@ -99,12 +99,14 @@ check_config_files() { # check_config_files CONFIG_DIR
   rm -rf "$tmp" && mkdir -p "$tmp"
   # Does this build read conf.d/ itself? A drop-in with an unknown key tells.
   mkdir -p "$tmp/probe/conf.d" && cp "$dir/demo.toml" "$tmp/probe/chatcli.toml" && echo 'no_such_key = 1' >"$tmp/probe/conf.d/probe.toml"
-  if "$BIN" config check --config "$tmp/probe/chatcli.toml" 2>&1 | grep -q 'probe\.toml'; then
+  local probe
+  probe=$("$BIN" config check --config "$tmp/probe/chatcli.toml" 2>&1 || true)
+  if grep -q 'probe\.toml' <<<"$probe"; then
     # The daemon reads conf.d/ itself: check the real directory layout.
     cp "$dir/demo.toml" "$tmp/chatcli.toml" && cp -r "$dir/conf.d" "$tmp/conf.d"
     "$BIN" config check --config "$tmp/chatcli.toml" 2>"$SHIP/config-check.err" \
       || { echo "  FAIL  demo.toml + conf.d/:" >&2; cat "$SHIP/config-check.err" >&2; return 1; }
-    "$BIN" config show --config "$tmp/chatcli.toml" 2>/dev/null | grep -q 'echo-slow' \
+    grep -q 'echo-slow' <<<"$("$BIN" config show --config "$tmp/chatcli.toml" 2>/dev/null)" \
       || { echo "  FAIL  the conf.d/ drop-in's provider is not in \`config show\`" >&2; return 1; }
     echo "  ok    demo.toml + conf.d/ drop-ins: valid, and the drop-in's provider is merged" >&2
   else
@@ -147,7 +149,7 @@ lint_dockerfile() {
 }
 
 assemble_and_check_image() { # assemble_and_check_image DOCKERFILE BINARY [--no-run]
-  local layout=$SHIP/oci version
+  local layout=${LAYOUT:-$SHIP/oci} version
   version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
   SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 0) \
     "$VENV/bin/python" docker/assemble-image.py --dockerfile "$1" --binary "$2" --out "$layout" --tag "$version" \
@@ -171,7 +173,9 @@ expect_fail() { # expect_fail DESCRIPTION COMMAND...
     sed 's/^/  | /' "$SHIP/selftest.out" | tail -15 >&2
     return 1
   fi
-  echo "  ok    fails on $what: $(grep -m1 -E 'FAIL|error|warning|Unknown|invalid|DL[0-9]+' "$SHIP/selftest.out" | sed 's/^ *//' | cut -c1-150)" >&2
+  local why
+  why=$(grep -m1 -E 'FAIL|error|warning|Unknown|invalid|DL[0-9]+' "$SHIP/selftest.out" || tail -1 "$SHIP/selftest.out")
+  echo "  ok    fails on $what: $(sed 's/^ *//' <<<"$why" | cut -c1-160)" >&2
 }
 
 selftest() {
@@ -189,13 +193,22 @@ selftest() {
   sed 's/^LoadCredential=token:chatcli.token$/LoadCredential=tokn:chatcli.token/' systemd/chatcli.service >"$b/nocred.service"
   expect_fail "a unit that does not load the token credential" \
     "$VENV/bin/python" scripts/shipping/check_unit_env.py --unit "$b/nocred.service" --binary "$BIN" --demo-config config/demo.toml || rc=1
+  # A daemon that ignores the listener chatcli.socket passes (only when this build supports it).
+  if grep -qa LISTEN_FDS "$BIN"; then
+    printf '#!/bin/sh\nunset LISTEN_FDS LISTEN_PID LISTEN_FDNAMES\nexec "%s" "$@"\n' "$BIN" >"$b/ignores-listen-fds"
+    chmod 0755 "$b/ignores-listen-fds"
+    expect_fail "a daemon that ignores the socket systemd passes (LISTEN_FDS)" \
+      "$VENV/bin/python" scripts/shipping/check_unit_env.py --unit systemd/chatcli.service --binary "$b/ignores-listen-fds" --demo-config config/demo.toml || rc=1
+  fi
   # A Dockerfile whose base image floats.
   sed 's#static-debian12:nonroot$#static-debian12:latest#' docker/Dockerfile >"$b/Dockerfile"
   expect_fail "a Dockerfile with FROM ...:latest" lint_dockerfile "$b/Dockerfile" || rc=1
   # Images that run as root, or whose binary is dynamic.
   sed 's/^USER 65532:65532$/USER 0:0/' docker/Dockerfile >"$b/Dockerfile.root"
+  export LAYOUT=$b/oci
   expect_fail "an image that runs as root" assemble_and_check_image "$b/Dockerfile.root" "$BIN" --no-run || rc=1
-  expect_fail "an image with a dynamically linked binary" assemble_and_check_image docker/Dockerfile "$(command -v true)" --no-run || rc=1
+  expect_fail "an image with a dynamically linked binary" assemble_and_check_image docker/Dockerfile "$(type -P true)" --no-run || rc=1
+  unset LAYOUT
   # The example config out of date.
   sed 's/^port = 50051$/port = 50052/' config/chatcli.example.toml >"$b/chatcli.example.toml"
   expect_fail "an example config out of sync with \`config example\`" check_example_sync "$b/chatcli.example.toml" || rc=1
@@ -272,6 +285,8 @@ printf '%s\n' "${TIMES[@]}" >&2
 total=$(( $(date +%s) - start ))
 if ((${#failed[@]})); then
   echo "shipping checks: ${#failed[@]} failed (${failed[*]}) in ${total}s" >&2
+  echo "shipping: $(( ${#TIMES[@]} - ${#failed[@]} )) passed, ${#failed[@]} failed" >&2
   exit 1
 fi
 echo "shipping checks passed in ${total}s" >&2
+echo "shipping: ${#TIMES[@]} passed, 0 failed" >&2
