@@ -35,5 +35,8 @@ step "cargo test --locked (unit, integration, end-to-end with the real binary an
 cargo test --locked --all-targets
 cargo test --locked --doc
 
+step "shipping artifacts: example configs, systemd units, offline image, Helm chart, flake (scripts/check-shipping.sh)"
+./scripts/check-shipping.sh
+
 echo >&2
 echo "all checks passed in $(( $(date +%s) - start ))s" >&2

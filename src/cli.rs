@@ -189,7 +189,8 @@ pub struct ServerArgs {
     /// Config file (env CHATCLI_CONFIG; default /etc/chatcli/chatcli.toml when present).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// gRPC + HTTP port (env CHATCLI_SERVER_PORT; default 50051).
+    /// gRPC + HTTP port (env CHATCLI_SERVER_PORT; default 50051). Under systemd socket activation
+    /// (LISTEN_FDS) the passed socket is used instead.
     #[arg(long)]
     pub port: Option<u16>,
     /// Listen address (env CHATCLI_BIND_ADDRESS; default 127.0.0.1, 0.0.0.0 in Kubernetes).

@@ -152,6 +152,8 @@ const OTHER_KNOWN_ENV: &[&str] = &[
     "CHATCLI_GATEWAY_IN_SERVER",
     "CHATCLI_DEBUG",
     "CHATCLI_MCP_ENABLED",
+    "CHATCLI_HEALTHCHECK_ADDR",
+    "CHATCLI_DEBUG_OAUTH_TOKEN_URL",
 ];
 
 /// Keys whose compatible variable ignores values ≤ 0 (the existing ChatCLI does).
