@@ -14,10 +14,13 @@
 //! `bench`, one hour) with the secret and sends it as the Bearer token.
 //!
 //! - `run`, closed loop (`--concurrency C`): C workers, each sends its next request when the last
-//!   one is answered. Open loop (`--rate R`): requests are due at a fixed rate whether or not
-//!   earlier ones are answered; `--connections` workers take them in turn and each latency counts
-//!   from the moment the request was *due* (so queueing in front of a slow server is measured, not
-//!   hidden: no coordinated omission). Due requests still unsent 2 s after the end count as errors.
+//!   one is answered; throughput and latencies are those of the calls that end inside the measured
+//!   window. Open loop (`--rate R`): requests are due at a fixed rate whether or not earlier ones
+//!   are answered; `--connections` workers take them in turn. A worker still busy when a call is
+//!   due counts its latency from the due time, so queueing in front of a slow server is measured,
+//!   not hidden (no coordinated omission); an idle worker counts from when its timer fired (tokio's
+//!   timer has millisecond resolution, which is the client's lateness, not the server's). Due
+//!   calls still unsent 2 s after the end count as errors.
 //! - `rounds`: concurrency 1, the targets called in turn, `--per-round` sequential requests each,
 //!   `--rounds` times; p50 is the median of the round medians, p90/p99 are over all samples.
 //! - `stream-rounds`: streamed answers, `--concurrency` at once per target per round: time to the
@@ -51,7 +54,7 @@ use tonic::transport::{Channel, Endpoint};
 
 const PROMPT: &str = "Say hello to the benchmark.";
 /// Longest wait for one answer before it counts as an error.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Parser, Debug)]
 #[command(about = "Load client for chatcli benchmarks")]
@@ -656,9 +659,16 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     }
                 };
                 let r = one(&mut c, stream).await;
-                let took = due.elapsed();
+                let done = Instant::now();
+                let took = done - due;
                 tally.all += 1;
-                if due < measure_from {
+                // Closed loop: the calls that end inside the measured window (the throughput is
+                // the completions per second). Open loop: the calls due inside it.
+                let counted = match period {
+                    None => budget.is_some() || (done >= measure_from && done < end),
+                    Some(_) => due >= measure_from,
+                };
+                if !counted {
                     continue;
                 }
                 match r {
@@ -679,10 +689,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let finished = Instant::now();
     let window = match a.requests {
         Some(_) => (finished - start).as_secs_f64(),
-        None => match period {
-            Some(_) => a.duration.as_secs_f64(),
-            None => (finished.min(end + CALL_TIMEOUT) - measure_from).as_secs_f64(),
-        },
+        None => a.duration.as_secs_f64(),
     };
     let total = all.ok + all.errors;
     let mut out = json!({

@@ -2,8 +2,8 @@
 //!
 //! Triggers: changes in the directories of the config file, its `conf.d/` drop-ins and every file
 //! the config points to (directories, not files, so atomic renames and the Kubernetes `..data`
-//! symlink swap are seen; events are debounced ~250 ms so an editor's truncate-then-write is read
-//! once, whole), SIGHUP, and the admin commands (`/reload`, `POST /admin/reload`).
+//! symlink swap are seen; events are debounced ~250 ms, at most 1 s, so an editor's
+//! truncate-then-write is read once, whole), SIGHUP, and the admin commands (`/reload`, `POST /admin/reload`).
 //!
 //! A reload reads and validates everything into a new [`Prepared`] off the request path and
 //! publishes it with one store; requests keep the snapshot they started with. Unchanged providers
@@ -469,44 +469,47 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Watches the config's directories and reloads on changes (debounced). The returned guard stops
-/// watching when dropped. After each reload the set of directories is recomputed (a config that
-/// now points to a new key file gets that file's directory watched).
+/// Quiet time that ends a burst of file events (an editor's truncate-then-write is read once).
+const DEBOUNCE: Duration = Duration::from_millis(250);
+/// Longest a burst may postpone its reload: files rewritten faster than [`DEBOUNCE`] still apply.
+const MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Watches the config's directories and reloads on changes: a burst of events ends after
+/// [`DEBOUNCE`] of quiet, or [`MAX_DELAY`] after its first event, whichever comes first. The
+/// returned guard stops watching when dropped. After each reload the set of directories is
+/// recomputed (a config that now points to a new key file gets that file's directory watched).
 pub fn watch(reloader: Arc<Reloader>) -> Result<WatchGuard, String> {
-    use notify::RecursiveMode;
-    use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+    use notify::{RecursiveMode, Watcher};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let mut debouncer = new_debouncer(Duration::from_millis(250), None, move |res: DebounceEventResult| {
-        let paths: Vec<PathBuf> = match res {
-            Ok(events) => events
-                .into_iter()
-                .filter(|e| {
-                    use notify::EventKind::*;
-                    matches!(e.kind, Create(_) | Remove(_))
-                        || matches!(e.kind, Modify(k) if !matches!(k, notify::event::ModifyKind::Metadata(_)))
-                })
-                .flat_map(|e| e.event.paths)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        if !paths.is_empty() {
-            let _ = tx.send(paths);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(e) = res else { return };
+        use notify::EventKind::*;
+        let relevant = matches!(e.kind, Create(_) | Remove(_))
+            || matches!(e.kind, Modify(k) if !matches!(k, notify::event::ModifyKind::Metadata(_)));
+        if relevant && !e.paths.is_empty() {
+            let _ = tx.send(e.paths);
         }
     })
     .map_err(|e| format!("cannot watch the configuration: {e}"))?;
     let mut watched = reloader.watched_dirs();
     for d in &watched {
-        if let Err(e) = debouncer.watch(d, RecursiveMode::NonRecursive) {
+        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
         }
     }
-    let debouncer = Arc::new(Mutex::new(debouncer));
+    let watcher = Arc::new(Mutex::new(watcher));
     let task = {
-        let debouncer = debouncer.clone();
+        let watcher = watcher.clone();
         tokio::spawn(async move {
             while let Some(mut paths) = rx.recv().await {
-                while let Ok(more) = rx.try_recv() {
-                    paths.extend(more);
+                let deadline = tokio::time::Instant::now() + MAX_DELAY;
+                loop {
+                    let quiet = tokio::time::Instant::now() + DEBOUNCE;
+                    match tokio::time::timeout_at(quiet.min(deadline), rx.recv()).await {
+                        Ok(Some(more)) => paths.extend(more),
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
                 }
                 if !paths.iter().any(|p| reloader.is_relevant(p)) {
                     continue;
@@ -514,12 +517,12 @@ pub fn watch(reloader: Arc<Reloader>) -> Result<WatchGuard, String> {
                 let _ = reloader.reload("file change", false).await;
                 let now = reloader.watched_dirs();
                 if now != watched {
-                    let mut d = lock(&debouncer);
+                    let mut w = lock(&watcher);
                     for old in watched.iter().filter(|o| !now.contains(o)) {
-                        let _ = d.unwatch(old);
+                        let _ = w.unwatch(old);
                     }
                     for new in now.iter().filter(|n| !watched.contains(n)) {
-                        if let Err(e) = d.watch(new, RecursiveMode::NonRecursive) {
+                        if let Err(e) = w.watch(new, RecursiveMode::NonRecursive) {
                             tracing::warn!(dir = %new.display(), error = %e, "cannot watch directory");
                         }
                     }
@@ -529,14 +532,14 @@ pub fn watch(reloader: Arc<Reloader>) -> Result<WatchGuard, String> {
         })
     };
     Ok(WatchGuard {
-        _debouncer: Box::new(debouncer),
+        _watcher: Box::new(watcher),
         task,
     })
 }
 
 /// Stops watching when dropped.
 pub struct WatchGuard {
-    _debouncer: Box<dyn std::any::Any + Send>,
+    _watcher: Box<dyn std::any::Any + Send>,
     task: tokio::task::JoinHandle<()>,
 }
 
