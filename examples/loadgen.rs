@@ -291,11 +291,11 @@ async fn http_connect(t: &Target) -> anyhow::Result<HttpSender> {
 }
 
 async fn grpc_channel(t: &Target) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(t.url.clone())?
+    Endpoint::from_shared(t.url.clone())?
         .tcp_nodelay(true)
         .connect()
         .await
-        .with_context(|| format!("connecting to {}", t.url))?)
+        .with_context(|| format!("connecting to {}", t.url))
 }
 
 fn http_body(t: &Target, stream: bool) -> Bytes {
