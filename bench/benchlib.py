@@ -68,11 +68,25 @@ def proc_rss_kib(pid):
     return 0
 
 
-def machine_busy_ticks():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
+def _busy(v):
     # user nice system idle iowait irq softirq steal
     return v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+
+
+def machine_busy_ticks():
+    """Busy ticks of the whole machine and of each CPU."""
+    total, per = 0, {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *rest = line.split()
+            b = _busy([int(x) for x in rest])
+            if name == "cpu":
+                total = b
+            else:
+                per[name] = b
+    return total, per
 
 
 def parse_named(args):
@@ -96,7 +110,8 @@ def snap(named):
         }
     with open("/proc/loadavg") as f:
         load = float(f.read().split()[0])
-    return {"t": time.time(), "busy_ticks": machine_busy_ticks(), "loadavg": load, "procs": procs}
+    total, per = machine_busy_ticks()
+    return {"t": time.time(), "busy_ticks": total, "cpu_ticks": per, "loadavg": load, "procs": procs}
 
 
 def watch(out, named):
@@ -163,8 +178,12 @@ def enrich(result, before, after, peak, gw, label, extra):
                 r["gw_cpu_us_per_call"] = round(cpu_s * 1e6 / calls, 2)
             r["gw_rss_peak_kib"] = pk.get(gw)
             r["gw_rss_after_kib"] = a["procs"][gw]["rss_kib"]
-        if "mock" in a["procs"] and "mock" in b["procs"] and dt > 0:
-            r["mock_cpu_cores"] = round((a["procs"]["mock"]["cpu_ns"] - b["procs"]["mock"]["cpu_ns"]) / 1e9 / dt, 3)
+        mocks = [n for n in a["procs"] if n.startswith("mock") and n in b["procs"]]
+        if mocks and dt > 0:
+            r["mock_cpu_cores"] = round(sum(a["procs"][n]["cpu_ns"] - b["procs"][n]["cpu_ns"] for n in mocks) / 1e9 / dt, 3)
+        if dt > 0 and "cpu_ticks" in a:
+            # How busy each core was (anything on it: ours and others').
+            r["core_busy"] = {c: round((a["cpu_ticks"][c] - b["cpu_ticks"].get(c, 0)) / CLK_TCK / dt, 3) for c in sorted(a["cpu_ticks"])}
         if extra:
             r.update(json.loads(extra))
         print(json.dumps(r))
@@ -216,6 +235,15 @@ def ratio(a, b, fmt="{:.2f}×"):
         return "–"
 
 
+def busy(r, cpu):
+    v = (r.get("core_busy") or {}).get(cpu)
+    return "–" if v is None else f"{v:.2f}"
+
+
+def cores(v):
+    return "–" if v is None else f"{v:.2f}"
+
+
 def mib(kib):
     return "–" if kib in (None, "") else f"{float(kib) / 1024:.1f} MiB"
 
@@ -248,11 +276,11 @@ def report(d):
     if ceil:
         w("### Mock ceiling (mock and load client together on core 1)")
         w("")
-        w("| client | concurrency | req/s | p50 | p90 | p99 | errors | other CPU |")
-        w("|---|---|---|---|---|---|---|---|")
+        w("| client | concurrency | req/s | p50 | p90 | p99 | errors | core 1 busy | other processes' CPU |")
+        w("|---|---|---|---|---|---|---|---|---|")
         for r in ceil:
             w(f"| {r.get('client', 'loadgen')} | {r.get('concurrency')} | {r.get('rps', 0):.0f} | {us(r.get('p50_us'))} | "
-              f"{us(r.get('p90_us'))} | {us(r.get('p99_us'))} | {r.get('errors')} | {r.get('foreign_cores')} |")
+              f"{us(r.get('p90_us'))} | {us(r.get('p99_us'))} | {r.get('errors')} | {busy(r, 'cpu1')} | {cores(r.get('foreign_cores'))} |")
         w("")
     # Added latency
     lat = sorted([r for r in rows if r.get("kind") == "rounds"], key=lambda r: order_key(r["target"]))
@@ -273,6 +301,7 @@ def report(d):
               f"{us(r['added_p99_us']) if r['target'] != 'direct' else '–'} | {rel} | {r['errors']} |")
         w("")
     # Throughput
+    ceiling = next((c for c in ceil if c.get("client", "loadgen") == "loadgen"), None)
     for mock, title in (("m0", "zero-delay mock"), ("m20", "20 ms mock")):
         closed = [r for r in rows if r.get("label", "").startswith(f"tput-{mock}-closed")]
         if not closed:
@@ -280,36 +309,44 @@ def report(d):
         opens = [r for r in rows if r.get("label", "").startswith(f"tput-{mock}-open")]
         closed.sort(key=lambda r: order_key(r["target"]))
         by = {r["target"]: r for r in closed}
-        best = {}
-        for r in opens:
-            if r.get("passed") and (r["target"] not in best or r["rate"] > best[r["target"]]["rate"]):
-                best[r["target"]] = r
-        tried = {}
+        best, tried = {}, {}
         for r in opens:
             tried.setdefault(r["target"], []).append(r)
-        lit = by.get("litellm")
-        ngx = by.get("nginx")
+            if r.get("passed") and (r["target"] not in best or r["rate"] > best[r["target"]]["rate"]):
+                best[r["target"]] = r
+        lit, ngx = by.get("litellm"), by.get("nginx")
         w(f"### Throughput, {title}, gateway pinned to core 0")
         w("")
-        w(f"Closed loop (concurrency {closed[0].get('concurrency')}) gives the peak; the open-loop rate is the highest "
-          "tried (peak × 1.0, 0.9, 0.75, 0.5, 0.25) whose p99 stayed under 1 s with under 0.1% errors.")
+        w(f"Closed loop (concurrency {closed[0].get('concurrency')}, load client `loadgen`) gives the peak; the "
+          "open-loop rate is the highest tried (peak × " + ", ".join(str(f) for f in sorted({r.get('factor') for r in opens if r.get('factor')}, reverse=True))
+          + ") whose p99 stayed under 1 s with under 0.1% errors. CPU µs/call = the gateway process's CPU time "
+          "(all threads, user + kernel) over the run ÷ calls answered.")
         w("")
-        w("| target | closed-loop req/s | p50 | p99 | errors | CPU µs/call | gateway cores | max rate with p99 < 1 s | its p50 / p99 | vs LiteLLM | vs nginx | other CPU |")
-        w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        w("| target | closed-loop req/s | p50 | p99 | errors | gateway CPU µs/call | core 0 busy | core 1 busy | max rate with p99 < 1 s | its p50 / p99 | vs LiteLLM | vs nginx | other CPU |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in closed:
             t = r["target"]
             b = best.get(t)
-            rate = f"{b['rate']:.0f} (ok {b['rps']:.0f}/s)" if b else ("none passed" if t in tried else "–")
+            rate = f"{b['rate']:.0f}" if b else ("none passed" if t in tried else "–")
             pp = f"{us(b['p50_us'])} / {us(b['p99_us'])}" if b else "–"
             flag = ""
-            ceiling = next((c for c in ceil if c.get("client", "loadgen") == "loadgen"), None)
             if ceiling and t != "direct" and mock == "m0" and r["rps"] >= 0.9 * ceiling["rps"]:
-                flag = " ⚠ within 10% of the mock ceiling"
+                flag = " ⚠ ≥ 90% of the mock ceiling"
             w(f"| {t} | {r['rps']:.0f}{flag} | {us(r.get('p50_us'))} | {us(r.get('p99_us'))} | {r.get('errors')} | "
-              f"{r.get('gw_cpu_us_per_call', '–') if t != 'direct' else '–'} | {r.get('gw_cpu_cores', '–') if t != 'direct' else '–'} | "
-              f"{rate} | {pp} | {ratio(r['rps'], lit['rps']) if lit and t != 'direct' else '–'} | "
-              f"{ratio(r['rps'], ngx['rps'], '{:.0%}') if ngx and t not in ('direct',) else '–'} | {r.get('foreign_cores')} |")
+              f"{r.get('gw_cpu_us_per_call', '–') if t != 'direct' else '–'} | {busy(r, 'cpu0')} | {busy(r, 'cpu1')} | "
+              f"{rate} | {pp} | {ratio(r['rps'], lit['rps'], '{:.0f}×') if lit and t not in ('direct', 'litellm') else '–'} | "
+              f"{ratio(r['rps'], ngx['rps'], '{:.0%}') if ngx and t not in ('direct', 'nginx') else '–'} | {cores(r.get('foreign_cores'))} |")
         w("")
+        wrk = [r for r in rows if r.get("label") == f"wrk-{mock}"]
+        if wrk:
+            w(f"Cross-check with `wrk -t1 -c64` (a lighter client than loadgen, so more of core 1 is left to the mock), {title}:")
+            w("")
+            w("| target | req/s | p50 | p99 | errors | gateway CPU µs/call | core 0 busy | core 1 busy |")
+            w("|---|---|---|---|---|---|---|---|")
+            for r in sorted(wrk, key=lambda r: order_key(r["target"])):
+                w(f"| {r['target']} | {r['rps']:.0f} | {us(r.get('p50_us'))} | {us(r.get('p99_us'))} | {r.get('errors')} | "
+                  f"{r.get('gw_cpu_us_per_call', '–')} | {busy(r, 'cpu0')} | {busy(r, 'cpu1')} |")
+            w("")
     # Streaming
     st = sorted([r for r in rows if r.get("kind") == "stream-rounds"], key=lambda r: order_key(r["target"]))
     if st:

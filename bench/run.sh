@@ -54,7 +54,8 @@ RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
 if [[ $SMOKE == 1 ]]; then
     OUT=$(mktemp -d /tmp/chatcli-bench-smoke.XXXXXX)
 else
-    OUT=$BENCH/results/$RUN_ID$([[ $QUICK == 1 ]] && echo -quick)
+    OUT=$BENCH/results/$RUN_ID
+    [[ $QUICK == 1 ]] && OUT+=-quick
 fi
 mkdir -p "$OUT"
 TMP=$(mktemp -d /tmp/chatcli-bench.XXXXXX)
@@ -79,14 +80,15 @@ trap 'exit 130' INT TERM
 # Preconditions, installs, build
 
 NPROC=$(nproc)
+# Command prefixes (arrays, not functions: a background job of an external command is that
+# command's own PID, which is what gets measured and stopped).
 if (( NPROC >= 2 )); then
     GW_CORE=0 LOAD_CORE=1
-    pin_gw() { taskset -c "$GW_CORE" "$@"; }
-    pin_load() { taskset -c "$LOAD_CORE" "$@"; }
+    PIN_GW=(taskset -c "$GW_CORE")
+    PIN_LOAD=(taskset -c "$LOAD_CORE")
 else
     log "only $NPROC core: no pinning, gateway and load share it"
-    pin_gw() { "$@"; }
-    pin_load() { "$@"; }
+    PIN_GW=() PIN_LOAD=()
 fi
 
 need=()
@@ -169,11 +171,11 @@ render() { # IN OUT KEY=VALUE...
 }
 
 log "starting the mocks on core ${LOAD_CORE:-any}"
-start mock-m0 pin_load "$MOCK" --port "$M0"
-start mock-m20 pin_load "$MOCK" --port "$M20" --latency 20ms
-start mock-ms pin_load "$MOCK" --port "$MS" --deltas 64 --interval 20ms
+start mock-m0 "${PIN_LOAD[@]}" "$MOCK" --port "$M0"
+start mock-m20 "${PIN_LOAD[@]}" "$MOCK" --port "$M20" --latency 20ms
+start mock-ms "${PIN_LOAD[@]}" "$MOCK" --port "$MS" --deltas 64 --interval 20ms
 # Long streams for holding 1,000 open: 1200 deltas 50 ms apart (a minute).
-start mock-mh pin_load "$MOCK" --port "$MH" --deltas 1200 --interval 50ms
+start mock-mh "${PIN_LOAD[@]}" "$MOCK" --port "$MH" --deltas 1200 --interval 50ms
 for m in m0:$M0 m20:$M20 ms:$MS mh:$MH; do
     wait_http "mock-${m%%:*}" "http://127.0.0.1:${m#*:}/health" 10
 done
@@ -189,11 +191,11 @@ secret = \"$JWT_SECRET\"
 path = \"$TMP/audit.jsonl\""
 
 log "starting chatcli on core ${GW_CORE:-any}"
-start chatcli pin_gw "$BIN" server --config "$TMP/chatcli-plain.toml"
+start chatcli "${PIN_GW[@]}" "$BIN" server --config "$TMP/chatcli-plain.toml"
 wait_http chatcli "http://127.0.0.1:$CC/health" 30
 completion_ok "http://127.0.0.1:$CC/v1/chat/completions" m0 || die "chatcli does not answer a completion through the mock"
 if [[ $SMOKE == 0 ]]; then
-    start chatcli-auth pin_gw "$BIN" server --config "$TMP/chatcli-auth.toml"
+    start chatcli-auth "${PIN_GW[@]}" "$BIN" server --config "$TMP/chatcli-auth.toml"
     wait_http chatcli-auth "http://127.0.0.1:$CA/health" 30
 fi
 
@@ -201,7 +203,7 @@ if [[ $SMOKE == 0 ]]; then
     log "starting nginx on core $GW_CORE"
     mkdir -p "$TMP"/nginx-{body,proxy,fastcgi,uwsgi,scgi}
     render "$BENCH/nginx.conf.in" "$TMP/nginx.conf" "${fill[@]}" NGINX="$NGX"
-    start nginx pin_gw /usr/sbin/nginx -c "$TMP/nginx.conf" -p "$TMP"
+    start nginx "${PIN_GW[@]}" /usr/sbin/nginx -c "$TMP/nginx.conf" -p "$TMP"
     wait_http nginx "http://127.0.0.1:$NGX/m0/health" 10
     completion_ok "http://127.0.0.1:$NGX/m0/v1/chat/completions" m0 || die "nginx does not proxy a completion"
 fi
@@ -211,7 +213,7 @@ if [[ $LITELLM == 1 ]]; then
     render "$BENCH/litellm.yaml.in" "$TMP/litellm.yaml" "${fill[@]}"
     start litellm env -C "$TMP" LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOG=ERROR LITELLM_TELEMETRY=False \
         DISABLE_SCHEMA_UPDATE=True NO_DOCS=True \
-        taskset -c "${GW_CORE:-0}" "$VENV/bin/litellm" --config "$TMP/litellm.yaml" \
+        "${PIN_GW[@]}" "$VENV/bin/litellm" --config "$TMP/litellm.yaml" \
         --host 127.0.0.1 --port "$LLM" --num_workers 1
     wait_http litellm "http://127.0.0.1:$LLM/health/liveliness" 240
     completion_ok "http://127.0.0.1:$LLM/v1/chat/completions" m0 -H "authorization: Bearer $MASTER_KEY" \
@@ -232,8 +234,10 @@ gw_of() { case $1 in direct) echo "" ;; nginx) echo nginx ;; chatcli-http|chatcl
 # The processes whose CPU and RSS are recorded.
 named_pids() {
     local n
-    for n in chatcli chatcli-auth nginx litellm; do [[ -n ${PID[$n]:-} ]] && printf '%s=%s ' "$n" "$(gw_pid "$n")"; done
-    printf 'mock=%s\n' "${PID[mock-m0]}"
+    for n in chatcli chatcli-auth nginx litellm mock-m0 mock-m20 mock-ms mock-mh; do
+        [[ -n ${PID[$n]:-} ]] && printf '%s=%s ' "$n" "$(gw_pid "$n")"
+    done
+    echo
 }
 # The real server process (the started PID may be taskset/env that exec'd it: same PID).
 gw_pid() { echo "${PID[$1]}"; }
@@ -257,6 +261,7 @@ wait_quiet() { # waits until the 1-min load average is below LOADMAX (at most MA
 
 # measure LABEL FILE GATEWAY EXTRA_JSON -- LOADGEN ARGS...: runs the load client pinned to the load
 # core, with CPU/RSS snapshots of every gateway around it, and appends the enriched JSON to FILE.
+# (`-- wrk ARGS...` runs wrk instead.)
 WATCH_PID=
 measure() {
     local label=$1 file=$2 gw=$3 extra=$4; shift 5
@@ -269,7 +274,9 @@ measure() {
     $LIB watch "$TMP/peak.json" $names &
     WATCH_PID=$!
     local rc=0
-    pin_load "$LG" "$@" >"$TMP/result.json" 2>"$TMP/loadgen.err" || rc=$?
+    local cmd=("$LG")
+    [[ $1 == wrk ]] && cmd=()
+    "${PIN_LOAD[@]}" "${cmd[@]}" "$@" >"$TMP/result.json" 2>"$TMP/loadgen.err" || rc=$?
     kill "$WATCH_PID" 2>/dev/null || true
     wait "$WATCH_PID" 2>/dev/null || true
     WATCH_PID=
@@ -361,21 +368,26 @@ measure ceiling "$OUT/1-ceiling.jsonl" "" '{"client":"loadgen"}' -- \
     run --target "$(spec_direct m0)" --concurrency 64 --duration "$DUR" --warmup 1
 CEILING=$(jget rps)
 log "  mock ceiling (loadgen, c=64): $CEILING req/s"
-# Cross-check with wrk (same pinning), HTTP/1.1 keep-alive, same body.
+# Cross-check with wrk (same pinning, one thread, HTTP/1.1 keep-alive, same body; wrk checks the
+# status only): the mock's ceiling with a lighter client, and later nginx and chatcli with it.
 printf '%s' '{"model":"m0","messages":[{"role":"user","content":"Say hello to the benchmark."}],"stream":false}' >"$TMP/body.json"
-cat >"$TMP/post.lua" <<EOF
+wrk_lua() { # TARGET_NAME: a wrk script that posts the body and prints one JSON line
+    cat >"$TMP/wrk-$1.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local f = io.open("$TMP/body.json"); wrk.body = f:read("*a"); f:close()
 done = function(summary, latency, requests)
-  io.write(string.format('{"kind":"wrk","target":"direct","client":"wrk","concurrency":64,"rps":%f,"p50_us":%d,"p90_us":%d,"p99_us":%d,"errors":%d,"ok":%d}\n',
-    summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout, summary.requests))
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout
+  io.write(string.format('{"kind":"wrk","client":"wrk","target":"$1","concurrency":64,"rps":%f,"p50_us":%d,"p90_us":%d,"p99_us":%d,"errors":%d,"ok":%d,"all_calls":%d}\n',
+    (summary.requests - errors) / (summary.duration / 1e6), latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    errors, summary.requests - errors, summary.requests))
 end
 EOF
-pin_load wrk -t1 -c64 -d"${DUR}s" -s "$TMP/post.lua" "http://127.0.0.1:$M0/v1/chat/completions" \
-    | grep '^{' | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["label"]="ceiling-wrk"; print(json.dumps(r))' >>"$OUT/1-ceiling.jsonl"
-log "  mock ceiling (wrk, c=64): $($LIB get "$OUT/1-ceiling.jsonl" rps) req/s"
+    echo "$TMP/wrk-$1.lua"
+}
+measure ceiling-wrk "$OUT/1-ceiling.jsonl" "" '{}' -- \
+    wrk -t1 -c64 -d"${DUR}s" -s "$(wrk_lua direct)" "http://127.0.0.1:$M0/v1/chat/completions"
+log "  mock ceiling (wrk, c=64): $(jget rps) req/s"
 
 # 2. Added latency at concurrency 1 (zero-delay mock), interleaved rounds.
 wait_quiet
@@ -408,6 +420,12 @@ tput() { # MOCK TARGET CONCURRENCY CONNECTIONS
 }
 log "scenario: throughput, zero-delay mock"
 for t in "${TARGETS_ALL[@]}"; do tput m0 "$t" 64 256; done
+for t in nginx chatcli-http; do
+    wait_quiet
+    case $t in nginx) url="http://127.0.0.1:$NGX/m0/v1/chat/completions" ;; *) url="http://127.0.0.1:$CC/v1/chat/completions" ;; esac
+    measure "wrk-m0" "$OUT/3-wrk-m0.jsonl" "$(gw_of "$t")" '{}' -- wrk -t1 -c64 -d"${DUR}s" -s "$(wrk_lua "$t")" "$url"
+    log "  $t (m0) with wrk, c=64: $(jget rps) req/s, gateway CPU $(jget gw_cpu_us_per_call) µs/call"
+done
 declare -A PEAK=()
 for g in chatcli chatcli-auth nginx litellm; do
     [[ -n ${PID[$g]:-} ]] && PEAK[$g]=$(python3 -c '
@@ -431,7 +449,7 @@ measure streaming "$OUT/4-streaming.jsonl" "" '{}' -- stream-rounds --rounds "$S
 hold() { # TARGET: prints "RSS_KIB OPENED"
     local t=$1 g
     g=$(gw_of "$t")
-    pin_load "$LG" hold --target "$(spec_of "$t" mh)" --streams 1000 --secs "$HOLD_SECS" >"$TMP/hold.out" 2>"$TMP/hold.err" &
+    "${PIN_LOAD[@]}" "$LG" hold --target "$(spec_of "$t" mh)" --streams 1000 --secs "$HOLD_SECS" >"$TMP/hold.out" 2>"$TMP/hold.err" &
     local hp=$! opened="" i=0
     while (( i++ < 900 )); do
         opened=$(sed -n 's/^HELD //p' "$TMP/hold.out" 2>/dev/null)

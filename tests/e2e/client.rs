@@ -1238,7 +1238,8 @@ async fn interactive_keeps_history_saves_and_loads_sessions_and_shows_status() {
             .any(|(r, c)| r == "assistant" && c == "Your name is **Ada**"),
         "{third:?}"
     );
-    // Ctrl-D leaves.
+    // Ctrl-D at the prompt leaves (wait for the prompt: the answer may still be rendering).
+    expect(&mut p, "chatcli> ");
     p.send(expectrl::ControlCode::EndOfTransmission).unwrap();
     let status = wait_exit(&mut p);
     assert!(status.contains(", 0)"), "{status}");
