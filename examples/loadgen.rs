@@ -103,6 +103,10 @@ struct RunArgs {
     /// Streamed calls (HTTP `stream: true`, gRPC StreamPrompt) instead of whole answers.
     #[arg(long)]
     stream: bool,
+    /// Closed loop: spread the workers' first calls evenly over this long (so long streams do not
+    /// all start, and deliver their deltas, at the same instant).
+    #[arg(long, default_value = "0", value_parser = parse_secs)]
+    stagger: Duration,
     /// gRPC: HTTP/2 connections the workers share (default: one per 50 workers).
     #[arg(long)]
     grpc_connections: Option<usize>,
@@ -523,6 +527,9 @@ fn summary(v: &mut [u64]) -> serde_json::Value {
 #[derive(Default)]
 struct Tally {
     lat_us: Vec<u64>,
+    /// Streamed calls: time to the first delta, and the gaps between deltas.
+    ttft_us: Vec<u64>,
+    gap_us: Vec<u64>,
     ok: u64,
     errors: u64,
     /// Answered calls, the warm-up's included (for CPU time per call).
@@ -533,6 +540,8 @@ struct Tally {
 impl Tally {
     fn merge(&mut self, o: Tally) {
         self.lat_us.extend(o.lat_us);
+        self.ttft_us.extend(o.ttft_us);
+        self.gap_us.extend(o.gap_us);
         self.ok += o.ok;
         self.errors += o.errors;
         self.all += o.all;
@@ -576,12 +585,12 @@ async fn callers(
     Ok(out)
 }
 
-async fn one(c: &mut Caller, stream: bool) -> anyhow::Result<()> {
+async fn one(c: &mut Caller, stream: bool) -> anyhow::Result<Option<StreamSample>> {
     let fut = async {
         if stream {
-            c.call_stream(|| {}).await.map(|_| ())
+            c.call_stream(|| {}).await.map(Some)
         } else {
-            c.call().await
+            c.call().await.map(|()| None)
         }
     };
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
@@ -612,12 +621,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let period = a.rate.map(|r| Duration::from_secs_f64(1.0 / r.max(1e-9)));
     let stream = a.stream;
     let mut set = tokio::task::JoinSet::new();
-    for mut c in cs {
+    let n_workers = cs.len() as u32;
+    for (w, mut c) in cs.into_iter().enumerate() {
         let budget = budget.clone();
         let next = next.clone();
+        let first = start + a.stagger * w as u32 / n_workers.max(1);
         set.spawn(async move {
             let mut tally = Tally::default();
-            tokio::time::sleep_until(start).await;
+            tokio::time::sleep_until(first).await;
             loop {
                 let due = match period {
                     None => {
@@ -672,9 +683,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 match r {
-                    Ok(()) => {
+                    Ok(sample) => {
                         tally.ok += 1;
                         tally.lat_us.push(took.as_micros() as u64);
+                        if let Some(s) = sample {
+                            tally.ttft_us.push(s.ttft_us);
+                            tally.gap_us.extend(s.gaps_us);
+                        }
                     }
                     Err(e) => tally.error(e),
                 }
@@ -715,6 +730,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if let (Some(o), Some(s)) = (out.as_object_mut(), s.as_object()) {
         for (k, v) in s {
             o.insert(k.clone(), v.clone());
+        }
+        if stream {
+            o.insert("ttft".into(), summary(&mut all.ttft_us));
+            o.insert("gap".into(), summary(&mut all.gap_us));
         }
     }
     if let Some(e) = &all.first_error {
@@ -778,7 +797,7 @@ async fn rounds(a: RoundsArgs) -> anyhow::Result<()> {
             for _ in 0..a.per_round {
                 let t0 = Instant::now();
                 match one(&mut cs[i], false).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         lat.push(t0.elapsed().as_nanos() as u64 / 1000);
                         tallies[i].ok += 1;
                     }
