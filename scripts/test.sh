@@ -35,6 +35,9 @@ step "cargo test --locked (unit, integration, end-to-end with the real binary an
 cargo test --locked --all-targets
 cargo test --locked --doc
 
+step "benchmark harness smoke run: mock + chatcli, 600 calls and 6 streams, zero errors (bench/run.sh --smoke --debug)"
+bench/run.sh --smoke --debug
+
 step "shipping artifacts: example configs, systemd units, offline image, Helm chart, flake (scripts/check-shipping.sh)"
 ./scripts/check-shipping.sh
 
