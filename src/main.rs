@@ -12,6 +12,12 @@ use chatcli::telemetry::{LogSettings, init_logging};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator: a proxied call makes dozens of short-lived allocations
+/// (headers, JSON, buffers), and glibc's malloc (musl's even more, in the static image) was a fifth
+/// of the daemon's CPU time per call in the benchmark profile (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
         Ok(cli) => cli,

@@ -448,7 +448,9 @@ pub struct ProviderConfig {
     pub delay: Option<Duration>,
     /// Extra HTTP headers sent upstream (e.g. OpenRouter's `HTTP-Referer` and `X-Title`).
     pub headers: std::collections::BTreeMap<String, String>,
-    /// Longest wait for the upstream's first byte of an answer.
+    /// Longest wait for the upstream's first byte of an answer. OpenAI-format providers ask for a
+    /// non-streamed call (SendPrompt, `stream: false`) as one whole answer, so there it bounds the
+    /// whole answer.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
     /// Anthropic `anthropic-version` header.

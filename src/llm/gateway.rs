@@ -35,6 +35,9 @@ pub struct PromptCall {
     pub credentials: Option<ClientCredentials>,
     /// The caller's deadline.
     pub deadline: Option<Instant>,
+    /// The caller takes the whole answer at once (SendPrompt, `stream: false`): providers may ask
+    /// their upstream for a whole answer too ([`ChatRequest::stream`]).
+    pub unary: bool,
 }
 
 /// Starts a prompt: returns once a provider has produced its first delta (or every candidate
@@ -63,6 +66,7 @@ pub async fn start(
     request.temperature = call.temperature;
     request.top_p = call.top_p;
     request.stop = call.stop;
+    request.stream = !call.unary;
     let started = Instant::now();
     let result = fallback::start(
         candidates,

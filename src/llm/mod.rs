@@ -37,8 +37,9 @@ pub struct ProviderContext {
     pub ssrf: Arc<ssrf::SsrfPolicy>,
 }
 
-/// One turn of a conversation sent upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One turn of a conversation sent upstream (serialized as the `{"role", "content"}` object most
+/// wire formats share).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Message {
     /// "system", "user" or "assistant" (others pass through).
     pub role: String,
@@ -61,6 +62,10 @@ pub struct ChatRequest {
     pub top_p: Option<f32>,
     /// Stop sequences, passed through where the provider supports them.
     pub stop: Vec<String>,
+    /// Whether the caller reads the answer as it comes (`StreamPrompt`, `stream: true`). When it
+    /// does not, a provider may ask its upstream for the whole answer in one response (less
+    /// framing to parse, and what any other gateway sends); its stream then yields it at once.
+    pub stream: bool,
 }
 
 impl ChatRequest {
@@ -73,6 +78,7 @@ impl ChatRequest {
             temperature: None,
             top_p: None,
             stop: Vec::new(),
+            stream: true,
         }
     }
 }

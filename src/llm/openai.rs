@@ -11,7 +11,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError, UpstreamError};
 use super::http;
@@ -125,6 +126,8 @@ pub struct OpenAiProvider {
     preset: &'static Preset,
     /// Without a trailing slash; `/chat/completions` is appended.
     base_url: String,
+    /// `{base_url}/chat/completions`, parsed once.
+    url: reqwest::Url,
     model: String,
     /// Kept to scrub it from upstream error messages that echo it back.
     api_key: Option<Secret>,
@@ -252,10 +255,12 @@ impl OpenAiProvider {
                 .map(|(k, v)| (*k, v.as_str()))
                 .chain(cfg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         )?;
+        let (base_url, url) = chat_url(name, base_url)?;
         Ok(Self {
             name: name.to_string(),
             preset,
-            base_url: base_url.trim_end_matches('/').to_string(),
+            base_url,
+            url,
             model: model.to_string(),
             api_key,
             auth,
@@ -277,57 +282,89 @@ impl OpenAiProvider {
         &self.base_url
     }
 
-    fn body(&self, request: &ChatRequest) -> Value {
+    fn body<'a>(&'a self, request: &'a ChatRequest) -> RequestBody<'a> {
         let model = if request.model.trim().is_empty() {
             &self.model
         } else {
             &request.model
         };
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .map(|m| json!({"role": m.role, "content": m.content}))
-            .collect();
-        let mut body = Map::new();
-        body.insert("model".into(), json!(model));
-        body.insert("messages".into(), Value::Array(messages));
-        body.insert("stream".into(), json!(true));
-        // Without this OpenAI reports no usage on streamed answers.
-        body.insert("stream_options".into(), json!({"include_usage": true}));
-        if let Some(n) = request.max_tokens {
-            body.insert(self.preset.max_tokens_field.into(), json!(n));
+        let (max_tokens, max_completion_tokens) = match self.preset.max_tokens_field {
+            "max_completion_tokens" => (None, request.max_tokens),
+            _ => (request.max_tokens, None),
+        };
+        RequestBody {
+            model,
+            messages: &request.messages,
+            stream: request.stream,
+            // Without this OpenAI reports no usage on streamed answers.
+            stream_options: request.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+            max_tokens,
+            max_completion_tokens,
+            temperature: request.temperature.and_then(float),
+            top_p: request.top_p.and_then(float),
+            stop: &request.stop,
         }
-        if let Some(t) = request.temperature {
-            body.insert("temperature".into(), float(t));
-        }
-        if let Some(p) = request.top_p {
-            body.insert("top_p".into(), float(p));
-        }
-        if !request.stop.is_empty() {
-            body.insert("stop".into(), json!(request.stop));
-        }
-        Value::Object(body)
     }
 
     fn request(&self, request: &ChatRequest) -> reqwest::RequestBuilder {
         let mut headers = self.headers.clone();
-        headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        let accept = match request.stream {
+            true => "text/event-stream",
+            false => "application/json",
+        };
+        headers.insert(ACCEPT, HeaderValue::from_static(accept));
         if let Some(auth) = &self.auth {
             headers.insert(AUTHORIZATION, auth.clone());
         }
         self.client
-            .post(format!("{}/chat/completions", self.base_url))
+            .post(self.url.clone())
             .headers(headers)
             .json(&self.body(request))
     }
 }
 
+/// The base URL without its trailing slash, and `{base_url}/chat/completions` parsed once (not on
+/// every call).
+fn chat_url(name: &str, base_url: &str) -> Result<(String, reqwest::Url), LlmError> {
+    let base_url = base_url.trim_end_matches('/');
+    let url = reqwest::Url::parse(&format!("{base_url}/chat/completions")).map_err(|e| {
+        LlmError::InvalidRequest(format!(
+            "provider `{name}`: base_url `{base_url}` is not a valid URL: {e}"
+        ))
+    })?;
+    Ok((base_url.to_string(), url))
+}
+
+/// The request body, serialized straight from the [`ChatRequest`] (no intermediate JSON tree).
+#[derive(Serialize)]
+struct RequestBody<'a> {
+    model: &'a str,
+    messages: &'a [super::Message],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
 /// An f32 as the JSON number it was written as (0.7, not 0.699999988079071).
-fn float(x: f32) -> Value {
-    x.to_string()
-        .parse::<f64>()
-        .map(Value::from)
-        .unwrap_or(Value::Null)
+fn float(x: f32) -> Option<f64> {
+    x.to_string().parse::<f64>().ok().filter(|f| f.is_finite())
 }
 
 impl Provider for OpenAiProvider {
@@ -373,7 +410,7 @@ impl Provider for OpenAiProvider {
                 url.set_query(None);
                 url.set_fragment(None);
                 scoped.client = client;
-                scoped.base_url = url.as_str().trim_end_matches('/').to_string();
+                (scoped.base_url, scoped.url) = chat_url(&self.name, url.as_str())?;
                 scoped.headers = self.preset_only_headers.clone();
                 // The server's key must never travel to a host the caller chose.
                 scoped.auth = None;
@@ -486,6 +523,14 @@ fn parse_chunk(name: &str, data: &str) -> Result<Chunk, LlmError> {
     if data.is_empty() {
         return Ok(Chunk::Deltas(Vec::new()));
     }
+    match typed_deltas(data.as_bytes(), Shape::Chunk) {
+        Some(deltas) => Ok(Chunk::Deltas(deltas)),
+        None => tolerant_chunk(name, data).map(Chunk::Deltas),
+    }
+}
+
+/// A chunk read over a [`Value`]: error objects, unusual shapes and malformed payloads.
+fn tolerant_chunk(name: &str, data: &str) -> Result<Vec<Delta>, LlmError> {
     let v: Value = serde_json::from_str(data)
         .map_err(|e| malformed(name, format!("a stream event is not JSON: {e}")))?;
     if !v.is_object() {
@@ -513,7 +558,114 @@ fn parse_chunk(name: &str, data: &str) -> Result<Chunk, LlmError> {
     if let Some(u) = usage(v.get("usage")).or_else(|| usage(choice.and_then(|c| c.get("usage")))) {
         out.push(Delta::Usage(u));
     }
-    Ok(Chunk::Deltas(out))
+    Ok(out)
+}
+
+/// Which object a payload is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// A streamed `chat.completion.chunk`: text in `delta`, usage at the top or in the choice.
+    Chunk,
+    /// A whole `chat.completion`: text in `message`, usage at the top.
+    Whole,
+}
+
+/// The fields chatcli reads from a `chat.completion(.chunk)`, borrowed from the payload where the
+/// text has no escapes. Every other field is skipped unread.
+#[derive(Deserialize)]
+struct Payload<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<PayloadChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<PayloadUsage>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct PayloadChoice<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default, borrow)]
+    delta: Option<PayloadText<'a>>,
+    #[serde(default, borrow)]
+    message: Option<PayloadText<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<PayloadUsage>,
+}
+
+#[derive(Deserialize)]
+struct PayloadText<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct PayloadUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+impl From<&PayloadUsage> for Usage {
+    fn from(u: &PayloadUsage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens.unwrap_or(0),
+            completion_tokens: u.completion_tokens.unwrap_or(0),
+        }
+    }
+}
+
+/// The deltas of a well-formed payload, read in one typed pass (the hot path: no JSON tree).
+/// `None` sends the payload to the tolerant reading over a [`Value`], which also turns error
+/// objects and malformed payloads into errors: anything unusual (an `error`, a field of an
+/// unexpected type, no choice in a whole answer) takes that path, so both agree on every input.
+fn typed_deltas(data: &[u8], shape: Shape) -> Option<Vec<Delta>> {
+    // A struct also deserializes from a JSON array; only objects are payloads.
+    if data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let p: Payload<'_> = serde_json::from_slice(data).ok()?;
+    if p.error.is_some() {
+        return None;
+    }
+    let choices = p.choices.as_deref().unwrap_or_default();
+    let choice = choices
+        .iter()
+        .find(|c| c.index == Some(0))
+        .or_else(|| choices.first());
+    if shape == Shape::Whole && choice.is_none() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(3);
+    let text = choice.and_then(|c| match shape {
+        Shape::Chunk => c.delta.as_ref(),
+        Shape::Whole => c.message.as_ref(),
+    });
+    if let Some(t) = text
+        .and_then(|t| t.content.as_deref())
+        .filter(|t| !t.is_empty())
+    {
+        out.push(Delta::Text(t.to_string()));
+    }
+    if let Some(reason) = choice.and_then(|c| c.finish_reason.as_deref()) {
+        out.push(Delta::Finish(reason.to_string()));
+    }
+    // OpenAI puts usage at the top level; Moonshot puts it into the final choice of a stream.
+    let usage = match shape {
+        Shape::Chunk => p
+            .usage
+            .as_ref()
+            .or_else(|| choice.and_then(|c| c.usage.as_ref())),
+        Shape::Whole => p.usage.as_ref(),
+    };
+    if let Some(u) = usage {
+        out.push(Delta::Usage(u.into()));
+    }
+    Some(out)
 }
 
 /// The choice with index 0 (chatcli asks for one completion; `n` is never sent).
@@ -534,8 +686,17 @@ fn usage(v: Option<&Value>) -> Option<Usage> {
     })
 }
 
-/// A whole `chat.completion` (the upstream ignored `stream: true`).
+/// A whole `chat.completion` (asked for with `stream: false`, or the upstream ignored
+/// `stream: true`).
 fn whole_answer(name: &str, body: &[u8]) -> Result<Vec<Delta>, LlmError> {
+    match typed_deltas(body, Shape::Whole) {
+        Some(deltas) => Ok(deltas),
+        None => tolerant_whole(name, body),
+    }
+}
+
+/// A whole answer read over a [`Value`]: error objects, unusual shapes and malformed payloads.
+fn tolerant_whole(name: &str, body: &[u8]) -> Result<Vec<Delta>, LlmError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| malformed(name, format!("the answer is not JSON: {e}")))?;
     if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
@@ -646,6 +807,7 @@ mod tests {
     use crate::llm::{KeyScheme, Message, collect};
     use crate::testing::openai::{OpenAiFormat, error_body};
     use crate::testing::{FakeUpstream, Reply, Step};
+    use serde_json::json;
 
     const SERVER_KEY: &str = "sk-server-0123456789";
 
@@ -1021,6 +1183,77 @@ mod tests {
         let e = upstream(s.next().await.unwrap().unwrap_err());
         assert_eq!(e.class, ErrorClass::RateLimit);
         assert_eq!(e.message, "slow down");
+    }
+
+    #[tokio::test]
+    async fn a_unary_call_asks_the_upstream_for_a_whole_answer() {
+        let fake = fake().await;
+        fake.push(Reply::text("in one piece"));
+        let mut req = ask("hi");
+        req.stream = false;
+        let p = provider(&fake, "openai");
+        let (text, usage) = collect(p.stream(req)).await.unwrap();
+        assert_eq!(text, "in one piece");
+        assert_eq!(usage.map(|u| u.completion_tokens), Some(3));
+        let reqs = fake.requests();
+        let b = reqs[0].json();
+        assert_eq!(b["stream"], false);
+        assert!(b.get("stream_options").is_none(), "{b}");
+        assert_eq!(
+            reqs[0].header("accept").as_deref(),
+            Some("application/json")
+        );
+    }
+
+    /// The typed fast path and the tolerant reading over a `Value` give the same deltas for every
+    /// payload the typed path takes, and the typed path declines what only the tolerant one can
+    /// judge (errors, odd shapes), so no payload is read differently than before.
+    #[test]
+    fn the_typed_reading_agrees_with_the_tolerant_one() {
+        let chunks = [
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"},"logprobs":null,"finish_reason":null}],"usage":null}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"caf\u00e9 \"q\"\n"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":4}}]}"#,
+            r#"{"choices":[{"index":1,"delta":{"content":"other"}},{"index":0,"delta":{"content":"zero"}}]}"#,
+            r#"{"choices":[{"delta":{"content":"no index"}}],"usage":{}}"#,
+            r#"{"choices":null}"#,
+        ];
+        for c in chunks {
+            let typed = typed_deltas(c.as_bytes(), Shape::Chunk).unwrap_or_else(|| panic!("{c}"));
+            assert_eq!(typed, tolerant_chunk("p", c).unwrap(), "{c}");
+        }
+        let wholes = [
+            r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"all","refusal":null},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#,
+            r#"{"choices":[{"index":0,"message":{"content":null},"finish_reason":"content_filter"}]}"#,
+        ];
+        for w in wholes {
+            let typed = typed_deltas(w.as_bytes(), Shape::Whole).unwrap_or_else(|| panic!("{w}"));
+            assert_eq!(typed, tolerant_whole("p", w.as_bytes()).unwrap(), "{w}");
+        }
+        // Left to the tolerant reading: error objects, arrays, odd types, a whole answer without
+        // choices, broken JSON.
+        for c in [
+            r#"{"error":{"message":"boom","type":"server_error"}}"#,
+            r#"[{"choices":[]}]"#,
+            r#"{"choices":[{"index":0,"delta":{"content":["a"]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":1.5}}"#,
+            r#"{"choices":"#,
+        ] {
+            assert!(typed_deltas(c.as_bytes(), Shape::Chunk).is_none(), "{c}");
+        }
+        assert!(typed_deltas(br#"{"choices":[]}"#, Shape::Whole).is_none());
+        // …which still reads them as before.
+        assert_eq!(
+            tolerant_chunk(
+                "p",
+                r#"{"choices":[{"index":0,"delta":{"content":["a"]}}]}"#
+            )
+            .unwrap(),
+            Vec::<Delta>::new()
+        );
+        assert!(tolerant_chunk("p", r#"{"error":{"message":"boom"}}"#).is_err());
     }
 
     #[tokio::test]

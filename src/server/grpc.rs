@@ -309,6 +309,8 @@ impl ChatCliGrpc {
             history: history.clone(),
             prompt: msg.content.clone(),
             credentials: ClientCredentials::from_request(&meta("client_api_key"), Vec::new()),
+            // The session answers with the whole text.
+            unary: true,
             ..Default::default()
         };
         let answer = match self.start(prepared, call).await {
@@ -492,7 +494,8 @@ impl ChatCliService for ChatCliGrpc {
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
-        let call = prompt_fields!(request.into_inner()).into_call(&prepared, deadline)?;
+        let mut call = prompt_fields!(request.into_inner()).into_call(&prepared, deadline)?;
+        call.unary = true;
         let answer = self.start(&prepared, call).await?;
         notes.answered_by(&answer.provider, &answer.model);
         let (text, _) = crate::llm::collect(answer.stream)

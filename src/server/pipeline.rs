@@ -147,10 +147,11 @@ impl Pipeline {
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
             .map(String::from)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let method = if is_grpc {
-            req.uri().path().to_string()
-        } else {
-            format!("{} {}", req.method(), req.uri().path())
+        // Only the audit record names the method.
+        let method = match (&self.state.audit, is_grpc) {
+            (None, _) => String::new(),
+            (Some(_), true) => req.uri().path().to_string(),
+            (Some(_), false) => format!("{} {}", req.method(), req.uri().path()),
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
         let notes = Arc::new(AuditNotes::default());

@@ -286,6 +286,8 @@ async fn chat_completions_pass_history_and_sampling_and_answer_in_openai_shape()
     );
     let up = &upstream_bodies(&fake)[0];
     assert_eq!(up["model"], "gpt-x");
+    // A non-streamed call asks the upstream for the whole answer too.
+    assert_eq!(up["stream"], false);
     assert_eq!(
         up["messages"],
         json!([
@@ -409,6 +411,7 @@ async fn request_streams_deltas_as_they_arrive_then_complete_and_done() {
         ]
     );
     let up = &upstream_bodies(&fake)[0];
+    assert_eq!(up["stream"], true);
     assert_eq!(up["max_completion_tokens"], 20);
     assert_eq!(
         up["messages"],
@@ -441,6 +444,7 @@ async fn request_without_stream_answers_one_json_object() {
         })
     );
     assert_eq!(upstream_bodies(&fake)[0]["model"], "gpt-other");
+    assert_eq!(upstream_bodies(&fake)[0]["stream"], false);
     s.shutdown().await;
 }
 

@@ -420,6 +420,12 @@ async fn client_api_key_is_used_for_that_request_only() {
             Some("Bearer sk-test".to_string())
         ]
     );
+    // SendPrompt takes the whole answer, so the upstream is asked for it in one response.
+    assert!(
+        chat_requests(&fake)
+            .iter()
+            .all(|r| r.json()["stream"] == false)
+    );
     s.shutdown().await;
 }
 

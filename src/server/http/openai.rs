@@ -18,8 +18,8 @@ use axum::extract::{Request, State};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use super::{Api, ApiError, Caller};
 use crate::llm::fallback::Answer;
@@ -169,14 +169,6 @@ fn finish_reason(raw: Option<&str>) -> &'static str {
     }
 }
 
-fn usage_json(u: Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    })
-}
-
 /// Validates the request and turns it into the core call.
 fn into_call(r: CompletionRequest, prepared: &Prepared) -> Result<PromptCall, ApiError> {
     if r.n.is_some_and(|n| n != 1) {
@@ -305,7 +297,8 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let prepared = caller.prepared.clone();
-    let call = into_call(req, &prepared)?;
+    let mut call = into_call(req, &prepared)?;
+    call.unary = !stream;
     let slot = match stream {
         true => api.stream_slot(&prepared, &caller.limit_key)?,
         false => None,
@@ -324,20 +317,29 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         stream: mut upstream,
     } = answer;
     let model_id = format!("{provider}/{model}");
-    let chunk = move |delta: Value, finish: Option<&str>| {
-        let mut c = json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_id,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
-    };
+    // One `chat.completion.chunk` as an SSE event. `usage_chunk` is `Some` for the last chunk of
+    // `include_usage` (no choices; the usage, or `null` when the upstream sent none); on every
+    // other chunk `usage` is `null` when the caller asked for usage, absent otherwise.
+    let chunk =
+        move |delta: DeltaOut<'_>, finish: Option<&str>, usage_chunk: Option<Option<UsageOut>>| {
+            let choice = [ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason: finish,
+            }];
+            let c = ChunkOut {
+                id: &id,
+                object: "chat.completion.chunk",
+                created,
+                model: &model_id,
+                system_fingerprint: None,
+                choices: if usage_chunk.is_some() { &[] } else { &choice },
+                usage: usage_chunk.or(include_usage.then_some(None)),
+            };
+            // Serializing these plain structs cannot fail.
+            Event::default().data(serde_json::to_string(&c).unwrap_or_default())
+        };
     // One event per delta as the provider yields it; dropping this stream (the client went away)
     // drops the provider's, which aborts the upstream request.
     let out = async_stream::stream! {
@@ -350,12 +352,9 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
             match item {
                 Ok(Delta::Text(t)) if t.is_empty() => {}
                 Ok(Delta::Text(t)) => {
-                    let delta = match first {
-                        true => json!({"role": "assistant", "content": t}),
-                        false => json!({"content": t}),
-                    };
+                    let delta = DeltaOut { role: first.then_some("assistant"), content: Some(&t) };
                     first = false;
-                    yield Ok::<_, std::convert::Infallible>(Event::default().data(chunk(delta, None).to_string()));
+                    yield Ok::<_, std::convert::Infallible>(chunk(delta, None, None));
                 }
                 Ok(Delta::Usage(u)) => usage = Some(u),
                 Ok(Delta::Finish(r)) => finish = Some(r),
@@ -368,15 +367,11 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
             }
         }
         if first {
-            yield Ok(Event::default().data(chunk(json!({"role": "assistant", "content": ""}), None).to_string()));
+            yield Ok(chunk(DeltaOut { role: Some("assistant"), content: Some("") }, None, None));
         }
-        let last = chunk(json!({}), Some(finish_reason(finish.as_deref())));
-        yield Ok(Event::default().data(last.to_string()));
+        yield Ok(chunk(DeltaOut::default(), Some(finish_reason(finish.as_deref())), None));
         if include_usage {
-            let mut u = chunk(json!({}), None);
-            u["choices"] = json!([]);
-            u["usage"] = usage.map_or(Value::Null, usage_json);
-            yield Ok(Event::default().data(u.to_string()));
+            yield Ok(chunk(DeltaOut::default(), None, Some(usage.map(UsageOut::from))));
         }
         yield Ok(Event::default().data("[DONE]"));
     };
@@ -401,21 +396,99 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
             Err(e) => return Err(ApiError::from_llm(&e)),
         }
     }
-    Ok(Json(json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": format!("{provider}/{model}"),
-        "system_fingerprint": null,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null},
-            "logprobs": null,
-            "finish_reason": finish_reason(finish.as_deref()),
+    Ok(Json(Completion {
+        id: &id,
+        object: "chat.completion",
+        created,
+        model: &format!("{provider}/{model}"),
+        system_fingerprint: None,
+        choices: [WholeChoice {
+            index: 0,
+            message: AnswerMessage {
+                role: "assistant",
+                content: &text,
+                refusal: None,
+            },
+            logprobs: None,
+            finish_reason: finish_reason(finish.as_deref()),
         }],
-        "usage": usage.map_or(Value::Null, usage_json),
-    }))
+        usage: usage.map(UsageOut::from),
+    })
     .into_response())
+}
+
+/// A `chat.completion`, serialized straight from the collected answer (no JSON tree).
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<&'static str>,
+    choices: [WholeChoice<'a>; 1],
+    usage: Option<UsageOut>,
+}
+
+#[derive(Serialize)]
+struct WholeChoice<'a> {
+    index: u32,
+    message: AnswerMessage<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AnswerMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<&'static str>,
+}
+
+/// A `chat.completion.chunk`.
+#[derive(Serialize)]
+struct ChunkOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<&'static str>,
+    choices: &'a [ChunkChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<UsageOut>>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: DeltaOut<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
+}
+
+/// A chunk's `delta`: the role on the first, the text on each (both absent on the last).
+#[derive(Serialize, Default)]
+struct DeltaOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct UsageOut {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+impl From<Usage> for UsageOut {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
 }
 
 /// `GET /v1/models`: every provider's models as `provider/model`.

@@ -230,6 +230,7 @@ async fn run(
             .collect(),
         prompt: req.prompt.clone(),
         max_tokens: req.max_tokens.filter(|n| *n > 0),
+        unary: !stream,
         ..Default::default()
     };
     let slot = match stream {
