@@ -361,7 +361,8 @@ pub struct AuditConfig {
     pub max_size_mb: u64,
     /// Rotated audit files kept.
     pub max_backups: usize,
-    /// Records waiting to be written; when full, new records are dropped and counted.
+    /// Records waiting to be written; when full, new records are dropped and counted. The writer
+    /// lets records gather for 10 ms between writes, so this must hold 10 ms of calls.
     pub queue: usize,
 }
 
