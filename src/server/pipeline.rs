@@ -108,7 +108,7 @@ impl Pipeline {
             tower::service_fn(move |req: Request<Body>| {
                 let state = state.clone();
                 let router = router.clone();
-                async move { Ok::<_, Infallible>(guard(&state, req, router, true).await) }
+                async move { Ok::<_, Infallible>(guard(&state, req, router).await) }
             })
         };
         let grpc = match &state.metrics {
@@ -183,7 +183,12 @@ impl Pipeline {
         let mut resp = if is_grpc {
             self.grpc.oneshot(req).await?
         } else {
-            guard(&self.state, req, self.http, false).await
+            // Authentication and the rate limit run inside the router ([`http_admit`]), so the
+            // HTTP metrics count refused calls by their route too.
+            match self.http.oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
         };
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert(REQUEST_ID, v);
@@ -245,15 +250,35 @@ fn known_methods() -> Vec<String> {
     out
 }
 
-/// Authentication and the rate limit, then the router.
-async fn guard(
-    state: &AppState,
+/// gRPC: authentication and the rate limit, then the routes.
+async fn guard(state: &AppState, mut req: Request<Body>, router: Router) -> Response<Body> {
+    if let Some(refused) = admit(state, &mut req, true) {
+        return refused;
+    }
+    match router.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// HTTP: authentication and the rate limit as a middleware of the router, inside its metrics
+/// layer (see [`crate::server::http::router`]).
+pub async fn http_admit(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     mut req: Request<Body>,
-    router: Router,
-    is_grpc: bool,
+    next: axum::middleware::Next,
 ) -> Response<Body> {
+    match admit(&state, &mut req, false) {
+        None => next.run(req).await,
+        Some(refused) => refused,
+    }
+}
+
+/// Authenticates the call and applies the rate limit: `None` when admitted (the principal and the
+/// limit key are then in the request's extensions), else the refusal to send.
+fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Response<Body>> {
     let Some(prepared) = req.extensions().get::<Arc<Prepared>>().cloned() else {
-        return refuse(is_grpc, Refusal::Unauthenticated);
+        return Some(refuse(is_grpc, Refusal::Unauthenticated));
     };
     let notes = req
         .extensions()
@@ -291,7 +316,7 @@ async fn guard(
                 n.auth_failed = true;
                 n.refusal = Some(format!("authentication failed: {e}"));
             });
-            return refuse(is_grpc, Refusal::Unauthenticated);
+            return Some(refuse(is_grpc, Refusal::Unauthenticated));
         }
     };
     notes.with(|n| n.principal = Some(principal.clone()));
@@ -303,14 +328,11 @@ async fn guard(
             n.denied = true;
             n.refusal = Some(format!("rate limit exceeded, retry after {secs} seconds"));
         });
-        return refuse(is_grpc, Refusal::RateLimited(secs));
+        return Some(refuse(is_grpc, Refusal::RateLimited(secs)));
     }
     req.extensions_mut().insert(key);
     req.extensions_mut().insert(principal);
-    match router.oneshot(req).await {
-        Ok(r) => r,
-        Err(never) => match never {},
-    }
+    None
 }
 
 enum Refusal {

@@ -130,6 +130,29 @@ async fn metrics_count_calls_refused_by_auth() {
 }
 
 #[tokio::test]
+async fn http_metrics_count_calls_refused_by_auth_under_their_route() {
+    let mut config = echo_config();
+    config.auth.token = Some(chatcli::config::Secret::new("s3cret"));
+    let s = TestServer::start_with_metrics(config).await;
+    let http = http_client();
+    let resp = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "no token"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let url = s.metrics_url("/metrics");
+    let want = r#"chatcli_http_requests_total{route="/v1/chat/completions",status="401"} 1"#;
+    eventually("the refused HTTP call in /metrics", || async {
+        let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+        text.lines().any(|l| l == want).then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn metrics_do_not_grow_a_series_per_unknown_path() {
     let s = TestServer::start_with_metrics(echo_config()).await;
     let h2 = {

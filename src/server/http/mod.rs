@@ -72,7 +72,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 }
             });
     let api = Arc::new(Api {
-        state,
+        state: state.clone(),
         in_flight: AtomicUsize::new(0),
         session_locks: Default::default(),
     });
@@ -86,7 +86,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/reload", post(status::admin_reload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Authentication and the rate limit: inside the metrics layer, so refused calls are
+        // counted by route and status like the others.
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::server::pipeline::http_admit,
+        ));
     let router = match http_metrics {
         Some(m) => router.layer(axum::middleware::from_fn_with_state(m, metrics::track)),
         None => router,
