@@ -211,16 +211,26 @@ fn serve(args: ServerArgs) -> i32 {
             "no authentication is configured: every caller is admin (set --token or CHATCLI_SERVER_TOKEN)"
         );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker per CPU the process may run on. With a single CPU (pinned with taskset or a
+    // cpuset) work stealing has no one to steal from, so the daemon runs on one thread instead,
+    // without the scheduler's cross-thread bookkeeping.
+    let single_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let built = match single_cpu {
+        true => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        false => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
             return exit::SOFTWARE;
         }
     };
+    tracing::debug!(single_cpu, "async runtime started");
     runtime.block_on(async move {
         let listeners = match Listeners::bind(&loaded.config).await {
             Ok(l) => l,
