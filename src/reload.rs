@@ -364,6 +364,7 @@ fn keep_restart_settings(old: &Config, new: &mut Config) {
         server.max_concurrent_streams,
         "server.max_concurrent_streams"
     );
+    keep!(server.header_read_timeout, "server.header_read_timeout");
     keep!(server.reflection, "server.reflection");
     keep!(metrics.port, "metrics.port");
     keep!(metrics.bind_address, "metrics.bind_address");

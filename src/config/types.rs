@@ -117,6 +117,13 @@ pub struct ServerConfig {
     pub max_send_msg_size: usize,
     /// HTTP/2 streams per connection (`CHATCLI_MAX_CONCURRENT_STREAMS`).
     pub max_concurrent_streams: u32,
+    /// Longest time an HTTP/1 client may take to send a request's headers, counted from when the
+    /// server starts waiting for them (on a kept-alive connection, from the end of the previous
+    /// response, so this is also how long an idle kept-alive HTTP/1 connection stays open). A client
+    /// that stalls is disconnected and cannot hold connections by trickling headers. HTTP/2 and gRPC
+    /// connections are not affected. `0` = no limit. Needs a restart.
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
     /// Serve gRPC reflection (`--enable-reflection`); also needs `CHATCLI_GRPC_REFLECTION=true`.
     pub reflection: bool,
     /// Start without any authentication on a non-loopback address (`--allow-no-auth`).
@@ -138,6 +145,7 @@ impl Default for ServerConfig {
             max_recv_msg_size: 52_428_800,
             max_send_msg_size: 52_428_800,
             max_concurrent_streams: 100,
+            header_read_timeout: Duration::from_secs(60),
             reflection: false,
             allow_no_auth: false,
             tls: TlsConfig::default(),

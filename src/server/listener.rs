@@ -34,6 +34,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let max_streams = state.prepared().config.server.max_concurrent_streams;
+    let header_timeout = state.prepared().config.server.header_read_timeout;
     let local = listener.local_addr().ok();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = JoinSet::new();
@@ -57,7 +58,7 @@ pub async fn serve(
                 conns.spawn(async move {
                     let mut info = ConnInfo { local, remote, peer_certs: None, client_identity: None };
                     match tls {
-                        None => serve_conn(stream, info, pipeline, max_streams, watcher).await,
+                        None => serve_conn(stream, info, pipeline, (max_streams, header_timeout), watcher).await,
                         Some(acceptor) => {
                             let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
@@ -75,7 +76,7 @@ pub async fn serve(
                                 info.client_identity = chain.first().and_then(super::tls::peer_identity);
                                 info.peer_certs = Some(PeerCertificates(Arc::new(chain)));
                             }
-                            serve_conn(tls_stream, info, pipeline, max_streams, watcher).await
+                            serve_conn(tls_stream, info, pipeline, (max_streams, header_timeout), watcher).await
                         }
                     }
                 });
@@ -102,7 +103,7 @@ async fn serve_conn<S>(
     stream: S,
     info: ConnInfo,
     pipeline: Pipeline,
-    max_streams: u32,
+    (max_streams, header_timeout): (u32, std::time::Duration),
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -113,6 +114,12 @@ async fn serve_conn<S>(
         tower::service_fn(move |req: Request<Incoming>| pipeline.clone().handle(info.clone(), req));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(max_streams);
+    if !header_timeout.is_zero() {
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout);
+    }
     let conn = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
         .into_owned();

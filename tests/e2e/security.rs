@@ -1317,3 +1317,27 @@ async fn audit_names_the_reason_of_an_authentication_failure() {
     assert!(error.contains("expired"), "no reason in {line}");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stalls_in_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = echo_config();
+    config.server.header_read_timeout = Duration::from_millis(300);
+    let s = TestServer::start_with(config).await;
+    // A whole request is answered as usual.
+    let resp = http_client().get(s.url("/health")).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    // Headers that never end: the server closes the connection instead of waiting forever.
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(HANG_GUARD, conn.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "the stalled connection is still open");
+    assert!(
+        !String::from_utf8_lossy(&got).contains("200 OK"),
+        "a request without the end of its headers was answered"
+    );
+    s.shutdown().await;
+}
