@@ -565,6 +565,24 @@ fn not_acceptable() -> ApiError {
     )
 }
 
+/// Token usage as the OpenAI-shaped answers and `/request` report it.
+#[derive(serde::Serialize)]
+struct UsageOut {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+impl From<crate::llm::Usage> for UsageOut {
+    fn from(u: crate::llm::Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
 /// SSE responses also tell proxies not to buffer them.
 fn sse_headers(mut resp: Response) -> Response {
     resp.headers_mut()

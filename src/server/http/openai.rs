@@ -21,10 +21,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Api, ApiError, Caller};
+use super::{Api, ApiError, Caller, UsageOut};
 use crate::llm::fallback::Answer;
 use crate::llm::gateway::PromptCall;
-use crate::llm::{Delta, Message, ProviderRegistry, Usage};
+use crate::llm::{Delta, Message, ProviderRegistry};
 use crate::server::Prepared;
 use crate::server::grpc::{MAX_TOKENS_LIMIT, validate_history, validate_prompt};
 
@@ -472,23 +472,6 @@ struct DeltaOut<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct UsageOut {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    total_tokens: u64,
-}
-
-impl From<Usage> for UsageOut {
-    fn from(u: Usage) -> Self {
-        Self {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
-        }
-    }
 }
 
 /// `GET /v1/models`: every provider's models as `provider/model`.

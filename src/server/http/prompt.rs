@@ -27,10 +27,10 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Api, ApiError, Caller};
+use super::{Api, ApiError, Caller, UsageOut};
 use crate::llm::fallback::Answer;
 use crate::llm::gateway::PromptCall;
-use crate::llm::{Delta, LlmError, Message, Usage};
+use crate::llm::{Delta, LlmError, Message};
 use crate::server::events::{Received, Scope, Update, owner_key};
 use crate::server::grpc::{MAX_TOKENS_LIMIT, validate_history, validate_prompt};
 use crate::sessions::{SessionData, SessionError, StoredMessage};
@@ -114,16 +114,6 @@ impl Publisher {
             owner: self.owner.clone(),
         });
     }
-}
-
-fn usage_json(u: Option<Usage>) -> Value {
-    u.map_or(Value::Null, |u| {
-        json!({
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-        })
-    })
 }
 
 /// `POST /request`.
@@ -267,7 +257,8 @@ async fn run(
                 .await
                 .map_err(Failure::Failed)?;
         }
-        let complete = json!({"provider": provider, "model": model, "usage": usage_json(usage)});
+        let complete =
+            json!({"provider": provider, "model": model, "usage": usage.map(UsageOut::from)});
         publisher.send("response_complete", &complete);
         drop(busy);
         return Ok(Json(json!({
@@ -275,7 +266,7 @@ async fn run(
             "response": text,
             "provider": provider,
             "model": model,
-            "usage": usage_json(usage),
+            "usage": usage.map(UsageOut::from),
         }))
         .into_response());
     }
@@ -315,7 +306,7 @@ async fn run(
                 yield Ok(event("error", data));
             }
             None => {
-                let data = json!({"provider": provider, "model": model, "usage": usage_json(usage)});
+                let data = json!({"provider": provider, "model": model, "usage": usage.map(UsageOut::from)});
                 publisher.send("response_complete", &data);
                 yield Ok(event("response_complete", data));
             }
