@@ -33,8 +33,13 @@ pub async fn serve(
     on_drain: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let max_streams = state.prepared().config.server.max_concurrent_streams;
-    let header_timeout = state.prepared().config.server.header_read_timeout;
+    let limits = {
+        let server = &state.prepared().config.server;
+        ConnLimits {
+            max_streams: server.max_concurrent_streams,
+            header_timeout: server.header_read_timeout,
+        }
+    };
     let local = listener.local_addr().ok();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = JoinSet::new();
@@ -58,7 +63,7 @@ pub async fn serve(
                 conns.spawn(async move {
                     let mut info = ConnInfo { local, remote, peer_certs: None, client_identity: None };
                     match tls {
-                        None => serve_conn(stream, info, pipeline, (max_streams, header_timeout), watcher).await,
+                        None => serve_conn(stream, info, pipeline, limits, watcher).await,
                         Some(acceptor) => {
                             let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
@@ -76,7 +81,7 @@ pub async fn serve(
                                 info.client_identity = chain.first().and_then(super::tls::peer_identity);
                                 info.peer_certs = Some(PeerCertificates(Arc::new(chain)));
                             }
-                            serve_conn(tls_stream, info, pipeline, (max_streams, header_timeout), watcher).await
+                            serve_conn(tls_stream, info, pipeline, limits, watcher).await
                         }
                     }
                 });
@@ -99,11 +104,19 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
+/// Per-connection settings from `[server]`, read once when the listener starts (they need a
+/// restart).
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    max_streams: u32,
+    header_timeout: Duration,
+}
+
 async fn serve_conn<S>(
     stream: S,
     info: ConnInfo,
     pipeline: Pipeline,
-    (max_streams, header_timeout): (u32, std::time::Duration),
+    limits: ConnLimits,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -113,12 +126,12 @@ async fn serve_conn<S>(
     let svc =
         tower::service_fn(move |req: Request<Incoming>| pipeline.clone().handle(info.clone(), req));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(max_streams);
-    if !header_timeout.is_zero() {
+    builder.http2().max_concurrent_streams(limits.max_streams);
+    if !limits.header_timeout.is_zero() {
         builder
             .http1()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_timeout);
+            .header_read_timeout(limits.header_timeout);
     }
     let conn = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
