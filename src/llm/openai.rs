@@ -128,6 +128,8 @@ pub struct OpenAiProvider {
     base_url: String,
     /// `{base_url}/chat/completions`, parsed once.
     url: reqwest::Url,
+    /// The same, for the lean client.
+    uri: ::http::Uri,
     model: String,
     /// Kept to scrub it from upstream error messages that echo it back.
     api_key: Option<Secret>,
@@ -140,6 +142,9 @@ pub struct OpenAiProvider {
     preset_only_headers: HeaderMap,
     timeout: Duration,
     client: reqwest::Client,
+    /// The fast path for calls to the configured upstream ([`http::Lean`]); `None` when an
+    /// environment proxy is set and for a client-chosen base URL (pinned in `client`).
+    lean: Option<http::Lean>,
     ssrf: Arc<SsrfPolicy>,
 }
 
@@ -255,12 +260,18 @@ impl OpenAiProvider {
                 .map(|(k, v)| (*k, v.as_str()))
                 .chain(cfg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         )?;
-        let (base_url, url) = chat_url(name, base_url)?;
+        let (base_url, url, uri) = chat_url(name, base_url)?;
+        // reqwest turns credentials in the URL into a Basic header; the lean client would not.
+        let lean = match url.username().is_empty() && url.password().is_none() {
+            true => http::lean_client()?,
+            false => None,
+        };
         Ok(Self {
             name: name.to_string(),
             preset,
             base_url,
             url,
+            uri,
             model: model.to_string(),
             api_key,
             auth,
@@ -268,6 +279,7 @@ impl OpenAiProvider {
             preset_only_headers,
             timeout: cfg.timeout,
             client: http::client(&http::HttpOptions::default())?,
+            lean,
             ssrf: ctx.ssrf.clone(),
         })
     }
@@ -308,7 +320,7 @@ impl OpenAiProvider {
         }
     }
 
-    fn request(&self, request: &ChatRequest) -> reqwest::RequestBuilder {
+    fn request(&self, request: &ChatRequest) -> Call {
         let mut headers = self.headers.clone();
         let accept = match request.stream {
             true => "text/event-stream",
@@ -318,23 +330,63 @@ impl OpenAiProvider {
         if let Some(auth) = &self.auth {
             headers.insert(AUTHORIZATION, auth.clone());
         }
-        self.client
-            .post(self.url.clone())
-            .headers(headers)
-            .json(&self.body(request))
+        let body = self.body(request);
+        match &self.lean {
+            Some(lean) => match serde_json::to_vec(&body) {
+                Ok(json) => {
+                    Call::Lean(lean.clone(), http::lean_json_post(&self.uri, headers, json))
+                }
+                Err(e) => Call::Refused(LlmError::InvalidRequest(format!(
+                    "cannot encode the request: {e}"
+                ))),
+            },
+            None => Call::Reqwest(
+                self.client
+                    .post(self.url.clone())
+                    .headers(headers)
+                    .json(&body),
+            ),
+        }
+    }
+}
+
+/// A request ready to send, on the client that carries it. Built once per call and moved straight
+/// into the call's stream, so its size costs nothing a box would save.
+#[allow(clippy::large_enum_variant)]
+enum Call {
+    Reqwest(reqwest::RequestBuilder),
+    Lean(
+        http::Lean,
+        ::http::Request<http_body_util::Full<bytes::Bytes>>,
+    ),
+    Refused(LlmError),
+}
+
+impl Call {
+    async fn send(self, name: &str) -> Result<reqwest::Response, LlmError> {
+        match self {
+            Call::Reqwest(rb) => http::send(name, rb, parse_error).await,
+            Call::Lean(lean, req) => http::send_lean(name, &lean, req, parse_error).await,
+            Call::Refused(e) => Err(e),
+        }
     }
 }
 
 /// The base URL without its trailing slash, and `{base_url}/chat/completions` parsed once (not on
 /// every call).
-fn chat_url(name: &str, base_url: &str) -> Result<(String, reqwest::Url), LlmError> {
+fn chat_url(name: &str, base_url: &str) -> Result<(String, reqwest::Url, ::http::Uri), LlmError> {
     let base_url = base_url.trim_end_matches('/');
     let url = reqwest::Url::parse(&format!("{base_url}/chat/completions")).map_err(|e| {
         LlmError::InvalidRequest(format!(
             "provider `{name}`: base_url `{base_url}` is not a valid URL: {e}"
         ))
     })?;
-    Ok((base_url.to_string(), url))
+    let uri = url.as_str().parse::<::http::Uri>().map_err(|e| {
+        LlmError::InvalidRequest(format!(
+            "provider `{name}`: base_url `{base_url}` is not a valid URL: {e}"
+        ))
+    })?;
+    Ok((base_url.to_string(), url, uri))
 }
 
 /// The request body, serialized straight from the [`ChatRequest`] (no intermediate JSON tree).
@@ -410,7 +462,8 @@ impl Provider for OpenAiProvider {
                 url.set_query(None);
                 url.set_fragment(None);
                 scoped.client = client;
-                (scoped.base_url, scoped.url) = chat_url(&self.name, url.as_str())?;
+                scoped.lean = None;
+                (scoped.base_url, scoped.url, scoped.uri) = chat_url(&self.name, url.as_str())?;
                 scoped.headers = self.preset_only_headers.clone();
                 // The server's key must never travel to a host the caller chose.
                 scoped.auth = None;
@@ -450,11 +503,11 @@ fn scrub(err: LlmError, key: Option<&Secret>) -> LlmError {
 /// The call: wait (bounded) for the response headers, then map events to deltas as they arrive.
 fn deltas(
     name: String,
-    call: reqwest::RequestBuilder,
+    call: Call,
     timeout: Duration,
 ) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
     async_stream::try_stream! {
-        let sent = http::send(&name, call, parse_error);
+        let sent = call.send(&name);
         // A zero timeout means no bound (the config cannot express "none" otherwise).
         let resp = if timeout.is_zero() {
             sent.await?

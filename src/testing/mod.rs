@@ -32,6 +32,10 @@ pub struct Recorded {
     pub method: Method,
     /// Path without the query.
     pub path: String,
+    /// The request target as received: absolute (`http://host/path`) when a proxy client sent it.
+    pub target: String,
+    /// HTTP version.
+    pub version: http::Version,
     /// The raw query string ("" when none).
     pub query: String,
     /// Request headers.
@@ -174,6 +178,7 @@ struct Shared {
 /// A fake upstream server. Dropping it stops the server.
 pub struct FakeUpstream {
     addr: SocketAddr,
+    tls: bool,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -199,6 +204,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl FakeUpstream {
     /// Starts a fake speaking `format`; unscripted requests get `Reply::text("hello from the fake")`.
     pub async fn start(format: impl WireFormat) -> std::io::Result<Self> {
+        Self::start_with(format, None).await
+    }
+
+    /// Starts a fake served over TLS with `cert_pem`/`key_pem` (PKCS#8), offering HTTP/2 and
+    /// HTTP/1.1 by ALPN; [`FakeUpstream::base_url`] then says `https://localhost:<port>`.
+    pub async fn start_tls(
+        format: impl WireFormat,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> std::io::Result<Self> {
+        use rustls_pki_types::pem::PemObject;
+        let bad = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| bad(&e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::start_with(
+            format,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn start_with(
+        format: impl WireFormat,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -214,15 +255,27 @@ impl FakeUpstream {
         let s = shared.clone();
         let app =
             axum::Router::new().fallback(move |req: http::Request<Body>| handle(s.clone(), req));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(Self { addr, shared, task })
+        let tls_on = tls.is_some();
+        let task = match tls {
+            None => tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }),
+            Some(acceptor) => tokio::spawn(serve_tls(listener, acceptor, app)),
+        };
+        Ok(Self {
+            addr,
+            tls: tls_on,
+            shared,
+            task,
+        })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://localhost:<port>` for a TLS fake.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            false => format!("http://{}", self.addr),
+            true => format!("https://localhost:{}", self.addr.port()),
+        }
     }
 
     /// The address.
@@ -271,6 +324,28 @@ impl FakeUpstream {
     }
 }
 
+/// The accept loop of a TLS fake: a handshake per connection, then HTTP/1.1 or HTTP/2.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
+}
+
 async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 16 * 1024 * 1024)
@@ -279,6 +354,8 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body>
     let rec = Recorded {
         method: parts.method,
         path: parts.uri.path().to_string(),
+        target: parts.uri.to_string(),
+        version: parts.version,
         query: parts.uri.query().unwrap_or("").to_string(),
         headers: parts.headers,
         body,

@@ -642,3 +642,118 @@ async fn each_wire_format_streams_through_grpc() {
     }
     s.shutdown().await;
 }
+
+/// The OpenAI-format provider's fast path (hyper-util's client driven directly) speaks TLS to an
+/// `https` upstream, verifies it against the platform's roots (here only the test CA, through
+/// `SSL_CERT_FILE`), takes HTTP/2 when the upstream offers it, and carries unary and streamed
+/// calls; without the CA the same upstream is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_is_verified_and_spoken_to_over_http2() {
+    let ca = crate::support::TestCa::new("upstream test CA");
+    let cert = ca.server_cert(&[7]);
+    let fake = FakeUpstream::start_tls(
+        chatcli::testing::openai::OpenAiFormat,
+        &cert.cert_pem,
+        &cert.key_pem,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path());
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let url = format!("{}/v1", fake.base_url());
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    let env = [
+        ("OPENAI_API_KEY", "sk-tls"),
+        ("OPENAI_API_URL", url.as_str()),
+        ("OPENAI_MODEL", "gpt-tls"),
+        ("SSL_CERT_FILE", ca_file.to_str().unwrap()),
+    ];
+    let server = BinaryServer::start_with_env(&config, &[], &env);
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+
+    fake.push(Reply::text("over TLS, whole"));
+    let r = ask(&mut client, send("unary")).await.unwrap();
+    assert_eq!(r.response, "over TLS, whole");
+
+    fake.push(Reply::steps(text(&["over ", "TLS, ", "streamed"])));
+    let mut stream = open_stream(&mut client, stream_to("openai", "streamed")).await;
+    let text: String = collect_stream(&mut stream)
+        .await
+        .iter()
+        .map(|m| m.chunk.as_str())
+        .collect();
+    assert_eq!(text, "over TLS, streamed");
+
+    let seen = chat_requests(&fake);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for r in &seen {
+        assert_eq!(r.version, http::Version::HTTP_2, "ALPN picks HTTP/2");
+        assert_eq!(r.header("authorization").as_deref(), Some("Bearer sk-tls"));
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/json")
+        );
+        let agent = r.header("user-agent").unwrap_or_default();
+        assert!(agent.starts_with("chatcli/"), "{agent}");
+    }
+    assert_eq!(seen[0].json()["stream"], false);
+    assert_eq!(seen[1].json()["stream"], true);
+    drop(client);
+
+    // The same upstream with another CA as the only root: its certificate is refused.
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, crate::support::TestCa::new("another CA").ca_pem).unwrap();
+    let untrusting = [
+        env[0],
+        env[1],
+        env[2],
+        ("SSL_CERT_FILE", other_ca.to_str().unwrap()),
+    ];
+    let server2 = BinaryServer::start_with_env(&config, &[], &untrusting);
+    let mut client = ChatCliServiceClient::new(connect(server2.addr).await);
+    let err = ask(&mut client, send("refused")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().to_lowercase().contains("certificate"),
+        "the error names the certificate: {err:?}"
+    );
+    assert_eq!(
+        chat_requests(&fake).len(),
+        2,
+        "nothing reached the upstream"
+    );
+}
+
+/// With `HTTP_PROXY` set, upstream calls go through the proxy (the fast path, which does not
+/// speak to proxies, stands aside): the proxy receives the absolute URL of an upstream host that
+/// does not even resolve.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_environment_proxy_carries_the_upstream_calls() {
+    let proxy = openai_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path());
+    let proxy_url = proxy.base_url();
+    let env = [
+        ("OPENAI_API_KEY", "sk-proxied"),
+        ("OPENAI_API_URL", "http://upstream.invalid/v1"),
+        ("OPENAI_MODEL", "gpt-proxied"),
+        ("HTTP_PROXY", proxy_url.as_str()),
+    ];
+    let server = BinaryServer::start_with_env(&config, &[], &env);
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    proxy.push(Reply::text("via the proxy"));
+    let r = ask(&mut client, send("hello")).await.unwrap();
+    assert_eq!(r.response, "via the proxy");
+    let seen = chat_requests(&proxy);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].target,
+        "http://upstream.invalid/v1/chat/completions"
+    );
+    assert_eq!(
+        seen[0].header("authorization").as_deref(),
+        Some("Bearer sk-proxied")
+    );
+}
