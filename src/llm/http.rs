@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt, TryStreamExt};
 use reqwest::header::HeaderMap;
 
@@ -337,20 +336,30 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// The SSE events of a streamed response, as they arrive.
+/// The SSE events of a streamed response, as they arrive. Blocks without a `data` field dispatch
+/// nothing (as in a browser's EventSource); an absent or empty `event` is "message". The parser
+/// (sse-stream) works in linear time over however the bytes arrive: a burst of many events in
+/// one read costs no more per event than one event per read.
 pub fn sse_events(
     provider: &str,
     resp: reqwest::Response,
 ) -> impl Stream<Item = Result<SseEvent, LlmError>> + Send + use<> {
     let provider = provider.to_string();
-    resp.bytes_stream()
-        .eventsource()
-        .map_ok(|e| SseEvent {
-            event: e.event,
-            data: e.data,
+    sse_stream::SseByteStream::new(resp.bytes_stream())
+        .try_filter_map(|block| {
+            futures::future::ready(Ok(block.data.map(|data| SseEvent {
+                event: block
+                    .event
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "message".to_string()),
+                data,
+            })))
         })
         .map_err(move |e| match e {
-            eventsource_stream::EventStreamError::Transport(t) => transport_error(&provider, &t),
+            sse_stream::Error::Body(b) => match b.downcast_ref::<reqwest::Error>() {
+                Some(t) => transport_error(&provider, t),
+                None => LlmError::upstream(&provider, ErrorClass::Transport, b.to_string()),
+            },
             other => LlmError::upstream(&provider, ErrorClass::Malformed, other.to_string()),
         })
 }
@@ -526,6 +535,76 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    /// A response whose body arrives in exactly these pieces.
+    fn response_in_pieces(pieces: &[&'static str]) -> reqwest::Response {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = pieces
+            .iter()
+            .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+            .collect();
+        let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+        reqwest::Response::from(http::Response::new(body))
+    }
+
+    async fn events_of(pieces: &[&'static str]) -> Vec<Result<(String, String), String>> {
+        sse_events("p", response_in_pieces(pieces))
+            .map(|r| r.map(|e| (e.event, e.data)).map_err(|e| e.to_string()))
+            .collect()
+            .await
+    }
+
+    fn ok(event: &str, data: &str) -> Result<(String, String), String> {
+        Ok((event.to_string(), data.to_string()))
+    }
+
+    #[tokio::test]
+    async fn sse_events_follow_the_event_stream_rules_however_the_bytes_are_cut() {
+        let whole = "data: one\n\n: a comment\n\nevent: ping\n\nevent:\ndata: two\ndata: lines\n\n\
+                     event: done\r\ndata:\r\n\r\ndata: tail without an ending";
+        let expected = vec![
+            ok("message", "one"),
+            // `event: ping` alone has no data: nothing is dispatched.
+            ok("message", "two\nlines"),
+            ok("done", ""),
+        ];
+        assert_eq!(events_of(&[whole]).await, expected, "in one piece");
+        // Every cut point, including inside `data:` and between CR and LF.
+        for cut in 1..whole.len() {
+            let (a, b) = whole.split_at(cut);
+            let a: &'static str = Box::leak(a.to_string().into_boxed_str());
+            let b: &'static str = Box::leak(b.to_string().into_boxed_str());
+            assert_eq!(events_of(&[a, b]).await, expected, "cut at {cut}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_events_in_one_read_all_come_out_in_order() {
+        let burst: String = (0..500).map(|i| format!("data: {i}\n\n")).collect();
+        let burst: &'static str = Box::leak(burst.into_boxed_str());
+        let got = events_of(&[burst]).await;
+        assert_eq!(got.len(), 500);
+        for (i, e) in got.iter().enumerate() {
+            assert_eq!(e, &ok("message", &i.to_string()));
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_in_an_sse_field_is_malformed() {
+        let body =
+            reqwest::Body::wrap_stream(futures::stream::iter(vec![Ok::<_, std::io::Error>(
+                Bytes::from_static(b"data: \xff\xfe\n\n"),
+            )]));
+        let resp = reqwest::Response::from(http::Response::new(body));
+        let got: Vec<_> = sse_events("p", resp).collect().await;
+        assert_eq!(got.len(), 1);
+        let err = got
+            .into_iter()
+            .next()
+            .and_then(|r| r.err())
+            .and_then(|e| e.as_upstream().cloned())
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(err.class, ErrorClass::Malformed);
     }
 
     #[test]
