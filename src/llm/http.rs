@@ -152,19 +152,81 @@ pub fn lean_json_post(
     req
 }
 
+/// A 2xx answer from either client, read without further layers.
+#[derive(Debug)]
+pub enum Answer {
+    /// From reqwest.
+    Reqwest(reqwest::Response),
+    /// From the lean client.
+    Lean(http::Response<hyper::body::Incoming>),
+}
+
+impl Answer {
+    /// The response headers.
+    pub fn headers(&self) -> &HeaderMap {
+        match self {
+            Answer::Reqwest(r) => r.headers(),
+            Answer::Lean(r) => r.headers(),
+        }
+    }
+
+    /// The whole body.
+    pub async fn bytes(self, provider: &str) -> Result<Bytes, LlmError> {
+        use http_body_util::BodyExt;
+        match self {
+            Answer::Reqwest(r) => r.bytes().await.map_err(|e| transport_error(provider, &e)),
+            Answer::Lean(r) => r
+                .into_body()
+                .collect()
+                .await
+                .map(http_body_util::Collected::to_bytes)
+                .map_err(|e| body_error(provider, &e)),
+        }
+    }
+
+    /// The body's SSE events, as they arrive (see [`sse_events`]).
+    pub fn sse_events(
+        self,
+        provider: &str,
+    ) -> futures::stream::BoxStream<'static, Result<SseEvent, LlmError>> {
+        match self {
+            Answer::Reqwest(r) => sse_events(provider, r).boxed(),
+            Answer::Lean(r) => {
+                events_of(provider, sse_stream::SseStream::new(r.into_body())).boxed()
+            }
+        }
+    }
+}
+
 /// [`send`] through the lean client.
 pub async fn send_lean(
     provider: &str,
     lean: &Lean,
     request: http::Request<LeanBody>,
     parse_error: ErrorParser,
-) -> Result<reqwest::Response, LlmError> {
+) -> Result<Answer, LlmError> {
     let resp = lean
         .client
         .request(request)
         .await
         .map_err(|e| lean_error(provider, &e))?;
-    check_status(provider, resp.map(reqwest::Body::wrap).into(), parse_error).await
+    if resp.status().is_success() {
+        return Ok(Answer::Lean(resp));
+    }
+    check_status(provider, resp.map(reqwest::Body::wrap).into(), parse_error)
+        .await
+        .map(Answer::Reqwest)
+}
+
+/// A body that broke off on the lean client, worded as [`transport_error`] words it.
+fn body_error(provider: &str, e: &hyper::Error) -> LlmError {
+    let mut text = format!("the response body broke off or could not be read: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    LlmError::upstream(provider, ErrorClass::Transport, text)
 }
 
 /// Classifies an error of the lean client before any answer (connecting, writing the request, or
@@ -344,8 +406,23 @@ pub fn sse_events(
     provider: &str,
     resp: reqwest::Response,
 ) -> impl Stream<Item = Result<SseEvent, LlmError>> + Send + use<> {
+    events_of(
+        provider,
+        sse_stream::SseByteStream::new(resp.bytes_stream()),
+    )
+}
+
+/// The dispatched events of decoded SSE blocks; body errors classified by their source (reqwest
+/// or the lean client's hyper).
+fn events_of<S>(
+    provider: &str,
+    blocks: S,
+) -> impl Stream<Item = Result<SseEvent, LlmError>> + use<S>
+where
+    S: Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send + 'static,
+{
     let provider = provider.to_string();
-    sse_stream::SseByteStream::new(resp.bytes_stream())
+    blocks
         .try_filter_map(|block| {
             futures::future::ready(Ok(block.data.map(|data| SseEvent {
                 event: block
@@ -356,10 +433,15 @@ pub fn sse_events(
             })))
         })
         .map_err(move |e| match e {
-            sse_stream::Error::Body(b) => match b.downcast_ref::<reqwest::Error>() {
-                Some(t) => transport_error(&provider, t),
-                None => LlmError::upstream(&provider, ErrorClass::Transport, b.to_string()),
-            },
+            sse_stream::Error::Body(b) => {
+                if let Some(t) = b.downcast_ref::<reqwest::Error>() {
+                    transport_error(&provider, t)
+                } else if let Some(h) = b.downcast_ref::<hyper::Error>() {
+                    body_error(&provider, h)
+                } else {
+                    LlmError::upstream(&provider, ErrorClass::Transport, b.to_string())
+                }
+            }
             other => LlmError::upstream(&provider, ErrorClass::Malformed, other.to_string()),
         })
 }

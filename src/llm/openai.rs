@@ -363,9 +363,11 @@ enum Call {
 }
 
 impl Call {
-    async fn send(self, name: &str) -> Result<reqwest::Response, LlmError> {
+    async fn send(self, name: &str) -> Result<http::Answer, LlmError> {
         match self {
-            Call::Reqwest(rb) => http::send(name, rb, parse_error).await,
+            Call::Reqwest(rb) => http::send(name, rb, parse_error)
+                .await
+                .map(http::Answer::Reqwest),
             Call::Lean(lean, req) => http::send_lean(name, &lean, req, parse_error).await,
             Call::Refused(e) => Err(e),
         }
@@ -528,17 +530,13 @@ fn deltas(
             .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
         if is_json {
             // Some compatible servers ignore `stream` and answer with one `chat.completion`.
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| http::transport_error(&name, &e))?;
+            let body = resp.bytes(&name).await?;
             for d in whole_answer(&name, &body)? {
                 yield d;
             }
             return;
         }
-        let events = http::sse_events(&name, resp);
-        futures::pin_mut!(events);
+        let mut events = resp.sse_events(&name);
         while let Some(event) = events.next().await {
             let event = event?;
             match parse_chunk(&name, &event.data)? {
