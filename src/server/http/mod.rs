@@ -584,6 +584,56 @@ impl From<crate::llm::Usage> for UsageOut {
 }
 
 /// SSE responses also tell proxies not to buffer them.
+/// One SSE `data:` event carrying `value` as JSON, serialized straight into the frame (JSON text
+/// never holds a raw line break, so it is one `data:` line).
+fn sse_json(value: &impl serde::Serialize) -> bytes::Bytes {
+    let mut buf = Vec::with_capacity(320);
+    buf.extend_from_slice(b"data: ");
+    // Serializing our plain response structs cannot fail.
+    let _ = serde_json::to_writer(&mut buf, value);
+    buf.extend_from_slice(b"\n\n");
+    bytes::Bytes::from(buf)
+}
+
+/// An SSE response over ready-made frames (see [`sse_json`]): the headers of axum's `Sse` and
+/// [`sse_headers`], without re-scanning and copying each event.
+fn sse_frames(frames: impl futures::Stream<Item = bytes::Bytes> + Send + 'static) -> Response {
+    use futures::StreamExt;
+    let body = axum::body::Body::from_stream(frames.map(Ok::<_, std::convert::Infallible>));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    sse_headers(resp)
+}
+
+/// A JSON response serialized in one pass into one buffer.
+fn json_response(value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut resp = Response::new(axum::body::Body::from(body));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            format!("cannot encode the answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
 fn sse_headers(mut resp: Response) -> Response {
     resp.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));

@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -337,8 +336,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
                 choices: if usage_chunk.is_some() { &[] } else { &choice },
                 usage: usage_chunk.or(include_usage.then_some(None)),
             };
-            // Serializing these plain structs cannot fail.
-            Event::default().data(serde_json::to_string(&c).unwrap_or_default())
+            super::sse_json(&c)
         };
     // One event per delta as the provider yields it; dropping this stream (the client went away)
     // drops the provider's, which aborts the upstream request.
@@ -354,28 +352,28 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
                 Ok(Delta::Text(t)) => {
                     let delta = DeltaOut { role: first.then_some("assistant"), content: Some(&t) };
                     first = false;
-                    yield Ok::<_, std::convert::Infallible>(chunk(delta, None, None));
+                    yield chunk(delta, None, None);
                 }
                 Ok(Delta::Usage(u)) => usage = Some(u),
                 Ok(Delta::Finish(r)) => finish = Some(r),
                 Err(e) => {
                     tracing::debug!(error = %e, "stream failed after its first delta");
                     let body = ApiError::from_llm(&e).openai_body();
-                    yield Ok(Event::default().data(body.to_string()));
+                    yield super::sse_json(&body);
                     return;
                 }
             }
         }
         if first {
-            yield Ok(chunk(DeltaOut { role: Some("assistant"), content: Some("") }, None, None));
+            yield chunk(DeltaOut { role: Some("assistant"), content: Some("") }, None, None);
         }
-        yield Ok(chunk(DeltaOut::default(), Some(finish_reason(finish.as_deref())), None));
+        yield chunk(DeltaOut::default(), Some(finish_reason(finish.as_deref())), None);
         if include_usage {
-            yield Ok(chunk(DeltaOut::default(), None, Some(usage.map(UsageOut::from))));
+            yield chunk(DeltaOut::default(), None, Some(usage.map(UsageOut::from)));
         }
-        yield Ok(Event::default().data("[DONE]"));
+        yield bytes::Bytes::from_static(b"data: [DONE]\n\n");
     };
-    Ok(super::sse_headers(Sse::new(out).into_response()))
+    Ok(super::sse_frames(out))
 }
 
 /// A non-streamed answer: the whole text as one `chat.completion`.
@@ -396,7 +394,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
             Err(e) => return Err(ApiError::from_llm(&e)),
         }
     }
-    Ok(Json(Completion {
+    Ok(super::json_response(&Completion {
         id: &id,
         object: "chat.completion",
         created,
@@ -413,8 +411,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
             finish_reason: finish_reason(finish.as_deref()),
         }],
         usage: usage.map(UsageOut::from),
-    })
-    .into_response())
+    }))
 }
 
 /// A `chat.completion`, serialized straight from the collected answer (no JSON tree).
