@@ -213,7 +213,7 @@ pub async fn run_with(
                 .await;
         }
     };
-    let http = http::router(state.clone());
+    let http = http::api(state.clone());
     let pipeline = pipeline::Pipeline::new(state.clone(), routes, http);
     let tls_watch = match &state.tls {
         Some(acceptor) => match tls::watch(

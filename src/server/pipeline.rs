@@ -20,6 +20,7 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::audit::{AuditRecord, AuditResult};
+use super::http::HttpApi;
 use super::tls::PeerCertificates;
 use super::{AppState, Prepared};
 use crate::auth::{AuthError, Principal};
@@ -90,18 +91,20 @@ impl AuditNotes {
     }
 }
 
-/// The per-request pipeline.
+/// The per-request pipeline (cloned per connection and call: one reference count).
 #[derive(Clone)]
-pub struct Pipeline {
+pub struct Pipeline(Arc<Sides>);
+
+struct Sides {
     state: Arc<AppState>,
     grpc: GrpcService,
-    http: Router,
+    http: HttpApi,
 }
 
 impl Pipeline {
     /// Builds the pipeline over the gRPC routes and the HTTP router. Metrics wrap the gRPC side
     /// outside auth, so refused calls are counted too.
-    pub fn new(state: Arc<AppState>, routes: tonic::service::Routes, http: Router) -> Self {
+    pub fn new(state: Arc<AppState>, routes: tonic::service::Routes, http: HttpApi) -> Self {
         let router = routes.into_axum_router();
         let guarded = {
             let state = state.clone();
@@ -122,7 +125,7 @@ impl Pipeline {
             }
             None => BoxCloneSyncService::new(guarded),
         };
-        Self { state, grpc, http }
+        Self(Arc::new(Sides { state, grpc, http }))
     }
 
     /// Handles one request.
@@ -135,6 +138,7 @@ impl Pipeline {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
     {
+        let sides = &*self.0;
         let started = Instant::now();
         let is_grpc = req
             .headers()
@@ -148,7 +152,7 @@ impl Pipeline {
             .map(String::from)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Only the audit record names the method.
-        let method = match (&self.state.audit, is_grpc) {
+        let method = match (&sides.state.audit, is_grpc) {
             (None, _) => String::new(),
             (Some(_), true) => req.uri().path().to_string(),
             (Some(_), false) => format!("{} {}", req.method(), req.uri().path()),
@@ -169,7 +173,7 @@ impl Pipeline {
         parts
             .extensions
             .insert(axum::extract::ConnectInfo(conn.remote));
-        parts.extensions.insert(self.state.prepared());
+        parts.extensions.insert(sides.state.prepared());
         parts.extensions.insert(conn.clone());
         parts.extensions.insert(notes.clone());
         if let Some(certs) = &conn.peer_certs {
@@ -181,19 +185,19 @@ impl Pipeline {
         });
         let req = Request::from_parts(parts, body);
         let mut resp = if is_grpc {
-            self.grpc.oneshot(req).await?
+            sides.grpc.clone().oneshot(req).await?
         } else {
-            // Authentication and the rate limit run inside the router ([`http_admit`]), so the
-            // HTTP metrics count refused calls by their route too.
-            match self.http.oneshot(req).await {
-                Ok(r) => r,
-                Err(never) => match never {},
-            }
+            // Authentication and the rate limit run inside the HTTP side, so its metrics count
+            // refused calls by their route too.
+            sides
+                .http
+                .serve(req, |req| admit(&sides.state, req, false))
+                .await
         };
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert(REQUEST_ID, v);
         }
-        let Some(audit) = self.state.audit.clone() else {
+        let Some(audit) = sides.state.audit.clone() else {
             return Ok(resp);
         };
         let (parts, body) = resp.into_parts();
@@ -258,19 +262,6 @@ async fn guard(state: &AppState, mut req: Request<Body>, router: Router) -> Resp
     match router.oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
-    }
-}
-
-/// HTTP: authentication and the rate limit as a middleware of the router, inside its metrics
-/// layer (see [`crate::server::http::router`]).
-pub async fn http_admit(
-    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
-    mut req: Request<Body>,
-    next: axum::middleware::Next,
-) -> Response<Body> {
-    match admit(&state, &mut req, false) {
-        None => next.run(req).await,
-        Some(refused) => refused,
     }
 }
 

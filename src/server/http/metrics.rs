@@ -1,16 +1,14 @@
 //! `chatcli_http_requests_total{route,status}` and `chatcli_http_request_duration_seconds{route}`,
-//! registered beside the gRPC series. `route` is the router's template (`/v1/chat/completions`),
+//! registered beside the gRPC series. `route` is the route template (`/v1/chat/completions`),
 //! `unmatched` for paths without a route, so callers cannot mint series. A call is counted when its
 //! response body ends (or the client goes away), so a stream's duration is the whole stream.
-//! Calls refused before the router (authentication, rate limit) are not seen here.
+//! Calls refused by authentication or the rate limit are counted too (see `HttpApi::serve`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::Frame;
@@ -51,32 +49,28 @@ impl HttpMetrics {
     }
 }
 
-/// The middleware: labels the call with its route and counts it when the body ends.
-pub(super) async fn track(State(m): State<HttpMetrics>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    let record = Record {
-        metrics: m,
-        route,
-        status: resp.status().as_u16().to_string(),
-        started,
-    };
-    resp.map(|inner| {
-        Body::new(Tracked {
-            inner,
-            record: Some(record),
+impl HttpMetrics {
+    /// Counts the call under `route` and the response's status when its body ends.
+    pub(super) fn track(&self, route: &'static str, started: Instant, resp: Response) -> Response {
+        let record = Record {
+            metrics: self.clone(),
+            route,
+            status: resp.status(),
+            started,
+        };
+        resp.map(|inner| {
+            Body::new(Tracked {
+                inner,
+                record: Some(record),
+            })
         })
-    })
+    }
 }
 
 struct Record {
     metrics: HttpMetrics,
-    route: String,
-    status: String,
+    route: &'static str,
+    status: http::StatusCode,
     started: Instant,
 }
 
@@ -84,11 +78,11 @@ impl Drop for Record {
     fn drop(&mut self) {
         self.metrics
             .requests
-            .with_label_values(&[self.route.as_str(), self.status.as_str()])
+            .with_label_values(&[self.route, self.status.as_str()])
             .inc();
         self.metrics
             .duration
-            .with_label_values(&[self.route.as_str()])
+            .with_label_values(&[self.route])
             .observe(self.started.elapsed().as_secs_f64());
     }
 }

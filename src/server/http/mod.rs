@@ -58,8 +58,76 @@ use crate::server::pipeline::AuditNotes;
 /// Largest request body accepted (JSON of a prompt with its history).
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
-/// The router.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The routes and their handlers.
+fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<Api>>)> {
+    vec![
+        ("/health", get(status::health)),
+        ("/status", get(status::status)),
+        ("/v1/models", get(openai::models)),
+        ("/v1/chat/completions", post(openai::chat_completions)),
+        ("/request", post(prompt::request)),
+        ("/updates", get(prompt::updates)),
+        ("/admin/reload", post(status::admin_reload)),
+    ]
+}
+
+/// The route templates, as the HTTP metrics label them (anything else is `unmatched`); a test
+/// keeps them in step with [`routes`].
+const ROUTES: &[&str] = &[
+    "/health",
+    "/status",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/request",
+    "/updates",
+    "/admin/reload",
+];
+
+/// The HTTP side of the listener: the routes, with authentication, the rate limit and the HTTP
+/// metrics around them (not inside, as per-route middleware: that cost a boxed future and a
+/// service clone per layer and call).
+#[derive(Clone)]
+pub struct HttpApi {
+    router: Router,
+    metrics: Option<metrics::HttpMetrics>,
+}
+
+impl HttpApi {
+    /// Serves one request: `admit` (authentication and the rate limit) first, then the routes;
+    /// every call, refused or not, counted under its route template and status.
+    pub async fn serve(
+        &self,
+        mut req: axum::extract::Request,
+        admit: impl FnOnce(&mut axum::extract::Request) -> Option<Response>,
+    ) -> Response {
+        use tower::ServiceExt;
+        let route = route_label(req.uri().path());
+        let started = std::time::Instant::now();
+        let resp = match admit(&mut req) {
+            Some(refused) => refused,
+            None => match self.router.clone().oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            },
+        };
+        match &self.metrics {
+            Some(m) => m.track(route, started, resp),
+            None => resp,
+        }
+    }
+}
+
+/// The route template of `path`, or `unmatched`.
+fn route_label(path: &str) -> &'static str {
+    ROUTES
+        .iter()
+        .find(|r| **r == path)
+        .copied()
+        .unwrap_or("unmatched")
+}
+
+/// The HTTP side, its metrics registered beside the gRPC series.
+pub fn api(state: Arc<AppState>) -> HttpApi {
     let http_metrics =
         state
             .metrics
@@ -76,28 +144,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         in_flight: AtomicUsize::new(0),
         session_locks: Default::default(),
     });
-    let router = Router::new()
-        .route("/health", get(status::health))
-        .route("/status", get(status::status))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/request", post(prompt::request))
-        .route("/updates", get(prompt::updates))
-        .route("/admin/reload", post(status::admin_reload))
+    let router = routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, handler)| r.route(path, handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        // Authentication and the rate limit: inside the metrics layer, so refused calls are
-        // counted by route and status like the others.
-        .layer(axum::middleware::from_fn_with_state(
-            state,
-            crate::server::pipeline::http_admit,
-        ));
-    let router = match http_metrics {
-        Some(m) => router.layer(axum::middleware::from_fn_with_state(m, metrics::track)),
-        None => router,
-    };
-    router.with_state(api)
+        .with_state(api);
+    HttpApi {
+        router,
+        metrics: http_metrics,
+    }
 }
 
 /// What the handlers share.
@@ -674,6 +731,24 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
         h
+    }
+
+    #[test]
+    fn every_route_is_labelled_by_its_template_and_nothing_else_is() {
+        let routed: Vec<&str> = routes().iter().map(|(p, _)| *p).collect();
+        assert_eq!(routed, ROUTES);
+        for path in ROUTES {
+            assert_eq!(route_label(path), *path);
+        }
+        for path in [
+            "/",
+            "/v1/chat/completions/",
+            "/v1/chat",
+            "/healthz",
+            "/health?x=1",
+        ] {
+            assert_eq!(route_label(path), "unmatched", "{path}");
+        }
     }
 
     #[test]
