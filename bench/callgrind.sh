@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Instructions per proxied call, counted by callgrind: the stable measure on a noisy VM (issue #8
+# suggests it), for comparing two builds of chatcli step by step. Wall-clock numbers come from
+# bench/run.sh; this counts only chatcli's own user-space instructions (no kernel, no wake-ups).
+#
+#   bench/callgrind.sh                      the release build in target/release
+#   bench/callgrind.sh --bin PATH           another build (e.g. a copy of an older release binary)
+#   bench/callgrind.sh --secs 5             seconds of load per scenario (default 5)
+#
+# Scenarios (OpenAI-compatible HTTP route, wrk -t1 -c4 on core 1, chatcli under valgrind on core 0):
+#   unary        non-streamed call, zero-delay mock
+#   stream-1     streamed call, one delta
+#   stream-64    streamed call, 64 deltas 1 ms apart (about one delta per read)
+#   burst-64     streamed call, 64 deltas at once (many deltas per read)
+# Counters are zeroed after a 2 s warm-up; Ir per call = instructions / calls wrk completed.
+# Needs valgrind and wrk (Debian packages `valgrind`, `wrk`).
+# Environment: BENCH_PORT_BASE (default 18000): ports BASE+500.. are used.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=$ROOT/target/release/chatcli
+SECS=5
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --bin) BIN=$2; shift ;;
+        --secs) SECS=$2; shift ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) echo "bench/callgrind.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+
+die() { printf 'bench/callgrind.sh: %s\n' "$*" >&2; exit 1; }
+for tool in valgrind callgrind_control wrk taskset curl; do
+    command -v "$tool" >/dev/null || die "$tool is missing (apt-get install valgrind wrk util-linux curl)"
+done
+[[ -x $BIN ]] || die "no chatcli binary at $BIN (cargo build --release --locked, or --bin PATH)"
+MOCK=$ROOT/target/release/examples/mock_upstream
+[[ -x $MOCK ]] || die "no mock at $MOCK (cargo build --release --locked --example mock_upstream)"
+
+BASE=${BENCH_PORT_BASE:-18000}
+CC=$((BASE + 500)) M0=$((BASE + 510)) M1=$((BASE + 511)) MP=$((BASE + 512)) MB=$((BASE + 513))
+for p in $CC $((CC + 1)) $M0 $M1 $MP $MB; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        die "port $p is in use (set BENCH_PORT_BASE)"
+    fi
+done
+
+TMP=$(mktemp -d /tmp/chatcli-callgrind.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# The mocks: plain answers, one delta, 64 deltas 1 ms apart, 64 deltas at once.
+taskset -c 1 "$MOCK" --port "$M0" >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 1 "$MOCK" --port "$M1" --deltas 1 >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 1 "$MOCK" --port "$MP" --deltas 64 --interval 1ms >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 1 "$MOCK" --port "$MB" --deltas 64 >/dev/null 2>&1 & PIDS+=($!)
+
+mkdir -p "$TMP/conf"
+{
+    printf '[server]\nbind_address = "127.0.0.1"\nport = %s\n' "$CC"
+    printf '[metrics]\nbind_address = "127.0.0.1"\nport = %s\n' "$((CC + 1))"
+    printf '[log]\nlevel = "warn"\n[state]\ndata_dir = "%s/data"\n' "$TMP"
+    printf '[limits]\nrate_limit_rps = 1000000.0\nrate_limit_burst = 1000000\nmax_streams_per_principal = 0\n'
+    printf '[llm]\ndefault = "m0"\n'
+    for pair in "m0:$M0" "m1:$M1" "mp:$MP" "mb:$MB"; do
+        printf '[[llm.providers]]\nname = "%s"\nkind = "openai-compatible"\nbase_url = "http://127.0.0.1:%s/v1"\nmodel = "mock-model"\n' \
+            "${pair%%:*}" "${pair##*:}"
+    done
+} >"$TMP/conf/chatcli.toml"
+
+body() { # MODEL STREAM
+    printf '{"model":"%s","messages":[{"role":"user","content":"Say hello to the benchmark."}],"stream":%s}' "$1" "$2"
+}
+lua() { # FILE BODYFILE
+    printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n' >"$1"
+    printf 'local f = io.open("%s"); wrk.body = f:read("*a"); f:close()\n' "$2" >>"$1"
+}
+
+taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.out" \
+    "$BIN" server --config "$TMP/conf/chatcli.toml" >"$TMP/chatcli.log" 2>&1 & PIDS+=($!)
+VG=$!
+URL=http://127.0.0.1:$CC/v1/chat/completions
+for _ in $(seq 300); do
+    curl -sf -o /dev/null "http://127.0.0.1:$CC/health" && break
+    kill -0 "$VG" 2>/dev/null || die "chatcli under valgrind exited: $(tail -5 "$TMP/chatcli.log")"
+    sleep 0.1
+done
+curl -sf -o /dev/null "http://127.0.0.1:$CC/health" || die "chatcli did not answer /health within 30 s"
+
+printf '| scenario | calls | instructions per call |\n|---|---|---|\n'
+n=0
+for s in "unary:m0:false" "stream-1:m1:true" "stream-64:mp:true" "burst-64:mb:true"; do
+    IFS=: read -r name model stream <<<"$s"
+    body "$model" "$stream" >"$TMP/$name.json"
+    lua "$TMP/$name.lua" "$TMP/$name.json"
+    check=$(curl -sf "$URL" -H 'content-type: application/json' --data-binary "@$TMP/$name.json") ||
+        die "$name: the check call failed"
+    [[ $check == *mock-model* ]] || die "$name: unexpected answer: ${check:0:200}"
+    taskset -c 1 wrk -t1 -c4 -d2s -s "$TMP/$name.lua" "$URL" >/dev/null
+    callgrind_control -z "$VG" >/dev/null 2>&1
+    out=$(taskset -c 1 wrk -t1 -c4 -d"${SECS}s" -s "$TMP/$name.lua" "$URL")
+    n=$((n + 1))
+    callgrind_control --dump="$name" "$VG" >/dev/null 2>&1
+    sleep 0.5
+    calls=$(awk '/requests in/{print $1}' <<<"$out")
+    errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
+    [[ -z $errors ]] || die "$name: wrk saw errors: $errors"
+    dump=$(ls -t "$TMP"/cg.out.* | head -1)
+    ir=$(awk '/^summary:|^totals:/{v=$2} END{print v}' "$dump")
+    [[ -n $ir && $calls -gt 0 ]] || die "$name: no count (dump $dump, calls $calls)"
+    printf '| %s | %s | %s |\n' "$name" "$calls" "$(python3 -c "print(f'{round($ir / $calls):,}')")"
+done
