@@ -92,13 +92,17 @@ impl std::fmt::Debug for Lean {
     }
 }
 
-/// A lean client, or `None` when the environment sets a proxy (then reqwest, which honours it,
-/// must carry the calls).
+/// The lean client, or `None` when the environment sets a proxy (then reqwest, which honours it,
+/// must carry the calls). One per process, built on first use: providers that call the same
+/// upstream share its connection pool, and a reload does not load the system's roots again.
 pub fn lean_client() -> Result<Option<Lean>, LlmError> {
-    if env_proxy_set(|k| std::env::var(k).ok()) {
-        return Ok(None);
-    }
-    build_lean().map(Some)
+    static SHARED: std::sync::OnceLock<Result<Option<Lean>, LlmError>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| match env_proxy_set(|k| std::env::var(k).ok()) {
+            true => Ok(None),
+            false => build_lean().map(Some),
+        })
+        .clone()
 }
 
 fn build_lean() -> Result<Lean, LlmError> {
