@@ -5,11 +5,11 @@
 //! Two clients send: reqwest for everything, and [`Lean`], hyper-util's pooled client driven
 //! directly, for the hottest path (the OpenAI-format provider's calls to the operator's own
 //! upstream). reqwest wraps the same hyper client in layers a gateway call does not use (redirects,
-//! which we turn off anyway, retries, and a URL re-parse of every response): skipping them cut the
-//! CPU per proxied call by about a quarter (BENCHMARKS.md). The lean client is not used when an
-//! environment proxy is set (reqwest honours `HTTP(S)_PROXY`/`ALL_PROXY`), nor for client-chosen
-//! URLs (the SSRF guard pins them in a reqwest client); its answers are handed on as
-//! `reqwest::Response`, so reading and error handling are one code path.
+//! which we turn off anyway, retries, and a URL re-parse of every response): skipping them saved a
+//! sixth of the instructions of a proxied call (BENCHMARKS.md, step 9). The lean client is not used
+//! when an environment proxy is set (reqwest honours `HTTP(S)_PROXY`/`ALL_PROXY`), nor for
+//! client-chosen URLs (the SSRF guard pins them in a reqwest client). A 2xx answer from either is an
+//! [`Answer`]; any other status goes through the same error reading as reqwest's.
 
 use std::sync::Arc;
 use std::time::Duration;
