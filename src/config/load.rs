@@ -429,6 +429,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
     config.server.reflection_env = reflection_env;
     add_env_providers(&mut config, env, &mut warnings);
     read_secret_files(&mut config, &figment, env, &mut problems);
+    resolve_tls_files(&mut config, env);
     problems.extend(validate::validate(&config, &figment));
     warnings.extend(validate::warnings(&config));
     if !problems.is_empty() {
@@ -586,6 +587,32 @@ fn add_env_providers(
     }
 }
 
+/// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`), when set and not empty.
+fn credentials_dir(env: &HashMap<String, String>) -> Option<PathBuf> {
+    env.get("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The TLS files, like the other `*_file` settings: a relative path is looked up in
+/// `$CREDENTIALS_DIRECTORY` when that is set (so `key_file = "tls_key"` with
+/// `LoadCredential=tls_key:…`). The resolved path is what the server reads and watches for rotation.
+fn resolve_tls_files(config: &mut Config, env: &HashMap<String, String>) {
+    let Some(dir) = credentials_dir(env) else {
+        return;
+    };
+    let tls = &mut config.server.tls;
+    for file in [
+        &mut tls.cert_file,
+        &mut tls.key_file,
+        &mut tls.client_ca_file,
+    ] {
+        if let Some(path) = file.as_mut().filter(|p| p.is_relative()) {
+            *path = dir.join(&*path);
+        }
+    }
+}
+
 /// Reads `*_file` secrets. A relative path is looked up in `$CREDENTIALS_DIRECTORY` (systemd's
 /// `LoadCredential=`) when that is set.
 fn read_secret_files(
@@ -594,10 +621,7 @@ fn read_secret_files(
     env: &HashMap<String, String>,
     problems: &mut Vec<Problem>,
 ) {
-    let creds = env
-        .get("CREDENTIALS_DIRECTORY")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from);
+    let creds = credentials_dir(env);
     let mut read =
         |secret_key: &str, file_key: &str, secret: &mut Option<Secret>, file: &Option<PathBuf>| {
             let Some(file) = file else { return };

@@ -197,6 +197,42 @@ fn secrets_are_read_from_files() {
 }
 
 #[test]
+fn relative_tls_files_are_looked_up_in_the_credentials_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let creds = d.path().to_str().unwrap();
+    let with_creds = [
+        ("CREDENTIALS_DIRECTORY", creds),
+        ("CHATCLI_SERVER_TLS_CERT", "tls_cert"),
+        ("CHATCLI_SERVER_TLS_KEY", "tls_key"),
+        ("CHATCLI_TLS_CLIENT_CA", "/etc/chatcli/clients.pem"),
+    ];
+    let tls = load(&sources(&with_creds, None, vec![]))
+        .unwrap()
+        .config
+        .server
+        .tls;
+    assert_eq!(tls.cert_file, Some(d.path().join("tls_cert")));
+    assert_eq!(tls.key_file, Some(d.path().join("tls_key")));
+    assert_eq!(
+        tls.client_ca_file,
+        Some(PathBuf::from("/etc/chatcli/clients.pem")),
+        "an absolute path stays as written"
+    );
+
+    // Without the directory a relative path stays relative (to the working directory).
+    let without = [
+        ("CHATCLI_SERVER_TLS_CERT", "tls_cert"),
+        ("CHATCLI_SERVER_TLS_KEY", "tls_key"),
+    ];
+    let tls = load(&sources(&without, None, vec![]))
+        .unwrap()
+        .config
+        .server
+        .tls;
+    assert_eq!(tls.key_file, Some(PathBuf::from("tls_key")));
+}
+
+#[test]
 fn secret_file_problems_name_the_key() {
     let d = tempfile::tempdir().unwrap();
     let env = [("CHATCLI_SERVER_TOKEN_FILE", "/nonexistent/token")];

@@ -17,8 +17,8 @@ use chatcli::testing::{Reply, Step};
 use tonic::Code;
 
 use crate::support::{
-    BearerToken, CertPair, HANG_GUARD, TestCa, TestServer, echo_config, eventually, files_under,
-    https_client, metric_value, openai_fake, openai_provider, principal_sessions_dir,
+    BearerToken, BinaryServer, CertPair, HANG_GUARD, TestCa, TestServer, echo_config, eventually,
+    files_under, https_client, metric_value, openai_fake, openai_provider, principal_sessions_dir,
     served_serial, tls_channel, write_atomically,
 };
 
@@ -407,4 +407,30 @@ async fn certificate_rotation_reaches_new_connections_only() {
     })
     .await;
     s.shutdown().await;
+}
+
+/// A relative `server.tls.cert_file` / `key_file` is looked up in `$CREDENTIALS_DIRECTORY`, the way
+/// systemd's `LoadCredential=` hands a key to the service: the binary serves that certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn relative_tls_files_come_from_the_credentials_directory() {
+    let ca = TestCa::new("credentials test CA");
+    let pair = ca.server_cert(&[0x4c, 0x43]);
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("tls_cert"), &pair.cert_pem).unwrap();
+    std::fs::write(creds.path().join("tls_key"), &pair.key_pem).unwrap();
+    let conf = tempfile::tempdir().unwrap();
+    let config = conf.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        "[server.tls]\ncert_file = \"tls_cert\"\nkey_file = \"tls_key\"\n\n\
+         [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n",
+    )
+    .unwrap();
+    let server = BinaryServer::start_with_env(
+        &config,
+        &[],
+        &[("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap())],
+    );
+    let serial = served_serial(server.addr, &ca.ca_pem).await.unwrap();
+    assert_eq!(serial, pair.serial());
 }
