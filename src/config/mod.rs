@@ -70,16 +70,32 @@ impl std::fmt::Display for Problem {
 /// Describes where the value of `key` came from: `default`, `file <path>`, `env <NAME>` or `flag <--x>`.
 /// Array elements (`llm.providers.0.name`) take the origin of their array.
 pub fn origin(figment: &Figment, key: &str) -> String {
-    let mut path = key;
-    loop {
-        if let Some(md) = figment.find_metadata(path) {
-            let keys: Vec<String> = path.split('.').map(String::from).collect();
-            return describe(md, &keys);
-        }
-        match path.rsplit_once('.') {
-            Some((head, _)) => path = head,
-            None => return "default".into(),
-        }
+    // Walk the merged value along the key: a list item (`llm.providers.1.name`) keeps the tag of
+    // the layer that added it (a drop-in appending a provider), where the list itself carries the
+    // tag of the layer that started it.
+    let mut parts = key.split('.');
+    let Some(first) = parts.next() else {
+        return "default".into();
+    };
+    let Ok(mut value) = figment.find_value(first) else {
+        return "default".into();
+    };
+    let mut found = vec![first.to_string()];
+    for part in parts {
+        let next = match &value {
+            figment::value::Value::Dict(_, d) => d.get(part).cloned(),
+            figment::value::Value::Array(_, a) => {
+                part.parse::<usize>().ok().and_then(|i| a.get(i).cloned())
+            }
+            _ => None,
+        };
+        let Some(next) = next else { break };
+        value = next;
+        found.push(part.to_string());
+    }
+    match figment.get_metadata(value.tag()) {
+        Some(md) => describe(md, &found),
+        None => "default".into(),
     }
 }
 

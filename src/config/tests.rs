@@ -479,6 +479,19 @@ fn drop_ins_merge_in_name_order_and_append_providers() {
         .collect();
     assert_eq!(names, vec!["a", "b"]);
     assert_eq!(l.files.len(), 4);
+    // Each value is credited to the file that set it, list items included.
+    assert!(
+        origin(&l.figment, "server.port").ends_with("20-port.toml"),
+        "{}",
+        origin(&l.figment, "server.port")
+    );
+    assert!(origin(&l.figment, "llm.providers.0.name").ends_with("chatcli.toml"));
+    assert!(
+        origin(&l.figment, "llm.providers.1.name").ends_with("30-provider.toml"),
+        "{}",
+        origin(&l.figment, "llm.providers.1.name")
+    );
+    assert!(origin(&l.figment, "llm.providers.1").ends_with("30-provider.toml"));
     write(
         &d.path().join("conf.d"),
         "40-bad.toml",
