@@ -160,7 +160,8 @@ impl Default for ServerConfig {
 pub struct TlsConfig {
     /// PEM certificate chain (`--tls-cert`, `CHATCLI_SERVER_TLS_CERT`).
     pub cert_file: Option<PathBuf>,
-    /// PEM private key (`--tls-key`, `CHATCLI_SERVER_TLS_KEY`).
+    /// PEM private key (`--tls-key`, `CHATCLI_SERVER_TLS_KEY`). Relative TLS paths are looked up in
+    /// `$CREDENTIALS_DIRECTORY` when that is set (systemd `LoadCredential=`).
     pub key_file: Option<PathBuf>,
     /// PEM CA bundle that client certificates must chain to (`--tls-client-ca`, `CHATCLI_TLS_CLIENT_CA`).
     pub client_ca_file: Option<PathBuf>,
