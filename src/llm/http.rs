@@ -222,34 +222,39 @@ pub async fn send_lean(
         .map(Answer::Reqwest)
 }
 
+/// The causes of `e` (its sources), outermost first.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(e.source(), |s| s.source())
+}
+
+/// `headline` followed by every cause of `e`: `connection failed: tcp connect error: …`.
+fn with_causes(headline: String, e: &(dyn std::error::Error + 'static)) -> String {
+    causes(e).fold(headline, |text, s| format!("{text}: {s}"))
+}
+
 /// A body that broke off on the lean client, worded as [`transport_error`] words it.
 fn body_error(provider: &str, e: &hyper::Error) -> LlmError {
-    let mut text = format!("the response body broke off or could not be read: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
+    let text = with_causes(
+        format!("the response body broke off or could not be read: {e}"),
+        e,
+    );
     LlmError::upstream(provider, ErrorClass::Transport, text)
 }
 
 /// Classifies an error of the lean client before any answer (connecting, writing the request, or
 /// reading the answer's head), with the same classes and wording as [`transport_error`].
 fn lean_error(provider: &str, e: &hyper_util::client::legacy::Error) -> LlmError {
-    let mut timed_out = false;
-    let mut text = if e.is_connect() {
-        "connection failed".to_string()
-    } else {
-        "request failed".to_string()
+    let headline = match e.is_connect() {
+        true => "connection failed",
+        false => "request failed",
     };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        timed_out |= s
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
+    let timed_out = causes(e).any(|s| {
+        s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    });
+    let text = with_causes(headline.to_string(), e);
     let class = match timed_out {
         true => ErrorClass::Timeout,
         false => ErrorClass::Transport,
@@ -328,18 +333,7 @@ async fn read_bounded(resp: reqwest::Response, limit: usize) -> String {
 pub fn transport_error(provider: &str, e: &reqwest::Error) -> LlmError {
     // reqwest marks every failed body read as a decode error; only a decode error that did not come
     // from the connection (hyper or I/O underneath) is the upstream speaking garbage.
-    let from_connection = {
-        let mut source = std::error::Error::source(e);
-        let mut found = false;
-        while let Some(s) = source {
-            if s.is::<hyper::Error>() || s.is::<std::io::Error>() {
-                found = true;
-                break;
-            }
-            source = s.source();
-        }
-        found
-    };
+    let from_connection = causes(e).any(|s| s.is::<hyper::Error>() || s.is::<std::io::Error>());
     let class = if e.is_timeout() {
         ErrorClass::Timeout
     } else if e.is_decode() && !from_connection {
@@ -359,21 +353,16 @@ trait WithoutUrl {
 
 impl WithoutUrl for reqwest::Error {
     fn without_url_ref_text(&self) -> String {
-        let mut text = if self.is_connect() {
-            "connection failed".to_string()
+        let headline = if self.is_connect() {
+            "connection failed"
         } else if self.is_timeout() {
-            "timed out".to_string()
+            "timed out"
         } else if self.is_body() || self.is_decode() {
-            "the response body broke off or could not be read".to_string()
+            "the response body broke off or could not be read"
         } else {
-            "request failed".to_string()
+            "request failed"
         };
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            text = format!("{text}: {s}");
-            source = s.source();
-        }
-        text
+        with_causes(headline.to_string(), self)
     }
 }
 
@@ -624,17 +613,16 @@ mod tests {
     }
 
     /// A response whose body arrives in exactly these pieces.
-    fn response_in_pieces(pieces: &[&'static str]) -> reqwest::Response {
-        let chunks: Vec<Result<Bytes, std::io::Error>> = pieces
-            .iter()
-            .map(|p| Ok(Bytes::from_static(p.as_bytes())))
-            .collect();
+    fn response_in_pieces(pieces: &[&'static [u8]]) -> reqwest::Response {
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            pieces.iter().map(|p| Ok(Bytes::from_static(p))).collect();
         let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
         reqwest::Response::from(http::Response::new(body))
     }
 
     async fn events_of(pieces: &[&'static str]) -> Vec<Result<(String, String), String>> {
-        sse_events("p", response_in_pieces(pieces))
+        let pieces: Vec<&'static [u8]> = pieces.iter().map(|p| p.as_bytes()).collect();
+        sse_events("p", response_in_pieces(&pieces))
             .map(|r| r.map(|e| (e.event, e.data)).map_err(|e| e.to_string()))
             .collect()
             .await
@@ -677,11 +665,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_utf8_in_an_sse_field_is_malformed() {
-        let body =
-            reqwest::Body::wrap_stream(futures::stream::iter(vec![Ok::<_, std::io::Error>(
-                Bytes::from_static(b"data: \xff\xfe\n\n"),
-            )]));
-        let resp = reqwest::Response::from(http::Response::new(body));
+        let resp = response_in_pieces(&[b"data: \xff\xfe\n\n"]);
         let got: Vec<_> = sse_events("p", resp).collect().await;
         assert_eq!(got.len(), 1);
         let err = got

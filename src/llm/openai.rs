@@ -378,16 +378,17 @@ impl Call {
 /// every call).
 fn chat_url(name: &str, base_url: &str) -> Result<(String, reqwest::Url, ::http::Uri), LlmError> {
     let base_url = base_url.trim_end_matches('/');
-    let url = reqwest::Url::parse(&format!("{base_url}/chat/completions")).map_err(|e| {
+    let invalid = |e: &dyn std::fmt::Display| {
         LlmError::InvalidRequest(format!(
             "provider `{name}`: base_url `{base_url}` is not a valid URL: {e}"
         ))
-    })?;
-    let uri = url.as_str().parse::<::http::Uri>().map_err(|e| {
-        LlmError::InvalidRequest(format!(
-            "provider `{name}`: base_url `{base_url}` is not a valid URL: {e}"
-        ))
-    })?;
+    };
+    let url =
+        reqwest::Url::parse(&format!("{base_url}/chat/completions")).map_err(|e| invalid(&e))?;
+    let uri = url
+        .as_str()
+        .parse::<::http::Uri>()
+        .map_err(|e| invalid(&e))?;
     Ok((base_url.to_string(), url, uri))
 }
 
