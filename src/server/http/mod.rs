@@ -71,24 +71,14 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<Api>>)> {
     ]
 }
 
-/// The route templates, as the HTTP metrics label them (anything else is `unmatched`); a test
-/// keeps them in step with [`routes`].
-const ROUTES: &[&str] = &[
-    "/health",
-    "/status",
-    "/v1/models",
-    "/v1/chat/completions",
-    "/request",
-    "/updates",
-    "/admin/reload",
-];
-
 /// The HTTP side of the listener: the routes, with authentication, the rate limit and the HTTP
 /// metrics around them (not inside, as per-route middleware: that cost a boxed future and a
 /// service clone per layer and call).
 #[derive(Clone)]
 pub struct HttpApi {
     router: Router,
+    /// The route templates of [`routes`], as the HTTP metrics label calls.
+    labels: Arc<[&'static str]>,
     metrics: Option<metrics::HttpMetrics>,
 }
 
@@ -101,7 +91,7 @@ impl HttpApi {
         admit: impl FnOnce(&mut axum::extract::Request) -> Option<Response>,
     ) -> Response {
         use tower::ServiceExt;
-        let route = route_label(req.uri().path());
+        let route = route_label(&self.labels, req.uri().path());
         let started = std::time::Instant::now();
         let resp = match admit(&mut req) {
             Some(refused) => refused,
@@ -117,9 +107,9 @@ impl HttpApi {
     }
 }
 
-/// The route template of `path`, or `unmatched`.
-fn route_label(path: &str) -> &'static str {
-    ROUTES
+/// The route template among `labels` that `path` is, or `unmatched`.
+fn route_label(labels: &[&'static str], path: &str) -> &'static str {
+    labels
         .iter()
         .find(|r| **r == path)
         .copied()
@@ -144,7 +134,9 @@ pub fn api(state: Arc<AppState>) -> HttpApi {
         in_flight: AtomicUsize::new(0),
         session_locks: Default::default(),
     });
-    let router = routes()
+    let routes = routes();
+    let labels = routes.iter().map(|(path, _)| *path).collect();
+    let router = routes
         .into_iter()
         .fold(Router::new(), |r, (path, handler)| r.route(path, handler))
         .fallback(not_found)
@@ -153,6 +145,7 @@ pub fn api(state: Arc<AppState>) -> HttpApi {
         .with_state(api);
     HttpApi {
         router,
+        labels,
         metrics: http_metrics,
     }
 }
@@ -640,7 +633,6 @@ impl From<crate::llm::Usage> for UsageOut {
     }
 }
 
-/// SSE responses also tell proxies not to buffer them.
 /// One SSE `data:` event carrying `value` as JSON, serialized straight into the frame (JSON text
 /// never holds a raw line break, so it is one `data:` line).
 fn sse_json(value: &impl serde::Serialize) -> bytes::Bytes {
@@ -691,6 +683,7 @@ fn json_response(value: &impl serde::Serialize) -> Response {
     }
 }
 
+/// SSE responses also tell proxies not to buffer them.
 fn sse_headers(mut resp: Response) -> Response {
     resp.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -735,10 +728,21 @@ mod tests {
 
     #[test]
     fn every_route_is_labelled_by_its_template_and_nothing_else_is() {
-        let routed: Vec<&str> = routes().iter().map(|(p, _)| *p).collect();
-        assert_eq!(routed, ROUTES);
-        for path in ROUTES {
-            assert_eq!(route_label(path), *path);
+        let labels: Vec<&'static str> = routes().iter().map(|(p, _)| *p).collect();
+        assert_eq!(
+            labels,
+            [
+                "/health",
+                "/status",
+                "/v1/models",
+                "/v1/chat/completions",
+                "/request",
+                "/updates",
+                "/admin/reload",
+            ]
+        );
+        for path in &labels {
+            assert_eq!(route_label(&labels, path), *path);
         }
         for path in [
             "/",
@@ -747,7 +751,7 @@ mod tests {
             "/healthz",
             "/health?x=1",
         ] {
-            assert_eq!(route_label(path), "unmatched", "{path}");
+            assert_eq!(route_label(&labels, path), "unmatched", "{path}");
         }
     }
 
