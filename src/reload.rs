@@ -439,13 +439,10 @@ fn watched_files(c: &Config, sources: &Sources) -> Vec<PathBuf> {
             .cloned(),
     );
     files.extend(c.watcher.config_file.iter().cloned());
-    let creds = sources.env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let creds = sources.credentials_dir();
     files
-        .into_iter()
-        .map(|f| match (&creds, f.is_relative()) {
-            (Some(dir), true) if !dir.as_os_str().is_empty() => dir.join(f),
-            _ => f,
-        })
+        .iter()
+        .map(|f| crate::auth::tokens::credential_path(f, creds.as_deref()))
         .collect()
 }
 

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use super::types::{Config, Defaults, ProviderConfig};
 use super::values::Secret;
 use super::{Problem, validate};
+use crate::auth::tokens::credential_path;
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +37,12 @@ impl Sources {
             default_config_path: PathBuf::from("/etc/chatcli/chatcli.toml"),
             flags,
         }
+    }
+
+    /// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`) of these sources, when set and not
+    /// empty: where relative `*_file` settings are looked up.
+    pub fn credentials_dir(&self) -> Option<PathBuf> {
+        credentials_dir(&self.env)
     }
 }
 
@@ -606,10 +613,11 @@ fn resolve_tls_files(config: &mut Config, env: &HashMap<String, String>) {
         &mut tls.cert_file,
         &mut tls.key_file,
         &mut tls.client_ca_file,
-    ] {
-        if let Some(path) = file.as_mut().filter(|p| p.is_relative()) {
-            *path = dir.join(&*path);
-        }
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *file = credential_path(file, Some(&dir));
     }
 }
 
@@ -637,10 +645,7 @@ fn read_secret_files(
                 ));
                 return;
             }
-            let path = match (&creds, file.is_relative()) {
-                (Some(dir), true) => dir.join(file),
-                _ => file.clone(),
-            };
+            let path = credential_path(file, creds.as_deref());
             match std::fs::read_to_string(&path) {
                 Ok(text) if text.trim().is_empty() => problems.push(Problem::new(
                     file_key,

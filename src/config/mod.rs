@@ -68,7 +68,7 @@ impl std::fmt::Display for Problem {
 }
 
 /// Describes where the value of `key` came from: `default`, `file <path>`, `env <NAME>` or `flag <--x>`.
-/// Array elements (`llm.providers.0.name`) take the origin of their array.
+/// Array elements (`llm.providers.1.name`) take the origin of the layer that added them.
 pub fn origin(figment: &Figment, key: &str) -> String {
     // Walk the merged value along the key: a list item (`llm.providers.1.name`) keeps the tag of
     // the layer that added it (a drop-in appending a provider), where the list itself carries the
