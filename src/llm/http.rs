@@ -2,16 +2,16 @@
 //! SSRF guard's resolver for client-supplied URLs), sending with error classification, and the SSE
 //! and NDJSON framings of streamed answers.
 //!
-//! Two clients send: reqwest for everything, and [`Lean`], hyper-util's pooled client driven
-//! directly, for the hottest path (the OpenAI-format provider's calls to the operator's own
-//! upstream). reqwest wraps the same hyper client in layers a gateway call does not use (redirects,
-//! which we turn off anyway, retries, and a URL re-parse of every response): skipping them saved a
-//! sixth of the instructions of a proxied call (BENCHMARKS.md, step 9). The lean client is not used
+//! Two clients send: reqwest for everything, and [`Lean`] (hyper's client connections in a pool of
+//! our own, `llm::lean`) for the hottest path (the OpenAI-format provider's calls to the operator's
+//! own upstream). reqwest wraps hyper-util's pooled client in layers a gateway call does not use
+//! (redirects, which we turn off anyway, retries, and a URL re-parse of every response): skipping
+//! them saved a sixth of the instructions of a proxied call (BENCHMARKS.md, step 9), and skipping
+//! hyper-util's pool too saved more (step 13). The lean client is not used
 //! when an environment proxy is set (reqwest honours `HTTP(S)_PROXY`/`ALL_PROXY`), nor for
 //! client-chosen URLs (the SSRF guard pins them in a reqwest client). A 2xx answer from either is an
 //! [`Answer`]; any other status goes through the same error reading as reqwest's.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -69,70 +69,13 @@ const PROXY_VARS: &[&str] = &[
 ];
 
 /// Whether the environment (read through `var`) configures a proxy.
-fn env_proxy_set(var: impl Fn(&str) -> Option<String>) -> bool {
+pub(super) fn env_proxy_set(var: impl Fn(&str) -> Option<String>) -> bool {
     PROXY_VARS
         .iter()
         .any(|k| var(k).is_some_and(|v| !v.trim().is_empty()))
 }
 
-type LeanBody = http_body_util::Full<Bytes>;
-type LeanConnector =
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-
-/// hyper-util's pooled client, driven directly: HTTP/1.1 or HTTP/2 by ALPN, rustls with the same
-/// platform verifier reqwest uses, TCP_NODELAY, the same connect and idle timeouts as [`client`].
-#[derive(Clone)]
-pub struct Lean {
-    client: hyper_util::client::legacy::Client<LeanConnector, LeanBody>,
-}
-
-impl std::fmt::Debug for Lean {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Lean")
-    }
-}
-
-/// The lean client, or `None` when the environment sets a proxy (then reqwest, which honours it,
-/// must carry the calls). One per process, built on first use: providers that call the same
-/// upstream share its connection pool, and a reload does not load the system's roots again.
-pub fn lean_client() -> Result<Option<Lean>, LlmError> {
-    static SHARED: std::sync::OnceLock<Result<Option<Lean>, LlmError>> = std::sync::OnceLock::new();
-    SHARED
-        .get_or_init(|| match env_proxy_set(|k| std::env::var(k).ok()) {
-            true => Ok(None),
-            false => build_lean().map(Some),
-        })
-        .clone()
-}
-
-fn build_lean() -> Result<Lean, LlmError> {
-    use rustls_platform_verifier::BuilderVerifierExt;
-    let fail = |e: &dyn std::fmt::Display| {
-        LlmError::InvalidRequest(format!("cannot build an HTTP client: {e}"))
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail(&e))?
-        .with_platform_verifier()
-        .map_err(|e| fail(&e))?
-        .with_no_client_auth();
-    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(Duration::from_secs(10)));
-    tcp.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(tcp);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .build(connector);
-    Ok(Lean { client })
-}
+use super::lean::{Failure, Lean, LeanBody, PooledBody};
 
 /// The `User-Agent` both clients send.
 pub const USER_AGENT: &str = concat!("chatcli/", env!("CARGO_PKG_VERSION"));
@@ -162,7 +105,7 @@ pub enum Answer {
     /// From reqwest.
     Reqwest(reqwest::Response),
     /// From the lean client.
-    Lean(http::Response<hyper::body::Incoming>),
+    Lean(http::Response<PooledBody>),
 }
 
 impl Answer {
@@ -210,7 +153,6 @@ pub async fn send_lean(
     parse_error: ErrorParser,
 ) -> Result<Answer, LlmError> {
     let resp = lean
-        .client
         .request(request)
         .await
         .map_err(|e| lean_error(provider, &e))?;
@@ -245,16 +187,17 @@ fn body_error(provider: &str, e: &hyper::Error) -> LlmError {
 
 /// Classifies an error of the lean client before any answer (connecting, writing the request, or
 /// reading the answer's head), with the same classes and wording as [`transport_error`].
-fn lean_error(provider: &str, e: &hyper_util::client::legacy::Error) -> LlmError {
-    let headline = match e.is_connect() {
-        true => "connection failed",
-        false => "request failed",
+fn lean_error(provider: &str, failure: &Failure) -> LlmError {
+    let headline = match failure {
+        Failure::Connect(_) => "connection failed",
+        Failure::Request(_) => "request failed",
     };
-    let timed_out = causes(e).any(|s| {
+    let e = failure.error();
+    let timed_out = std::iter::once(e).chain(causes(e)).any(|s| {
         s.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     });
-    let text = with_causes(headline.to_string(), e);
+    let text = with_causes(format!("{headline}: {e}"), e);
     let class = match timed_out {
         true => ErrorClass::Timeout,
         false => ErrorClass::Transport,
@@ -594,10 +537,10 @@ mod tests {
             std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|_| unreachable!());
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         drop(listener);
-        let lean = build_lean().unwrap_or_else(|_| unreachable!());
         let uri: http::Uri = format!("http://127.0.0.1:{port}/v1/chat/completions")
             .parse()
             .unwrap_or_else(|_| unreachable!());
+        let lean = Lean::direct(&uri).unwrap_or_else(|_| unreachable!());
         let req = lean_json_post(&uri, HeaderMap::new(), b"{}".to_vec());
         let err = send_lean("p", &lean, req, |_, _| None)
             .await

@@ -13,6 +13,7 @@ pub mod fallback;
 pub mod gateway;
 pub mod gemini;
 pub mod http;
+pub mod lean;
 pub mod ollama;
 pub mod openai;
 mod registry;

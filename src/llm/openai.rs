@@ -142,9 +142,9 @@ pub struct OpenAiProvider {
     preset_only_headers: HeaderMap,
     timeout: Duration,
     client: reqwest::Client,
-    /// The fast path for calls to the configured upstream ([`http::Lean`]); `None` when an
+    /// The fast path for calls to the configured upstream ([`super::lean::Lean`]); `None` when an
     /// environment proxy is set and for a client-chosen base URL (pinned in `client`).
-    lean: Option<http::Lean>,
+    lean: Option<super::lean::Lean>,
     ssrf: Arc<SsrfPolicy>,
 }
 
@@ -263,7 +263,7 @@ impl OpenAiProvider {
         let (base_url, url, uri) = chat_url(name, base_url)?;
         // reqwest turns credentials in the URL into a Basic header; the lean client would not.
         let lean = match url.username().is_empty() && url.password().is_none() {
-            true => http::lean_client()?,
+            true => super::lean::for_origin(&uri)?,
             false => None,
         };
         Ok(Self {
@@ -356,8 +356,8 @@ impl OpenAiProvider {
 enum Call {
     Reqwest(reqwest::RequestBuilder),
     Lean(
-        http::Lean,
-        ::http::Request<http_body_util::Full<bytes::Bytes>>,
+        super::lean::Lean,
+        ::http::Request<super::lean::LeanBody>,
     ),
     Refused(LlmError),
 }
