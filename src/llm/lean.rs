@@ -102,12 +102,13 @@ impl Failure {
 pub fn for_origin(uri: &Uri) -> Result<Option<Lean>, LlmError> {
     static CONNECTOR: OnceLock<Result<Option<Connector>, LlmError>> = OnceLock::new();
     static ORIGINS: OnceLock<Mutex<HashMap<String, Weak<Origin>>>> = OnceLock::new();
-    let connector = CONNECTOR.get_or_init(|| {
-        match super::http::env_proxy_set(|k| std::env::var(k).ok()) {
-            true => Ok(None),
-            false => connector().map(Some),
-        }
-    });
+    let connector =
+        CONNECTOR.get_or_init(
+            || match super::http::env_proxy_set(|k| std::env::var(k).ok()) {
+                true => Ok(None),
+                false => connector().map(Some),
+            },
+        );
     let Some(connector) = connector.clone()? else {
         return Ok(None);
     };
@@ -194,7 +195,10 @@ fn connector() -> Result<Connector, LlmError> {
 
 impl Lean {
     /// Sends `req` (an absolute URI of this origin) and returns the answer once its head arrived.
-    pub async fn request(&self, mut req: Request<LeanBody>) -> Result<Response<PooledBody>, Failure> {
+    pub async fn request(
+        &self,
+        mut req: Request<LeanBody>,
+    ) -> Result<Response<PooledBody>, Failure> {
         let uri = req.uri().clone();
         // A request goes out again only when a connection gave it back unsent; a few times at
         // most, so an origin that takes connections and drops them at once cannot loop us.
@@ -245,7 +249,7 @@ impl Lean {
     /// How many idle HTTP/1 connections the pool holds.
     #[cfg(test)]
     pub fn idle(&self) -> usize {
-        self.origin.idle.lock().unwrap().len()
+        self.origin.idle.lock().map_or(0, |i| i.len())
     }
 }
 
@@ -266,7 +270,11 @@ impl Origin {
             return Ok(Conn::H2(tx));
         }
         loop {
-            let newest = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop_back();
+            let newest = self
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_back();
             let Some(Idle { mut tx, since }) = newest else {
                 return self.connect().await;
             };
@@ -288,7 +296,10 @@ impl Origin {
 
     fn forget_h2(&self, gone: &http2::SendRequest<LeanBody>) {
         let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        if h2.as_ref().is_some_and(|tx| tx.is_closed() || gone.is_closed()) {
+        if h2
+            .as_ref()
+            .is_some_and(|tx| tx.is_closed() || gone.is_closed())
+        {
             *h2 = None;
         }
     }
@@ -360,7 +371,9 @@ impl PooledBody {
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBody").field("body", &self.body).finish()
+        f.debug_struct("PooledBody")
+            .field("body", &self.body)
+            .finish()
     }
 }
 
@@ -392,6 +405,7 @@ impl Body for PooledBody {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -413,7 +427,9 @@ mod tests {
         assert!(Arc::ptr_eq(&a.origin, &b.origin));
         assert_eq!(a.origin.host, "Example.test:8080");
         let c = for_origin(&"https://example.test:443/v1".parse().unwrap());
-        let Ok(Some(c)) = c else { panic!("https origin") };
+        let Ok(Some(c)) = c else {
+            panic!("https origin")
+        };
         assert!(!Arc::ptr_eq(&a.origin, &c.origin));
         assert_eq!(c.origin.host, "example.test");
         assert_eq!(c.origin.target, "https://example.test:443/");
@@ -458,7 +474,9 @@ mod tests {
                 });
             }
         });
-        let uri = format!("http://127.0.0.1:{port}/v1/chat/completions").parse().unwrap();
+        let uri = format!("http://127.0.0.1:{port}/v1/chat/completions")
+            .parse()
+            .unwrap();
         (uri, accepted)
     }
 
@@ -538,11 +556,19 @@ mod tests {
             sock.write_all(answer.as_bytes()).await.unwrap();
             String::from_utf8_lossy(&buf[..n]).into_owned()
         });
-        let uri: Uri = format!("http://127.0.0.1:{port}/v1/chat/completions?a=b").parse().unwrap();
+        let uri: Uri = format!("http://127.0.0.1:{port}/v1/chat/completions?a=b")
+            .parse()
+            .unwrap();
         let lean = Lean::direct(&uri).unwrap();
         text(call(&lean, &uri).await).await;
         let head = seen.await.unwrap().to_ascii_lowercase();
-        assert!(head.starts_with("post /v1/chat/completions?a=b http/1.1\r\n"), "{head}");
-        assert!(head.contains(&format!("\r\nhost: 127.0.0.1:{port}\r\n")), "{head}");
+        assert!(
+            head.starts_with("post /v1/chat/completions?a=b http/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("\r\nhost: 127.0.0.1:{port}\r\n")),
+            "{head}"
+        );
     }
 }

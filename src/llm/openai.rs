@@ -355,10 +355,7 @@ impl OpenAiProvider {
 #[allow(clippy::large_enum_variant)]
 enum Call {
     Reqwest(reqwest::RequestBuilder),
-    Lean(
-        super::lean::Lean,
-        ::http::Request<super::lean::LeanBody>,
-    ),
+    Lean(super::lean::Lean, ::http::Request<super::lean::LeanBody>),
     Refused(LlmError),
 }
 

@@ -61,7 +61,13 @@ pub async fn serve(
                 let tls = state.tls.clone();
                 let watcher = graceful.watcher();
                 conns.spawn(async move {
-                    let mut info = ConnInfo { local, remote, peer_certs: None, client_identity: None };
+                    let mut info = ConnInfo {
+                        local,
+                        remote,
+                        peer_certs: None,
+                        client_identity: None,
+                        anonymous_key: Default::default(),
+                    };
                     match tls {
                         None => serve_conn(stream, info, pipeline, limits, watcher).await,
                         Some(acceptor) => {

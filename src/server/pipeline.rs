@@ -32,6 +32,25 @@ pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 /// The header that carries the request id, in and out.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// The client's `x-request-id` when it is 1 to 128 printable ASCII characters, else a fresh one.
+fn request_id_of(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .filter(|v| {
+            let v = v.as_bytes();
+            !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(fresh_request_id)
+}
+
+/// A fresh request id: a UUID v4, hyphenated.
+fn fresh_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
 /// Facts about the connection a request arrived on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -43,6 +62,22 @@ pub struct ConnInfo {
     pub peer_certs: Option<PeerCertificates>,
     /// The identity of the verified client certificate.
     pub client_identity: Option<String>,
+    /// The rate-limit key of unauthenticated calls from the peer, made on first use.
+    pub anonymous_key: std::sync::OnceLock<String>,
+}
+
+impl ConnInfo {
+    /// The rate-limit key of `principal` calling over this connection
+    /// ([`Principal::limit_key`]; the peer's key is made once per connection).
+    pub fn limit_key(&self, principal: &Principal) -> String {
+        match principal.method {
+            crate::auth::AuthMethod::None => self
+                .anonymous_key
+                .get_or_init(|| principal.limit_key(Some(self.remote.ip())))
+                .clone(),
+            _ => principal.limit_key(Some(self.remote.ip())),
+        }
+    }
 }
 
 /// What handlers add to the audit record of their call (resource, provider, model).
@@ -144,13 +179,9 @@ impl Pipeline {
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let request_id = req
-            .headers()
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map(String::from)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // The client's id when it is a sane one, else a fresh one; built once as a header value
+        // for the request (handlers name the call by it) and the response.
+        let request_id = request_id_of(req.headers());
         // Only the audit record names the method.
         let method = match (&sides.state.audit, is_grpc) {
             (None, _) => String::new(),
@@ -161,18 +192,15 @@ impl Pipeline {
         let notes = Arc::new(AuditNotes::default());
         let (mut parts, body) = req.into_parts();
         // Handlers (e.g. /updates events) name the call by the same id the response carries.
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            parts.headers.insert(REQUEST_ID, v);
+        parts.headers.insert(REQUEST_ID, request_id.clone());
+        if is_grpc {
+            parts
+                .extensions
+                .insert(tonic::transport::server::TcpConnectInfo {
+                    local_addr: conn.local,
+                    remote_addr: Some(conn.remote),
+                });
         }
-        parts
-            .extensions
-            .insert(tonic::transport::server::TcpConnectInfo {
-                local_addr: conn.local,
-                remote_addr: Some(conn.remote),
-            });
-        parts
-            .extensions
-            .insert(axum::extract::ConnectInfo(conn.remote));
         parts.extensions.insert(sides.state.prepared());
         parts.extensions.insert(conn.clone());
         parts.extensions.insert(notes.clone());
@@ -194,12 +222,12 @@ impl Pipeline {
                 .serve(req, |req| admit(&sides.state, req, false))
                 .await
         };
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert(REQUEST_ID, v);
-        }
+        resp.headers_mut().insert(REQUEST_ID, request_id.clone());
         let Some(audit) = sides.state.audit.clone() else {
             return Ok(resp);
         };
+        // Checked printable ASCII above, or a UUID.
+        let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
         let (parts, body) = resp.into_parts();
         let pending = PendingAudit {
             audit,
@@ -311,7 +339,10 @@ fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Res
         }
     };
     notes.with(|n| n.principal = Some(principal.clone()));
-    let key = LimitKey(principal.limit_key(ip));
+    let key = LimitKey(match &conn {
+        Some(c) => c.limit_key(&principal),
+        None => principal.limit_key(ip),
+    });
     if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key.0) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
@@ -585,5 +616,31 @@ impl Drop for Audited {
     fn drop(&mut self) {
         let ended = http_body::Body::is_end_stream(&self.inner);
         self.pending.finish(None, ended);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn id_for(given: Option<&'static str>) -> String {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = given {
+            headers.insert(REQUEST_ID, HeaderValue::from_static(v));
+        }
+        request_id_of(&headers).to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_sane_client_request_id_is_kept_and_any_other_is_replaced_by_a_uuid() {
+        assert_eq!(id_for(Some("alice-1")), "alice-1");
+        let long: &'static str = Box::leak("x".repeat(129).into_boxed_str());
+        for bad in [None, Some(""), Some("has space"), Some(long)] {
+            let id = id_for(bad);
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{bad:?} gave {id}");
+            assert_eq!(id.len(), 36, "hyphenated: {id}");
+        }
+        assert_ne!(id_for(None), id_for(None));
     }
 }

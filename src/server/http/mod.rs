@@ -230,18 +230,15 @@ impl FromRequestParts<Arc<Api>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
         // The pipeline always sets the principal; without it the request did not pass auth.
-        let principal = parts
-            .extensions
-            .get::<Principal>()
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "authentication_error",
-                    "unauthenticated",
-                    "authentication failed",
-                )
-            })?;
+        // Taken, not cloned: nothing after this extractor reads them.
+        let principal = parts.extensions.remove::<Principal>().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthenticated",
+                "authentication failed",
+            )
+        })?;
         let prepared = parts
             .extensions
             .get::<Arc<Prepared>>()
@@ -261,8 +258,8 @@ impl FromRequestParts<Arc<Api>> for Caller {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let limit_key = parts
             .extensions
-            .get::<super::pipeline::LimitKey>()
-            .map(|k| k.0.clone())
+            .remove::<super::pipeline::LimitKey>()
+            .map(|k| k.0)
             .unwrap_or_else(|| principal.limit_key(None));
         Ok(Self {
             principal,

@@ -305,7 +305,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
     let busy = api.busy();
     let answer = api.start(&prepared, call).await?;
     caller.notes.answered_by(&answer.provider, &answer.model);
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let id = completion_id();
     let created = super::unix_now();
     if !stream {
         return whole(answer, id, created).await;
@@ -315,7 +315,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         model,
         stream: mut upstream,
     } = answer;
-    let model_id = format!("{provider}/{model}");
+    let model_id = [provider.as_str(), "/", model.as_str()].concat();
     // One `chat.completion.chunk` as an SSE event. `usage_chunk` is `Some` for the last chunk of
     // `include_usage` (no choices; the usage, or `null` when the upstream sent none); on every
     // other chunk `usage` is `null` when the caller asked for usage, absent otherwise.
@@ -376,6 +376,16 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
     Ok(super::sse_frames(out))
 }
 
+/// `chatcmpl-` and a fresh UUID's 32 hex digits.
+fn completion_id() -> String {
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    [
+        "chatcmpl-",
+        uuid::Uuid::new_v4().simple().encode_lower(&mut buf),
+    ]
+    .concat()
+}
+
 /// A non-streamed answer: the whole text as one `chat.completion`.
 async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, ApiError> {
     let Answer {
@@ -398,7 +408,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
         id: &id,
         object: "chat.completion",
         created,
-        model: &format!("{provider}/{model}"),
+        model: &[provider.as_str(), "/", model.as_str()].concat(),
         system_fingerprint: None,
         choices: [WholeChoice {
             index: 0,
