@@ -270,19 +270,26 @@ impl Origin {
             return Ok(Conn::H2(tx));
         }
         loop {
-            let newest = self
-                .idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_back();
-            let Some(Idle { mut tx, since }) = newest else {
+            let taken = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                // The newest of the last few that can take a request now; else the newest,
+                // whose connection task has not yet seen its last answer end. Waiting for that
+                // costs a round through the scheduler, a connection that is ready does not.
+                let end = idle.len();
+                match (end.saturating_sub(8)..end)
+                    .rev()
+                    .find(|&i| idle[i].tx.is_ready())
+                {
+                    Some(at) => idle.remove(at),
+                    None => idle.pop_back(),
+                }
+            };
+            let Some(Idle { mut tx, since }) = taken else {
                 return self.connect().await;
             };
             if tx.is_closed() || since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            // Returned when its last answer's body ended; the connection task may not have
-            // seen that yet.
             if tx.ready().await.is_ok() {
                 return Ok(Conn::H1(tx, true));
             }
