@@ -134,7 +134,11 @@ impl Cooldowns {
     }
 
     fn succeed(&self, name: &str) {
-        self.lock().remove(&name.to_ascii_lowercase());
+        let mut cooling = self.lock();
+        // The common case, on every answered call: nothing is cooling down.
+        if !cooling.is_empty() {
+            cooling.remove(&name.to_ascii_lowercase());
+        }
     }
 
     /// Providers cooling down now.
@@ -187,11 +191,8 @@ pub async fn start(
             }
             continue;
         }
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .build();
+        // Built at the first failure: most calls never need it.
+        let mut backoff = None;
         let mut attempt = 0u32;
         let failure = loop {
             let mut req = request.clone();
@@ -241,7 +242,15 @@ pub async fn start(
             let wait = match u.retry_after {
                 Some(w) if w <= settings.max_retry_wait => Some(w),
                 Some(_) => None,
-                None => backoff.next(),
+                None => backoff
+                    .get_or_insert_with(|| {
+                        backon::ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_delay(Duration::from_secs(5))
+                            .with_jitter()
+                            .build()
+                    })
+                    .next(),
             };
             let past_deadline = |w: Duration| deadline.is_some_and(|d| Instant::now() + w >= d);
             match wait {
