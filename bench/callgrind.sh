@@ -6,6 +6,9 @@
 #   bench/callgrind.sh                      the release build in target/release
 #   bench/callgrind.sh --bin PATH           another build (e.g. a copy of an older release binary)
 #   bench/callgrind.sh --secs 5             seconds of load per scenario (default 5)
+#   bench/callgrind.sh --keep DIR           keep the dumps (DIR/<scenario>.cg) for callgrind_annotate;
+#                                           build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only
+#                                           for function and line names
 #
 # Scenarios (OpenAI-compatible HTTP route, wrk -t1 -c4 on core 1, chatcli under valgrind on core 0):
 #   unary        non-streamed call, zero-delay mock
@@ -20,11 +23,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=$ROOT/target/release/chatcli
 SECS=5
+KEEP=
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --bin) BIN=$2; shift ;;
         --secs) SECS=$2; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --keep) KEEP=$2; shift ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "bench/callgrind.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -112,6 +117,7 @@ for s in "unary:m0:false" "stream-1:m1:true" "stream-64:mp:true" "burst-64:mb:tr
     errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
     [[ -z $errors ]] || die "$name: wrk saw errors: $errors"
     dump=$(ls -t "$TMP"/cg.out.* | head -1)
+    if [[ -n $KEEP ]]; then mkdir -p "$KEEP" && cp "$dump" "$KEEP/$name.cg"; fi
     ir=$(awk '/^summary:|^totals:/{v=$2} END{print v}' "$dump")
     [[ -n $ir && $calls -gt 0 ]] || die "$name: no count (dump $dump, calls $calls)"
     printf '| %s | %s | %s |\n' "$name" "$calls" "$(python3 -c "print(f'{round($ir / $calls):,}')")"

@@ -285,7 +285,9 @@ impl Origin {
                 }
             };
             let Some(Idle { mut tx, since }) = taken else {
-                return self.connect().await;
+                // Boxed: rare, and its future (TLS, both handshakes) would otherwise make every
+                // call's future as large as itself.
+                return Box::pin(self.connect()).await;
             };
             if tx.is_closed() || since.elapsed() > IDLE_TIMEOUT {
                 continue;
