@@ -400,7 +400,7 @@ impl StreamState {
                 .and_then(Value::as_str)
                 .unwrap_or("message")
         } else {
-            event.event.as_str()
+            &*event.event
         };
         let malformed = |what: &str| {
             LlmError::upstream(

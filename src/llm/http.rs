@@ -328,8 +328,8 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// One server-sent event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
-    /// The `event:` field ("message" when absent).
-    pub event: String,
+    /// The `event:` field ("message" when absent, without allocating it).
+    pub event: std::borrow::Cow<'static, str>,
     /// The `data:` lines joined by newlines.
     pub data: String,
 }
@@ -361,10 +361,10 @@ where
     blocks
         .try_filter_map(|block| {
             futures::future::ready(Ok(block.data.map(|data| SseEvent {
-                event: block
-                    .event
-                    .filter(|e| !e.is_empty())
-                    .unwrap_or_else(|| "message".to_string()),
+                event: block.event.filter(|e| !e.is_empty()).map_or(
+                    std::borrow::Cow::Borrowed("message"),
+                    std::borrow::Cow::Owned,
+                ),
                 data,
             })))
         })
@@ -566,7 +566,10 @@ mod tests {
     async fn events_of(pieces: &[&'static str]) -> Vec<Result<(String, String), String>> {
         let pieces: Vec<&'static [u8]> = pieces.iter().map(|p| p.as_bytes()).collect();
         sse_events("p", response_in_pieces(&pieces))
-            .map(|r| r.map(|e| (e.event, e.data)).map_err(|e| e.to_string()))
+            .map(|r| {
+                r.map(|e| (e.event.into_owned(), e.data))
+                    .map_err(|e| e.to_string())
+            })
             .collect()
             .await
     }
