@@ -80,18 +80,23 @@ use super::lean::{Failure, Lean, LeanBody, PooledBody};
 /// The `User-Agent` both clients send.
 pub const USER_AGENT: &str = concat!("chatcli/", env!("CARGO_PKG_VERSION"));
 
-/// A request for the lean client: a POST of a JSON body, with the caller's headers plus
-/// `Content-Type` and `User-Agent`.
-pub fn lean_json_post(
-    uri: &http::Uri,
-    mut headers: HeaderMap,
-    body: Vec<u8>,
-) -> http::Request<LeanBody> {
+/// `headers` plus the `Content-Type` of a JSON body and our `User-Agent` (unless set): what a
+/// JSON POST sends. Providers build this once, not per call.
+pub fn json_headers(mut headers: HeaderMap) -> HeaderMap {
     use reqwest::header::{CONTENT_TYPE, HeaderValue};
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers
         .entry(reqwest::header::USER_AGENT)
         .or_insert(HeaderValue::from_static(USER_AGENT));
+    headers
+}
+
+/// A request for the lean client: a POST of a JSON body with `headers` (from [`json_headers`]).
+pub fn lean_json_post(
+    uri: &http::Uri,
+    headers: HeaderMap,
+    body: Vec<u8>,
+) -> http::Request<LeanBody> {
     let mut req = http::Request::new(http_body_util::Full::new(Bytes::from(body)));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri.clone();

@@ -140,6 +140,9 @@ pub struct OpenAiProvider {
     /// Only the preset's headers: what a client-chosen base URL gets, since the operator's
     /// headers may carry credentials meant for the operator's upstream.
     preset_only_headers: HeaderMap,
+    /// Everything a call sends as headers, built once ([`Self::sent_headers`]): for a
+    /// non-streamed call, and for a streamed one.
+    sent: [HeaderMap; 2],
     timeout: Duration,
     client: reqwest::Client,
     /// The fast path for calls to the configured upstream ([`super::lean::Lean`]); `None` when an
@@ -266,7 +269,7 @@ impl OpenAiProvider {
             true => super::lean::for_origin(&uri)?,
             false => None,
         };
-        Ok(Self {
+        let mut provider = Self {
             name: name.to_string(),
             preset,
             base_url,
@@ -277,10 +280,30 @@ impl OpenAiProvider {
             auth,
             headers,
             preset_only_headers,
+            sent: Default::default(),
             timeout: cfg.timeout,
             client: http::client(&http::HttpOptions::default())?,
             lean,
             ssrf: ctx.ssrf.clone(),
+        };
+        provider.sent = provider.sent_headers();
+        Ok(provider)
+    }
+
+    /// The operator's (or preset's) headers, `Accept` by the kind of call, the key, and the JSON
+    /// headers.
+    fn sent_headers(&self) -> [HeaderMap; 2] {
+        [false, true].map(|stream| {
+            let mut headers = self.headers.clone();
+            let accept = match stream {
+                true => "text/event-stream",
+                false => "application/json",
+            };
+            headers.insert(ACCEPT, HeaderValue::from_static(accept));
+            if let Some(auth) = &self.auth {
+                headers.insert(AUTHORIZATION, auth.clone());
+            }
+            http::json_headers(headers)
         })
     }
 
@@ -321,15 +344,7 @@ impl OpenAiProvider {
     }
 
     fn request(&self, request: &ChatRequest) -> Call {
-        let mut headers = self.headers.clone();
-        let accept = match request.stream {
-            true => "text/event-stream",
-            false => "application/json",
-        };
-        headers.insert(ACCEPT, HeaderValue::from_static(accept));
-        if let Some(auth) = &self.auth {
-            headers.insert(AUTHORIZATION, auth.clone());
-        }
+        let headers = self.sent[usize::from(request.stream)].clone();
         let body = self.body(request);
         match &self.lean {
             Some(lean) => match serde_json::to_vec(&body) {
@@ -481,6 +496,7 @@ impl Provider for OpenAiProvider {
                 scoped.auth = Some(bearer(&self.name, secret)?);
                 scoped.api_key = Some(key.secret.clone());
             }
+            scoped.sent = scoped.sent_headers();
             Ok(Arc::new(scoped) as Arc<dyn Provider>)
         })
     }
@@ -1028,6 +1044,29 @@ mod tests {
         let b = fake.requests()[0].json();
         assert_eq!(b["max_completion_tokens"], 32);
         assert!(b.get("max_tokens").is_none());
+    }
+
+    #[tokio::test]
+    async fn every_call_sends_the_key_the_json_headers_and_accept_by_its_kind() {
+        let fake = fake().await;
+        let p = provider(&fake, "openai");
+        collect(p.stream(ask("hi"))).await.unwrap();
+        let mut unary = ask("hi");
+        unary.stream = false;
+        collect(p.stream(unary)).await.unwrap();
+        let reqs = fake.requests();
+        for (r, accept) in reqs.iter().zip(["text/event-stream", "application/json"]) {
+            assert_eq!(r.header("accept").as_deref(), Some(accept));
+            assert_eq!(
+                r.header("content-type").as_deref(),
+                Some("application/json")
+            );
+            assert_eq!(r.header("user-agent").as_deref(), Some(http::USER_AGENT));
+            assert!(
+                r.header("authorization")
+                    .is_some_and(|a| a.starts_with("Bearer "))
+            );
+        }
     }
 
     #[tokio::test]
