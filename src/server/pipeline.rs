@@ -207,10 +207,14 @@ impl Pipeline {
         if let Some(certs) = &conn.peer_certs {
             parts.extensions.insert(certs.clone());
         }
-        let body = Body::new(Counting {
-            inner: Box::pin(body),
-            count: bytes_in.clone(),
-        });
+        // Only the audit record reports the bytes read.
+        let body = match sides.state.audit {
+            Some(_) => Body::new(Counting {
+                inner: Box::pin(body),
+                count: bytes_in.clone(),
+            }),
+            None => Body::new(body),
+        };
         let req = Request::from_parts(parts, body);
         let mut resp = if is_grpc {
             sides.grpc.clone().oneshot(req).await?
