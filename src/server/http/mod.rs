@@ -529,19 +529,23 @@ fn check_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<T, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
+    let given = headers.get(header::CONTENT_TYPE);
+    // What nearly every client sends, checked without copying it.
+    let plain = given.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"application/json"));
+    let ct = given
+        .filter(|_| !plain)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let is_json = ct.as_deref().is_some_and(|ct| {
-        let essence = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        essence == "application/json"
-            || (essence.starts_with("application/") && essence.ends_with("+json"))
-    });
+    let is_json = plain
+        || ct.as_deref().is_some_and(|ct| {
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            essence == "application/json"
+                || (essence.starts_with("application/") && essence.ends_with("+json"))
+        });
     if !is_json {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -556,7 +560,13 @@ fn check_json<T: serde::de::DeserializeOwned>(
             },
         ));
     }
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
+    // From `str` when the body is UTF-8 (serde_json then skips checking each string again);
+    // from bytes otherwise, for serde_json's own error about the bad byte.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    };
+    parsed.map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             ApiError::invalid("invalid_request", format!("invalid request: {e}"))
         }
@@ -883,5 +893,25 @@ mod tests {
         let e = check_json::<T>(&json, br#"{"a":1,"b":2}"#).unwrap_err();
         assert_eq!(e.code, "invalid_request");
         assert!(e.message.contains("unknown field `b`"), "{}", e.message);
+        // Bytes that are not UTF-8 inside a string: malformed, as serde_json words it.
+        let e = check_json::<T>(&json, b"{\"a\xff\":1}").unwrap_err();
+        assert_eq!(e.code, "invalid_json", "{}", e.message);
+        assert!(e.message.contains("invalid unicode"), "{}", e.message);
+        // The plain content type in any case, and `+json` types.
+        for ct in [
+            "application/json",
+            "Application/JSON",
+            "application/vnd.x+json",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert!(check_json::<T>(&h, br#"{"a":1}"#).is_ok(), "{ct}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/jsonx"),
+        );
+        assert!(check_json::<T>(&h, br#"{"a":1}"#).is_err());
     }
 }
