@@ -640,6 +640,16 @@ impl From<crate::llm::Usage> for UsageOut {
     }
 }
 
+/// A 200 answer of JSON already written.
+fn json_bytes_response(body: Vec<u8>) -> Response {
+    let mut resp = Response::new(axum::body::Body::from(body));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 /// One SSE `data:` event carrying `value` as JSON, serialized straight into the frame (JSON text
 /// never holds a raw line break, so it is one `data:` line).
 fn sse_json(value: &impl serde::Serialize) -> bytes::Bytes {
@@ -667,27 +677,6 @@ fn sse_frames(frames: impl futures::Stream<Item = bytes::Bytes> + Send + 'static
         HeaderValue::from_static("no-cache"),
     );
     sse_headers(resp)
-}
-
-/// A JSON response serialized in one pass into one buffer.
-fn json_response(value: &impl serde::Serialize) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => {
-            let mut resp = Response::new(axum::body::Body::from(body));
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
-        Err(e) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal_error",
-            format!("cannot encode the answer: {e}"),
-        )
-        .into_response(),
-    }
 }
 
 /// SSE responses also tell proxies not to buffer them.

@@ -383,7 +383,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
             Err(e) => return Err(ApiError::from_llm(&e)),
         }
     }
-    Ok(super::json_response(&Completion {
+    let completion = Completion {
         id: &id,
         object: "chat.completion",
         created,
@@ -400,7 +400,8 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
             finish_reason: finish_reason(finish.as_deref()),
         }],
         usage: usage.map(UsageOut::from),
-    }))
+    };
+    Ok(super::json_bytes_response(completion.to_json()))
 }
 
 /// A `chat.completion`, serialized straight from the collected answer (no JSON tree).
@@ -413,6 +414,40 @@ struct Completion<'a> {
     system_fingerprint: Option<&'static str>,
     choices: [WholeChoice<'a>; 1],
     usage: Option<UsageOut>,
+}
+
+impl Completion<'_> {
+    /// The JSON that serializing it writes (a unit test holds them equal), with only the values
+    /// escaped: the keys and the fixed values are written as they are.
+    fn to_json(&self) -> Vec<u8> {
+        let [choice] = &self.choices;
+        let text = choice.message.content.len();
+        let mut buf = Vec::with_capacity(text + text / 8 + 384);
+        buf.extend_from_slice(b"{\"id\":");
+        json_str(&mut buf, self.id);
+        buf.extend_from_slice(b",\"object\":");
+        json_str(&mut buf, self.object);
+        buf.extend_from_slice(b",\"created\":");
+        json_value(&mut buf, &self.created);
+        buf.extend_from_slice(b",\"model\":");
+        json_str(&mut buf, self.model);
+        buf.extend_from_slice(b",\"system_fingerprint\":");
+        json_value(&mut buf, &self.system_fingerprint);
+        buf.extend_from_slice(b",\"choices\":[{\"index\":");
+        json_value(&mut buf, &choice.index);
+        buf.extend_from_slice(b",\"message\":{\"role\":");
+        json_str(&mut buf, choice.message.role);
+        buf.extend_from_slice(b",\"content\":");
+        json_str(&mut buf, choice.message.content);
+        buf.extend_from_slice(b",\"refusal\":");
+        json_value(&mut buf, &choice.message.refusal);
+        buf.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":");
+        json_str(&mut buf, choice.finish_reason);
+        buf.extend_from_slice(b"}],\"usage\":");
+        json_value(&mut buf, &self.usage);
+        buf.push(b'}');
+        buf
+    }
 }
 
 #[derive(Serialize)]
@@ -523,8 +558,13 @@ impl ChunkFrames {
 
 /// `s` as a JSON string, escaped as serde_json escapes it.
 fn json_str(buf: &mut Vec<u8>, s: &str) {
-    // Writing a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *buf, s);
+    json_value(buf, s);
+}
+
+/// A small value (a number, `null`, a string, our usage) as serde_json writes it.
+fn json_value(buf: &mut Vec<u8>, v: &(impl Serialize + ?Sized)) {
+    // Writing these into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, v);
 }
 
 /// A `chat.completion.chunk`.
@@ -702,6 +742,51 @@ mod tests {
                             None,
                             Some(usage.map(UsageOut::from))
                         )
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_written_completion_is_the_bytes_serializing_it_would_be() {
+        let texts = [
+            "",
+            "plain",
+            "quote \" backslash \\ newline \n",
+            "\u{1} é 𝄞 \u{2028}",
+        ];
+        let usages = [
+            None,
+            Some(crate::llm::Usage {
+                prompt_tokens: 8,
+                completion_tokens: 4,
+            }),
+        ];
+        for text in texts {
+            for usage in usages {
+                for finish in ["stop", "length"] {
+                    let c = Completion {
+                        id: "chatcmpl-\"x\"",
+                        object: "chat.completion",
+                        created: 1_795_000_000,
+                        model: "p/m\\1",
+                        system_fingerprint: None,
+                        choices: [WholeChoice {
+                            index: 0,
+                            message: AnswerMessage {
+                                role: "assistant",
+                                content: text,
+                                refusal: None,
+                            },
+                            logprobs: None,
+                            finish_reason: finish,
+                        }],
+                        usage: usage.map(UsageOut::from),
+                    };
+                    assert_eq!(
+                        String::from_utf8(c.to_json()).unwrap(),
+                        serde_json::to_string(&c).unwrap()
                     );
                 }
             }
