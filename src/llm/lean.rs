@@ -61,6 +61,10 @@ struct Origin {
     host: HeaderValue,
     /// Idle HTTP/1 connections, oldest first.
     idle: Mutex<VecDeque<Idle>>,
+    /// How long an idle connection is kept ([`IDLE_TIMEOUT`]).
+    idle_timeout: Duration,
+    /// Whether a task is dropping the idle connections that outlived `idle_timeout`.
+    reaping: std::sync::atomic::AtomicBool,
     /// The HTTP/2 connection, when the origin negotiated HTTP/2.
     h2: Mutex<Option<http2::SendRequest<LeanBody>>>,
 }
@@ -157,6 +161,8 @@ impl Lean {
             target,
             host: HeaderValue::from_str(&host).map_err(|e| bad(&e))?,
             idle: Mutex::default(),
+            idle_timeout: IDLE_TIMEOUT,
+            reaping: Default::default(),
             h2: Mutex::default(),
         });
         Ok(Lean { origin })
@@ -289,7 +295,7 @@ impl Origin {
                 // call's future as large as itself.
                 return Box::pin(self.connect()).await;
             };
-            if tx.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+            if tx.is_closed() || since.elapsed() > self.idle_timeout {
                 continue;
             }
             if tx.ready().await.is_ok() {
@@ -347,19 +353,57 @@ impl Origin {
         Ok(Conn::H1(tx, false))
     }
 
-    fn put(&self, tx: http1::SendRequest<LeanBody>) {
+    fn put(self: &Arc<Self>, tx: http1::SendRequest<LeanBody>) {
         if tx.is_closed() {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            self.drop_stale(&mut idle, now);
+            idle.push_back(Idle { tx, since: now });
+        }
+        self.reap_later();
+    }
+
+    /// Drops the idle connections that outlived the idle timeout (the oldest come first).
+    fn drop_stale(&self, idle: &mut VecDeque<Idle>, now: Instant) {
         while idle
             .front()
-            .is_some_and(|i| now.duration_since(i.since) > IDLE_TIMEOUT)
+            .is_some_and(|i| now.duration_since(i.since) > self.idle_timeout)
         {
             idle.pop_front();
         }
-        idle.push_back(Idle { tx, since: now });
+    }
+
+    /// Makes sure a task drops idle connections once they outlive the idle timeout, also when
+    /// no call comes to notice them: it runs while the pool holds any, and ends with the pool.
+    fn reap_later(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.reaping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.reaping.store(false, Ordering::Release);
+            return;
+        };
+        let origin = Arc::downgrade(self);
+        let every = self.idle_timeout / 2;
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(origin) = origin.upgrade() else {
+                    return;
+                };
+                let mut idle = origin.idle.lock().unwrap_or_else(|p| p.into_inner());
+                origin.drop_stale(&mut idle, Instant::now());
+                if idle.is_empty() {
+                    // Under the lock: a `put` after this sees `false` and starts a new task.
+                    origin.reaping.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -527,6 +571,24 @@ mod tests {
             assert_eq!(text(resp).await, "hello");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout_without_further_calls() {
+        let (uri, accepted) = upstream(100).await;
+        let mut lean = Lean::direct(&uri).unwrap();
+        Arc::get_mut(&mut lean.origin).unwrap().idle_timeout = Duration::from_millis(200);
+        assert_eq!(text(call(&lean, &uri).await).await, "hello");
+        assert_eq!(lean.idle(), 1);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            lean.idle(),
+            0,
+            "the idle connection was kept past its timeout"
+        );
+        // The pool still works, on a new connection.
+        assert_eq!(text(call(&lean, &uri).await).await, "hello");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
