@@ -33,7 +33,7 @@ pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 pub const REQUEST_ID: &str = "x-request-id";
 
 /// The client's `x-request-id` when it is 1 to 128 printable ASCII characters, else a fresh one.
-fn request_id_of(headers: &HeaderMap) -> HeaderValue {
+pub(super) fn request_id_of(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(REQUEST_ID)
         .filter(|v| {
@@ -230,7 +230,7 @@ impl Pipeline {
         let Some(audit) = sides.state.audit.clone() else {
             return Ok(resp);
         };
-        // Checked printable ASCII above, or a UUID.
+        // Printable ASCII (checked by `request_id_of`), or a UUID.
         let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
         let (parts, body) = resp.into_parts();
         let pending = PendingAudit {

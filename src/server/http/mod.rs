@@ -249,13 +249,9 @@ impl FromRequestParts<Arc<Api>> for Caller {
             .get::<Arc<AuditNotes>>()
             .cloned()
             .unwrap_or_default();
-        let request_id = parts
-            .headers
-            .get(super::pipeline::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map(String::from)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // The pipeline put a checked id there; the same rule if it did not.
+        let request_id = super::pipeline::request_id_of(&parts.headers);
+        let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
         let limit_key = parts
             .extensions
             .remove::<super::pipeline::LimitKey>()
