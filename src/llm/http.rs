@@ -20,6 +20,12 @@ use reqwest::header::HeaderMap;
 
 use super::error::{ErrorClass, LlmError, UpstreamError};
 
+/// How long connecting may take unless [`HttpOptions::connect_timeout`] says otherwise (both clients).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an idle upstream connection is kept for reuse (both clients).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// How a provider's HTTP client is built.
 #[derive(Clone, Default)]
 pub struct HttpOptions {
@@ -45,8 +51,8 @@ pub fn client(opts: &HttpOptions) -> Result<reqwest::Client, LlmError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = reqwest::Client::builder()
         .tcp_nodelay(true)
-        .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(10)))
-        .pool_idle_timeout(Duration::from_secs(90))
+        .connect_timeout(opts.connect_timeout.unwrap_or(CONNECT_TIMEOUT))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         // A redirect could lead a guarded request to an address that was never checked.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(USER_AGENT);

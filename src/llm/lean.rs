@@ -29,17 +29,12 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::LlmError;
+use super::http::{CONNECT_TIMEOUT, IDLE_TIMEOUT};
 
 /// The body of a lean request: a JSON document in memory.
 pub type LeanBody = http_body_util::Full<Bytes>;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-
-/// How long an idle HTTP/1 connection is kept for reuse.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// How long connecting may take (TCP; the TLS handshake runs after it).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The lean client of one origin (scheme, host and port). Cloning shares the pool.
 #[derive(Clone)]
