@@ -424,25 +424,25 @@ impl Completion<'_> {
         let text = choice.message.content.len();
         let mut buf = Vec::with_capacity(text + text / 8 + 384);
         buf.extend_from_slice(b"{\"id\":");
-        json_str(&mut buf, self.id);
+        json_value(&mut buf, self.id);
         buf.extend_from_slice(b",\"object\":");
-        json_str(&mut buf, self.object);
+        json_value(&mut buf, self.object);
         buf.extend_from_slice(b",\"created\":");
         json_value(&mut buf, &self.created);
         buf.extend_from_slice(b",\"model\":");
-        json_str(&mut buf, self.model);
+        json_value(&mut buf, self.model);
         buf.extend_from_slice(b",\"system_fingerprint\":");
         json_value(&mut buf, &self.system_fingerprint);
         buf.extend_from_slice(b",\"choices\":[{\"index\":");
         json_value(&mut buf, &choice.index);
         buf.extend_from_slice(b",\"message\":{\"role\":");
-        json_str(&mut buf, choice.message.role);
+        json_value(&mut buf, choice.message.role);
         buf.extend_from_slice(b",\"content\":");
-        json_str(&mut buf, choice.message.content);
+        json_value(&mut buf, choice.message.content);
         buf.extend_from_slice(b",\"refusal\":");
         json_value(&mut buf, &choice.message.refusal);
         buf.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":");
-        json_str(&mut buf, choice.finish_reason);
+        json_value(&mut buf, choice.finish_reason);
         buf.extend_from_slice(b"}],\"usage\":");
         json_value(&mut buf, &self.usage);
         buf.push(b'}');
@@ -523,18 +523,18 @@ impl ChunkFrames {
         buf.push(b'{');
         if let Some(role) = delta.role {
             buf.extend_from_slice(b"\"role\":");
-            json_str(&mut buf, role);
+            json_value(&mut buf, role);
             if delta.content.is_some() {
                 buf.push(b',');
             }
         }
         if let Some(content) = delta.content {
             buf.extend_from_slice(b"\"content\":");
-            json_str(&mut buf, content);
+            json_value(&mut buf, content);
         }
         buf.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":");
         match finish {
-            Some(f) => json_str(&mut buf, f),
+            Some(f) => json_value(&mut buf, f),
             None => buf.extend_from_slice(b"null"),
         }
         buf.extend_from_slice(self.tail);
@@ -556,12 +556,8 @@ impl ChunkFrames {
     }
 }
 
-/// `s` as a JSON string, escaped as serde_json escapes it.
-fn json_str(buf: &mut Vec<u8>, s: &str) {
-    json_value(buf, s);
-}
-
-/// A small value (a number, `null`, a string, our usage) as serde_json writes it.
+/// A small value (a number, `null`, a string, our usage) as serde_json writes it (strings escaped
+/// as serde_json escapes them).
 fn json_value(buf: &mut Vec<u8>, v: &(impl Serialize + ?Sized)) {
     // Writing these into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, v);
