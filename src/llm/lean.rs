@@ -211,9 +211,9 @@ impl Lean {
                     return match tx.try_send_request(req).await {
                         Ok(resp) => Ok(resp.map(|body| PooledBody { body, back: None })),
                         Err(mut e) => match e.take_message() {
-                            // The connection went away before taking the request: forget it.
+                            // The connection went away before taking the request (it is closed
+                            // now, so the next checkout passes it over).
                             Some(back) if retries > 0 => {
-                                self.origin.forget_h2(&tx);
                                 req = back;
                                 continue;
                             }
@@ -302,16 +302,6 @@ impl Origin {
     fn live_h2(&self) -> Option<http2::SendRequest<LeanBody>> {
         let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         h2.as_ref().filter(|tx| !tx.is_closed()).cloned()
-    }
-
-    fn forget_h2(&self, gone: &http2::SendRequest<LeanBody>) {
-        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        if h2
-            .as_ref()
-            .is_some_and(|tx| tx.is_closed() || gone.is_closed())
-        {
-            *h2 = None;
-        }
     }
 
     async fn connect(&self) -> Result<Conn, Failure> {
