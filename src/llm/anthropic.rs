@@ -293,6 +293,7 @@ impl Provider for AnthropicProvider {
                     }
                 }
                 if state.done {
+                    http::read_rest_in_background(events);
                     if let Some(usage) = state.usage() {
                         yield Ok(Delta::Usage(usage));
                     }
@@ -569,6 +570,13 @@ mod tests {
 
     async fn items(provider: &Arc<dyn Provider>, req: ChatRequest) -> Vec<Result<Delta, LlmError>> {
         provider.stream(req).collect().await
+    }
+
+    #[tokio::test]
+    async fn a_stream_read_to_message_stop_leaves_its_connection_for_the_next_call() {
+        let (fake, p) = setup().await;
+        fake.assert_two_answers_share_a_connection("/messages", || p.stream(user("hi")))
+            .await;
     }
 
     fn upstream(e: &LlmError) -> &UpstreamError {

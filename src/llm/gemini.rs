@@ -584,6 +584,15 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_stream_read_to_its_end_leaves_its_connection_for_the_next_call() {
+        let (fake, p) = setup().await;
+        fake.assert_two_answers_share_a_connection(":streamGenerateContent", || {
+            p.stream(user("hi"))
+        })
+        .await;
+    }
+
     fn user(text: &str) -> ChatRequest {
         ChatRequest::new(vec![msg("user", text)], "")
     }

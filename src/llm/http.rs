@@ -393,6 +393,41 @@ where
         })
 }
 
+/// How long, and how many more items, [`read_rest_in_background`] reads after an answer's end.
+const REST_TIME: Duration = Duration::from_secs(1);
+const REST_ITEMS: usize = 64;
+
+/// Reads what is left of an answer after its final event (`data: [DONE]`, `message_stop`, Ollama's
+/// `done: true`), so that its connection goes back to the client's pool for the next call instead
+/// of being closed: an HTTP/1.1 connection can serve another request only once the body's end
+/// (the chunked terminator, which a conforming upstream sends right after the final event) has
+/// been read. What is already buffered is read at once; otherwise a background task reads for at
+/// most a second and 64 items and then drops the rest (closing the connection). Only for answers
+/// that are complete: a stream abandoned mid-way is dropped instead, and the closed connection is
+/// what tells the upstream to stop generating.
+pub fn read_rest_in_background<S>(rest: S)
+where
+    S: Stream + Unpin + Send + 'static,
+{
+    use futures::FutureExt;
+    let mut rest = rest;
+    for _ in 0..REST_ITEMS {
+        match rest.next().now_or_never() {
+            Some(Some(_)) => continue,
+            Some(None) => return,
+            None => break,
+        }
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            let rest = rest
+                .take(REST_ITEMS)
+                .for_each(|_| futures::future::ready(()));
+            let _ = tokio::time::timeout(REST_TIME, rest).await;
+        });
+    }
+}
+
 /// The JSON lines of a newline-delimited JSON response (Ollama), as they arrive.
 pub fn ndjson_lines(
     provider: &str,

@@ -128,8 +128,7 @@ impl Provider for OllamaProvider {
             };
             // The response lives inside this stream: dropping the stream drops the connection,
             // which is how Ollama learns to stop generating.
-            let lines = http::ndjson_lines(&name, resp);
-            futures::pin_mut!(lines);
+            let mut lines = Box::pin(http::ndjson_lines(&name, resp));
             while let Some(line) = lines.next().await {
                 let (deltas, done) = match line.and_then(|v| read_line(&name, &v)) {
                     Ok(x) => x,
@@ -142,6 +141,7 @@ impl Provider for OllamaProvider {
                     yield Ok(d);
                 }
                 if done {
+                    http::read_rest_in_background(lines);
                     return;
                 }
             }
@@ -389,6 +389,14 @@ mod tests {
             }],
             "",
         )
+    }
+
+    #[tokio::test]
+    async fn a_stream_read_to_done_leaves_its_connection_for_the_next_call() {
+        let fake = fake(&["llama3"]).await;
+        let p = provider(&fake);
+        fake.assert_two_answers_share_a_connection("/api/chat", || p.stream(hi()))
+            .await;
     }
 
     fn class_of(e: &LlmError) -> ErrorClass {

@@ -554,7 +554,10 @@ fn deltas(
         while let Some(event) = events.next().await {
             let event = event?;
             match parse_chunk(&name, &event.data)? {
-                Chunk::Done => return,
+                Chunk::Done => {
+                    http::read_rest_in_background(events);
+                    return;
+                }
                 Chunk::Deltas(ds) => {
                     for d in ds {
                         yield d;
@@ -971,6 +974,14 @@ mod tests {
                 }),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_read_to_data_done_leaves_its_connection_for_the_next_call() {
+        let fake = fake().await;
+        let p = provider(&fake, "openai");
+        fake.assert_two_answers_share_a_connection("/chat/completions", || p.stream(ask("hi")))
+            .await;
     }
 
     #[tokio::test]

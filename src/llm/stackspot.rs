@@ -462,8 +462,7 @@ impl Provider for StackSpotProvider {
                 return;
             }
             // The response lives inside this stream: dropping the stream closes the connection.
-            let events = http::sse_events(&name, resp);
-            futures::pin_mut!(events);
+            let mut events = Box::pin(http::sse_events(&name, resp));
             let mut seen = false;
             while let Some(ev) = events.next().await {
                 let ev = match ev {
@@ -475,6 +474,7 @@ impl Provider for StackSpotProvider {
                 };
                 let data = ev.data.trim();
                 if data == "[DONE]" {
+                    http::read_rest_in_background(events);
                     return;
                 }
                 if data.is_empty() {
@@ -804,6 +804,13 @@ mod tests {
             .into_iter()
             .filter(|r| r.path.ends_with("/oidc/oauth/token"))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_stream_read_to_its_end_leaves_its_connection_for_the_next_call() {
+        let (fake, _, p) = start().await;
+        fake.assert_two_answers_share_a_connection("/chat", || p.stream(hi()))
+            .await;
     }
 
     fn class_of(e: &LlmError) -> ErrorClass {

@@ -42,6 +42,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
+    /// The client's address: requests on one connection share it.
+    pub peer: Option<SocketAddr>,
 }
 
 impl Recorded {
@@ -173,6 +175,8 @@ struct Shared {
     released: AtomicUsize,
     cancelled: AtomicUsize,
     cancelled_notify: Notify,
+    /// How long a streamed body stays open after its last event (see [`FakeUpstream::set_end_delay`]).
+    end_delay: Mutex<Duration>,
 }
 
 /// A fake upstream server. Dropping it stops the server.
@@ -251,6 +255,7 @@ impl FakeUpstream {
             released: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             cancelled_notify: Notify::new(),
+            end_delay: Mutex::new(Duration::ZERO),
         });
         let s = shared.clone();
         let app =
@@ -258,6 +263,7 @@ impl FakeUpstream {
         let tls_on = tls.is_some();
         let task = match tls {
             None => tokio::spawn(async move {
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
                 let _ = axum::serve(listener, app).await;
             }),
             Some(acceptor) => tokio::spawn(serve_tls(listener, acceptor, app)),
@@ -298,10 +304,55 @@ impl FakeUpstream {
         lock(&self.shared.requests).clone()
     }
 
+    /// Keeps each streamed body open this long after its last event, so the body's end (the
+    /// chunked terminator) reaches the client in a later read, as it may from a real upstream.
+    pub fn set_end_delay(&self, delay: Duration) {
+        *lock(&self.shared.end_delay) = delay;
+    }
+
     /// Lets every stream waiting at [`Step::AwaitRelease`] (now or later) go on.
     pub fn release(&self) {
         self.shared.released.fetch_add(1, Ordering::SeqCst);
         self.shared.release.notify_waiters();
+    }
+
+    /// Asserts that a client keeps its connection for the next call after an answer read to its
+    /// last event, even when the body's end comes later (see [`FakeUpstream::set_end_delay`]):
+    /// runs `call` twice (each answer to its end, without errors; a moment between them for the
+    /// client to finish reading the first body) and compares the client addresses of the two
+    /// requests whose path ends with `path_suffix`.
+    pub async fn assert_two_answers_share_a_connection<S>(
+        &self,
+        path_suffix: &str,
+        call: impl Fn() -> S,
+    ) where
+        S: futures::Stream<Item = Result<crate::llm::Delta, crate::llm::LlmError>>,
+    {
+        use futures::StreamExt;
+        self.set_end_delay(Duration::from_millis(30));
+        for round in 0..2 {
+            let items: Vec<_> = call().collect().await;
+            assert!(
+                !items.is_empty() && items.iter().all(Result::is_ok),
+                "answer {round}: {items:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let peers: Vec<_> = self
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with(path_suffix))
+            .map(|r| r.peer)
+            .collect();
+        assert_eq!(peers.len(), 2, "{peers:?}");
+        assert!(
+            peers[0].is_some(),
+            "the fake did not record the client address"
+        );
+        assert_eq!(
+            peers[0], peers[1],
+            "the second call came on a new connection: the first was not kept"
+        );
     }
 
     /// How many answers were abandoned by the client before their end.
@@ -330,9 +381,11 @@ async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     app: axum::Router,
 ) {
-    while let Ok((tcp, _)) = listener.accept().await {
+    while let Ok((tcp, peer)) = listener.accept().await {
         let acceptor = acceptor.clone();
-        let app = app.clone();
+        let app = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         tokio::spawn(async move {
             let Ok(stream) = acceptor.accept(tcp).await else {
                 return;
@@ -348,6 +401,10 @@ async fn serve_tls(
 
 async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body> {
     let (parts, body) = req.into_parts();
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     let body = axum::body::to_bytes(body, 16 * 1024 * 1024)
         .await
         .unwrap_or_default();
@@ -359,6 +416,7 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body>
         query: parts.uri.query().unwrap_or("").to_string(),
         headers: parts.headers,
         body,
+        peer,
     };
     lock(&shared.requests).push(rec.clone());
     if let Some(resp) = shared.format.extra(&rec) {
@@ -482,6 +540,10 @@ fn stream_answer(shared: Arc<Shared>, steps: Vec<Step>, usage: Option<Usage>) ->
         }
         yield Ok(shared.format.stream_end(usage));
         guard.finished = true;
+        let end_delay = *lock(&shared.end_delay);
+        if !end_delay.is_zero() {
+            tokio::time::sleep(end_delay).await;
+        }
     };
     Response::builder()
         .header(http::header::CONTENT_TYPE, ct)
