@@ -15,7 +15,7 @@ use crate::llm::gateway::{self, PromptCall};
 use crate::llm::{ClientCredentials, Delta, Message};
 use crate::proto::chat_cli_service_server::{ChatCliService, ChatCliServiceServer};
 use crate::proto::*;
-use crate::server::pipeline::AuditNotes;
+use crate::server::pipeline::{AuditNotes, CallContext};
 use crate::sessions::SessionData;
 use crate::telemetry::SessionOperation;
 
@@ -75,17 +75,17 @@ pub fn routes(
     routes
 }
 
+fn context<T>(req: &Request<T>) -> Option<&CallContext> {
+    req.extensions().get::<CallContext>()
+}
+
 fn snapshot<T>(state: &AppState, req: &Request<T>) -> Arc<Prepared> {
-    req.extensions()
-        .get::<Arc<Prepared>>()
-        .cloned()
-        .unwrap_or_else(|| state.prepared())
+    context(req).map_or_else(|| state.prepared(), |c| c.prepared.clone())
 }
 
 fn principal<T>(req: &Request<T>) -> Principal {
-    req.extensions()
-        .get::<Principal>()
-        .cloned()
+    context(req)
+        .and_then(|c| c.principal.clone())
         .unwrap_or_else(|| Principal {
             id: "anonymous".into(),
             role: crate::auth::Role::Admin,
@@ -100,10 +100,7 @@ fn namespace<T>(req: &Request<T>) -> String {
 }
 
 fn notes<T>(req: &Request<T>) -> Arc<AuditNotes> {
-    req.extensions()
-        .get::<Arc<AuditNotes>>()
-        .cloned()
-        .unwrap_or_default()
+    context(req).map(|c| c.notes.clone()).unwrap_or_default()
 }
 
 /// Readonly principals may not change state.
@@ -463,10 +460,8 @@ impl ChatCliGrpc {
             return Ok(None);
         }
         let who = principal(req);
-        let key = req
-            .extensions()
-            .get::<crate::server::pipeline::LimitKey>()
-            .map(|k| k.0.clone())
+        let key = context(req)
+            .and_then(|c| c.limit_key.clone())
             .unwrap_or_else(|| who.limit_key(None));
         match self.state.stream_caps.try_acquire(&key) {
             Some(g) => Ok(Some(g)),

@@ -98,9 +98,22 @@ struct Notes {
     refusal: Option<String>,
 }
 
-/// The name of the caller's rate-limit bucket and stream cap, set by the pipeline.
+/// What the pipeline knows about a call, for the handlers behind it. One entry in the request's
+/// extensions rather than one per fact: each entry is a boxed value and a slot in a hash map that
+/// grows (and rehashes) as entries come, on every call.
 #[derive(Debug, Clone)]
-pub struct LimitKey(pub String);
+pub struct CallContext {
+    /// The configuration snapshot the call runs under.
+    pub prepared: Arc<Prepared>,
+    /// The connection the call came on.
+    pub conn: Arc<ConnInfo>,
+    /// What the audit record will say about the call.
+    pub notes: Arc<AuditNotes>,
+    /// Who calls, once the call is admitted.
+    pub principal: Option<Principal>,
+    /// The caller's rate-limit bucket and stream-cap name, once the call is admitted.
+    pub limit_key: Option<String>,
+}
 
 impl AuditNotes {
     fn with<R>(&self, f: impl FnOnce(&mut Notes) -> R) -> R {
@@ -201,12 +214,13 @@ impl Pipeline {
                     remote_addr: Some(conn.remote),
                 });
         }
-        parts.extensions.insert(sides.state.prepared());
-        parts.extensions.insert(conn.clone());
-        parts.extensions.insert(notes.clone());
-        if let Some(certs) = &conn.peer_certs {
-            parts.extensions.insert(certs.clone());
-        }
+        parts.extensions.insert(CallContext {
+            prepared: sides.state.prepared(),
+            conn: conn.clone(),
+            notes: notes.clone(),
+            principal: None,
+            limit_key: None,
+        });
         // Only the audit record reports the bytes read.
         let body = match sides.state.audit {
             Some(_) => Body::new(Counting {
@@ -298,27 +312,35 @@ async fn guard(state: &AppState, mut req: Request<Body>, router: Router) -> Resp
 }
 
 /// Authenticates the call and applies the rate limit: `None` when admitted (the principal and the
-/// limit key are then in the request's extensions), else the refusal to send.
+/// limit key are then in the request's [`CallContext`]), else the refusal to send.
 fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Response<Body>> {
-    let Some(prepared) = req.extensions().get::<Arc<Prepared>>().cloned() else {
-        return Some(refuse(is_grpc, Refusal::Unauthenticated));
+    match check(state, req) {
+        Ok((principal, key)) => {
+            if let Some(ctx) = req.extensions_mut().get_mut::<CallContext>() {
+                ctx.principal = Some(principal);
+                ctx.limit_key = Some(key);
+            }
+            None
+        }
+        Err(refusal) => Some(refuse(is_grpc, refusal)),
+    }
+}
+
+/// [`admit`]'s checks: the caller and their rate-limit key, or the refusal.
+fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), Refusal> {
+    let Some(ctx) = req.extensions().get::<CallContext>() else {
+        return Err(Refusal::Unauthenticated);
     };
-    let notes = req
-        .extensions()
-        .get::<Arc<AuditNotes>>()
-        .cloned()
-        .unwrap_or_default();
-    let conn = req.extensions().get::<Arc<ConnInfo>>().cloned();
-    let ip = conn.as_ref().map(|c| c.remote.ip());
+    let (prepared, notes, conn) = (&ctx.prepared, &ctx.notes, &ctx.conn);
+    let ip = conn.remote.ip();
     let exempt = crate::auth::is_exempt(req.uri().path());
-    let identity = conn.as_ref().and_then(|c| c.client_identity.clone());
-    let result = match ip.and_then(|ip| state.auth_failures.is_blocked(ip)) {
+    let result = match state.auth_failures.is_blocked(ip) {
         Some(_) => Err(AuthError::Throttled),
         None => prepared.auth.authenticate(
             req.headers()
                 .get(header::AUTHORIZATION)
                 .map(|v| v.as_bytes()),
-            identity.as_deref(),
+            conn.client_identity.as_deref(),
         ),
     };
     let principal = match result {
@@ -331,7 +353,7 @@ fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Res
             tenant_id: None,
         },
         Err(e) => {
-            if let (Some(ip), false) = (ip, e == AuthError::Throttled) {
+            if e != AuthError::Throttled {
                 state.auth_failures.record_failure(ip);
             }
             tracing::warn!(peer = ?ip, path = req.uri().path(), reason = %e, "authentication failed");
@@ -339,26 +361,21 @@ fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Res
                 n.auth_failed = true;
                 n.refusal = Some(format!("authentication failed: {e}"));
             });
-            return Some(refuse(is_grpc, Refusal::Unauthenticated));
+            return Err(Refusal::Unauthenticated);
         }
     };
     notes.with(|n| n.principal = Some(principal.clone()));
-    let key = LimitKey(match &conn {
-        Some(c) => c.limit_key(&principal),
-        None => principal.limit_key(ip),
-    });
-    if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key.0) {
+    let key = conn.limit_key(&principal);
+    if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
         notes.with(|n| {
             n.denied = true;
             n.refusal = Some(format!("rate limit exceeded, retry after {secs} seconds"));
         });
-        return Some(refuse(is_grpc, Refusal::RateLimited(secs)));
+        return Err(Refusal::RateLimited(secs));
     }
-    req.extensions_mut().insert(key);
-    req.extensions_mut().insert(principal);
-    None
+    Ok((principal, key))
 }
 
 enum Refusal {

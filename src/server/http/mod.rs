@@ -228,35 +228,31 @@ struct Caller {
 impl FromRequestParts<Arc<Api>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, _: &Arc<Api>) -> Result<Self, ApiError> {
         // The pipeline always sets the principal; without it the request did not pass auth.
-        // Taken, not cloned: nothing after this extractor reads them.
-        let principal = parts.extensions.remove::<Principal>().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "unauthenticated",
-                "authentication failed",
-            )
-        })?;
-        let prepared = parts
-            .extensions
-            .get::<Arc<Prepared>>()
-            .cloned()
-            .unwrap_or_else(|| api.state.prepared());
-        let notes = parts
-            .extensions
-            .get::<Arc<AuditNotes>>()
-            .cloned()
-            .unwrap_or_default();
+        // Taken, not cloned: nothing after this extractor reads the call's context.
+        let ctx = parts.extensions.remove::<super::pipeline::CallContext>();
+        let (principal, limit_key, prepared, notes) = match ctx {
+            Some(super::pipeline::CallContext {
+                principal: Some(principal),
+                limit_key,
+                prepared,
+                notes,
+                ..
+            }) => (principal, limit_key, prepared, notes),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "unauthenticated",
+                    "authentication failed",
+                ));
+            }
+        };
         // The pipeline put a checked id there; the same rule if it did not.
         let request_id = super::pipeline::request_id_of(&parts.headers);
         let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
-        let limit_key = parts
-            .extensions
-            .remove::<super::pipeline::LimitKey>()
-            .map(|k| k.0)
-            .unwrap_or_else(|| principal.limit_key(None));
+        let limit_key = limit_key.unwrap_or_else(|| principal.limit_key(None));
         Ok(Self {
             principal,
             prepared,
