@@ -83,12 +83,14 @@ fn snapshot<T>(state: &AppState, req: &Request<T>) -> Arc<Prepared> {
     context(req).map_or_else(|| state.prepared(), |c| c.prepared.clone())
 }
 
+/// The admitted caller. The pipeline admits every call before it reaches a handler; a call that
+/// somehow was not admitted gets a read-only anonymous principal, never more.
 fn principal<T>(req: &Request<T>) -> Principal {
     context(req)
         .and_then(|c| c.principal.clone())
         .unwrap_or_else(|| Principal {
             id: "anonymous".into(),
-            role: crate::auth::Role::Admin,
+            role: crate::auth::Role::ReadOnly,
             method: crate::auth::AuthMethod::None,
             email: None,
             tenant_id: None,
@@ -913,5 +915,17 @@ impl ChatCliService for ChatCliGrpc {
             "ListBindings",
             "the conversation hub capability (not scheduled yet)",
         ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    #[test]
+    fn a_call_without_the_pipelines_context_may_not_write() {
+        let req = tonic::Request::new(());
+        assert!(!super::principal(&req).can_write());
+        let refused = super::require_write(&req, "write sessions").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     }
 }
