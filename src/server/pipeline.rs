@@ -33,7 +33,7 @@ pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 pub const REQUEST_ID: &str = "x-request-id";
 
 /// The client's `x-request-id` when it is 1 to 128 printable ASCII characters, else a fresh one.
-pub(super) fn request_id_of(headers: &HeaderMap) -> HeaderValue {
+fn request_id_of(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(REQUEST_ID)
         .filter(|v| {
@@ -109,6 +109,8 @@ pub struct CallContext {
     pub conn: Arc<ConnInfo>,
     /// What the audit record will say about the call.
     pub notes: Arc<AuditNotes>,
+    /// The call's id (the client's sane `x-request-id`, else a fresh one), as the response carries it.
+    pub request_id: HeaderValue,
     /// Who calls, once the call is admitted.
     pub principal: Option<Principal>,
     /// The caller's rate-limit bucket and stream-cap name, once the call is admitted.
@@ -218,6 +220,7 @@ impl Pipeline {
             prepared: sides.state.prepared(),
             conn: conn.clone(),
             notes: notes.clone(),
+            request_id: request_id.clone(),
             principal: None,
             limit_key: None,
         });

@@ -232,14 +232,15 @@ impl FromRequestParts<Arc<Api>> for Caller {
         // The pipeline always sets the principal; without it the request did not pass auth.
         // Taken, not cloned: nothing after this extractor reads the call's context.
         let ctx = parts.extensions.remove::<super::pipeline::CallContext>();
-        let (principal, limit_key, prepared, notes) = match ctx {
+        let (principal, limit_key, prepared, notes, request_id) = match ctx {
             Some(super::pipeline::CallContext {
                 principal: Some(principal),
                 limit_key,
                 prepared,
                 notes,
+                request_id,
                 ..
-            }) => (principal, limit_key, prepared, notes),
+            }) => (principal, limit_key, prepared, notes, request_id),
             _ => {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -249,8 +250,7 @@ impl FromRequestParts<Arc<Api>> for Caller {
                 ));
             }
         };
-        // The pipeline put a checked id there; the same rule if it did not.
-        let request_id = super::pipeline::request_id_of(&parts.headers);
+        // Checked by the pipeline: printable ASCII, or a UUID.
         let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
         let limit_key = limit_key.unwrap_or_else(|| principal.limit_key(None));
         Ok(Self {
