@@ -315,7 +315,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         model,
         stream: mut upstream,
     } = answer;
-    let model_id = [provider.as_str(), "/", model.as_str()].concat();
+    let model_id = model_id(&provider, &model);
     let frames = ChunkFrames::new(&id, created, &model_id, include_usage);
     // One event per delta as the provider yields it; dropping this stream (the client went away)
     // drops the provider's, which aborts the upstream request.
@@ -355,6 +355,11 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
     Ok(super::sse_frames(out))
 }
 
+/// The `model` an answer names: `provider/model`.
+fn model_id(provider: &str, model: &str) -> String {
+    [provider, "/", model].concat()
+}
+
 /// `chatcmpl-` and a fresh UUID's 32 hex digits.
 fn completion_id() -> String {
     let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
@@ -387,7 +392,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
         id: &id,
         object: "chat.completion",
         created,
-        model: &[provider.as_str(), "/", model.as_str()].concat(),
+        model: &model_id(&provider, &model),
         system_fingerprint: None,
         choices: [WholeChoice {
             index: 0,
