@@ -401,8 +401,9 @@ const REST_ITEMS: usize = 64;
 /// `done: true`), so that its connection goes back to the client's pool for the next call instead
 /// of being closed: an HTTP/1.1 connection can serve another request only once the body's end
 /// (the chunked terminator, which a conforming upstream sends right after the final event) has
-/// been read. What is already buffered is read at once; otherwise a background task reads for at
-/// most a second and 64 items and then drops the rest (closing the connection). Only for answers
+/// been read. What is already buffered (up to 64 items) is read at once; what is not is read by a
+/// background task, for at most a second and 64 more items, which then drops the rest (closing the
+/// connection). Only for answers
 /// that are complete: a stream abandoned mid-way is dropped instead, and the closed connection is
 /// what tells the upstream to stop generating.
 pub fn read_rest_in_background<S>(rest: S)
