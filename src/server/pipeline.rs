@@ -195,7 +195,7 @@ impl Pipeline {
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         // The client's id when it is a sane one, else a fresh one; built once as a header value
-        // for the request (handlers name the call by it) and the response.
+        // for the response and the call's context (handlers name the call by it).
         let request_id = request_id_of(req.headers());
         // Only the audit record names the method.
         let method = match (&sides.state.audit, is_grpc) {
@@ -206,8 +206,6 @@ impl Pipeline {
         let bytes_in = Arc::new(AtomicU64::new(0));
         let notes = Arc::new(AuditNotes::default());
         let (mut parts, body) = req.into_parts();
-        // Handlers (e.g. /updates events) name the call by the same id the response carries.
-        parts.headers.insert(REQUEST_ID, request_id.clone());
         if is_grpc {
             parts
                 .extensions
