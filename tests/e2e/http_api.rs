@@ -977,6 +977,27 @@ async fn bad_input_is_refused_with_a_named_problem_and_nothing_goes_upstream() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["code"], "request_too_large", "{v}");
     assert!(v["error"].as_str().unwrap().contains("8388608"), "{v}");
+
+    // The chat route, which the server calls without its router, keeps the router's answers: the
+    // body cap, and 405 for another method.
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut conn = BufReader::new(tcp);
+    let (code, body) = round_trip(
+        &mut conn,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            9 * 1024 * 1024
+        ),
+    )
+    .await;
+    assert_eq!(code, 413, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+    let resp = http.get(&completions).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+    assert!(fake.requests().is_empty(), "bad input reached the upstream");
     s.shutdown().await;
 }
 
