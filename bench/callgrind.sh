@@ -15,6 +15,7 @@
 #   stream-1     streamed call, one delta
 #   stream-64    streamed call, 64 deltas 1 ms apart (about one delta per read)
 #   burst-64     streamed call, 64 deltas at once (many deltas per read)
+#   grpc-unary   gRPC SendPrompt, zero-delay mock (loadgen -c4 instead of wrk)
 # Counters are zeroed after a 2 s warm-up; Ir per call = instructions / calls wrk completed.
 # Needs valgrind and wrk (Debian packages `valgrind`, `wrk`).
 # Environment: BENCH_PORT_BASE (default 18000): ports BASE+500.. are used.
@@ -29,7 +30,7 @@ while [[ $# -gt 0 ]]; do
         --bin) BIN=$2; shift ;;
         --secs) SECS=$2; shift ;;
         --keep) KEEP=$2; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench/callgrind.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -42,6 +43,8 @@ done
 [[ -x $BIN ]] || die "no chatcli binary at $BIN (cargo build --release --locked, or --bin PATH)"
 MOCK=$ROOT/target/release/examples/mock_upstream
 [[ -x $MOCK ]] || die "no mock at $MOCK (cargo build --release --locked --example mock_upstream)"
+LOADGEN=$ROOT/target/release/examples/loadgen
+[[ -x $LOADGEN ]] || die "no load client at $LOADGEN (cargo build --release --locked --example loadgen)"
 
 BASE=${BENCH_PORT_BASE:-18000}
 CC=$((BASE + 500)) M0=$((BASE + 510)) M1=$((BASE + 511)) MP=$((BASE + 512)) MB=$((BASE + 513))
@@ -99,7 +102,31 @@ done
 curl -sf -o /dev/null "http://127.0.0.1:$CC/health" || die "chatcli did not answer /health within 30 s"
 
 printf '| scenario | calls | instructions per call |\n|---|---|---|\n'
-n=0
+# One scenario: warm up, zero the counters, load for SECS, dump; prints the table row.
+measure() { # NAME, then the load command (prints wrk's report, or loadgen's JSON line)
+    local name=$1
+    shift
+    callgrind_control -z "$VG" >/dev/null 2>&1
+    local out calls
+    out=$("$@")
+    callgrind_control --dump="$name" "$VG" >/dev/null 2>&1
+    sleep 0.5
+    if [[ $out == *"requests in"* ]]; then
+        calls=$(awk '/requests in/{print $1}' <<<"$out")
+        local errors
+        errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
+        [[ -z $errors ]] || die "$name: wrk saw errors: $errors"
+    else
+        calls=$(python3 -c 'import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); sys.exit("errors: " + str(d["first_error"])) if d["errors"] else print(d["ok"])' <<<"$out") ||
+            die "$name: loadgen saw errors"
+    fi
+    local dump ir
+    dump=$(ls -t "$TMP"/cg.out.* | head -1)
+    if [[ -n $KEEP ]]; then mkdir -p "$KEEP" && cp "$dump" "$KEEP/$name.cg"; fi
+    ir=$(awk '/^summary:|^totals:/{v=$2} END{print v}' "$dump")
+    [[ -n $ir && $calls -gt 0 ]] || die "$name: no count (dump $dump, calls $calls)"
+    printf '| %s | %s | %s |\n' "$name" "$calls" "$(python3 -c "print(f'{round($ir / $calls):,}')")"
+}
 for s in "unary:m0:false" "stream-1:m1:true" "stream-64:mp:true" "burst-64:mb:true"; do
     IFS=: read -r name model stream <<<"$s"
     body "$model" "$stream" >"$TMP/$name.json"
@@ -108,17 +135,10 @@ for s in "unary:m0:false" "stream-1:m1:true" "stream-64:mp:true" "burst-64:mb:tr
         die "$name: the check call failed"
     [[ $check == *mock-model* ]] || die "$name: unexpected answer: ${check:0:200}"
     taskset -c 1 wrk -t1 -c4 -d2s -s "$TMP/$name.lua" "$URL" >/dev/null
-    callgrind_control -z "$VG" >/dev/null 2>&1
-    out=$(taskset -c 1 wrk -t1 -c4 -d"${SECS}s" -s "$TMP/$name.lua" "$URL")
-    n=$((n + 1))
-    callgrind_control --dump="$name" "$VG" >/dev/null 2>&1
-    sleep 0.5
-    calls=$(awk '/requests in/{print $1}' <<<"$out")
-    errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
-    [[ -z $errors ]] || die "$name: wrk saw errors: $errors"
-    dump=$(ls -t "$TMP"/cg.out.* | head -1)
-    if [[ -n $KEEP ]]; then mkdir -p "$KEEP" && cp "$dump" "$KEEP/$name.cg"; fi
-    ir=$(awk '/^summary:|^totals:/{v=$2} END{print v}' "$dump")
-    [[ -n $ir && $calls -gt 0 ]] || die "$name: no count (dump $dump, calls $calls)"
-    printf '| %s | %s | %s |\n' "$name" "$calls" "$(python3 -c "print(f'{round($ir / $calls):,}')")"
+    measure "$name" taskset -c 1 wrk -t1 -c4 -d"${SECS}s" -s "$TMP/$name.lua" "$URL"
 done
+# gRPC SendPrompt (loadgen checks every answer; all calls of the window counted, no warm-up).
+SPEC="name=grpc,proto=grpc,url=http://127.0.0.1:$CC,model=m0"
+taskset -c 1 "$LOADGEN" run --target "$SPEC" --concurrency 4 --duration 2 --warmup 0 >/dev/null 2>&1 ||
+    die "grpc-unary: the warm-up run failed"
+measure grpc-unary taskset -c 1 "$LOADGEN" run --target "$SPEC" --concurrency 4 --duration "$SECS" --warmup 0

@@ -31,6 +31,27 @@ pub struct ChatCliGrpc {
     state: Arc<AppState>,
 }
 
+/// The gRPC services: all of them behind tonic's router, and the ChatCLI service once more on its
+/// own, which the pipeline calls without the router (see [`GrpcRoutes::direct`]).
+pub struct GrpcRoutes {
+    /// The ChatCLI service, `grpc.health.v1`, and reflection when both of its switches are on.
+    pub routes: tonic::service::Routes,
+    /// The ChatCLI service itself, for calls whose path starts with [`CHAT_PATH_PREFIX`].
+    pub chat: super::pipeline::GrpcService,
+}
+
+/// The path prefix of every ChatCLI method (`/chatcli.v1.ChatCLIService/`).
+pub const CHAT_PATH_PREFIX: &str = "/chatcli.v1.ChatCLIService/";
+
+impl GrpcRoutes {
+    /// Whether a call to `path` goes to [`GrpcRoutes::chat`] without the router: the ChatCLI
+    /// service's methods (the router picks the same service by the same prefix; unknown methods
+    /// under it answer `UNIMPLEMENTED` from the service either way).
+    pub fn direct(path: &str) -> bool {
+        path.starts_with(CHAT_PATH_PREFIX)
+    }
+}
+
 /// Builds the gRPC routes: the ChatCLI service, `grpc.health.v1`, and reflection when both of its
 /// switches are on.
 pub fn routes(
@@ -38,7 +59,7 @@ pub fn routes(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> tonic::service::Routes {
+) -> GrpcRoutes {
     let prepared = state.prepared();
     let server = &prepared.config.server;
     let svc = ChatCliServiceServer::new(ChatCliGrpc {
@@ -46,6 +67,15 @@ pub fn routes(
     })
     .max_decoding_message_size(server.max_recv_msg_size)
     .max_encoding_message_size(server.max_send_msg_size);
+    let chat = {
+        use tower::ServiceExt;
+        tower::util::BoxCloneSyncService::new(
+            ServiceExt::<http::Request<axum::body::Body>>::map_response(
+                svc.clone(),
+                |r: http::Response<tonic::body::Body>| r.map(axum::body::Body::new),
+            ),
+        )
+    };
     let mut routes = tonic::service::Routes::new(svc).add_service(health);
     match (server.reflection, server.reflection_env) {
         (true, true) => {
@@ -72,7 +102,7 @@ pub fn routes(
         ),
         (false, false) => {}
     }
-    routes
+    GrpcRoutes { routes, chat }
 }
 
 fn context<T>(req: &Request<T>) -> Option<&CallContext> {
@@ -927,5 +957,22 @@ mod tests {
         assert!(!super::principal(&req).can_write());
         let refused = super::require_write(&req, "write sessions").unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn the_direct_route_is_the_chatcli_service_and_nothing_else() {
+        use crate::proto::chat_cli_service_server::SERVICE_NAME;
+        assert_eq!(super::CHAT_PATH_PREFIX, format!("/{SERVICE_NAME}/"));
+        assert!(super::GrpcRoutes::direct(
+            "/chatcli.v1.ChatCLIService/SendPrompt"
+        ));
+        for other in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/chatcli.v1.ChatCLIServiceX/SendPrompt",
+            "/chatcli.v1.ChatCLIService",
+        ] {
+            assert!(!super::GrpcRoutes::direct(other), "{other}");
+        }
     }
 }

@@ -155,7 +155,7 @@ pub async fn run_with(
     };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let routes = grpc::routes(&state, health_service);
+    let grpc_routes = grpc::routes(&state, health_service);
     health_reporter
         .set_serving::<crate::proto::chat_cli_service_server::ChatCliServiceServer<grpc::ChatCliGrpc>>()
         .await;
@@ -214,7 +214,7 @@ pub async fn run_with(
         }
     };
     let http = http::api(state.clone());
-    let pipeline = pipeline::Pipeline::new(state.clone(), routes, http);
+    let pipeline = pipeline::Pipeline::new(state.clone(), grpc_routes, http);
     let tls_watch = match &state.tls {
         Some(acceptor) => match tls::watch(
             acceptor.clone(),

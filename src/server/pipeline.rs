@@ -154,14 +154,16 @@ struct Sides {
 impl Pipeline {
     /// Builds the pipeline over the gRPC routes and the HTTP router. Metrics wrap the gRPC side
     /// outside auth, so refused calls are counted too.
-    pub fn new(state: Arc<AppState>, routes: tonic::service::Routes, http: HttpApi) -> Self {
-        let router = routes.into_axum_router();
+    pub fn new(state: Arc<AppState>, grpc: super::grpc::GrpcRoutes, http: HttpApi) -> Self {
+        let router = grpc.routes.into_axum_router();
+        let chat = grpc.chat;
         let guarded = {
             let state = state.clone();
             tower::service_fn(move |req: Request<Body>| {
                 let state = state.clone();
                 let router = router.clone();
-                async move { Ok::<_, Infallible>(guard(&state, req, router).await) }
+                let chat = chat.clone();
+                async move { Ok::<_, Infallible>(guard(&state, req, router, chat).await) }
             })
         };
         let grpc = match &state.metrics {
@@ -301,12 +303,23 @@ fn known_methods() -> Vec<String> {
     out
 }
 
-/// gRPC: authentication and the rate limit, then the routes.
-async fn guard(state: &AppState, mut req: Request<Body>, router: Router) -> Response<Body> {
+/// gRPC: authentication and the rate limit, then the routes: the ChatCLI service's methods
+/// straight to it (the router's matching and boxed futures cost more than the protobuf work of a
+/// call), everything else through tonic's router.
+async fn guard(
+    state: &AppState,
+    mut req: Request<Body>,
+    router: Router,
+    chat: GrpcService,
+) -> Response<Body> {
     if let Some(refused) = admit(state, &mut req, true) {
         return refused;
     }
-    match router.oneshot(req).await {
+    let routed = match super::grpc::GrpcRoutes::direct(req.uri().path()) {
+        true => chat.oneshot(req).await,
+        false => router.oneshot(req).await,
+    };
+    match routed {
         Ok(r) => r,
         Err(never) => match never {},
     }
