@@ -10,7 +10,7 @@ use futures::StreamExt;
 use super::compose::compose;
 use super::fallback::{self, Answer, Candidate, Cooldowns};
 use super::{ChatRequest, ClientCredentials, Delta, LlmError, Message, ProviderRegistry};
-use crate::telemetry::{LlmErrorType, LlmStatus, Metrics};
+use crate::telemetry::{LlmErrorType, LlmSeries, LlmStatus, Metrics};
 
 /// One prompt, as any surface receives it.
 #[derive(Debug, Clone, Default)]
@@ -81,10 +81,9 @@ pub async fn start(
         (Ok(answer), Some(m)) => Ok(instrument(answer, m, started)),
         (Ok(answer), None) => Ok(answer),
         (Err(e), Some(m)) => {
-            let model = resolved.model.as_str();
-            let name = resolved.provider.name();
-            m.record_llm_request(name, model, LlmStatus::Error, started.elapsed());
-            m.record_llm_error(name, model, error_type(&e));
+            let series = m.llm(resolved.provider.name(), &resolved.model);
+            series.request(LlmStatus::Error, started.elapsed());
+            series.error(error_type(&e));
             Err(e)
         }
         (Err(e), None) => Err(e),
@@ -107,50 +106,41 @@ pub fn error_type(e: &LlmError) -> LlmErrorType {
 /// caller drops it first.
 fn instrument(answer: Answer, metrics: Arc<Metrics>, started: Instant) -> Answer {
     struct Record {
-        metrics: Arc<Metrics>,
-        provider: String,
-        model: String,
+        series: Arc<LlmSeries>,
         started: Instant,
         done: bool,
     }
     impl Drop for Record {
         fn drop(&mut self) {
             if !self.done {
-                self.metrics.record_llm_request(
-                    &self.provider,
-                    &self.model,
-                    LlmStatus::Error,
-                    self.started.elapsed(),
-                );
-                self.metrics
-                    .record_llm_error(&self.provider, &self.model, LlmErrorType::Canceled);
+                self.series
+                    .request(LlmStatus::Error, self.started.elapsed());
+                self.series.error(LlmErrorType::Canceled);
             }
         }
     }
+    let mut rec = Record {
+        series: metrics.llm(&answer.provider, &answer.model),
+        started,
+        done: false,
+    };
     let Answer {
         provider,
         model,
         stream,
     } = answer;
-    let mut rec = Record {
-        metrics,
-        provider: provider.clone(),
-        model: model.clone(),
-        started,
-        done: false,
-    };
     let mut inner = stream;
     let out = async_stream::stream! {
         while let Some(item) = inner.next().await {
             match &item {
                 Ok(Delta::Usage(u)) => {
-                    rec.metrics.add_llm_tokens(&rec.provider, &rec.model, "prompt", u.prompt_tokens);
-                    rec.metrics.add_llm_tokens(&rec.provider, &rec.model, "completion", u.completion_tokens);
+                    rec.series.tokens("prompt", u.prompt_tokens);
+                    rec.series.tokens("completion", u.completion_tokens);
                 }
                 Err(e) => {
                     rec.done = true;
-                    rec.metrics.record_llm_request(&rec.provider, &rec.model, LlmStatus::Error, rec.started.elapsed());
-                    rec.metrics.record_llm_error(&rec.provider, &rec.model, error_type(e));
+                    rec.series.request(LlmStatus::Error, rec.started.elapsed());
+                    rec.series.error(error_type(e));
                 }
                 _ => {}
             }
@@ -161,7 +151,7 @@ fn instrument(answer: Answer, metrics: Arc<Metrics>, started: Instant) -> Answer
             }
         }
         rec.done = true;
-        rec.metrics.record_llm_request(&rec.provider, &rec.model, LlmStatus::Success, rec.started.elapsed());
+        rec.series.request(LlmStatus::Success, rec.started.elapsed());
     };
     Answer {
         provider,

@@ -19,6 +19,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use super::Metrics;
+use super::metrics::GrpcSeries;
 
 /// The `method` label of calls to paths outside [`GrpcMetricsLayer::with_known_methods`].
 pub const UNKNOWN_METHOD: &str = "unknown";
@@ -110,10 +111,11 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
         let method = match &self.layer.known_methods {
-            Some(known) if !known.contains(path) => UNKNOWN_METHOD.to_owned(),
-            _ => path.to_owned(),
+            Some(known) if !known.contains(path) => UNKNOWN_METHOD,
+            _ => path,
         };
-        let recorder = CallRecorder::start(Arc::clone(&self.layer.metrics), method);
+        let series = self.layer.metrics.grpc(method);
+        let recorder = CallRecorder::start(Arc::clone(&self.layer.metrics), series);
         ResponseFuture {
             inner: Box::pin(self.inner.call(request)),
             recorder: Some(recorder),
@@ -221,7 +223,7 @@ impl<B: Body> Drop for MetricsBody<B> {
 /// Records one call exactly once, when dropped.
 struct CallRecorder {
     metrics: Arc<Metrics>,
-    method: String,
+    series: Arc<GrpcSeries>,
     start: Instant,
     code: Option<Code>,
     /// The response completed (or failed) without a cancellation.
@@ -229,11 +231,11 @@ struct CallRecorder {
 }
 
 impl CallRecorder {
-    fn start(metrics: Arc<Metrics>, method: String) -> Self {
-        metrics.grpc_call_started(&method);
+    fn start(metrics: Arc<Metrics>, series: Arc<GrpcSeries>) -> Self {
+        metrics.grpc_call_started(&series);
         Self {
             metrics,
-            method,
+            series,
             start: Instant::now(),
             code: None,
             ended: false,
@@ -249,7 +251,7 @@ impl Drop for CallRecorder {
             None => Code::Cancelled,
         };
         self.metrics
-            .grpc_call_finished(&self.method, code_name(code), self.start.elapsed());
+            .grpc_call_finished(&self.series, code_name(code), self.start.elapsed());
     }
 }
 

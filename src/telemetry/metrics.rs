@@ -5,12 +5,14 @@
 //! `Metrics` is cheap to clone (every field is reference-counted inside `prometheus`); the gRPC
 //! layer and most callers share it as `Arc<Metrics>`. With metrics off, callers hold no `Metrics`.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const GRPC_DURATION_BUCKETS: &[f64] =
@@ -115,6 +117,147 @@ pub struct Metrics {
     session_operations: IntCounterVec,
     server_info: IntGaugeVec,
     uptime: Gauge,
+    llm_series: Arc<SeriesCache<LlmSeries>>,
+    grpc_series: Arc<SeriesCache<GrpcSeries>>,
+}
+
+/// Label sets whose series handles are kept (see [`SeriesCache`]); past this many, handles are
+/// looked up on every call again, as without the cache.
+const SERIES_CACHE_MAX: usize = 1024;
+
+/// Series handles kept per label set. Looking a series up (`with_label_values`) hashes every label
+/// and takes the vector's lock, on every call; a call looks its label set up here once instead.
+/// The handles themselves are made on first use, so a cached label set adds no zero series.
+struct SeriesCache<V> {
+    /// How many label sets are kept, and the sets by first and second label.
+    inner: RwLock<(usize, LabelMap<LabelMap<Arc<V>>>)>,
+}
+
+/// A map by label value, hashed with foldhash: a few instructions per byte where the standard
+/// hasher takes a hundred per key. Flooding it is bounded by [`SERIES_CACHE_MAX`].
+type LabelMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
+impl<V> Default for SeriesCache<V> {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::new((0, LabelMap::default())),
+        }
+    }
+}
+
+impl<V> SeriesCache<V> {
+    /// The kept handles of `(a, b)`, else new ones from `make`, kept while there is room.
+    fn get(&self, a: &str, b: &str, make: impl FnOnce() -> V) -> Arc<V> {
+        let kept = |map: &LabelMap<LabelMap<Arc<V>>>| map.get(a).and_then(|m| m.get(b)).cloned();
+        if let Some(v) = kept(&self.inner.read().unwrap_or_else(PoisonError::into_inner).1) {
+            return v;
+        }
+        let mut guard = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = kept(&guard.1) {
+            return v;
+        }
+        let made = Arc::new(make());
+        let (len, map) = &mut *guard;
+        if *len < SERIES_CACHE_MAX {
+            *len += 1;
+            map.entry(a.to_owned())
+                .or_default()
+                .insert(b.to_owned(), made.clone());
+        }
+        made
+    }
+}
+
+/// The LLM series of one provider and model ([`Metrics::llm`]).
+pub struct LlmSeries {
+    provider: String,
+    model: String,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    errors: IntCounterVec,
+    tokens: IntCounterVec,
+    ttft: HistogramVec,
+    success: OnceLock<IntCounter>,
+    duration_of: OnceLock<Histogram>,
+    prompt_tokens: OnceLock<IntCounter>,
+    completion_tokens: OnceLock<IntCounter>,
+    ttft_of: OnceLock<Histogram>,
+}
+
+impl fmt::Debug for LlmSeries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmSeries")
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlmSeries {
+    fn labels<'a>(&'a self, last: &'a str) -> [&'a str; 3] {
+        [&self.provider, &self.model, last]
+    }
+
+    /// Records one finished provider call and its duration.
+    pub fn request(&self, status: LlmStatus, elapsed: Duration) {
+        match status {
+            LlmStatus::Success => self
+                .success
+                .get_or_init(|| {
+                    self.requests
+                        .with_label_values(&self.labels(status.as_str()))
+                })
+                .inc(),
+            LlmStatus::Error => self
+                .requests
+                .with_label_values(&self.labels(status.as_str()))
+                .inc(),
+        }
+        self.duration_of
+            .get_or_init(|| {
+                self.duration
+                    .with_label_values(&[&self.provider, &self.model])
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one failed provider call by its kind.
+    pub fn error(&self, error_type: LlmErrorType) {
+        self.errors
+            .with_label_values(&self.labels(error_type.as_str()))
+            .inc();
+    }
+
+    /// Adds `count` tokens of `token_type` (e.g. `prompt`, `completion`).
+    pub fn tokens(&self, token_type: &str, count: u64) {
+        let kept = match token_type {
+            "prompt" => &self.prompt_tokens,
+            "completion" => &self.completion_tokens,
+            other => {
+                self.tokens
+                    .with_label_values(&self.labels(other))
+                    .inc_by(count);
+                return;
+            }
+        };
+        kept.get_or_init(|| self.tokens.with_label_values(&self.labels(token_type)))
+            .inc_by(count);
+    }
+
+    /// Observes the time to the first delta of a provider call.
+    pub fn ttft(&self, elapsed: Duration) {
+        self.ttft_of
+            .get_or_init(|| self.ttft.with_label_values(&[&self.provider, &self.model]))
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The gRPC series of one method ([`Metrics::grpc`]).
+pub(crate) struct GrpcSeries {
+    method: String,
+    in_flight: OnceLock<IntGauge>,
+    ok: OnceLock<IntCounter>,
+    duration: OnceLock<Histogram>,
 }
 
 impl fmt::Debug for Metrics {
@@ -238,6 +381,8 @@ impl Metrics {
             )?,
             start: Instant::now(),
             registry,
+            llm_series: Default::default(),
+            grpc_series: Default::default(),
         };
         metrics.register_process_collector();
         Ok(metrics)
@@ -282,7 +427,25 @@ impl Metrics {
             .inc();
     }
 
-    /// Records one finished provider call and its duration.
+    /// The LLM series of `provider` and `model`, to record a call with.
+    pub fn llm(&self, provider: &str, model: &str) -> Arc<LlmSeries> {
+        self.llm_series.get(provider, model, || LlmSeries {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            requests: self.llm_requests.clone(),
+            duration: self.llm_duration.clone(),
+            errors: self.llm_errors.clone(),
+            tokens: self.llm_tokens.clone(),
+            ttft: self.llm_ttft.clone(),
+            success: OnceLock::new(),
+            duration_of: OnceLock::new(),
+            prompt_tokens: OnceLock::new(),
+            completion_tokens: OnceLock::new(),
+            ttft_of: OnceLock::new(),
+        })
+    }
+
+    /// Records one finished provider call and its duration ([`LlmSeries::request`]).
     pub fn record_llm_request(
         &self,
         provider: &str,
@@ -290,33 +453,22 @@ impl Metrics {
         status: LlmStatus,
         elapsed: Duration,
     ) {
-        self.llm_requests
-            .with_label_values(&[provider, model, status.as_str()])
-            .inc();
-        self.llm_duration
-            .with_label_values(&[provider, model])
-            .observe(elapsed.as_secs_f64());
+        self.llm(provider, model).request(status, elapsed);
     }
 
-    /// Counts one failed provider call by its kind.
+    /// Counts one failed provider call by its kind ([`LlmSeries::error`]).
     pub fn record_llm_error(&self, provider: &str, model: &str, error_type: LlmErrorType) {
-        self.llm_errors
-            .with_label_values(&[provider, model, error_type.as_str()])
-            .inc();
+        self.llm(provider, model).error(error_type);
     }
 
-    /// Adds `count` tokens of `token_type` (e.g. `prompt`, `completion`).
+    /// Adds `count` tokens of `token_type` ([`LlmSeries::tokens`]).
     pub fn add_llm_tokens(&self, provider: &str, model: &str, token_type: &str, count: u64) {
-        self.llm_tokens
-            .with_label_values(&[provider, model, token_type])
-            .inc_by(count);
+        self.llm(provider, model).tokens(token_type, count);
     }
 
-    /// Observes the time to the first delta of a provider call.
+    /// Observes the time to the first delta of a provider call ([`LlmSeries::ttft`]).
     pub fn observe_ttft(&self, provider: &str, model: &str, elapsed: Duration) {
-        self.llm_ttft
-            .with_label_values(&[provider, model])
-            .observe(elapsed.as_secs_f64());
+        self.llm(provider, model).ttft(elapsed);
     }
 
     /// Counts one hand-over in the fallback chain.
@@ -349,16 +501,40 @@ impl Metrics {
             .set(1);
     }
 
-    pub(crate) fn grpc_call_started(&self, method: &str) {
-        self.grpc_in_flight.with_label_values(&[method]).inc();
+    /// The gRPC series of `method` (a full path, or `unknown`).
+    pub(crate) fn grpc(&self, method: &str) -> Arc<GrpcSeries> {
+        self.grpc_series.get(method, "", || GrpcSeries {
+            method: method.to_owned(),
+            in_flight: OnceLock::new(),
+            ok: OnceLock::new(),
+            duration: OnceLock::new(),
+        })
     }
 
-    pub(crate) fn grpc_call_finished(&self, method: &str, code: &str, elapsed: Duration) {
-        self.grpc_requests.with_label_values(&[method, code]).inc();
-        self.grpc_duration
-            .with_label_values(&[method])
+    pub(crate) fn grpc_call_started(&self, series: &GrpcSeries) {
+        series
+            .in_flight
+            .get_or_init(|| self.grpc_in_flight.with_label_values(&[&series.method]))
+            .inc();
+    }
+
+    pub(crate) fn grpc_call_finished(&self, series: &GrpcSeries, code: &str, elapsed: Duration) {
+        let method = series.method.as_str();
+        match code {
+            "OK" => series
+                .ok
+                .get_or_init(|| self.grpc_requests.with_label_values(&[method, code]))
+                .inc(),
+            _ => self.grpc_requests.with_label_values(&[method, code]).inc(),
+        }
+        series
+            .duration
+            .get_or_init(|| self.grpc_duration.with_label_values(&[method]))
             .observe(elapsed.as_secs_f64());
-        self.grpc_in_flight.with_label_values(&[method]).dec();
+        series
+            .in_flight
+            .get_or_init(|| self.grpc_in_flight.with_label_values(&[method]))
+            .dec();
     }
 }
 
@@ -435,8 +611,8 @@ mod tests {
     #[test]
     fn render_lists_every_metric_with_help_and_type() {
         let m = Metrics::new().unwrap();
-        m.grpc_call_started("/x/A");
-        m.grpc_call_finished("/x/A", "OK", Duration::from_millis(20));
+        m.grpc_call_started(&m.grpc("/x/A"));
+        m.grpc_call_finished(&m.grpc("/x/A"), "OK", Duration::from_millis(20));
         m.stream_message_sent("/x/A");
         m.stream_message_received("/x/A");
         m.record_llm_request("openai", "gpt", LlmStatus::Success, Duration::from_secs(3));
@@ -523,7 +699,7 @@ mod tests {
     #[test]
     fn buckets_match_the_protocol() {
         let m = Metrics::new().unwrap();
-        m.grpc_call_finished("/x/A", "OK", Duration::ZERO);
+        m.grpc_call_finished(&m.grpc("/x/A"), "OK", Duration::ZERO);
         m.record_llm_request("p", "m", LlmStatus::Error, Duration::ZERO);
         let bounds = |name: &str| -> Vec<f64> {
             let families = m.registry().gather();
@@ -588,5 +764,107 @@ mod tests {
             ),
             Some(1.0)
         );
+    }
+
+    #[test]
+    fn kept_series_count_like_fresh_ones_and_add_no_zero_series() {
+        let m = Metrics::new().unwrap();
+        let s = m.llm("p", "m");
+        assert!(Arc::ptr_eq(&s, &m.llm("p", "m")), "the label set is kept");
+        assert!(!Arc::ptr_eq(&s, &m.llm("p", "m2")));
+        s.request(LlmStatus::Success, Duration::from_secs(1));
+        m.llm("p", "m")
+            .request(LlmStatus::Success, Duration::from_secs(1));
+        m.clone().llm("p", "m").tokens("prompt", 5);
+        s.tokens("prompt", 2);
+        s.ttft(Duration::from_millis(30));
+        let text = m.render();
+        let p = r#"model="m",provider="p""#;
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"chatcli_llm_requests_total{{{p},status="success"}}"#)
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"chatcli_llm_tokens_used_total{{{p},type="prompt"}}"#)
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"chatcli_llm_request_duration_seconds_count{{{p}}}"#)
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"chatcli_llm_time_to_first_token_seconds_count{{{p}}}"#)
+            ),
+            Some(1.0)
+        );
+        // Nothing that did not happen: no error, completion-token or other model's series.
+        for absent in [r#"status="error""#, r#"type="completion""#, r#"model="m2""#] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+
+        let g = m.grpc("/x/A");
+        assert!(Arc::ptr_eq(&g, &m.grpc("/x/A")));
+        m.grpc_call_started(&g);
+        assert_eq!(
+            sample(
+                &m.render(),
+                r#"chatcli_grpc_in_flight_requests{method="/x/A"}"#
+            ),
+            Some(1.0)
+        );
+        m.grpc_call_finished(&g, "NotFound", Duration::ZERO);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, r#"chatcli_grpc_in_flight_requests{method="/x/A"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_grpc_requests_total{code="NotFound",method="/x/A"}"#
+            ),
+            Some(1.0)
+        );
+        assert!(!text.contains(r#"code="OK""#), "{text}");
+    }
+
+    #[test]
+    fn label_sets_past_the_cache_bound_are_still_counted() {
+        let m = Metrics::new().unwrap();
+        let n = SERIES_CACHE_MAX + 5;
+        for i in 0..n {
+            m.llm("p", &format!("m{i}"))
+                .request(LlmStatus::Success, Duration::ZERO);
+        }
+        let last = format!("m{}", n - 1);
+        assert!(
+            !Arc::ptr_eq(&m.llm("p", &last), &m.llm("p", &last)),
+            "not kept"
+        );
+        m.llm("p", &last)
+            .request(LlmStatus::Success, Duration::ZERO);
+        let text = m.render();
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    r#"chatcli_llm_requests_total{{model="{last}",provider="p",status="success"}}"#
+                )
+            ),
+            Some(2.0)
+        );
+        let kept = m.llm_series.inner.read().unwrap().0;
+        assert_eq!(kept, SERIES_CACHE_MAX);
     }
 }
