@@ -429,25 +429,25 @@ impl Completion<'_> {
         let text = choice.message.content.len();
         let mut buf = Vec::with_capacity(text + text / 8 + 384);
         buf.extend_from_slice(b"{\"id\":");
-        json_value(&mut buf, self.id);
+        json_str(&mut buf, self.id);
         buf.extend_from_slice(b",\"object\":");
-        json_value(&mut buf, self.object);
+        json_str(&mut buf, self.object);
         buf.extend_from_slice(b",\"created\":");
         json_value(&mut buf, &self.created);
         buf.extend_from_slice(b",\"model\":");
-        json_value(&mut buf, self.model);
+        json_str(&mut buf, self.model);
         buf.extend_from_slice(b",\"system_fingerprint\":");
         json_value(&mut buf, &self.system_fingerprint);
         buf.extend_from_slice(b",\"choices\":[{\"index\":");
         json_value(&mut buf, &choice.index);
         buf.extend_from_slice(b",\"message\":{\"role\":");
-        json_value(&mut buf, choice.message.role);
+        json_str(&mut buf, choice.message.role);
         buf.extend_from_slice(b",\"content\":");
-        json_value(&mut buf, choice.message.content);
+        json_str(&mut buf, choice.message.content);
         buf.extend_from_slice(b",\"refusal\":");
         json_value(&mut buf, &choice.message.refusal);
         buf.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":");
-        json_value(&mut buf, choice.finish_reason);
+        json_str(&mut buf, choice.finish_reason);
         buf.extend_from_slice(b"}],\"usage\":");
         json_value(&mut buf, &self.usage);
         buf.push(b'}');
@@ -528,18 +528,18 @@ impl ChunkFrames {
         buf.push(b'{');
         if let Some(role) = delta.role {
             buf.extend_from_slice(b"\"role\":");
-            json_value(&mut buf, role);
+            json_str(&mut buf, role);
             if delta.content.is_some() {
                 buf.push(b',');
             }
         }
         if let Some(content) = delta.content {
             buf.extend_from_slice(b"\"content\":");
-            json_value(&mut buf, content);
+            json_str(&mut buf, content);
         }
         buf.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":");
         match finish {
-            Some(f) => json_value(&mut buf, f),
+            Some(f) => json_str(&mut buf, f),
             None => buf.extend_from_slice(b"null"),
         }
         buf.extend_from_slice(self.tail);
@@ -559,6 +559,25 @@ impl ChunkFrames {
             usage: Some(usage).filter(|_| self.include_usage),
         })
     }
+}
+
+/// A string as serde_json writes it: between quotes as it is when nothing in it needs escaping
+/// (nearly every text), else escaped by serde_json. The check reads 16 bytes at a time, where
+/// serde_json's writer looks each byte up in its escape table.
+fn json_str(buf: &mut Vec<u8>, s: &str) {
+    let needs_escape = s.as_bytes().chunks(16).any(|c| {
+        c.iter().fold(false, |any, &b| {
+            any | (b < 0x20) | (b == b'"') | (b == b'\\')
+        })
+    });
+    if needs_escape {
+        json_value(buf, s);
+        return;
+    }
+    buf.reserve(s.len() + 2);
+    buf.push(b'"');
+    buf.extend_from_slice(s.as_bytes());
+    buf.push(b'"');
 }
 
 /// A small value (a number, `null`, a string, our usage) as serde_json writes it (strings escaped
@@ -791,6 +810,27 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn strings_are_the_bytes_serde_json_writes() {
+        let long = "a".repeat(40);
+        let mut cases: Vec<String> = ["", "plain", "é ✓ 𝄞 \u{2028} del \u{7f}", "tok0 tok1 "]
+            .map(String::from)
+            .to_vec();
+        // Each character serde_json escapes, at every position of a 16-byte window and past it.
+        for special in ['"', '\\', '\n', '\u{0}', '\u{1f}'] {
+            for at in [0, 1, 15, 16, 17, 31, 39] {
+                let mut t = long.clone();
+                t.replace_range(at..at + 1, &special.to_string());
+                cases.push(t);
+            }
+        }
+        for t in cases {
+            let mut buf = Vec::new();
+            json_str(&mut buf, &t);
+            assert_eq!(buf, serde_json::to_vec(&t).unwrap(), "{t:?}");
         }
     }
 
