@@ -84,6 +84,9 @@ impl ConnInfo {
 #[derive(Debug, Default)]
 pub struct AuditNotes {
     inner: Mutex<Notes>,
+    /// An audit record will be written: without one, notes are not taken (each costs a lock and
+    /// copies of its strings).
+    kept: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -118,26 +121,39 @@ pub struct CallContext {
 }
 
 impl AuditNotes {
+    /// Notes for a call that gets an audit record when `kept`.
+    fn new(kept: bool) -> Self {
+        Self {
+            inner: Mutex::default(),
+            kept,
+        }
+    }
     fn with<R>(&self, f: impl FnOnce(&mut Notes) -> R) -> R {
         f(&mut self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
+    /// Takes a note, when the call will have an audit record.
+    fn note(&self, f: impl FnOnce(&mut Notes)) {
+        if self.kept {
+            self.with(f);
+        }
+    }
     /// The session, plugin or agent the call is about.
     pub fn resource(&self, r: &str) {
-        self.with(|n| n.resource = r.to_string());
+        self.note(|n| n.resource = r.to_string());
     }
     /// The provider and model that answered.
     pub fn answered_by(&self, provider: &str, model: &str) {
-        self.with(|n| {
+        self.note(|n| {
             n.provider = Some(provider.to_string());
             n.model = Some(model.to_string());
         });
     }
     /// The call was refused by RBAC.
     pub fn denied(&self) {
-        self.with(|n| n.denied = true);
+        self.note(|n| n.denied = true);
     }
 }
 
@@ -206,7 +222,7 @@ impl Pipeline {
             (Some(_), false) => format!("{} {}", req.method(), req.uri().path()),
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
-        let notes = Arc::new(AuditNotes::default());
+        let notes = Arc::new(AuditNotes::new(sides.state.audit.is_some()));
         let (mut parts, body) = req.into_parts();
         if is_grpc {
             parts
@@ -243,7 +259,11 @@ impl Pipeline {
                 .serve(req, |req| admit(&sides.state, req, false))
                 .await
         };
-        resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+        // Never indexed by HTTP/2's header compression: each call's id is new, so adding it to the
+        // connection's table would only push out entries that repeat (and cost the insertion).
+        let mut id_out = request_id.clone();
+        id_out.set_sensitive(true);
+        resp.headers_mut().insert(REQUEST_ID, id_out);
         let Some(audit) = sides.state.audit.clone() else {
             return Ok(resp);
         };
@@ -371,19 +391,19 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
                 state.auth_failures.record_failure(ip);
             }
             tracing::warn!(peer = ?ip, path = req.uri().path(), reason = %e, "authentication failed");
-            notes.with(|n| {
+            notes.note(|n| {
                 n.auth_failed = true;
                 n.refusal = Some(format!("authentication failed: {e}"));
             });
             return Err(Refusal::Unauthenticated);
         }
     };
-    notes.with(|n| n.principal = Some(principal.clone()));
+    notes.note(|n| n.principal = Some(principal.clone()));
     let key = conn.limit_key(&principal);
     if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
-        notes.with(|n| {
+        notes.note(|n| {
             n.denied = true;
             n.refusal = Some(format!("rate limit exceeded, retry after {secs} seconds"));
         });
