@@ -157,6 +157,10 @@ impl AuditNotes {
     }
 }
 
+/// The notes of calls without an audit record: they take none, so all such calls share them.
+static UNKEPT_NOTES: std::sync::LazyLock<Arc<AuditNotes>> =
+    std::sync::LazyLock::new(|| Arc::new(AuditNotes::new(false)));
+
 /// The per-request pipeline (cloned per connection and call: one reference count).
 #[derive(Clone)]
 pub struct Pipeline(Arc<Sides>);
@@ -221,17 +225,16 @@ impl Pipeline {
             (Some(_), true) => req.uri().path().to_string(),
             (Some(_), false) => format!("{} {}", req.method(), req.uri().path()),
         };
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        let notes = Arc::new(AuditNotes::new(sides.state.audit.is_some()));
+        // Without an audit record, nothing is counted or noted: every call shares one set of
+        // notes that takes none.
+        let (bytes_in, notes) = match sides.state.audit {
+            Some(_) => (
+                Some(Arc::new(AtomicU64::new(0))),
+                Arc::new(AuditNotes::new(true)),
+            ),
+            None => (None, UNKEPT_NOTES.clone()),
+        };
         let (mut parts, body) = req.into_parts();
-        if is_grpc {
-            parts
-                .extensions
-                .insert(tonic::transport::server::TcpConnectInfo {
-                    local_addr: conn.local,
-                    remote_addr: Some(conn.remote),
-                });
-        }
         parts.extensions.insert(CallContext {
             prepared: sides.state.prepared(),
             conn: conn.clone(),
@@ -241,10 +244,10 @@ impl Pipeline {
             limit_key: None,
         });
         // Only the audit record reports the bytes read.
-        let body = match sides.state.audit {
-            Some(_) => Body::new(Counting {
+        let body = match &bytes_in {
+            Some(count) => Body::new(Counting {
                 inner: Box::pin(body),
-                count: bytes_in.clone(),
+                count: count.clone(),
             }),
             None => Body::new(body),
         };
@@ -280,7 +283,7 @@ impl Pipeline {
             http_status: parts.status,
             header_status: status_of(&parts.headers),
             header_message: parts.headers.get("grpc-message").cloned(),
-            bytes_in,
+            bytes_in: bytes_in.unwrap_or_default(),
             bytes_out: 0,
             notes,
             done: false,
