@@ -214,7 +214,7 @@ pub async fn start(
                 Some(Ok(delta)) => {
                     cooldowns.succeed(&name);
                     if let Some(m) = metrics {
-                        m.observe_ttft(&name, &c.model, started.elapsed());
+                        m.llm(&name, &c.model).ttft(started.elapsed());
                     }
                     let rest = futures::stream::once(async move { Ok(delta) }).chain(stream);
                     return Ok(Answer {

@@ -27,7 +27,7 @@ const TTFT_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 pub enum LlmStatus {
     /// The provider answered.
     Success,
-    /// The call failed (also count it with [`Metrics::record_llm_error`]).
+    /// The call failed (also count it with [`LlmSeries::error`]).
     Error,
 }
 
@@ -446,32 +446,6 @@ impl Metrics {
         })
     }
 
-    /// Records one finished provider call and its duration ([`LlmSeries::request`]).
-    pub fn record_llm_request(
-        &self,
-        provider: &str,
-        model: &str,
-        status: LlmStatus,
-        elapsed: Duration,
-    ) {
-        self.llm(provider, model).request(status, elapsed);
-    }
-
-    /// Counts one failed provider call by its kind ([`LlmSeries::error`]).
-    pub fn record_llm_error(&self, provider: &str, model: &str, error_type: LlmErrorType) {
-        self.llm(provider, model).error(error_type);
-    }
-
-    /// Adds `count` tokens of `token_type` ([`LlmSeries::tokens`]).
-    pub fn add_llm_tokens(&self, provider: &str, model: &str, token_type: &str, count: u64) {
-        self.llm(provider, model).tokens(token_type, count);
-    }
-
-    /// Observes the time to the first delta of a provider call ([`LlmSeries::ttft`]).
-    pub fn observe_ttft(&self, provider: &str, model: &str, elapsed: Duration) {
-        self.llm(provider, model).ttft(elapsed);
-    }
-
     /// Counts one hand-over in the fallback chain.
     pub fn record_fallback(&self, from: &str, to: &str, reason: &str) {
         self.llm_fallback
@@ -616,9 +590,10 @@ mod tests {
         m.grpc_call_finished(&m.grpc("/x/A"), "OK", Duration::from_millis(20));
         m.stream_message_sent("/x/A");
         m.stream_message_received("/x/A");
-        m.record_llm_request("openai", "gpt", LlmStatus::Success, Duration::from_secs(3));
-        m.record_llm_error("openai", "gpt", LlmErrorType::RateLimit);
-        m.add_llm_tokens("openai", "gpt", "prompt", 7);
+        m.llm("openai", "gpt")
+            .request(LlmStatus::Success, Duration::from_secs(3));
+        m.llm("openai", "gpt").error(LlmErrorType::RateLimit);
+        m.llm("openai", "gpt").tokens("prompt", 7);
         let session = m.session_started();
         m.session_operation(SessionOperation::Save);
         m.set_server_info("1.2.3", "openai", "gpt");
@@ -701,7 +676,7 @@ mod tests {
     fn buckets_match_the_protocol() {
         let m = Metrics::new().unwrap();
         m.grpc_call_finished(&m.grpc("/x/A"), "OK", Duration::ZERO);
-        m.record_llm_request("p", "m", LlmStatus::Error, Duration::ZERO);
+        m.llm("p", "m").request(LlmStatus::Error, Duration::ZERO);
         let bounds = |name: &str| -> Vec<f64> {
             let families = m.registry().gather();
             let family = families.iter().find(|f| f.name() == name).unwrap();
