@@ -963,16 +963,19 @@ async fn bad_input_is_refused_with_a_named_problem_and_nothing_goes_upstream() {
     assert!(body.contains("primary/gpt-test"), "{body}");
 
     // A body declared larger than the cap is refused before it is sent.
-    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let mut conn = BufReader::new(tcp);
-    let (code, body) = round_trip(
-        &mut conn,
-        &format!(
-            "POST /request HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            9 * 1024 * 1024
-        ),
-    )
-    .await;
+    let oversized = |path: &'static str| async move {
+        let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let mut conn = BufReader::new(tcp);
+        round_trip(
+            &mut conn,
+            &format!(
+                "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                9 * 1024 * 1024
+            ),
+        )
+        .await
+    };
+    let (code, body) = oversized("/request").await;
     assert_eq!(code, 413, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["code"], "request_too_large", "{v}");
@@ -980,16 +983,7 @@ async fn bad_input_is_refused_with_a_named_problem_and_nothing_goes_upstream() {
 
     // The chat route, which the server calls without its router, keeps the router's answers: the
     // body cap, and 405 for another method.
-    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let mut conn = BufReader::new(tcp);
-    let (code, body) = round_trip(
-        &mut conn,
-        &format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            9 * 1024 * 1024
-        ),
-    )
-    .await;
+    let (code, body) = oversized("/v1/chat/completions").await;
     assert_eq!(code, 413, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "request_too_large", "{v}");
