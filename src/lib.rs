@@ -4,6 +4,7 @@
 //! `src/main.rs` only wires this library: parse the command line, load the config, start tracing,
 //! bind the listeners and call [`server::run`].
 
+pub mod alloc;
 pub mod auth;
 pub mod catalog;
 pub mod cli;

@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: a proxied call makes dozens of short-lived allocations
 /// (headers, JSON, buffers), and glibc's malloc (musl's even more, in the static image) was a fifth
-/// of the daemon's CPU time per call in the benchmark profile (BENCHMARKS.md).
+/// of the daemon's CPU time per call in the benchmark profile (BENCHMARKS.md). [`chatcli::alloc`]
+/// asks it for plain blocks where the alignment allows.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: chatcli::alloc::Allocator = chatcli::alloc::Allocator;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
