@@ -4,7 +4,9 @@
 //! grace period, then aborts what is left.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::Request;
@@ -15,7 +17,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::AppState;
 use super::pipeline::{ConnInfo, Pipeline};
@@ -41,7 +43,8 @@ pub async fn serve(
         }
     };
     let local = listener.local_addr().ok();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Cancelled once the listener is closed: every connection then finishes its calls and closes.
+    let drain = CancellationToken::new();
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -59,7 +62,7 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let pipeline = pipeline.clone();
                 let tls = state.tls.clone();
-                let watcher = graceful.watcher();
+                let drain = drain.clone();
                 conns.spawn(async move {
                     let mut info = ConnInfo {
                         local,
@@ -69,7 +72,7 @@ pub async fn serve(
                         anonymous_key: Default::default(),
                     };
                     match tls {
-                        None => serve_conn(stream, info, pipeline, limits, watcher).await,
+                        None => serve_conn(stream, info, pipeline, limits, drain).await,
                         Some(acceptor) => {
                             let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
@@ -87,7 +90,7 @@ pub async fn serve(
                                 info.client_identity = chain.first().and_then(super::tls::peer_identity);
                                 info.peer_certs = Some(PeerCertificates(Arc::new(chain)));
                             }
-                            serve_conn(tls_stream, info, pipeline, limits, watcher).await
+                            serve_conn(tls_stream, info, pipeline, limits, drain).await
                         }
                     }
                 });
@@ -97,7 +100,8 @@ pub async fn serve(
     drop(listener);
     tracing::info!(in_flight_connections = conns.len(), grace = ?grace, "draining");
     on_drain.await;
-    let drained = tokio::time::timeout(grace, graceful.shutdown())
+    drain.cancel();
+    let drained = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
         .await
         .is_ok();
     if !drained {
@@ -123,7 +127,7 @@ async fn serve_conn<S>(
     info: ConnInfo,
     pipeline: Pipeline,
     limits: ConnLimits,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -142,7 +146,64 @@ async fn serve_conn<S>(
     let conn = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
         .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    if let Err(e) = Draining::new(conn, drain, |c| c.graceful_shutdown()).await {
         tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// A connection that starts its graceful shutdown (HTTP/1: close once the call in flight is
+/// answered; HTTP/2: GOAWAY) on its first poll after `drain` is cancelled.
+///
+/// hyper-util's `graceful::Watcher` does the same but polls a watch channel at every poll of the
+/// connection, i.e. at every read and write: about 700 instructions per proxied call
+/// (BENCHMARKS.md, step 28). Here the cancellation future is polled only to register the task's
+/// waker (again only if the waker changes); every other poll reads the token's flag.
+struct Draining<C, F> {
+    conn: Pin<Box<C>>,
+    /// Starts the connection's graceful shutdown.
+    shut_down: F,
+    drain: CancellationToken,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker the cancellation future holds.
+    registered: Option<Waker>,
+    shutting_down: bool,
+}
+
+impl<C, F: FnMut(Pin<&mut C>)> Draining<C, F> {
+    fn new(conn: C, drain: CancellationToken, shut_down: F) -> Self {
+        Draining {
+            conn: Box::pin(conn),
+            shut_down,
+            cancelled: Box::pin(drain.clone().cancelled_owned()),
+            drain,
+            registered: None,
+            shutting_down: false,
+        }
+    }
+}
+
+impl<C: Future, F: FnMut(Pin<&mut C>) + Unpin> Future for Draining<C, F> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if !this.shutting_down {
+            let current = this
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+            let cancelled = match current {
+                true => this.drain.is_cancelled(),
+                false => {
+                    this.registered = Some(cx.waker().clone());
+                    this.cancelled.as_mut().poll(cx).is_ready()
+                }
+            };
+            if cancelled {
+                this.shutting_down = true;
+                (this.shut_down)(this.conn.as_mut());
+            }
+        }
+        this.conn.as_mut().poll(cx)
     }
 }

@@ -44,6 +44,14 @@ fn request_id_of(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(fresh_request_id)
 }
 
+/// A request id from [`request_id_of`] as a `String` (it is ASCII, so the UTF-8 check passes).
+pub(crate) fn request_id_string(id: &HeaderValue) -> String {
+    match std::str::from_utf8(id.as_bytes()) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(id.as_bytes()).into_owned(),
+    }
+}
+
 /// A fresh request id: a UUID v4, hyphenated.
 fn fresh_request_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -270,8 +278,7 @@ impl Pipeline {
         let Some(audit) = sides.state.audit.clone() else {
             return Ok(resp);
         };
-        // Printable ASCII (checked by `request_id_of`), or a UUID.
-        let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
+        let request_id = request_id_string(&request_id);
         let (parts, body) = resp.into_parts();
         let pending = PendingAudit {
             audit,
@@ -687,7 +694,7 @@ mod tests {
         if let Some(v) = given {
             headers.insert(REQUEST_ID, HeaderValue::from_static(v));
         }
-        request_id_of(&headers).to_str().unwrap().to_string()
+        request_id_string(&request_id_of(&headers))
     }
 
     #[test]

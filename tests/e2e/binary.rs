@@ -229,6 +229,50 @@ async fn sigterm_drains_a_streaming_call() {
     assert_eq!(status.code(), Some(0), "stderr:\n{}", server.stderr());
 }
 
+/// Idle keep-alive connections (HTTP/1 and an HTTP/2 gRPC channel) are closed as soon as the drain
+/// starts, so the daemon exits at once instead of waiting out the grace period for them.
+#[tokio::test]
+async fn sigterm_closes_idle_connections_at_once() {
+    use std::io::{Read as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let config = slow_echo_config(dir.path(), "0ms");
+    let mut server = BinaryServer::start(&config, &["--shutdown-grace", "60s"]);
+    // An HTTP/1.1 connection that has been answered once and stays open.
+    let mut h1 = std::net::TcpStream::connect(server.addr).unwrap();
+    h1.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    h1.write_all(b"GET /health HTTP/1.1\r\nhost: chatcli\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    h1.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // A gRPC channel that has made a call and stays open.
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    client.health(HealthRequest {}).await.unwrap();
+
+    let sent = std::time::Instant::now();
+    server.terminate();
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "still running 20s after SIGTERM with idle connections open (grace 60s); stderr:\n{}",
+                server.stderr()
+            )
+        });
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", server.stderr());
+    assert!(
+        !server.stderr().contains("grace period over"),
+        "the idle connections were only closed by the grace period ({:?}); stderr:\n{}",
+        sent.elapsed(),
+        server.stderr()
+    );
+    // The HTTP/1 connection was closed by the server: the rest of the answer, then EOF.
+    let mut rest = Vec::new();
+    h1.read_to_end(&mut rest).unwrap();
+    drop(client);
+}
+
 #[tokio::test]
 async fn sigterm_exits_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();

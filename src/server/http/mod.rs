@@ -276,8 +276,7 @@ impl Caller {
                 ));
             }
         };
-        // Checked by the pipeline: printable ASCII, or a UUID.
-        let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
+        let request_id = super::pipeline::request_id_string(&request_id);
         let limit_key = limit_key.unwrap_or_else(|| principal.limit_key(None));
         Ok(Self {
             principal,
