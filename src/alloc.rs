@@ -1,6 +1,6 @@
 //! The daemon's global allocator: mimalloc, asked for a plain block whenever the alignment allows.
 //!
-//! The `mimalloc` crate's allocator passes every request to `mi_malloc_aligned`, whose fast path
+//! The `mimalloc` crate's allocator (used before) passes every request to `mi_malloc_aligned`, whose fast path
 //! only serves blocks up to 1 KiB; anything larger (hyper's buffers, the boxed futures of a call)
 //! took mimalloc's generic aligned path, and when the size was not a power of two its
 //! over-allocating fallback. mimalloc's plain `mi_malloc` aligns every block to 16 bytes

@@ -155,7 +155,7 @@ async fn serve_conn<S>(
 /// answered; HTTP/2: GOAWAY) on its first poll after `drain` is cancelled.
 ///
 /// hyper-util's `graceful::Watcher` does the same but polls a watch channel at every poll of the
-/// connection, i.e. at every read and write: about 700 instructions per proxied call
+/// connection, i.e. at every read and write: about 600 instructions per proxied call
 /// (BENCHMARKS.md, step 28). Here the cancellation future is polled only to register the task's
 /// waker (again only if the waker changes); every other poll reads the token's flag.
 struct Draining<C, F> {
