@@ -559,15 +559,21 @@ impl ChatCliService for ChatCliGrpc {
             stream,
         } = answer;
         let mut upstream = crate::llm::chunker::coalesce(stream, STREAM_CHUNK_TARGET);
+        // Looked up when the first message goes out, then kept for the stream.
+        let mut sent: Option<prometheus::IntCounter> = None;
+        let mut count_sent = move || {
+            if let Some(m) = &metrics {
+                sent.get_or_insert_with(|| m.stream_messages_sent(method))
+                    .inc();
+            }
+        };
         let out = async_stream::stream! {
             let _slot = slot;
             while let Some(item) = upstream.next().await {
                 match item {
                     Ok(Delta::Text(chunk)) if chunk.is_empty() => {}
                     Ok(Delta::Text(chunk)) => {
-                        if let Some(m) = &metrics {
-                            m.stream_message_sent(method);
-                        }
+                        count_sent();
                         yield Ok(StreamPromptResponse { chunk, done: false, model: model.clone(), provider: provider.clone() });
                     }
                     Ok(_) => {}
@@ -577,9 +583,7 @@ impl ChatCliService for ChatCliGrpc {
                     }
                 }
             }
-            if let Some(m) = &metrics {
-                m.stream_message_sent(method);
-            }
+            count_sent();
             yield Ok(StreamPromptResponse { chunk: String::new(), done: true, model, provider });
         };
         Ok(Response::new(Box::pin(out)))

@@ -128,7 +128,7 @@ const SERIES_CACHE_MAX: usize = 1024;
 /// Series handles kept per label set. Looking a series up (`with_label_values`) hashes every label
 /// and takes the vector's lock, on every call; a call looks its label set up here once instead.
 /// The handles themselves are made on first use, so a cached label set adds no zero series.
-struct SeriesCache<V> {
+pub(crate) struct SeriesCache<V> {
     /// How many label sets are kept, and the sets by first and second label.
     inner: RwLock<(usize, LabelMap<LabelMap<Arc<V>>>)>,
 }
@@ -148,7 +148,7 @@ impl<V> Default for SeriesCache<V> {
 
 impl<V> SeriesCache<V> {
     /// The kept handles of `(a, b)`, else new ones from `make`, kept while there is room.
-    fn get(&self, a: &str, b: &str, make: impl FnOnce() -> V) -> Arc<V> {
+    pub(crate) fn get(&self, a: &str, b: &str, make: impl FnOnce() -> V) -> Arc<V> {
         let kept = |map: &LabelMap<LabelMap<Arc<V>>>| map.get(a).and_then(|m| m.get(b)).cloned();
         if let Some(v) = kept(&self.inner.read().unwrap_or_else(PoisonError::into_inner).1) {
             return v;
@@ -419,6 +419,13 @@ impl Metrics {
     /// Counts one message sent on the stream of `method` (a full gRPC path).
     pub fn stream_message_sent(&self, method: &str) {
         self.grpc_messages_sent.with_label_values(&[method]).inc();
+    }
+
+    /// The counter of messages sent on the streams of `method`, for a stream that sends many: one
+    /// lookup instead of one per message. Take it when the first message goes out, so a stream
+    /// that sends none adds no zero series.
+    pub fn stream_messages_sent(&self, method: &str) -> IntCounter {
+        self.grpc_messages_sent.with_label_values(&[method])
     }
 
     /// Counts one message received on the stream of `method` (a full gRPC path).

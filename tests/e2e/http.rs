@@ -4,7 +4,10 @@ use chatcli::proto::{SaveSessionRequest, SendPromptRequest};
 use reqwest::StatusCode;
 use tonic::Code;
 
-use crate::support::{TestServer, echo_config, echo_config_with_delay, eventually, http_client};
+use crate::support::{
+    TestServer, collect_stream, echo_config, echo_config_with_delay, eventually, http_client,
+    stream_request,
+};
 
 #[tokio::test]
 async fn http_health_on_the_grpc_port() {
@@ -42,12 +45,28 @@ async fn metrics_count_calls_and_probes_answer() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // Two streams, so the kept counter of messages sent is counted into again.
+    let mut messages = 0;
+    for prompt in ["one two three", "four five"] {
+        let mut stream = s
+            .client
+            .stream_prompt(stream_request(prompt))
+            .await
+            .unwrap()
+            .into_inner();
+        messages += collect_stream(&mut stream).await.len();
+    }
+    assert!(messages >= 4, "{messages} messages");
 
     let http = http_client();
     let url = s.metrics_url("/metrics");
+    let sent = format!(
+        r#"chatcli_grpc_stream_messages_sent_total{{method="/chatcli.v1.ChatCLIService/StreamPrompt"}} {messages}"#
+    );
     let wanted = [
         r#"chatcli_grpc_requests_total{code="OK",method="/chatcli.v1.ChatCLIService/SendPrompt"} 1"#,
         r#"chatcli_grpc_requests_total{code="InvalidArgument",method="/chatcli.v1.ChatCLIService/SaveSession"} 1"#,
+        sent.as_str(),
     ];
     // A call is counted when the server finishes its response, which can be just after the client
     // has read it: poll until both show up.

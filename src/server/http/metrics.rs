@@ -5,6 +5,7 @@
 //! Calls refused by authentication or the rate limit are counted too (see `HttpApi::serve`).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -12,7 +13,11 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::Frame;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
+
+use crate::telemetry::metrics::SeriesCache;
 
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -23,6 +28,14 @@ const DURATION_BUCKETS: &[f64] = &[
 pub(super) struct HttpMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
+    /// The handles of each (route, status), looked up once per call instead of twice in the vectors.
+    series: Arc<SeriesCache<HttpSeries>>,
+}
+
+/// The series one call under a route with a status counts in.
+struct HttpSeries {
+    requests: IntCounter,
+    duration: Histogram,
 }
 
 impl HttpMetrics {
@@ -45,19 +58,23 @@ impl HttpMetrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
-        Ok(Self { requests, duration })
+        Ok(Self {
+            requests,
+            duration,
+            series: Arc::default(),
+        })
     }
 }
 
 impl HttpMetrics {
     /// Counts the call under `route` and the response's status when its body ends.
     pub(super) fn track(&self, route: &'static str, started: Instant, resp: Response) -> Response {
-        let record = Record {
-            metrics: self.clone(),
-            route,
-            status: resp.status(),
-            started,
-        };
+        let status = resp.status();
+        let series = self.series.get(route, status.as_str(), || HttpSeries {
+            requests: self.requests.with_label_values(&[route, status.as_str()]),
+            duration: self.duration.with_label_values(&[route]),
+        });
+        let record = Record { series, started };
         resp.map(|inner| {
             Body::new(Tracked {
                 inner,
@@ -68,21 +85,15 @@ impl HttpMetrics {
 }
 
 struct Record {
-    metrics: HttpMetrics,
-    route: &'static str,
-    status: http::StatusCode,
+    series: Arc<HttpSeries>,
     started: Instant,
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
-        self.metrics
-            .requests
-            .with_label_values(&[self.route, self.status.as_str()])
-            .inc();
-        self.metrics
+        self.series.requests.inc();
+        self.series
             .duration
-            .with_label_values(&[self.route])
             .observe(self.started.elapsed().as_secs_f64());
     }
 }
