@@ -31,6 +31,9 @@ fi
 step "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+step "cargo doc --no-deps --locked, warnings denied (broken or private intra-doc links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
+
 step "cargo test --locked (unit, integration, end-to-end with the real binary and the Python peer)"
 cargo test --locked --all-targets
 cargo test --locked --doc

@@ -473,7 +473,7 @@ const DEBOUNCE: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Watches the config's directories and reloads on changes: a burst of events ends after
-/// [`DEBOUNCE`] of quiet, or [`MAX_DELAY`] after its first event, whichever comes first. The
+/// `DEBOUNCE` of quiet, or `MAX_DELAY` after its first event, whichever comes first. The
 /// returned guard stops watching when dropped. After each reload the set of directories is
 /// recomputed (a config that now points to a new key file gets that file's directory watched).
 pub fn watch(reloader: Arc<Reloader>) -> Result<WatchGuard, String> {

@@ -14,7 +14,8 @@ use crate::cli::ConnectArgs;
 /// How the address asked to be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
-    /// `host:port` or `dns:///host:port`: TLS or plaintext by the rules of [`TlsChoice`].
+    /// `host:port` or `dns:///host:port`: TLS as `--tls` says; without it, plaintext to loopback (or
+    /// anywhere when insecure is allowed) and TLS otherwise.
     Auto,
     /// `http://host:port`: plaintext (still only to loopback unless insecure is allowed).
     Http,

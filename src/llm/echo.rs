@@ -48,7 +48,7 @@ pub fn words(text: &str) -> Vec<String> {
 }
 
 impl EchoProvider {
-    /// The pieces echo streams for `text` (see [`words`]).
+    /// The pieces echo streams for `text` (see `words`).
     pub fn words_of(text: &str) -> Vec<String> {
         words(text)
     }
