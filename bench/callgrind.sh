@@ -16,6 +16,7 @@
 #   stream-64    streamed call, 64 deltas 1 ms apart (about one delta per read)
 #   burst-64     streamed call, 64 deltas at once (many deltas per read)
 #   grpc-unary   gRPC SendPrompt, zero-delay mock (loadgen -c4 instead of wrk)
+#   grpc-stream-1  gRPC StreamPrompt, one delta (loadgen --stream -c4)
 # Counters are zeroed after a 2 s warm-up; Ir per call = instructions / calls wrk completed.
 # Needs valgrind and wrk (Debian packages `valgrind`, `wrk`).
 # Environment: BENCH_PORT_BASE (default 18000): ports BASE+500.. are used.
@@ -142,3 +143,6 @@ SPEC="name=grpc,proto=grpc,url=http://127.0.0.1:$CC,model=m0"
 taskset -c 1 "$LOADGEN" run --target "$SPEC" --concurrency 4 --duration 2 --warmup 0 >/dev/null 2>&1 ||
     die "grpc-unary: the warm-up run failed"
 measure grpc-unary taskset -c 1 "$LOADGEN" run --target "$SPEC" --concurrency 4 --duration "$SECS" --warmup 0
+# gRPC StreamPrompt of one delta: each call a whole stream (its first message, then the closing one).
+SPEC="name=grpc,proto=grpc,url=http://127.0.0.1:$CC,model=m1"
+measure grpc-stream-1 taskset -c 1 "$LOADGEN" run --stream --target "$SPEC" --concurrency 4 --duration "$SECS" --warmup 0
