@@ -38,38 +38,43 @@ fn aligned(p: *mut c_void, align: usize) -> bool {
     (p as usize) & (align - 1) == 0
 }
 
+/// A new block for `layout` from `plain_call` (mimalloc's `mi_malloc` or `mi_zalloc`) when a plain block
+/// serves the alignment, else from `aligned_call` (their `_aligned` twins).
+///
+/// # Safety
+/// `plain_call` and `aligned_call` are mimalloc allocation functions of those shapes.
+#[inline]
+unsafe fn block(
+    layout: Layout,
+    plain_call: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: mimalloc's functions take any size and a power-of-two alignment (a `Layout`'s); a
+    // plain block that fails the check is freed before the aligned call replaces it.
+    unsafe {
+        if plain(align, size) {
+            let p = plain_call(size);
+            if aligned(p, align) {
+                return p.cast();
+            }
+            mi::mi_free(p);
+        }
+        aligned_call(size, align).cast()
+    }
+}
+
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: mimalloc's functions take any size and a power-of-two alignment (a `Layout`'s);
-        // a block that fails the check is freed before the aligned call replaces it.
-        unsafe {
-            if plain(align, size) {
-                let p = mi::mi_malloc(size);
-                if aligned(p, align) {
-                    return p.cast();
-                }
-                mi::mi_free(p);
-            }
-            mi::mi_malloc_aligned(size, align).cast()
-        }
+        // SAFETY: `mi_malloc` and `mi_malloc_aligned` are what `block` takes.
+        unsafe { block(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: as in `alloc`.
-        unsafe {
-            if plain(align, size) {
-                let p = mi::mi_zalloc(size);
-                if aligned(p, align) {
-                    return p.cast();
-                }
-                mi::mi_free(p);
-            }
-            mi::mi_zalloc_aligned(size, align).cast()
-        }
+        // SAFETY: `mi_zalloc` and `mi_zalloc_aligned` are what `block` takes.
+        unsafe { block(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]

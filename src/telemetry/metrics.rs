@@ -418,7 +418,7 @@ impl Metrics {
 
     /// Counts one message sent on the stream of `method` (a full gRPC path).
     pub fn stream_message_sent(&self, method: &str) {
-        self.grpc_messages_sent.with_label_values(&[method]).inc();
+        self.stream_messages_sent(method).inc();
     }
 
     /// The counter of messages sent on the streams of `method`, for a stream that sends many: one
