@@ -298,7 +298,7 @@ def report(d):
     if meta:
         w(f"Run `{meta.get('run_id')}`: {meta.get('cmdline')}; {meta.get('cpu')}, {meta.get('nproc')} cores, "
           f"{meta.get('mem')}; load average at start {meta.get('loadavg_start')}; "
-          f"chatcli {meta.get('chatcli_rev')}, LiteLLM {meta.get('litellm_version')}, nginx {meta.get('nginx_version')}.")
+          f"chatcli {meta.get('chatcli_rev')} ({meta.get('chatcli_build', 'release build')}), LiteLLM {meta.get('litellm_version')}, nginx {meta.get('nginx_version')}.")
         w("")
     noisy = [r for r in rows if (r.get("foreign_cores") or 0) > 0.25]
     # Ceiling

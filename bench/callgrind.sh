@@ -4,7 +4,8 @@
 # bench/run.sh; this counts only chatcli's own user-space instructions (no kernel, no wake-ups).
 #
 #   bench/callgrind.sh                      the release build in target/release
-#   bench/callgrind.sh --bin PATH           another build (e.g. a copy of an older release binary)
+#   bench/callgrind.sh --bin PATH           another build (e.g. a copy of an older release binary, or
+#                                           target/pgo/chatcli from scripts/build-pgo.sh)
 #   bench/callgrind.sh --secs 5             seconds of load per scenario (default 5)
 #   bench/callgrind.sh --keep DIR           keep the dumps (DIR/<scenario>.cg) for callgrind_annotate;
 #                                           build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only
@@ -31,7 +32,7 @@ while [[ $# -gt 0 ]]; do
         --bin) BIN=$2; shift ;;
         --secs) SECS=$2; shift ;;
         --keep) KEEP=$2; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "bench/callgrind.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift

@@ -11,6 +11,8 @@
 #                           uses the debug build the tests already made
 #
 # Options: --no-litellm (skip the LiteLLM baseline), --no-build (use the built binaries),
+#          --no-pgo (measure a plain release build of chatcli instead of the profile-guided one that
+#          scripts/build-pgo.sh makes, which full and quick runs measure by default),
 #          --debug (debug build instead of release: only for --smoke, numbers would be meaningless),
 #          --max-wait SECS (how long to wait for a quiet machine before each point, default 180),
 #          --quiet-max CORES (quiet = processes other than the harness's use less than this many
@@ -22,7 +24,7 @@
 # and the load client on core 1.
 set -euo pipefail
 
-QUICK=0 SMOKE=0 LITELLM=1 BUILD=1 MAXWAIT=180 QUIET_MAX=0.3 PROFILE=release
+QUICK=0 SMOKE=0 LITELLM=1 BUILD=1 PGO=1 MAXWAIT=180 QUIET_MAX=0.3 PROFILE=release
 CMDLINE="bench/run.sh $*"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -30,15 +32,16 @@ while [[ $# -gt 0 ]]; do
         --smoke) SMOKE=1 ;;
         --no-litellm) LITELLM=0 ;;
         --no-build) BUILD=0 ;;
+        --no-pgo) PGO=0 ;;
         --debug) PROFILE=debug ;;
         --max-wait) MAXWAIT=$2; shift ;;
         --quiet-max) QUIET_MAX=$2; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
 done
-[[ $SMOKE == 1 ]] && LITELLM=0
+[[ $SMOKE == 1 ]] && LITELLM=0 PGO=0
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
@@ -128,6 +131,13 @@ if [[ $BUILD == 1 ]]; then
         || die "the $PROFILE build failed"
 fi
 BIN=$ROOT/target/$PROFILE/chatcli
+if [[ $PGO == 1 ]]; then
+    if [[ $BUILD == 1 ]]; then
+        log "building chatcli with profile-guided optimization (scripts/build-pgo.sh)"
+        "$ROOT/scripts/build-pgo.sh" --out "$ROOT/target/pgo/chatcli" || die "the PGO build failed (--no-pgo measures a plain release build)"
+    fi
+    BIN=$ROOT/target/pgo/chatcli
+fi
 MOCK=$ROOT/target/$PROFILE/examples/mock_upstream
 LG=$ROOT/target/$PROFILE/examples/loadgen
 for b in "$BIN" "$MOCK" "$LG"; do [[ -x $b ]] || die "$b is missing (run without --no-build)"; done
@@ -343,17 +353,18 @@ def sh(c):
         return ""
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
-out, run_id, cmdline, litellm, root = sys.argv[1:6]
+out, run_id, cmdline, litellm, root, build = sys.argv[1:7]
 json.dump({
     "run_id": run_id, "cmdline": cmdline, "cpu": cpu, "nproc": os.cpu_count(),
     "mem": f"{int(mem) / 1024 / 1024:.1f} GiB", "loadavg_start": open("/proc/loadavg").read().split()[0],
     "kernel": sh("uname -r"), "chatcli_rev": sh(f"git -C {root} rev-parse --short HEAD") + (" (+ uncommitted changes)" if sh(f"git -C {root} status --porcelain -- src Cargo.toml Cargo.lock") else ""),
     "litellm_version": litellm, "nginx_version": sh("/usr/sbin/nginx -v 2>&1").replace("nginx version: ", ""),
-    "wrk": sh("wrk -v 2>&1 | head -1"), "rustc": sh("rustc --version"),
+    "wrk": sh("wrk -v 2>&1 | head -1"), "rustc": sh("rustc --version"), "chatcli_build": build,
 }, open(os.path.join(out, "meta.json"), "w"), indent=1)
 EOF
 }
-meta "$OUT" "$RUN_ID" "$CMDLINE" "$([[ $LITELLM == 1 ]] && echo "$LITELLM_VERSION" || echo "not run")" "$ROOT"
+meta "$OUT" "$RUN_ID" "$CMDLINE" "$([[ $LITELLM == 1 ]] && echo "$LITELLM_VERSION" || echo "not run")" "$ROOT" \
+    "$([[ $PGO == 1 ]] && echo "profile-guided release build (scripts/build-pgo.sh)" || echo "$PROFILE build")"
 
 # Memory at idle: every gateway started, one call answered, nothing in flight.
 sleep 2

@@ -41,6 +41,9 @@ cargo test --locked --doc
 step "benchmark harness smoke run: mock + chatcli, 600 calls and 6 streams, zero errors (bench/run.sh --smoke --debug)"
 bench/run.sh --smoke --debug
 
+step "profile-guided release build: instrumented build, training load, optimized build that must answer (scripts/build-pgo.sh --secs 2)"
+./scripts/build-pgo.sh --secs 2
+
 step "shipping artifacts: example configs, systemd units, offline image, Helm chart, flake (scripts/check-shipping.sh)"
 ./scripts/check-shipping.sh
 

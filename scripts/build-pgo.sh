@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Builds chatcli's release binary with profile-guided optimization (PGO): an instrumented build
+# serves a training load (the OpenAI-compatible HTTP route and gRPC, whole and streamed answers,
+# against the bench mock upstream), then the release build is compiled with the profile it
+# recorded. On the 2-core VM this takes about a quarter of the instructions off every proxied call
+# (BENCHMARKS.md, seventh round); the binary behaves exactly as a plain `cargo build --release`.
+#
+#   scripts/build-pgo.sh                  writes target/pgo/chatcli
+#   scripts/build-pgo.sh --out PATH       writes PATH instead
+#   scripts/build-pgo.sh --secs N         seconds of load per training scenario (default 3)
+#
+# Needs llvm-profdata of the LLVM version rustc is built with (`rustc -vV`): rustup's llvm-tools
+# component, or Debian's llvm-<major> package (installed with apt-get when missing and possible).
+# Environment: PGO_PORT_BASE (default 18600): ports BASE..BASE+3 are used by the training run.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=$ROOT/target/pgo/chatcli
+SECS=3
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --out) OUT=$2; shift ;;
+        --secs) SECS=$2; shift ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) echo "scripts/build-pgo.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+[[ $SECS =~ ^[1-9][0-9]*$ ]] || { echo "scripts/build-pgo.sh: --secs wants a whole number of seconds, got '$SECS'" >&2; exit 64; }
+
+log() { printf '[build-pgo %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'scripts/build-pgo.sh: %s\n' "$*" >&2; exit 1; }
+
+# --- llvm-profdata of rustc's LLVM ------------------------------------------------------------
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+LLVM=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+[[ -n $HOST && -n $LLVM ]] || die "cannot read the host triple and LLVM version from 'rustc -vV'"
+major_of() { "$1" --version 2>/dev/null | sed -n 's/.*LLVM version \([0-9]*\).*/\1/p' | head -1; }
+find_profdata() {
+    local c
+    for c in "$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata" \
+        "$(command -v "llvm-profdata-$LLVM" || true)" "/usr/lib/llvm-$LLVM/bin/llvm-profdata" \
+        "$(command -v llvm-profdata || true)"; do
+        [[ -n $c && -x $c && $(major_of "$c") == "$LLVM" ]] && { echo "$c"; return 0; }
+    done
+    return 1
+}
+if ! PROFDATA=$(find_profdata); then
+    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+        log "installing llvm-$LLVM (apt) for llvm-profdata"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "llvm-$LLVM"; } >/dev/null ||
+            die "apt-get install llvm-$LLVM failed; install llvm-profdata $LLVM (rustup component add llvm-tools, or Debian's llvm-$LLVM)"
+    fi
+    PROFDATA=$(find_profdata) ||
+        die "no llvm-profdata for LLVM $LLVM (rustc's); install it: rustup component add llvm-tools, or apt-get install llvm-$LLVM"
+fi
+log "llvm-profdata: $PROFDATA"
+
+TMP=$(mktemp -d /tmp/chatcli-pgo.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# --- the instrumented build and the tools of the training run ---------------------------------
+cd "$ROOT"
+log "cargo build --release --locked --example mock_upstream --example loadgen"
+cargo build --release --locked --example mock_upstream --example loadgen
+# `--target` keeps the flags off build scripts and proc macros (they would record profiles too).
+# The profiles' directory is fixed, so the flags are too and a rebuild reuses the dependencies.
+RAW=$ROOT/target/pgo/raw
+rm -rf "$RAW"
+log "instrumented build (target/pgo/gen)"
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$RAW" \
+    cargo build --release --locked --bin chatcli --target "$HOST" --target-dir target/pgo/gen
+GEN=$ROOT/target/pgo/gen/$HOST/release/chatcli
+MOCK=$ROOT/target/release/examples/mock_upstream
+LG=$ROOT/target/release/examples/loadgen
+
+# --- the training run -------------------------------------------------------------------------
+BASE=${PGO_PORT_BASE:-18600}
+CC=$BASE M0=$((BASE + 1)) MS=$((BASE + 2)) CCM=$((BASE + 3))
+for p in $CC $M0 $MS $CCM; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        die "port $p is in use (set PGO_PORT_BASE)"
+    fi
+done
+"$MOCK" --port "$M0" >"$TMP/m0.log" 2>&1 & PIDS+=($!)
+"$MOCK" --port "$MS" --deltas 16 --interval 1ms >"$TMP/ms.log" 2>&1 & PIDS+=($!)
+
+# A config in a directory of its own (chatcli watches its config's directory for hot reload):
+# default settings (info logs, metrics on), limits lifted, EXTRA appended.
+write_config() { # NAME EXTRA
+    mkdir -p "$TMP/conf-$1" "$TMP/data-$1"
+    {
+        printf '[server]\nbind_address = "127.0.0.1"\nport = %s\n' "$CC"
+        printf '[metrics]\nbind_address = "127.0.0.1"\nport = %s\n' "$CCM"
+        printf '[state]\ndata_dir = "%s/data-%s"\n' "$TMP" "$1"
+        printf '[limits]\nrate_limit_rps = 1000000.0\nrate_limit_burst = 1000000\nmax_streams_per_principal = 0\n'
+        printf '%s\n' "$2"
+        printf '[llm]\ndefault = "m0"\n'
+        for pair in "m0:$M0" "ms:$MS"; do
+            printf '[[llm.providers]]\nname = "%s"\nkind = "openai-compatible"\nbase_url = "http://127.0.0.1:%s/v1"\nmodel = "mock-model"\n' \
+                "${pair%%:*}" "${pair##*:}"
+        done
+    } >"$TMP/conf-$1/chatcli.toml"
+}
+JWT_SECRET=pgo-training-secret-0123456789abcdefghijklmnopqrstuvwxyz
+write_config plain ""
+write_config auth "$(printf '[auth.jwt]\nsecret = "%s"\n[audit]\npath = "%s/audit.jsonl"' "$JWT_SECRET" "$TMP")"
+
+serve() { # BINARY NAME: starts it on the NAME config and waits until it answers; sets SERVED
+    "$1" server --config "$TMP/conf-$2/chatcli.toml" >"$TMP/chatcli-$2.log" 2>&1 &
+    SERVED=$!
+    PIDS+=("$SERVED")
+    for _ in $(seq 100); do
+        curl -sf -o /dev/null "http://127.0.0.1:$CC/health" && return 0
+        kill -0 "$SERVED" 2>/dev/null || die "$1 exited: $(tail -5 "$TMP/chatcli-$2.log")"
+        sleep 0.1
+    done
+    die "$1 did not answer /health within 10 s"
+}
+stop() { # waits for it to exit: the instrumented binary writes its profile then
+    kill -TERM "$SERVED"
+    wait "$SERVED" 2>/dev/null || true
+}
+
+HTTP=http://127.0.0.1:$CC/v1/chat/completions GRPC=http://127.0.0.1:$CC
+train() { # NAME AUTH(loadgen target suffix) SCENARIO...
+    local conf=$1 auth=$2 s name proto url model stream out
+    shift 2
+    serve "$GEN" "$conf"
+    for s in "$@"; do
+        read -r name proto url model stream <<<"$s"
+        log "training ($conf config): $name, ${SECS}s"
+        # shellcheck disable=SC2086 # $stream is empty or one flag
+        out=$("$LG" run $stream --target "name=$name,proto=$proto,url=$url,model=$model$auth" \
+            --concurrency 16 --duration "$SECS" --warmup 0 | tail -1)
+        python3 -c 'import json,sys; d=json.loads(sys.argv[1]); sys.exit("%s: %s errors, first: %s" % (sys.argv[2], d["errors"], d["first_error"]) if d["errors"] or not d["ok"] else 0)' \
+            "$out" "$name" || die "the training load failed (a profile of errors would mislead the build)"
+    done
+    stop
+}
+train plain "" "http-unary http $HTTP m0" "grpc-unary grpc $GRPC m0" \
+    "http-stream http $HTTP ms --stream" "grpc-stream grpc $GRPC ms --stream"
+train auth ",auth=jwt:$JWT_SECRET" "http-unary http $HTTP m0" "grpc-unary grpc $GRPC m0" \
+    "http-stream http $HTTP ms --stream"
+compgen -G "$RAW/*.profraw" >/dev/null || die "the instrumented chatcli wrote no profile (see $TMP/chatcli-*.log)"
+"$PROFDATA" merge -o "$TMP/chatcli.profdata" "$RAW"
+
+# --- the optimized build ----------------------------------------------------------------------
+log "release build with the profile (target/pgo/use)"
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$TMP/chatcli.profdata" \
+    cargo build --release --locked --bin chatcli --target "$HOST" --target-dir target/pgo/use
+USE=$ROOT/target/pgo/use/$HOST/release/chatcli
+
+# The optimized binary answers a whole and a streamed call before it is handed out.
+serve "$USE" plain
+for model in m0 ms; do
+    stream=false
+    [[ $model == ms ]] && stream=true
+    answer=$(curl -sf "$HTTP" -H 'content-type: application/json' \
+        --data-binary "{\"model\":\"$model\",\"stream\":$stream,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}") ||
+        die "the optimized chatcli failed a call (model $model): $(tail -5 "$TMP/chatcli-plain.log")"
+    [[ $answer == *mock-model* ]] || die "the optimized chatcli answered unexpectedly: ${answer:0:200}"
+done
+stop
+
+mkdir -p "$(dirname "$OUT")"
+cp "$USE" "$OUT"
+log "wrote $OUT"
