@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds chatcli's release binary with profile-guided optimization (PGO): an instrumented build
 # serves a training load (the OpenAI-compatible HTTP route and gRPC, whole and streamed answers,
-# against the bench mock upstream), then the release build is compiled with the profile it
-# recorded. On the 2-core VM this takes about a quarter of the instructions off every proxied call
+# without authentication and with JWT + audit, against the bench mock upstream), then the release
+# build is compiled with the profile it recorded. On the 2-core VM this takes about a quarter of the instructions off every proxied call
 # (BENCHMARKS.md, seventh round); the binary behaves exactly as a plain `cargo build --release`.
 #
 #   scripts/build-pgo.sh                  writes target/pgo/chatcli
@@ -21,7 +21,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) OUT=$2; shift ;;
         --secs) SECS=$2; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/build-pgo.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -30,6 +30,10 @@ done
 
 log() { printf '[build-pgo %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'scripts/build-pgo.sh: %s\n' "$*" >&2; exit 1; }
+
+for tool in curl python3; do
+    command -v "$tool" >/dev/null || die "$tool is needed for the training run (Debian: apt-get install $tool)"
+done
 
 # --- llvm-profdata of rustc's LLVM ------------------------------------------------------------
 HOST=$(rustc -vV | sed -n 's/^host: //p')
