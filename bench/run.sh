@@ -4,7 +4,7 @@
 # directly, all against the same mock, in one run. Results go to bench/results/<run id>/ (JSON
 # lines + report.md); BENCHMARKS.md explains them.
 #
-#   bench/run.sh            full run (~15-20 min on the 2-core VM)
+#   bench/run.sh            full run (~15 min on the 2-core VM, plus ~15 min for scripts/build-pgo.sh)
 #   bench/run.sh --quick    shorter points, fewer rounds (~6 min)
 #   bench/run.sh --smoke    mock + chatcli only, a few hundred calls, asserts zero errors (~10 s
 #                           after the build); for the test suite: `bench/run.sh --smoke --debug`
