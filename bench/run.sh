@@ -123,7 +123,11 @@ if [[ $LITELLM == 1 ]]; then
 fi
 
 [[ $PROFILE == debug && $SMOKE == 0 ]] && die "--debug is only for --smoke (a debug build's numbers mean nothing)"
-if [[ $BUILD == 1 ]]; then
+if [[ $BUILD == 1 && $PGO == 1 ]]; then
+    # The script builds the mock and the load client (release) too.
+    log "building chatcli with profile-guided optimization (scripts/build-pgo.sh)"
+    "$ROOT/scripts/build-pgo.sh" --out "$ROOT/target/pgo/chatcli" || die "the PGO build failed (--no-pgo measures a plain release build)"
+elif [[ $BUILD == 1 ]]; then
     flag=(--release)
     [[ $PROFILE == debug ]] && flag=()
     log "building (cargo build ${flag[*]} --locked --bins --example mock_upstream --example loadgen)"
@@ -131,13 +135,7 @@ if [[ $BUILD == 1 ]]; then
         || die "the $PROFILE build failed"
 fi
 BIN=$ROOT/target/$PROFILE/chatcli
-if [[ $PGO == 1 ]]; then
-    if [[ $BUILD == 1 ]]; then
-        log "building chatcli with profile-guided optimization (scripts/build-pgo.sh)"
-        "$ROOT/scripts/build-pgo.sh" --out "$ROOT/target/pgo/chatcli" || die "the PGO build failed (--no-pgo measures a plain release build)"
-    fi
-    BIN=$ROOT/target/pgo/chatcli
-fi
+[[ $PGO == 1 ]] && BIN=$ROOT/target/pgo/chatcli
 MOCK=$ROOT/target/$PROFILE/examples/mock_upstream
 LG=$ROOT/target/$PROFILE/examples/loadgen
 for b in "$BIN" "$MOCK" "$LG"; do [[ -x $b ]] || die "$b is missing (run without --no-build)"; done
