@@ -39,6 +39,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 die() { printf 'bench/callgrind.sh: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 for tool in valgrind callgrind_control wrk taskset curl; do
     command -v "$tool" >/dev/null || die "$tool is missing (apt-get install valgrind wrk util-linux curl)"
 done
@@ -50,20 +52,8 @@ LOADGEN=$ROOT/target/release/examples/loadgen
 
 BASE=${BENCH_PORT_BASE:-18000}
 CC=$((BASE + 500)) M0=$((BASE + 510)) M1=$((BASE + 511)) MP=$((BASE + 512)) MB=$((BASE + 513))
-for p in $CC $((CC + 1)) $M0 $M1 $MP $MB; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-        die "port $p is in use (set BENCH_PORT_BASE)"
-    fi
-done
-
-TMP=$(mktemp -d /tmp/chatcli-callgrind.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+ports_free BENCH_PORT_BASE $CC $((CC + 1)) $M0 $M1 $MP $MB
+bench_tmp chatcli-callgrind
 
 # The mocks: plain answers, one delta, 64 deltas 1 ms apart, 64 deltas at once.
 taskset -c 1 "$MOCK" --port "$M0" >/dev/null 2>&1 & PIDS+=($!)
@@ -72,17 +62,8 @@ taskset -c 1 "$MOCK" --port "$MP" --deltas 64 --interval 1ms >/dev/null 2>&1 & P
 taskset -c 1 "$MOCK" --port "$MB" --deltas 64 >/dev/null 2>&1 & PIDS+=($!)
 
 mkdir -p "$TMP/conf"
-{
-    printf '[server]\nbind_address = "127.0.0.1"\nport = %s\n' "$CC"
-    printf '[metrics]\nbind_address = "127.0.0.1"\nport = %s\n' "$((CC + 1))"
-    printf '[log]\nlevel = "warn"\n[state]\ndata_dir = "%s/data"\n' "$TMP"
-    printf '[limits]\nrate_limit_rps = 1000000.0\nrate_limit_burst = 1000000\nmax_streams_per_principal = 0\n'
-    printf '[llm]\ndefault = "m0"\n'
-    for pair in "m0:$M0" "m1:$M1" "mp:$MP" "mb:$MB"; do
-        printf '[[llm.providers]]\nname = "%s"\nkind = "openai-compatible"\nbase_url = "http://127.0.0.1:%s/v1"\nmodel = "mock-model"\n' \
-            "${pair%%:*}" "${pair##*:}"
-    done
-} >"$TMP/conf/chatcli.toml"
+mock_config "$CC" "$((CC + 1))" "$TMP/data" "$(printf '[log]\nlevel = "warn"')" \
+    "m0:$M0" "m1:$M1" "mp:$MP" "mb:$MB" >"$TMP/conf/chatcli.toml"
 
 body() { # MODEL STREAM
     printf '{"model":"%s","messages":[{"role":"user","content":"Say hello to the benchmark."}],"stream":%s}' "$1" "$2"
@@ -96,12 +77,7 @@ taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.out" \
     "$BIN" server --config "$TMP/conf/chatcli.toml" >"$TMP/chatcli.log" 2>&1 & PIDS+=($!)
 VG=$!
 URL=http://127.0.0.1:$CC/v1/chat/completions
-for _ in $(seq 300); do
-    curl -sf -o /dev/null "http://127.0.0.1:$CC/health" && break
-    kill -0 "$VG" 2>/dev/null || die "chatcli under valgrind exited: $(tail -5 "$TMP/chatcli.log")"
-    sleep 0.1
-done
-curl -sf -o /dev/null "http://127.0.0.1:$CC/health" || die "chatcli did not answer /health within 30 s"
+wait_health "$CC" "$VG" "$TMP/chatcli.log" 30
 
 printf '| scenario | calls | instructions per call |\n|---|---|---|\n'
 # One scenario: warm up, zero the counters, load for SECS, dump; prints the table row.

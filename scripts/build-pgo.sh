@@ -30,6 +30,8 @@ done
 
 log() { printf '[build-pgo %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'scripts/build-pgo.sh: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 for tool in curl python3; do
     command -v "$tool" >/dev/null || die "$tool is needed for the training run (Debian: apt-get install $tool)"
@@ -60,14 +62,7 @@ if ! PROFDATA=$(find_profdata); then
 fi
 log "llvm-profdata: $PROFDATA"
 
-TMP=$(mktemp -d /tmp/chatcli-pgo.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+bench_tmp chatcli-pgo
 
 # --- the instrumented build and the tools of the training run ---------------------------------
 cd "$ROOT"
@@ -87,30 +82,15 @@ LG=$ROOT/target/release/examples/loadgen
 # --- the training run -------------------------------------------------------------------------
 BASE=${PGO_PORT_BASE:-18600}
 CC=$BASE M0=$((BASE + 1)) MS=$((BASE + 2)) CCM=$((BASE + 3))
-for p in $CC $M0 $MS $CCM; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-        die "port $p is in use (set PGO_PORT_BASE)"
-    fi
-done
+ports_free PGO_PORT_BASE $CC $M0 $MS $CCM
 "$MOCK" --port "$M0" >"$TMP/m0.log" 2>&1 & PIDS+=($!)
 "$MOCK" --port "$MS" --deltas 16 --interval 1ms >"$TMP/ms.log" 2>&1 & PIDS+=($!)
 
 # A config in a directory of its own (chatcli watches its config's directory for hot reload):
-# default settings (info logs, metrics on), limits lifted, EXTRA appended.
+# default settings (info logs, metrics on), limits lifted, EXTRA added.
 write_config() { # NAME EXTRA
     mkdir -p "$TMP/conf-$1" "$TMP/data-$1"
-    {
-        printf '[server]\nbind_address = "127.0.0.1"\nport = %s\n' "$CC"
-        printf '[metrics]\nbind_address = "127.0.0.1"\nport = %s\n' "$CCM"
-        printf '[state]\ndata_dir = "%s/data-%s"\n' "$TMP" "$1"
-        printf '[limits]\nrate_limit_rps = 1000000.0\nrate_limit_burst = 1000000\nmax_streams_per_principal = 0\n'
-        printf '%s\n' "$2"
-        printf '[llm]\ndefault = "m0"\n'
-        for pair in "m0:$M0" "ms:$MS"; do
-            printf '[[llm.providers]]\nname = "%s"\nkind = "openai-compatible"\nbase_url = "http://127.0.0.1:%s/v1"\nmodel = "mock-model"\n' \
-                "${pair%%:*}" "${pair##*:}"
-        done
-    } >"$TMP/conf-$1/chatcli.toml"
+    mock_config "$CC" "$CCM" "$TMP/data-$1" "$2" "m0:$M0" "ms:$MS" >"$TMP/conf-$1/chatcli.toml"
 }
 JWT_SECRET=pgo-training-secret-0123456789abcdefghijklmnopqrstuvwxyz
 write_config plain ""
@@ -120,12 +100,7 @@ serve() { # BINARY NAME: starts it on the NAME config and waits until it answers
     "$1" server --config "$TMP/conf-$2/chatcli.toml" >"$TMP/chatcli-$2.log" 2>&1 &
     SERVED=$!
     PIDS+=("$SERVED")
-    for _ in $(seq 100); do
-        curl -sf -o /dev/null "http://127.0.0.1:$CC/health" && return 0
-        kill -0 "$SERVED" 2>/dev/null || die "$1 exited: $(tail -5 "$TMP/chatcli-$2.log")"
-        sleep 0.1
-    done
-    die "$1 did not answer /health within 10 s"
+    wait_health "$CC" "$SERVED" "$TMP/chatcli-$2.log" 10
 }
 stop() { # waits for it to exit: the instrumented binary writes its profile then
     kill -TERM "$SERVED"
