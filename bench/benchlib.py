@@ -91,6 +91,23 @@ def machine_busy_ticks():
     return total, per
 
 
+def wakeup_irqs():
+    """Rescheduling and function-call interrupts (the IPIs that wake a CPU or make it reschedule)
+    each CPU has received, by the names /proc/stat uses (cpu0, cpu1, ...); {} where not readable."""
+    out = {}
+    try:
+        with open("/proc/interrupts") as f:
+            cpus = [c.lower() for c in f.readline().split()]
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in ("RES:", "CAL:"):
+                    for i, c in enumerate(cpus):
+                        out[c] = out.get(c, 0) + int(parts[1 + i])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def parse_named(args):
     out = {}
     for a in args:
@@ -113,7 +130,8 @@ def snap(named):
     with open("/proc/loadavg") as f:
         load = float(f.read().split()[0])
     total, per = machine_busy_ticks()
-    return {"t": time.time(), "busy_ticks": total, "cpu_ticks": per, "loadavg": load, "procs": procs}
+    return {"t": time.time(), "busy_ticks": total, "cpu_ticks": per, "loadavg": load, "procs": procs,
+            "wakeup_irqs": wakeup_irqs()}
 
 
 def watch(out, named):
@@ -186,6 +204,12 @@ def enrich(result, before, after, peak, gw, label, extra):
         if dt > 0 and "cpu_ticks" in a:
             # How busy each core was (anything on it: ours and others').
             r["core_busy"] = {c: round((a["cpu_ticks"][c] - b["cpu_ticks"].get(c, 0)) / CLK_TCK / dt, 3) for c in sorted(a["cpu_ticks"])}
+        calls = r.get("all_calls") or r.get("ok") or 0
+        if calls and a.get("wakeup_irqs") and b.get("wakeup_irqs"):
+            # Wake-ups each core took per call: on the load core, what the gateway's answers (and the
+            # mock's) cost in IPIs when the load side had gone idle.
+            r["wakeup_irqs_per_call"] = {c: round((a["wakeup_irqs"][c] - b["wakeup_irqs"].get(c, 0)) / calls, 3)
+                                         for c in sorted(a["wakeup_irqs"])}
         if extra:
             r.update(json.loads(extra))
         print(json.dumps(r))
@@ -270,6 +294,11 @@ def busy(r, cpu):
     return "–" if v is None else f"{v:.2f}"
 
 
+def wakeups(r, cpu):
+    v = (r.get("wakeup_irqs_per_call") or {}).get(cpu)
+    return "–" if v is None else f"{v:.3f}"
+
+
 def cores(v):
     return "–" if v is None else f"{v:.2f}"
 
@@ -350,10 +379,12 @@ def report(d):
         w(f"Closed loop (concurrency {closed[0].get('concurrency')}, load client `loadgen`) gives the peak; the "
           "open-loop rate is the highest tried (peak × " + ", ".join(str(f) for f in sorted({r.get('factor') for r in opens if r.get('factor')}, reverse=True))
           + ") whose p99 stayed under 1 s with under 0.1% errors. CPU µs/call = the gateway process's CPU time "
-          "(all threads, user + kernel) over the run ÷ calls answered.")
+          "(all threads, user + kernel) over the run ÷ calls answered. Core 1 wake-ups/call = rescheduling and "
+          "function-call interrupts core 1 took per call (`/proc/interrupts`): mostly the gateway's writes waking "
+          "the mock or the client after core 1 went idle, which the writer pays for in kernel time.")
         w("")
-        w("| target | closed-loop req/s | p50 | p99 | errors | gateway CPU µs/call | core 0 busy | core 1 busy | max rate with p99 < 1 s | its p50 / p99 | vs LiteLLM | vs nginx | other CPU |")
-        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        w("| target | closed-loop req/s | p50 | p99 | errors | gateway CPU µs/call | core 0 busy | core 1 busy | core 1 wake-ups/call | max rate with p99 < 1 s | its p50 / p99 | vs LiteLLM | vs nginx | other CPU |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in closed:
             t = r["target"]
             b = best.get(t)
@@ -368,18 +399,18 @@ def report(d):
             label = t if r.get("concurrency") == closed[0].get("concurrency") else f"{t} (concurrency {r.get('concurrency')})"
             w(f"| {label} | {r['rps']:.0f}{flag} | {us(r.get('p50_us'))} | {us(r.get('p99_us'))} | {r.get('errors')} | "
               f"{r.get('gw_cpu_us_per_call', '–') if t != 'direct' else '–'} | {busy(r, 'cpu0')} | {busy(r, 'cpu1')} | "
-              f"{rate} | {pp} | {ratio(r['rps'], lit['rps'], '{:.0f}×') if lit and t not in ('direct', 'litellm') else '–'} | "
+              f"{wakeups(r, 'cpu1')} | {rate} | {pp} | {ratio(r['rps'], lit['rps'], '{:.0f}×') if lit and t not in ('direct', 'litellm') else '–'} | "
               f"{ratio(r['rps'], ngx['rps'], '{:.0%}') if ngx and t not in ('direct', 'nginx') else '–'} | {cores(r.get('foreign_cores'))} |")
         w("")
         wrk = [r for r in rows if r.get("label") == f"wrk-{mock}"]
         if wrk:
             w(f"Cross-check with `wrk -t1 -c64` (a lighter client than loadgen, so more of core 1 is left to the mock), {title}:")
             w("")
-            w("| target | req/s | p50 | p99 | errors | gateway CPU µs/call | core 0 busy | core 1 busy |")
-            w("|---|---|---|---|---|---|---|---|")
+            w("| target | req/s | p50 | p99 | errors | gateway CPU µs/call | core 0 busy | core 1 busy | core 1 wake-ups/call |")
+            w("|---|---|---|---|---|---|---|---|---|")
             for r in sorted(wrk, key=lambda r: order_key(r["target"])):
                 w(f"| {r['target']} | {r['rps']:.0f} | {us(r.get('p50_us'))} | {us(r.get('p99_us'))} | {r.get('errors')} | "
-                  f"{r.get('gw_cpu_us_per_call', '–')} | {busy(r, 'cpu0')} | {busy(r, 'cpu1')} |")
+                  f"{r.get('gw_cpu_us_per_call', '–')} | {busy(r, 'cpu0')} | {busy(r, 'cpu1')} | {wakeups(r, 'cpu1')} |")
             w("")
     # Streaming
     st = sorted([r for r in rows if r.get("kind") == "stream-rounds"], key=lambda r: order_key(r["target"]))
