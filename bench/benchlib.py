@@ -182,6 +182,7 @@ def enrich(result, before, after, peak, gw, label, extra):
     rows = all_json(result)
     lg_s = max([r.get("self_cpu_s", 0.0) or 0.0 for r in rows] or [0.0])
     for r in rows:
+        calls = r.get("all_calls") or r.get("ok") or 0
         r["label"] = label
         r["gateway"] = gw
         r["wall_s"] = round(dt, 3)
@@ -193,7 +194,6 @@ def enrich(result, before, after, peak, gw, label, extra):
             cpu_s = (a["procs"][gw]["cpu_ns"] - b["procs"][gw]["cpu_ns"]) / 1e9
             r["gw_cpu_s"] = round(cpu_s, 4)
             r["gw_cpu_cores"] = round(cpu_s / dt, 3) if dt > 0 else None
-            calls = r.get("all_calls") or r.get("ok") or 0
             if calls:
                 r["gw_cpu_us_per_call"] = round(cpu_s * 1e6 / calls, 2)
             r["gw_rss_peak_kib"] = pk.get(gw)
@@ -204,7 +204,6 @@ def enrich(result, before, after, peak, gw, label, extra):
         if dt > 0 and "cpu_ticks" in a:
             # How busy each core was (anything on it: ours and others').
             r["core_busy"] = {c: round((a["cpu_ticks"][c] - b["cpu_ticks"].get(c, 0)) / CLK_TCK / dt, 3) for c in sorted(a["cpu_ticks"])}
-        calls = r.get("all_calls") or r.get("ok") or 0
         if calls and a.get("wakeup_irqs") and b.get("wakeup_irqs"):
             # Wake-ups each core took per call: on the load core, what the gateway's answers (and the
             # mock's) cost in IPIs when the load side had gone idle.

@@ -1,6 +1,6 @@
-# Shell helpers shared by bench/callgrind.sh and scripts/build-pgo.sh (sourced, not run): both start
-# the bench's mock upstreams and a chatcli on ports of their own, load them, and must leave nothing
-# running behind them. The sourcing script defines `die MESSAGE` first.
+# Shell helpers shared by bench/run.sh, bench/callgrind.sh and scripts/build-pgo.sh (sourced, not
+# run): they start the bench's mock upstreams and a chatcli on ports of their own, load them, and
+# must leave nothing running behind them. The sourcing script defines `die MESSAGE` first.
 
 # A temporary directory in $TMP and the background processes in PIDS, both cleaned up on exit.
 bench_tmp() { # PREFIX
@@ -21,7 +21,7 @@ ports_free() { # ENV_VAR_THAT_MOVES_THEM PORT...
     shift
     for p in "$@"; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            die "port $p is in use (set $var)"
+            die "port $p is in use (another run?); stop it or set $var"
         fi
     done
 }

@@ -71,6 +71,8 @@ START_TS=$(date +%s)
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 declare -A PID=()
 cleanup() {
@@ -140,13 +142,10 @@ MOCK=$ROOT/target/$PROFILE/examples/mock_upstream
 LG=$ROOT/target/$PROFILE/examples/loadgen
 for b in "$BIN" "$MOCK" "$LG"; do [[ -x $b ]] || die "$b is missing (run without --no-build)"; done
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 ports=("$M0" "$M20" "$MS" "$MH" "$CC" "$CCM")
 [[ $SMOKE == 0 ]] && ports+=("$CA" "$CAM" "$NGX")
 [[ $LITELLM == 1 ]] && ports+=("$LLM")
-for p in "${ports[@]}"; do
-    port_busy "$p" && die "port $p is in use (another run?); stop it or set BENCH_PORT_BASE"
-done
+ports_free BENCH_PORT_BASE "${ports[@]}"
 
 # ---------------------------------------------------------------------------------------------
 # Processes
