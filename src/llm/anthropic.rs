@@ -247,10 +247,10 @@ impl Provider for AnthropicProvider {
         })
     }
 
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
         let timeout = self.timeout;
-        let prepared = self.request(&request);
+        let prepared = self.request(request);
         Box::pin(async_stream::stream! {
             let builder = match prepared {
                 Ok(b) => b,
@@ -569,13 +569,13 @@ mod tests {
     }
 
     async fn items(provider: &Arc<dyn Provider>, req: ChatRequest) -> Vec<Result<Delta, LlmError>> {
-        provider.stream(req).collect().await
+        provider.stream(&req).collect().await
     }
 
     #[tokio::test]
     async fn a_stream_read_to_message_stop_leaves_its_connection_for_the_next_call() {
         let (fake, p) = setup().await;
-        fake.assert_two_answers_share_a_connection("/messages", || p.stream(user("hi")))
+        fake.assert_two_answers_share_a_connection("/messages", || p.stream(&user("hi")))
             .await;
     }
 
@@ -585,7 +585,7 @@ mod tests {
     }
 
     async fn failure(provider: &Arc<dyn Provider>) -> UpstreamError {
-        let err = collect(provider.stream(user("hi"))).await.unwrap_err();
+        let err = collect(provider.stream(&user("hi"))).await.unwrap_err();
         upstream(&err).clone()
     }
 
@@ -593,7 +593,7 @@ mod tests {
     async fn unary_answer_and_usage() {
         let (fake, provider) = setup().await;
         fake.push(Reply::text("Hello there, friend"));
-        let (text, usage) = collect(provider.stream(user("hi"))).await.unwrap();
+        let (text, usage) = collect(provider.stream(&user("hi"))).await.unwrap();
         assert_eq!(text, "Hello there, friend");
         assert_eq!(
             usage,
@@ -659,7 +659,7 @@ mod tests {
         req.temperature = Some(0.7);
         req.top_p = Some(0.9);
         req.stop = vec!["END".into()];
-        collect(provider.stream(req)).await.unwrap();
+        collect(provider.stream(&req)).await.unwrap();
         let recorded = fake.requests();
         assert_eq!(recorded.len(), 1);
         let r = &recorded[0];
@@ -698,7 +698,7 @@ mod tests {
         assert_eq!(provider.default_model(), DEFAULT_MODEL);
         let mut req = user("hi");
         req.max_tokens = Some(100);
-        collect(provider.stream(req)).await.unwrap();
+        collect(provider.stream(&req)).await.unwrap();
         let r = &fake.requests()[0];
         let body = r.json();
         assert_eq!(body["model"], DEFAULT_MODEL);
@@ -718,7 +718,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" rest".into()),
         ]));
-        let mut stream = provider.stream(user("hi"));
+        let mut stream = provider.stream(&user("hi"));
         let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .expect("the first delta must not wait for the rest of the answer");
@@ -737,7 +737,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" rest".into()),
         ]));
-        let mut stream = provider.stream(user("hi"));
+        let mut stream = provider.stream(&user("hi"));
         assert_eq!(
             stream.next().await.unwrap().unwrap(),
             Delta::Text("first".into())
@@ -817,7 +817,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Drop,
         ]));
-        let mut stream = provider.stream(user("hi"));
+        let mut stream = provider.stream(&user("hi"));
         assert_eq!(
             stream.next().await.unwrap().unwrap(),
             Delta::Text("first".into())
@@ -907,7 +907,7 @@ mod tests {
             config: BTreeMap::new(),
         };
         let scoped = provider.with_client_credentials(&creds).await.unwrap();
-        collect(scoped.stream(user("hi"))).await.unwrap();
+        collect(scoped.stream(&user("hi"))).await.unwrap();
         let r = &fake.requests()[0];
         assert_eq!(
             r.header("authorization").as_deref(),
@@ -918,7 +918,7 @@ mod tests {
         assert_eq!(r.header("anthropic-version").as_deref(), Some("2023-06-01"));
         assert!(!format!("{scoped:?}").contains("at-secret-1"));
         // The server's provider is untouched.
-        collect(provider.stream(user("hi"))).await.unwrap();
+        collect(provider.stream(&user("hi"))).await.unwrap();
         assert_eq!(fake.requests()[1].header("x-api-key").as_deref(), Some(KEY));
     }
 
@@ -935,7 +935,7 @@ mod tests {
                 config: BTreeMap::new(),
             };
             let scoped = provider.with_client_credentials(&creds).await.unwrap();
-            collect(scoped.stream(user("hi"))).await.unwrap();
+            collect(scoped.stream(&user("hi"))).await.unwrap();
             let r = fake.requests().pop().unwrap();
             assert_eq!(r.header("authorization").as_deref(), auth, "{raw}");
             assert_eq!(r.header("x-api-key").as_deref(), api_key, "{raw}");
@@ -991,7 +991,7 @@ mod tests {
             config: BTreeMap::from([("base_url".into(), client_host.base_url())]),
         };
         let scoped = provider.with_client_credentials(&creds).await.unwrap();
-        let (text, _) = collect(scoped.stream(user("hi"))).await.unwrap();
+        let (text, _) = collect(scoped.stream(&user("hi"))).await.unwrap();
         assert_eq!(text, "hello from the fake");
         assert!(operator.requests().is_empty());
         let r = &client_host.requests()[0];

@@ -73,7 +73,7 @@ impl Provider for EchoProvider {
         let me = self.clone();
         Box::pin(async move { Ok(std::sync::Arc::new(me) as std::sync::Arc<dyn Provider>) })
     }
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let prompt = request
             .messages
             .iter()
@@ -136,7 +136,7 @@ mod tests {
             ],
             ..ChatRequest::new(Vec::new(), "echo")
         };
-        let (text, usage) = collect(p.stream(req))
+        let (text, usage) = collect(p.stream(&req))
             .await
             .map_err(|e| e.to_string())
             .unwrap_or_default();

@@ -164,7 +164,7 @@ impl Cooldowns {
 /// than one candidate (a lone provider is always tried). `deadline` is the caller's.
 pub async fn start(
     candidates: Vec<Candidate>,
-    request: ChatRequest,
+    mut request: ChatRequest,
     settings: &FallbackSettings,
     cooldowns: &Cooldowns,
     metrics: Option<&Metrics>,
@@ -195,10 +195,11 @@ pub async fn start(
         let mut backoff = None;
         let mut attempt = 0u32;
         let failure = loop {
-            let mut req = request.clone();
-            req.model = c.model.clone();
+            if request.model != c.model {
+                request.model.clone_from(&c.model);
+            }
             let started = Instant::now();
-            let mut stream = c.provider.stream(req);
+            let mut stream = c.provider.stream(&request);
             let first = match deadline {
                 Some(d) => match tokio::time::timeout_at(d.into(), stream.next()).await {
                     Ok(item) => item,
@@ -324,7 +325,7 @@ mod tests {
         fn default_model(&self) -> &str {
             "m"
         }
-        fn stream(&self, _request: ChatRequest) -> DeltaStream {
+        fn stream(&self, _request: &ChatRequest) -> DeltaStream {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let items = self.script.lock().unwrap().pop_front().unwrap_or_default();
             Box::pin(futures::stream::iter(items))

@@ -235,10 +235,10 @@ impl Provider for GeminiProvider {
         })
     }
 
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
         let timeout = self.timeout;
-        let prepared = self.request(&request);
+        let prepared = self.request(request);
         Box::pin(async_stream::stream! {
             let builder = match prepared {
                 Ok(b) => b,
@@ -588,7 +588,7 @@ mod tests {
     async fn a_stream_read_to_its_end_leaves_its_connection_for_the_next_call() {
         let (fake, p) = setup().await;
         fake.assert_two_answers_share_a_connection(":streamGenerateContent", || {
-            p.stream(user("hi"))
+            p.stream(&user("hi"))
         })
         .await;
     }
@@ -598,7 +598,7 @@ mod tests {
     }
 
     async fn items(provider: &Arc<dyn Provider>, req: ChatRequest) -> Vec<Result<Delta, LlmError>> {
-        provider.stream(req).collect().await
+        provider.stream(&req).collect().await
     }
 
     fn upstream(e: &LlmError) -> &UpstreamError {
@@ -607,7 +607,7 @@ mod tests {
     }
 
     async fn failure(provider: &Arc<dyn Provider>) -> UpstreamError {
-        let err = collect(provider.stream(user("hi"))).await.unwrap_err();
+        let err = collect(provider.stream(&user("hi"))).await.unwrap_err();
         upstream(&err).clone()
     }
 
@@ -625,7 +625,7 @@ mod tests {
     async fn unary_answer_and_usage() {
         let (fake, provider) = setup().await;
         fake.push(Reply::text("Hello there, friend"));
-        let (text, usage) = collect(provider.stream(user("hi"))).await.unwrap();
+        let (text, usage) = collect(provider.stream(&user("hi"))).await.unwrap();
         assert_eq!(text, "Hello there, friend");
         assert_eq!(
             usage,
@@ -678,7 +678,7 @@ mod tests {
         req.temperature = Some(0.7);
         req.top_p = Some(0.9);
         req.stop = vec!["END".into()];
-        collect(provider.stream(req)).await.unwrap();
+        collect(provider.stream(&req)).await.unwrap();
         let recorded = fake.requests();
         assert_eq!(recorded.len(), 1);
         let r = &recorded[0];
@@ -714,7 +714,7 @@ mod tests {
     async fn defaults_omit_optional_fields() {
         let (fake, provider) = setup().await;
         assert_eq!(provider.default_model(), DEFAULT_MODEL);
-        collect(provider.stream(user("hi"))).await.unwrap();
+        collect(provider.stream(&user("hi"))).await.unwrap();
         let r = &fake.requests()[0];
         assert_eq!(
             r.path,
@@ -736,13 +736,13 @@ mod tests {
             "m?key=1",
             "..",
         ] {
-            let err = collect(provider.stream(ChatRequest::new(vec![msg("user", "hi")], bad)))
+            let err = collect(provider.stream(&ChatRequest::new(vec![msg("user", "hi")], bad)))
                 .await
                 .unwrap_err();
             assert!(matches!(err, LlmError::InvalidRequest(_)), "{bad}: {err}");
         }
         assert!(fake.requests().is_empty());
-        collect(provider.stream(ChatRequest::new(
+        collect(provider.stream(&ChatRequest::new(
             vec![msg("user", "hi")],
             "models/gemini-2.0-flash",
         )))
@@ -762,7 +762,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" rest".into()),
         ]));
-        let mut stream = provider.stream(user("hi"));
+        let mut stream = provider.stream(&user("hi"));
         let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .expect("the first delta must not wait for the rest of the answer");
@@ -781,7 +781,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" rest".into()),
         ]));
-        let mut stream = provider.stream(user("hi"));
+        let mut stream = provider.stream(&user("hi"));
         assert_eq!(
             stream.next().await.unwrap().unwrap(),
             Delta::Text("first".into())
@@ -871,7 +871,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Drop,
         ]));
-        let mut stream = provider.stream(user("hi"));
+        let mut stream = provider.stream(&user("hi"));
         assert_eq!(
             stream.next().await.unwrap().unwrap(),
             Delta::Text("first".into())
@@ -973,13 +973,13 @@ mod tests {
                 config: BTreeMap::new(),
             };
             let scoped = provider.with_client_credentials(&creds).await.unwrap();
-            collect(scoped.stream(user("hi"))).await.unwrap();
+            collect(scoped.stream(&user("hi"))).await.unwrap();
             let r = fake.requests().pop().unwrap();
             assert_eq!(r.header("x-goog-api-key").as_deref(), api_key, "{raw}");
             assert_eq!(r.header("authorization").as_deref(), auth, "{raw}");
             assert!(!format!("{scoped:?}").contains(raw.rsplit(':').next().unwrap()));
         }
-        collect(provider.stream(user("hi"))).await.unwrap();
+        collect(provider.stream(&user("hi"))).await.unwrap();
         assert_eq!(
             fake.requests()
                 .pop()
@@ -1038,7 +1038,7 @@ mod tests {
             config: BTreeMap::from([("base_url".into(), client_host.base_url())]),
         };
         let scoped = provider.with_client_credentials(&creds).await.unwrap();
-        let (text, _) = collect(scoped.stream(user("hi"))).await.unwrap();
+        let (text, _) = collect(scoped.stream(&user("hi"))).await.unwrap();
         assert_eq!(text, "hello from the fake");
         assert!(operator.requests().is_empty());
         let r = &client_host.requests()[0];

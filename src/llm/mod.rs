@@ -13,6 +13,7 @@ pub mod fallback;
 pub mod gateway;
 pub mod gemini;
 pub mod http;
+pub mod json;
 pub mod lean;
 pub mod ollama;
 pub mod openai;
@@ -182,7 +183,7 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
         vec![self.default_model().to_string()]
     }
     /// Starts the call; deltas arrive as the upstream produces them. Dropping the stream cancels it.
-    fn stream(&self, request: ChatRequest) -> DeltaStream;
+    fn stream(&self, request: &ChatRequest) -> DeltaStream;
     /// A request-scoped provider that uses the caller's credentials instead of the server's. URLs in
     /// `creds.config` must pass the SSRF guard of the [`ProviderContext`] the provider was built with.
     fn with_client_credentials<'a>(

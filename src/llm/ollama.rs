@@ -108,7 +108,7 @@ impl Provider for OllamaProvider {
         &self.model
     }
 
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
         let model = match request.model.trim() {
             "" => self.model.clone(),
@@ -116,7 +116,7 @@ impl Provider for OllamaProvider {
         };
         let rb = self
             .with_auth(self.client.post(format!("{}/api/chat", self.base_url)))
-            .json(&chat_body(&model, &request));
+            .json(&chat_body(&model, request));
         let timeout = self.timeout;
         Box::pin(async_stream::stream! {
             let resp = match http::send_within(&name, timeout, rb, parse_error).await {
@@ -395,7 +395,7 @@ mod tests {
     async fn a_stream_read_to_done_leaves_its_connection_for_the_next_call() {
         let fake = fake(&["llama3"]).await;
         let p = provider(&fake);
-        fake.assert_two_answers_share_a_connection("/api/chat", || p.stream(hi()))
+        fake.assert_two_answers_share_a_connection("/api/chat", || p.stream(&hi()))
             .await;
     }
 
@@ -404,7 +404,7 @@ mod tests {
     }
 
     async fn deltas(p: &Arc<dyn Provider>, r: ChatRequest) -> Vec<Result<Delta, LlmError>> {
-        p.stream(r).collect().await
+        p.stream(&r).collect().await
     }
 
     #[tokio::test]
@@ -452,7 +452,7 @@ mod tests {
         r.temperature = Some(0.5);
         r.top_p = Some(0.25);
         r.stop = vec!["END".into()];
-        collect(p.stream(r)).await.unwrap();
+        collect(p.stream(&r)).await.unwrap();
         let req = &fake.requests()[0];
         assert_eq!(req.method, ::http::Method::POST);
         assert_eq!(req.path, "/api/chat");
@@ -474,7 +474,7 @@ mod tests {
             })
         );
         // No request model → the configured one; no options when the caller set none.
-        collect(p.stream(hi())).await.unwrap();
+        collect(p.stream(&hi())).await.unwrap();
         let body = fake.requests()[1].json();
         assert_eq!(body["model"], "llama3");
         assert!(body.get("options").is_none());
@@ -488,7 +488,7 @@ mod tests {
             content_type: "application/json".into(),
             body: r#"{"message":{"role":"assistant","content":"all at once"},"done":true,"done_reason":"length","prompt_eval_count":5,"eval_count":7}"#.into(),
         });
-        let (text, usage) = collect(provider(&fake).stream(hi())).await.unwrap();
+        let (text, usage) = collect(provider(&fake).stream(&hi())).await.unwrap();
         assert_eq!(text, "all at once");
         assert_eq!(
             usage,
@@ -545,7 +545,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" second".into()),
         ]));
-        let mut s = provider(&fake).stream(hi());
+        let mut s = provider(&fake).stream(&hi());
         assert_eq!(
             s.next().await.unwrap().unwrap(),
             Delta::Text("first".into())
@@ -567,7 +567,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" never".into()),
         ]));
-        let mut s = provider(&fake).stream(hi());
+        let mut s = provider(&fake).stream(&hi());
         assert!(s.next().await.unwrap().is_ok());
         drop(s);
         assert!(fake.wait_cancelled(1, Duration::from_secs(10)).await);
@@ -580,7 +580,7 @@ mod tests {
             404,
             r#"{"error":"model \"nope\" not found, try pulling it first"}"#,
         ));
-        let err = collect(provider(&fake).stream(hi())).await.unwrap_err();
+        let err = collect(provider(&fake).stream(&hi())).await.unwrap_err();
         let u = err.as_upstream().unwrap();
         assert_eq!(u.class, ErrorClass::ModelNotFound);
         assert_eq!(u.status, Some(404));
@@ -591,7 +591,7 @@ mod tests {
     async fn server_error_is_server() {
         let fake = fake(&[]).await;
         fake.push(Reply::error(500, r#"{"error":"llama runner crashed"}"#));
-        let err = collect(provider(&fake).stream(hi())).await.unwrap_err();
+        let err = collect(provider(&fake).stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Server);
         assert_eq!(err.as_upstream().unwrap().message, "llama runner crashed");
     }
@@ -653,7 +653,7 @@ mod tests {
             content_type: "application/x-ndjson".into(),
             body: "[1,2]\n".into(),
         });
-        let err = collect(provider(&fake).stream(hi())).await.unwrap_err();
+        let err = collect(provider(&fake).stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Malformed);
     }
 
@@ -670,7 +670,7 @@ mod tests {
         });
         let mut c = cfg(&url, None);
         c.timeout = Duration::from_millis(200);
-        let err = collect(build(&c, &ctx()).unwrap().stream(hi()))
+        let err = collect(build(&c, &ctx()).unwrap().stream(&hi()))
             .await
             .unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Timeout);
@@ -688,7 +688,7 @@ mod tests {
             config: Default::default(),
         };
         let scoped = p.with_client_credentials(&creds).await.unwrap();
-        collect(scoped.stream(hi())).await.unwrap();
+        collect(scoped.stream(&hi())).await.unwrap();
         assert_eq!(
             fake.requests()[0].header("authorization").as_deref(),
             Some("Bearer caller-key")
@@ -712,7 +712,7 @@ mod tests {
         )
         .unwrap();
         let scoped = p.with_client_credentials(&creds).await.unwrap();
-        let (text, _) = collect(scoped.stream(hi())).await.unwrap();
+        let (text, _) = collect(scoped.stream(&hi())).await.unwrap();
         assert_eq!(text, "hello from the fake");
         assert!(operator.requests().is_empty());
         let req = &callers.requests()[0];

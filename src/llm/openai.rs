@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError, UpstreamError};
 use super::http;
+use super::json::{json_str, json_value};
 use super::ssrf::SsrfPolicy;
 use super::{
     ChatRequest, ClientCredentials, Delta, DeltaStream, Provider, ProviderContext, ProviderKind,
@@ -346,20 +347,14 @@ impl OpenAiProvider {
     fn request(&self, request: &ChatRequest) -> Call {
         let headers = self.sent[usize::from(request.stream)].clone();
         let body = self.body(request);
+        let json = body.to_json();
         match &self.lean {
-            Some(lean) => match serde_json::to_vec(&body) {
-                Ok(json) => {
-                    Call::Lean(lean.clone(), http::lean_json_post(&self.uri, headers, json))
-                }
-                Err(e) => Call::Refused(LlmError::InvalidRequest(format!(
-                    "cannot encode the request: {e}"
-                ))),
-            },
+            Some(lean) => Call::Lean(lean.clone(), http::lean_json_post(&self.uri, headers, json)),
             None => Call::Reqwest(
                 self.client
                     .post(self.url.clone())
                     .headers(headers)
-                    .json(&body),
+                    .body(json),
             ),
         }
     }
@@ -371,7 +366,6 @@ impl OpenAiProvider {
 enum Call {
     Reqwest(reqwest::RequestBuilder),
     Lean(super::lean::Lean, ::http::Request<super::lean::LeanBody>),
-    Refused(LlmError),
 }
 
 impl Call {
@@ -381,7 +375,6 @@ impl Call {
                 .await
                 .map(http::Answer::Reqwest),
             Call::Lean(lean, req) => http::send_lean(name, &lean, req, parse_error).await,
-            Call::Refused(e) => Err(e),
         }
     }
 }
@@ -429,6 +422,62 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+impl RequestBody<'_> {
+    /// The JSON that serializing it writes (a unit test holds them equal), with only the values
+    /// escaped: the keys and the fixed values are written as they are.
+    fn to_json(&self) -> Vec<u8> {
+        let text: usize = self.messages.iter().map(|m| m.content.len() + 32).sum();
+        let mut buf = Vec::with_capacity(text + text / 8 + 192);
+        buf.extend_from_slice(b"{\"model\":");
+        json_str(&mut buf, self.model);
+        buf.extend_from_slice(b",\"messages\":[");
+        for (i, m) in self.messages.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(b"{\"role\":");
+            json_str(&mut buf, &m.role);
+            buf.extend_from_slice(b",\"content\":");
+            json_str(&mut buf, &m.content);
+            buf.push(b'}');
+        }
+        buf.extend_from_slice(match self.stream {
+            true => b"],\"stream\":true",
+            false => b"],\"stream\":false",
+        });
+        if let Some(o) = &self.stream_options {
+            buf.extend_from_slice(b",\"stream_options\":");
+            json_value(&mut buf, o);
+        }
+        let counts = [
+            ("max_tokens", self.max_tokens),
+            ("max_completion_tokens", self.max_completion_tokens),
+        ];
+        for (key, n) in counts {
+            if let Some(n) = n {
+                buf.extend_from_slice(b",\"");
+                buf.extend_from_slice(key.as_bytes());
+                buf.extend_from_slice(b"\":");
+                json_value(&mut buf, &n);
+            }
+        }
+        for (key, x) in [("temperature", self.temperature), ("top_p", self.top_p)] {
+            if let Some(x) = x {
+                buf.extend_from_slice(b",\"");
+                buf.extend_from_slice(key.as_bytes());
+                buf.extend_from_slice(b"\":");
+                json_value(&mut buf, &x);
+            }
+        }
+        if !self.stop.is_empty() {
+            buf.extend_from_slice(b",\"stop\":");
+            json_value(&mut buf, self.stop);
+        }
+        buf.push(b'}');
+        buf
+    }
+}
+
 /// An f32 as the JSON number it was written as (0.7, not 0.699999988079071).
 fn float(x: f32) -> Option<f64> {
     x.to_string().parse::<f64>().ok().filter(|f| f.is_finite())
@@ -447,8 +496,8 @@ impl Provider for OpenAiProvider {
         &self.model
     }
 
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
-        let call = self.request(&request);
+    fn stream(&self, request: &ChatRequest) -> DeltaStream {
+        let call = self.request(request);
         let name = self.name.clone();
         let key = self.api_key.clone();
         let deltas = deltas(name, call, self.timeout);
@@ -927,7 +976,7 @@ mod tests {
         let fake = fake().await;
         fake.push(reply);
         upstream(
-            collect(provider(&fake, "openai").stream(ask("hi")))
+            collect(provider(&fake, "openai").stream(&ask("hi")))
                 .await
                 .unwrap_err(),
         )
@@ -937,7 +986,7 @@ mod tests {
     async fn unary_collects_the_scripted_text_and_usage() {
         let fake = fake().await;
         fake.push(Reply::text("Hello there, world"));
-        let (text, usage) = collect(provider(&fake, "openai").stream(ask("hi")))
+        let (text, usage) = collect(provider(&fake, "openai").stream(&ask("hi")))
             .await
             .unwrap();
         assert_eq!(text, "Hello there, world");
@@ -958,7 +1007,7 @@ mod tests {
             Step::Text("lo 世界".into()),
         ]));
         let items: Vec<Delta> = provider(&fake, "openai")
-            .stream(ask("hi"))
+            .stream(&ask("hi"))
             .map(Result::unwrap)
             .collect()
             .await;
@@ -980,7 +1029,7 @@ mod tests {
     async fn a_stream_read_to_data_done_leaves_its_connection_for_the_next_call() {
         let fake = fake().await;
         let p = provider(&fake, "openai");
-        fake.assert_two_answers_share_a_connection("/chat/completions", || p.stream(ask("hi")))
+        fake.assert_two_answers_share_a_connection("/chat/completions", || p.stream(&ask("hi")))
             .await;
     }
 
@@ -1005,13 +1054,13 @@ mod tests {
         req.temperature = Some(0.7);
         req.top_p = Some(0.9);
         req.stop = vec!["END".into()];
-        collect(p.stream(req.clone())).await.unwrap();
+        collect(p.stream(&req)).await.unwrap();
         req.model = "other-model".into();
         req.max_tokens = None;
         req.temperature = None;
         req.top_p = None;
         req.stop.clear();
-        collect(p.stream(req)).await.unwrap();
+        collect(p.stream(&req)).await.unwrap();
 
         let reqs = fake.requests();
         assert_eq!(reqs.len(), 2);
@@ -1049,7 +1098,7 @@ mod tests {
         let fake = fake().await;
         let mut req = ask("hi");
         req.max_tokens = Some(32);
-        collect(provider(&fake, "openai").stream(req))
+        collect(provider(&fake, "openai").stream(&req))
             .await
             .unwrap();
         let b = fake.requests()[0].json();
@@ -1061,10 +1110,10 @@ mod tests {
     async fn every_call_sends_the_key_the_json_headers_and_accept_by_its_kind() {
         let fake = fake().await;
         let p = provider(&fake, "openai");
-        collect(p.stream(ask("hi"))).await.unwrap();
+        collect(p.stream(&ask("hi"))).await.unwrap();
         let mut unary = ask("hi");
         unary.stream = false;
-        collect(p.stream(unary)).await.unwrap();
+        collect(p.stream(&unary)).await.unwrap();
         let reqs = fake.requests();
         for (r, accept) in reqs.iter().zip(["text/event-stream", "application/json"]) {
             assert_eq!(r.header("accept").as_deref(), Some(accept));
@@ -1089,7 +1138,7 @@ mod tests {
         );
         c.api_key = None;
         let p = build(&c, &ctx()).unwrap();
-        collect(p.stream(ask("hi"))).await.unwrap();
+        collect(p.stream(&ask("hi"))).await.unwrap();
         let r = &fake.requests()[0];
         assert_eq!(r.path, "/v1/chat/completions");
         assert!(r.header("authorization").is_none());
@@ -1103,7 +1152,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" rest".into()),
         ]));
-        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let mut s = provider(&fake, "openai").stream(&ask("hi"));
         let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
         assert!(first.is_ok(), "the first delta was held back");
         assert_eq!(
@@ -1124,7 +1173,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" rest".into()),
         ]));
-        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let mut s = provider(&fake, "openai").stream(&ask("hi"));
         let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
         assert_eq!(
             first.unwrap().unwrap().unwrap(),
@@ -1231,7 +1280,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Drop,
         ]));
-        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let mut s = provider(&fake, "openai").stream(&ask("hi"));
         assert_eq!(
             s.next().await.unwrap().unwrap(),
             Delta::Text("first".into())
@@ -1250,7 +1299,7 @@ mod tests {
             content_type: "text/event-stream".into(),
             body: String::from_utf8(piece.to_vec()).unwrap(),
         });
-        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let mut s = provider(&fake, "openai").stream(&ask("hi"));
         assert_eq!(
             s.next().await.unwrap().unwrap(),
             Delta::Text("partial".into())
@@ -1266,7 +1315,7 @@ mod tests {
             Step::Text("ok".into()),
             Step::Raw("data: {not json\n\n".into()),
         ]));
-        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let mut s = provider(&fake, "openai").stream(&ask("hi"));
         assert_eq!(s.next().await.unwrap().unwrap(), Delta::Text("ok".into()));
         let e = upstream(s.next().await.unwrap().unwrap_err());
         assert_eq!(e.class, ErrorClass::Malformed);
@@ -1282,7 +1331,7 @@ mod tests {
                 error_body("rate_limit_exceeded", "slow down")
             )),
         ]));
-        let mut s = provider(&fake, "openai").stream(ask("hi"));
+        let mut s = provider(&fake, "openai").stream(&ask("hi"));
         assert_eq!(s.next().await.unwrap().unwrap(), Delta::Text("ok".into()));
         let e = upstream(s.next().await.unwrap().unwrap_err());
         assert_eq!(e.class, ErrorClass::RateLimit);
@@ -1296,7 +1345,7 @@ mod tests {
         let mut req = ask("hi");
         req.stream = false;
         let p = provider(&fake, "openai");
-        let (text, usage) = collect(p.stream(req)).await.unwrap();
+        let (text, usage) = collect(p.stream(&req)).await.unwrap();
         assert_eq!(text, "in one piece");
         assert_eq!(usage.map(|u| u.completion_tokens), Some(3));
         let reqs = fake.requests();
@@ -1312,6 +1361,56 @@ mod tests {
     /// The typed fast path and the tolerant reading over a `Value` give the same deltas for every
     /// payload the typed path takes, and the typed path declines what only the tolerant one can
     /// judge (errors, odd shapes), so no payload is read differently than before.
+    #[test]
+    fn a_written_request_body_is_the_bytes_serializing_it_would_be() {
+        let turn = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        let conversations = [
+            vec![turn("user", "hi")],
+            vec![
+                turn("system", "be \"brief\"\n"),
+                turn("assistant", "é ✓ \u{1}"),
+                turn("user", "tab\there"),
+            ],
+            vec![],
+        ];
+        let stops = [vec![], vec!["END".to_string(), "a\"b".to_string()]];
+        for messages in &conversations {
+            for stream in [false, true] {
+                for (max_tokens, max_completion_tokens) in
+                    [(None, None), (Some(64), None), (None, Some(7))]
+                {
+                    for (temperature, top_p) in
+                        [(None, None), (Some(0.7), Some(1.0)), (Some(0.0), None)]
+                    {
+                        for stop in &stops {
+                            let body = RequestBody {
+                                model: "m/\"x\"",
+                                messages,
+                                stream,
+                                stream_options: stream.then_some(StreamOptions {
+                                    include_usage: true,
+                                }),
+                                max_tokens,
+                                max_completion_tokens,
+                                temperature,
+                                top_p,
+                                stop,
+                            };
+                            let want = serde_json::to_vec(&body).unwrap();
+                            assert_eq!(
+                                String::from_utf8(body.to_json()).unwrap(),
+                                String::from_utf8(want).unwrap()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_typed_reading_agrees_with_the_tolerant_one() {
         let chunks = [
@@ -1375,7 +1474,7 @@ mod tests {
             content_type: "application/json".into(),
             body: String::from_utf8(body.to_vec()).unwrap(),
         });
-        let (text, usage) = collect(provider(&fake, "openai").stream(ask("hi")))
+        let (text, usage) = collect(provider(&fake, "openai").stream(&ask("hi")))
             .await
             .unwrap();
         assert_eq!(text, "all at once");
@@ -1404,7 +1503,7 @@ mod tests {
         let mut c = cfg("openai", Some(format!("http://{addr}")));
         c.timeout = Duration::from_millis(200);
         let p = build(&c, &ctx()).unwrap();
-        let e = upstream(collect(p.stream(ask("hi"))).await.unwrap_err());
+        let e = upstream(collect(p.stream(&ask("hi"))).await.unwrap_err());
         assert_eq!(e.class, ErrorClass::Timeout);
         hold.abort();
     }
@@ -1412,12 +1511,12 @@ mod tests {
     #[tokio::test]
     async fn openrouter_sends_referer_and_title_overridable() {
         let fake = fake().await;
-        collect(provider(&fake, "openrouter").stream(ask("hi")))
+        collect(provider(&fake, "openrouter").stream(&ask("hi")))
             .await
             .unwrap();
         let mut c = cfg("openrouter", Some(fake.base_url()));
         c.headers.insert("x-title".into(), "my app".into());
-        collect(build(&c, &ctx()).unwrap().stream(ask("hi")))
+        collect(build(&c, &ctx()).unwrap().stream(&ask("hi")))
             .await
             .unwrap();
         let reqs = fake.requests();
@@ -1437,7 +1536,7 @@ mod tests {
     #[tokio::test]
     async fn copilot_presents_itself_as_an_editor() {
         let fake = fake().await;
-        collect(provider(&fake, "copilot").stream(ask("hi")))
+        collect(provider(&fake, "copilot").stream(&ask("hi")))
             .await
             .unwrap();
         let r = &fake.requests()[0];
@@ -1549,9 +1648,9 @@ mod tests {
                 k.scheme = scheme;
             }
             let scoped = server.with_client_credentials(&c).await.unwrap();
-            collect(scoped.stream(ask("hi"))).await.unwrap();
+            collect(scoped.stream(&ask("hi"))).await.unwrap();
         }
-        collect(server.stream(ask("hi"))).await.unwrap();
+        collect(server.stream(&ask("hi"))).await.unwrap();
         let reqs = fake.requests();
         assert_eq!(reqs.len(), 4);
         for r in &reqs[..3] {
@@ -1601,12 +1700,12 @@ mod tests {
             .with_client_credentials(&creds(None, &[("api_base", url.as_str())]))
             .await
             .unwrap();
-        collect(keyless.stream(ask("hi"))).await.unwrap();
+        collect(keyless.stream(&ask("hi"))).await.unwrap();
         let keyed = server
             .with_client_credentials(&creds(Some("caller-key"), &[("base_url", url.as_str())]))
             .await
             .unwrap();
-        collect(keyed.stream(ask("hi"))).await.unwrap();
+        collect(keyed.stream(&ask("hi"))).await.unwrap();
         let reqs = fake.requests();
         assert_eq!(reqs.len(), 2);
         for r in &reqs {

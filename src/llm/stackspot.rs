@@ -408,7 +408,7 @@ impl Provider for StackSpotProvider {
         &self.agent_id
     }
 
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
         let agent = match self.agent_for(&request.model) {
             Ok(a) => a,
@@ -809,7 +809,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_read_to_its_end_leaves_its_connection_for_the_next_call() {
         let (fake, _, p) = start().await;
-        fake.assert_two_answers_share_a_connection("/chat", || p.stream(hi()))
+        fake.assert_two_answers_share_a_connection("/chat", || p.stream(&hi()))
             .await;
     }
 
@@ -821,7 +821,7 @@ mod tests {
     async fn streams_text_usage_and_finish() {
         let (fake, _, p) = start().await;
         fake.push(Reply::text("hello there world"));
-        let items: Vec<Delta> = p.stream(hi()).map(Result::unwrap).collect().await;
+        let items: Vec<Delta> = p.stream(&hi()).map(Result::unwrap).collect().await;
         assert_eq!(
             items,
             vec![
@@ -849,7 +849,7 @@ mod tests {
             ],
             "",
         );
-        collect(p.stream(r)).await.unwrap();
+        collect(p.stream(&r)).await.unwrap();
         let tok = &token_requests(&fake)[0];
         assert_eq!(tok.path, TOKEN_PATH);
         assert_eq!(
@@ -876,7 +876,7 @@ mod tests {
             "system: be brief\nuser: what is rust?\nassistant: a language\nuser: who made it?"
         );
         // A lone prompt goes as it is; a model names another agent.
-        collect(p.stream(ChatRequest::new(vec![msg("user", "hi")], "AGENT2")))
+        collect(p.stream(&ChatRequest::new(vec![msg("user", "hi")], "AGENT2")))
             .await
             .unwrap();
         let chat = &chats(&fake)[1];
@@ -888,8 +888,8 @@ mod tests {
     #[tokio::test]
     async fn a_token_is_fetched_once_and_reused() {
         let (fake, format, p) = start().await;
-        collect(p.stream(hi())).await.unwrap();
-        collect(p.stream(hi())).await.unwrap();
+        collect(p.stream(&hi())).await.unwrap();
+        collect(p.stream(&hi())).await.unwrap();
         assert_eq!(format.issued(), 1);
         let auths: Vec<_> = chats(&fake)
             .iter()
@@ -903,8 +903,8 @@ mod tests {
         let (fake, format, p) = start().await;
         // 30 s is inside the 60 s renewal margin: every call needs a new token.
         format.set_expires_in(30);
-        collect(p.stream(hi())).await.unwrap();
-        collect(p.stream(hi())).await.unwrap();
+        collect(p.stream(&hi())).await.unwrap();
+        collect(p.stream(&hi())).await.unwrap();
         assert_eq!(format.issued(), 2);
         assert_eq!(
             chats(&fake)[1].header("authorization").as_deref(),
@@ -916,7 +916,7 @@ mod tests {
     async fn a_401_renews_the_token_once_and_retries() {
         let (fake, format, p) = start().await;
         fake.push(Reply::error(401, r#"{"message":"token expired"}"#));
-        let (text, _) = collect(p.stream(hi())).await.unwrap();
+        let (text, _) = collect(p.stream(&hi())).await.unwrap();
         assert_eq!(text, "hello from the fake");
         assert_eq!(format.issued(), 2);
         let auths: Vec<_> = chats(&fake)
@@ -928,7 +928,7 @@ mod tests {
         // Refused twice: the second 401 is the answer, no third attempt.
         fake.push(Reply::error(401, r#"{"message":"no"}"#));
         fake.push(Reply::error(401, r#"{"message":"still no"}"#));
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Auth);
         assert_eq!(chats(&fake).len(), 4);
         assert_eq!(format.issued(), 3);
@@ -938,7 +938,7 @@ mod tests {
     async fn refused_client_credentials_are_auth() {
         let (fake, format, p) = start().await;
         format.refuse_tokens(401);
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         let u = err.as_upstream().unwrap();
         assert_eq!(u.class, ErrorClass::Auth);
         assert!(u.message.starts_with("token endpoint"), "{}", u.message);
@@ -953,14 +953,14 @@ mod tests {
             429,
             r#"{"type":"TooManyRequests","code":"INFERENCE_3008_CHAT_RATE_LIMIT_EXCEEDED","details":"Maximum number of requests reached."}"#,
         ));
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::RateLimit);
         assert!(err.to_string().contains("INFERENCE_3008"), "{err}");
         fake.push(Reply::error(500, r#"{"message":"boom"}"#));
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Server);
         fake.push(Reply::error(404, r#"{"message":"agent not found"}"#));
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::ModelNotFound);
     }
 
@@ -972,7 +972,7 @@ mod tests {
             Step::AwaitRelease,
             Step::Text(" second".into()),
         ]));
-        let mut s = p.stream(hi());
+        let mut s = p.stream(&hi());
         assert_eq!(
             s.next().await.unwrap().unwrap(),
             Delta::Text("first".into())
@@ -991,7 +991,7 @@ mod tests {
             Step::Text("first".into()),
             Step::AwaitRelease,
         ]));
-        let mut s = p.stream(hi());
+        let mut s = p.stream(&hi());
         assert!(s.next().await.unwrap().is_ok());
         drop(s);
         assert!(fake.wait_cancelled(1, Duration::from_secs(10)).await);
@@ -1006,13 +1006,13 @@ mod tests {
             body: "data: {\"message\": \"ab\"}\n\ndata: {\"message\": \"cd\"}\n\ndata: [DONE]\n\n"
                 .into(),
         });
-        assert_eq!(collect(p.stream(hi())).await.unwrap().0, "abcd");
+        assert_eq!(collect(p.stream(&hi())).await.unwrap().0, "abcd");
         // A whole JSON answer.
         fake.push(Reply::Raw {
             content_type: "application/json".into(),
             body: r#"{"message":"whole","stop_reason":"stop","tokens":{"user":4,"enrichment":1,"output":"2"}}"#.into(),
         });
-        let (text, usage) = collect(p.stream(hi())).await.unwrap();
+        let (text, usage) = collect(p.stream(&hi())).await.unwrap();
         assert_eq!(text, "whole");
         assert_eq!(
             usage,
@@ -1026,22 +1026,22 @@ mod tests {
             Step::Text("ok".into()),
             Step::Raw("data: not json\n\n".into()),
         ]));
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Malformed);
         fake.push(Reply::steps(vec![Step::Text("ok".into()), Step::Drop]));
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Transport);
         fake.push(Reply::Raw {
             content_type: "text/event-stream".into(),
             body: String::new(),
         });
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Malformed);
         fake.push(Reply::Raw {
             content_type: "application/json".into(),
             body: r#"{"nothing":"here"}"#.into(),
         });
-        let err = collect(p.stream(hi())).await.unwrap_err();
+        let err = collect(p.stream(&hi())).await.unwrap_err();
         assert_eq!(class_of(&err), ErrorClass::Malformed);
     }
 
@@ -1095,7 +1095,7 @@ mod tests {
     #[tokio::test]
     async fn a_callers_account_gets_its_own_token() {
         let (fake, format, p) = start().await;
-        collect(p.stream(hi())).await.unwrap(); // the server's tok-1
+        collect(p.stream(&hi())).await.unwrap(); // the server's tok-1
         let creds = ClientCredentials::from_request(
             "",
             vec![
@@ -1108,7 +1108,7 @@ mod tests {
         let scoped = p.with_client_credentials(&creds).await.unwrap();
         assert_eq!(scoped.default_model(), "CALLERAGENT");
         // The registry resolved the server's default model; it means the caller's agent here.
-        collect(scoped.stream(ChatRequest::new(vec![msg("user", "hi")], "AGENT1")))
+        collect(scoped.stream(&ChatRequest::new(vec![msg("user", "hi")], "AGENT1")))
             .await
             .unwrap();
         let toks = token_requests(&fake);
@@ -1124,7 +1124,7 @@ mod tests {
             Some("Bearer tok-2")
         );
         // The server's cache still holds its own token; the caller's never entered it.
-        collect(p.stream(hi())).await.unwrap();
+        collect(p.stream(&hi())).await.unwrap();
         assert_eq!(format.issued(), 2);
         assert_eq!(
             chats(&fake)
@@ -1144,7 +1144,7 @@ mod tests {
             config: Default::default(),
         };
         let scoped = p.with_client_credentials(&creds).await.unwrap();
-        collect(scoped.stream(hi())).await.unwrap();
+        collect(scoped.stream(&hi())).await.unwrap();
         assert_eq!(format.issued(), 0);
         assert_eq!(
             chats(&fake)[0].header("authorization").as_deref(),

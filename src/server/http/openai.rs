@@ -23,6 +23,7 @@ use serde_json::json;
 use super::{Api, ApiError, Caller, UsageOut};
 use crate::llm::fallback::Answer;
 use crate::llm::gateway::PromptCall;
+use crate::llm::json::{json_str, json_value};
 use crate::llm::{Delta, Message, ProviderRegistry};
 use crate::server::Prepared;
 use crate::server::grpc::{MAX_TOKENS_LIMIT, validate_history, validate_prompt};
@@ -61,11 +62,31 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `stop`: one sequence or a list. Read by a visitor of its own rather than as an untagged enum,
+/// which would first copy the value into serde's buffer and then try each form on it.
+#[derive(Debug)]
 enum Stop {
     One(String),
     Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Stop;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Stop, E> {
+                Ok(Stop::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Stop, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Stop::Many)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,11 +96,31 @@ struct InMessage {
     content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// A message's `content`: text, or a list of content parts (read as [`Stop`] is).
+#[derive(Debug)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Content, E> {
+                Ok(Content::Text(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(Content::Parts)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,14 +199,27 @@ fn resolve_model(registry: &ProviderRegistry, model: &str) -> Result<(String, St
 
 /// The OpenAI `finish_reason` of a provider's own reason.
 fn finish_reason(raw: Option<&str>) -> &'static str {
-    match raw.map(str::to_ascii_lowercase).as_deref() {
-        Some("length" | "max_tokens" | "max_output_tokens") => "length",
-        Some("content_filter" | "safety" | "recitation" | "blocklist" | "prohibited_content") => {
-            "content_filter"
-        }
-        Some("tool_calls" | "tool_use" | "function_call") => "tool_calls",
-        _ => "stop",
-    }
+    const NAMES: [(&[&str], &str); 3] = [
+        (&["length", "max_tokens", "max_output_tokens"], "length"),
+        (
+            &[
+                "content_filter",
+                "safety",
+                "recitation",
+                "blocklist",
+                "prohibited_content",
+            ],
+            "content_filter",
+        ),
+        (&["tool_calls", "tool_use", "function_call"], "tool_calls"),
+    ];
+    let Some(raw) = raw.filter(|r| *r != "stop") else {
+        return "stop";
+    };
+    NAMES
+        .iter()
+        .find(|(names, _)| names.iter().any(|n| n.eq_ignore_ascii_case(raw)))
+        .map_or("stop", |(_, name)| name)
 }
 
 /// Validates the request and turns it into the core call.
@@ -561,52 +615,6 @@ impl ChunkFrames {
     }
 }
 
-/// A string as serde_json writes it: between quotes as it is when nothing in it needs escaping
-/// (nearly every text), else escaped by serde_json.
-fn json_str(buf: &mut Vec<u8>, s: &str) {
-    if needs_escape(s.as_bytes()) {
-        json_value(buf, s);
-        return;
-    }
-    buf.reserve(s.len() + 2);
-    buf.push(b'"');
-    buf.extend_from_slice(s.as_bytes());
-    buf.push(b'"');
-}
-
-/// Whether `bytes` hold a byte serde_json escapes (a control character, `"` or `\\`), read eight
-/// bytes at a time: a byte below `0x20` (or equal to `"` or `\\` after XOR) borrows in the
-/// subtraction and leaves its top bit set; bytes from `0x80` up have it cleared by `!word`.
-/// Borrows only run on from a byte that matched, so the answer is exact.
-fn needs_escape(bytes: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([1; 8]);
-    const TOPS: u64 = ONES << 7;
-    let has_below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & TOPS != 0;
-    let mut words = bytes.chunks_exact(8);
-    for chunk in &mut words {
-        let mut eight = [0u8; 8];
-        eight.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(eight);
-        if has_below(w, 0x20)
-            || has_below(w ^ (ONES * u64::from(b'"')), 1)
-            || has_below(w ^ (ONES * u64::from(b'\\')), 1)
-        {
-            return true;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
-}
-
-/// A small value (a number, `null`, a string, our usage) as serde_json writes it (strings escaped
-/// as serde_json escapes them).
-fn json_value(buf: &mut Vec<u8>, v: &(impl Serialize + ?Sized)) {
-    // Writing these into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *buf, v);
-}
-
 /// A `chat.completion.chunk`.
 #[derive(Serialize)]
 struct ChunkOut<'a> {
@@ -834,28 +842,51 @@ mod tests {
     }
 
     #[test]
-    fn strings_are_the_bytes_serde_json_writes() {
-        let long = "a".repeat(40);
-        let mut cases: Vec<String> = ["", "plain", "é ✓ 𝄞 \u{2028} del \u{7f}", "tok0 tok1 "]
-            .map(String::from)
-            .to_vec();
-        // Each character serde_json escapes, at each place of an 8-byte word and in the tail.
-        for special in ['"', '\\', '\n', '\u{0}', '\u{1f}'] {
-            for at in [0, 1, 6, 7, 8, 15, 16, 17, 31, 38, 39] {
-                let mut t = long.clone();
-                t.replace_range(at..at + 1, &special.to_string());
-                cases.push(t);
-            }
-        }
-        // Every ASCII character, in a word and in the tail.
-        for c in (0u8..0x80).map(char::from) {
-            cases.push(format!("abc{c}efghijklmn{c}pq"));
-        }
-        for t in cases {
-            let mut buf = Vec::new();
-            json_str(&mut buf, &t);
-            assert_eq!(buf, serde_json::to_vec(&t).unwrap(), "{t:?}");
-        }
+    fn content_and_stop_read_in_either_form_and_refuse_others() {
+        let read = |v: serde_json::Value| serde_json::from_value::<CompletionRequest>(v);
+        let r = read(json!({
+            "messages": [
+                {"role": "user", "content": "plain"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null},
+                {"role": "assistant"}
+            ],
+            "stop": "END"
+        }))
+        .unwrap();
+        let texts: Vec<Option<String>> = r
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| m.content.map(|c| c.into_text(i).unwrap()))
+            .collect();
+        assert_eq!(texts, [Some("plain".into()), Some("ab".into()), None, None]);
+        assert!(matches!(r.stop, Some(Stop::One(s)) if s == "END"));
+        let r = read(json!({"messages": [], "stop": ["a", "b"]})).unwrap();
+        assert!(matches!(r.stop, Some(Stop::Many(v)) if v == ["a", "b"]));
+
+        let e = read(json!({"messages": [{"role": "user", "content": 7}]})).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a string or an array of content parts"),
+            "{e}"
+        );
+        let e =
+            read(json!({"messages": [{"role": "user", "content": {"text": "x"}}]})).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a string or an array of content parts"),
+            "{e}"
+        );
+        let e = read(json!({"messages": [{"role": "user", "content": [7]}]})).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        let e = read(json!({"messages": [], "stop": 1})).unwrap_err();
+        assert!(
+            e.to_string().contains("a string or an array of strings"),
+            "{e}"
+        );
+        let e = read(json!({"messages": [], "stop": [1]})).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
     }
 
     #[test]
@@ -865,5 +896,10 @@ mod tests {
         assert_eq!(finish_reason(Some("SAFETY")), "content_filter");
         assert_eq!(finish_reason(Some("tool_use")), "tool_calls");
         assert_eq!(finish_reason(None), "stop");
+        assert_eq!(finish_reason(Some("stop")), "stop");
+        assert_eq!(finish_reason(Some("Length")), "length");
+        assert_eq!(finish_reason(Some("recitation")), "content_filter");
+        assert_eq!(finish_reason(Some("Function_Call")), "tool_calls");
+        assert_eq!(finish_reason(Some("length_")), "stop");
     }
 }
