@@ -235,7 +235,8 @@ struct PromptFields {
 
 /// The caller's deadline from the `grpc-timeout` header.
 fn deadline<T>(req: &Request<T>) -> Option<Instant> {
-    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    let v = req.metadata().as_ref().get(&GRPC_TIMEOUT)?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
     let d = match unit {

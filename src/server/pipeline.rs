@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body::Frame;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
@@ -25,17 +25,21 @@ use super::tls::PeerCertificates;
 use super::{AppState, Prepared};
 use crate::auth::{AuthError, Principal};
 use crate::telemetry::GrpcMetricsLayer;
+use crate::telemetry::grpc_layer::GRPC_STATUS;
 
 /// The gRPC side as one boxed service.
 pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// The header that carries the request id, in and out.
-pub const REQUEST_ID: &str = "x-request-id";
+/// The header that carries the request id, in and out. Header names used per call are constants:
+/// looking one up by `&str` parses the name again each time.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// gRPC's status message header (or trailer).
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The client's `x-request-id` when it is 1 to 128 printable ASCII characters, else a fresh one.
 fn request_id_of(headers: &HeaderMap) -> HeaderValue {
     headers
-        .get(REQUEST_ID)
+        .get(&REQUEST_ID)
         .filter(|v| {
             let v = v.as_bytes();
             !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
@@ -289,7 +293,7 @@ impl Pipeline {
             is_grpc,
             http_status: parts.status,
             header_status: status_of(&parts.headers),
-            header_message: parts.headers.get("grpc-message").cloned(),
+            header_message: parts.headers.get(&GRPC_MESSAGE).cloned(),
             bytes_in: bytes_in.unwrap_or_default(),
             bytes_out: 0,
             notes,
@@ -441,9 +445,9 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from_static(code));
+        h.insert(GRPC_STATUS, HeaderValue::from_static(code));
         if let Ok(v) = HeaderValue::from_str(&message) {
-            h.insert("grpc-message", v);
+            h.insert(GRPC_MESSAGE, v);
         }
         r
     } else {
@@ -484,7 +488,7 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
 /// The `grpc-status` in `headers`.
 fn status_of(headers: &HeaderMap) -> Option<tonic::Code> {
     let v = headers
-        .get("grpc-status")?
+        .get(&GRPC_STATUS)?
         .to_str()
         .ok()?
         .trim()
@@ -560,7 +564,7 @@ impl PendingAudit {
                     tonic::Code::Cancelled
                 });
             let message = trailers
-                .and_then(|t| t.get("grpc-message"))
+                .and_then(|t| t.get(&GRPC_MESSAGE))
                 .or(self.header_message.as_ref())
                 .and_then(|v| v.to_str().ok())
                 .map(percent_decode);

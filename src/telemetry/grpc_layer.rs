@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderName, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tonic::Code;
 use tower::{Layer, Service};
@@ -255,9 +255,13 @@ impl Drop for CallRecorder {
     }
 }
 
+/// gRPC's status header (or trailer), as a constant: looking it up by `&str` parses the name on
+/// every call.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` in `headers`; an unparsable value is `Unknown`.
 fn status_of(headers: &HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?;
+    let value = headers.get(&GRPC_STATUS)?;
     let code = value
         .to_str()
         .ok()

@@ -678,6 +678,10 @@ fn sse_json(value: &impl serde::Serialize) -> bytes::Bytes {
     bytes::Bytes::from(buf)
 }
 
+/// Asks proxies in front (nginx) not to buffer an event stream.
+const X_ACCEL_BUFFERING: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-accel-buffering");
+
 /// An SSE response over ready-made frames (see [`sse_json`]): the headers of axum's `Sse` and
 /// [`sse_headers`], without re-scanning and copying each event.
 fn sse_frames(frames: impl futures::Stream<Item = bytes::Bytes> + Send + 'static) -> Response {
@@ -699,7 +703,7 @@ fn sse_frames(frames: impl futures::Stream<Item = bytes::Bytes> + Send + 'static
 /// SSE responses also tell proxies not to buffer them.
 fn sse_headers(mut resp: Response) -> Response {
     resp.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        .insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     resp
 }
 
