@@ -211,6 +211,8 @@ pub async fn collect(mut stream: DeltaStream) -> Result<(String, Option<Usage>),
     let mut usage = None;
     while let Some(item) = stream.next().await {
         match item? {
+            // Usually one delta: its text is taken as it is.
+            Delta::Text(t) if text.is_empty() => text = t,
             Delta::Text(t) => text.push_str(&t),
             Delta::Usage(u) => usage = Some(u),
             Delta::Finish(_) => {}

@@ -436,6 +436,8 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
     let mut finish = None;
     while let Some(item) = upstream.next().await {
         match item {
+            // A whole answer is usually one delta: its text is taken as it is.
+            Ok(Delta::Text(t)) if text.is_empty() => text = t,
             Ok(Delta::Text(t)) => text.push_str(&t),
             Ok(Delta::Usage(u)) => usage = Some(u),
             Ok(Delta::Finish(r)) => finish = Some(r),
