@@ -62,8 +62,7 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// `stop`: one sequence or a list. Read by a visitor of its own rather than as an untagged enum,
-/// which would first copy the value into serde's buffer and then try each form on it.
+/// `stop`: one sequence or a list (read by [`string_or_list`]).
 #[derive(Debug)]
 enum Stop {
     One(String),
@@ -72,21 +71,44 @@ enum Stop {
 
 impl<'de> Deserialize<'de> for Stop {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Stop;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or an array of strings")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Stop, E> {
-                Ok(Stop::One(v.to_string()))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Stop, A::Error> {
-                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Stop::Many)
-            }
-        }
-        d.deserialize_any(V)
+        string_or_list(d, "a string or an array of strings", Stop::One, Stop::Many)
     }
+}
+
+/// A value that is a string or an array of `E`, read by a visitor rather than as an untagged
+/// enum, which would first copy the value into serde's buffer and then try each form on it.
+fn string_or_list<'de, D, E, T>(
+    d: D,
+    expecting: &'static str,
+    one: fn(String) -> T,
+    many: fn(Vec<E>) -> T,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    E: Deserialize<'de>,
+{
+    struct V<E, T> {
+        expecting: &'static str,
+        one: fn(String) -> T,
+        many: fn(Vec<E>) -> T,
+    }
+    impl<'de, E: Deserialize<'de>, T> serde::de::Visitor<'de> for V<E, T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<Er: serde::de::Error>(self, v: &str) -> Result<T, Er> {
+            Ok((self.one)(v.to_string()))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+            Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(self.many)
+        }
+    }
+    d.deserialize_any(V {
+        expecting,
+        one,
+        many,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,7 +118,7 @@ struct InMessage {
     content: Option<Content>,
 }
 
-/// A message's `content`: text, or a list of content parts (read as [`Stop`] is).
+/// A message's `content`: text, or a list of content parts (read by [`string_or_list`]).
 #[derive(Debug)]
 enum Content {
     Text(String),
@@ -105,21 +127,12 @@ enum Content {
 
 impl<'de> Deserialize<'de> for Content {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Content;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or an array of content parts")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Content, E> {
-                Ok(Content::Text(v.to_string()))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
-                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
-                    .map(Content::Parts)
-            }
-        }
-        d.deserialize_any(V)
+        string_or_list(
+            d,
+            "a string or an array of content parts",
+            Content::Text,
+            Content::Parts,
+        )
     }
 }
 
