@@ -14,7 +14,7 @@ use futures::StreamExt;
 
 use super::error::{ErrorClass, LlmError, UpstreamError};
 use super::{ChatRequest, DeltaStream, Provider};
-use crate::telemetry::Metrics;
+use crate::telemetry::{LlmSeries, Metrics};
 
 /// Settings of the chain, from `[llm]`.
 #[derive(Debug, Clone)]
@@ -63,6 +63,9 @@ pub struct Answer {
     pub model: String,
     /// The deltas.
     pub stream: DeltaStream,
+    /// The provider and model's LLM metric series when metrics are on and the time to the first
+    /// delta was counted in it, so that counting the rest of the call needs no second lookup.
+    pub series: Option<Arc<LlmSeries>>,
 }
 
 impl std::fmt::Debug for Answer {
@@ -214,14 +217,16 @@ pub async fn start(
             let err = match first {
                 Some(Ok(delta)) => {
                     cooldowns.succeed(&name);
-                    if let Some(m) = metrics {
-                        m.llm(&name, &c.model).ttft(started.elapsed());
+                    let series = metrics.map(|m| m.llm(&name, &c.model));
+                    if let Some(s) = &series {
+                        s.ttft(started.elapsed());
                     }
                     let rest = futures::stream::once(async move { Ok(delta) }).chain(stream);
                     return Ok(Answer {
                         provider: name,
                         model: c.model.clone(),
                         stream: Box::pin(rest),
+                        series,
                     });
                 }
                 None => {
@@ -230,6 +235,7 @@ pub async fn start(
                         provider: name,
                         model: c.model.clone(),
                         stream: Box::pin(futures::stream::empty()),
+                        series: None,
                     });
                 }
                 Some(Err(e)) => e,

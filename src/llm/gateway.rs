@@ -119,16 +119,18 @@ fn instrument(answer: Answer, metrics: Arc<Metrics>, started: Instant) -> Answer
             }
         }
     }
-    let mut rec = Record {
-        series: metrics.llm(&answer.provider, &answer.model),
-        started,
-        done: false,
-    };
     let Answer {
         provider,
         model,
         stream,
+        series,
     } = answer;
+    let series = series.unwrap_or_else(|| metrics.llm(&provider, &model));
+    let mut rec = Record {
+        series: series.clone(),
+        started,
+        done: false,
+    };
     let mut inner = stream;
     let out = async_stream::stream! {
         while let Some(item) = inner.next().await {
@@ -157,5 +159,6 @@ fn instrument(answer: Answer, metrics: Arc<Metrics>, started: Instant) -> Answer
         provider,
         model,
         stream: Box::pin(out),
+        series: Some(series),
     }
 }

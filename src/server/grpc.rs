@@ -558,6 +558,7 @@ impl ChatCliService for ChatCliGrpc {
             provider,
             model,
             stream,
+            ..
         } = answer;
         let mut upstream = crate::llm::chunker::coalesce(stream, STREAM_CHUNK_TARGET);
         // Looked up when the first message goes out, then kept for the stream.

@@ -381,6 +381,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         provider,
         model,
         stream: mut upstream,
+        ..
     } = answer;
     let model_id = model_id(&provider, &model);
     let frames = ChunkFrames::new(&id, created, &model_id, include_usage);
@@ -443,6 +444,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
         provider,
         model,
         stream: mut upstream,
+        ..
     } = answer;
     let mut text = String::new();
     let mut usage = None;

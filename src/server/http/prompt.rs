@@ -234,6 +234,7 @@ async fn run(
         provider,
         model,
         stream: mut upstream,
+        ..
     } = answer;
     let prompt = req.prompt;
 
