@@ -25,7 +25,7 @@ use super::tls::PeerCertificates;
 use super::{AppState, Prepared};
 use crate::auth::{AuthError, Principal};
 use crate::telemetry::GrpcMetricsLayer;
-use crate::telemetry::grpc_layer::GRPC_STATUS;
+use crate::telemetry::grpc_layer::{GRPC_STATUS, code_of};
 
 /// The gRPC side as one boxed service.
 pub type GrpcService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -485,16 +485,9 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
     resp
 }
 
-/// The `grpc-status` in `headers`.
+/// The `grpc-status` in `headers`, when present and a number.
 fn status_of(headers: &HeaderMap) -> Option<tonic::Code> {
-    let v = headers
-        .get(&GRPC_STATUS)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<i32>()
-        .ok()?;
-    Some(tonic::Code::from_i32(v))
+    headers.get(&GRPC_STATUS).and_then(code_of)
 }
 
 /// Counts the bytes of a request body.

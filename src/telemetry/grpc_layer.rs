@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderName, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tonic::Code;
 use tower::{Layer, Service};
@@ -262,12 +262,13 @@ pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// The `grpc-status` in `headers`; an unparsable value is `Unknown`.
 fn status_of(headers: &HeaderMap) -> Option<Code> {
     let value = headers.get(&GRPC_STATUS)?;
-    let code = value
-        .to_str()
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .map_or(Code::Unknown, Code::from_i32);
-    Some(code)
+    Some(code_of(value).unwrap_or(Code::Unknown))
+}
+
+/// A `grpc-status` value as a code, when it is a number.
+pub fn code_of(value: &HeaderValue) -> Option<Code> {
+    let n = value.to_str().ok()?.trim().parse::<i32>().ok()?;
+    Some(Code::from_i32(n))
 }
 
 #[cfg(test)]
