@@ -64,7 +64,8 @@ pub struct Answer {
     /// The deltas.
     pub stream: DeltaStream,
     /// The provider and model's LLM metric series when metrics are on and the time to the first
-    /// delta was counted in it, so that counting the rest of the call needs no second lookup.
+    /// delta was counted in it, so that counting the rest of the call needs no second lookup
+    /// (the gateway takes it for that; `None` on the answers it hands on).
     pub series: Option<Arc<LlmSeries>>,
 }
 

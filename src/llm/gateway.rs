@@ -125,9 +125,8 @@ fn instrument(answer: Answer, metrics: Arc<Metrics>, started: Instant) -> Answer
         stream,
         series,
     } = answer;
-    let series = series.unwrap_or_else(|| metrics.llm(&provider, &model));
     let mut rec = Record {
-        series: series.clone(),
+        series: series.unwrap_or_else(|| metrics.llm(&provider, &model)),
         started,
         done: false,
     };
@@ -159,6 +158,7 @@ fn instrument(answer: Answer, metrics: Arc<Metrics>, started: Instant) -> Answer
         provider,
         model,
         stream: Box::pin(out),
-        series: Some(series),
+        // Counted from here on by `rec`.
+        series: None,
     }
 }
