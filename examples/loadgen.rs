@@ -1,5 +1,6 @@
 //! The benchmarks' load client (`bench/run.sh`): OpenAI Chat Completions over HTTP/1.1 (hyper,
-//! one keep-alive connection per worker) and the ChatCLI gRPC `SendPrompt`/`StreamPrompt` (tonic).
+//! one keep-alive connection per worker) and the ChatCLI gRPC `SendPrompt`/`StreamPrompt` (tonic's
+//! generated client over hyper's HTTP/2 connections directly, see [`H2Channel`]).
 //!
 //! ```text
 //! loadgen run    --target SPEC (--concurrency C | --rate R) [--duration 10s] [--warmup 1s]
@@ -33,9 +34,12 @@
 
 #![allow(clippy::print_stdout, reason = "results go to stdout")]
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -45,12 +49,12 @@ use chatcli::proto::{SendPromptRequest, StreamPromptRequest};
 use clap::{Args, Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
+use hyper::client::conn::http2;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 
 const PROMPT: &str = "Say hello to the benchmark.";
 /// Longest wait for one answer before it counts as an error.
@@ -186,6 +190,8 @@ struct Target {
     addr: SocketAddr,
     host: String,
     path: String,
+    /// Scheme and authority: where gRPC calls go.
+    origin: hyper::Uri,
 }
 
 impl Target {
@@ -225,6 +231,12 @@ impl Target {
             .next()
             .ok_or_else(|| anyhow!("`{host}` resolves to nothing"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let origin = hyper::Uri::builder()
+            .scheme(uri.scheme_str().unwrap_or("http"))
+            .authority(host.as_str())
+            .path_and_query("/")
+            .build()
+            .with_context(|| format!("target url `{url}`"))?;
         Ok(Self {
             name: name.unwrap_or_else(|| host.clone()),
             proto: proto.unwrap_or(Proto::Http),
@@ -234,6 +246,7 @@ impl Target {
             addr,
             host,
             path,
+            origin,
         })
     }
 }
@@ -278,7 +291,7 @@ enum Caller {
     },
     Grpc {
         t: Arc<Target>,
-        client: ChatCliServiceClient<Channel>,
+        client: ChatCliServiceClient<H2Channel>,
     },
 }
 
@@ -294,12 +307,44 @@ async fn http_connect(t: &Target) -> anyhow::Result<HttpSender> {
     Ok(sender)
 }
 
-async fn grpc_channel(t: &Target) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(t.url.clone())?
-        .tcp_nodelay(true)
-        .connect()
+/// One HTTP/2 connection for gRPC callers to share: hyper's client connection as the service
+/// under tonic's generated client. tonic's `Channel` would put a `Buffer` in front of it, i.e. a
+/// hop through a task of its own for every call on the load core; the harness measures the
+/// gateway, so the client stays as direct as its HTTP/1 side.
+#[derive(Clone)]
+struct H2Channel(http2::SendRequest<tonic::body::Body>);
+
+type H2Future = Pin<
+    Box<dyn Future<Output = Result<hyper::Response<hyper::body::Incoming>, hyper::Error>> + Send>,
+>;
+
+impl tower::Service<hyper::Request<tonic::body::Body>> for H2Channel {
+    type Response = hyper::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = H2Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<tonic::body::Body>) -> H2Future {
+        Box::pin(self.0.send_request(req))
+    }
+}
+
+async fn grpc_channel(t: &Target) -> anyhow::Result<H2Channel> {
+    let s = TcpStream::connect(t.addr)
         .await
-        .with_context(|| format!("connecting to {}", t.url))
+        .with_context(|| format!("connecting to {}", t.url))?;
+    s.set_nodelay(true)?;
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(s))
+        .await
+        .with_context(|| format!("HTTP/2 handshake with {}", t.url))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(H2Channel(sender))
 }
 
 fn http_body(t: &Target, stream: bool) -> Bytes {
@@ -320,7 +365,7 @@ fn is_content_event(ev: &[u8]) -> bool {
 
 impl Caller {
     /// A caller; gRPC callers share `channel` when given.
-    async fn new(t: Arc<Target>, stream: bool, channel: Option<Channel>) -> anyhow::Result<Self> {
+    async fn new(t: Arc<Target>, stream: bool, channel: Option<H2Channel>) -> anyhow::Result<Self> {
         Ok(match t.proto {
             Proto::Http => Caller::Http {
                 body: http_body(&t, stream),
@@ -333,7 +378,8 @@ impl Caller {
                     None => grpc_channel(&t).await?,
                 };
                 Caller::Grpc {
-                    client: ChatCliServiceClient::new(ch).max_decoding_message_size(64 << 20),
+                    client: ChatCliServiceClient::with_origin(ch, t.origin.clone())
+                        .max_decoding_message_size(64 << 20),
                     t,
                 }
             }
