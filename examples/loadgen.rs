@@ -295,15 +295,25 @@ enum Caller {
     },
 }
 
-async fn http_connect(t: &Target) -> anyhow::Result<HttpSender> {
+/// A TCP connection to the target, with Nagle's algorithm off (both protocols).
+async fn tcp_connect(t: &Target) -> anyhow::Result<TokioIo<TcpStream>> {
     let s = TcpStream::connect(t.addr)
         .await
         .with_context(|| format!("connecting to {}", t.addr))?;
     s.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    Ok(TokioIo::new(s))
+}
+
+/// Drives a client connection in a task of its own until it closes.
+fn drive<C: Future + Send + 'static>(conn: C) {
     tokio::spawn(async move {
         let _ = conn.await;
     });
+}
+
+async fn http_connect(t: &Target) -> anyhow::Result<HttpSender> {
+    let (sender, conn) = hyper::client::conn::http1::handshake(tcp_connect(t).await?).await?;
+    drive(conn);
     Ok(sender)
 }
 
@@ -333,17 +343,11 @@ impl tower::Service<hyper::Request<tonic::body::Body>> for H2Channel {
 }
 
 async fn grpc_channel(t: &Target) -> anyhow::Result<H2Channel> {
-    let s = TcpStream::connect(t.addr)
-        .await
-        .with_context(|| format!("connecting to {}", t.url))?;
-    s.set_nodelay(true)?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(s))
+        .handshake(tcp_connect(t).await?)
         .await
         .with_context(|| format!("HTTP/2 handshake with {}", t.url))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    drive(conn);
     Ok(H2Channel(sender))
 }
 
