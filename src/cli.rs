@@ -15,6 +15,10 @@ use serde::Serialize;
 use crate::config::FlagValue;
 
 /// chatcli: one authenticated endpoint for many LLM providers, speaking the ChatCLI gRPC protocol.
+/// Help heading of the flags that are accepted and checked but drive nothing in this build yet
+/// (the Kubernetes watcher and the MCP tools): a config that sets them starts, with a warning.
+const NOT_ACTIVE: &str = "Not active yet (accepted and checked; the Kubernetes watcher and MCP tools are not in this build)";
+
 #[derive(Debug, Parser)]
 #[command(name = "chatcli", version, about, propagate_version = true)]
 pub struct Cli {
@@ -230,28 +234,28 @@ pub struct ServerArgs {
     #[arg(long)]
     pub fallback_cooldown_max: Option<String>,
     /// MCP servers JSON (env CHATCLI_MCP_CONFIG).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]
     pub mcp_config: Option<PathBuf>,
     /// Multi-target watcher YAML (env CHATCLI_WATCH_CONFIG).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]
     pub watch_config: Option<PathBuf>,
     /// Single watcher target (env CHATCLI_WATCH_DEPLOYMENT).
-    #[arg(long)]
+    #[arg(long, help_heading = NOT_ACTIVE)]
     pub watch_deployment: Option<String>,
     /// Single target namespace (env CHATCLI_WATCH_NAMESPACE; default "default").
-    #[arg(long)]
+    #[arg(long, help_heading = NOT_ACTIVE)]
     pub watch_namespace: Option<String>,
     /// Watcher interval (env CHATCLI_WATCH_INTERVAL; default 30s).
-    #[arg(long)]
+    #[arg(long, help_heading = NOT_ACTIVE)]
     pub watch_interval: Option<String>,
     /// Watcher window (env CHATCLI_WATCH_WINDOW; default 2h).
-    #[arg(long)]
+    #[arg(long, help_heading = NOT_ACTIVE)]
     pub watch_window: Option<String>,
     /// Log lines per pod (env CHATCLI_WATCH_MAX_LOG_LINES; default 100).
-    #[arg(long)]
+    #[arg(long, help_heading = NOT_ACTIVE)]
     pub watch_max_log_lines: Option<u32>,
     /// Kubeconfig (env CHATCLI_KUBECONFIG; default in-cluster).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]
     pub watch_kubeconfig: Option<PathBuf>,
     /// Serve gRPC reflection; CHATCLI_GRPC_REFLECTION=true is needed as well.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -262,7 +266,8 @@ pub struct ServerArgs {
     /// Longest drain of in-flight calls on SIGTERM (env CHATCLI_SHUTDOWN_GRACE; default 30s).
     #[arg(long)]
     pub shutdown_grace: Option<String>,
-    /// Log filter, e.g. "info" or "chatcli=debug" (env CHATCLI_LOG_LEVEL, LOG_LEVEL; default info).
+    /// Log level: trace, debug, info, warn (or warning), error or off, alone or per target, e.g.
+    /// "info,chatcli=debug" (env CHATCLI_LOG_LEVEL, LOG_LEVEL; default info).
     #[arg(long)]
     pub log_level: Option<String>,
     /// Log format: text or json (env CHATCLI_LOG_FORMAT).

@@ -202,6 +202,7 @@ fn serve(args: ServerArgs) -> i32 {
             "starting chatcli server without a config file"
         ),
     }
+    tracing::info!("config loaded from {}", loaded.sources_line());
     if c.llm.providers.is_empty() {
         tracing::warn!(
             "no LLM provider is configured: prompts will fail; add [[llm.providers]] (try config/demo.toml)"

@@ -180,6 +180,7 @@ impl Reloader {
             }
         };
         let hash = content_hash(&watched_files(&loaded.config, &self.sources));
+        let sources_line = loaded.sources_line();
         if !force && hash == lock(&self.status).config_hash {
             lock(&self.status).last_error = None;
             return Ok(ReloadOutcome::Unchanged(lock(&self.status).generation));
@@ -240,7 +241,11 @@ impl Reloader {
                 .set(i64::try_from(generation).unwrap_or(i64::MAX));
             m.last_success.set(unix_now());
         }
-        tracing::info!(trigger, generation, "configuration reloaded");
+        tracing::info!(
+            trigger,
+            generation,
+            "configuration reloaded; config loaded from {sources_line}"
+        );
         crate::systemd::ready(&format!("serving (config generation {generation})"));
         Ok(ReloadOutcome::Applied(generation))
     }

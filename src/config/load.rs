@@ -72,6 +72,22 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
+impl Loaded {
+    /// The files the config was built from, in merge order, for the log (`a.toml, conf.d/b.toml`),
+    /// or `no file (defaults, environment and flags)`.
+    pub fn sources_line(&self) -> String {
+        match self.files.is_empty() {
+            true => "no file (defaults, environment and flags)".into(),
+            false => self
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
 /// Every problem found, and the warnings collected on the way.
 #[derive(Debug)]
 pub struct LoadError {
@@ -232,6 +248,8 @@ impl Provider for Layer {
 struct Schema {
     root: serde_json::Value,
     provider: serde_json::Value,
+    /// One `[limits.roles.<role>]` table, with values so that its leaves read as numbers.
+    role_limits: serde_json::Value,
 }
 
 enum Leaf {
@@ -240,22 +258,65 @@ enum Leaf {
     Bool,
 }
 
+/// Tables whose keys the user chooses (a certificate identity, a role, a provider name, a header
+/// name): any key is accepted there, and [`Schema::free_map_value`] says what each value holds.
+const FREE_MAPS: [&str; 3] = ["auth.mtls.roles", "limits.roles", "llm.fallback_models"];
+/// The same inside each `[[llm.providers]]` item.
+const PROVIDER_FREE_MAPS: [&str; 1] = ["headers"];
+
 impl Schema {
     fn new() -> Self {
+        let role_limits = crate::config::RoleLimits {
+            rate_limit_rps: Some(1.0),
+            rate_limit_burst: Some(1),
+        };
         Self {
             root: serde_json::to_value(Config::default()).unwrap_or_default(),
             provider: serde_json::to_value(ProviderConfig::default()).unwrap_or_default(),
+            role_limits: serde_json::to_value(role_limits).unwrap_or_default(),
+        }
+    }
+
+    /// For a free map at `path` (`limits.roles`, or `headers` inside a provider), the shape of one
+    /// of its values: `Some(None)` for plain text, `Some(Some(table))` for a table. `None` when
+    /// `path` is not a free map.
+    fn free_map_value(&self, path: &str) -> Option<Option<&serde_json::Value>> {
+        let in_provider = path
+            .strip_prefix("llm.providers.")
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(index, key)| {
+                index.parse::<usize>().is_ok() && PROVIDER_FREE_MAPS.contains(&key)
+            });
+        match path {
+            "limits.roles" => Some(Some(&self.role_limits)),
+            _ if FREE_MAPS.contains(&path) || in_provider => Some(None),
+            _ => None,
         }
     }
 
     /// The leaf type of a dotted key, or `None` if the key does not exist.
     fn leaf(&self, key: &str) -> Option<Leaf> {
         let mut node = &self.root;
+        let mut walked = String::new();
         let mut parts = key.split('.').peekable();
         while let Some(part) = parts.next() {
+            if let Some(value) = self.free_map_value(&walked) {
+                // `part` is a name the user chose; what follows is inside its value.
+                match (value, parts.peek()) {
+                    (None, None) => return Some(Leaf::Text),
+                    (Some(table), Some(_)) => node = table,
+                    _ => return None,
+                }
+                walked = format!("{walked}.{part}");
+                continue;
+            }
             node = match node {
                 serde_json::Value::Object(m) => m.get(part)?,
                 _ => return None,
+            };
+            walked = match walked.is_empty() {
+                true => part.to_string(),
+                false => format!("{walked}.{part}"),
             };
             if key.starts_with("llm.providers") && part == "providers" && parts.peek().is_some() {
                 return None;
@@ -269,53 +330,58 @@ impl Schema {
         }
     }
 
-    /// Removes the keys of `table` (at `prefix`) that the schema does not have, returning them.
+    /// Removes the keys of `table` that the schema does not have, returning them.
     fn strip_unknown(&self, table: &mut toml::Table) -> Vec<String> {
         let mut unknown = Vec::new();
-        strip(&self.root, &self.provider, table, "", &mut unknown);
+        self.strip(&self.root, table, "", &mut unknown);
         unknown
     }
-}
 
-fn strip(
-    schema: &serde_json::Value,
-    provider_schema: &serde_json::Value,
-    table: &mut toml::Table,
-    prefix: &str,
-    unknown: &mut Vec<String>,
-) {
-    let keys: Vec<String> = table.keys().cloned().collect();
-    for k in keys {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        let Some(sub) = schema.get(&k) else {
-            table.remove(&k);
-            unknown.push(path);
-            continue;
-        };
-        match (sub, table.get_mut(&k)) {
-            (serde_json::Value::Object(_), Some(toml::Value::Table(t))) => {
-                strip(sub, provider_schema, t, &path, unknown)
-            }
-            (serde_json::Value::Array(_), Some(toml::Value::Array(items)))
-                if path == "llm.providers" =>
-            {
-                for (i, item) in items.iter_mut().enumerate() {
-                    if let toml::Value::Table(t) = item {
-                        strip(
-                            provider_schema,
-                            provider_schema,
-                            t,
-                            &format!("{path}.{i}"),
-                            unknown,
-                        );
+    fn strip(
+        &self,
+        schema: &serde_json::Value,
+        table: &mut toml::Table,
+        prefix: &str,
+        unknown: &mut Vec<String>,
+    ) {
+        if let Some(value) = self.free_map_value(prefix) {
+            // Any key is allowed; a table value is checked against its own shape.
+            if let Some(shape) = value {
+                for (k, v) in table.iter_mut() {
+                    if let toml::Value::Table(t) = v {
+                        self.strip(shape, t, &format!("{prefix}.{k}"), unknown);
                     }
                 }
             }
-            _ => {}
+            return;
+        }
+        let keys: Vec<String> = table.keys().cloned().collect();
+        for k in keys {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            let Some(sub) = schema.get(&k) else {
+                table.remove(&k);
+                unknown.push(path);
+                continue;
+            };
+            match (sub, table.get_mut(&k)) {
+                (serde_json::Value::Object(_), Some(toml::Value::Table(t))) => {
+                    self.strip(sub, t, &path, unknown)
+                }
+                (serde_json::Value::Array(_), Some(toml::Value::Array(items)))
+                    if path == "llm.providers" =>
+                {
+                    for (i, item) in items.iter_mut().enumerate() {
+                        if let toml::Value::Table(t) = item {
+                            self.strip(&self.provider, t, &format!("{path}.{i}"), unknown);
+                        }
+                    }
+                }
+                _ => {}
+            }
         }
     }
 }

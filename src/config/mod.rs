@@ -68,12 +68,19 @@ impl std::fmt::Display for Problem {
 }
 
 /// Describes where the value of `key` came from: `default`, `file <path>`, `env <NAME>` or `flag <--x>`.
-/// Array elements (`llm.providers.1.name`) take the origin of the layer that added them.
+/// Array elements (`llm.providers.1.name`) take the origin of the layer that added them; a key that
+/// no layer set is `default`.
 pub fn origin(figment: &Figment, key: &str) -> String {
+    origin_of_path(figment, &key.split('.').collect::<Vec<_>>())
+}
+
+/// [`origin`] of a key given as its parts, for keys that hold dots themselves (a certificate
+/// identity `client.example.com` in `[auth.mtls.roles]`).
+pub fn origin_of_path(figment: &Figment, key: &[&str]) -> String {
     // Walk the merged value along the key: a list item (`llm.providers.1.name`) keeps the tag of
     // the layer that added it (a drop-in appending a provider), where the list itself carries the
     // tag of the layer that started it.
-    let mut parts = key.split('.');
+    let mut parts = key.iter().copied();
     let Some(first) = parts.next() else {
         return "default".into();
     };
@@ -89,7 +96,11 @@ pub fn origin(figment: &Figment, key: &str) -> String {
             }
             _ => None,
         };
-        let Some(next) = next else { break };
+        // A key no layer set (a provider's `timeout` left to its serde default) is a default, not
+        // a value of the layer that set its parent.
+        let Some(next) = next else {
+            return "default".into();
+        };
         value = next;
         found.push(part.to_string());
     }

@@ -203,7 +203,8 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// Filter directive, e.g. "info" or "chatcli=debug,info" (`CHATCLI_LOG_LEVEL`, else `LOG_LEVEL`).
+    /// trace, debug, info, warn (or warning), error or off, alone or per target, e.g. "info" or
+    /// "info,chatcli=debug"; any other word is refused (`CHATCLI_LOG_LEVEL`, else `LOG_LEVEL`).
     pub level: String,
     /// "text" or "json" (`CHATCLI_LOG_FORMAT`).
     pub format: LogFormat,

@@ -151,8 +151,13 @@ impl LogGuard {
 }
 
 /// Checks that `s` is a usable `EnvFilter` directive, for config validation.
+/// The error is the reason alone, without the value.
 pub fn validate_level(s: &str) -> Result<(), String> {
-    parse_filter(s).map(|_| ()).map_err(|e| e.to_string())
+    match parse_filter(s) {
+        Ok(_) => Ok(()),
+        Err(LoggingError::InvalidLevel { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Installs the global subscriber described by `settings`. Fails, without panicking, when one is
@@ -247,9 +252,62 @@ fn parse_filter(level: &str) -> Result<EnvFilter, LoggingError> {
         reason,
     };
     if level.trim().is_empty() {
-        return Err(invalid("empty".to_owned()));
+        return Err(invalid(format!("empty; {ACCEPTED_LEVELS}")));
     }
-    EnvFilter::try_new(level).map_err(|e| invalid(e.to_string()))
+    let directives = normalize_directives(level).map_err(invalid)?;
+    EnvFilter::try_new(directives).map_err(|e| invalid(e.to_string()))
+}
+
+/// What `log.level` accepts, quoted in every error about it.
+const ACCEPTED_LEVELS: &str = "accepted levels are trace, debug, info, warn (or warning), error and off, \
+                               alone or per target (`info,chatcli=debug`)";
+
+/// Checks each comma-separated directive and spells aliases the way `EnvFilter` wants them.
+/// `EnvFilter` reads a bare word that is not a level as a target name enabled at every level, so a
+/// misspelt level (`verbose`) would silently turn off every other log line; here a bare word must be
+/// a level. A target is enabled with an explicit level (`chatcli=trace`).
+fn normalize_directives(level: &str) -> Result<String, String> {
+    let mut out = Vec::new();
+    for directive in level.split(',').map(str::trim) {
+        if directive.is_empty() {
+            continue;
+        }
+        let (target, word) = match directive.rsplit_once('=') {
+            // A span field filter (`target[span{field=value}]`) keeps its own syntax.
+            Some((_, word)) if word.contains([']', '}']) => {
+                out.push(directive.to_owned());
+                continue;
+            }
+            Some((target, word)) => (Some(target), word),
+            None if directive.contains('[') => {
+                out.push(directive.to_owned());
+                continue;
+            }
+            None => (None, directive),
+        };
+        let Some(word) = level_word(word) else {
+            return Err(format!("`{word}` is not a log level; {ACCEPTED_LEVELS}"));
+        };
+        out.push(match target {
+            Some(t) => format!("{t}={word}"),
+            None => word.to_owned(),
+        });
+    }
+    Ok(out.join(","))
+}
+
+/// The level `word` names (case-insensitive; `warning` is accepted for `warn`), as `EnvFilter`
+/// spells it.
+fn level_word(word: &str) -> Option<&'static str> {
+    Some(match word.trim().to_ascii_lowercase().as_str() {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warn" | "warning" => "warn",
+        "error" => "error",
+        "off" => "off",
+        _ => return None,
+    })
 }
 
 fn max_size_bytes(max_size_mb: u64) -> usize {
@@ -727,6 +785,41 @@ mod tests {
         assert!(validate_level("=[").is_err());
         assert!(validate_level("chatcli=loud").is_err());
         assert!(validate_level("  ").is_err());
+    }
+
+    #[test]
+    fn misspelt_levels_are_refused_naming_the_accepted_words() {
+        for bad in ["verbose", "chatcli=verbose", "info,loud", "warnings"] {
+            let err = validate_level(bad).err().unwrap_or_default();
+            assert!(
+                err.contains("accepted levels are trace, debug"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(validate_level("WARNING"), Ok(()));
+        assert_eq!(
+            normalize_directives("Warning, chatcli=Debug ,hyper=off").as_deref(),
+            Ok("warn,chatcli=debug,hyper=off")
+        );
+        assert_eq!(
+            normalize_directives("chatcli[req{id=1}]").as_deref(),
+            Ok("chatcli[req{id=1}]")
+        );
+    }
+
+    #[test]
+    fn warning_alias_lets_warnings_through_and_filters_info() {
+        let captured = Captured::default();
+        let mut s = settings(None, LogFormat::Json);
+        s.level = "warning".to_owned();
+        let (subscriber, _guard) =
+            build_subscriber_with(&s, 1 << 20, captured.writer(), false).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("quiet");
+            tracing::warn!("loud");
+        });
+        let text = captured.text();
+        assert!(text.contains("loud") && !text.contains("quiet"), "{text}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod binary;
 mod client;
+mod first_hour;
 mod grpc;
 mod http;
 mod http_api;
