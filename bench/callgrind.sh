@@ -99,6 +99,7 @@ measure() { # NAME, then the load command (prints wrk's report, or loadgen's JSO
             die "$name: loadgen saw errors"
     fi
     local dump ir
+    # shellcheck disable=SC2012 # names are cg.out.<pid>: no odd characters
     dump=$(ls -t "$TMP"/cg.out.* | head -1)
     if [[ -n $KEEP ]]; then mkdir -p "$KEEP" && cp "$dump" "$KEEP/$name.cg"; fi
     ir=$(awk '/^summary:|^totals:/{v=$2} END{print v}' "$dump")

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell helpers shared by bench/run.sh, bench/callgrind.sh and scripts/build-pgo.sh (sourced, not
 # run): they start the bench's mock upstreams and a chatcli on ports of their own, load them, and
 # must leave nothing running behind them. The sourcing script defines `die MESSAGE` first.

@@ -14,6 +14,8 @@
 #          --no-pgo (measure a plain release build of chatcli instead of the profile-guided one that
 #          scripts/build-pgo.sh makes, which full and quick runs measure by default),
 #          --debug (debug build instead of release: only for --smoke, numbers would be meaningless),
+#          --chatcli PATH (measure this chatcli binary, e.g. the shipped one scripts/release.sh
+#          builds; only the mock and the load client are built),
 #          --max-wait SECS (how long to wait for a quiet machine before each point, default 180),
 #          --quiet-max CORES (quiet = processes other than the harness's use less than this many
 #          cores over 3 s, default 0.3; the load average is no use here: the harness's own load
@@ -24,7 +26,7 @@
 # and the load client on core 1.
 set -euo pipefail
 
-QUICK=0 SMOKE=0 LITELLM=1 BUILD=1 PGO=1 MAXWAIT=180 QUIET_MAX=0.3 PROFILE=release
+QUICK=0 SMOKE=0 LITELLM=1 BUILD=1 PGO=1 MAXWAIT=180 QUIET_MAX=0.3 PROFILE=release CHATCLI_BIN=
 CMDLINE="bench/run.sh $*"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -36,12 +38,17 @@ while [[ $# -gt 0 ]]; do
         --debug) PROFILE=debug ;;
         --max-wait) MAXWAIT=$2; shift ;;
         --quiet-max) QUIET_MAX=$2; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --chatcli) CHATCLI_BIN=$2; shift ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
 done
 [[ $SMOKE == 1 ]] && LITELLM=0 PGO=0
+if [[ -n $CHATCLI_BIN ]]; then
+    PGO=0
+    CHATCLI_BIN=$(cd "$(dirname "$CHATCLI_BIN")" && pwd)/$(basename "$CHATCLI_BIN")
+fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
@@ -77,7 +84,7 @@ source "$BENCH/lib.sh"
 declare -A PID=()
 cleanup() {
     local p
-    [[ -n ${WATCH_PID:-} ]] && kill "$WATCH_PID" 2>/dev/null || true
+    if [[ -n ${WATCH_PID:-} ]]; then kill "$WATCH_PID" 2>/dev/null || true; fi
     for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
     sleep 0.3
     for p in "${PID[@]}"; do kill -9 "$p" 2>/dev/null || true; done
@@ -132,12 +139,14 @@ if [[ $BUILD == 1 && $PGO == 1 ]]; then
 elif [[ $BUILD == 1 ]]; then
     flag=(--release)
     [[ $PROFILE == debug ]] && flag=()
-    log "building (cargo build ${flag[*]} --locked --bins --example mock_upstream --example loadgen)"
-    (cd "$ROOT" && cargo build "${flag[@]}" --locked --bins --example mock_upstream --example loadgen) \
-        || die "the $PROFILE build failed"
+    what=(--bins --example mock_upstream --example loadgen)
+    [[ -n $CHATCLI_BIN ]] && what=(--example mock_upstream --example loadgen)
+    log "building (cargo build ${flag[*]} --locked ${what[*]})"
+    (cd "$ROOT" && cargo build "${flag[@]}" --locked "${what[@]}") || die "the $PROFILE build failed"
 fi
 BIN=$ROOT/target/$PROFILE/chatcli
 [[ $PGO == 1 ]] && BIN=$ROOT/target/pgo/chatcli
+[[ -n $CHATCLI_BIN ]] && BIN=$CHATCLI_BIN
 MOCK=$ROOT/target/$PROFILE/examples/mock_upstream
 LG=$ROOT/target/$PROFILE/examples/loadgen
 for b in "$BIN" "$MOCK" "$LG"; do [[ -x $b ]] || die "$b is missing (run without --no-build)"; done
@@ -509,7 +518,7 @@ v=[json.loads(l).get("gw_rss_peak_kib") or 0 for l in open(sys.argv[1]) if json.
 print(max(v or [0]))' "$OUT/3-tput-m20.jsonl" "$g")
 done
 restart_chatcli() { # a fresh process, so each hold measures only itself
-    kill "${PID[chatcli]}" && wait "${PID[chatcli]}" 2>/dev/null || true
+    if kill "${PID[chatcli]}"; then wait "${PID[chatcli]}" 2>/dev/null || true; fi
     start chatcli "${PIN_GW[@]}" "$BIN" server --config "$TMP/conf-plain/chatcli.toml"
     wait_http chatcli "http://127.0.0.1:$CC/health" 30
     completion_ok "http://127.0.0.1:$CC/v1/chat/completions" m0 || die "the restarted chatcli does not answer"

@@ -8,6 +8,11 @@
 #   scripts/build-pgo.sh                  writes target/pgo/chatcli
 #   scripts/build-pgo.sh --out PATH       writes PATH instead
 #   scripts/build-pgo.sh --secs N         seconds of load per training scenario (default 3)
+#   scripts/build-pgo.sh --static         link the optimized binary statically (crt-static), as
+#                                         the image and the release tarball ship it
+#   scripts/build-pgo.sh --train-only BIN runs the training load against BIN (any build, e.g.
+#                                         target/debug/chatcli) and builds nothing of chatcli: the
+#                                         test suite's check that the training still works
 #
 # Needs llvm-profdata of the LLVM version rustc is built with (`rustc -vV`): rustup's llvm-tools
 # component, or Debian's llvm-<major> package (installed with apt-get when missing and possible).
@@ -17,11 +22,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=$ROOT/target/pgo/chatcli
 SECS=3
+STATIC=0
+TRAIN_ONLY=
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) OUT=$2; shift ;;
         --secs) SECS=$2; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --static) STATIC=1 ;;
+        --train-only) TRAIN_ONLY=$2; shift ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/build-pgo.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -37,6 +46,11 @@ for tool in curl python3; do
     command -v "$tool" >/dev/null || die "$tool is needed for the training run (Debian: apt-get install $tool)"
 done
 
+if [[ -n $TRAIN_ONLY ]]; then
+    [[ -x $TRAIN_ONLY ]] || die "--train-only wants a chatcli binary, got '$TRAIN_ONLY'"
+    TRAIN_ONLY=$(cd "$(dirname "$TRAIN_ONLY")" && pwd)/$(basename "$TRAIN_ONLY")
+fi
+
 # --- llvm-profdata of rustc's LLVM ------------------------------------------------------------
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 LLVM=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
@@ -51,7 +65,9 @@ find_profdata() {
     done
     return 1
 }
-if ! PROFDATA=$(find_profdata); then
+if [[ -n $TRAIN_ONLY ]]; then
+    PROFDATA=
+elif ! PROFDATA=$(find_profdata); then
     if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
         log "installing llvm-$LLVM (apt) for llvm-profdata"
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "llvm-$LLVM"; } >/dev/null ||
@@ -60,31 +76,39 @@ if ! PROFDATA=$(find_profdata); then
     PROFDATA=$(find_profdata) ||
         die "no llvm-profdata for LLVM $LLVM (rustc's); install it: rustup component add llvm-tools, or apt-get install llvm-$LLVM"
 fi
-log "llvm-profdata: $PROFDATA"
+[[ -n $PROFDATA ]] && log "llvm-profdata: $PROFDATA"
 
 bench_tmp chatcli-pgo
 
 # --- the instrumented build and the tools of the training run ---------------------------------
 cd "$ROOT"
-log "cargo build --release --locked --example mock_upstream --example loadgen"
-cargo build --release --locked --example mock_upstream --example loadgen
-# `--target` keeps the flags off build scripts and proc macros (they would record profiles too).
-# The profiles' directory is fixed, so the flags are too and a rebuild reuses the dependencies.
-RAW=$ROOT/target/pgo/raw
-rm -rf "$RAW"
-log "instrumented build (target/pgo/gen)"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$RAW" \
-    cargo build --release --locked --bin chatcli --target "$HOST" --target-dir target/pgo/gen
-GEN=$ROOT/target/pgo/gen/$HOST/release/chatcli
-MOCK=$ROOT/target/release/examples/mock_upstream
-LG=$ROOT/target/release/examples/loadgen
+if [[ -n $TRAIN_ONLY ]]; then
+    log "cargo build --locked --example mock_upstream --example loadgen"
+    cargo build --locked --example mock_upstream --example loadgen
+    GEN=$TRAIN_ONLY
+    MOCK=$ROOT/target/debug/examples/mock_upstream
+    LG=$ROOT/target/debug/examples/loadgen
+else
+    log "cargo build --release --locked --example mock_upstream --example loadgen"
+    cargo build --release --locked --example mock_upstream --example loadgen
+    # `--target` keeps the flags off build scripts and proc macros (they would record profiles too).
+    # The profiles' directory is fixed, so the flags are too and a rebuild reuses the dependencies.
+    RAW=$ROOT/target/pgo/raw
+    rm -rf "$RAW"
+    log "instrumented build (target/pgo/gen)"
+    RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$RAW" \
+        cargo build --release --locked --bin chatcli --target "$HOST" --target-dir target/pgo/gen
+    GEN=$ROOT/target/pgo/gen/$HOST/release/chatcli
+    MOCK=$ROOT/target/release/examples/mock_upstream
+    LG=$ROOT/target/release/examples/loadgen
+fi
 
 # --- the training run -------------------------------------------------------------------------
 BASE=${PGO_PORT_BASE:-18600}
 CC=$BASE M0=$((BASE + 1)) MS=$((BASE + 2)) CCM=$((BASE + 3))
-ports_free PGO_PORT_BASE $CC $M0 $MS $CCM
-"$MOCK" --port "$M0" >"$TMP/m0.log" 2>&1 & PIDS+=($!)
-"$MOCK" --port "$MS" --deltas 16 --interval 1ms >"$TMP/ms.log" 2>&1 & PIDS+=($!)
+ports_free PGO_PORT_BASE "$CC" "$M0" "$MS" "$CCM"
+"$MOCK" --port "$M0" >"$TMP/m0.log" 2>&1 & PIDS+=("$!")
+"$MOCK" --port "$MS" --deltas 16 --interval 1ms >"$TMP/ms.log" 2>&1 & PIDS+=("$!")
 
 # A config in a directory of its own (chatcli watches its config's directory for hot reload):
 # default settings (info logs, metrics on), limits lifted, EXTRA added.
@@ -127,14 +151,26 @@ train plain "" "http-unary http $HTTP m0" "grpc-unary grpc $GRPC m0" \
     "http-stream http $HTTP ms --stream" "grpc-stream grpc $GRPC ms --stream"
 train auth ",auth=jwt:$JWT_SECRET" "http-unary http $HTTP m0" "grpc-unary grpc $GRPC m0" \
     "http-stream http $HTTP ms --stream"
+if [[ -n $TRAIN_ONLY ]]; then
+    log "the training load ran clean against $TRAIN_ONLY (nothing built)"
+    exit 0
+fi
 compgen -G "$RAW/*.profraw" >/dev/null || die "the instrumented chatcli wrote no profile (see $TMP/chatcli-*.log)"
 "$PROFDATA" merge -o "$TMP/chatcli.profdata" "$RAW"
 
 # --- the optimized build ----------------------------------------------------------------------
 log "release build with the profile (target/pgo/use)"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$TMP/chatcli.profdata" \
+# The static link (glibc's crt-static, as the shipped image's binary) changes no Rust code, so the
+# profile of the dynamic instrumented build applies to it unchanged.
+LINK=
+[[ $STATIC == 1 ]] && LINK="-C target-feature=+crt-static"
+RUSTFLAGS="${RUSTFLAGS:-} $LINK -Cprofile-use=$TMP/chatcli.profdata" \
     cargo build --release --locked --bin chatcli --target "$HOST" --target-dir target/pgo/use
 USE=$ROOT/target/pgo/use/$HOST/release/chatcli
+if [[ $STATIC == 1 ]]; then
+    linked=$(ldd "$USE" 2>&1 || true)
+    grep -qE 'statically linked|not a dynamic executable' <<<"$linked" || die "--static: $USE is not static: $linked"
+fi
 
 # The optimized binary answers a whole and a streamed call before it is handed out.
 serve "$USE" plain

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need (a Python venv with grpcio
-# and grpcio-tools for the non-Rust peer), then runs the format check, clippy and every test.
+# and grpcio-tools for the non-Rust peer, shellcheck), then runs the format check, clippy, the docs
+# and every test, and checks the release tooling with the debug build (the scripts lint clean, the
+# PGO training load runs, the shipping checks that need no optimized build). The optimized builds
+# and the checks that need them are scripts/release.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -19,6 +22,16 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 export CHATCLI_TEST_PYTHON="$PWD/.venv/bin/python"
+
+step "shellcheck of the scripts (installs Debian's shellcheck when missing)"
+if ! command -v shellcheck >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
+  else
+    echo "shellcheck is needed (Debian: apt-get install shellcheck)" >&2; exit 69
+  fi
+fi
+shellcheck -x scripts/*.sh bench/*.sh .ci/run
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -41,11 +54,11 @@ cargo test --locked --doc
 step "benchmark harness smoke run: mock + chatcli, 600 calls and 6 streams, zero errors (bench/run.sh --smoke --debug)"
 bench/run.sh --smoke --debug
 
-step "profile-guided release build: instrumented build, training load, optimized build that must answer (scripts/build-pgo.sh --secs 2)"
-./scripts/build-pgo.sh --secs 2
+step "the PGO training load against the debug build (scripts/build-pgo.sh --train-only; the optimized build is scripts/release.sh)"
+./scripts/build-pgo.sh --train-only target/debug/chatcli --secs 1
 
-step "shipping artifacts: example configs, systemd units, offline image, Helm chart, flake (scripts/check-shipping.sh)"
-./scripts/check-shipping.sh
+step "shipping artifacts with the debug build: example configs, systemd units, Dockerfile lint, compose, Helm chart, flake, self-test (the offline image: scripts/release.sh)"
+./scripts/check-shipping.sh --binary target/debug/chatcli config systemd dockerfile chart nix selftest
 
 echo >&2
 echo "all checks passed in $(( $(date +%s) - start ))s" >&2
