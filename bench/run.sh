@@ -344,9 +344,9 @@ fi
 # Scenarios
 
 if [[ $QUICK == 1 ]]; then
-    DUR=5 ROUNDS=6 PER_ROUND=100 SROUNDS=3 FACTORS="1.0 0.75 0.5" HOLD_SECS=3
+    DUR=5 ROUNDS=6 PER_ROUND=100 SROUNDS=3 FACTORS="1.0 0.75 0.5 0.25" HOLD_SECS=3
 else
-    DUR=10 ROUNDS=15 PER_ROUND=200 SROUNDS=5 FACTORS="1.0 0.9 0.75 0.5 0.25" HOLD_SECS=5
+    DUR=10 ROUNDS=15 PER_ROUND=200 SROUNDS=5 FACTORS="1.0 0.9 0.75 0.5 0.25 0.1" HOLD_SECS=5
 fi
 
 meta() {
@@ -425,11 +425,16 @@ args=()
 for t in "${TARGETS_ALL[@]}"; do args+=(--target "$(spec_of "$t" m0)"); done
 measure latency "$OUT/2-latency.jsonl" "" '{}' -- rounds --rounds "$ROUNDS" --per-round "$PER_ROUND" --warmup 200 "${args[@]}"
 
-# 3. Throughput: closed-loop peak, then the highest open-loop rate with p99 < 1 s and < 0.1% errors.
+# 3. Throughput: closed-loop peak, then the highest open-loop rate whose p99 stays under 10 ms or
+# 5× the target's unloaded p99 (concurrency 1), whichever is larger, with < 0.1% errors. A p99 of
+# seconds means queues still growing, not a rate the target sustains.
 tput() { # MOCK TARGET CONCURRENCY CONNECTIONS
-    local mock=$1 t=$2 conc=$3 conns=$4 gw peak rate f p99 er pass
+    local mock=$1 t=$2 conc=$3 conns=$4 gw peak rate f p99 er pass limit
     gw=$(gw_of "$t")
     wait_quiet
+    measure "tput-$mock-unloaded" "$OUT/3-tput-$mock.jsonl" "$gw" '{}' -- \
+        run --target "$(spec_of "$t" "$mock")" --concurrency 1 --requests 300
+    limit=$(awk -v u="$(jget p99_us)" 'BEGIN{l=5*u; if (l < 10000) l = 10000; printf "%.0f", l}')
     measure "tput-$mock-closed" "$OUT/3-tput-$mock.jsonl" "$gw" '{}' -- \
         run --target "$(spec_of "$t" "$mock")" --concurrency "$conc" --duration "$DUR" --warmup 1
     peak=$(jget rps)
@@ -439,10 +444,10 @@ tput() { # MOCK TARGET CONCURRENCY CONNECTIONS
         measure "tput-$mock-open" "$OUT/3-tput-$mock.jsonl.tmp" "$gw" "{\"factor\":$f}" -- \
             run --target "$(spec_of "$t" "$mock")" --rate "$rate" --connections "$conns" --duration "$DUR" --warmup 1
         p99=$(jget p99_us) er=$(jget error_rate)
-        pass=$(awk -v p="$p99" -v e="$er" 'BEGIN{print (p < 1000000 && e < 0.001) ? "true" : "false"}')
-        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["passed"]=sys.argv[2]=="true"; print(json.dumps(r))' \
-            "$TMP/last.json" "$pass" >>"$OUT/3-tput-$mock.jsonl"
-        log "    open loop $rate req/s: p50 $(jget p50_us) µs, p99 $p99 µs, errors $(jget errors) → $([[ $pass == true ]] && echo pass || echo fail)"
+        pass=$(awk -v p="$p99" -v l="$limit" -v e="$er" 'BEGIN{print (p < l && e < 0.001) ? "true" : "false"}')
+        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["passed"]=sys.argv[2]=="true"; r["p99_limit_us"]=int(sys.argv[3]); print(json.dumps(r))' \
+            "$TMP/last.json" "$pass" "$limit" >>"$OUT/3-tput-$mock.jsonl"
+        log "    open loop $rate req/s: p50 $(jget p50_us) µs, p99 $p99 µs (limit $limit µs), errors $(jget errors) → $([[ $pass == true ]] && echo pass || echo fail)"
         [[ $pass == true ]] && break
     done
     rm -f "$OUT/3-tput-$mock.jsonl.tmp"

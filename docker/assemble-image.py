@@ -11,7 +11,7 @@ bundle, passwd/group with the nonroot user (65532), nsswitch.conf, /tmp and /hom
 The output is reproducible: entries are sorted, owners numeric, times fixed (SOURCE_DATE_EPOCH, else
 0) and gzip headers carry no name or time, so the same inputs give the same digests.
 
-    docker/assemble-image.py --binary target/static/x86_64-unknown-linux-gnu/release/chatcli \
+    docker/assemble-image.py --binary target/pgo/chatcli \
         --out target/shipping/oci --tag 0.1.0
 
 Only the Python standard library is used.
