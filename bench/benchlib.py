@@ -8,7 +8,9 @@ Markdown report. Standard library only.
   benchlib.py quiet SECS NAME=PID ...      other processes' CPU (cores) over SECS seconds
   benchlib.py child -- CMD ...             run CMD, add the CPU it used to its JSON lines (for wrk)
   benchlib.py get FILE KEY [DEFAULT]       a field of the last JSON line of FILE
-  benchlib.py report RESULTS_DIR           Markdown tables from RESULTS_DIR/*.jsonl
+  benchlib.py report RESULTS_DIR           Markdown report from RESULTS_DIR/*.jsonl: the headline table
+                                           (BENCHMARKS.md's first screen, pasted as is), then the details
+  benchlib.py headline RESULTS_DIR         the headline table alone
 """
 
 import json
@@ -306,23 +308,216 @@ def mib(kib):
     return "–" if kib in (None, "") else f"{float(kib) / 1024:.1f} MiB"
 
 
-ORDER = ["direct", "nginx", "chatcli-http", "chatcli-grpc", "chatcli-http-auth", "chatcli-grpc-auth", "litellm"]
+# Targets, and the gateway processes of the memory table, in the order the tables list them.
+ORDER = ["direct", "nginx", "chatcli-http", "chatcli-grpc", "chatcli", "chatcli-plain-http", "chatcli-plain-grpc",
+         "chatcli-plain", "chatcli-http-auth", "chatcli-grpc-auth", "chatcli-auth", "litellm"]
 
 
 def order_key(name):
     return ORDER.index(name) if name in ORDER else len(ORDER)
 
 
-def report(d):
-    rows = load_dir(d)
-    meta = {}
+def load_meta(d):
     try:
         with open(os.path.join(d, "meta.json")) as f:
-            meta = json.load(f)
-    except OSError:
-        pass
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def build_kind(meta, proc):
+    """Which build the chatcli process `proc` ran: pgo, plain, given (--chatcli) or None (not run).
+    Runs from before meta.json named each process's build say it in chatcli_build only."""
+    b = (meta.get("chatcli_builds") or {}).get(proc)
+    if b:
+        return b.get("kind")
+    if meta.get("chatcli_builds") is None and proc == "chatcli":
+        s = meta.get("chatcli_build") or "release build"
+        return "pgo" if "profile-guided" in s else "debug" if "debug" in s else "plain"
+    return None
+
+
+def build_note(meta, proc):
+    b = (meta.get("chatcli_builds") or {}).get(proc)
+    if not b:
+        return meta.get("chatcli_build", "release build") if proc == "chatcli" else None
+    extra = ", ".join(x for x in (f"{b['linked']}ally linked" if b.get("linked") else None,
+                                  f"binary of {b['built']}" if b.get("built") else None) if x)
+    return b.get("what", "?") + (f" ({extra})" if extra else "")
+
+
+HEADLINE_BEGIN = "<!-- headline: the first part of `python3 bench/benchlib.py report <run dir>`, pasted as is -->"
+HEADLINE_END = "<!-- end of the headline -->"
+
+
+def headline(d, rows=None, meta=None):
+    """The one table a reader needs first: each chatcli build, over HTTP and gRPC, against nginx and
+    LiteLLM, from one run; with the command that produced it."""
+    rows = load_dir(d) if rows is None else rows
+    meta = load_meta(d) if meta is None else meta
     out = []
     w = out.append
+
+    kc = build_kind(meta, "chatcli")
+    has_plain_proc = build_kind(meta, "chatcli-plain") == "plain" or any(
+        str(r.get("target", "")).startswith("chatcli-plain-") for r in rows)
+    shipped = "chatcli" if kc in ("pgo", "given") else None
+    plain = "chatcli-plain" if has_plain_proc else ("chatcli" if kc in ("plain", "debug") else None)
+    shipped_label = "chatcli, the `--chatcli` binary" if kc == "given" else "chatcli shipped build (PGO)"
+    plain_label = "chatcli plain release build" + (" (debug)" if plain == "chatcli" and kc == "debug" else "")
+    lines = [  # (row label, target, gateway process, protocol)
+        (f"{shipped_label}, HTTP", shipped and f"{shipped}-http", shipped, "http"),
+        (f"{shipped_label}, gRPC", shipped and f"{shipped}-grpc", shipped, "grpc"),
+        (f"{plain_label}, HTTP", plain and f"{plain}-http", plain, "http"),
+        (f"{plain_label}, gRPC", plain and f"{plain}-grpc", plain, "grpc"),
+        (f"nginx {str(meta.get('nginx_version', '')).replace('nginx/', '')} (reverse proxy)".replace(" ()", "").replace("  ", " "),
+         "nginx", "nginx", "http"),
+        ("LiteLLM" + (f" {meta['litellm_version']}" if meta.get("litellm_version") not in (None, "", "not run") else "")
+         + " (proxy)", "litellm", "litellm", "http"),
+        ("the mock called directly (reference)", "direct", None, "http"),
+    ]
+
+    closed = {r["target"]: r for r in rows if r.get("label", "").startswith("tput-m0-closed")}
+    opens = [r for r in rows if r.get("label", "").startswith("tput-m0-open")]
+    limited = any("p99_limit_us" in r for r in opens)
+    best, tried = {}, set()
+    for r in opens:
+        if "p99_limit_us" not in r:
+            continue
+        tried.add(r["target"])
+        if r.get("passed") and (r["target"] not in best or r["rate"] > best[r["target"]]["rate"]):
+            best[r["target"]] = r
+    lat = {r["target"]: r for r in rows if r.get("kind") == "rounds"}
+    sst = {r["target"]: r for r in rows if r.get("label") == "streaming-steady"}
+    mem = {r["target"]: r for r in rows if r.get("kind") == "memory"}
+    base = sst.get("direct") or {}
+    ngx = closed.get("nginx")
+
+    def tput(t):
+        r = closed.get(t)
+        if not r:
+            return "–"
+        s = f"{r['rps']:,.0f}"
+        if ngx and t not in ("nginx", "direct") and ngx.get("rps"):
+            share = r["rps"] / ngx["rps"]
+            s += f" ({share:.0%})" if share >= 0.1 else f" ({share:.2%})"
+        return s
+
+    def open_rate(t):
+        b = best.get(t)
+        if b:
+            return f"{b['rate']:,.0f} (p99 {us(b.get('p99_us'))})"
+        return "none passed" if t in tried else "–"
+
+    def added_lat(t):
+        r = lat.get(t)
+        if not r:
+            return "–"
+        return f"base: {us(r.get('p50_us'))}" if t == "direct" else us(r.get("added_p50_us"))
+
+    def cpu(t):
+        v = (closed.get(t) or {}).get("gw_cpu_us_per_call")
+        if v is None or t == "direct":
+            return "–"
+        return us(v) if float(v) >= 1000 else f"{float(v):.1f} µs"
+
+    def streamed(t, k):
+        r = sst.get(t)
+        if not r or not base:
+            return "–"
+        v = (r.get(k) or {}).get("p50_us")
+        if t == "direct":
+            return f"base: {us(v)}"
+        b = (base.get(k) or {}).get("p50_us")
+        return "–" if v is None or b is None else us(v - b)
+
+    def rss(g, proto, held):
+        r = mem.get(g) if g else None
+        if not r:
+            return "–"
+        if not held:
+            return mib(r.get("idle_kib"))
+        k = "hold_grpc" if proto == "grpc" else "hold_http"
+        n = r.get(f"{k}_opened")
+        return mib(r.get(f"{k}_kib")) + ("" if n in (None, 1000) else f" ({n} opened)")
+
+    missing = []
+    w(HEADLINE_BEGIN)
+    w("")
+    w("## chatcli against nginx and LiteLLM: one run, the gateway on one core")
+    w("")
+    w("| | throughput on one core, req/s (share of nginx's) | highest open-loop rate with p99 within the limit, req/s (its p99) | "
+      "added latency p50, concurrency 1 | gateway CPU per call | streamed: added time to first token p50 | "
+      "streamed: added gap between chunks p50 | RSS idle | RSS with 1,000 streams open |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for label, t, g, proto in lines:
+        if not t or not any(t in x for x in (closed, lat, sst)):
+            missing.append(label)
+            w(f"| {label} | – | – | – | – | – | – | – | – |")
+            continue
+        direct = t == "direct"
+        w(f"| {label} | {tput(t)} | {open_rate(t)} | {added_lat(t)} | {cpu(t)} | {streamed(t, 'ttft')} | "
+          f"{streamed(t, 'gap')} | {'–' if direct else rss(g, proto, False)} | {'–' if direct else rss(g, proto, True)} |")
+    w("")
+    dirname = os.path.basename(os.path.realpath(d))
+    rid = meta.get("run_id") or dirname
+    w(f"Command: `{meta.get('cmdline', 'bench/run.sh')}` (run `{rid}`, chatcli {meta.get('chatcli_rev') or '?'}; "
+      f"this table: `python3 bench/benchlib.py report bench/results/{dirname}`).")
+    w("")
+    notes = []
+    if shipped:
+        notes.append(f"*{shipped_label}*: {build_note(meta, shipped)}")
+    if plain:
+        notes.append(f"*{plain_label}*: {build_note(meta, plain)}")
+    if notes:
+        w("Builds: " + "; ".join(notes) + ".")
+        w("")
+    if meta:
+        w(f"Machine: {meta.get('cpu')}, {meta.get('nproc')} cores, {meta.get('mem')}, kernel {meta.get('kernel', '?')}, "
+          f"{meta.get('rustc', 'rustc ?')}; load average {meta.get('loadavg_start')} at the start, "
+          f"{meta.get('loadavg_end', '?')} at the end"
+          + ("; **some points were measured while other processes kept the machine busy**" if meta.get("under_load") else "")
+          + ". The gateway under test on core 0 (`taskset`; the other gateways sit idle there), the mock upstream and "
+          "the load client on core 1.")
+        w("")
+    factors = sorted({r.get("factor") for r in opens if r.get("factor") and "p99_limit_us" in r}, reverse=True)
+    w("Columns: *throughput* = closed loop, 64 connections, zero-delay mock (the direct row is what the mock and the "
+      "load client manage on core 1 by themselves); *open-loop rate* = the highest rate tried (the closed-loop peak "
+      f"× {', '.join(str(f) for f in factors) if factors else '1.0, 0.9, 0.75, …'}, until one passes) whose p99 stayed under 10 ms or 5× the target's own p99 at concurrency 1, whichever is "
+      "larger, with under 0.1% errors; *added* = minus the same figure for the mock called directly (the direct row "
+      "shows that figure); *CPU per call* = the gateway process's CPU time (user + kernel) in the closed-loop run ÷ "
+      "calls answered; *streamed* = steady state, 32 streams open, 64 deltas 20 ms apart; *RSS* = the gateway's "
+      "process tree, idle = started and one call answered, 1,000 streams = a freshly started process holding "
+      "1,000 streamed calls of the row's protocol (nginx and LiteLLM: HTTP).")
+    w("")
+    if opens and not limited:
+        w("This run predates the p99 limit (its open-loop points were judged by p99 < 1 s, which queues of seconds "
+          "pass), so the open-loop column is left empty; its detailed tables below show those points.")
+        w("")
+    if missing:
+        grouped = {}
+        for m in missing:
+            head, _, proto = m.rpartition(", ")
+            if proto in ("HTTP", "gRPC"):
+                grouped.setdefault(head, []).append(proto)
+            else:
+                grouped.setdefault(m, [])
+        w("Not in this run: " + "; ".join(k + (f" ({', '.join(v)})" if v else "") for k, v in grouped.items())
+          + " (`bench/run.sh` measures both chatcli builds unless "
+          "`--no-plain` or `--no-pgo`; `--no-litellm` skips LiteLLM).")
+        w("")
+    w(HEADLINE_END)
+    return out
+
+
+def report(d):
+    rows = load_dir(d)
+    meta = load_meta(d)
+    out = headline(d, rows, meta)
+    w = out.append
+    w("")
+    w("## Details of the run")
+    w("")
     if meta:
         w(f"Run `{meta.get('run_id')}`: {meta.get('cmdline')}; {meta.get('cpu')}, {meta.get('nproc')} cores, "
           f"{meta.get('mem')}; load average at start {meta.get('loadavg_start')}; "
@@ -373,11 +568,15 @@ def report(d):
             if r.get("passed") and (r["target"] not in best or r["rate"] > best[r["target"]]["rate"]):
                 best[r["target"]] = r
         lit, ngx = by.get("litellm"), by.get("nginx")
+        limited = any("p99_limit_us" in r for r in opens)
+        criterion = ("whose p99 stayed under 10 ms or 5× the target's unloaded p99 (concurrency 1), whichever is larger, "
+                     if limited or not opens else
+                     "whose p99 stayed under 1 s (this run predates the 10 ms / 5× unloaded p99 limit), ")
         w(f"### Throughput, {title}, gateway pinned to core 0")
         w("")
         w(f"Closed loop (concurrency {closed[0].get('concurrency')}, load client `loadgen`) gives the peak; the "
           "open-loop rate is the highest tried (peak × " + ", ".join(str(f) for f in sorted({r.get('factor') for r in opens if r.get('factor')}, reverse=True))
-          + ") whose p99 stayed under 10 ms or 5× the target's unloaded p99 (concurrency 1), whichever is larger, "
+          + ") " + criterion +
           "with under 0.1% errors. CPU µs/call = the gateway process's CPU time "
           "(all threads, user + kernel) over the run ÷ calls answered. Core 1 wake-ups/call = rescheduling and "
           "function-call interrupts core 1 took per call (`/proc/interrupts`): mostly the gateway's writes waking "
@@ -389,7 +588,7 @@ def report(d):
             t = r["target"]
             b = best.get(t)
             rate = f"{b['rate']:.0f}" if b else ("none passed" if t in tried else "–")
-            pp = f"{us(b['p50_us'])} / {us(b['p99_us'])} ({us(b.get('p99_limit_us'))})" if b else "–"
+            pp = (f"{us(b['p50_us'])} / {us(b['p99_us'])}" + (f" ({us(b['p99_limit_us'])})" if b.get("p99_limit_us") else "")) if b else "–"
             flag = ""
             # The direct row is what the mock and the client manage on their own at this concurrency:
             # a gateway within 10% of it is measuring the load side, not itself.
@@ -455,8 +654,8 @@ def report(d):
         w("")
         w("Idle = started, one call answered. Peaks = the highest RSS sampled (every 0.2 s) during the zero-delay runs "
           "(64 connections) and the 20 ms runs (2,048 connections). *After the load* = when those runs were over. "
-          "The 1,000-stream figures come from a freshly started chatcli (restarted before each), so they measure "
-          "only the open streams.")
+          "The 1,000-stream figures come from a freshly started chatcli (chatcli-plain likewise; restarted before "
+          "each), so they measure only the open streams.")
         w("")
         w("| gateway | idle | peak, zero-delay runs | peak, 20 ms runs | after the load | 1,000 streams open (HTTP) | 1,000 streams open (gRPC) |")
         w("|---|---|---|---|---|---|---|")
@@ -490,6 +689,8 @@ def main():
         get(args[0], args[1], args[2] if len(args) > 2 else None)
     elif cmd == "report":
         report(args[0])
+    elif cmd == "headline":
+        print("\n".join(headline(args[0])))
     else:
         sys.exit(f"unknown command {cmd}")
 

@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
 # The benchmark harness (issue #8): chatcli's OpenAI-compatible HTTP route and gRPC SendPrompt
 # side by side with LiteLLM's proxy, nginx as a plain reverse proxy, and the mock upstream called
-# directly, all against the same mock, in one run. Results go to bench/results/<run id>/ (JSON
-# lines + report.md); BENCHMARKS.md explains them.
+# directly, all against the same mock, in one run. Both chatcli builds are measured in that run: the
+# shipped one (profile-guided, scripts/build-pgo.sh → target/pgo/chatcli, process `chatcli`) and the
+# plain `cargo build --release --locked` (target/release/chatcli, process `chatcli-plain`, targets
+# chatcli-plain-http/-grpc). Results go to bench/results/<run id>/ (JSON lines + report.md, which
+# starts with the headline table of BENCHMARKS.md); BENCHMARKS.md explains them.
 #
-#   bench/run.sh            full run (~15 min on the 2-core VM, plus ~15 min for scripts/build-pgo.sh)
+#   bench/run.sh            full run (~17 min on the 2-core VM, plus ~15 min for scripts/build-pgo.sh
+#                           and a few for the plain release build)
 #   bench/run.sh --quick    shorter points, fewer rounds (~6 min)
 #   bench/run.sh --smoke    mock + chatcli only, a few hundred calls, asserts zero errors (~10 s
 #                           after the build); for the test suite: `bench/run.sh --smoke --debug`
 #                           uses the debug build the tests already made
 #
 # Options: --no-litellm (skip the LiteLLM baseline), --no-build (use the built binaries),
-#          --no-pgo (measure a plain release build of chatcli instead of the profile-guided one that
-#          scripts/build-pgo.sh makes, which full and quick runs measure by default),
+#          --no-plain (skip the plain release build: measure the profile-guided one only),
+#          --no-pgo (measure only the plain release build, as the process `chatcli`; no
+#          chatcli-plain then),
 #          --debug (debug build instead of release: only for --smoke, numbers would be meaningless),
-#          --chatcli PATH (measure this chatcli binary, e.g. the shipped one scripts/release.sh
-#          builds; only the mock and the load client are built),
+#          --chatcli PATH (measure this chatcli binary in place of the profile-guided build, e.g.
+#          the shipped one scripts/release.sh builds; the plain build is still measured beside it
+#          unless --no-plain),
 #          --max-wait SECS (how long to wait for a quiet machine before each point, default 180),
 #          --quiet-max CORES (quiet = processes other than the harness's use less than this many
 #          cores over 3 s, default 0.3; the load average is no use here: the harness's own load
 #          keeps it above 1).
 # Environment: BENCH_PORT_BASE (default 18000): ports BASE+80.. are used.
 #
-# Pinning (taskset): the gateway under test (chatcli, nginx, LiteLLM) on core 0; the mock upstreams
-# and the load client on core 1.
+# Pinning (taskset): the gateway under test (chatcli, chatcli-plain, nginx, LiteLLM) on core 0; the
+# mock upstreams and the load client on core 1. The gateways not under test sit idle meanwhile.
 set -euo pipefail
 
-QUICK=0 SMOKE=0 LITELLM=1 BUILD=1 PGO=1 MAXWAIT=180 QUIET_MAX=0.3 PROFILE=release CHATCLI_BIN=
+QUICK=0 SMOKE=0 LITELLM=1 BUILD=1 PGO=1 PLAIN=1 MAXWAIT=180 QUIET_MAX=0.3 PROFILE=release CHATCLI_BIN=
 CMDLINE="bench/run.sh $*"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -35,16 +41,19 @@ while [[ $# -gt 0 ]]; do
         --no-litellm) LITELLM=0 ;;
         --no-build) BUILD=0 ;;
         --no-pgo) PGO=0 ;;
+        --no-plain) PLAIN=0 ;;
         --debug) PROFILE=debug ;;
         --max-wait) MAXWAIT=$2; shift ;;
         --quiet-max) QUIET_MAX=$2; shift ;;
         --chatcli) CHATCLI_BIN=$2; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
 done
-[[ $SMOKE == 1 ]] && LITELLM=0 PGO=0
+[[ $SMOKE == 1 ]] && LITELLM=0 PGO=0 PLAIN=0
+# Without the profile-guided build, `chatcli` itself is the plain release build: no second copy.
+[[ $PGO == 0 && -z $CHATCLI_BIN ]] && PLAIN=0
 if [[ -n $CHATCLI_BIN ]]; then
     PGO=0
     CHATCLI_BIN=$(cd "$(dirname "$CHATCLI_BIN")" && pwd)/$(basename "$CHATCLI_BIN")
@@ -63,6 +72,7 @@ JWT_SECRET=bench-jwt-secret-0123456789abcdefghijklmnopqrstuvwxyz
 BASE=${BENCH_PORT_BASE:-18000}
 M0=$((BASE + 80)) M20=$((BASE + 81)) MS=$((BASE + 82)) MH=$((BASE + 83))
 CC=$((BASE + 100)) CCM=$((BASE + 190)) CA=$((BASE + 101)) CAM=$((BASE + 191))
+CP=$((BASE + 102)) CPM=$((BASE + 192))
 NGX=$((BASE + 200)) LLM=$((BASE + 300))
 
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
@@ -136,23 +146,30 @@ if [[ $BUILD == 1 && $PGO == 1 ]]; then
     # The script builds the mock and the load client (release) too.
     log "building chatcli with profile-guided optimization (scripts/build-pgo.sh)"
     "$ROOT/scripts/build-pgo.sh" --out "$ROOT/target/pgo/chatcli" || die "the PGO build failed (--no-pgo measures a plain release build)"
-elif [[ $BUILD == 1 ]]; then
+fi
+if [[ $BUILD == 1 ]]; then
+    # The mock and the load client (no-ops after build-pgo.sh), and chatcli's plain build when it is
+    # measured: as `chatcli` (--no-pgo, --smoke) or as `chatcli-plain` beside the PGO build.
     flag=(--release)
     [[ $PROFILE == debug ]] && flag=()
-    what=(--bins --example mock_upstream --example loadgen)
-    [[ -n $CHATCLI_BIN ]] && what=(--example mock_upstream --example loadgen)
+    what=(--example mock_upstream --example loadgen)
+    if [[ $PLAIN == 1 ]] || [[ $PGO == 0 && -z $CHATCLI_BIN ]]; then what=(--bins "${what[@]}"); fi
     log "building (cargo build ${flag[*]} --locked ${what[*]})"
     (cd "$ROOT" && cargo build "${flag[@]}" --locked "${what[@]}") || die "the $PROFILE build failed"
 fi
 BIN=$ROOT/target/$PROFILE/chatcli
 [[ $PGO == 1 ]] && BIN=$ROOT/target/pgo/chatcli
 [[ -n $CHATCLI_BIN ]] && BIN=$CHATCLI_BIN
+BIN_PLAIN=$ROOT/target/release/chatcli
 MOCK=$ROOT/target/$PROFILE/examples/mock_upstream
 LG=$ROOT/target/$PROFILE/examples/loadgen
-for b in "$BIN" "$MOCK" "$LG"; do [[ -x $b ]] || die "$b is missing (run without --no-build)"; done
+bins=("$BIN" "$MOCK" "$LG")
+[[ $PLAIN == 1 ]] && bins+=("$BIN_PLAIN")
+for b in "${bins[@]}"; do [[ -x $b ]] || die "$b is missing (run without --no-build)"; done
 
 ports=("$M0" "$M20" "$MS" "$MH" "$CC" "$CCM")
 [[ $SMOKE == 0 ]] && ports+=("$CA" "$CAM" "$NGX")
+[[ $PLAIN == 1 ]] && ports+=("$CP" "$CPM")
 [[ $LITELLM == 1 ]] && ports+=("$LLM")
 ports_free BENCH_PORT_BASE "${ports[@]}"
 
@@ -208,22 +225,37 @@ completion_ok "http://127.0.0.1:$M0/v1/chat/completions" x || die "the mock does
 fill=(TMP="$TMP" M0="$M0" M20="$M20" MS="$MS" MH="$MH")
 # Each chatcli config sits alone in its own directory: chatcli watches its config's directory for
 # hot reload, so files the harness writes must not land next to it.
-mkdir -p "$TMP/conf-plain" "$TMP/conf-auth" "$TMP/audit"
-render "$BENCH/chatcli.toml.in" "$TMP/conf-plain/chatcli.toml" "${fill[@]}" PORT="$CC" METRICS="$CCM" NAME=plain EXTRA=""
+# conf-noauth: `chatcli` (the measured build); conf-auth: `chatcli-auth` (same binary, JWT + audit);
+# conf-plain-build: `chatcli-plain` (the plain release build, the same settings as conf-noauth).
+mkdir -p "$TMP/conf-noauth" "$TMP/conf-auth" "$TMP/conf-plain-build" "$TMP/audit"
+render "$BENCH/chatcli.toml.in" "$TMP/conf-noauth/chatcli.toml" "${fill[@]}" PORT="$CC" METRICS="$CCM" NAME=noauth EXTRA=""
 render "$BENCH/chatcli.toml.in" "$TMP/conf-auth/chatcli.toml" "${fill[@]}" PORT="$CA" METRICS="$CAM" NAME=auth \
     EXTRA="[auth.jwt]
 secret = \"$JWT_SECRET\"
 
 [audit]
 path = \"$TMP/audit/audit.jsonl\""
+render "$BENCH/chatcli.toml.in" "$TMP/conf-plain-build/chatcli.toml" "${fill[@]}" PORT="$CP" METRICS="$CPM" NAME=plain-build EXTRA=""
+
+# The chatcli processes: the binary, config and port of each, to start them and restart them.
+declare -A GW_BIN=([chatcli]="$BIN" [chatcli-auth]="$BIN" [chatcli-plain]="$BIN_PLAIN")
+declare -A GW_CONF=([chatcli]=noauth [chatcli-auth]=auth [chatcli-plain]=plain-build)
+declare -A GW_PORT=([chatcli]="$CC" [chatcli-auth]="$CA" [chatcli-plain]="$CP")
+start_chatcli() { # NAME: starts it pinned to the gateway core; waits until it answers (and, without
+    # auth, answers a completion through the mock)
+    local n=$1
+    start "$n" "${PIN_GW[@]}" "${GW_BIN[$n]}" server --config "$TMP/conf-${GW_CONF[$n]}/chatcli.toml"
+    wait_http "$n" "http://127.0.0.1:${GW_PORT[$n]}/health" 30
+    [[ $n == chatcli-auth ]] && return 0
+    completion_ok "http://127.0.0.1:${GW_PORT[$n]}/v1/chat/completions" m0 || die "$n does not answer a completion through the mock"
+}
 
 log "starting chatcli on core ${GW_CORE:-any}"
-start chatcli "${PIN_GW[@]}" "$BIN" server --config "$TMP/conf-plain/chatcli.toml"
-wait_http chatcli "http://127.0.0.1:$CC/health" 30
-completion_ok "http://127.0.0.1:$CC/v1/chat/completions" m0 || die "chatcli does not answer a completion through the mock"
-if [[ $SMOKE == 0 ]]; then
-    start chatcli-auth "${PIN_GW[@]}" "$BIN" server --config "$TMP/conf-auth/chatcli.toml"
-    wait_http chatcli-auth "http://127.0.0.1:$CA/health" 30
+start_chatcli chatcli
+[[ $SMOKE == 0 ]] && start_chatcli chatcli-auth
+if [[ $PLAIN == 1 ]]; then
+    log "starting chatcli-plain (the plain release build, target/release/chatcli) on core ${GW_CORE:-any}"
+    start_chatcli chatcli-plain
 fi
 
 if [[ $SMOKE == 0 ]]; then
@@ -252,16 +284,25 @@ spec_direct() { echo "name=direct,proto=http,url=http://127.0.0.1:$(mport "$1")/
 spec_nginx() { echo "name=nginx,proto=http,url=http://127.0.0.1:$NGX/$1/v1/chat/completions,model=$1"; }
 spec_cchttp() { echo "name=chatcli-http,proto=http,url=http://127.0.0.1:$CC/v1/chat/completions,model=$1"; }
 spec_ccgrpc() { echo "name=chatcli-grpc,proto=grpc,url=http://127.0.0.1:$CC,model=$1"; }
+spec_cphttp() { echo "name=chatcli-plain-http,proto=http,url=http://127.0.0.1:$CP/v1/chat/completions,model=$1"; }
+spec_cpgrpc() { echo "name=chatcli-plain-grpc,proto=grpc,url=http://127.0.0.1:$CP,model=$1"; }
 spec_cahttp() { echo "name=chatcli-http-auth,proto=http,url=http://127.0.0.1:$CA/v1/chat/completions,model=$1,auth=jwt:$JWT_SECRET"; }
 spec_cagrpc() { echo "name=chatcli-grpc-auth,proto=grpc,url=http://127.0.0.1:$CA,model=$1,auth=jwt:$JWT_SECRET"; }
 spec_litellm() { echo "name=litellm,proto=http,url=http://127.0.0.1:$LLM/v1/chat/completions,model=$1,auth=bearer:$MASTER_KEY"; }
 mport() { case $1 in m0) echo "$M0" ;; m20) echo "$M20" ;; ms) echo "$MS" ;; mh) echo "$MH" ;; esac; }
-gw_of() { case $1 in direct) echo "" ;; nginx) echo nginx ;; chatcli-http|chatcli-grpc) echo chatcli ;; *-auth) echo chatcli-auth ;; litellm) echo litellm ;; esac; }
+gw_of() { # TARGET: the process that serves it (empty for direct)
+    case $1 in
+        direct) echo "" ;; nginx) echo nginx ;; litellm) echo litellm ;;
+        chatcli-http|chatcli-grpc) echo chatcli ;; chatcli-plain-http|chatcli-plain-grpc) echo chatcli-plain ;;
+        chatcli-http-auth|chatcli-grpc-auth) echo chatcli-auth ;;
+    esac
+}
 
-# The processes whose CPU and RSS are recorded.
+# The gateway processes, and all the processes whose CPU and RSS are recorded.
+GATEWAYS=(chatcli chatcli-plain chatcli-auth nginx litellm)
 named_pids() {
     local n
-    for n in chatcli chatcli-auth nginx litellm mock-m0 mock-m20 mock-ms mock-mh; do
+    for n in "${GATEWAYS[@]}" mock-m0 mock-m20 mock-ms mock-mh; do
         [[ -n ${PID[$n]:-} ]] && printf '%s=%s ' "$n" "$(gw_pid "$n")"
     done
     echo
@@ -351,7 +392,7 @@ fi
 
 meta() {
     python3 - "$@" <<'EOF'
-import json, os, subprocess, sys
+import json, os, subprocess, sys, time
 def sh(c):
     try:
         return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
@@ -359,32 +400,60 @@ def sh(c):
         return ""
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
-out, run_id, cmdline, litellm, root, build = sys.argv[1:7]
+out, run_id, cmdline, litellm, root = sys.argv[1:6]
+# The chatcli processes' builds: NAME KIND WHAT BINARY, four arguments each.
+builds = {}
+for name, kind, what, path in zip(*[iter(sys.argv[6:])] * 4):
+    st = os.stat(path)
+    try:
+        r = subprocess.run(["ldd", path], capture_output=True, text=True)
+        ldd = r.stdout + r.stderr
+    except OSError:
+        ldd = ""
+    builds[name] = {"kind": kind, "what": what, "bin": path, "bytes": st.st_size,
+                    "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
+                    "linked": ("static" if ("statically linked" in ldd or "not a dynamic" in ldd) else "dynamic") if ldd else None}
+build = "; ".join(f"{n}: {b['what']}" for n, b in builds.items())
 json.dump({
     "run_id": run_id, "cmdline": cmdline, "cpu": cpu, "nproc": os.cpu_count(),
     "mem": f"{int(mem) / 1024 / 1024:.1f} GiB", "loadavg_start": open("/proc/loadavg").read().split()[0],
     "kernel": sh("uname -r"), "chatcli_rev": sh(f"git -C {root} rev-parse --short HEAD") + (" (+ uncommitted changes)" if sh(f"git -C {root} status --porcelain -- src Cargo.toml Cargo.lock") else ""),
     "litellm_version": litellm, "nginx_version": sh("/usr/sbin/nginx -v 2>&1").replace("nginx version: ", ""),
     "wrk": sh("wrk -v 2>&1 | head -1"), "rustc": sh("rustc --version"), "chatcli_build": build,
+    "chatcli_builds": builds,
 }, open(os.path.join(out, "meta.json"), "w"), indent=1)
 EOF
 }
-meta "$OUT" "$RUN_ID" "$CMDLINE" "$([[ $LITELLM == 1 ]] && echo "$LITELLM_VERSION" || echo "not run")" "$ROOT" \
-    "$([[ $PGO == 1 ]] && echo "profile-guided release build (scripts/build-pgo.sh)" || echo "$PROFILE build")"
+# Which build each chatcli process runs (kind: pgo, plain or given; the report names its rows by it).
+if [[ -n $CHATCLI_BIN ]]; then
+    builds=(chatcli given "the binary given with --chatcli ($CHATCLI_BIN)" "$BIN")
+elif [[ $PGO == 1 ]]; then
+    builds=(chatcli pgo "profile-guided release build (scripts/build-pgo.sh → target/pgo/chatcli), the build that ships" "$BIN")
+else
+    builds=(chatcli plain "plain release build (cargo build --release --locked → target/release/chatcli)" "$BIN")
+fi
+[[ $PLAIN == 1 ]] && builds+=(chatcli-plain plain "plain release build (cargo build --release --locked → target/release/chatcli)" "$BIN_PLAIN")
+meta "$OUT" "$RUN_ID" "$CMDLINE" "$([[ $LITELLM == 1 ]] && echo "$LITELLM_VERSION" || echo "not run")" "$ROOT" "${builds[@]}"
 
 # Memory at idle: every gateway started, one call answered, nothing in flight.
 sleep 2
 declare -A IDLE=()
-for g in chatcli chatcli-auth nginx litellm; do
+for g in "${GATEWAYS[@]}"; do
     [[ -n ${PID[$g]:-} ]] && IDLE[$g]=$(gw_rss "$g")
 done
 
-TARGETS_ALL=(direct nginx chatcli-http chatcli-grpc chatcli-http-auth chatcli-grpc-auth)
+# The plain build's targets (empty with --no-plain): in the latency, zero-delay throughput,
+# steady-state streaming and memory scenarios; the auth targets and the 20 ms mock are the
+# measured (PGO) build's only.
+PLAIN_TARGETS=()
+[[ $PLAIN == 1 ]] && PLAIN_TARGETS=(chatcli-plain-http chatcli-plain-grpc)
+TARGETS_ALL=(direct nginx chatcli-http chatcli-grpc "${PLAIN_TARGETS[@]}" chatcli-http-auth chatcli-grpc-auth)
 [[ $LITELLM == 1 ]] && TARGETS_ALL+=(litellm)
 spec_of() { # TARGET MOCK
     case $1 in
         direct) spec_direct "$2" ;; nginx) spec_nginx "$2" ;; chatcli-http) spec_cchttp "$2" ;;
-        chatcli-grpc) spec_ccgrpc "$2" ;; chatcli-http-auth) spec_cahttp "$2" ;;
+        chatcli-grpc) spec_ccgrpc "$2" ;; chatcli-plain-http) spec_cphttp "$2" ;;
+        chatcli-plain-grpc) spec_cpgrpc "$2" ;; chatcli-http-auth) spec_cahttp "$2" ;;
         chatcli-grpc-auth) spec_cagrpc "$2" ;; litellm) spec_litellm "$2" ;;
     esac
 }
@@ -460,12 +529,16 @@ for t in nginx chatcli-http; do
     measure "wrk-m0" "$OUT/3-wrk-m0.jsonl" "$(gw_of "$t")" '{}' -- wrk -t1 -c64 -d"${DUR}s" -s "$(wrk_lua "$t")" "$url"
     log "  $t (m0) with wrk, c=64: $(jget rps) req/s, gateway CPU $(jget gw_cpu_us_per_call) µs/call"
 done
-declare -A PEAK=()
-for g in chatcli chatcli-auth nginx litellm; do
-    [[ -n ${PID[$g]:-} ]] && PEAK[$g]=$(python3 -c '
+peak_rss() { # FILE GATEWAY: the highest RSS sampled while GATEWAY was under test in FILE's runs
+    # (empty when it was in none of them)
+    python3 -c '
 import json,sys
-v=[json.loads(l).get("gw_rss_peak_kib") or 0 for l in open(sys.argv[1]) if json.loads(l).get("gateway")==sys.argv[2]]
-print(max(v or [0]))' "$OUT/3-tput-m0.jsonl" "$g")
+v=[r.get("gw_rss_peak_kib") or 0 for r in map(json.loads, open(sys.argv[1])) if r.get("gateway")==sys.argv[2]]
+print(max(v) if v else "")' "$1" "$2"
+}
+declare -A PEAK=()
+for g in "${GATEWAYS[@]}"; do
+    [[ -n ${PID[$g]:-} ]] && PEAK[$g]=$(peak_rss "$OUT/3-tput-m0.jsonl" "$g")
 done
 log "scenario: throughput, 20 ms mock"
 # 2,048 calls in flight (25 ms each) allow up to ~80k req/s, above what core 1 can drive, so the
@@ -483,14 +556,16 @@ measure streaming "$OUT/4-streaming.jsonl" "" '{}' -- stream-rounds --rounds "$S
 # Steady state: 32 streams always open per target (a new one starts when one ends; the first ones
 # staggered over a stream's length, so deltas arrive evenly rather than in bursts of 32), so the
 # cores never fall idle; TTFT and gaps of every stream that ends in the window.
-for t in direct nginx chatcli-http chatcli-grpc $([[ $LITELLM == 1 ]] && echo litellm); do
+steady=(direct nginx chatcli-http chatcli-grpc "${PLAIN_TARGETS[@]}")
+[[ $LITELLM == 1 ]] && steady+=(litellm)
+for t in "${steady[@]}"; do
     wait_quiet
     measure streaming-steady "$OUT/4-streaming-steady.jsonl" "$(gw_of "$t")" '{}' -- \
         run --stream --target "$(spec_of "$t" ms)" --concurrency 32 --duration "$DUR" --warmup 3 --stagger 1.3
     log "  $t: 32 streams: TTFT p50 $(jget ttft.p50_us) µs, gap p50 $(jget gap.p50_us) µs p99 $(jget gap.p99_us) µs, errors $(jget errors)"
 done
 
-# 5. Memory with 1,000 streams held open (HTTP, and gRPC for chatcli).
+# 5. Memory with 1,000 streams held open (HTTP, and gRPC for chatcli and chatcli-plain).
 hold() { # TARGET: prints "RSS_KIB OPENED"
     local t=$1 g
     g=$(gw_of "$t")
@@ -513,32 +588,30 @@ hold() { # TARGET: prints "RSS_KIB OPENED"
 wait_quiet
 log "scenario: memory with 1,000 open streams"
 # What the throughput runs leave behind: the allocator keeps the memory of the 2,048-connection runs.
+# (chatcli-auth: idle and peak only, below.)
+HELD=(chatcli chatcli-plain nginx litellm)
 declare -A AFTER=() PEAK20=()
-for g in chatcli nginx litellm; do
+for g in "${HELD[@]}"; do
     [[ -n ${PID[$g]:-} ]] || continue
     AFTER[$g]=$(gw_rss "$g")
-    PEAK20[$g]=$(python3 -c '
-import json,sys
-v=[json.loads(l).get("gw_rss_peak_kib") or 0 for l in open(sys.argv[1]) if json.loads(l).get("gateway")==sys.argv[2]]
-print(max(v or [0]))' "$OUT/3-tput-m20.jsonl" "$g")
+    PEAK20[$g]=$(peak_rss "$OUT/3-tput-m20.jsonl" "$g")
 done
-restart_chatcli() { # a fresh process, so each hold measures only itself
-    if kill "${PID[chatcli]}"; then wait "${PID[chatcli]}" 2>/dev/null || true; fi
-    start chatcli "${PIN_GW[@]}" "$BIN" server --config "$TMP/conf-plain/chatcli.toml"
-    wait_http chatcli "http://127.0.0.1:$CC/health" 30
-    completion_ok "http://127.0.0.1:$CC/v1/chat/completions" m0 || die "the restarted chatcli does not answer"
+restart_chatcli() { # NAME: a fresh process, so each hold measures only itself
+    local n=$1
+    if kill "${PID[$n]}"; then wait "${PID[$n]}" 2>/dev/null || true; fi
+    start_chatcli "$n"
     sleep 2
 }
-for g in chatcli nginx litellm; do
+for g in "${HELD[@]}"; do
     [[ -n ${PID[$g]:-} ]] || continue
     fresh="" gk="" go=""
     case $g in
-        chatcli)
-            restart_chatcli
-            fresh=$(gw_rss chatcli)
-            read -r hk ho < <(hold chatcli-http)
-            restart_chatcli
-            read -r gk go < <(hold chatcli-grpc)
+        chatcli|chatcli-plain)
+            restart_chatcli "$g"
+            fresh=$(gw_rss "$g")
+            read -r hk ho < <(hold "$g-http")
+            restart_chatcli "$g"
+            read -r gk go < <(hold "$g-grpc")
             ;;
         *) read -r hk ho < <(hold "$g") ;;
     esac
