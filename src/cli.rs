@@ -20,12 +20,32 @@ use crate::config::FlagValue;
 const NOT_ACTIVE: &str = "Not active yet (accepted and checked; the Kubernetes watcher and MCP tools are not in this build)";
 
 #[derive(Debug, Parser)]
-#[command(name = "chatcli", version, about, propagate_version = true)]
+#[command(
+    name = "chatcli",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The exit codes, at the end of `chatcli --help`: sysexits(3) for every subcommand.
+const EXIT_CODES: &str = "\
+Exit codes (the same for every subcommand):
+  0   success
+  1   healthcheck: the server is not SERVING (or cannot be reached)
+  64  usage: an unknown flag, a missing or malformed argument or value (EX_USAGE)
+  69  server: a needed resource is unavailable, e.g. the port is in use (EX_UNAVAILABLE)
+  70  internal error (EX_SOFTWARE)
+  78  server, config check: the configuration is invalid; every problem is listed (EX_CONFIG)
+  connect also: 3 cannot connect or TLS failure, 4 credentials refused or role denied,
+  5 rate limited (the server's limit, its failed-auth limiter or the provider's; the wait is
+  shown), 6 the provider or the server failed to answer. With --json, a failure is also printed
+  on stdout as {\"error\": {\"code\": \"<gRPC code or class>\", \"message\": \"...\"}}.";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -121,7 +141,8 @@ pub struct ConnectArgs {
     /// --provider's). Profiles of one provider are tried `<provider>:default` first, then by id.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub use_local_auth: Option<bool>,
-    /// Provider for every prompt (default: the server's).
+    /// Provider for every prompt (default: the server's). Checked at connect against the
+    /// providers the server offers: one it does not offer is a usage error (exit 64) naming them.
     #[arg(long)]
     pub provider: Option<String>,
     /// Model for every prompt (default: the provider's).
@@ -157,7 +178,8 @@ pub struct ConnectArgs {
     /// One-shot: print only the answer's text on stdout, nothing added.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub raw: Option<bool>,
-    /// One-shot: print one JSON object {answer, provider, model, usage} on stdout.
+    /// One-shot: print one JSON object {answer, provider, model, usage} on stdout; on failure
+    /// {"error": {"code", "message"}} instead (same exit code).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", conflicts_with = "raw")]
     pub json: Option<bool>,
     /// Give up on connecting, or on an answer, after this long (`30s`, `2m`, or seconds).
@@ -180,8 +202,11 @@ Examples:
   chatcli connect localhost:50051 --provider STACKSPOT --client-id ID --client-key KEY \\
       --realm zup --agent-id AGENT
 
-Exit codes: 0 ok, 2 usage or bad input, 3 cannot connect or TLS failure, 4 unauthenticated or
-denied, 5 rate limited, 6 the provider failed.
+Exit codes: 0 ok, 64 usage or bad input (as for every subcommand), 3 cannot connect or TLS
+failure, 4 unauthenticated or denied, 5 rate limited (also by the failed-auth limiter; the wait is
+shown), 6 the provider or the server failed, 70 internal error. With --json a failure is also one
+object on stdout: {\"error\": {\"code\": \"NOT_FOUND\" (gRPC code) or \"usage\"|\"connect\"|\"auth\"|
+\"rate_limited\"|\"provider\"|\"internal\", \"message\": \"...\"}}.
 Environment: CHATCLI_REMOTE_ADDR, CHATCLI_REMOTE_TOKEN, CHATCLI_CLIENT_API_KEY,
 CHATCLI_TLS_CLIENT_CERT, CHATCLI_TLS_CLIENT_KEY, CHATCLI_ALLOW_INSECURE, CHATCLI_AUTH_DIR,
 CHATCLI_DATA_DIR (history), NO_COLOR.";

@@ -23,15 +23,17 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
         Ok(cli) => cli,
         Err(e) => {
+            // Every subcommand, `connect` included, exits 64 (EX_USAGE) on a bad command line.
             let code = match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                     exit::OK
                 }
-                // `chatcli connect` has the exit codes: usage errors are 2.
-                _ if chatcli::client::invoked() => chatcli::client::exit::USAGE,
                 _ => exit::USAGE,
             };
             let _ = e.print();
+            if code != exit::OK {
+                chatcli::client::report_usage_error(&e.to_string());
+            }
             return code_of(code);
         }
     };

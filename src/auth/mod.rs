@@ -122,7 +122,9 @@ impl Principal {
     }
 }
 
-/// Why a call was refused (logged and audited; the caller only sees "authentication failed").
+/// Why a call was refused (logged and audited). The caller only sees "authentication failed",
+/// except for [`AuthError::Throttled`], which it is told (with the wait) so that a right token
+/// refused for a while is not mistaken for a wrong one.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// No credentials.
@@ -137,9 +139,25 @@ pub enum AuthError {
     /// A JWT that failed verification.
     #[error("invalid JWT: {0}")]
     Jwt(String),
-    /// Too many failures from this address.
-    #[error("too many failed attempts from this address")]
-    Throttled,
+    /// Too many failures from this address: the failed-auth limiter refuses every credential from
+    /// it for `retry_after_secs` more seconds (whole seconds, at least 1).
+    #[error(
+        "too many failed authentication attempts from this address; retry after {retry_after_secs} seconds"
+    )]
+    Throttled {
+        /// Seconds until the address may try again.
+        retry_after_secs: u64,
+    },
+}
+
+impl AuthError {
+    /// The wait before the caller may try again, when the failed-auth limiter refused it.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::Throttled { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
 }
 
 /// The configured ways to authenticate, prepared from config (rebuilt on reload).
@@ -363,6 +381,19 @@ mod tests {
             a.token_overrides(),
             vec![("team-a".to_string(), None, None)]
         );
+    }
+
+    #[test]
+    fn a_throttled_address_is_told_so_and_how_long_to_wait() {
+        let e = AuthError::Throttled {
+            retry_after_secs: 12,
+        };
+        assert_eq!(
+            e.to_string(),
+            "too many failed authentication attempts from this address; retry after 12 seconds"
+        );
+        assert_eq!(e.retry_after_secs(), Some(12));
+        assert_eq!(AuthError::Invalid.retry_after_secs(), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Turns the `connect` flags and environment ([`crate::cli::ConnectArgs`]) into checked
 //! [`Settings`]: the parsed address, the TLS choice, what to forward, one-shot or interactive.
-//! Everything wrong with the command line is found here and reported as a usage error (exit 2).
+//! Everything wrong with the command line is found here and reported as a usage error (exit 64).
 
 use std::collections::HashMap;
 use std::io::IsTerminal as _;
@@ -47,7 +47,7 @@ impl Address {
 /// Parses `host:port`, `[v6]:port`, `dns:///host:port`, `http://host:port` or `https://host[:port]`.
 pub fn parse_address(raw: &str) -> Result<Address, ClientError> {
     let bad = |why: &str| {
-        ClientError::Usage(format!(
+        ClientError::usage(format!(
             "malformed server address {raw:?}: {why}; expected host:port, dns:///host:port or \
              https://host:port"
         ))
@@ -121,7 +121,7 @@ pub fn parse_address(raw: &str) -> Result<Address, ClientError> {
 pub fn parse_duration(raw: &str) -> Result<Duration, ClientError> {
     let t = raw.trim();
     let bad = || {
-        ClientError::Usage(format!(
+        ClientError::usage(format!(
             "--timeout {raw:?} is not a duration; use e.g. 30s, 2m, 500ms or 45"
         ))
     };
@@ -247,10 +247,9 @@ impl Settings {
         let raw_addr = match (non_empty(args.address), non_empty(args.addr)) {
             (Some(a), _) | (None, Some(a)) => a,
             (None, None) => {
-                return Err(ClientError::Usage(
+                return Err(ClientError::usage(
                     "no server address: give it as the first argument (host:port), with --addr \
-                     or in CHATCLI_REMOTE_ADDR"
-                        .into(),
+                     or in CHATCLI_REMOTE_ADDR",
                 ));
             }
         };
@@ -259,20 +258,18 @@ impl Settings {
         if let Some(t) = &token
             && (t.chars().any(|c| c.is_control()) || !t.is_ascii())
         {
-            return Err(ClientError::Usage(
-                "--token has characters that cannot go in a header".into(),
+            return Err(ClientError::usage(
+                "--token has characters that cannot go in a header",
             ));
         }
         let tls = match (args.tls, address.scheme) {
             (Some(false), Scheme::Https) => {
-                return Err(ClientError::Usage(
-                    "--tls=false contradicts an https:// address".into(),
+                return Err(ClientError::usage(
+                    "--tls=false contradicts an https:// address",
                 ));
             }
             (Some(true), Scheme::Http) => {
-                return Err(ClientError::Usage(
-                    "--tls contradicts an http:// address".into(),
-                ));
+                return Err(ClientError::usage("--tls contradicts an http:// address"));
             }
             (t, Scheme::Auto) => t,
             (_, Scheme::Https) => Some(true),
@@ -282,7 +279,7 @@ impl Settings {
         if let Some(ca) = &ca_cert
             && !ca.is_file()
         {
-            return Err(ClientError::Usage(format!(
+            return Err(ClientError::usage(format!(
                 "--ca-cert {}: no such file",
                 ca.display()
             )));
@@ -294,7 +291,7 @@ impl Settings {
             (Some(c), Some(k)) => {
                 for (what, p) in [("certificate", &c), ("key", &k)] {
                     if !p.is_file() {
-                        return Err(ClientError::Usage(format!(
+                        return Err(ClientError::usage(format!(
                             "client {what} {}: no such file",
                             p.display()
                         )));
@@ -304,17 +301,15 @@ impl Settings {
             }
             (None, None) => None,
             (Some(_), None) => {
-                return Err(ClientError::Usage(
+                return Err(ClientError::usage(
                     "a client certificate needs its key: --tls-client-key or \
-                     CHATCLI_TLS_CLIENT_KEY"
-                        .into(),
+                     CHATCLI_TLS_CLIENT_KEY",
                 ));
             }
             (None, Some(_)) => {
-                return Err(ClientError::Usage(
+                return Err(ClientError::usage(
                     "a client key needs its certificate: --tls-client-cert or \
-                     CHATCLI_TLS_CLIENT_CERT"
-                        .into(),
+                     CHATCLI_TLS_CLIENT_CERT",
                 ));
             }
         };
@@ -328,7 +323,7 @@ impl Settings {
         };
         let max_tokens = args.max_tokens.unwrap_or(0);
         if !(0..=MAX_TOKENS_LIMIT).contains(&max_tokens) {
-            return Err(ClientError::Usage(format!(
+            return Err(ClientError::usage(format!(
                 "--max-tokens must be between 0 and {MAX_TOKENS_LIMIT}"
             )));
         }
@@ -346,9 +341,7 @@ impl Settings {
         }
         let output = match (args.raw.unwrap_or(false), args.json.unwrap_or(false)) {
             (true, true) => {
-                return Err(ClientError::Usage(
-                    "--raw and --json exclude each other".into(),
-                ));
+                return Err(ClientError::usage("--raw and --json exclude each other"));
             }
             (true, false) => Output::Raw,
             (false, true) => Output::Json,
@@ -357,17 +350,14 @@ impl Settings {
         let mode = match args.prompt {
             Some(p) if p == "-" => Mode::OneShot(PromptSource::Stdin, output),
             Some(p) if p.trim().is_empty() => {
-                return Err(ClientError::Usage(
-                    "the prompt given with -p is empty".into(),
-                ));
+                return Err(ClientError::usage("the prompt given with -p is empty"));
             }
             Some(p) => Mode::OneShot(PromptSource::Text(p), output),
             None if !stdin_is_tty => Mode::OneShot(PromptSource::Stdin, output),
             None if output != Output::Text => {
-                return Err(ClientError::Usage(
+                return Err(ClientError::usage(
                     "--raw and --json are for one-shot use: add -p PROMPT or pipe the prompt on \
-                     stdin"
-                        .into(),
+                     stdin",
                 ));
             }
             None => Mode::Interactive,
@@ -451,7 +441,7 @@ mod tests {
             "[::1",
             ":50051",
         ] {
-            assert_eq!(addr(bad), Err(2), "{bad:?} should be a usage error");
+            assert_eq!(addr(bad), Err(64), "{bad:?} should be a usage error");
         }
     }
 
@@ -508,7 +498,7 @@ mod tests {
             true,
         )
         .unwrap_err();
-        assert_eq!(err.exit_code(), 2);
+        assert_eq!(err.exit_code(), 64);
         let err = settings(ConnectArgs::default(), true).unwrap_err();
         assert!(err.to_string().contains("no server address"), "{err}");
         let err = settings(

@@ -16,7 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::args::Settings;
-use super::error::{self, ClientError, Stage};
+use super::error::{self, Class, ClientError, Stage};
 use crate::proto::chat_cli_service_client::ChatCliServiceClient;
 use crate::proto::{GetServerInfoRequest, GetServerInfoResponse, HealthRequest, health_response};
 
@@ -103,7 +103,7 @@ fn roots(
 ) -> Result<Vec<u8>, ClientError> {
     let read = |p: &std::path::Path, what: &str| {
         std::fs::read(p)
-            .map_err(|e| ClientError::Usage(format!("cannot read the {what} {}: {e}", p.display())))
+            .map_err(|e| ClientError::usage(format!("cannot read the {what} {}: {e}", p.display())))
     };
     if let Some(ca) = &settings.tls_files.ca_cert {
         return read(ca, "CA certificate");
@@ -116,10 +116,9 @@ fn roots(
             return Ok(b);
         }
     }
-    Err(ClientError::Connect(
+    Err(ClientError::connect(
         "no system CA certificates found (install ca-certificates, set SSL_CERT_FILE, or give \
-         --ca-cert)"
-            .into(),
+         --ca-cert)",
     ))
 }
 
@@ -127,7 +126,7 @@ fn check_pem(bytes: &[u8], path: &std::path::Path, what: &str) -> Result<(), Cli
     if String::from_utf8_lossy(bytes).contains("-----BEGIN") {
         Ok(())
     } else {
-        Err(ClientError::Usage(format!(
+        Err(ClientError::usage(format!(
             "{} is not a PEM {what}",
             path.display()
         )))
@@ -147,13 +146,13 @@ pub async fn connect(
     let mut addrs: Vec<SocketAddr> = match lookup.await {
         Ok(Ok(a)) => a.collect(),
         Ok(Err(e)) => {
-            return Err(ClientError::Connect(format!(
+            return Err(ClientError::connect(format!(
                 "cannot resolve {}: {e}; check the host name",
                 settings.address.host
             )));
         }
         Err(_) => {
-            return Err(ClientError::Connect(format!(
+            return Err(ClientError::connect(format!(
                 "resolving {} took longer than {connect_timeout:?}",
                 settings.address.host
             )));
@@ -161,7 +160,7 @@ pub async fn connect(
     };
     addrs.dedup();
     if addrs.is_empty() {
-        return Err(ClientError::Connect(format!(
+        return Err(ClientError::connect(format!(
             "{} resolves to no address",
             settings.address.host
         )));
@@ -172,7 +171,7 @@ pub async fn connect(
         None => !(all_loopback || settings.allow_insecure),
     };
     if !tls && !all_loopback && !settings.allow_insecure {
-        return Err(ClientError::Usage(format!(
+        return Err(ClientError::usage(format!(
             "refusing plaintext to {target}, which is not a loopback address (the token and keys \
              would cross the network in the clear); use --tls, or set CHATCLI_ALLOW_INSECURE=true"
         )));
@@ -202,9 +201,9 @@ pub async fn connect(
             .ca_certificate(Certificate::from_pem(ca));
         if let Some((cert, key)) = &settings.tls_files.identity {
             let c = std::fs::read(cert)
-                .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", cert.display())))?;
+                .map_err(|e| ClientError::usage(format!("cannot read {}: {e}", cert.display())))?;
             let k = std::fs::read(key)
-                .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", key.display())))?;
+                .map_err(|e| ClientError::usage(format!("cannot read {}: {e}", key.display())))?;
             check_pem(&c, cert, "certificate")?;
             check_pem(&k, key, "private key")?;
             cfg = cfg.identity(Identity::from_pem(c, k));
@@ -218,7 +217,7 @@ pub async fn connect(
         Some(t) => Some(
             format!("Bearer {t}")
                 .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| ClientError::Usage("--token cannot be sent in a header".into()))?,
+                .map_err(|_| ClientError::usage("--token cannot be sent in a header"))?,
         ),
         None => None,
     };
@@ -230,17 +229,17 @@ pub async fn connect(
         let scheme = if tls { "https" } else { "http" };
         let uri = format!("{scheme}://{addr}");
         let mut ep = Endpoint::from_shared(uri.clone())
-            .map_err(|e| ClientError::Usage(format!("bad address {uri}: {e}")))?
+            .map_err(|e| ClientError::usage(format!("bad address {uri}: {e}")))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .user_agent(concat!("chatcli-connect/", env!("CARGO_PKG_VERSION")))
-            .map_err(|e| ClientError::Usage(format!("bad user agent: {e}")))?;
+            .map_err(|e| ClientError::usage(format!("bad user agent: {e}")))?;
         if let Some(cfg) = &tls_config {
             ep = ep.tls_config(cfg.clone()).map_err(|e| {
-                ClientError::Usage(format!("bad TLS settings: {}", error::chain(&e)))
+                ClientError::usage(format!("bad TLS settings: {}", error::chain(&e)))
             })?;
         }
         match ep.connect().await {
@@ -281,13 +280,31 @@ pub async fn connect(
     })
 }
 
+/// What the handshake learnt about the server.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// `GetServerInfo`'s answer, or a stand-in (provider and model "remote") when the server does
+    /// not answer it.
+    pub info: GetServerInfoResponse,
+    /// Whether `info` came from the server, so its provider list can be trusted.
+    pub from_server: bool,
+}
+
+impl ServerInfo {
+    /// The providers the server offers, when it said so.
+    pub fn offered(&self) -> Option<&[String]> {
+        self.from_server
+            .then_some(self.info.available_providers.as_slice())
+    }
+}
+
 /// Calls `Health` (must answer SERVING) then `GetServerInfo` (its failure leaves "remote" in the
 /// banner, except a refusal of the credentials or a rate limit, which stop here).
 pub async fn handshake(
     conn: &Connection,
     timeout: Option<Duration>,
     verbose: &dyn Fn(&str),
-) -> Result<GetServerInfoResponse, ClientError> {
+) -> Result<ServerInfo, ClientError> {
     let limit = timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let mut client = conn.client.clone();
     let mut req = tonic::Request::new(HealthRequest {});
@@ -296,14 +313,14 @@ pub async fn handshake(
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(status)) => return Err(conn.error(&status, Stage::Handshake)),
         Err(_) => {
-            return Err(ClientError::Connect(format!(
+            return Err(ClientError::connect(format!(
                 "{} did not answer Health within {limit:?}; check the address and port",
                 conn.target
             )));
         }
     };
     if health.status() != health_response::Status::Serving {
-        return Err(ClientError::Connect(format!(
+        return Err(ClientError::connect(format!(
             "{} is not healthy (NOT_SERVING: it is starting or shutting down); try again shortly",
             conn.target
         )));
@@ -311,48 +328,96 @@ pub async fn handshake(
     let mut req = tonic::Request::new(GetServerInfoRequest {});
     req.set_timeout(limit);
     match client.get_server_info(req).await {
-        Ok(r) => Ok(r.into_inner()),
+        Ok(r) => Ok(ServerInfo {
+            info: r.into_inner(),
+            from_server: true,
+        }),
         Err(status) => {
             let e = conn.error(&status, Stage::Call);
-            let fatal = match e {
-                ClientError::Auth(_) | ClientError::RateLimited(_) => true,
+            let fatal = match e.class() {
+                Class::Auth | Class::RateLimited => true,
                 // An older server without the RPC still serves prompts.
-                ClientError::Connect(_) => status.code() != tonic::Code::Unimplemented,
+                Class::Connect => status.code() != tonic::Code::Unimplemented,
                 _ => false,
             };
             if fatal {
                 return Err(e);
             }
             verbose(&format!("GetServerInfo failed: {e}"));
-            Ok(GetServerInfoResponse {
-                version: if health.version.is_empty() {
-                    "remote".into()
-                } else {
-                    health.version
+            Ok(ServerInfo {
+                info: GetServerInfoResponse {
+                    version: if health.version.is_empty() {
+                        "remote".into()
+                    } else {
+                        health.version
+                    },
+                    provider: "remote".into(),
+                    model: "remote".into(),
+                    ..Default::default()
                 },
-                provider: "remote".into(),
-                model: "remote".into(),
-                ..Default::default()
+                from_server: false,
             })
         }
     }
 }
 
-/// The banner of PROTOCOL.md §4, then the watcher line when the watcher is active.
-pub fn banner(info: &GetServerInfoResponse, provider: &str, model: &str, suffix: &str) -> String {
-    let provider = if provider.is_empty() {
-        info.provider.as_str()
-    } else {
-        provider
+/// Checks a provider the client will ask for against the ones the server offers (matched without
+/// regard to case, as the server does), and returns the server's spelling of it. `requested` is ""
+/// for the server's default; `origin` names where the name came from (`--provider`, `/provider`).
+/// A provider the server does not offer would fail every prompt, so it is refused here as a usage
+/// error naming what the server offers. When the server did not say what it offers, the name is
+/// taken as given.
+pub fn check_provider(
+    server: &ServerInfo,
+    target: &str,
+    requested: &str,
+    origin: &str,
+) -> Result<String, ClientError> {
+    let Some(offered) = server.offered() else {
+        return Ok(requested.to_string());
     };
-    let model = match (model.is_empty(), provider == info.provider) {
+    if requested.is_empty() {
+        return Ok(String::new());
+    }
+    if let Some(name) = offered.iter().find(|n| n.eq_ignore_ascii_case(requested)) {
+        return Ok(name.clone());
+    }
+    Err(ClientError::usage(if offered.is_empty() {
+        format!(
+            "{origin} {requested}: {target} has no LLM provider configured, so it cannot answer              prompts"
+        )
+    } else {
+        format!(
+            "{origin} {requested} is not offered by {target}; it offers: {}",
+            offered.join(", ")
+        )
+    }))
+}
+
+/// The banner of PROTOCOL.md §4, then the watcher line when the watcher is active. `provider` and
+/// `model` are what the client asks for ("" = the server's default). A server without providers
+/// says so instead of showing empty names.
+pub fn banner(info: &GetServerInfoResponse, provider: &str, model: &str, suffix: &str) -> String {
+    let no_default = info.provider.is_empty();
+    let provider_text = match (provider.is_empty(), no_default) {
+        (false, _) => provider,
+        (true, false) => info.provider.as_str(),
+        (true, true) if info.available_providers.is_empty() => "(none configured)",
+        (true, true) => "(no default; pick one with --provider)",
+    };
+    let model = match (
+        model.is_empty(),
+        provider.is_empty() || provider.eq_ignore_ascii_case(&info.provider),
+    ) {
         (false, _) => model,
-        (true, true) => info.model.as_str(),
+        (true, true) if !info.model.is_empty() => info.model.as_str(),
+        (true, true) => "(none)",
         // Another provider than the server's default: its model is that provider's default.
         (true, false) => "default",
     };
     let mut out = format!(
-        "Connected to ChatCLI server (version: {}, provider: {provider}, model: {model}{suffix})",
+        "Connected to ChatCLI server (version: {}, provider: {provider_text}, model: \
+         {model}{suffix})",
         info.version
     );
     if info.watcher_active {
@@ -362,4 +427,78 @@ pub fn banner(info: &GetServerInfoResponse, provider: &str, model: &str, suffix:
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(provider: &str, model: &str, offered: &[&str]) -> GetServerInfoResponse {
+        GetServerInfoResponse {
+            version: "0.1.0".into(),
+            provider: provider.into(),
+            model: model.into(),
+            available_providers: offered.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_banner_never_shows_empty_names() {
+        let none = info("", "", &[]);
+        assert_eq!(
+            banner(&none, "", "", ""),
+            "Connected to ChatCLI server (version: 0.1.0, provider: (none configured), model: \
+             (none))"
+        );
+        let echo = info("echo", "echo-1", &["echo", "echo-slow"]);
+        assert_eq!(
+            banner(&echo, "", "", ""),
+            "Connected to ChatCLI server (version: 0.1.0, provider: echo, model: echo-1)"
+        );
+        assert_eq!(
+            banner(&echo, "echo-slow", "", ", using your own API key"),
+            "Connected to ChatCLI server (version: 0.1.0, provider: echo-slow, model: default, \
+             using your own API key)"
+        );
+        assert!(banner(&echo, "ECHO", "", "").contains("model: echo-1"));
+    }
+
+    #[test]
+    fn providers_are_checked_against_the_server_list() {
+        let known = |offered: &[&str]| ServerInfo {
+            info: info("echo", "echo-1", offered),
+            from_server: true,
+        };
+        let server = known(&["echo", "echo-slow"]);
+        assert_eq!(
+            check_provider(&server, "srv", "ECHO-slow", "--provider").unwrap_or_default(),
+            "echo-slow"
+        );
+        assert_eq!(
+            check_provider(&server, "srv", "", "--provider").unwrap_or_default(),
+            ""
+        );
+        let Err(e) = check_provider(&server, "srv", "NOPE", "--provider") else {
+            panic!("NOPE was accepted");
+        };
+        assert_eq!(
+            e.to_string(),
+            "--provider NOPE is not offered by srv; it offers: echo, echo-slow"
+        );
+        assert_eq!(e.exit_code(), 64);
+        let Err(e) = check_provider(&known(&[]), "srv", "echo", "--provider") else {
+            panic!("a provider was accepted by a server without any");
+        };
+        assert!(e.to_string().contains("no LLM provider configured"), "{e}");
+        // A server that did not answer GetServerInfo cannot be checked: the name is kept.
+        let unknown = ServerInfo {
+            info: info("remote", "remote", &[]),
+            from_server: false,
+        };
+        assert_eq!(
+            check_provider(&unknown, "srv", "NOPE", "--provider").unwrap_or_default(),
+            "NOPE"
+        );
+    }
 }

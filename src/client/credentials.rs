@@ -166,7 +166,7 @@ impl std::fmt::Debug for AuthStore {
 }
 
 fn store_err(msg: String) -> ClientError {
-    ClientError::Auth(msg)
+    ClientError::auth(msg)
 }
 
 impl AuthStore {
@@ -386,7 +386,7 @@ pub async fn resolve(
         .iter()
         .flat_map(|p| p.env_vars().iter().map(|(v, _)| *v))
         .collect();
-    Err(ClientError::Auth(format!(
+    Err(ClientError::auth(format!(
         "--use-local-auth found no credentials: no usable profile in {} and none of {} is set; \
          log in with the existing ChatCLI (/auth login) or pass --llm-key",
         dir.join(STORE_FILE).display(),
@@ -452,7 +452,7 @@ async fn refresh_token(
     let provider = str_field(p, "provider");
     let refresh = str_field(p, "refresh");
     let fail = |why: String| {
-        ClientError::Auth(format!(
+        ClientError::auth(format!(
             "the OAuth token in profile {id} expired and refreshing it failed: {why}; log in again \
              with the existing ChatCLI (/auth login) or pass --llm-key"
         ))

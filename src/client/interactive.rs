@@ -1,7 +1,8 @@
 //! The interactive client: a rustyline editor (history in `<data dir>/connect_history`), each turn
 //! a `StreamPrompt` carrying the whole conversation, the answer streamed (Markdown on a terminal)
 //! after a spinner, Ctrl-C cancelling the answer in flight (dropping the stream aborts the
-//! server's upstream call), Ctrl-C again or Ctrl-D leaving, and slash commands: remote ones through
+//! server's upstream call; the notice is printed once, before the prompt comes back), Ctrl-C twice
+//! at the prompt or Ctrl-D leaving, and slash commands: remote ones through
 //! `InteractiveSession` `COMMAND`, sessions through the session RPCs (v2 format), and local ones.
 //! A turn or command that fails because the connection dropped is retried with backoff; the
 //! conversation is kept.
@@ -14,7 +15,7 @@ use rustyline::error::ReadlineError;
 use tokio::runtime::Runtime;
 
 use super::Forwarded;
-use super::connection::Connection;
+use super::connection::{self, Connection, ServerInfo};
 use super::error::{ClientError, Stage};
 use super::render::{AnswerPrinter, Spinner};
 use crate::proto::session_message::Type as SessionType;
@@ -36,8 +37,17 @@ const BACKOFF: [Duration; 6] = [
 /// The prompt of the line editor.
 const PROMPT: &str = "chatcli> ";
 
+/// How long after a cancel further Ctrl-C presses still count as part of it (people press it
+/// twice to be sure): they are absorbed instead of cancelling the next answer or, arriving at
+/// the prompt, asking to leave.
+const CANCEL_SETTLE: Duration = Duration::from_millis(200);
+
+/// The notice of a cancelled answer.
+const CANCELLED: &str = "(answer cancelled)";
+
 const HELP: &str = "\
-Type a message and press Enter. Ctrl-C cancels an answer; Ctrl-C again or Ctrl-D leaves.
+Type a message and press Enter. Ctrl-C cancels an answer; at the prompt, Ctrl-C twice or Ctrl-D
+leaves.
   /status                 server status
   /watcher status         Kubernetes watcher status
   /plugins list           plugins on the server
@@ -47,7 +57,7 @@ Type a message and press Enter. Ctrl-C cancels an answer; Ctrl-C again or Ctrl-D
   /session load NAME      continue a saved conversation
   /session list           saved conversations
   /session delete NAME    delete a saved conversation
-  /provider [NAME]        show or set the provider (empty = the server's default)
+  /provider [NAME]        show or set the provider (one the server offers)
   /model [NAME]           show or set the model (empty = the provider's default)
   /clear                  forget the conversation
   /help                   this text
@@ -71,6 +81,8 @@ pub struct Interactive<'a> {
     timeout: Option<Duration>,
     /// Re-resolves `--use-local-auth` credentials (for `/provider` and expiring tokens).
     local_auth: Option<super::LocalAuth>,
+    /// What the server said about itself (the providers `/provider` may choose from).
+    server: ServerInfo,
 }
 
 impl std::fmt::Debug for Interactive<'_> {
@@ -95,6 +107,7 @@ impl<'a> Interactive<'a> {
         color: bool,
         timeout: Option<Duration>,
         local_auth: Option<super::LocalAuth>,
+        server: ServerInfo,
     ) -> Self {
         Self {
             rt,
@@ -105,10 +118,11 @@ impl<'a> Interactive<'a> {
             spinner: std::io::stderr().is_terminal(),
             timeout,
             local_auth,
+            server,
         }
     }
 
-    /// Runs the editor loop until `/exit`, Ctrl-D or a second Ctrl-C.
+    /// Runs the editor loop until `/exit`, Ctrl-D or a second Ctrl-C at the prompt.
     pub fn run(mut self, history_file: &std::path::Path) -> Result<(), ClientError> {
         // From here on SIGINT cancels the answer in flight instead of killing the process; while
         // the editor reads a line the terminal is raw and Ctrl-C arrives as a key instead.
@@ -118,10 +132,10 @@ impl<'a> Interactive<'a> {
         });
         let mut sigint = match sigint {
             Ok(s) => s,
-            Err(e) => return Err(ClientError::Usage(format!("cannot handle Ctrl-C: {e}"))),
+            Err(e) => return Err(ClientError::usage(format!("cannot handle Ctrl-C: {e}"))),
         };
         let mut editor = DefaultEditor::new()
-            .map_err(|e| ClientError::Usage(format!("cannot start the line editor: {e}")))?;
+            .map_err(|e| ClientError::usage(format!("cannot start the line editor: {e}")))?;
         if let Some(dir) = history_file.parent() {
             use std::os::unix::fs::DirBuilderExt as _;
             // Like the existing ChatCLI's ~/.chatcli: private to the user.
@@ -146,7 +160,7 @@ impl<'a> Interactive<'a> {
                 }
                 Err(ReadlineError::Eof) => break,
                 Err(e) => {
-                    return Err(ClientError::Usage(format!("cannot read input: {e}")));
+                    return Err(ClientError::usage(format!("cannot read input: {e}")));
                 }
             };
             let text = line.trim();
@@ -177,8 +191,12 @@ impl<'a> Interactive<'a> {
                     });
                 }
                 Turn::Cancelled => {
-                    say("(answer cancelled)");
-                    interrupted = true;
+                    // The answer's partial line is ended and the spinner erased by now: the
+                    // notice gets a line of its own, once, and only then is the prompt drawn.
+                    say(CANCELLED);
+                    rt.block_on(absorb_interrupts(&mut sigint, CANCEL_SETTLE));
+                    // A Ctrl-C at the prompt after a cancel asks first, like any other.
+                    interrupted = false;
                 }
                 Turn::Failed(e) => say(&format!("error: {e}")),
             }
@@ -262,7 +280,7 @@ impl<'a> Interactive<'a> {
                                 first = false;
                             }
                             if let Err(e) = printer.push(&m.chunk) {
-                                return Turn::Failed(ClientError::Usage(format!(
+                                return Turn::Failed(ClientError::usage(format!(
                                     "cannot write to the terminal: {e}"
                                 )));
                             }
@@ -277,8 +295,8 @@ impl<'a> Interactive<'a> {
                     Ok(None) => {
                         spinner.stop().await;
                         let _ = printer.abandon();
-                        return Turn::Failed(ClientError::Provider(
-                            "the answer was cut off before its end; try again".into(),
+                        return Turn::Failed(ClientError::provider(
+                            "the answer was cut off before its end; try again",
                         ));
                     }
                     Err(status) => {
@@ -438,6 +456,15 @@ impl<'a> Interactive<'a> {
     }
 
     fn set_provider(&mut self, name: &str) {
+        let name =
+            match connection::check_provider(&self.server, &self.conn.target, name, "/provider") {
+                Ok(n) => n,
+                Err(e) => {
+                    say(&format!("error: {e}"));
+                    return;
+                }
+            };
+        let name = name.as_str();
         if let Some(auth) = &mut self.local_auth {
             let Some(p) = super::credentials::LocalProvider::from_flag(name) else {
                 say("with --use-local-auth the provider must be CLAUDEAI, OPENAI or COPILOT");
@@ -541,6 +568,17 @@ impl<'a> Interactive<'a> {
 enum Flow {
     Continue,
     Exit,
+}
+
+/// Takes every Ctrl-C that arrives within `settle`, so it does nothing more.
+async fn absorb_interrupts(sigint: &mut tokio::signal::unix::Signal, settle: Duration) {
+    let until = tokio::time::Instant::now() + settle;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = tokio::time::sleep_until(until) => return,
+        }
+    }
 }
 
 fn or_default<'s>(v: &'s str, default: &'s str) -> &'s str {

@@ -4,9 +4,12 @@
 //! [`args`], the connection (TLS, round robin over every resolved address, keepalive) is
 //! [`connection`], `--use-local-auth` is [`credentials`], terminal output is [`render`].
 //!
-//! Exit codes ([`error::exit`]): 0 ok, 2 usage or bad input, 3 cannot connect or TLS failure,
-//! 4 unauthenticated or denied, 5 rate limited, 6 the provider failed. Each failure is one line on
-//! stderr saying what happened and what to try. Secrets (token, keys) are never printed.
+//! Exit codes ([`error::exit`]): 0 ok, 64 usage or bad input (EX_USAGE, as for every subcommand),
+//! 3 cannot connect or TLS failure, 4 unauthenticated or denied, 5 rate limited (also by the
+//! server's failed-auth limiter), 6 the provider or the server failed, 70 internal error. Each
+//! failure is one line on stderr saying what happened and what to try; with `--json` the same
+//! failure is also one JSON object on stdout, `{"error": {"code", "message"}}`, so a pipeline into
+//! `jq` can tell what happened. Secrets (token, keys) are never printed.
 
 pub mod args;
 pub mod connection;
@@ -26,9 +29,54 @@ pub use error::{ClientError, exit};
 use crate::cli::ConnectArgs;
 use crate::proto::{ChatMessage, StreamPromptRequest};
 
-/// Whether this process was started as `chatcli connect` (so command-line errors exit 2).
-pub fn invoked() -> bool {
-    std::env::args_os().nth(1).is_some_and(|a| a == "connect")
+/// Whether a command line (program name first) is `chatcli connect … --json` (`--json=false`
+/// turns it off again): its errors are then also printed as JSON on stdout.
+pub fn wants_json<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> bool {
+    let mut args = args.into_iter().skip(1);
+    if args.next().is_none_or(|a| a != "connect") {
+        return false;
+    }
+    let mut json = false;
+    for a in args {
+        match a.to_str() {
+            // Everything after `--` is a value, not a flag.
+            Some("--") => break,
+            Some("--json" | "-json") => json = true,
+            Some(other) => {
+                if let Some(v) = other
+                    .strip_prefix("--json=")
+                    .or_else(|| other.strip_prefix("-json="))
+                {
+                    json = v != "false";
+                }
+            }
+            None => {}
+        }
+    }
+    json
+}
+
+/// Reports a command line that clap refused for `chatcli connect`: with `--json`, also as the JSON
+/// error object on stdout (clap has already printed its own message on stderr).
+pub fn report_usage_error(clap_message: &str) {
+    if !wants_json(std::env::args_os()) {
+        return;
+    }
+    // clap's first line is "error: <what is wrong>"; the rest is usage and a hint.
+    let first = clap_message
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid command line");
+    let what = first.strip_prefix("error: ").unwrap_or(first).trim();
+    print_json_error(&ClientError::usage(what.to_string()));
+}
+
+/// Prints `e` as the one JSON object of `--json` on stdout.
+fn print_json_error(e: &ClientError) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", e.to_json());
+    let _ = out.flush();
 }
 
 /// What every prompt carries besides the text and history.
@@ -108,9 +156,11 @@ impl LocalAuth {
 /// Runs `chatcli connect`; returns the exit code.
 pub fn run(args: ConnectArgs) -> i32 {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Known before the flags are checked, so a usage error is printed as JSON too.
+    let json = args.json.unwrap_or(false);
     let settings = match Settings::from_process(args) {
         Ok(s) => s,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e, json),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -120,17 +170,26 @@ pub fn run(args: ConnectArgs) -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("chatcli connect: cannot start the async runtime: {e}");
-            return exit::USAGE;
+            if json {
+                print_json_error(&ClientError::internal(format!(
+                    "cannot start the async runtime: {e}"
+                )));
+            }
+            return exit::SOFTWARE;
         }
     };
     match execute(&runtime, settings) {
         Ok(()) => exit::OK,
-        Err(e) => fail(&e),
+        Err(e) => fail(&e, json),
     }
 }
 
-fn fail(e: &ClientError) -> i32 {
+/// Reports `e`: one line on stderr, and with `--json` the JSON error object on stdout.
+fn fail(e: &ClientError, json: bool) -> i32 {
     eprintln!("chatcli connect: {e}");
+    if json {
+        print_json_error(e);
+    }
     e.exit_code()
 }
 
@@ -166,7 +225,7 @@ fn execute(rt: &tokio::runtime::Runtime, settings: Settings) -> Result<(), Clien
             let wanted = match settings.provider.as_str() {
                 "" => None,
                 p => Some(LocalProvider::from_flag(p).ok_or_else(|| {
-                    ClientError::Usage(format!(
+                    ClientError::usage(format!(
                         "--use-local-auth works with --provider CLAUDEAI, OPENAI or COPILOT, not \
                          {p:?}"
                     ))
@@ -187,10 +246,18 @@ fn execute(rt: &tokio::runtime::Runtime, settings: Settings) -> Result<(), Clien
         }
     };
     let conn = rt.block_on(connection::connect(&settings, &process_env, &verbose))?;
-    let info = rt.block_on(connection::handshake(&conn, settings.timeout, &verbose))?;
+    let server = rt.block_on(connection::handshake(&conn, settings.timeout, &verbose))?;
+    // A provider the server does not offer would fail every prompt: say so before the banner
+    // shows it as if accepted.
+    let origin = match (settings.provider.is_empty(), &settings.forward) {
+        (true, Forward::LocalAuth) => "--use-local-auth chose provider",
+        _ => "--provider",
+    };
+    forwarded.provider =
+        connection::check_provider(&server, &conn.target, &forwarded.provider, origin)?;
     eprintln!(
         "{}",
-        connection::banner(&info, &forwarded.provider, &forwarded.model, suffix)
+        connection::banner(&server.info, &forwarded.provider, &forwarded.model, suffix)
     );
     match (prompt, &settings.mode) {
         (Some(p), Mode::OneShot(_, output)) => rt.block_on(oneshot::run(
@@ -209,6 +276,7 @@ fn execute(rt: &tokio::runtime::Runtime, settings: Settings) -> Result<(), Clien
                 settings.color,
                 settings.timeout,
                 local_auth,
+                server,
             )
             .run(&history_file)
         }
@@ -220,14 +288,40 @@ fn read_stdin_prompt() -> Result<String, ClientError> {
     let mut buf = Vec::new();
     std::io::stdin()
         .read_to_end(&mut buf)
-        .map_err(|e| ClientError::Usage(format!("cannot read the prompt from stdin: {e}")))?;
+        .map_err(|e| ClientError::usage(format!("cannot read the prompt from stdin: {e}")))?;
     let text = String::from_utf8(buf)
-        .map_err(|_| ClientError::Usage("the prompt on stdin is not UTF-8 text".into()))?;
+        .map_err(|_| ClientError::usage("the prompt on stdin is not UTF-8 text"))?;
     let text = text.trim_end_matches(['\n', '\r']).to_string();
     if text.trim().is_empty() {
-        return Err(ClientError::Usage(
-            "the prompt on stdin is empty; give one with -p PROMPT or pipe text in".into(),
+        return Err(ClientError::usage(
+            "the prompt on stdin is empty; give one with -p PROMPT or pipe text in",
         ));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<std::ffi::OsString> {
+        args.iter().map(std::ffi::OsString::from).collect()
+    }
+
+    #[test]
+    fn json_is_wanted_only_by_connect_with_json_on() {
+        assert!(wants_json(argv(&["chatcli", "connect", "h:1", "--json"])));
+        assert!(wants_json(argv(&[
+            "chatcli",
+            "connect",
+            "--json=true",
+            "--bogus"
+        ])));
+        assert!(wants_json(argv(&["chatcli", "connect", "-json"])));
+        assert!(!wants_json(argv(&["chatcli", "connect", "--json=false"])));
+        assert!(!wants_json(argv(&["chatcli", "connect", "h:1", "-p", "x"])));
+        assert!(!wants_json(argv(&["chatcli", "server", "--json"])));
+        assert!(!wants_json(argv(&["chatcli", "connect", "--", "--json"])));
+        assert!(!wants_json(argv(&["chatcli"])));
+    }
 }

@@ -1,6 +1,8 @@
 //! One prompt for scripts: `StreamPrompt`, each chunk written to stdout and flushed as it arrives.
 //! `--raw` writes exactly the answer; `--json` writes one object
-//! `{"answer", "provider", "model", "usage"}` at the end. Nothing but the answer goes to stdout.
+//! `{"answer", "provider", "model", "usage"}` at the end (a failure is reported by the caller,
+//! [`super::run`], as `{"error": {"code", "message"}}` instead). Nothing but the answer goes to
+//! stdout.
 
 use std::io::Write as _;
 use std::time::Instant;
@@ -69,7 +71,7 @@ pub async fn run(
             }
         }
         if !done {
-            return Err(ClientError::Provider(format!(
+            return Err(ClientError::provider(format!(
                 "the answer from {} was cut off before its end; try again",
                 conn.target
             )));
@@ -106,7 +108,7 @@ pub async fn run(
         Some(t) => tokio::time::timeout(t + std::time::Duration::from_secs(1), call)
             .await
             .unwrap_or_else(|_| {
-                Err(ClientError::Provider(format!(
+                Err(ClientError::provider(format!(
                     "no complete answer within {t:?}; try a larger --timeout"
                 )))
             }),
@@ -119,5 +121,5 @@ fn stdout_failed(e: std::io::Error) -> ClientError {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
     }
-    ClientError::Usage(format!("cannot write the answer to stdout: {e}"))
+    ClientError::usage(format!("cannot write the answer to stdout: {e}"))
 }

@@ -383,7 +383,9 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
     let ip = conn.remote.ip();
     let exempt = crate::auth::is_exempt(req.uri().path());
     let result = match state.auth_failures.is_blocked(ip) {
-        Some(_) => Err(AuthError::Throttled),
+        Some(wait) => Err(AuthError::Throttled {
+            retry_after_secs: wait.as_secs().max(1),
+        }),
         None => prepared.auth.authenticate(
             req.headers()
                 .get(header::AUTHORIZATION)
@@ -401,7 +403,8 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
             tenant_id: None,
         },
         Err(e) => {
-            if e != AuthError::Throttled {
+            let throttled = e.retry_after_secs();
+            if throttled.is_none() {
                 state.auth_failures.record_failure(ip);
             }
             tracing::warn!(peer = ?ip, path = req.uri().path(), reason = %e, "authentication failed");
@@ -409,7 +412,12 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
                 n.auth_failed = true;
                 n.refusal = Some(format!("authentication failed: {e}"));
             });
-            return Err(Refusal::Unauthenticated);
+            // The limiter's refusal is told as what it is, with the wait: a caller with the right
+            // token must not be sent looking for a wrong one.
+            return Err(match throttled {
+                Some(secs) => Refusal::AuthThrottled(secs),
+                None => Refusal::Unauthenticated,
+            });
         }
     };
     notes.note(|n| n.principal = Some(principal.clone()));
@@ -429,6 +437,26 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
 enum Refusal {
     Unauthenticated,
     RateLimited(u64),
+    /// The failed-auth limiter refuses the caller's address for this many seconds.
+    AuthThrottled(u64),
+}
+
+impl Refusal {
+    /// The `Retry-After` (`retry-after` in gRPC metadata) of the refusal, in seconds.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Refusal::Unauthenticated => None,
+            Refusal::RateLimited(s) | Refusal::AuthThrottled(s) => Some(*s),
+        }
+    }
+}
+
+/// What a caller refused by the failed-auth limiter is told.
+fn throttled_message(secs: u64) -> String {
+    crate::auth::AuthError::Throttled {
+        retry_after_secs: secs,
+    }
+    .to_string()
 }
 
 fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
@@ -438,6 +466,7 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
             Refusal::RateLimited(s) => {
                 ("8", format!("rate limit exceeded, retry after {s} seconds"))
             }
+            Refusal::AuthThrottled(s) => ("8", throttled_message(s)),
         };
         let mut r = Response::new(Body::empty());
         let h = r.headers_mut();
@@ -462,6 +491,15 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
                     r#"{{"error":{{"message":"rate limit exceeded, retry after {s} seconds","type":"rate_limit_error","code":"rate_limited"}}}}"#
                 ),
             ),
+            Refusal::AuthThrottled(s) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({"error": {
+                    "message": throttled_message(s),
+                    "type": "rate_limit_error",
+                    "code": "too_many_auth_failures",
+                }})
+                .to_string(),
+            ),
         };
         let mut r = Response::new(Body::from(body));
         *r.status_mut() = status;
@@ -475,7 +513,7 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
         }
         r
     };
-    if let Refusal::RateLimited(s) = why
+    if let Some(s) = why.retry_after()
         && let Ok(v) = HeaderValue::from_str(&s.to_string())
     {
         resp.headers_mut().insert(header::RETRY_AFTER, v);

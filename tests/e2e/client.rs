@@ -216,7 +216,7 @@ async fn oneshot_reads_the_prompt_from_stdin() {
         Some("\n"),
     )
     .await;
-    run.assert_code(2).assert_one_error_line("empty");
+    run.assert_code(64).assert_one_error_line("empty");
 }
 
 #[tokio::test]
@@ -405,6 +405,236 @@ async fn provider_failure_exits_6() {
     let run = client(home.path(), &[&addr_of(&server), "-p", "hi"], &[], None).await;
     run.assert_code(6).assert_one_error_line("provider failed");
     assert!(!chat_requests(&fake).is_empty());
+}
+
+/// `chatcli <args>` (no subcommand added) with only `HOME` and `PATH`, bounded by [`HANG_GUARD`].
+async fn chatcli(home: &Path, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(BIN)
+        .env_clear()
+        .env("HOME", home)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(HANG_GUARD, out)
+        .await
+        .expect("chatcli hung")
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn usage_errors_exit_64_for_every_subcommand_and_help_lists_the_codes() {
+    let home = tempfile::tempdir().unwrap();
+    for args in [
+        &["server", "--bogus-flag"][..],
+        &["connect", "127.0.0.1:1", "--bogus-flag"],
+        &["config", "check", "--bogus-flag"],
+        &["healthcheck", "--bogus-flag"],
+        &["no-such-subcommand"],
+    ] {
+        let run = chatcli(home.path(), args).await;
+        assert_eq!(run.code, 64, "{args:?}: {run:?}");
+        assert!(run.stderr.contains("error:"), "{args:?}: {run:?}");
+    }
+    let help = chatcli(home.path(), &["--help"]).await;
+    help.assert_code(0);
+    let codes = &help.stdout[help.stdout.find("Exit codes").expect(&help.stdout)..];
+    for line in ["  0 ", "  1 ", "  64 ", "  69 ", "  70 ", "  78 "] {
+        assert!(codes.contains(line), "{line:?} missing from:\n{codes}");
+    }
+    assert!(codes.contains("connect also: 3"), "{codes}");
+    let help = chatcli(home.path(), &["connect", "--help"]).await;
+    help.assert_code(0);
+    assert!(
+        help.stdout.contains("64 usage or bad input") && !help.stdout.contains(" 2 usage"),
+        "{}",
+        help.stdout
+    );
+}
+
+/// Exactly one JSON object `{"error": {"code", "message"}}` on stdout, and the same exit code as
+/// without `--json`.
+#[track_caller]
+fn assert_json_error(run: &Run, exit: i32, code: &str, needle: &str) {
+    run.assert_code(exit);
+    assert_eq!(
+        run.stdout.lines().count(),
+        1,
+        "wanted one line on stdout:\n{}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let v: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", run.stdout));
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{needle:?} not in {v}");
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
+    assert_eq!(v["error"].as_object().map(|o| o.len()), Some(2), "{v}");
+}
+
+#[tokio::test]
+async fn json_failures_print_one_error_object_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(
+        dir.path(),
+        "echo",
+        &echo_toml("0ms"),
+        "[limits]\nmax_prompt_bytes = 16\n",
+    );
+    let server = BinaryServer::start(&config, &["--token", "right-token"]);
+    let addr = addr_of(&server);
+    let home = tempfile::tempdir().unwrap();
+    let ok = ["--token", "right-token", "--json", "-p"];
+
+    // Answered by the server with a gRPC status: its code name.
+    let long = "x".repeat(100);
+    let run = client(
+        home.path(),
+        &[&addr, ok[0], ok[1], ok[2], ok[3], &long],
+        &[],
+        None,
+    )
+    .await;
+    assert_json_error(&run, 64, "INVALID_ARGUMENT", "limit");
+    let run = client(
+        home.path(),
+        &[&addr, "--token", "wrong-token", "--json", "-p", "hi"],
+        &[],
+        None,
+    )
+    .await;
+    assert_json_error(&run, 4, "UNAUTHENTICATED", "refused the credentials");
+
+    // Failures of the client itself: their class.
+    let run = client(
+        home.path(),
+        &[
+            &addr,
+            ok[0],
+            ok[1],
+            "--provider",
+            "NOPE",
+            ok[2],
+            ok[3],
+            "hi",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_json_error(&run, 64, "usage", "not offered");
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = free.local_addr().unwrap().to_string();
+    drop(free);
+    let run = client(home.path(), &[&gone, "--json", "-p", "hi"], &[], None).await;
+    assert_json_error(&run, 3, "connect", "cannot connect");
+    let run = client(
+        home.path(),
+        &["local host:1", "--json", "-p", "hi"],
+        &[],
+        None,
+    )
+    .await;
+    assert_json_error(&run, 64, "usage", "malformed server address");
+    // A command line clap refuses, and --json without one-shot.
+    let run = client(
+        home.path(),
+        &[&addr, "--json", "--bogus", "-p", "hi"],
+        &[],
+        None,
+    )
+    .await;
+    assert_json_error(&run, 64, "usage", "--bogus");
+    let run = client(home.path(), &[&addr, "--json"], &[], Some("")).await;
+    assert_json_error(&run, 64, "usage", "empty");
+
+    // Without --json nothing goes to stdout on failure; with it, success is unchanged.
+    let run = client(home.path(), &[&addr, "-p", "hi"], &[], None).await;
+    run.assert_code(4);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    let run = client(
+        home.path(),
+        &[&addr, ok[0], ok[1], ok[2], ok[3], "fine"],
+        &[],
+        None,
+    )
+    .await;
+    run.assert_code(0);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["answer"], "fine");
+    assert!(v.get("error").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn a_provider_the_server_does_not_offer_is_refused_at_connect() {
+    // The demo config and its conf.d drop-in: echo and echo-slow.
+    let server = BinaryServer::start(&demo_config(), &[]);
+    let home = tempfile::tempdir().unwrap();
+    let run = client(
+        home.path(),
+        &[&addr_of(&server), "--provider", "NOPE", "-p", "hi"],
+        &[],
+        None,
+    )
+    .await;
+    run.assert_code(64).assert_one_error_line(&format!(
+        "--provider NOPE is not offered by {}; it offers: echo, echo-slow",
+        addr_of(&server)
+    ));
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(
+        !run.stderr.contains("provider: NOPE"),
+        "the banner showed the provider as accepted: {}",
+        run.stderr
+    );
+    // The server's names match without regard to case, and the banner uses its spelling.
+    let run = client(
+        home.path(),
+        &[
+            &addr_of(&server),
+            "--provider",
+            "ECHO-SLOW",
+            "-p",
+            "slow words",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    run.assert_code(0);
+    assert_eq!(run.stdout, "slow words\n");
+    assert!(
+        run.stderr.contains("provider: echo-slow, model: default)"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_providers_says_so_in_the_banner() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "empty.toml", "[log]\nlevel = \"info\"\n");
+    let server = BinaryServer::start(&config, &[]);
+    let home = tempfile::tempdir().unwrap();
+    let run = client(home.path(), &[&addr_of(&server), "-p", "hi"], &[], None).await;
+    let banner = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("Connected to ChatCLI server"))
+        .unwrap_or_else(|| panic!("no banner: {}", run.stderr));
+    assert_eq!(
+        banner,
+        "Connected to ChatCLI server (version: 0.1.0, provider: (none configured), model: (none))"
+    );
+    run.assert_code(6)
+        .assert_one_error_line("has no LLM provider configured");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -935,7 +1165,7 @@ async fn bad_input_gets_one_line_and_its_exit_code() {
     // Malformed addresses.
     for bad in ["local host:1", "localhost", "localhost:99999", "ftp://x:1"] {
         let run = client(home.path(), &[bad, "-p", "hi"], &[], None).await;
-        run.assert_code(2)
+        run.assert_code(64)
             .assert_one_error_line("malformed server address");
     }
     // A missing CA file.
@@ -953,11 +1183,11 @@ async fn bad_input_gets_one_line_and_its_exit_code() {
         None,
     )
     .await;
-    run.assert_code(2)
+    run.assert_code(64)
         .assert_one_error_line("/nonexistent/ca.pem");
     // Unknown flags and bad values are usage errors (clap's own message).
     let run = client(home.path(), &["127.0.0.1:1", "--bogus"], &[], None).await;
-    run.assert_code(2);
+    run.assert_code(64);
     let run = client(
         home.path(),
         &["127.0.0.1:1", "--timeout", "soon", "-p", "x"],
@@ -965,10 +1195,10 @@ async fn bad_input_gets_one_line_and_its_exit_code() {
         None,
     )
     .await;
-    run.assert_code(2).assert_one_error_line("--timeout");
+    run.assert_code(64).assert_one_error_line("--timeout");
     // No address at all.
     let run = client(home.path(), &["-p", "x"], &[], None).await;
-    run.assert_code(2)
+    run.assert_code(64)
         .assert_one_error_line("no server address");
     // --help has the examples and exits 0.
     let run = client(home.path(), &["--help"], &[], None).await;
@@ -977,7 +1207,7 @@ async fn bad_input_gets_one_line_and_its_exit_code() {
 }
 
 #[tokio::test]
-async fn a_prompt_over_the_server_limit_exits_2() {
+async fn a_prompt_over_the_server_limit_exits_64() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_with(
         dir.path(),
@@ -989,7 +1219,7 @@ async fn a_prompt_over_the_server_limit_exits_2() {
     let home = tempfile::tempdir().unwrap();
     let long = "x".repeat(100);
     let run = client(home.path(), &[&addr_of(&server), "-p", &long], &[], None).await;
-    run.assert_code(2).assert_one_error_line("limit");
+    run.assert_code(64).assert_one_error_line("limit");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1287,6 +1517,96 @@ async fn ctrl_c_cancels_a_stalled_answer_and_the_upstream_sees_it() {
     p.send(expectrl::ControlCode::EndOfText).unwrap();
     expect(&mut p, "Ctrl-C again");
     p.send(expectrl::ControlCode::EndOfText).unwrap();
+    let status = wait_exit(&mut p);
+    assert!(status.contains(", 0)"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interactive_errors_say_what_the_server_answered() {
+    let server = BinaryServer::start(&demo_config(), &[]);
+    let home = tempfile::tempdir().unwrap();
+    let mut p = pty_client(home.path(), &[&addr_of(&server)], &[("NO_COLOR", "1")]);
+    expect(&mut p, "chatcli> ");
+    p.send_line("/session load nosuch").unwrap();
+    let shown = expect(&mut p, "chatcli> ");
+    let error = shown
+        .lines()
+        .find(|l| l.contains("error: "))
+        .unwrap_or_else(|| panic!("no error line: {shown:?}"));
+    assert!(
+        error.contains("not found on") && error.contains("session 'nosuch' not found"),
+        "{error:?}"
+    );
+    assert!(!error.contains("provider"), "{error:?}");
+    // /provider only takes what the server offers.
+    p.send_line("/provider NOPE").unwrap();
+    let shown = expect(&mut p, "chatcli> ");
+    assert!(
+        shown.contains("/provider NOPE is not offered by")
+            && shown.contains("it offers: echo, echo-slow"),
+        "{shown:?}"
+    );
+    p.send_line("/provider").unwrap();
+    expect(&mut p, "provider: server default");
+    p.send_line("/provider Echo-Slow").unwrap();
+    expect(&mut p, "provider set to echo-slow");
+    p.send_line("/exit").unwrap();
+    let status = wait_exit(&mut p);
+    assert!(status.contains(", 0)"), "{status}");
+}
+
+/// Twenty answers from a slow echo provider, each cancelled with Ctrl-C once it streams (every
+/// fourth one with Ctrl-C pressed twice, 50 ms apart, as people do to be sure): every cancel
+/// prints `(answer cancelled)` exactly once, the answer stops, and the prompt is drawn again after
+/// the notice (never before it, and no second notice or leave hint follows it); the client stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_ctrl_c_prints_one_cancel_notice_then_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), "echo", &echo_toml("150ms"), "");
+    let server = BinaryServer::start(&config, &[]);
+    let home = tempfile::tempdir().unwrap();
+    let mut p = pty_client(home.path(), &[&addr_of(&server)], &[]);
+    expect(&mut p, "chatcli> ");
+    const NOTICE: &str = "(answer cancelled)";
+    for round in 0..20 {
+        let line = format!("round{round} alpha beta gamma delta epsilon zeta eta theta");
+        p.send_line(&line).unwrap();
+        // The line editor echoes the line; the answer (the same words) streams after it.
+        let echoed = expect(&mut p, &line);
+        assert!(
+            !echoed.contains(NOTICE),
+            "round {round}: a cancel notice after the previous prompt: {echoed:?}"
+        );
+        expect(&mut p, &format!("round{round} alpha"));
+        p.send(expectrl::ControlCode::EndOfText).unwrap();
+        if round % 4 == 3 {
+            std::thread::sleep(Duration::from_millis(50));
+            p.send(expectrl::ControlCode::EndOfText).unwrap();
+        }
+        let answered = expect(&mut p, NOTICE);
+        assert!(
+            !answered.contains("theta"),
+            "round {round}: the answer was not cut short: {answered:?}"
+        );
+        assert!(
+            !answered.contains("chatcli> "),
+            "round {round}: the prompt came before the cancel notice: {answered:?}"
+        );
+        let between = expect(&mut p, "chatcli> ");
+        assert!(
+            !between.contains(NOTICE),
+            "round {round}: the cancel notice came twice: {between:?}"
+        );
+        assert!(
+            !between.contains("Ctrl-C again"),
+            "round {round}: the second Ctrl-C reached the prompt: {between:?}"
+        );
+    }
+    // Nothing more arrives after the last prompt: no late notice, and the client still answers.
+    p.send_line("/help").unwrap();
+    let rest = expect(&mut p, "/session save NAME");
+    assert!(!rest.contains(NOTICE), "a late cancel notice: {rest:?}");
+    p.send_line("/exit").unwrap();
     let status = wait_exit(&mut p);
     assert!(status.contains(", 0)"), "{status}");
 }

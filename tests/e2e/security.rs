@@ -138,6 +138,33 @@ fn assert_unauthenticated<T: std::fmt::Debug>(result: Result<T, tonic::Status>, 
     assert_eq!(err.message(), "authentication failed", "{what}: {err:?}");
 }
 
+/// Asserts that `result` is the failed-auth limiter's refusal: RESOURCE_EXHAUSTED saying so, with
+/// the wait in the message and in `retry-after` (whole seconds, at least 1); returns the wait.
+#[track_caller]
+fn assert_throttled<T: std::fmt::Debug>(result: Result<T, tonic::Status>, what: &str) -> u64 {
+    let err = result.expect_err(what);
+    assert_eq!(err.code(), Code::ResourceExhausted, "{what}: {err:?}");
+    let msg = err.message();
+    assert!(
+        msg.starts_with("too many failed authentication attempts from this address; retry after "),
+        "{what}: {err:?}"
+    );
+    let secs: u64 = err
+        .metadata()
+        .get("retry-after")
+        .unwrap_or_else(|| panic!("{what}: no retry-after: {err:?}"))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(secs >= 1, "{what}: {err:?}");
+    assert!(
+        msg.ends_with(&format!("retry after {secs} seconds")),
+        "{what}: the message and retry-after disagree: {err:?}"
+    );
+    secs
+}
+
 /// GET `path` on `s` with an optional bearer token.
 async fn http_get(s: &TestServer, path: &str, token: Option<&str>) -> reqwest::Response {
     let mut req = http_client().get(s.url(path));
@@ -580,10 +607,10 @@ async fn failed_authentications_throttle_the_address_not_successes() {
     for i in 0..3 {
         assert_unauthenticated(wrong.send_prompt(send("x")).await, &format!("wrong {i}"));
     }
-    // Now even the right token is refused from this address, with the same generic answer.
+    // Now even the right token is refused from this address, told that it is the limiter.
     let mut right = client(&s.channel, Some(TOKEN));
-    assert_unauthenticated(right.send_prompt(send("x")).await, "right token, throttled");
-    assert_eq!(http_get(&s, "/v1/models", Some(TOKEN)).await.status(), 401);
+    assert_throttled(right.send_prompt(send("x")).await, "right token, throttled");
+    assert_eq!(http_get(&s, "/v1/models", Some(TOKEN)).await.status(), 429);
     // Health stays open, and another address is not affected.
     right.health(HealthRequest {}).await.unwrap();
     let elsewhere = channel_from_127_0_0_2(s.addr).await;
@@ -618,8 +645,131 @@ async fn failed_authentications_throttle_the_address_not_successes() {
             .unwrap_or_else(|e| panic!("refused after {} failures: {e:?}", i + 1));
     }
     assert_unauthenticated(wrong.send_prompt(send("x")).await, "fifth wrong");
-    assert_unauthenticated(right.send_prompt(send("x")).await, "after five failures");
+    assert_throttled(right.send_prompt(send("x")).await, "after five failures");
     s.shutdown().await;
+}
+
+/// The real binary with a token and a failed-auth limit of 3 a minute: after three wrong tokens
+/// from 127.0.0.1, gRPC answers RESOURCE_EXHAUSTED with the wait (message and `retry-after`),
+/// HTTP answers 429 with `Retry-After` and a JSON error saying so, and `chatcli connect` with the
+/// right token says it was refused for too many failed authentication attempts and how long to
+/// wait (exit 5), instead of blaming the token; with `--json` the same as one object on stdout.
+#[tokio::test]
+async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nauth_failures_per_minute = 3\n\n[llm]\ndefault = \"echo\"\n\n\
+         [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &["--token", TOKEN]);
+    let addr = server.addr.to_string();
+    let home = tempfile::tempdir().unwrap();
+    let connect = |token: &str, json: bool| {
+        let mut cmd = chatcli_command(home.path());
+        cmd.args(["connect", &addr, "--token", token, "-p", "hi"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Three wrong tokens: each is told the credentials were refused (exit 4).
+    for i in 0..3 {
+        let (code, _, stderr) = connect("wrong-token", false);
+        assert_eq!(code, Some(4), "wrong {i}: {stderr}");
+        assert!(
+            stderr.contains("refused the credentials"),
+            "wrong {i}: {stderr}"
+        );
+    }
+
+    // The right token from the same address is now refused by the limiter, and told so.
+    let (code, stdout, stderr) = connect(TOKEN, false);
+    assert_eq!(code, Some(5), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("chatcli connect: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        line.contains("too many failed authentication attempts from this address"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("--token") && !line.contains("credentials"),
+        "{line}"
+    );
+    let wait: u64 = line[line.find("retry in ").expect(line) + "retry in ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{line}");
+
+    // --json: exactly one object on stdout naming the gRPC code, and the same exit code.
+    let (code, stdout, stderr) = connect(TOKEN, true);
+    assert_eq!(code, Some(5), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["error"]["code"], "RESOURCE_EXHAUSTED", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("too many failed authentication attempts"),
+        "{v}"
+    );
+    assert!(message.contains("retry in "), "{v}");
+
+    // gRPC: RESOURCE_EXHAUSTED with the wait in the message and in retry-after.
+    let channel = crate::support::connect(server.addr).await;
+    let mut right = client(&channel, Some(TOKEN));
+    let secs = assert_throttled(right.send_prompt(send("x")).await, "gRPC, right token");
+    assert!(secs <= 60, "{secs}");
+    // Health stays open.
+    right.health(HealthRequest {}).await.unwrap();
+
+    // HTTP: 429, Retry-After and a JSON error saying why.
+    let resp = http_client()
+        .get(format!("http://{}/v1/models", server.addr))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert!(!resp.headers().contains_key("www-authenticate"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    assert_eq!(body["error"]["code"], "too_many_auth_failures", "{body}");
+    let text = body["error"]["message"].as_str().unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "too many failed authentication attempts from this address; retry after {retry} seconds"
+        ),
+        "{body}"
+    );
+    // The server log names the reason too.
+    assert!(
+        server
+            .stderr()
+            .contains("too many failed authentication attempts"),
+        "{}",
+        server.stderr()
+    );
 }
 
 #[tokio::test]
@@ -627,6 +777,9 @@ async fn garbage_credentials_are_refused_and_others_keep_being_served() {
     let mut config = echo_config();
     config.auth.token = Some(Secret::new(TOKEN));
     config.auth.jwt.secret = Some(Secret::new(SECRET));
+    // Ten failures from one address below, each to be answered UNAUTHENTICATED; the limiter,
+    // which would refuse the later ones as RESOURCE_EXHAUSTED, has its own tests.
+    config.limits.auth_failures_per_minute = 0;
     let s = TestServer::start_with(config).await;
     let good_jwt = jwt("erin", "user");
     let garbage: Vec<Vec<u8>> = vec![

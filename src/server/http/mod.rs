@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | malformed JSON, a wrong field, a bad value | 400 | `invalid_request_error` / `invalid_json`, `invalid_request` |
 //! | no or wrong credentials (pipeline) | 401 | `authentication_error` / `unauthenticated` |
+//! | too many failed authentications from the address (pipeline's failed-auth limiter) | 429 + `Retry-After` | `rate_limit_error` / `too_many_auth_failures` |
 //! | readonly principal writing a session | 403 | `permission_error` / `permission_denied` |
 //! | unknown provider or model (ours or the upstream's 404) | 404 | `invalid_request_error` / `model_not_found` |
 //! | `Accept` refusing `text/event-stream` for a stream | 406 | `invalid_request_error` / `not_acceptable` |
