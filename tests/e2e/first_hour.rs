@@ -22,6 +22,16 @@ fn repo_file(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// Writes `text` to `path` and asserts that `config check` accepts it.
+fn assert_checks_clean(home: &Path, path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    cli(home)
+        .args(["config", "check", "--config"])
+        .arg(path)
+        .assert()
+        .code(0);
+}
+
 #[test]
 fn a_misspelt_log_level_is_a_config_error_naming_the_accepted_words() {
     let home = tempfile::tempdir().unwrap();
@@ -117,12 +127,7 @@ fn config_show_output_round_trips_through_config_check() {
         let shown = String::from_utf8(out.stdout).unwrap();
         // The shown file lives apart from conf.d/, so the drop-ins are not merged twice.
         let copy = home.path().join("shown.toml");
-        std::fs::write(&copy, &shown).unwrap();
-        cli(home.path())
-            .args(["config", "check", "--config"])
-            .arg(&copy)
-            .assert()
-            .code(0);
+        assert_checks_clean(home.path(), &copy, &shown);
         // Showing the shown file again gives the same values.
         let again = cli(home.path())
             .args(["config", "show", "--config"])
@@ -199,12 +204,7 @@ fn user_keyed_tables_load_and_show_as_valid_toml() {
     }
     let copy = home.path().join("copy/shown.toml");
     std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
-    std::fs::write(&copy, &shown).unwrap();
-    cli(home.path())
-        .args(["config", "check", "--config"])
-        .arg(&copy)
-        .assert()
-        .code(0);
+    assert_checks_clean(home.path(), &copy, &shown);
     // A misspelt key inside a role's table is still refused.
     std::fs::write(&config, "[limits.roles.readonly]\nrate_limit_rsp = 1.0\n").unwrap();
     cli(home.path())
