@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Instructions per proxied call, counted by callgrind: the stable measure on a noisy VM (issue #8
-# suggests it), for comparing two builds of chatcli step by step. Wall-clock numbers come from
+# Instructions per proxied call, counted by callgrind: the stable measure on a noisy VM, for comparing two builds of chatcli step by step. Wall-clock numbers come from
 # bench/run.sh; this counts only chatcli's own user-space instructions (no kernel, no wake-ups).
 #
 #   bench/callgrind.sh                      the release build in target/release

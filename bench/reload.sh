@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Hot-reload numbers for BENCHMARKS.md (issue #9), measured against the in-process server with an
+# Hot-reload numbers for BENCHMARKS.md, measured against the in-process server with an
 # echo provider (no upstream latency), so what is measured is chatcli itself:
 #   - time from a config file write (temp file + rename) to the new state serving, polled with
 #     GetServerInfo until the new provider is listed: p50/p99 over 50 reloads;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark harness (issue #8): chatcli's OpenAI-compatible HTTP route and gRPC SendPrompt
+# The benchmark harness: chatcli's OpenAI-compatible HTTP route and gRPC SendPrompt
 # side by side with LiteLLM's proxy, nginx as a plain reverse proxy, and the mock upstream called
 # directly, all against the same mock, in one run. Both chatcli builds are measured in that run: the
 # shipped one (profile-guided, scripts/build-pgo.sh → target/pgo/chatcli, process `chatcli`) and the

@@ -3,7 +3,7 @@
 # serves a training load (the OpenAI-compatible HTTP route and gRPC, whole and streamed answers,
 # without authentication and with JWT + audit, against the bench mock upstream), then the release
 # build is compiled with the profile it recorded. On the 2-core VM this takes about a quarter of the instructions off every proxied call
-# (BENCHMARKS.md, seventh round); the binary behaves exactly as a plain `cargo build --release`.
+# (bench/HISTORY.md, seventh round); the binary behaves exactly as a plain `cargo build --release`.
 #
 #   scripts/build-pgo.sh                  writes target/pgo/chatcli
 #   scripts/build-pgo.sh --out PATH       writes PATH instead

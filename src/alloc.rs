@@ -9,7 +9,7 @@
 //! allocator). Each plain block's alignment is still checked (two instructions): should a
 //! differently built mimalloc ever pad its blocks, the aligned call takes over instead of a
 //! misaligned pointer reaching the program. `bench/callgrind.sh`: about 2k instructions fewer per
-//! proxied call (BENCHMARKS.md, step 27).
+//! proxied call (bench/HISTORY.md, step 27).
 //!
 //! This is the one module where `unsafe` is allowed (`unsafe_code = "deny"` elsewhere): a
 //! `GlobalAlloc` is an `unsafe` trait.

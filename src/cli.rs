@@ -95,7 +95,7 @@ pub enum ConfigCommand {
 }
 
 /// `chatcli connect [flags] [address]`: the client. Flags, variables and defaults follow the
-/// existing ChatCLI client (PROTOCOL.md §4); `chatcli::client` resolves and validates them.
+/// existing ChatCLI client; `chatcli::client` resolves and validates them.
 #[derive(Debug, Clone, Default, Args)]
 #[command(after_help = CONNECT_EXAMPLES)]
 pub struct ConnectArgs {

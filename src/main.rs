@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: a proxied call makes dozens of short-lived allocations
 /// (headers, JSON, buffers), and glibc's malloc (musl's even more, in the static image) was a fifth
-/// of the daemon's CPU time per call in the benchmark profile (BENCHMARKS.md). [`chatcli::alloc`]
+/// of the daemon's CPU time per call in the benchmark profile (bench/HISTORY.md). [`chatcli::alloc`]
 /// asks it for plain blocks where the alignment allows.
 #[global_allocator]
 static ALLOC: chatcli::alloc::Allocator = chatcli::alloc::Allocator;

@@ -394,7 +394,7 @@ pub fn check_provider(
     }))
 }
 
-/// The banner of PROTOCOL.md §4, then the watcher line when the watcher is active. `provider` and
+/// The existing ChatCLI client's banner, then the watcher line when the watcher is active. `provider` and
 /// `model` are what the client asks for ("" = the server's default). A server without providers
 /// says so instead of showing empty names.
 pub fn banner(info: &GetServerInfoResponse, provider: &str, model: &str, suffix: &str) -> String {

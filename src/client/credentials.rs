@@ -1,4 +1,4 @@
-//! `--use-local-auth`: the existing ChatCLI's local credential store (PROTOCOL.md §4.1) and the
+//! `--use-local-auth`: the existing ChatCLI's local credential store and the
 //! environment, turned into the prefixed `client_api_key` the server expects.
 //!
 //! The store is `auth-profiles.json` in `$CHATCLI_AUTH_DIR` (default `~/.chatcli`): either plain JSON
@@ -7,7 +7,7 @@
 //! - picks profiles in a fixed order: for each provider, ids ending in `:default` first, then the
 //!   others sorted by id (the existing client takes whichever the hash map yields first);
 //! - never creates or replaces the key file: a store that is encrypted but has no usable key is
-//!   reported and left alone (replacing the key would orphan the store, PROTOCOL.md §8 defect 19);
+//!   reported and left alone (replacing the key would orphan every credential encrypted with it);
 //! - refreshes an OAuth token that expired (or expires within a minute) before using it, writes
 //!   the new tokens back in the store's own format, and re-checks before every interactive turn.
 //!

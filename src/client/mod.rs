@@ -1,5 +1,5 @@
-//! `chatcli connect`, the client (issue #11): connects to a chatcli (or existing ChatCLI) server,
-//! prints the banner of PROTOCOL.md §4 on stderr, then answers one prompt for scripts
+//! `chatcli connect`, the client: connects to a chatcli (or existing ChatCLI) server,
+//! prints the existing ChatCLI client's banner on stderr, then answers one prompt for scripts
 //! ([`oneshot`]) or runs the line editor ([`interactive`]). Flags and environment are checked in
 //! [`args`], the connection (TLS, round robin over every resolved address, keepalive) is
 //! [`connection`], `--use-local-auth` is [`credentials`], terminal output is [`render`].

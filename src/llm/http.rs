@@ -6,7 +6,7 @@
 //! our own, `llm::lean`) for the hottest path (the OpenAI-format provider's calls to the operator's
 //! own upstream). reqwest wraps hyper-util's pooled client in layers a gateway call does not use
 //! (redirects, which we turn off anyway, retries, and a URL re-parse of every response): skipping
-//! them saved a sixth of the instructions of a proxied call (BENCHMARKS.md, step 9), and skipping
+//! them saved a sixth of the instructions of a proxied call (bench/HISTORY.md, step 9), and skipping
 //! hyper-util's pool too saved more (step 13). The lean client is not used
 //! when an environment proxy is set (reqwest honours `HTTP(S)_PROXY`/`ALL_PROXY`), nor for
 //! client-chosen URLs (the SSRF guard pins them in a reqwest client). A 2xx answer from either is an

@@ -1,7 +1,8 @@
 //! The provider seam: a [`Provider`] streams deltas for a [`ChatRequest`] (a unary answer is the
 //! collected stream), a [`ProviderRegistry`] built from config resolves names case-insensitively, and
-//! one file per wire format implements the trait. This build has the built-in `echo` kind; the real
-//! wire formats arrive with issue #5 and answer `UNIMPLEMENTED` until then.
+//! one file per wire format implements the trait (OpenAI-compatible, Anthropic, Gemini, Ollama,
+//! StackSpot, and the built-in `echo`), with the fallback chain, the SSRF guard and the HTTP client
+//! they share.
 
 pub mod anthropic;
 pub mod chunker;

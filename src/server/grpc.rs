@@ -146,7 +146,7 @@ fn require_write<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
     )))
 }
 
-/// Keys a client may put in `provider_config` (PROTOCOL.md §2.1), and the longest value accepted.
+/// Keys a client may put in `provider_config` (those the existing ChatCLI defines), and the longest value accepted.
 const PROVIDER_CONFIG_KEYS: &[&str] = &[
     "client_id",
     "client_key",

@@ -156,7 +156,7 @@ async fn serve_conn<S>(
 ///
 /// hyper-util's `graceful::Watcher` does the same but polls a watch channel at every poll of the
 /// connection, i.e. at every read and write: about 600 instructions per proxied call
-/// (BENCHMARKS.md, step 28). Here the cancellation future is polled only to register the task's
+/// (bench/HISTORY.md, step 28). Here the cancellation future is polled only to register the task's
 /// waker (again only if the waker changes); every other poll reads the token's flag.
 struct Draining<C, F> {
     conn: Pin<Box<C>>,
@@ -211,7 +211,7 @@ impl<C: Future, F: FnMut(Pin<&mut C>) + Unpin> Future for Draining<C, F> {
 /// The executor of a connection's HTTP/2 streams: each stream's task is boxed before it is spawned.
 /// A stream's future holds the whole call (pipeline and handler, several KiB), and tokio moves a
 /// spawned future by value on its way into the task and again at each change of the task's stage:
-/// about 4k instructions of `memcpy` per gRPC call (BENCHMARKS.md, step 29). Boxed, what moves is
+/// about 4k instructions of `memcpy` per gRPC call (bench/HISTORY.md, step 29). Boxed, what moves is
 /// a pointer. HTTP/1 calls are not spawned, so they do not pay for the box.
 #[derive(Debug, Clone, Copy)]
 struct SpawnBoxed;

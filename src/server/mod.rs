@@ -231,8 +231,7 @@ pub async fn run_with(
         },
         None => None,
     };
-    // SIGHUP re-reads what can change without a restart (today the TLS material; issue #9 makes
-    // this the full reload).
+    // SIGHUP runs the full reload (config, drop-ins, secret files), then re-reads the TLS material.
     let sighup = {
         let state = state.clone();
         let tls_watch = tls_watch.clone();

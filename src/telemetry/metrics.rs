@@ -1,4 +1,4 @@
-//! The server's Prometheus metrics (PROTOCOL.md §5): one private `Registry` per [`Metrics`], so
+//! The server's Prometheus metrics (the existing ChatCLI's names, listed in docs/protocol.md): one private `Registry` per [`Metrics`], so
 //! several servers can run in one process, holding the gRPC, LLM, session and server-info series
 //! plus the process collector, rendered in the Prometheus text format.
 //!
@@ -134,7 +134,7 @@ pub(crate) struct SeriesCache<V> {
 }
 
 /// A map by label value, hashed with foldhash: with the standard hasher the cache was no faster
-/// than prometheus's own lookups (BENCHMARKS.md, step 22). Flooding it is bounded by
+/// than prometheus's own lookups (bench/HISTORY.md, step 22). Flooding it is bounded by
 /// [`SERIES_CACHE_MAX`].
 type LabelMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
 

@@ -1,5 +1,5 @@
 //! Observability of the daemon: the global `tracing` subscriber and its rotated log file
-//! ([`logging`]), the Prometheus metrics of PROTOCOL.md §5 ([`metrics`]) and the tower layer that
+//! ([`logging`]), the Prometheus metrics, with the existing ChatCLI's names ([`metrics`]) and the tower layer that
 //! records the per-call gRPC metrics ([`grpc_layer`]).
 
 pub mod grpc_layer;

@@ -1,4 +1,4 @@
-//! `chatcli connect` (issue #11), the real client binary against the real server binary on port 0
+//! `chatcli connect`, the real client binary against the real server binary on port 0
 //! (echo provider, or fake upstreams for stalls, failures and forwarded credentials): one-shot
 //! output modes and incremental streaming, every exit code, TLS and mTLS with rcgen certificates,
 //! `dns:///` round robin over two servers behind one name, the interactive client driven through a

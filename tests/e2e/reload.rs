@@ -1,4 +1,4 @@
-//! Hot reload end to end (issue #9): the provider list rewritten under load without a failed
+//! Hot reload end to end: the provider list rewritten under load without a failed
 //! request, a broken file that keeps the old config serving, the Kubernetes `..data` symlink swap,
 //! an editor's truncate-then-write read once, SIGHUP, a revoked token, a changed rate limit, a
 //! port change that needs a restart, sd-notify's RELOADING/READY, bad files that never take the

@@ -102,7 +102,7 @@ impl HttpApi {
         let resp = match admit(&mut req) {
             Some(refused) => refused,
             // The hot route straight to its handler: the router's matching, its boxed handler
-            // service and futures cost about 5k instructions per call (BENCHMARKS.md, step 20).
+            // service and futures cost about 5k instructions per call (bench/HISTORY.md, step 20).
             // Every other method and path (405s included) takes the router.
             None if route == CHAT_COMPLETIONS && req.method() == http::Method::POST => {
                 let (mut parts, body) = req.into_parts();
