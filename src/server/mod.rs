@@ -100,6 +100,10 @@ pub enum ServerError {
     /// Parts of the config could not be prepared (e.g. a provider without its key).
     #[error("configuration: {}", .0.join("; "))]
     Config(Vec<String>),
+    /// A file the server writes (the audit log) cannot be created or opened; the message names
+    /// the setting, the path and the reason.
+    #[error("{0}")]
+    CannotCreate(String),
     /// The metrics registry could not be built.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -113,6 +117,9 @@ pub struct RunOptions {
     pub reload: Option<crate::config::Sources>,
     /// Sets the log filter of the running process.
     pub set_log_level: Option<crate::reload::LevelSetter>,
+    /// The audit log of the config, already opened by the caller (the daemon opens it before
+    /// binding its ports); `None` opens it at start.
+    pub audit: Option<audit::AuditLog>,
 }
 
 /// Serves until `shutdown` is cancelled, then stops accepting, reports NOT_SERVING, lets in-flight
@@ -135,7 +142,11 @@ pub async fn run_with(
 ) -> Result<(), ServerError> {
     let main_addr = local_addr(&listeners.main)?;
     let metrics_addr = listeners.metrics.as_ref().map(local_addr).transpose()?;
-    let state = Arc::new(AppState::new(config, metrics_addr.is_some())?);
+    let state = Arc::new(AppState::new(
+        config,
+        metrics_addr.is_some(),
+        options.audit,
+    )?);
     let grace = state.prepared().config.server.shutdown_grace;
     let reloader = options.reload.map(|sources| {
         crate::reload::Reloader::new(&state, sources, options.set_log_level.clone())

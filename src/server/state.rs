@@ -112,8 +112,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Prepares the state; metrics objects exist only when `with_metrics`.
-    pub fn new(config: Config, with_metrics: bool) -> Result<Self, ServerError> {
+    /// Prepares the state; metrics objects exist only when `with_metrics`. `audit` is the audit
+    /// log when the caller opened it already (the daemon does, before binding its ports);
+    /// otherwise the one `config` names is opened here.
+    pub fn new(
+        config: Config,
+        with_metrics: bool,
+        audit: Option<AuditLog>,
+    ) -> Result<Self, ServerError> {
         let sessions = SessionStore::new(config.sessions_dir());
         let prepared = Prepared::new(config).map_err(ServerError::Config)?;
         let tls = match prepared.config.server.tls.cert_file {
@@ -142,11 +148,20 @@ impl AppState {
             }
             false => None,
         };
-        let audit = AuditLog::open(
-            &prepared.config.audit,
-            metrics.as_ref().map(|m| m.registry()),
-        )
-        .map_err(|e| ServerError::Config(vec![e]))?;
+        let audit = match audit {
+            Some(log) => {
+                if let Some(m) = &metrics {
+                    log.register(m.registry())
+                        .map_err(|e| ServerError::Config(vec![e]))?;
+                }
+                Some(log)
+            }
+            None => AuditLog::open(
+                &prepared.config.audit,
+                metrics.as_ref().map(|m| m.registry()),
+            )
+            .map_err(ServerError::CannotCreate)?,
+        };
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             sessions,

@@ -390,3 +390,62 @@ async fn token_and_reflection_switch_come_from_the_environment() {
         server.stderr()
     );
 }
+
+/// Runs `chatcli server` on `config` with the main port held by another socket: a daemon that
+/// bound its ports before opening its output files would fail with 69 (port in use) instead.
+fn serve_on_a_taken_port(home: &Path, config: &Path) -> assert_cmd::assert::Assert {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let assert = cli(home)
+        .env("CHATCLI_DATA_DIR", home.join("data"))
+        .args(["server", "--port", &port, "--metrics-port", "0", "--config"])
+        .arg(config)
+        .assert();
+    drop(taken);
+    assert
+}
+
+/// `<home>/chatcli.toml` with one echo provider and `extra` appended, beside a regular file
+/// `not-a-dir` to put paths under.
+fn config_with(home: &Path, extra: &str) -> PathBuf {
+    std::fs::write(home.join("not-a-dir"), "a regular file").unwrap();
+    let config = home.join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!("[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n\n{extra}"),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn unwritable_log_file_exits_73_before_binding() {
+    let home = tempfile::tempdir().unwrap();
+    let log = home.path().join("not-a-dir/chatcli.log");
+    let config = config_with(home.path(), &format!("[log]\nfile = {:?}\n", log));
+    serve_on_a_taken_port(home.path(), &config).code(73).stderr(
+        predicate::str::contains(log.display().to_string())
+            .and(predicate::str::contains("not a directory"))
+            .and(predicate::str::contains("listening on").not())
+            .and(predicate::str::contains("cannot listen").not()),
+    );
+}
+
+#[test]
+fn unwritable_audit_path_exits_73_before_binding() {
+    let home = tempfile::tempdir().unwrap();
+    let audit = home.path().join("not-a-dir/audit.log");
+    let config = config_with(home.path(), &format!("[audit]\npath = {:?}\n", audit));
+    let out = serve_on_a_taken_port(home.path(), &config).code(73);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("cannot open the audit log"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "audit.path: {}: a parent is not a directory",
+            audit.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    assert!(!stderr.contains("cannot listen"), "{stderr}");
+}

@@ -237,6 +237,7 @@ impl Daemon {
             RunOptions {
                 reload: Some(sources),
                 set_log_level: None,
+                audit: None,
             },
         ));
         let channel = connect(addr).await;
