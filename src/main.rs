@@ -215,11 +215,6 @@ fn serve(args: ServerArgs) -> i32 {
             "no LLM provider is configured: prompts will fail; add [[llm.providers]] (try config/demo.toml)"
         );
     }
-    if c.auth.token.is_none() {
-        tracing::warn!(
-            "no authentication is configured: every caller is admin (set --token or CHATCLI_SERVER_TOKEN)"
-        );
-    }
     let audit = match server::audit::AuditLog::open(&c.audit, None) {
         Ok(a) => a,
         Err(e) => {

@@ -449,3 +449,55 @@ fn unwritable_audit_path_exits_73_before_binding() {
     assert!(!stderr.contains("listening on"), "{stderr}");
     assert!(!stderr.contains("cannot listen"), "{stderr}");
 }
+
+/// Under socket activation the listener is the socket systemd passes, whatever
+/// `server.bind_address` says: a non-loopback one needs authentication, as a bound one does.
+#[tokio::test]
+async fn an_inherited_non_loopback_socket_needs_authentication() {
+    use std::os::fd::AsRawFd;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 0)).into())
+        .unwrap();
+    socket.listen(16).unwrap();
+    // Handed to the child as fd `fd` (listenfd reads LISTEN_FDS_FIRST_FD; no LISTEN_PID needed).
+    socket.set_cloexec(false).unwrap();
+    let fd = socket.as_raw_fd().to_string();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    let home = tempfile::tempdir().unwrap();
+    // The config's own address is loopback: only the passed socket is not.
+    let config = slow_echo_config(home.path(), "0ms");
+    let activation = [("LISTEN_FDS", "1"), ("LISTEN_FDS_FIRST_FD", fd.as_str())];
+
+    let out = cli(home.path())
+        .env("CHATCLI_DATA_DIR", home.path().join("data"))
+        .envs(activation)
+        .args(["server", "--metrics-port", "0", "--config"])
+        .arg(&config)
+        .assert()
+        .code(78);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains("using the listening socket passed by systemd"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("listens on 0.0.0.0:{port}"))
+            && stderr.contains("not a loopback address")
+            && stderr.contains("server.bind_address is 127.0.0.1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+
+    // With a token, the same socket serves.
+    let mut env = activation.to_vec();
+    env.push(("CHATCLI_SERVER_TOKEN", "activation-token-41d7"));
+    let server = BinaryServer::start_args(
+        &["--metrics-port", "0", "--config", config.to_str().unwrap()],
+        &env,
+    );
+    assert_eq!(
+        server.addr,
+        std::net::SocketAddr::from(([0, 0, 0, 0], port))
+    );
+}
