@@ -5,9 +5,11 @@
 pub const OK: i32 = 0;
 /// Command-line usage error.
 pub const USAGE: i32 = 64;
-/// A needed resource is unavailable: port in use, unreadable or unwritable file, missing feature.
+/// A needed resource is unavailable: port in use, unreadable file, missing feature.
 pub const UNAVAILABLE: i32 = 69;
 /// Internal software error.
 pub const SOFTWARE: i32 = 70;
+/// An output file (the log file, the audit log) cannot be created or opened for writing.
+pub const CANTCREAT: i32 = 73;
 /// Configuration error.
 pub const CONFIG: i32 = 78;

@@ -8,7 +8,7 @@ use chatcli::cli::{Cli, Command, ConfigCommand, ServerArgs, normalize_args};
 use chatcli::config::{self, LoadError, Loaded, Sources};
 use chatcli::exit;
 use chatcli::server::{self, Listeners};
-use chatcli::telemetry::{LogSettings, init_logging};
+use chatcli::telemetry::{LogSettings, LoggingError, init_logging};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -177,6 +177,8 @@ fn serve(args: ServerArgs) -> i32 {
         Err(code) => return code,
     };
     let c = &loaded.config;
+    // The log file and the audit log are opened before any port is bound: a path that cannot be
+    // written stops the daemon (73, EX_CANTCREAT) before it takes a port or a connection.
     let log_guard = match init_logging(&LogSettings {
         level: c.log.level.clone(),
         format: c.log.format,
@@ -189,7 +191,12 @@ fn serve(args: ServerArgs) -> i32 {
         Ok(g) => g,
         Err(e) => {
             eprintln!("cannot set up logging: {e}");
-            return exit::CONFIG;
+            return match e {
+                LoggingError::InvalidPath { .. }
+                | LoggingError::CreateDir { .. }
+                | LoggingError::OpenFile { .. } => exit::CANTCREAT,
+                _ => exit::CONFIG,
+            };
         }
     };
     for w in &loaded.warnings {
@@ -210,11 +217,13 @@ fn serve(args: ServerArgs) -> i32 {
             "no LLM provider is configured: prompts will fail; add [[llm.providers]] (try config/demo.toml)"
         );
     }
-    if c.auth.token.is_none() {
-        tracing::warn!(
-            "no authentication is configured: every caller is admin (set --token or CHATCLI_SERVER_TOKEN)"
-        );
-    }
+    let audit = match server::audit::AuditLog::open(&c.audit, None) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("cannot open the audit log: {e}");
+            return exit::CANTCREAT;
+        }
+    };
     // One worker per CPU the process may run on. With a single CPU (pinned with taskset or a
     // cpuset) work stealing has no one to steal from, so the daemon runs on one thread instead,
     // without the scheduler's cross-thread bookkeeping.
@@ -255,12 +264,17 @@ fn serve(args: ServerArgs) -> i32 {
                 let g = log_guard.clone();
                 move |level: &str| g.set_level(level)
             })),
+            audit,
         };
         match server::run_with(listeners, loaded.config, shutdown, options).await {
             Ok(()) => exit::OK,
             Err(e @ server::ServerError::Config(_)) => {
                 tracing::error!("{e}");
                 exit::CONFIG
+            }
+            Err(e @ server::ServerError::CannotCreate(_)) => {
+                tracing::error!("{e}");
+                exit::CANTCREAT
             }
             Err(e) => {
                 tracing::error!("{e}");

@@ -8,14 +8,22 @@
 //! A reload reads and validates everything into a new [`Prepared`] off the request path and
 //! publishes it with one store; requests keep the snapshot they started with. Unchanged providers
 //! keep their connection pools, cooldowns live beside the snapshot. A config that fails keeps the
-//! old one serving, logs every problem at once and counts the failure. Settings that need a restart
-//! (listen addresses, ports, data dir) are reported and keep their running values.
+//! old one serving, logs every problem at once and counts the failure; the files the failed config
+//! names are watched beside the serving config's, so creating the one that was missing (a token
+//! file, a key) applies it. A config that would leave the listener on a non-loopback address
+//! without any authentication is refused ([`crate::server::check_exposure`]).
+//!
+//! Every key of the config file is either applied by a reload ([`RELOADABLE`]) or needs a restart
+//! ([`RESTART_ONLY`]). A restart-only key that changed keeps its running value, is named in the
+//! reload's log lines and is flagged by `chatcli_config_reload_restart_needed{key="…"}` (1) until
+//! the files agree with the running value again.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use prometheus::{IntCounterVec, IntGauge, Opts};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use sha2::{Digest, Sha256};
 
 use crate::config::{self, Config, Sources};
@@ -23,6 +31,9 @@ use crate::server::{AppState, Prepared};
 
 /// Sets the log filter of the running process (from the logging guard held by `main`).
 pub type LevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Name of the gauge that flags restart-only settings changed in the files, labelled `key`.
+pub const RESTART_NEEDED_METRIC: &str = "chatcli_config_reload_restart_needed";
 
 /// What `/status` shows about reloads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,12 +46,16 @@ pub struct ReloadStatus {
     pub last_error: Option<String>,
     /// When the last reload succeeded (or the server started).
     pub last_success: Option<SystemTime>,
+    /// Restart-only keys whose value in the files differs from the running one, as of the last
+    /// successful reload.
+    pub restart_needed: Vec<String>,
 }
 
 struct ReloadMetrics {
     reloads: IntCounterVec,
     last_success: IntGauge,
     generation: IntGauge,
+    restart_needed: IntGaugeVec,
 }
 
 impl ReloadMetrics {
@@ -60,16 +75,28 @@ impl ReloadMetrics {
             "chatcli_config_generation",
             "Generation of the configuration being served.",
         )?;
+        let restart_needed = IntGaugeVec::new(
+            Opts::new(
+                RESTART_NEEDED_METRIC,
+                "1 while the files set this restart-only key to a value other than the running one.",
+            ),
+            &["key"],
+        )?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_success.clone()))?;
         registry.register(Box::new(generation.clone()))?;
+        registry.register(Box::new(restart_needed.clone()))?;
         for r in ["ok", "error"] {
             reloads.with_label_values(&[r]);
+        }
+        for key in RESTART_ONLY {
+            restart_needed.with_label_values(&[key]).set(0);
         }
         Ok(Self {
             reloads,
             last_success,
             generation,
+            restart_needed,
         })
     }
 }
@@ -79,10 +106,17 @@ pub struct Reloader {
     state: Weak<AppState>,
     sources: Sources,
     set_level: Option<LevelSetter>,
+    /// The address the main listener is bound to: what the authentication guard checks.
+    listen: SocketAddr,
     status: Mutex<ReloadStatus>,
     /// Hash of the files at the last attempt, so an unchanged broken file is not re-reported on
     /// every unrelated event.
     last_seen: Mutex<String>,
+    /// Files the last config that failed to apply names, watched (with the serving config's) until
+    /// a reload succeeds: creating the missing one retries it.
+    pending: Mutex<Vec<PathBuf>>,
+    /// Tells the file watcher to re-arm its directories, after a reload from any trigger.
+    rearm: tokio::sync::Notify,
     running: tokio::sync::Mutex<()>,
     metrics: Option<ReloadMetrics>,
 }
@@ -110,11 +144,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Reloader {
     /// A reloader for `state`, loading from `sources` (the process environment and flags are those
-    /// of the start; only files change).
+    /// of the start; only files change). `listen` is the address the main listener is bound to.
     pub fn new(
         state: &Arc<AppState>,
         sources: Sources,
         set_level: Option<LevelSetter>,
+        listen: SocketAddr,
     ) -> Arc<Self> {
         let metrics =
             state
@@ -137,13 +172,17 @@ impl Reloader {
             state: Arc::downgrade(state),
             sources,
             set_level,
+            listen,
             last_seen: Mutex::new(hash.clone()),
             status: Mutex::new(ReloadStatus {
                 generation: 1,
                 config_hash: hash,
                 last_error: None,
                 last_success: Some(SystemTime::now()),
+                restart_needed: Vec::new(),
             }),
+            pending: Mutex::new(Vec::new()),
+            rearm: tokio::sync::Notify::new(),
             running: tokio::sync::Mutex::new(()),
             metrics,
         })
@@ -161,9 +200,25 @@ impl Reloader {
         let Some(state) = self.state.upgrade() else {
             return Err(vec!["the server is gone".into()]);
         };
+        let outcome = self.attempt(&state, trigger, force).await;
+        // The serving config or the pending files may have changed: the watcher follows them.
+        self.rearm.notify_one();
+        outcome
+    }
+
+    async fn attempt(
+        &self,
+        state: &AppState,
+        trigger: &str,
+        force: bool,
+    ) -> Result<ReloadOutcome, Vec<String>> {
         let old = state.prepared();
-        let seen = content_hash(&watched_files(&old.config, &self.sources));
-        if !force && std::mem::replace(&mut *lock(&self.last_seen), seen.clone()) == seen {
+        // The files the config files name now, read before the load: a file created after this
+        // point changes the hash the next event computes, so its creation is never missed.
+        let named = named_in_files(&self.sources);
+        let seen = content_hash(&union(self.tracked(&old.config), named.clone()));
+        let previous = std::mem::replace(&mut *lock(&self.last_seen), seen.clone());
+        if !force && previous == seen {
             return Ok(ReloadOutcome::Unchanged(lock(&self.status).generation));
         }
         let sources = self.sources.clone();
@@ -173,6 +228,7 @@ impl Reloader {
         let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {
+                *lock(&self.pending) = named;
                 return Err(self.failed(
                     trigger,
                     e.problems.iter().map(ToString::to_string).collect(),
@@ -183,43 +239,56 @@ impl Reloader {
         let sources_line = loaded.sources_line();
         if !force && hash == lock(&self.status).config_hash {
             lock(&self.status).last_error = None;
+            lock(&self.pending).clear();
             return Ok(ReloadOutcome::Unchanged(lock(&self.status).generation));
         }
         crate::systemd::reloading();
         let mut config = loaded.config;
+        let new_files = union(watched_files(&config, &self.sources), named);
+        let refuse = |problems: Vec<String>| {
+            *lock(&self.pending) = new_files.clone();
+            crate::systemd::ready("serving (reload failed)");
+            self.failed(trigger, problems)
+        };
+        let restart = keep_restart_settings(&old.config, &mut config);
         if config.llm.providers.is_empty() && !old.config.llm.providers.is_empty() {
-            crate::systemd::ready("serving (reload failed)");
-            return Err(self.failed(
-                trigger,
-                vec!["llm.providers: the new configuration has no provider left; refusing to serve nothing (remove the last provider with a restart if that is really meant)".into()],
-            ));
+            return Err(refuse(vec!["llm.providers: the new configuration has no provider left; refusing to serve nothing (remove the last provider with a restart if that is really meant)".into()]));
         }
-        keep_restart_settings(&old.config, &mut config);
-        if let Err(problems) = self.check_tls(&state, &old.config, &config) {
-            crate::systemd::ready("serving (reload failed)");
-            return Err(self.failed(trigger, problems));
+        if let Err(problems) = self.check_tls(state, &old.config, &config) {
+            return Err(refuse(problems));
         }
         let level_changed = config.log.level != old.config.log.level;
         let new_level = config.log.level.clone();
         let prepared = match Prepared::new_reusing(config, Some(&old)) {
             Ok(p) => p,
-            Err(problems) => {
-                crate::systemd::ready("serving (reload failed)");
-                return Err(self.failed(trigger, problems));
-            }
+            Err(problems) => return Err(refuse(problems)),
         };
-        let tls_changed = prepared.config.server.tls.cert_file != old.config.server.tls.cert_file
-            || prepared.config.server.tls.key_file != old.config.server.tls.key_file
-            || prepared.config.server.tls.client_ca_file != old.config.server.tls.client_ca_file
-            || prepared.config.server.tls.min_version != old.config.server.tls.min_version;
-        let tls_cfg = prepared.config.server.tls.clone();
+        if let Err(problem) = crate::server::check_exposure(self.listen, &prepared) {
+            return Err(refuse(vec![problem]));
+        }
+        let new_tls = &prepared.config.server.tls;
+        let old_tls = &old.config.server.tls;
+        let tls_changed = new_tls.cert_file != old_tls.cert_file
+            || new_tls.key_file != old_tls.key_file
+            || new_tls.client_ca_file != old_tls.client_ca_file
+            || new_tls.min_version != old_tls.min_version;
+        let tls_cfg = new_tls.clone();
+        let auth_failures_per_minute = prepared.config.limits.auth_failures_per_minute;
         state.publish(prepared);
-        if tls_changed
-            && let Some(acceptor) = &state.tls
-            && let Err(e) = acceptor.reload(&tls_cfg)
-        {
-            // Checked above; a file changed in between: the old certificate keeps serving.
-            tracing::error!("TLS reload failed, still serving the previous certificate: {e}");
+        lock(&self.pending).clear();
+        // Live state beside the snapshot takes the new limits.
+        state.auth_failures.set_per_minute(auth_failures_per_minute);
+        if tls_changed {
+            let result = match (state.tls_watch.get(), &state.tls) {
+                // The watcher switches to the new paths and logs and counts the reload itself.
+                (Some(watch), _) => watch.follow(tls_cfg).or(Ok(())),
+                (None, Some(acceptor)) => acceptor.reload(&tls_cfg),
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = result {
+                // Checked above; a file changed in between: the old certificate keeps serving.
+                tracing::error!("TLS reload failed, still serving the previous certificate: {e}");
+            }
         }
         if level_changed
             && let Some(set) = &self.set_level
@@ -227,12 +296,14 @@ impl Reloader {
         {
             tracing::warn!("log level not changed: {e}");
         }
+        let restart_keys: Vec<String> = restart.iter().map(|c| c.key.to_string()).collect();
         let generation = {
             let mut st = lock(&self.status);
             st.generation += 1;
             st.config_hash = hash;
             st.last_error = None;
             st.last_success = Some(SystemTime::now());
+            st.restart_needed = restart_keys.clone();
             st.generation
         };
         if let Some(m) = &self.metrics {
@@ -240,12 +311,35 @@ impl Reloader {
             m.generation
                 .set(i64::try_from(generation).unwrap_or(i64::MAX));
             m.last_success.set(unix_now());
+            for key in RESTART_ONLY {
+                m.restart_needed
+                    .with_label_values(&[key])
+                    .set(i64::from(restart_keys.iter().any(|k| k == key)));
+            }
         }
-        tracing::info!(
-            trigger,
-            generation,
-            "configuration reloaded; config loaded from {sources_line}"
-        );
+        if restart.is_empty() {
+            tracing::info!(
+                trigger,
+                generation,
+                "configuration reloaded; config loaded from {sources_line}"
+            );
+        } else {
+            tracing::warn!(
+                "these settings changed but need a restart; the running values stay: {}",
+                restart
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            tracing::info!(
+                trigger,
+                generation,
+                restart_needed = %restart_keys.join(", "),
+                "configuration reloaded (restart-only settings keep their running values: {}); config loaded from {sources_line}",
+                restart_keys.join(", ")
+            );
+        }
         crate::systemd::ready(&format!("serving (config generation {generation})"));
         Ok(ReloadOutcome::Applied(generation))
     }
@@ -280,8 +374,18 @@ impl Reloader {
         Ok(())
     }
 
-    /// Whether a changed path can affect the config: one of its files, a drop-in, or a Kubernetes
-    /// `..data` style symlink swap. Other files in the same directories (a log file, say) are not.
+    /// The files a change of which may matter: those of `serving` and those of the last config
+    /// that failed to apply.
+    fn tracked(&self, serving: &Config) -> Vec<PathBuf> {
+        union(
+            watched_files(serving, &self.sources),
+            lock(&self.pending).clone(),
+        )
+    }
+
+    /// Whether a changed path can affect the config: one of its files, a drop-in, a file the last
+    /// failed config names, or a Kubernetes `..data` style symlink swap. Other files in the same
+    /// directories (a log file, say) are not.
     pub fn is_relevant(&self, changed: &std::path::Path) -> bool {
         if changed
             .file_name()
@@ -308,21 +412,22 @@ impl Reloader {
                 changed_abs == d || changed_abs.parent() == Some(d.as_path())
             });
         in_drop_ins
-            || watched_files(&state.prepared().config, &self.sources)
-                .iter()
-                .any(|f| {
-                    abs(f) == changed_abs
-                        || f.file_name() == changed.file_name()
-                            && abs(f).parent() == changed_abs.parent()
-                })
+            || self.tracked(&state.prepared().config).iter().any(|f| {
+                abs(f) == changed_abs
+                    || f.file_name() == changed.file_name()
+                        && abs(f).parent() == changed_abs.parent()
+            })
     }
 
-    /// The directories to watch for `config`.
+    /// The directories to watch: those of the serving config's files and of the last failed
+    /// config's, the config file's and its drop-in folder. Directories that do not exist are left
+    /// out.
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
         let Some(state) = self.state.upgrade() else {
             return Vec::new();
         };
-        let mut dirs: Vec<PathBuf> = watched_files(&state.prepared().config, &self.sources)
+        let mut dirs: Vec<PathBuf> = self
+            .tracked(&state.prepared().config)
             .iter()
             .filter_map(|f| {
                 f.parent().map(|p| {
@@ -349,43 +454,154 @@ impl Reloader {
     }
 }
 
-/// Settings that cannot change while running keep their running values; the log says so.
-fn keep_restart_settings(old: &Config, new: &mut Config) {
-    let mut restart = Vec::new();
-    macro_rules! keep {
-        ($($field:ident).+, $name:literal) => {
-            if new.$($field).+ != old.$($field).+ {
-                restart.push(format!("{} ({} → {})", $name, fmt(&old.$($field).+), fmt(&new.$($field).+)));
-                new.$($field).+ = old.$($field).+.clone();
-            }
-        };
-    }
-    fn fmt<T: std::fmt::Debug>(v: &T) -> String {
-        format!("{v:?}")
-    }
-    keep!(server.bind_address, "server.bind_address");
-    keep!(server.port, "server.port");
-    keep!(
-        server.max_concurrent_streams,
-        "server.max_concurrent_streams"
-    );
-    keep!(server.header_read_timeout, "server.header_read_timeout");
-    keep!(server.reflection, "server.reflection");
-    keep!(metrics.port, "metrics.port");
-    keep!(metrics.bind_address, "metrics.bind_address");
-    keep!(state.data_dir, "state.data_dir");
-    keep!(log.format, "log.format");
-    keep!(log.file, "log.file");
-    keep!(audit.path, "audit.path");
-    keep!(
-        limits.max_streams_per_principal,
-        "limits.max_streams_per_principal"
-    );
-    if !restart.is_empty() {
-        tracing::warn!(
-            "these settings changed but need a restart; the running values stay: {}",
-            restart.join(", ")
-        );
+/// `a` and `b` together, sorted, each path once.
+fn union(mut a: Vec<PathBuf>, b: Vec<PathBuf>) -> Vec<PathBuf> {
+    a.extend(b);
+    a.sort();
+    a.dedup();
+    a
+}
+
+/// Declares the restart-only keys once: [`RESTART_ONLY`] lists them (dotted, as in the file) and
+/// [`keep_restart_settings`] compares and restores each, so the list and the behaviour cannot
+/// drift apart.
+macro_rules! restart_only {
+    ($($($field:ident).+),+ $(,)?) => {
+        /// Keys that need a restart: the listeners and what is built with them, the log and audit
+        /// writers opened at start, and the data dir. A reload that changes one keeps the running
+        /// value and reports the key.
+        pub const RESTART_ONLY: &[&str] = &[$(stringify!($($field).+)),+];
+
+        /// Puts the running value back into `new` for every restart-only key the files changed,
+        /// and returns those changes.
+        fn keep_restart_settings(old: &Config, new: &mut Config) -> Vec<RestartChange> {
+            let mut changes = Vec::new();
+            $(
+                if new.$($field).+ != old.$($field).+ {
+                    changes.push(RestartChange {
+                        key: stringify!($($field).+),
+                        running: format!("{:?}", old.$($field).+),
+                        file: format!("{:?}", new.$($field).+),
+                    });
+                    new.$($field).+ = old.$($field).+.clone();
+                }
+            )+
+            changes
+        }
+    };
+}
+
+restart_only!(
+    server.bind_address,
+    server.port,
+    server.max_recv_msg_size,
+    server.max_send_msg_size,
+    server.max_concurrent_streams,
+    server.header_read_timeout,
+    server.reflection,
+    metrics.port,
+    metrics.bind_address,
+    log.format,
+    log.file,
+    log.max_size_mb,
+    log.max_backups,
+    log.max_age_days,
+    log.compress,
+    limits.max_streams_per_principal,
+    audit.path,
+    audit.max_size_mb,
+    audit.max_backups,
+    audit.queue,
+    state.data_dir,
+);
+
+/// Keys a reload applies: they are read from the snapshot of each request (providers, auth,
+/// limits, catalog folders), or the reload hands them to the live part that uses them (TLS
+/// material, log level, the failed-authentication limiter; the shutdown grace is read when the
+/// drain starts). Items of a list of tables are named without their index (`llm.providers.name`).
+/// The watcher's keys are read from the snapshot too; the watcher itself is not in this build.
+pub const RELOADABLE: &[&str] = &[
+    "server.shutdown_grace",
+    "server.allow_no_auth",
+    "server.tls.cert_file",
+    "server.tls.key_file",
+    "server.tls.client_ca_file",
+    "server.tls.min_version",
+    "log.level",
+    "auth.token",
+    "auth.token_file",
+    "auth.jwt.secret",
+    "auth.jwt.secret_file",
+    "auth.jwt.public_key_file",
+    "auth.jwt.jwks_file",
+    "auth.jwt.issuer",
+    "auth.jwt.audience",
+    "auth.jwt.leeway",
+    "auth.tokens.name",
+    "auth.tokens.role",
+    "auth.tokens.sha256",
+    "auth.tokens.file",
+    "auth.tokens.rate_limit_rps",
+    "auth.tokens.rate_limit_burst",
+    "auth.mtls.roles",
+    "auth.mtls.default_role",
+    "limits.rate_limit_rps",
+    "limits.rate_limit_burst",
+    "limits.max_prompt_bytes",
+    "limits.max_history_messages",
+    "limits.max_history_bytes",
+    "limits.roles",
+    "limits.auth_failures_per_minute",
+    "llm.default",
+    "llm.model",
+    "llm.fallback",
+    "llm.fallback_max_retries",
+    "llm.fallback_cooldown_base",
+    "llm.fallback_cooldown_max",
+    "llm.fallback_models",
+    "llm.allow_http_providers",
+    "llm.ssrf_allow",
+    "llm.providers.name",
+    "llm.providers.kind",
+    "llm.providers.base_url",
+    "llm.providers.api_key",
+    "llm.providers.api_key_file",
+    "llm.providers.model",
+    "llm.providers.delay",
+    "llm.providers.headers",
+    "llm.providers.timeout",
+    "llm.providers.api_version",
+    "llm.providers.client_id",
+    "llm.providers.client_key",
+    "llm.providers.client_key_file",
+    "llm.providers.realm",
+    "llm.providers.agent_id",
+    "llm.providers.token_url",
+    "watcher.config_file",
+    "watcher.deployment",
+    "watcher.namespace",
+    "watcher.interval",
+    "watcher.window",
+    "watcher.max_log_lines",
+    "watcher.kubeconfig",
+    "catalog.plugins_dir",
+    "catalog.agents_dir",
+    "catalog.skills_dir",
+    "catalog.allow_unsigned",
+    "catalog.mcp_config",
+];
+
+/// A restart-only key whose value in the files differs from the running one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RestartChange {
+    key: &'static str,
+    running: String,
+    file: String,
+}
+
+impl std::fmt::Display for RestartChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} → {})", self.key, self.running, self.file)
     }
 }
 
@@ -408,47 +624,117 @@ fn config_file(sources: &Sources) -> Option<PathBuf> {
         })
 }
 
-/// Every file whose content makes up the configuration: the config file, its drop-ins, and the
-/// files it points to (keys, tokens, certificates).
-fn watched_files(c: &Config, sources: &Sources) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    if let Some(f) = config_file(sources) {
-        if let Some(dir) = config::drop_in_dir(Some(&f), &sources.default_config_path)
-            && let Ok(entries) = std::fs::read_dir(&dir)
-        {
-            let mut d: Vec<PathBuf> = entries
+/// The config file and its drop-ins, in merge order.
+fn config_files(sources: &Sources) -> Vec<PathBuf> {
+    let Some(f) = config_file(sources) else {
+        return Vec::new();
+    };
+    let mut drop_ins: Vec<PathBuf> = config::drop_in_dir(Some(&f), &sources.default_config_path)
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .map(|entries| {
+            entries
                 .filter_map(Result::ok)
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            d.sort();
-            files.extend(d);
-        }
-        files.insert(0, f);
-    }
+                .collect()
+        })
+        .unwrap_or_default();
+    drop_ins.sort();
+    drop_ins.insert(0, f);
+    drop_ins
+}
+
+/// Every file whose content makes up the configuration: the config file, its drop-ins, and the
+/// files it points to (keys, tokens, certificates).
+fn watched_files(c: &Config, sources: &Sources) -> Vec<PathBuf> {
+    let mut pointed: Vec<PathBuf> = Vec::new();
     let a = &c.auth;
-    files.extend(a.token_file.iter().cloned());
-    files.extend(a.jwt.secret_file.iter().cloned());
-    files.extend(a.jwt.public_key_file.iter().cloned());
-    files.extend(a.jwt.jwks_file.iter().cloned());
-    files.extend(a.tokens.iter().filter_map(|t| t.file.clone()));
+    pointed.extend(a.token_file.iter().cloned());
+    pointed.extend(a.jwt.secret_file.iter().cloned());
+    pointed.extend(a.jwt.public_key_file.iter().cloned());
+    pointed.extend(a.jwt.jwks_file.iter().cloned());
+    pointed.extend(a.tokens.iter().filter_map(|t| t.file.clone()));
     for p in &c.llm.providers {
-        files.extend(p.api_key_file.iter().cloned());
-        files.extend(p.client_key_file.iter().cloned());
+        pointed.extend(p.api_key_file.iter().cloned());
+        pointed.extend(p.client_key_file.iter().cloned());
     }
     let t = &c.server.tls;
-    files.extend(
+    pointed.extend(
         [&t.cert_file, &t.key_file, &t.client_ca_file]
             .into_iter()
             .flatten()
             .cloned(),
     );
-    files.extend(c.watcher.config_file.iter().cloned());
+    pointed.extend(c.watcher.config_file.iter().cloned());
     let creds = sources.credentials_dir();
+    let mut files = config_files(sources);
+    files.extend(
+        pointed
+            .iter()
+            .map(|f| crate::auth::tokens::credential_path(f, creds.as_deref())),
+    );
     files
-        .iter()
-        .map(|f| crate::auth::tokens::credential_path(f, creds.as_deref()))
-        .collect()
+}
+
+/// The files the config file and its drop-ins point to, read from their TOML text alone (no
+/// merging, no validation), so that the files of a config that fails to load are known too.
+/// Files that cannot be read or parsed name nothing.
+fn named_in_files(sources: &Sources) -> Vec<PathBuf> {
+    fn at<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+        let (last, parents) = path.split_last()?;
+        let mut table = t;
+        for p in parents {
+            table = table.get(*p)?.as_table()?;
+        }
+        table.get(*last)
+    }
+    fn items<'a>(t: &'a toml::Table, path: &[&str]) -> Vec<&'a toml::Table> {
+        at(t, path)
+            .and_then(toml::Value::as_array)
+            .map(|a| a.iter().filter_map(toml::Value::as_table).collect())
+            .unwrap_or_default()
+    }
+    const SINGLE: [&[&str]; 8] = [
+        &["auth", "token_file"],
+        &["auth", "jwt", "secret_file"],
+        &["auth", "jwt", "public_key_file"],
+        &["auth", "jwt", "jwks_file"],
+        &["server", "tls", "cert_file"],
+        &["server", "tls", "key_file"],
+        &["server", "tls", "client_ca_file"],
+        &["watcher", "config_file"],
+    ];
+    let creds = sources.credentials_dir();
+    let mut out = Vec::new();
+    for file in config_files(sources) {
+        let Some(table) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+        else {
+            continue;
+        };
+        let mut names: Vec<&toml::Value> = SINGLE.iter().filter_map(|p| at(&table, p)).collect();
+        names.extend(
+            items(&table, &["auth", "tokens"])
+                .into_iter()
+                .filter_map(|t| t.get("file")),
+        );
+        for p in items(&table, &["llm", "providers"]) {
+            names.extend(
+                ["api_key_file", "client_key_file"]
+                    .iter()
+                    .filter_map(|k| p.get(*k)),
+            );
+        }
+        out.extend(
+            names
+                .into_iter()
+                .filter_map(toml::Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(|s| crate::auth::tokens::credential_path(s.as_ref(), creds.as_deref())),
+        );
+    }
+    out
 }
 
 fn content_hash(files: &[PathBuf]) -> String {
@@ -479,8 +765,9 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Watches the config's directories and reloads on changes: a burst of events ends after
 /// `DEBOUNCE` of quiet, or `MAX_DELAY` after its first event, whichever comes first. The
-/// returned guard stops watching when dropped. After each reload the set of directories is
-/// recomputed (a config that now points to a new key file gets that file's directory watched).
+/// returned guard stops watching when dropped. After each reload, whatever triggered it, the set
+/// of directories is recomputed (a config that now points to a new key file gets that file's
+/// directory watched; so does a failed config's missing file).
 pub fn watch(reloader: Arc<Reloader>) -> Result<WatchGuard, String> {
     use notify::{RecursiveMode, Watcher};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
@@ -504,20 +791,26 @@ pub fn watch(reloader: Arc<Reloader>) -> Result<WatchGuard, String> {
     let task = {
         let watcher = watcher.clone();
         tokio::spawn(async move {
-            while let Some(mut paths) = rx.recv().await {
-                let deadline = tokio::time::Instant::now() + MAX_DELAY;
-                loop {
-                    let quiet = tokio::time::Instant::now() + DEBOUNCE;
-                    match tokio::time::timeout_at(quiet.min(deadline), rx.recv()).await {
-                        Ok(Some(more)) => paths.extend(more),
-                        Ok(None) => return,
-                        Err(_) => break,
+            loop {
+                tokio::select! {
+                    received = rx.recv() => {
+                        let Some(mut paths) = received else { return };
+                        let deadline = tokio::time::Instant::now() + MAX_DELAY;
+                        loop {
+                            let quiet = tokio::time::Instant::now() + DEBOUNCE;
+                            match tokio::time::timeout_at(quiet.min(deadline), rx.recv()).await {
+                                Ok(Some(more)) => paths.extend(more),
+                                Ok(None) => return,
+                                Err(_) => break,
+                            }
+                        }
+                        if !paths.iter().any(|p| reloader.is_relevant(p)) {
+                            continue;
+                        }
+                        let _ = reloader.reload("file change", false).await;
                     }
+                    _ = reloader.rearm.notified() => {}
                 }
-                if !paths.iter().any(|p| reloader.is_relevant(p)) {
-                    continue;
-                }
-                let _ = reloader.reload("file change", false).await;
                 let now = reloader.watched_dirs();
                 if now != watched {
                     let mut w = lock(&watcher);
@@ -549,5 +842,171 @@ pub struct WatchGuard {
 impl Drop for WatchGuard {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// The dotted keys of the example config, commented-out ones included (keys without a default
+    /// and the items of lists of tables, named without an index). Empty tables and arrays are
+    /// leaves: they are the user-keyed maps and the lists of values.
+    fn example_keys() -> Vec<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/chatcli.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut uncommented = String::new();
+        for line in text.lines() {
+            let line = match line.strip_prefix("# ") {
+                Some(rest) if rest.starts_with("[[") => rest.to_string(),
+                Some(rest) => match rest.split_once(" = ") {
+                    Some((key, value))
+                        if !key.is_empty()
+                            && key.chars().all(|c| {
+                                c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
+                            }) =>
+                    {
+                        let value = match value.trim() {
+                            "" => "\"\"",
+                            v => v,
+                        };
+                        format!("{key} = {value}")
+                    }
+                    _ => continue,
+                },
+                None => line.to_string(),
+            };
+            uncommented.push_str(&line);
+            uncommented.push('\n');
+        }
+        let table: toml::Table = uncommented.parse().unwrap();
+        fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let key = match prefix {
+                    "" => k.clone(),
+                    p => format!("{p}.{k}"),
+                };
+                match v {
+                    toml::Value::Table(inner) if !inner.is_empty() => walk(&key, inner, out),
+                    toml::Value::Array(items)
+                        if items.first().is_some_and(toml::Value::is_table) =>
+                    {
+                        for item in items.iter().filter_map(toml::Value::as_table) {
+                            walk(&key, item, out);
+                        }
+                    }
+                    _ => out.push(key),
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        walk("", &table, &mut keys);
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    #[test]
+    fn every_example_key_is_reloadable_or_restart_only() {
+        let keys = example_keys();
+        // The walk found the keys shown commented out and the items of lists of tables too.
+        for sample in [
+            "server.port",
+            "server.tls.key_file",
+            "auth.tokens.file",
+            "llm.providers.api_key_file",
+            "limits.roles",
+        ] {
+            assert!(
+                keys.iter().any(|k| k == sample),
+                "{sample} not found in {keys:?}"
+            );
+        }
+        let undecided: Vec<&String> = keys
+            .iter()
+            .filter(|k| !RELOADABLE.contains(&k.as_str()) && !RESTART_ONLY.contains(&k.as_str()))
+            .collect();
+        assert!(
+            undecided.is_empty(),
+            "decide for each of these keys whether a reload applies it (RELOADABLE) or it needs a restart (RESTART_ONLY): {undecided:?}"
+        );
+        let both: Vec<&&str> = RELOADABLE
+            .iter()
+            .filter(|k| RESTART_ONLY.contains(k))
+            .collect();
+        assert!(both.is_empty(), "in both lists: {both:?}");
+        let stale: Vec<&&str> = RELOADABLE
+            .iter()
+            .chain(RESTART_ONLY)
+            .filter(|k| !keys.iter().any(|e| e == **k))
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "not a key of the example config: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn restart_only_keys_keep_their_running_value_and_are_named() {
+        let old = Config::default();
+        let mut new = Config::default();
+        new.server.port = 1;
+        new.audit.queue = 7;
+        new.log.max_backups = 9;
+        new.limits.auth_failures_per_minute = 1;
+        new.server.shutdown_grace = Duration::from_secs(1);
+        let changes = keep_restart_settings(&old, &mut new);
+        let keys: Vec<&str> = changes.iter().map(|c| c.key).collect();
+        assert_eq!(keys, ["server.port", "log.max_backups", "audit.queue"]);
+        assert_eq!(changes[0].to_string(), "server.port (50051 → 1)");
+        assert_eq!(new.server.port, old.server.port);
+        assert_eq!(new.audit.queue, old.audit.queue);
+        assert_eq!(new.log.max_backups, old.log.max_backups);
+        // Reloadable keys pass through.
+        assert_eq!(new.limits.auth_failures_per_minute, 1);
+        assert_eq!(new.server.shutdown_grace, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_config_that_does_not_load_still_names_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        let config = dir.path().join("chatcli.toml");
+        std::fs::write(
+            &config,
+            "bogus = 1\n[auth]\ntoken_file = \"/secrets/token\"\n[server.tls]\nkey_file = \"tls_key\"\n\
+             [[auth.tokens]]\nname = \"a\"\nfile = \"/secrets/a\"\n\
+             [[llm.providers]]\nname = \"o\"\nkind = \"openai\"\napi_key_file = \"openai\"\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/10-jwt.toml"),
+            "[auth.jwt]\njwks_file = \"/secrets/jwks.json\"\n",
+        )
+        .unwrap();
+        let sources = Sources {
+            env: [(
+                "CREDENTIALS_DIRECTORY".to_string(),
+                creds.display().to_string(),
+            )]
+            .into_iter()
+            .collect(),
+            config_flag: Some(config),
+            default_config_path: "/nonexistent/chatcli.toml".into(),
+            flags: vec![],
+        };
+        let mut named = named_in_files(&sources);
+        named.sort();
+        let mut expected = vec![
+            creds.join("openai"),
+            creds.join("tls_key"),
+            PathBuf::from("/secrets/a"),
+            PathBuf::from("/secrets/jwks.json"),
+            PathBuf::from("/secrets/token"),
+        ];
+        expected.sort();
+        assert_eq!(named, expected);
     }
 }

@@ -166,6 +166,7 @@ struct Inner {
     path: PathBuf,
     written: IntCounter,
     dropped: IntCounter,
+    write_errors: IntCounter,
     /// The first drop is logged; later ones only counted, so a flood cannot flood the log too.
     drop_warned: AtomicBool,
 }
@@ -247,6 +248,19 @@ impl AuditLog {
         }
     }
 
+    /// Registers the counters on `registry`, for a log opened (with no registry) before the
+    /// metrics existed: the daemon opens it before binding its ports, so an unwritable path stops
+    /// it before it listens.
+    pub fn register(&self, registry: &Registry) -> Result<(), String> {
+        let i = &self.inner;
+        for c in [&i.written, &i.dropped, &i.write_errors] {
+            registry
+                .register(Box::new(c.clone()))
+                .map_err(|e| format!("audit: metrics: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Records written so far (`chatcli_audit_records_total`).
     pub fn written(&self) -> u64 {
         self.inner.written.get()
@@ -313,7 +327,7 @@ impl AuditLog {
             pending: 0,
             failing: false,
             written: written.clone(),
-            write_errors,
+            write_errors: write_errors.clone(),
         };
         let log = Self {
             inner: Arc::new(Inner {
@@ -321,6 +335,7 @@ impl AuditLog {
                 path,
                 written,
                 dropped,
+                write_errors,
                 drop_warned: AtomicBool::new(false),
             }),
         };
@@ -343,7 +358,11 @@ fn setting_error(path: &Path, e: &io::Error) -> String {
         io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
         io::ErrorKind::NotFound => "not found".to_owned(),
         io::ErrorKind::IsADirectory => "is a directory".to_owned(),
-        io::ErrorKind::NotADirectory => "a parent is not a directory".to_owned(),
+        // `create_dir_all` says "File exists" when a regular file stands where a directory
+        // should be.
+        io::ErrorKind::NotADirectory | io::ErrorKind::AlreadyExists => {
+            "a parent is not a directory".to_owned()
+        }
         io::ErrorKind::ReadOnlyFilesystem => "read-only file system".to_owned(),
         _ => e.to_string(),
     };

@@ -415,6 +415,12 @@ impl ChatCliGrpc {
                     if let Some(e) = st.last_error {
                         out.push_str(&format!("\nLast reload error: {e}"));
                     }
+                    if !st.restart_needed.is_empty() {
+                        out.push_str(&format!(
+                            "\nRestart needed for: {}",
+                            st.restart_needed.join(", ")
+                        ));
+                    }
                 }
                 for cd in self.state.cooldowns.snapshot() {
                     out.push_str(&format!(

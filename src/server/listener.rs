@@ -1,7 +1,8 @@
 //! The accept loop of the main listener: one task per connection (the TLS handshake happens there,
 //! never in the loop), HTTP/1 and HTTP/2 on the same port, every request through the
 //! [`Pipeline`]. Shutdown stops accepting, sends GOAWAY and waits for in-flight calls up to the
-//! grace period, then aborts what is left.
+//! grace period (`server.shutdown_grace` of the config serving when the drain starts, so a reload
+//! changes it), then aborts what is left.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,7 +34,6 @@ pub async fn serve(
     pipeline: Pipeline,
     shutdown: CancellationToken,
     on_drain: impl Future<Output = ()>,
-    grace: Duration,
 ) {
     let limits = {
         let server = &state.prepared().config.server;
@@ -98,6 +98,7 @@ pub async fn serve(
         }
     }
     drop(listener);
+    let grace = state.prepared().config.server.shutdown_grace;
     tracing::info!(in_flight_connections = conns.len(), grace = ?grace, "draining");
     on_drain.await;
     drain.cancel();

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-pub use state::{AppState, Prepared, preflight};
+pub use state::{AppState, Prepared, check_exposure, preflight};
 
 /// The sockets the server serves, bound by the caller.
 #[derive(Debug)]
@@ -97,9 +97,14 @@ pub enum ServerError {
         /// The cause.
         source: std::io::Error,
     },
-    /// Parts of the config could not be prepared (e.g. a provider without its key).
+    /// Parts of the config could not be prepared (e.g. a provider without its key), or the
+    /// listener would serve a non-loopback address without authentication.
     #[error("configuration: {}", .0.join("; "))]
     Config(Vec<String>),
+    /// A file the server writes (the audit log) cannot be created or opened; the message names
+    /// the setting, the path and the reason.
+    #[error("{0}")]
+    CannotCreate(String),
     /// The metrics registry could not be built.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -113,10 +118,15 @@ pub struct RunOptions {
     pub reload: Option<crate::config::Sources>,
     /// Sets the log filter of the running process.
     pub set_log_level: Option<crate::reload::LevelSetter>,
+    /// The audit log of the config, already opened by the caller (the daemon opens it before
+    /// binding its ports); `None` opens it at start.
+    pub audit: Option<audit::AuditLog>,
 }
 
 /// Serves until `shutdown` is cancelled, then stops accepting, reports NOT_SERVING, lets in-flight
-/// calls finish for up to `server.shutdown_grace`, and returns.
+/// calls finish for up to `server.shutdown_grace` (as configured when the drain starts), and
+/// returns. Refuses to start ([`ServerError::Config`]) when the main listener is not on a loopback
+/// address and no authentication is configured ([`check_exposure`]).
 pub async fn run(
     listeners: Listeners,
     config: Config,
@@ -135,10 +145,35 @@ pub async fn run_with(
 ) -> Result<(), ServerError> {
     let main_addr = local_addr(&listeners.main)?;
     let metrics_addr = listeners.metrics.as_ref().map(local_addr).transpose()?;
-    let state = Arc::new(AppState::new(config, metrics_addr.is_some())?);
-    let grace = state.prepared().config.server.shutdown_grace;
+    let state = Arc::new(AppState::new(
+        config,
+        metrics_addr.is_some(),
+        options.audit,
+    )?);
+    check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
+    if !state.prepared().auth.enabled() {
+        tracing::warn!(
+            "no authentication is configured: every caller is admin (set a token, named tokens, JWT keys or a client CA)"
+        );
+    }
+    // Before the config watcher starts, so that a reload changing the TLS paths finds the TLS
+    // watcher to point at them.
+    if let Some(acceptor) = &state.tls {
+        match tls::watch(
+            acceptor.clone(),
+            state.prepared().config.server.tls.clone(),
+            state.metrics.as_ref().map(|m| m.registry()),
+        ) {
+            Ok(g) => {
+                let _ = state.tls_watch.set(Arc::new(g));
+            }
+            Err(e) => tracing::warn!(
+                "TLS files are not watched for rotation (SIGHUP still reloads them): {e}"
+            ),
+        }
+    }
     let reloader = options.reload.map(|sources| {
-        crate::reload::Reloader::new(&state, sources, options.set_log_level.clone())
+        crate::reload::Reloader::new(&state, sources, options.set_log_level.clone(), main_addr)
     });
     if let Some(r) = &reloader {
         let _ = state.reloader.set(r.clone());
@@ -215,26 +250,10 @@ pub async fn run_with(
     };
     let http = http::api(state.clone());
     let pipeline = pipeline::Pipeline::new(state.clone(), grpc_routes, http);
-    let tls_watch = match &state.tls {
-        Some(acceptor) => match tls::watch(
-            acceptor.clone(),
-            state.prepared().config.server.tls.clone(),
-            state.metrics.as_ref().map(|m| m.registry()),
-        ) {
-            Ok(g) => Some(Arc::new(g)),
-            Err(e) => {
-                tracing::warn!(
-                    "TLS files are not watched for rotation (SIGHUP still reloads them): {e}"
-                );
-                None
-            }
-        },
-        None => None,
-    };
-    // SIGHUP runs the full reload (config, drop-ins, secret files), then re-reads the TLS material.
+    // SIGHUP reloads the config (when it came from files), then re-reads the TLS material from the
+    // paths now configured (a certificate renewed in place changes no config file).
     let sighup = {
         let state = state.clone();
-        let tls_watch = tls_watch.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -245,7 +264,7 @@ pub async fn run_with(
                 if let Some(r) = state.reloader.get() {
                     let _ = r.reload("SIGHUP", true).await;
                 }
-                let result = match (&tls_watch, &state.tls) {
+                let result = match (state.tls_watch.get(), &state.tls) {
                     // The watcher logs and counts its own reloads.
                     (Some(guard), _) => guard.reload().or(Ok(())),
                     (None, Some(acceptor)) => acceptor.reload(&state.prepared().config.server.tls),
@@ -269,15 +288,7 @@ pub async fn run_with(
             }
         })
     };
-    listener::serve(
-        listeners.main,
-        state.clone(),
-        pipeline,
-        shutdown,
-        on_drain,
-        grace,
-    )
-    .await;
+    listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     housekeeping.abort();
     sighup.abort();
 

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -341,13 +342,19 @@ fn ip_key(ip: IpAddr) -> IpAddr {
 /// `auth_failures_per_minute` failures per minute with that burst (the existing ChatCLI's 5 is
 /// "5 at once, then one per 12 s"). Only failures consume it ([`record_failure`]);
 /// [`is_blocked`] is checked before authenticating so a blocked IP is refused early; successful
-/// calls never touch it (defect 4 of PROTOCOL §8).
+/// calls never touch it (defect 4 of PROTOCOL §8). A reload changes the limit with
+/// [`set_per_minute`].
 ///
 /// [`record_failure`]: AuthFailureLimiter::record_failure
 /// [`is_blocked`]: AuthFailureLimiter::is_blocked
+/// [`set_per_minute`]: AuthFailureLimiter::set_per_minute
 pub struct AuthFailureLimiter<C: Clock = DefaultClock> {
-    /// `None` when off (`auth_failures_per_minute = 0`).
-    inner: Option<FailureState<C>>,
+    /// `None` when off (`auth_failures_per_minute = 0`). A governor limiter has one quota for
+    /// life, so a new limit replaces the whole state.
+    inner: ArcSwapOption<FailureState<C>>,
+    /// The limit `inner` was built for; the lock also keeps two changes from interleaving.
+    per_minute: Mutex<u32>,
+    clock: C,
 }
 
 struct FailureState<C: Clock> {
@@ -362,7 +369,7 @@ struct FailureState<C: Clock> {
 impl<C: Clock> std::fmt::Debug for AuthFailureLimiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthFailureLimiter")
-            .field("enabled", &self.inner.is_some())
+            .field("enabled", &self.inner.load().is_some())
             .finish()
     }
 }
@@ -374,26 +381,75 @@ impl AuthFailureLimiter {
     }
 }
 
-impl<C: Clock> AuthFailureLimiter<C> {
+impl<C: Clock + Clone> AuthFailureLimiter<C> {
     fn with_clock(per_minute: u32, clock: C) -> Self {
-        let inner = NonZeroU32::new(per_minute).map(|n| FailureState {
-            limiter: RateLimiter::new(
-                Quota::per_minute(n),
-                DefaultKeyedStateStore::default(),
-                clock,
-            ),
-            blocked: RwLock::new(HashMap::new()),
-            calls: AtomicU64::new(0),
-        });
-        Self { inner }
+        Self {
+            inner: ArcSwapOption::new(Self::state(per_minute, &clock, HashMap::new())),
+            per_minute: Mutex::new(per_minute),
+            clock,
+        }
+    }
+
+    fn state(
+        per_minute: u32,
+        clock: &C,
+        blocked: HashMap<IpAddr, C::Instant>,
+    ) -> Option<Arc<FailureState<C>>> {
+        NonZeroU32::new(per_minute).map(|n| {
+            Arc::new(FailureState {
+                limiter: RateLimiter::new(
+                    Quota::per_minute(n),
+                    DefaultKeyedStateStore::default(),
+                    clock.clone(),
+                ),
+                blocked: RwLock::new(blocked),
+                calls: AtomicU64::new(0),
+            })
+        })
+    }
+
+    /// Applies a new `auth_failures_per_minute` (a reload); 0 turns the limiter off. IPs blocked
+    /// now stay blocked until their block ends; the failures counted so far start again from a
+    /// full allowance under the new limit.
+    pub fn set_per_minute(&self, per_minute: u32) {
+        let mut current = self
+            .per_minute
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *current == per_minute {
+            return;
+        }
+        *current = per_minute;
+        let blocked = self
+            .inner
+            .load()
+            .as_ref()
+            .map(|s| {
+                s.blocked
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone()
+            })
+            .unwrap_or_default();
+        self.inner
+            .store(Self::state(per_minute, &self.clock, blocked));
+    }
+
+    /// The limit in force (failures per minute per IP; 0 = off).
+    pub fn per_minute(&self) -> u32 {
+        *self
+            .per_minute
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Charges one failed authentication to `ip`. When that uses up its last failure, the IP is
     /// blocked until the bucket has one again.
     pub fn record_failure(&self, ip: IpAddr) {
-        let Some(s) = &self.inner else { return };
+        let inner = self.inner.load();
+        let Some(s) = inner.as_ref() else { return };
         if due(&s.calls) {
-            self.housekeeping();
+            Self::clean(s);
         }
         let key = ip_key(ip);
         let empty_until = match s.limiter.check_key(&key) {
@@ -419,7 +475,8 @@ impl<C: Clock> AuthFailureLimiter<C> {
     /// `Some(retry_after)` (whole seconds, at least 1) when `ip` has no failed authentications
     /// left; `None` otherwise. Never charges the IP.
     pub fn is_blocked(&self, ip: IpAddr) -> Option<Duration> {
-        let s = self.inner.as_ref()?;
+        let inner = self.inner.load();
+        let s = inner.as_ref()?;
         let until = *s
             .blocked
             .read()
@@ -432,7 +489,12 @@ impl<C: Clock> AuthFailureLimiter<C> {
     /// Forgets IPs whose bucket is full again and blocks that have ended. Runs by itself every
     /// [`HOUSEKEEPING_EVERY`] failures; callers may also run it from a timer.
     pub fn housekeeping(&self) {
-        let Some(s) = &self.inner else { return };
+        if let Some(s) = self.inner.load().as_ref() {
+            Self::clean(s);
+        }
+    }
+
+    fn clean(s: &FailureState<C>) {
         s.limiter.retain_recent();
         s.limiter.shrink_to_fit();
         let now = s.limiter.clock().now();
@@ -866,6 +928,34 @@ mod tests {
     }
 
     #[test]
+    fn a_new_limit_applies_and_keeps_current_blocks() {
+        let (l, _clock) = fake_auth(5);
+        l.record_failure(A);
+        l.record_failure(B);
+        l.record_failure(B);
+        assert_eq!(l.is_blocked(B), None);
+        l.set_per_minute(2);
+        assert_eq!(l.per_minute(), 2);
+        // The allowance starts again under the new limit: two failures block now.
+        l.record_failure(B);
+        assert_eq!(l.is_blocked(B), None);
+        l.record_failure(B);
+        assert!(l.is_blocked(B).is_some());
+        // A block survives a later change; off means off.
+        l.set_per_minute(10);
+        assert!(l.is_blocked(B).is_some());
+        assert_eq!(l.is_blocked(A), None);
+        l.set_per_minute(0);
+        for _ in 0..100 {
+            l.record_failure(A);
+        }
+        assert_eq!(l.is_blocked(A), None);
+        l.set_per_minute(1);
+        l.record_failure(A);
+        assert!(l.is_blocked(A).is_some());
+    }
+
+    #[test]
     fn zero_per_minute_never_blocks() {
         let l = AuthFailureLimiter::new(0);
         for _ in 0..100 {
@@ -905,7 +995,7 @@ mod tests {
             l.record_failure(A);
             l.record_failure(IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)));
         }
-        let s = l.inner.as_ref().unwrap();
+        let s = l.inner.load_full().unwrap();
         assert_eq!(s.limiter.len(), 6);
         assert_eq!(s.blocked.read().unwrap().len(), 1);
         clock.advance(Duration::from_secs(120));

@@ -2,6 +2,7 @@
 //! request takes one snapshot when it starts and finishes on it (a reload swaps it), plus
 //! the session store, the metrics and the lifecycle flags.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -15,7 +16,7 @@ use crate::llm::ProviderRegistry;
 use crate::llm::fallback::Cooldowns;
 use crate::server::audit::AuditLog;
 use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, StreamCaps};
-use crate::server::tls::{RotatingAcceptor, TlsMaterial};
+use crate::server::tls::{RotatingAcceptor, TlsMaterial, TlsWatchGuard};
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;
 
@@ -81,6 +82,29 @@ pub fn preflight(config: &Config) -> Result<(), Vec<String>> {
     }
 }
 
+/// Refuses to serve `addr` without authentication: a listener on an address that is not loopback
+/// needs at least one way to authenticate in `prepared` (shared token, named tokens, JWT or a
+/// client CA for mTLS), unless `server.allow_no_auth` says everyone may call. `addr` is the address
+/// actually listened on — the one bound at start or the socket systemd passed — because that, not
+/// `server.bind_address` in the file (a restart-only setting), is what callers reach. Checked at
+/// start and before every reload is applied.
+pub fn check_exposure(addr: SocketAddr, prepared: &Prepared) -> Result<(), String> {
+    let server = &prepared.config.server;
+    if addr.ip().to_canonical().is_loopback() || prepared.auth.enabled() || server.allow_no_auth {
+        return Ok(());
+    }
+    let configured = match server.bind_address == addr.ip() {
+        true => String::new(),
+        false => format!(
+            " (server.bind_address is {}, but the listening socket was bound at start or passed by systemd, and a new address needs a restart)",
+            server.bind_address
+        ),
+    };
+    Err(format!(
+        "server.bind_address: the server listens on {addr}, which is not a loopback address{configured}, and no authentication is configured; set a token (auth.token, auth.token_file), named tokens (auth.tokens), JWT keys (auth.jwt) or a client CA (server.tls.client_ca_file), or set server.allow_no_auth (--allow-no-auth, CHATCLI_ALLOW_NO_AUTH=true) to serve everyone"
+    ))
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct AppState {
@@ -99,6 +123,9 @@ pub struct AppState {
     pub audit: Option<AuditLog>,
     /// The TLS acceptor, when TLS is configured.
     pub tls: Option<RotatingAcceptor>,
+    /// The watcher of the TLS files, when they are watched; a reload that changes their paths
+    /// points it at the new ones.
+    pub tls_watch: std::sync::OnceLock<Arc<TlsWatchGuard>>,
     /// Reloads the config from its files, when the server was started from files.
     pub reloader: std::sync::OnceLock<Arc<crate::reload::Reloader>>,
     listening: AtomicBool,
@@ -112,8 +139,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Prepares the state; metrics objects exist only when `with_metrics`.
-    pub fn new(config: Config, with_metrics: bool) -> Result<Self, ServerError> {
+    /// Prepares the state; metrics objects exist only when `with_metrics`. `audit` is the audit
+    /// log when the caller opened it already (the daemon does, before binding its ports);
+    /// otherwise the one `config` names is opened here.
+    pub fn new(
+        config: Config,
+        with_metrics: bool,
+        audit: Option<AuditLog>,
+    ) -> Result<Self, ServerError> {
         let sessions = SessionStore::new(config.sessions_dir());
         let prepared = Prepared::new(config).map_err(ServerError::Config)?;
         let tls = match prepared.config.server.tls.cert_file {
@@ -142,11 +175,20 @@ impl AppState {
             }
             false => None,
         };
-        let audit = AuditLog::open(
-            &prepared.config.audit,
-            metrics.as_ref().map(|m| m.registry()),
-        )
-        .map_err(|e| ServerError::Config(vec![e]))?;
+        let audit = match audit {
+            Some(log) => {
+                if let Some(m) = &metrics {
+                    log.register(m.registry())
+                        .map_err(|e| ServerError::Config(vec![e]))?;
+                }
+                Some(log)
+            }
+            None => AuditLog::open(
+                &prepared.config.audit,
+                metrics.as_ref().map(|m| m.registry()),
+            )
+            .map_err(ServerError::CannotCreate)?,
+        };
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             sessions,
@@ -156,6 +198,7 @@ impl AppState {
             stream_caps,
             audit,
             tls,
+            tls_watch: std::sync::OnceLock::new(),
             reloader: std::sync::OnceLock::new(),
             listening: AtomicBool::new(false),
             unready: Default::default(),
@@ -238,5 +281,63 @@ impl AppState {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::{NamedToken, Secret};
+
+    /// A change to the default config.
+    type Edit = fn(&mut Config);
+
+    fn prepared(edit: Edit) -> Prepared {
+        let mut config = Config::default();
+        edit(&mut config);
+        Prepared::new(config).unwrap()
+    }
+
+    #[test]
+    fn a_non_loopback_listener_needs_some_way_to_authenticate() {
+        let public: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let open = prepared(|_| {});
+        for loopback in [
+            "127.0.0.1:1",
+            "127.0.0.2:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert_eq!(check_exposure(loopback.parse().unwrap(), &open), Ok(()));
+        }
+        let err = check_exposure(public, &open).unwrap_err();
+        assert!(err.starts_with("server.bind_address: "), "{err}");
+        assert!(err.contains("listens on 0.0.0.0:50051"), "{err}");
+        // The file's address (127.0.0.1 by default) is not what is checked, and the message says so.
+        assert!(err.contains("server.bind_address is 127.0.0.1"), "{err}");
+
+        let methods: [(&str, Edit); 5] = [
+            ("shared token", |c| {
+                c.auth.token = Some(Secret::new("t0ken"))
+            }),
+            ("named tokens", |c| {
+                c.auth.tokens = vec![NamedToken {
+                    name: "team".into(),
+                    sha256: Some("ab".repeat(32)),
+                    ..NamedToken::default()
+                }]
+            }),
+            ("JWT", |c| {
+                c.auth.jwt.secret = Some(Secret::new("a-jwt-secret-of-32-bytes-or-more!"))
+            }),
+            ("mTLS", |c| {
+                c.server.tls.client_ca_file = Some("/ca.pem".into());
+            }),
+            ("allow_no_auth", |c| c.server.allow_no_auth = true),
+        ];
+        for (method, edit) in methods {
+            assert_eq!(check_exposure(public, &prepared(edit)), Ok(()), "{method}");
+        }
     }
 }

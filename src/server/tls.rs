@@ -1,7 +1,8 @@
 //! TLS for the main listener: loading the certificate, key and optional client CA named in
 //! `[server.tls]` into a rustls `ServerConfig` (ALPN h2 + http/1.1, TLS 1.3 or 1.2+), an acceptor
 //! whose material can be swapped while serving, the directory watcher that swaps it when the files
-//! change, and the identity of a verified client certificate (mTLS).
+//! change (and follows the paths when a config reload changes them), and the identity of a verified
+//! client certificate (mTLS).
 //!
 //! Rotation follows "load → validate → swap": the files are parsed and the key is checked against
 //! the certificate before anything is replaced, so a broken or mismatched pair is refused and the old
@@ -96,6 +97,7 @@ impl TlsMaterial {
     }
 
     fn build(cfg: &TlsConfig, files: &RawFiles) -> Result<Self, String> {
+        let fingerprint = files.fingerprint(&cfg.min_version);
         let provider = provider();
         let versions: &[&'static rustls::SupportedProtocolVersion] = match cfg.min_version.trim() {
             "1.3" => &[&rustls::version::TLS13],
@@ -172,7 +174,7 @@ impl TlsMaterial {
             config: Arc::new(config),
             serial,
             client_auth: files.client_ca.is_some(),
-            fingerprint: files.fingerprint(),
+            fingerprint,
         })
     }
 }
@@ -211,10 +213,14 @@ impl RawFiles {
         })
     }
 
-    fn fingerprint(&self) -> [u8; 32] {
+    /// Over the contents and the minimum version, so a reload that changes only `min_version`
+    /// is a change too.
+    fn fingerprint(&self, min_version: &str) -> [u8; 32] {
+        let min_version = min_version.trim().as_bytes().to_vec();
         let mut h = Sha256::new();
         // Length prefixes keep (a, bc) and (ab, c) apart.
         for part in [
+            Some(&min_version),
             Some(&self.cert),
             Some(&self.key),
             self.client_ca.as_ref().map(|(_, b)| b),
@@ -416,7 +422,7 @@ impl RotatingAcceptor {
             key: message.clone(),
             message,
         })?;
-        let fingerprint = files.fingerprint();
+        let fingerprint = files.fingerprint(&cfg.min_version);
         {
             let current = self.current.load();
             if current.fingerprint == fingerprint {
@@ -438,7 +444,9 @@ impl RotatingAcceptor {
 /// Logs and counts reloads for the watcher and for SIGHUP.
 struct Reloader {
     acceptor: RotatingAcceptor,
-    cfg: TlsConfig,
+    /// The paths now configured. Held for the whole of each reload, so a reload that read the
+    /// previous paths cannot swap their material in after a newer reload of the current ones.
+    cfg: Mutex<TlsConfig>,
     reloads: IntCounterVec,
     /// The failure last logged, so a broken file is reported once, not on every unrelated event.
     last_failure: Mutex<Option<String>>,
@@ -447,7 +455,8 @@ struct Reloader {
 impl Reloader {
     /// After a file event: reload if the contents changed.
     fn on_change(&self) {
-        match self.acceptor.reload_checked(&self.cfg) {
+        let cfg = self.cfg.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.acceptor.reload_checked(&cfg) {
             Ok(Reloaded::Swapped { serial }) => self.ok(&serial),
             Ok(Reloaded::Unchanged { serial }) => {
                 // The files are back to what is served: a later, identical breakage is news again.
@@ -480,7 +489,8 @@ impl Reloader {
 
     /// On request (SIGHUP): always reports the outcome.
     fn reload_now(&self) -> Result<(), String> {
-        match self.acceptor.reload_checked(&self.cfg) {
+        let cfg = self.cfg.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.acceptor.reload_checked(&cfg) {
             Ok(Reloaded::Swapped { serial }) => {
                 self.ok(&serial);
                 Ok(())
@@ -520,15 +530,15 @@ impl Reloader {
 
 /// Keeps the TLS directories watched; dropping it stops the watcher.
 pub struct TlsWatchGuard {
-    _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    debouncer: Mutex<Debouncer<RecommendedWatcher, RecommendedCache>>,
     reloader: Arc<Reloader>,
-    dirs: Vec<PathBuf>,
+    dirs: Mutex<Vec<PathBuf>>,
 }
 
 impl fmt::Debug for TlsWatchGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsWatchGuard")
-            .field("dirs", &self.dirs)
+            .field("dirs", &self.dirs())
             .finish_non_exhaustive()
     }
 }
@@ -540,8 +550,43 @@ impl TlsWatchGuard {
     }
 
     /// The directories being watched.
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Switches to the files of `cfg` (a config reload changed a path or the minimum version):
+    /// later file events and SIGHUP read these paths, their directories are watched instead of the
+    /// previous ones, and the material is reloaded from them now (logged and counted like any
+    /// reload; on failure the previous material keeps serving and the error is returned). A
+    /// directory that cannot be watched is logged; SIGHUP still reloads from it.
+    pub fn follow(&self, cfg: TlsConfig) -> Result<(), String> {
+        let new_dirs = watched_dirs(&cfg);
+        *self
+            .reloader
+            .cfg
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = cfg;
+        {
+            let mut dirs = self.dirs.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut debouncer = self
+                .debouncer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for dir in new_dirs.iter().filter(|d| !dirs.contains(d)) {
+                if let Err(e) = debouncer.watch(dir, RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %dir.display(), "cannot watch for TLS changes: {e}");
+                }
+            }
+            for dir in dirs.iter().filter(|d| !new_dirs.contains(d)) {
+                let _ = debouncer.unwatch(dir);
+            }
+            tracing::debug!(dirs = ?new_dirs, "watching the TLS files");
+            *dirs = new_dirs;
+        }
+        self.reloader.reload_now()
     }
 }
 
@@ -576,7 +621,7 @@ pub fn watch(
     let dirs = watched_dirs(&cfg);
     let reloader = Arc::new(Reloader {
         acceptor,
-        cfg,
+        cfg: Mutex::new(cfg),
         reloads,
         last_failure: Mutex::new(None),
     });
@@ -604,9 +649,9 @@ pub fn watch(
     }
     tracing::debug!(dirs = ?dirs, "watching the TLS files");
     Ok(TlsWatchGuard {
-        _debouncer: debouncer,
+        debouncer: Mutex::new(debouncer),
         reloader,
-        dirs,
+        dirs: Mutex::new(dirs),
     })
 }
 
@@ -1276,6 +1321,26 @@ mod tests {
         reloader.on_change();
         assert_eq!(counter(&registry, "error"), 3);
         assert_eq!(acceptor.current_serial(), "61");
+    }
+
+    #[test]
+    fn a_new_minimum_version_alone_is_a_change() {
+        init();
+        let ca = new_ca("test CA");
+        let f = write_files(&server_leaf(&ca, 0x71), None, "1.3");
+        let acceptor = RotatingAcceptor::new(TlsMaterial::load(&f.cfg).unwrap());
+        let tls12 = TlsConfig {
+            min_version: "1.2".into(),
+            ..f.cfg.clone()
+        };
+        assert!(matches!(
+            acceptor.reload_checked(&tls12),
+            Ok(Reloaded::Swapped { .. })
+        ));
+        assert!(matches!(
+            acceptor.reload_checked(&tls12),
+            Ok(Reloaded::Unchanged { .. })
+        ));
     }
 
     #[tokio::test]

@@ -93,8 +93,14 @@ pub enum LoggingError {
         reason: String,
     },
     /// The log file's directory could not be created.
-    #[error("cannot create log directory {}: {source}", path.display())]
+    #[error(
+        "cannot open log file {}: cannot create its directory {}: {source}",
+        file.display(),
+        path.display()
+    )]
     CreateDir {
+        /// The log file.
+        file: PathBuf,
         /// The directory.
         path: PathBuf,
         /// The underlying error.
@@ -358,8 +364,17 @@ impl RotatingFile {
             });
         };
         fs::create_dir_all(dir).map_err(|source| LoggingError::CreateDir {
+            file: path.clone(),
             path: dir.to_owned(),
-            source,
+            source: match source.kind() {
+                // What `create_dir_all` reports when a regular file stands where a directory
+                // should be ("File exists").
+                io::ErrorKind::AlreadyExists => io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    "a component of the path is not a directory",
+                ),
+                _ => source,
+            },
         })?;
         // file-rotate swallows open errors and then drops every line: open it once ourselves.
         let file = open_options()

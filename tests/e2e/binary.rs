@@ -390,3 +390,114 @@ async fn token_and_reflection_switch_come_from_the_environment() {
         server.stderr()
     );
 }
+
+/// Runs `chatcli server` on `config` with the main port held by another socket: a daemon that
+/// bound its ports before opening its output files would fail with 69 (port in use) instead.
+fn serve_on_a_taken_port(home: &Path, config: &Path) -> assert_cmd::assert::Assert {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let assert = cli(home)
+        .env("CHATCLI_DATA_DIR", home.join("data"))
+        .args(["server", "--port", &port, "--metrics-port", "0", "--config"])
+        .arg(config)
+        .assert();
+    drop(taken);
+    assert
+}
+
+/// `<home>/chatcli.toml` with one echo provider and `extra` appended, beside a regular file
+/// `not-a-dir` to put paths under.
+fn config_with(home: &Path, extra: &str) -> PathBuf {
+    std::fs::write(home.join("not-a-dir"), "a regular file").unwrap();
+    let config = home.join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!("[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n\n{extra}"),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn unwritable_log_file_exits_73_before_binding() {
+    let home = tempfile::tempdir().unwrap();
+    let log = home.path().join("not-a-dir/chatcli.log");
+    let config = config_with(home.path(), &format!("[log]\nfile = {:?}\n", log));
+    serve_on_a_taken_port(home.path(), &config).code(73).stderr(
+        predicate::str::contains(log.display().to_string())
+            .and(predicate::str::contains("not a directory"))
+            .and(predicate::str::contains("listening on").not())
+            .and(predicate::str::contains("cannot listen").not()),
+    );
+}
+
+#[test]
+fn unwritable_audit_path_exits_73_before_binding() {
+    let home = tempfile::tempdir().unwrap();
+    let audit = home.path().join("not-a-dir/audit.log");
+    let config = config_with(home.path(), &format!("[audit]\npath = {:?}\n", audit));
+    let out = serve_on_a_taken_port(home.path(), &config).code(73);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("cannot open the audit log"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "audit.path: {}: a parent is not a directory",
+            audit.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    assert!(!stderr.contains("cannot listen"), "{stderr}");
+}
+
+/// Under socket activation the listener is the socket systemd passes, whatever
+/// `server.bind_address` says: a non-loopback one needs authentication, as a bound one does.
+#[tokio::test]
+async fn an_inherited_non_loopback_socket_needs_authentication() {
+    use std::os::fd::AsRawFd;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 0)).into())
+        .unwrap();
+    socket.listen(16).unwrap();
+    // Handed to the child as fd `fd` (listenfd reads LISTEN_FDS_FIRST_FD; no LISTEN_PID needed).
+    socket.set_cloexec(false).unwrap();
+    let fd = socket.as_raw_fd().to_string();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    let home = tempfile::tempdir().unwrap();
+    // The config's own address is loopback: only the passed socket is not.
+    let config = slow_echo_config(home.path(), "0ms");
+    let activation = [("LISTEN_FDS", "1"), ("LISTEN_FDS_FIRST_FD", fd.as_str())];
+
+    let out = cli(home.path())
+        .env("CHATCLI_DATA_DIR", home.path().join("data"))
+        .envs(activation)
+        .args(["server", "--metrics-port", "0", "--config"])
+        .arg(&config)
+        .assert()
+        .code(78);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains("using the listening socket passed by systemd"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("listens on 0.0.0.0:{port}"))
+            && stderr.contains("not a loopback address")
+            && stderr.contains("server.bind_address is 127.0.0.1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+
+    // With a token, the same socket serves.
+    let mut env = activation.to_vec();
+    env.push(("CHATCLI_SERVER_TOKEN", "activation-token-41d7"));
+    let server = BinaryServer::start_args(
+        &["--metrics-port", "0", "--config", config.to_str().unwrap()],
+        &env,
+    );
+    assert_eq!(
+        server.addr,
+        std::net::SocketAddr::from(([0, 0, 0, 0], port))
+    );
+}

@@ -83,6 +83,12 @@ struct Conf {
     log_level: &'static str,
     /// `server.port` (with `bind_address = 127.0.0.1` and metrics off), for the real binary.
     port: Option<u16>,
+    /// `server.shutdown_grace`.
+    grace: &'static str,
+    /// `limits.auth_failures_per_minute`, when set.
+    auth_failures: Option<u32>,
+    /// TOML appended after everything else (whole tables that `render` does not write).
+    tail: String,
 }
 
 impl Conf {
@@ -97,6 +103,9 @@ impl Conf {
             tokens: Vec::new(),
             log_level: "info",
             port: None,
+            grace: "5s",
+            auth_failures: None,
+            tail: String::new(),
         }
     }
 
@@ -113,7 +122,7 @@ impl Conf {
     /// The TOML text; `root` holds the data dir.
     fn render(&self, root: &Path) -> String {
         let q = |s: &str| format!("{s:?}");
-        let mut t = String::from("[server]\nshutdown_grace = \"5s\"\n");
+        let mut t = format!("[server]\nshutdown_grace = {}\n", q(self.grace));
         if let Some(port) = self.port {
             t.push_str(&format!(
                 "bind_address = \"127.0.0.1\"\nport = {port}\n\n[metrics]\nport = 0\n"
@@ -128,6 +137,9 @@ impl Conf {
             "\n[limits]\nrate_limit_rps = {:?}\nrate_limit_burst = {}\n",
             self.rps, self.burst
         ));
+        if let Some(n) = self.auth_failures {
+            t.push_str(&format!("auth_failures_per_minute = {n}\n"));
+        }
         for tok in &self.tokens {
             t.push_str(&format!(
                 "\n[[auth.tokens]]\nname = {}\nrole = {}\nsha256 = {}\n",
@@ -159,6 +171,7 @@ impl Conf {
                 )),
             }
         }
+        t.push_str(&self.tail);
         t
     }
 
@@ -237,6 +250,7 @@ impl Daemon {
             RunOptions {
                 reload: Some(sources),
                 set_log_level: None,
+                audit: None,
             },
         ));
         let channel = connect(addr).await;
@@ -1724,4 +1738,236 @@ async fn bench_reload() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("reload.txt"), text).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files a failed reload names, authentication on the bound address, restart-only settings
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_file_named_by_a_failed_reload_applies_when_it_appears() {
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &Conf::echo(&["a"])).await;
+    // In a directory of its own, which nothing of the serving config lives in.
+    let secrets = d.root().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let token_file = secrets.join("token");
+    let mut conf = Conf::echo(&["a"]);
+    conf.tail = format!(
+        "\n[auth]\ntoken_file = {:?}\n",
+        token_file.display().to_string()
+    );
+    d.write(&conf);
+    let failed = d.wait_errors(0).await;
+    assert_eq!((failed.generation, failed.error), (1, 1), "{failed:?}");
+    server_info(d.channel.clone(), None)
+        .await
+        .expect("the old config, without auth, keeps serving");
+
+    // No SIGHUP, no other write: the token file appearing is what applies the reload.
+    std::fs::write(&token_file, "token-from-file-5e2d\n").unwrap();
+    let applied = d.wait_generation(2).await;
+    assert_eq!(
+        applied.error, 1,
+        "the failure was reported once: {applied:?}"
+    );
+    let err = server_info(d.channel.clone(), None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    server_info(d.channel.clone(), Some("token-from-file-5e2d"))
+        .await
+        .expect("the token from the file");
+    d.shutdown().await;
+}
+
+/// One edit that moves `bind_address` to loopback (a restart-only setting, so the listener stays
+/// on 0.0.0.0) and removes the token is refused: the daemon keeps asking for the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_leaves_a_non_loopback_listener_without_auth_is_refused() {
+    const TOKEN: &str = "bind-test-token-0c3e";
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("chatcli.toml");
+    let echo = "[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n";
+    std::fs::write(
+        &path,
+        format!("[server]\nbind_address = \"0.0.0.0\"\n\n[auth]\ntoken = {TOKEN:?}\n\n{echo}"),
+    )
+    .unwrap();
+    let server = BinaryServer::start(&path, &[]);
+    assert!(server.addr.ip().is_unspecified(), "{}", server.addr);
+    let channel = connect(SocketAddr::from(([127, 0, 0, 1], server.addr.port()))).await;
+    server_info(channel.clone(), Some(TOKEN)).await.unwrap();
+
+    write_atomically(
+        &path,
+        &format!("[server]\nbind_address = \"127.0.0.1\"\n\n{echo}"),
+    );
+    server.wait_for_log("configuration reload failed").await;
+    let log = server.stderr();
+    assert!(
+        log.contains("listens on 0.0.0.0:") && log.contains("not a loopback address"),
+        "{log}"
+    );
+    assert!(!log.contains("configuration reloaded"), "{log}");
+    let err = server_info(channel.clone(), None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    server_info(channel.clone(), Some(TOKEN))
+        .await
+        .expect("the token still works");
+
+    // Named tokens are authentication too: that edit applies.
+    write_atomically(
+        &path,
+        &format!(
+            "[server]\nbind_address = \"0.0.0.0\"\n\n[[auth.tokens]]\nname = \"team\"\nrole = \"admin\"\nsha256 = {:?}\n\n{echo}",
+            sha256_hex("team-token-9a1b")
+        ),
+    );
+    server.wait_for_log("configuration reloaded").await;
+    server_info(channel.clone(), Some("team-token-9a1b"))
+        .await
+        .unwrap();
+    let err = server_info(channel, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failures_per_minute_applies_on_reload() {
+    let mut conf = Conf::echo(&["a"]);
+    conf.tokens = vec![ROOT];
+    conf.auth_failures = Some(3);
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &conf).await;
+    let bad = server_info(d.channel.clone(), Some("not-a-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::Unauthenticated);
+    server_info(d.channel.clone(), Some(ROOT.token))
+        .await
+        .expect("one failure of three allowed does not block");
+
+    conf.auth_failures = Some(1);
+    d.write(&conf);
+    d.wait_generation(2).await;
+    let _ = server_info(d.channel.clone(), Some("not-a-token")).await;
+    // One failure is the whole allowance now: this IP is blocked, good token or not.
+    let err = server_info(d.channel.clone(), Some(ROOT.token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_applies_on_reload() {
+    let mut conf = Conf::echo(&["a"]);
+    let (root, path) = binary_config(&conf);
+    let mut server = BinaryServer::start(&path, &[]);
+    conf.grace = "1s";
+    write_atomically(&path, &conf.render(root.path()));
+    server.wait_for_log("configuration reloaded").await;
+    let log = server.stderr();
+    assert!(!log.contains("need a restart"), "{log}");
+
+    server.terminate();
+    assert!(server.wait_exit(HANG_GUARD).await.is_some(), "no exit");
+    let log = server.stderr();
+    let draining = log_lines(&log, &["draining"]);
+    assert_eq!(draining.len(), 1, "{log}");
+    assert!(draining[0].contains("grace=1s"), "{}", draining[0]);
+}
+
+/// A change to a restart-only key is named in the reload's log lines and flagged by
+/// `chatcli_config_reload_restart_needed` until the file has the running value again; the rest of
+/// the same edit applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_only_changes_are_reported_until_the_file_agrees_again() {
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut conf = Conf::echo(&["a"]);
+    let (root, path) = binary_config(&conf);
+    let server = BinaryServer::start_args(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--port",
+            "0",
+            "--metrics-port",
+            &metrics_port.to_string(),
+        ],
+        &[],
+    );
+    let channel = connect(server.addr).await;
+    let http = http_client();
+    let flag = |key: &'static str| {
+        let http = http.clone();
+        async move {
+            let text = http
+                .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let line = format!("chatcli_config_reload_restart_needed{{key=\"{key}\"}} ");
+            text.contains(&line).then(|| metric_value(&text, &line))
+        }
+    };
+    assert_eq!(flag("audit.queue").await, Some(0.0));
+
+    conf.tail = "\n[audit]\nqueue = 64\nmax_backups = 3\n".into();
+    conf.providers.push(Prov::Echo("b"));
+    write_atomically(&path, &conf.render(root.path()));
+    server.wait_for_log("configuration reloaded").await;
+    let log = server.stderr();
+    let reloaded = log_lines(&log, &["configuration reloaded"]);
+    assert_eq!(reloaded.len(), 1, "{log}");
+    assert!(
+        reloaded[0].contains("audit.queue") && reloaded[0].contains("audit.max_backups"),
+        "{}",
+        reloaded[0]
+    );
+    let warned = log_lines(&log, &["need a restart"]);
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains("audit.queue (10000 → 64)"),
+        "{}",
+        warned[0]
+    );
+    assert_eq!(flag("audit.queue").await, Some(1.0));
+    assert_eq!(flag("audit.max_backups").await, Some(1.0));
+    assert_eq!(flag("audit.path").await, Some(0.0));
+    let status: serde_json::Value = http
+        .get(format!("http://{}/status", server.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["config"]["restart_needed"],
+        serde_json::json!(["audit.max_backups", "audit.queue"]),
+        "{status}"
+    );
+    // The reloadable part of the same edit applied.
+    assert_eq!(
+        server_info(channel.clone(), None)
+            .await
+            .unwrap()
+            .available_providers,
+        ["a", "b"]
+    );
+
+    // Back to the running values: nothing left to restart for.
+    conf.tail.clear();
+    write_atomically(&path, &conf.render(root.path()));
+    server.wait_for_log_count("configuration reloaded", 1).await;
+    eventually("the restart flag cleared", || async {
+        (flag("audit.queue").await? == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(flag("audit.max_backups").await, Some(0.0));
+    assert_eq!(server.stderr().matches("need a restart").count(), 1);
 }

@@ -434,3 +434,143 @@ async fn relative_tls_files_come_from_the_credentials_directory() {
     let serial = served_serial(server.addr, &ca.ca_pem).await.unwrap();
     assert_eq!(serial, pair.serial());
 }
+
+/// A config file for the real binary serving TLS with the files in `dir` (`tls.crt`, `tls.key`,
+/// and `ca.crt` as client CA when `mtls`), one echo provider.
+fn tls_config_text(dir: &std::path::Path, mtls: bool) -> String {
+    let mut text = format!(
+        "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        dir.join("tls.crt"),
+        dir.join("tls.key")
+    );
+    if mtls {
+        text.push_str(&format!("client_ca_file = {:?}\n", dir.join("ca.crt")));
+    }
+    text.push_str("\n[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n");
+    text
+}
+
+/// Writes `pair` (and `client_ca_pem` when given) into `dir` as `tls.crt`, `tls.key`, `ca.crt`,
+/// each by an atomic rename.
+fn write_tls_dir(dir: &std::path::Path, pair: &CertPair, client_ca_pem: Option<&str>) {
+    std::fs::create_dir_all(dir).unwrap();
+    write_atomically(&dir.join("tls.crt"), &pair.cert_pem);
+    write_atomically(&dir.join("tls.key"), &pair.key_pem);
+    if let Some(ca) = client_ca_pem {
+        write_atomically(&dir.join("ca.crt"), ca);
+    }
+}
+
+/// After a reload moves the certificate and key to another directory, a renewal in the new
+/// directory is served, and SIGHUP re-reads the new paths (a renewal left in the old directory is
+/// never served again).
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_paths_changed_by_a_reload_are_followed_by_renewals_and_sighup() {
+    let ca = TestCa::new("path change CA");
+    let (first, second, renewed, stale) = (
+        ca.server_cert(&[0x31, 0x01]),
+        ca.server_cert(&[0x31, 0x02]),
+        ca.server_cert(&[0x31, 0x03]),
+        ca.server_cert(&[0x31, 0x04]),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let (old_dir, new_dir) = (root.path().join("old"), root.path().join("new"));
+    write_tls_dir(&old_dir, &first, None);
+    let config = root.path().join("chatcli.toml");
+    std::fs::write(&config, tls_config_text(&old_dir, false)).unwrap();
+    let server = BinaryServer::start(&config, &[]);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
+    let serving = || async { served_serial(addr, &ca.ca_pem).await.ok() };
+    assert_eq!(serving().await.unwrap(), first.serial());
+
+    // The reload points at the new directory.
+    write_tls_dir(&new_dir, &second, None);
+    write_atomically(&config, &tls_config_text(&new_dir, false));
+    eventually("the certificate at the new path", || async {
+        (serving().await? == second.serial()).then_some(())
+    })
+    .await;
+
+    // A renewal at the new path is served; one at the old path is not.
+    write_tls_dir(&old_dir, &stale, None);
+    write_tls_dir(&new_dir, &renewed, None);
+    eventually("the renewal at the new path", || async {
+        (serving().await? == renewed.serial()).then_some(())
+    })
+    .await;
+
+    // SIGHUP reloads from the new paths: nothing to change.
+    let reloaded_before = server.stderr().matches("TLS certificate reloaded").count();
+    server.signal("HUP");
+    server
+        .wait_for_log(&format!(
+            "TLS files unchanged, still serving serial {}",
+            renewed.serial()
+        ))
+        .await;
+    assert_eq!(serving().await.unwrap(), renewed.serial());
+    let log = server.stderr();
+    assert_eq!(
+        log.matches("TLS certificate reloaded").count(),
+        reloaded_before,
+        "{log}"
+    );
+    assert!(!log.contains(&stale.serial()), "{log}");
+}
+
+/// The same for the client CA: after a reload moves it, a renewed CA at the new path is trusted,
+/// and SIGHUP does not bring back the CA of the old path.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_ca_path_changed_by_a_reload_is_followed_by_renewals_and_sighup() {
+    let server_ca = TestCa::new("server CA");
+    let pair = server_ca.server_cert(&[0x32, 0x01]);
+    let (ca_old, ca_new, ca_renewed) = (
+        TestCa::new("client CA at the old path"),
+        TestCa::new("client CA at the new path"),
+        TestCa::new("client CA renewed at the new path"),
+    );
+    let client = |ca: &TestCa, name: &str| ca.client_cert(&format!("spiffe://test/{name}"), name);
+    let (old_client, new_client, renewed_client) = (
+        client(&ca_old, "old"),
+        client(&ca_new, "new"),
+        client(&ca_renewed, "renewed"),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let (old_dir, new_dir) = (root.path().join("old"), root.path().join("new"));
+    write_tls_dir(&old_dir, &pair, Some(&ca_old.ca_pem));
+    let config = root.path().join("chatcli.toml");
+    std::fs::write(&config, tls_config_text(&old_dir, true)).unwrap();
+    let server = BinaryServer::start(&config, &[]);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
+    let accepted = |who: &CertPair| {
+        let (who, ca) = (who.clone(), server_ca.ca_pem.clone());
+        async move { prompt_over_tls(addr, &ca, Some(&who)).await.is_ok() }
+    };
+    assert!(accepted(&old_client).await);
+    assert!(!accepted(&new_client).await);
+
+    write_tls_dir(&new_dir, &pair, Some(&ca_new.ca_pem));
+    write_atomically(&config, &tls_config_text(&new_dir, true));
+    eventually("the client CA at the new path", || async {
+        accepted(&new_client).await.then_some(())
+    })
+    .await;
+    assert!(!accepted(&old_client).await);
+
+    write_atomically(&new_dir.join("ca.crt"), &ca_renewed.ca_pem);
+    eventually("the client CA renewed at the new path", || async {
+        accepted(&renewed_client).await.then_some(())
+    })
+    .await;
+
+    server.signal("HUP");
+    server
+        .wait_for_log(&format!(
+            "TLS files unchanged, still serving serial {}",
+            pair.serial()
+        ))
+        .await;
+    assert!(accepted(&renewed_client).await);
+    assert!(!accepted(&old_client).await);
+    assert!(!accepted(&new_client).await);
+}

@@ -86,6 +86,7 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
                 "generation": st.generation,
                 "hash": st.config_hash,
                 "last_reload_error": st.last_error,
+                "restart_needed": st.restart_needed,
             })
         }),
         "caller": {
