@@ -26,7 +26,7 @@
           TimeoutStopSec = "45s";
           Restart = "on-failure";
           RestartSec = "2s";
-          RestartPreventExitStatus = "64 78";
+          RestartPreventExitStatus = "64 73 78";
           ConfigurationDirectory = "chatcli";
           StateDirectory = "chatcli";
           LogsDirectory = "chatcli";

@@ -12,7 +12,7 @@ DynamicUser=. Then:
   with the same environment puts the data dir under StateDirectory and reads the token credential;
 * ExecReload's SIGHUP leaves it serving; SIGTERM sends STOPPING=1 and exits 0 in TimeoutStopSec;
 * without the token credential it exits 78 naming the missing file (no crash loop:
-  RestartPreventExitStatus has 78);
+  RestartPreventExitStatus has 78 and 73);
 * with systemd/chatcli.socket's activation (systemd-socket-activate passing fd 3), when the binary's
   `server --help` mentions LISTEN_FDS, it serves on the passed socket.
 
@@ -266,7 +266,9 @@ def run(args: argparse.Namespace) -> None:
                              preexec_fn=sc.preexec(), timeout=30)
         check(bad.returncode == 78 and str(sc.creds / "token") in bad.stderr,
               "without the token credential: exit 78 naming the missing file", f"exit {bad.returncode}: {bad.stderr.strip()[-300:]}")
-        check("78" in " ".join(service.get("RestartPreventExitStatus", [])).split(), "RestartPreventExitStatus has 78: no restart loop on a bad config")
+        prevented = " ".join(service.get("RestartPreventExitStatus", [])).split()
+        check("78" in prevented and "73" in prevented,
+              "RestartPreventExitStatus has 78 and 73: no restart loop on a bad config or an unwritable log/audit path")
 
         help_text = subprocess.run([str(binary), "server", "--help"], capture_output=True, text=True).stdout
         if "LISTEN_FDS" not in help_text and b"LISTEN_FDS" not in binary.read_bytes():
