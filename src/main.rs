@@ -208,10 +208,11 @@ fn serve(args: ServerArgs) -> i32 {
             "no LLM provider is configured: prompts will fail; add [[llm.providers]] (try config/demo.toml)"
         );
     }
-    if c.auth.token.is_none() {
-        tracing::warn!(
-            "no authentication is configured: every caller is admin (set --token or CHATCLI_SERVER_TOKEN)"
-        );
+    match c.auth_methods() {
+        methods if methods.is_empty() => tracing::warn!(
+            "no authentication is configured: every caller is admin (set a token with --token or CHATCLI_SERVER_TOKEN, [[auth.tokens]], [auth.jwt] keys or a client CA)"
+        ),
+        methods => tracing::info!("authentication: {}", methods.join(", ")),
     }
     // One worker per CPU the process may run on. With a single CPU (pinned with taskset or a
     // cpuset) work stealing has no one to steal from, so the daemon runs on one thread instead,

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::proto::{SendPromptRequest, SessionMessage, StreamPromptRequest, session_message};
 use crate::config::values::REDACTED;
+use crate::proto::{SendPromptRequest, SessionMessage, StreamPromptRequest, session_message};
 
 /// A credential field: `[redacted]` when set, `""` when empty (whether it was sent is worth
 /// seeing; its value never is).

@@ -88,6 +88,31 @@ impl Config {
         c.state.data_dir = d.data_dir.clone();
         c
     }
+
+    /// The ways a caller can authenticate under this config, by name (`shared token`,
+    /// `named tokens`, `jwt`, `mtls`); empty when every caller is let in as admin.
+    pub fn auth_methods(&self) -> Vec<&'static str> {
+        let auth = &self.auth;
+        let jwt = &auth.jwt;
+        [
+            (
+                auth.token.is_some() || auth.token_file.is_some(),
+                "shared token",
+            ),
+            (!auth.tokens.is_empty(), "named tokens"),
+            (
+                jwt.secret.is_some()
+                    || jwt.secret_file.is_some()
+                    || jwt.public_key_file.is_some()
+                    || jwt.jwks_file.is_some(),
+                "jwt",
+            ),
+            (self.server.tls.client_ca_file.is_some(), "mtls"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
 }
 
 impl Default for Config {
