@@ -68,6 +68,14 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
         })
         .collect();
     let p = &caller.principal;
+    let mut who = json!({
+        "id": p.id,
+        "role": p.role.as_str(),
+        "method": p.method.as_str(),
+    });
+    if let Some(tenant) = &p.tenant_id {
+        who["tenant"] = json!(tenant);
+    }
     Json(json!({
         "version": crate::VERSION,
         "uptime_seconds": state.started.elapsed().as_secs(),
@@ -88,11 +96,7 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
                 "last_reload_error": st.last_error,
             })
         }),
-        "caller": {
-            "id": p.id,
-            "role": p.role.as_str(),
-            "method": p.method.as_str(),
-        },
+        "caller": who,
     }))
     .into_response()
 }
