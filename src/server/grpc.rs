@@ -8,7 +8,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{AppState, Prepared};
+use super::{AppState, Prepared, Transport};
 use crate::auth::Principal;
 use crate::llm::fallback::Answer;
 use crate::llm::gateway::{self, PromptCall};
@@ -416,6 +416,15 @@ impl ChatCliGrpc {
                         out.push_str(&format!("\nLast reload error: {e}"));
                     }
                 }
+                let in_flight = &self.state.in_flight;
+                let (grpc, http) = (
+                    in_flight.count(Transport::Grpc),
+                    in_flight.count(Transport::Http),
+                );
+                out.push_str(&format!(
+                    "\nIn flight: {} (gRPC {grpc}, HTTP {http})",
+                    grpc + http
+                ));
                 for cd in self.state.cooldowns.snapshot() {
                     out.push_str(&format!(
                         "\nCooldown: {} for {}s after {} failure(s) ({})",
@@ -519,6 +528,7 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<SendPromptRequest>,
     ) -> Result<Response<SendPromptResponse>, Status> {
+        let _busy = self.state.in_flight.enter(Transport::Grpc);
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
@@ -542,6 +552,7 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<StreamPromptRequest>,
     ) -> Result<Response<Self::StreamPromptStream>, Status> {
+        let busy = self.state.in_flight.enter(Transport::Grpc);
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
@@ -571,6 +582,7 @@ impl ChatCliService for ChatCliGrpc {
         };
         let out = async_stream::stream! {
             let _slot = slot;
+            let _busy = busy;
             while let Some(item) = upstream.next().await {
                 match item {
                     Ok(Delta::Text(chunk)) if chunk.is_empty() => {}
@@ -597,6 +609,7 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<tonic::Streaming<SessionMessage>>,
     ) -> Result<Response<Self::InteractiveSessionStream>, Status> {
+        let busy = self.state.in_flight.enter(Transport::Grpc);
         let prepared = snapshot(&self.state, &request);
         let slot = self.stream_slot(&request)?;
         let who = principal(&request);
@@ -605,6 +618,7 @@ impl ChatCliService for ChatCliGrpc {
         let method = "/chatcli.v1.ChatCLIService/InteractiveSession";
         let out = async_stream::stream! {
             let _slot = slot;
+            let _busy = busy;
             let _active = this.state.metrics.as_ref().map(|m| m.session_started());
             let mut history: Vec<Message> = Vec::new();
             loop {

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-pub use state::{AppState, Prepared, preflight};
+pub use state::{AppState, InFlight, InFlightGuard, Prepared, Transport, preflight};
 
 /// The sockets the server serves, bound by the caller.
 #[derive(Debug)]

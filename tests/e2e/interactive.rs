@@ -315,3 +315,91 @@ async fn closing_the_client_side_ends_the_call_ok() {
     drop(session);
     s.shutdown().await;
 }
+
+/// The `In flight:` line of a `/status` command's answer.
+fn in_flight_line(status: &str) -> String {
+    status
+        .lines()
+        .find(|l| l.starts_with("In flight:"))
+        .unwrap_or_else(|| panic!("no in-flight line:\n{status}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn status_counts_the_calls_in_flight_on_both_transports() {
+    use futures::StreamExt;
+    // Ten words a second: the HTTP stream below stays open until the test drops it.
+    let config = crate::support::echo_config_with_delay(Some(Duration::from_millis(100)));
+    let s = TestServer::start_with(config).await;
+    let http = crate::support::http_client();
+    let http_status = || async {
+        http.get(s.url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+
+    // An interactive session held open is a gRPC call in flight, and HTTP /status says so.
+    let mut session = Session::open(&s).await;
+    assert_eq!(
+        in_flight_line(&session.command("/status").await),
+        "In flight: 1 (gRPC 1, HTTP 0)"
+    );
+    let st = http_status().await;
+    assert_eq!(
+        st["in_flight"],
+        serde_json::json!({"grpc": 1, "http": 0}),
+        "{st}"
+    );
+    assert_eq!(st["requests_in_flight"], 1, "{st}");
+
+    // An HTTP stream held open shows in the gRPC session's /status.
+    let words = vec!["word"; 600].join(" ");
+    let resp = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "stream": true,
+            "messages": [{"role": "user", "content": words}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{resp:?}");
+    let mut body = resp.bytes_stream();
+    within(REPLY, "the first SSE chunk", body.next())
+        .await
+        .expect("the HTTP stream ended at once")
+        .unwrap();
+    assert_eq!(
+        in_flight_line(&session.command("/status").await),
+        "In flight: 2 (gRPC 1, HTTP 1)"
+    );
+    let st = http_status().await;
+    assert_eq!(
+        st["in_flight"],
+        serde_json::json!({"grpc": 1, "http": 1}),
+        "{st}"
+    );
+
+    // Each call leaves the count when it ends.
+    drop(body);
+    let deadline = std::time::Instant::now() + crate::support::HANG_GUARD;
+    while in_flight_line(&session.command("/status").await) != "In flight: 1 (gRPC 1, HTTP 0)" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HTTP stream never left the count"
+        );
+        // Each /status is a call against the rate limit: poll well under its default rate.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(session);
+    crate::support::eventually("the session to leave the count", || async {
+        let st = http_status().await;
+        (st["in_flight"] == serde_json::json!({"grpc": 0, "http": 0})).then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}

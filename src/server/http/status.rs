@@ -2,7 +2,6 @@
 //! the load, who is asking) and `GET /health` (liveness, no auth).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::State;
@@ -11,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{Api, Caller};
+use crate::server::Transport;
 
 /// `GET /health`: `{"status":"SERVING"}`, or 503 `NOT_SERVING` while draining.
 pub(super) async fn health(State(api): State<Arc<Api>>) -> Response {
@@ -67,6 +67,10 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
             })
         })
         .collect();
+    let (grpc, http) = (
+        state.in_flight.count(Transport::Grpc),
+        state.in_flight.count(Transport::Http),
+    );
     let p = &caller.principal;
     let mut who = json!({
         "id": p.id,
@@ -86,7 +90,8 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
         },
         "fallback": reg.fallback().chain,
         "providers": providers,
-        "requests_in_flight": api.in_flight.load(Ordering::SeqCst),
+        "requests_in_flight": grpc + http,
+        "in_flight": {"grpc": grpc, "http": http},
         "update_subscribers": state.events.subscribers(),
         "config": state.reloader.get().map(|r| {
             let st = r.status();
