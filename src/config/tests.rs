@@ -380,6 +380,36 @@ fn compatible_values_are_converted() {
 }
 
 #[test]
+fn the_interactive_idle_timeout_comes_from_the_file_or_its_variable() {
+    let l = load(&sources(&[], None, vec![])).unwrap();
+    assert_eq!(
+        l.config.limits.interactive_idle_timeout,
+        std::time::Duration::from_secs(15 * 60)
+    );
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[limits]\ninteractive_idle_timeout = \"2m\"\n",
+    );
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.limits.interactive_idle_timeout,
+        std::time::Duration::from_secs(120)
+    );
+    let env = [("CHATCLI_LIMITS__INTERACTIVE_IDLE_TIMEOUT", "90s")];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.limits.interactive_idle_timeout,
+        std::time::Duration::from_secs(90)
+    );
+    assert_eq!(
+        origin(&l.figment, "limits.interactive_idle_timeout"),
+        "env CHATCLI_LIMITS__INTERACTIVE_IDLE_TIMEOUT"
+    );
+}
+
+#[test]
 fn fallback_list_from_env_is_comma_separated_and_checked() {
     let d = tempfile::tempdir().unwrap();
     let f = write(

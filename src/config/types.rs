@@ -349,10 +349,17 @@ pub struct LimitsConfig {
     pub rate_limit_burst: u32,
     /// Largest prompt accepted, in bytes.
     pub max_prompt_bytes: usize,
-    /// Most history messages accepted with one prompt.
+    /// Most history messages accepted with one prompt; an interactive session keeps at most this
+    /// many, dropping its oldest turns first.
     pub max_history_messages: usize,
-    /// Most history bytes (all contents together) accepted with one prompt.
+    /// Most history bytes (all contents together) accepted with one prompt; an interactive session
+    /// keeps at most this many, dropping its oldest turns first.
     pub max_history_bytes: usize,
+    /// An InteractiveSession stream with no message from its client for this long is closed
+    /// (`DEADLINE_EXCEEDED`), freeing its stream slot and its history; the time the server spends
+    /// answering does not count. `0` = never (`CHATCLI_LIMITS__INTERACTIVE_IDLE_TIMEOUT`).
+    #[serde(with = "duration_str")]
+    pub interactive_idle_timeout: Duration,
     /// Rate limit per role, overriding the default (`[limits.roles.readonly] rate_limit_rps = 1`).
     pub roles: std::collections::BTreeMap<crate::auth::Role, RoleLimits>,
     /// Concurrent streams one principal may hold open (0 = no cap beyond the per-connection limit).
@@ -379,6 +386,7 @@ impl Default for LimitsConfig {
             max_prompt_bytes: 524_288,
             max_history_messages: 1000,
             max_history_bytes: 8 * 1024 * 1024,
+            interactive_idle_timeout: Duration::from_secs(15 * 60),
             roles: Default::default(),
             max_streams_per_principal: 32,
             auth_failures_per_minute: 5,
