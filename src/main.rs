@@ -147,8 +147,8 @@ fn healthcheck(args: &chatcli::cli::HealthcheckArgs) -> i32 {
         }
     };
     match runtime.block_on(server::healthcheck::probe(args)) {
-        Ok(()) => {
-            eprintln!("healthcheck: {} is SERVING", args.addr);
+        Ok(addr) => {
+            eprintln!("healthcheck: {addr} is SERVING");
             0
         }
         Err(why) => {
