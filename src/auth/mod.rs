@@ -1,6 +1,7 @@
-//! Who is calling. This build knows the shared bearer token of the existing ChatCLI (`--token`,
-//! `CHATCLI_SERVER_TOKEN`), compared in constant time; named tokens, JWT and mTLS arrive with
-//! issue #6. The resolved [`Principal`] goes into the request extensions, where handlers read it.
+//! Who is calling: the shared bearer token of the existing ChatCLI (`--token`,
+//! `CHATCLI_SERVER_TOKEN`, compared in constant time), named tokens ([`tokens`]), JWTs ([`jwt`]) and
+//! verified client certificates (mTLS). The resolved [`Principal`] goes into the request
+//! extensions, where handlers read it.
 
 pub mod jwt;
 pub mod tokens;

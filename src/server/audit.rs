@@ -1,4 +1,4 @@
-//! The audit log (issue #6, point 7): one JSON line per call, gRPC and HTTP alike, written to
+//! The audit log: one JSON line per call, gRPC and HTTP alike, written to
 //! `audit.path` with mode 0600 and rotated by size through file-rotate.
 //!
 //! Writing never holds up a request: [`AuditLog::log`] only puts the record into a bounded queue

@@ -231,8 +231,8 @@ pub async fn run_with(
         },
         None => None,
     };
-    // SIGHUP re-reads what can change without a restart (today the TLS material; issue #9 makes
-    // this the full reload).
+    // SIGHUP re-reads what can change without a restart: the configuration (when the server was
+    // started from files) and the TLS material.
     let sighup = {
         let state = state.clone();
         let tls_watch = tls_watch.clone();

@@ -1,5 +1,5 @@
 //! What the handlers share: the prepared state (config, providers, auth) behind one `ArcSwap`, so a
-//! request takes one snapshot when it starts and finishes on it (reload swaps it, issue #9), plus
+//! request takes one snapshot when it starts and finishes on it (a reload swaps it), plus
 //! the session store, the metrics and the lifecycle flags.
 
 use std::sync::Arc;
