@@ -474,11 +474,7 @@ impl ChatCliGrpc {
                         out.push_str(&format!("\nLast reload error: {e}"));
                     }
                 }
-                let in_flight = &self.state.in_flight;
-                let (grpc, http) = (
-                    in_flight.count(Transport::Grpc),
-                    in_flight.count(Transport::Http),
-                );
+                let (grpc, http) = self.state.in_flight.counts();
                 out.push_str(&format!(
                     "\nIn flight: {} (gRPC {grpc}, HTTP {http})",
                     grpc + http

@@ -146,9 +146,10 @@ impl InFlight {
         }
     }
 
-    /// The calls in flight on `transport`.
-    pub fn count(&self, transport: Transport) -> usize {
-        self.0[transport as usize].load(Ordering::SeqCst)
+    /// The calls in flight on gRPC and on HTTP.
+    pub fn counts(&self) -> (usize, usize) {
+        let count = |t: Transport| self.0[t as usize].load(Ordering::SeqCst);
+        (count(Transport::Grpc), count(Transport::Http))
     }
 }
 

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{Api, Caller};
-use crate::server::Transport;
 
 /// `GET /health`: `{"status":"SERVING"}`, or 503 `NOT_SERVING` while draining.
 pub(super) async fn health(State(api): State<Arc<Api>>) -> Response {
@@ -67,10 +66,7 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
             })
         })
         .collect();
-    let (grpc, http) = (
-        state.in_flight.count(Transport::Grpc),
-        state.in_flight.count(Transport::Http),
-    );
+    let (grpc, http) = state.in_flight.counts();
     let p = &caller.principal;
     let mut who = json!({
         "id": p.id,
