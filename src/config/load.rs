@@ -631,10 +631,7 @@ fn extract(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
     }
 }
 
-/// The environment with every provider secret variable given as a file (`OPENAI_API_KEY_FILE=openai`)
-/// read in, checked as `CHATCLI_SERVER_TOKEN_FILE` is: a relative name is looked up in
-/// `$CREDENTIALS_DIRECTORY`, an empty or unreadable file is a problem, and so is a variable given
-/// both ways.
+/// The environment with the provider secrets given as files read in.
 struct SecretEnv {
     /// The process environment with `<NAME>` set to the content of each `<NAME>_FILE`.
     env: HashMap<String, String>,
@@ -642,6 +639,10 @@ struct SecretEnv {
     files: HashMap<&'static str, PathBuf>,
 }
 
+/// Reads every provider secret variable given as a file (`OPENAI_API_KEY_FILE=openai`) as
+/// `CHATCLI_SERVER_TOKEN_FILE` is read: a relative name is looked up in `$CREDENTIALS_DIRECTORY`,
+/// the trailing newline is dropped, an empty or unreadable file is a problem, and so is a variable
+/// given both ways.
 fn read_secret_variable_files(
     env: &HashMap<String, String>,
     problems: &mut Vec<Problem>,
