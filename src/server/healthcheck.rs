@@ -114,6 +114,8 @@ impl Target {
     }
 
     async fn check(&self, timeout: Duration) -> Result<(), String> {
+        // `http://` also over TLS: tonic refuses an `https://` URI without TLS settings of its own,
+        // and its settings cannot trust the server's own certificate; `TlsConnect` does the TLS.
         let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
             .map_err(|e| format!("bad address {}: {e}", self.addr))?
             .connect_timeout(timeout)
