@@ -4,6 +4,13 @@ use std::path::PathBuf;
 
 use protox::prost::Message as _;
 
+/// The messages whose `Debug` is written by hand in `src/proto_debug.rs`.
+const REDACTED_DEBUG: [&str; 3] = [
+    ".chatcli.v1.SendPromptRequest",
+    ".chatcli.v1.StreamPromptRequest",
+    ".chatcli.v1.SessionMessage",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=src/config/types.rs");
@@ -12,6 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("chatcli_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Messages that carry credentials get a hand-written `Debug` that redacts them
+        // (src/proto_debug.rs), so a `{:?}` of a request never prints a caller's key.
+        .skip_debug(REDACTED_DEBUG)
+        // `skip_debug` of a message reaches its nested types too; this enum holds no secret.
+        .type_attribute(".chatcli.v1.SessionMessage.Type", "#[derive(Debug)]")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

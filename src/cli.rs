@@ -58,26 +58,35 @@ pub enum Command {
     Config(ConfigCommand),
     /// Connect to a chatcli server (the client).
     Connect(ConnectArgs),
-    /// Probe the local server's gRPC health (exit 0 when SERVING, 1 otherwise): the image's HEALTHCHECK.
+    /// Probe the local server's gRPC health (exit 0 when SERVING, 1 otherwise): the image's
+    /// HEALTHCHECK. Reads the server's configuration to find its address and TLS settings.
     Healthcheck(HealthcheckArgs),
 }
 
-/// `chatcli healthcheck`
+/// `chatcli healthcheck`: where the server listens and whether it speaks TLS come from the same
+/// configuration and variables the server reads; the flags override them.
 #[derive(Debug, Clone, Args)]
 pub struct HealthcheckArgs {
-    /// Server address (`host:port`).
-    #[arg(
-        long,
-        default_value = "127.0.0.1:50051",
-        env = "CHATCLI_HEALTHCHECK_ADDR"
-    )]
-    pub addr: String,
-    /// Connect with TLS.
+    /// The server's config file (env CHATCLI_CONFIG; default /etc/chatcli/chatcli.toml when present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Server address (`host:port`); default: `server.bind_address` (loopback when it is 0.0.0.0
+    /// or ::) and `server.port` of the configuration.
+    #[arg(long, env = "CHATCLI_HEALTHCHECK_ADDR")]
+    pub addr: Option<String>,
+    /// Connect with TLS even when the configuration sets no `server.tls.cert_file`.
     #[arg(long)]
     pub tls: bool,
-    /// CA certificate for `--tls` (default: the system roots).
+    /// A CA to trust besides the system roots (the server's own certificate from
+    /// `server.tls.cert_file` is always trusted).
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// Client certificate presented when the server requires one (`server.tls.client_ca_file`).
+    #[arg(long, value_name = "FILE", env = "CHATCLI_HEALTHCHECK_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of `--client-cert`.
+    #[arg(long, value_name = "FILE", env = "CHATCLI_HEALTHCHECK_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 5)]
     pub timeout: u64,

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod exit;
 pub mod llm;
+mod proto_debug;
 pub mod reload;
 pub mod server;
 pub mod sessions;

@@ -149,8 +149,8 @@ fn healthcheck(args: &chatcli::cli::HealthcheckArgs) -> i32 {
         }
     };
     match runtime.block_on(server::healthcheck::probe(args)) {
-        Ok(()) => {
-            eprintln!("healthcheck: {} is SERVING", args.addr);
+        Ok(addr) => {
+            eprintln!("healthcheck: {addr} is SERVING");
             0
         }
         Err(why) => {
@@ -224,6 +224,12 @@ fn serve(args: ServerArgs) -> i32 {
             return exit::CANTCREAT;
         }
     };
+    match c.auth_methods() {
+        methods if methods.is_empty() => tracing::warn!(
+            "no authentication is configured: every caller is admin (set a token with --token or CHATCLI_SERVER_TOKEN, [[auth.tokens]], [auth.jwt] keys or a client CA)"
+        ),
+        methods => tracing::info!("authentication: {}", methods.join(", ")),
+    }
     // One worker per CPU the process may run on. With a single CPU (pinned with taskset or a
     // cpuset) work stealing has no one to steal from, so the daemon runs on one thread instead,
     // without the scheduler's cross-thread bookkeeping.

@@ -552,6 +552,8 @@ pub const RELOADABLE: &[&str] = &[
     "limits.max_history_bytes",
     "limits.roles",
     "limits.auth_failures_per_minute",
+    // Read when an interactive session opens: sessions opened after the reload use the new value.
+    "limits.interactive_idle_timeout",
     "llm.default",
     "llm.model",
     "llm.fallback",

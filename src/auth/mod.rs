@@ -96,24 +96,41 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Who this principal is across the server: `<method>:<id>` (`jwt:alice`, `token:team-a`), and
+    /// `jwt@<tenant>:<sub>` for a JWT that names a `tenant_id`, so a JWT `sub` never matches a
+    /// token's name and the same `sub` in two tenants is two principals. In the tenant, `%` and `:`
+    /// are written `%25` and `%3A`: the first `:` after the `@` ends it, so no two (tenant, sub)
+    /// pairs give the same text. Sessions, rate-limit buckets, stream caps and `/updates` events are
+    /// keyed by it.
+    pub fn qualified_id(&self) -> String {
+        let method = self.method.as_str();
+        match &self.tenant_id {
+            None => format!("{method}:{}", self.id),
+            Some(tenant) => format!(
+                "{method}@{}:{}",
+                tenant.replace('%', "%25").replace(':', "%3A"),
+                self.id
+            ),
+        }
+    }
+
     /// The session namespace of this principal. The shared token and no-auth mode use `default`, the
     /// existing ChatCLI's flat sessions folder, so existing files keep working; every other principal
-    /// gets its own, prefixed by its method so a JWT `sub` can never collide with a token's name.
+    /// gets its own, named by its [`Principal::qualified_id`].
     pub fn session_namespace(&self) -> String {
         match self.method {
             AuthMethod::None => "default".into(),
             AuthMethod::Token if self.id == "legacy-token" => "default".into(),
-            m => format!("{}:{}", m.as_str(), self.id),
+            _ => self.qualified_id(),
         }
     }
 
-    /// The name of this principal's rate-limit bucket and stream cap: its method and id, so a JWT
-    /// `sub` can never share a bucket with a token of the same name; callers without auth are told
-    /// apart by their address.
+    /// The name of this principal's rate-limit bucket and stream cap: its
+    /// [`Principal::qualified_id`]; callers without auth are told apart by their address.
     pub fn limit_key(&self, client_ip: Option<std::net::IpAddr>) -> String {
         match (self.method, client_ip) {
             (AuthMethod::None, Some(ip)) => format!("none:{ip}"),
-            (m, _) => format!("{}:{}", m.as_str(), self.id),
+            _ => self.qualified_id(),
         }
     }
 
@@ -423,5 +440,44 @@ mod tests {
             a.authenticate(Some(b"Bearer a.b.c"), None),
             Err(AuthError::Jwt(_))
         ));
+    }
+
+    fn jwt_principal(sub: &str, tenant: Option<&str>) -> Principal {
+        Principal {
+            id: sub.into(),
+            role: Role::User,
+            method: AuthMethod::Jwt,
+            email: None,
+            tenant_id: tenant.map(String::from),
+        }
+    }
+
+    #[test]
+    fn the_tenant_is_part_of_who_a_jwt_principal_is() {
+        let plain = jwt_principal("alice", None);
+        let acme = jwt_principal("alice", Some("acme"));
+        let globex = jwt_principal("alice", Some("globex"));
+        assert_eq!(plain.session_namespace(), "jwt:alice");
+        assert_eq!(acme.session_namespace(), "jwt@acme:alice");
+        assert_eq!(acme.limit_key(None), "jwt@acme:alice");
+        assert_ne!(acme.session_namespace(), globex.session_namespace());
+        assert_ne!(acme.limit_key(None), globex.limit_key(None));
+        // A separator in the tenant or the sub cannot make two pairs look alike.
+        let pairs = [
+            ("a:b", "c"),
+            ("a", "b:c"),
+            ("a%3Ab", "c"),
+            ("a", "%3Ab:c"),
+            ("", "x"),
+        ];
+        let ids: std::collections::HashSet<String> = pairs
+            .iter()
+            .map(|(t, s)| jwt_principal(s, Some(t)).qualified_id())
+            .chain([
+                plain.qualified_id(),
+                jwt_principal("@a:x", None).qualified_id(),
+            ])
+            .collect();
+        assert_eq!(ids.len(), pairs.len() + 2, "{ids:?}");
     }
 }

@@ -85,6 +85,16 @@ const RULES: &[Rule] = &[
     },
 ];
 
+/// The variables that hold a provider's secret: every key variable of [`RULES`], then StackSpot's
+/// client id and key. Each may be given instead as a file named by `<NAME>_FILE` (read by the
+/// loader before the providers are registered).
+pub fn secret_variables() -> impl Iterator<Item = &'static str> {
+    RULES
+        .iter()
+        .flat_map(|r| r.keys.iter().copied())
+        .chain(["CLIENT_ID", "CLIENT_KEY"])
+}
+
 fn get<'a>(env: &'a HashMap<String, String>, names: &[&str]) -> Option<&'a str> {
     names
         .iter()

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use super::types::{Config, Defaults, ProviderConfig};
 use super::values::Secret;
 use super::{Problem, validate};
-use crate::auth::tokens::credential_path;
+use crate::auth::tokens::{credential_path, read_credential};
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone, Default)]
@@ -176,6 +176,8 @@ const OTHER_KNOWN_ENV: &[&str] = &[
     "CHATCLI_DEBUG",
     "CHATCLI_MCP_ENABLED",
     "CHATCLI_HEALTHCHECK_ADDR",
+    "CHATCLI_HEALTHCHECK_CLIENT_CERT",
+    "CHATCLI_HEALTHCHECK_CLIENT_KEY",
     "CHATCLI_DEBUG_OAUTH_TOKEN_URL",
 ];
 
@@ -388,10 +390,11 @@ impl Schema {
 
 /// Loads, merges, extracts and validates the configuration. Every problem is collected.
 pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
-    let env = &sources.env;
     let schema = Schema::new();
     let mut warnings = Vec::new();
     let mut problems = Vec::new();
+    let secrets = read_secret_variable_files(&sources.env, &mut problems);
+    let env = &secrets.env;
 
     let defaults = Defaults::from_env(env);
     let mut figment = Figment::new().merge(defaults_layer(&defaults));
@@ -500,7 +503,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
         .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
 
     config.server.reflection_env = reflection_env;
-    add_env_providers(&mut config, env, &mut warnings);
+    add_env_providers(&mut config, &secrets, &mut warnings);
     read_secret_files(&mut config, &figment, env, &mut problems);
     resolve_tls_files(&mut config, env);
     problems.extend(validate::validate(&config, &figment));
@@ -628,30 +631,91 @@ fn extract(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
     }
 }
 
-/// Registers providers from the existing ChatCLI's variables and applies `<PROVIDER>_MODEL` and
-/// `CHATCLI_FALLBACK_MODEL_<PROVIDER>`.
-fn add_env_providers(
-    config: &mut Config,
+/// The environment with the provider secrets given as files read in.
+struct SecretEnv {
+    /// The process environment with `<NAME>` set to the content of each `<NAME>_FILE`.
+    env: HashMap<String, String>,
+    /// `<NAME>` → the file it was read from.
+    files: HashMap<&'static str, PathBuf>,
+}
+
+/// Reads every provider secret variable given as a file (`OPENAI_API_KEY_FILE=openai`) as
+/// `CHATCLI_SERVER_TOKEN_FILE` is read: a relative name is looked up in `$CREDENTIALS_DIRECTORY`,
+/// the trailing newline is dropped, an empty or unreadable file is a problem, and so is a variable
+/// given both ways.
+fn read_secret_variable_files(
     env: &HashMap<String, String>,
-    warnings: &mut Vec<String>,
-) {
+    problems: &mut Vec<Problem>,
+) -> SecretEnv {
+    let creds = credentials_dir(env);
+    let set = |name: &str| env.get(name).filter(|v| !v.trim().is_empty());
+    let mut out = SecretEnv {
+        env: env.clone(),
+        files: HashMap::new(),
+    };
+    for name in super::env_providers::secret_variables() {
+        let file_var = format!("{name}_FILE");
+        let Some(file) = set(&file_var) else { continue };
+        let origin = format!("env {file_var}");
+        if set(name).is_some() {
+            problems.push(Problem::new(
+                "",
+                &origin,
+                &format!("both {name} and {file_var} are set; keep one"),
+            ));
+            continue;
+        }
+        let path = credential_path(Path::new(file), creds.as_deref());
+        match read_credential(&path) {
+            Ok(secret) => {
+                out.env.insert(name.to_string(), secret);
+                out.files.insert(name, path);
+            }
+            Err(why) => problems.push(Problem::new("", &origin, &why)),
+        }
+    }
+    out
+}
+
+/// Registers providers from the existing ChatCLI's variables and applies `<PROVIDER>_MODEL` and
+/// `CHATCLI_FALLBACK_MODEL_<PROVIDER>`. A key that came from a `<NAME>_FILE` variable becomes the
+/// provider's `api_key_file` (`client_key_file` for StackSpot), so it is read, and watched for
+/// rotation, like every other key file.
+fn add_env_providers(config: &mut Config, secrets: &SecretEnv, warnings: &mut Vec<String>) {
+    let env = &secrets.env;
     for p in &mut config.llm.providers {
         if p.model.is_none() {
             p.model = super::env_providers::model_for(env, &p.name);
         }
     }
-    for (p, var) in super::env_providers::from_env(env) {
+    for (mut p, var) in super::env_providers::from_env(env) {
         if config
             .llm
             .providers
             .iter()
             .any(|q| q.name.eq_ignore_ascii_case(&p.name))
         {
+            let var = match secrets.files.contains_key(var) {
+                true => format!("{var}_FILE"),
+                false => var.to_string(),
+            };
             warnings.push(format!(
                 "{var} is set but provider `{}` is configured in the file; the file wins",
                 p.name
             ));
             continue;
+        }
+        if let Some(file) = secrets.files.get(var)
+            && p.api_key.is_some()
+        {
+            p.api_key = None;
+            p.api_key_file = Some(file.clone());
+        }
+        if let Some(file) = secrets.files.get("CLIENT_KEY")
+            && p.client_key.is_some()
+        {
+            p.client_key = None;
+            p.client_key_file = Some(file.clone());
         }
         config.llm.providers.push(p);
     }
@@ -711,19 +775,9 @@ fn read_secret_files(
                 ));
                 return;
             }
-            let path = credential_path(file, creds.as_deref());
-            match std::fs::read_to_string(&path) {
-                Ok(text) if text.trim().is_empty() => problems.push(Problem::new(
-                    file_key,
-                    &origin,
-                    &format!("{} is empty", path.display()),
-                )),
-                Ok(text) => *secret = Some(Secret::new(text.trim_end_matches(['\n', '\r']))),
-                Err(e) => problems.push(Problem::new(
-                    file_key,
-                    &origin,
-                    &format!("cannot read {}: {e}", path.display()),
-                )),
+            match read_credential(&credential_path(file, creds.as_deref())) {
+                Ok(text) => *secret = Some(Secret::new(text)),
+                Err(why) => problems.push(Problem::new(file_key, &origin, &why)),
             }
         };
     let token_file = config.auth.token_file.clone();

@@ -197,6 +197,100 @@ fn secrets_are_read_from_files() {
 }
 
 #[test]
+fn every_provider_secret_variable_has_a_file_twin() {
+    let d = tempfile::tempdir().unwrap();
+    let names: Vec<&str> = super::env_providers::secret_variables().collect();
+    for must in [
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "GOOGLEAI_API_KEY",
+        "XAI_API_KEY",
+        "OPENROUTER_API_KEY",
+        "GITHUB_COPILOT_TOKEN",
+        "CLIENT_ID",
+        "CLIENT_KEY",
+    ] {
+        assert!(names.contains(&must), "{must} is not in {names:?}");
+    }
+    for name in names.iter().filter(|n| !n.starts_with("CLIENT_")) {
+        // A relative name is looked up in systemd's credentials directory.
+        write(d.path(), name, &format!("secret-of-{name}\n"));
+        let file_var = format!("{name}_FILE");
+        let env = [
+            ("CREDENTIALS_DIRECTORY", d.path().to_str().unwrap()),
+            (file_var.as_str(), *name),
+        ];
+        let l = load(&sources(&env, None, vec![])).unwrap();
+        let keys: Vec<Option<&str>> = l
+            .config
+            .llm
+            .providers
+            .iter()
+            .map(|p| p.api_key.as_ref().map(Secret::expose))
+            .collect();
+        let expected = format!("secret-of-{name}");
+        assert_eq!(keys, vec![Some(expected.as_str())], "{file_var}");
+        // It is the provider's key file, which a reload re-reads and the reloader watches.
+        assert_eq!(
+            l.config.llm.providers[0].api_key_file,
+            Some(d.path().join(name)),
+            "{file_var}"
+        );
+    }
+    // StackSpot's id and key, here as absolute paths.
+    let id = write(d.path(), "ss-id", "client-id-1\n");
+    let key = write(d.path(), "ss-key", "client-key-1\n");
+    let env = [
+        ("CLIENT_ID_FILE", id.to_str().unwrap()),
+        ("CLIENT_KEY_FILE", key.to_str().unwrap()),
+    ];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    let p = &l.config.llm.providers[0];
+    assert_eq!(p.name, "STACKSPOT");
+    assert_eq!(p.client_id.as_deref(), Some("client-id-1"));
+    assert_eq!(
+        p.client_key.as_ref().map(Secret::expose),
+        Some("client-key-1")
+    );
+    assert_eq!(p.client_key_file.as_deref(), Some(key.as_path()));
+}
+
+#[test]
+fn a_secret_variable_and_its_file_twin_cannot_both_be_set() {
+    let d = tempfile::tempdir().unwrap();
+    let key = write(d.path(), "openai", "sk-file");
+    let env = [
+        ("OPENAI_API_KEY", "sk-env"),
+        ("OPENAI_API_KEY_FILE", key.to_str().unwrap()),
+    ];
+    let p = problems(&sources(&env, None, vec![]));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].origin, "env OPENAI_API_KEY_FILE");
+    assert!(
+        p[0].message
+            .contains("OPENAI_API_KEY and OPENAI_API_KEY_FILE"),
+        "{}",
+        p[0]
+    );
+
+    let env = [("XAI_API_KEY_FILE", "/nonexistent/xai")];
+    let p = problems(&sources(&env, None, vec![]));
+    assert_eq!(p[0].origin, "env XAI_API_KEY_FILE");
+    assert!(
+        p[0].message.contains("cannot read /nonexistent/xai"),
+        "{}",
+        p[0]
+    );
+    let empty = write(d.path(), "empty", "\n");
+    let env = [("XAI_API_KEY_FILE", empty.to_str().unwrap())];
+    assert!(
+        problems(&sources(&env, None, vec![]))[0]
+            .message
+            .contains("is empty")
+    );
+}
+
+#[test]
 fn relative_tls_files_are_looked_up_in_the_credentials_directory() {
     let d = tempfile::tempdir().unwrap();
     let creds = d.path().to_str().unwrap();
@@ -377,6 +471,36 @@ fn compatible_values_are_converted() {
     );
     assert!(l.config.server.reflection_env);
     assert!(!l.config.server.reflection);
+}
+
+#[test]
+fn the_interactive_idle_timeout_comes_from_the_file_or_its_variable() {
+    let l = load(&sources(&[], None, vec![])).unwrap();
+    assert_eq!(
+        l.config.limits.interactive_idle_timeout,
+        std::time::Duration::from_secs(15 * 60)
+    );
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[limits]\ninteractive_idle_timeout = \"2m\"\n",
+    );
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.limits.interactive_idle_timeout,
+        std::time::Duration::from_secs(120)
+    );
+    let env = [("CHATCLI_LIMITS__INTERACTIVE_IDLE_TIMEOUT", "90s")];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.limits.interactive_idle_timeout,
+        std::time::Duration::from_secs(90)
+    );
+    assert_eq!(
+        origin(&l.figment, "limits.interactive_idle_timeout"),
+        "env CHATCLI_LIMITS__INTERACTIVE_IDLE_TIMEOUT"
+    );
 }
 
 #[test]

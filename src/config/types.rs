@@ -88,6 +88,31 @@ impl Config {
         c.state.data_dir = d.data_dir.clone();
         c
     }
+
+    /// The ways a caller can authenticate under this config, by name (`shared token`,
+    /// `named tokens`, `jwt`, `mtls`); empty when every caller is let in as admin.
+    pub fn auth_methods(&self) -> Vec<&'static str> {
+        let auth = &self.auth;
+        let jwt = &auth.jwt;
+        [
+            (
+                auth.token.is_some() || auth.token_file.is_some(),
+                "shared token",
+            ),
+            (!auth.tokens.is_empty(), "named tokens"),
+            (
+                jwt.secret.is_some()
+                    || jwt.secret_file.is_some()
+                    || jwt.public_key_file.is_some()
+                    || jwt.jwks_file.is_some(),
+                "jwt",
+            ),
+            (self.server.tls.client_ca_file.is_some(), "mtls"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
 }
 
 impl Default for Config {
@@ -324,10 +349,17 @@ pub struct LimitsConfig {
     pub rate_limit_burst: u32,
     /// Largest prompt accepted, in bytes.
     pub max_prompt_bytes: usize,
-    /// Most history messages accepted with one prompt.
+    /// Most history messages accepted with one prompt; an interactive session keeps at most this
+    /// many, dropping its oldest turns first.
     pub max_history_messages: usize,
-    /// Most history bytes (all contents together) accepted with one prompt.
+    /// Most history bytes (all contents together) accepted with one prompt; an interactive session
+    /// keeps at most this many, dropping its oldest turns first.
     pub max_history_bytes: usize,
+    /// An InteractiveSession stream with no message from its client for this long is closed
+    /// (`DEADLINE_EXCEEDED`), freeing its stream slot and its history; the time the server spends
+    /// answering does not count. `0` = never (`CHATCLI_LIMITS__INTERACTIVE_IDLE_TIMEOUT`).
+    #[serde(with = "duration_str")]
+    pub interactive_idle_timeout: Duration,
     /// Rate limit per role, overriding the default (`[limits.roles.readonly] rate_limit_rps = 1`).
     pub roles: std::collections::BTreeMap<crate::auth::Role, RoleLimits>,
     /// Concurrent streams one principal may hold open (0 = no cap beyond the per-connection limit).
@@ -354,6 +386,7 @@ impl Default for LimitsConfig {
             max_prompt_bytes: 524_288,
             max_history_messages: 1000,
             max_history_bytes: 8 * 1024 * 1024,
+            interactive_idle_timeout: Duration::from_secs(15 * 60),
             roles: Default::default(),
             max_streams_per_principal: 32,
             auth_failures_per_minute: 5,

@@ -63,13 +63,7 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
         );
     }
     let auth = &config.auth;
-    let any_auth = auth.token.is_some()
-        || auth.token_file.is_some()
-        || !auth.tokens.is_empty()
-        || auth.jwt.secret.is_some()
-        || auth.jwt.public_key_file.is_some()
-        || auth.jwt.jwks_file.is_some()
-        || tls.client_ca_file.is_some();
+    let any_auth = !config.auth_methods().is_empty();
     if !any_auth && !s.bind_address.is_loopback() && !s.allow_no_auth {
         bad(
             "server.bind_address",

@@ -64,6 +64,9 @@ pub struct AuditRecord {
     pub request_id: String,
     /// The principal's id; `"anonymous"` when the call was not authenticated.
     pub principal: String,
+    /// The JWT `tenant_id` of the principal; left out when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// `none`, `token`, `jwt`, `mtls`, or `failed` when authentication was attempted and failed.
     pub auth_method: String,
     /// IP and port of the peer.
@@ -571,6 +574,7 @@ mod tests {
             timestamp: now_rfc3339(),
             request_id: id.to_owned(),
             principal: "alice".into(),
+            tenant: None,
             auth_method: "jwt".into(),
             client_addr: "127.0.0.1:50000".into(),
             method: "/chatcli.v1.ChatCLIService/SendPrompt".into(),

@@ -32,9 +32,10 @@ pub struct Update {
     pub owner: String,
 }
 
-/// The key that tells principals apart: the method keeps a JWT `sub` from matching a token name.
+/// The key that tells principals apart ([`Principal::qualified_id`]): the method keeps a JWT `sub`
+/// from matching a token name, the tenant keeps one tenant's `sub` from matching another's.
 pub fn owner_key(p: &Principal) -> String {
-    format!("{}:{}", p.method.as_str(), p.id)
+    p.qualified_id()
 }
 
 /// Which events a subscriber receives.

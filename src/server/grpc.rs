@@ -8,7 +8,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{AppState, Prepared};
+use super::{AppState, Prepared, Transport};
 use crate::auth::Principal;
 use crate::llm::fallback::Answer;
 use crate::llm::gateway::{self, PromptCall};
@@ -190,7 +190,10 @@ pub(super) fn validate_history(history: &[ChatMessage], prepared: &Prepared) -> 
             limits.max_history_messages
         )));
     }
-    let bytes: usize = history.iter().map(|m| m.content.len() + m.role.len()).sum();
+    let bytes: usize = history
+        .iter()
+        .map(|m| history_bytes(&m.role, &m.content))
+        .sum();
     if bytes > limits.max_history_bytes {
         return Err(Status::invalid_argument(format!(
             "validation: history is {bytes} bytes; the limit is {}",
@@ -198,6 +201,34 @@ pub(super) fn validate_history(history: &[ChatMessage], prepared: &Prepared) -> 
         )));
     }
     Ok(())
+}
+
+/// What one history message counts against `limits.max_history_bytes`.
+fn history_bytes(role: &str, content: &str) -> usize {
+    role.len() + content.len()
+}
+
+/// Drops the oldest turns (a user message and its answer) of an interactive session's history
+/// until it fits the bounds a prompt's history has (`limits.max_history_messages` and
+/// `limits.max_history_bytes`, counted as [`validate_history`] counts); returns how many messages
+/// were dropped.
+fn trim_history(history: &mut Vec<Message>, limits: &crate::config::LimitsConfig) -> usize {
+    let size = |m: &Message| history_bytes(&m.role, &m.content);
+    let mut bytes: usize = history.iter().map(size).sum();
+    let mut dropped = 0;
+    while dropped < history.len()
+        && (history.len() - dropped > limits.max_history_messages
+            || bytes > limits.max_history_bytes)
+    {
+        let turn = (history.len() - dropped).min(2);
+        bytes -= history[dropped..dropped + turn]
+            .iter()
+            .map(size)
+            .sum::<usize>();
+        dropped += turn;
+    }
+    history.drain(..dropped);
+    dropped
 }
 
 fn waits_for(rpc: &str, capability: &str) -> Status {
@@ -315,9 +346,27 @@ fn session_reply(
     }
 }
 
+/// The answer to an interactive message refused by the rate limit; the stream stays open.
+fn rate_limited_reply(who: &Principal, wait: std::time::Duration) -> SessionMessage {
+    let secs = wait.as_secs().max(1);
+    tracing::debug!(principal = %who.id, retry_after = secs, "interactive message rate limited");
+    session_reply(
+        session_message::Type::Error,
+        format!("rate limit exceeded, retry after {secs} seconds"),
+        [
+            ("code".to_string(), "rate_limited".to_string()),
+            ("retry_after".to_string(), secs.to_string()),
+        ]
+        .into_iter()
+        .collect(),
+    )
+}
+
 impl ChatCliGrpc {
     /// One USER_INPUT turn: the history gains the user turn and the answer only when the call
-    /// succeeds, so a failed turn leaves no orphan message.
+    /// succeeds, so a failed turn leaves no orphan message. The history is then trimmed to the
+    /// bounds of a prompt's history, oldest turns first; the reply's `history_trimmed` metadata
+    /// says how many messages went.
     async fn session_turn(
         &self,
         prepared: &Prepared,
@@ -363,12 +412,21 @@ impl ChatCliGrpc {
                     role: "assistant".into(),
                     content: text.clone(),
                 });
-                let metadata = [
+                let mut metadata: std::collections::HashMap<String, String> = [
                     ("model".to_string(), answer.model),
                     ("provider".to_string(), answer.provider),
                 ]
                 .into_iter()
                 .collect();
+                let trimmed = trim_history(history, &prepared.config.limits);
+                if trimmed > 0 {
+                    tracing::debug!(
+                        trimmed,
+                        kept = history.len(),
+                        "interactive session history trimmed"
+                    );
+                    metadata.insert("history_trimmed".into(), trimmed.to_string());
+                }
                 session_reply(Type::AssistantResponse, text, metadata)
             }
             Err(e) => session_reply(Type::Error, e.to_string(), Default::default()),
@@ -422,6 +480,11 @@ impl ChatCliGrpc {
                         ));
                     }
                 }
+                let (grpc, http) = self.state.in_flight.counts();
+                out.push_str(&format!(
+                    "\nIn flight: {} (gRPC {grpc}, HTTP {http})",
+                    grpc + http
+                ));
                 for cd in self.state.cooldowns.snapshot() {
                     out.push_str(&format!(
                         "\nCooldown: {} for {}s after {} failure(s) ({})",
@@ -525,6 +588,7 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<SendPromptRequest>,
     ) -> Result<Response<SendPromptResponse>, Status> {
+        let _busy = self.state.in_flight.enter(Transport::Grpc);
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
@@ -548,6 +612,7 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<StreamPromptRequest>,
     ) -> Result<Response<Self::StreamPromptStream>, Status> {
+        let busy = self.state.in_flight.enter(Transport::Grpc);
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
@@ -577,6 +642,7 @@ impl ChatCliService for ChatCliGrpc {
         };
         let out = async_stream::stream! {
             let _slot = slot;
+            let _busy = busy;
             while let Some(item) = upstream.next().await {
                 match item {
                     Ok(Delta::Text(chunk)) if chunk.is_empty() => {}
@@ -603,36 +669,68 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<tonic::Streaming<SessionMessage>>,
     ) -> Result<Response<Self::InteractiveSessionStream>, Status> {
+        use session_message::Type;
+        let busy = self.state.in_flight.enter(Transport::Grpc);
         let prepared = snapshot(&self.state, &request);
         let slot = self.stream_slot(&request)?;
         let who = principal(&request);
+        let limit_key = context(&request)
+            .and_then(|c| c.limit_key.clone())
+            .unwrap_or_else(|| who.limit_key(None));
+        let idle = prepared.config.limits.interactive_idle_timeout;
         let mut inbound = request.into_inner();
         let this = self.clone();
         let method = "/chatcli.v1.ChatCLIService/InteractiveSession";
         let out = async_stream::stream! {
             let _slot = slot;
+            let _busy = busy;
             let _active = this.state.metrics.as_ref().map(|m| m.session_started());
             let mut history: Vec<Message> = Vec::new();
             loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(status) => {
+                // Only the wait for the client's next message counts as idle, never a turn
+                // being answered.
+                let next = match idle.is_zero() {
+                    true => Ok(inbound.message().await),
+                    false => tokio::time::timeout(idle, inbound.message()).await,
+                };
+                let msg = match next {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(status)) => {
                         tracing::debug!(%status, "interactive session ended by the client");
+                        break;
+                    }
+                    Err(_) => {
+                        let idle = crate::config::values::format_duration(idle);
+                        tracing::info!(principal = %who.id, %idle, "closing an idle interactive session");
+                        yield Err(Status::deadline_exceeded(format!(
+                            "interactive session closed: no message for {idle} (limits.interactive_idle_timeout)"
+                        )));
                         break;
                     }
                 };
                 if let Some(m) = &this.state.metrics {
                     m.stream_message_received(method);
                 }
-                let reply = match session_message::Type::try_from(msg.r#type) {
-                    Ok(session_message::Type::UserInput) => this.session_turn(&prepared, &mut history, msg).await,
-                    Ok(session_message::Type::Command) => session_reply(
-                        session_message::Type::CommandResult,
+                let kind = Type::try_from(msg.r#type);
+                // Every message the server answers is a call against the caller's rate limit, in
+                // the bucket its other calls use (the current snapshot's, which a reload
+                // replaces), not only the call that opened the stream.
+                let refused = match kind {
+                    Ok(Type::UserInput | Type::Command) => {
+                        this.state.prepared().rate_limits.check_as(&who, &limit_key).err()
+                    }
+                    _ => None,
+                };
+                let reply = match (kind, refused) {
+                    (_, Some(wait)) => rate_limited_reply(&who, wait),
+                    (Ok(Type::UserInput), None) => this.session_turn(&prepared, &mut history, msg).await,
+                    (Ok(Type::Command), None) => session_reply(
+                        Type::CommandResult,
                         this.command(&prepared, &who, &msg.content).await,
                         Default::default(),
                     ),
-                    other => {
+                    (other, None) => {
                         tracing::debug!(kind = ?other, "ignored interactive message type");
                         continue;
                     }

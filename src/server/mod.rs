@@ -21,7 +21,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-pub use state::{AppState, Prepared, check_exposure, preflight};
+pub use state::{
+    AppState, InFlight, InFlightGuard, Prepared, Transport, check_exposure, preflight,
+};
 
 /// The sockets the server serves, bound by the caller.
 #[derive(Debug)]
@@ -151,11 +153,6 @@ pub async fn run_with(
         options.audit,
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
-    if !state.prepared().auth.enabled() {
-        tracing::warn!(
-            "no authentication is configured: every caller is admin (set a token, named tokens, JWT keys or a client CA)"
-        );
-    }
     // Before the config watcher starts, so that a reload changing the TLS paths finds the TLS
     // watcher to point at them.
     if let Some(acceptor) = &state.tls {

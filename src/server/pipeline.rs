@@ -628,15 +628,16 @@ impl PendingAudit {
         } else {
             AuditResult::Error
         };
-        let (principal, auth_method) = match (&notes.principal, notes.auth_failed) {
-            (_, true) => ("anonymous".to_string(), "failed".to_string()),
-            (Some(p), false) => (p.id.clone(), p.method.as_str().to_string()),
-            (None, false) => ("anonymous".to_string(), "none".to_string()),
+        let (principal, tenant, auth_method) = match (notes.principal, notes.auth_failed) {
+            (_, true) => ("anonymous".to_string(), None, "failed".to_string()),
+            (Some(p), false) => (p.id, p.tenant_id, p.method.as_str().to_string()),
+            (None, false) => ("anonymous".to_string(), None, "none".to_string()),
         };
         self.audit.log(AuditRecord {
             timestamp: super::audit::now_rfc3339(),
             request_id: std::mem::take(&mut self.request_id),
             principal,
+            tenant,
             auth_method,
             client_addr: std::mem::take(&mut self.client_addr),
             method: std::mem::take(&mut self.method),

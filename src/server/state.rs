@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -136,6 +136,54 @@ pub struct AppState {
     pub started: Instant,
     /// The events of `/request` calls, for `GET /updates`.
     pub events: super::events::EventBus,
+    /// Prompt calls being answered on each transport, for `/status`.
+    pub in_flight: InFlight,
+}
+
+/// The transport a call came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// gRPC (`SendPrompt`, `StreamPrompt`, `InteractiveSession`).
+    Grpc,
+    /// HTTP (`/v1/chat/completions`, `/request`).
+    Http,
+}
+
+/// Prompt calls being answered, per transport: a unary call until it returns, a stream (an
+/// interactive session included) until it ends. Both transports count here, so `/status` over
+/// either one shows the load of both.
+#[derive(Debug, Default)]
+pub struct InFlight(Arc<[AtomicUsize; 2]>);
+
+/// One call counted in [`InFlight`] until this is dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    counts: Arc<[AtomicUsize; 2]>,
+    slot: usize,
+}
+
+impl InFlight {
+    /// Counts a call on `transport` until the guard is dropped.
+    pub fn enter(&self, transport: Transport) -> InFlightGuard {
+        let slot = transport as usize;
+        self.0[slot].fetch_add(1, Ordering::SeqCst);
+        InFlightGuard {
+            counts: self.0.clone(),
+            slot,
+        }
+    }
+
+    /// The calls in flight on gRPC and on HTTP.
+    pub fn counts(&self) -> (usize, usize) {
+        let count = |t: Transport| self.0[t as usize].load(Ordering::SeqCst);
+        (count(Transport::Grpc), count(Transport::Http))
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.counts[self.slot].fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AppState {
@@ -205,6 +253,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             started: Instant::now(),
             events: super::events::EventBus::default(),
+            in_flight: InFlight::default(),
         })
     }
 

@@ -23,6 +23,11 @@
 //! and keep the folder name non-empty for the empty id. A default-principal session named
 //! `principals` is the file `principals.json` and never collides with the folder.
 //!
+//! The principal the server passes is the caller's session namespace
+//! ([`crate::auth::Principal::session_namespace`]): `default` for the shared token and no-auth mode,
+//! else the method and id (`jwt:alice`, `token:team-a`), with the tenant for a JWT that names one
+//! (`jwt@acme:alice`), so the same subject in two tenants has two folders.
+//!
 //! The file format is described in `format.rs`; the durable write in `fsio.rs`.
 
 mod convert;

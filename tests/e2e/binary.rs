@@ -13,8 +13,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
-    BearerToken, BinaryServer, HANG_GUARD, chatcli_command, collect_stream, connect, demo_config,
-    list_services, stream_request,
+    BearerToken, BinaryServer, HANG_GUARD, TestCa, chatcli_command, collect_stream, connect,
+    demo_config, list_services, sha256_hex, stream_request,
 };
 
 /// `chatcli` with a controlled environment, as an assert_cmd command bounded by [`HANG_GUARD`].
@@ -500,4 +500,79 @@ async fn an_inherited_non_loopback_socket_needs_authentication() {
         server.addr,
         std::net::SocketAddr::from(([0, 0, 0, 0], port))
     );
+}
+
+#[tokio::test]
+async fn the_no_auth_warning_is_printed_exactly_when_no_method_is_configured() {
+    const WARNING: &str = "no authentication is configured";
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("auth warning CA");
+    let pair = ca.server_cert(&[0x07]);
+    let (cert, key, client_ca) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("client-ca.pem"),
+    );
+    std::fs::write(&cert, &pair.cert_pem).unwrap();
+    std::fs::write(&key, &pair.key_pem).unwrap();
+    std::fs::write(&client_ca, &ca.ca_pem).unwrap();
+    let tls = format!(
+        "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let echo = "[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n";
+    // (what, extra config, environment, the method the start-up line names)
+    type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        ("nothing", String::new(), &[], None),
+        ("TLS without a client CA", tls.clone(), &[], None),
+        (
+            "the shared token",
+            String::new(),
+            &[("CHATCLI_SERVER_TOKEN", "warning-test-token")],
+            Some("shared token"),
+        ),
+        (
+            "named tokens",
+            format!(
+                "[[auth.tokens]]\nname = \"team\"\nsha256 = \"{}\"\n",
+                sha256_hex("team-token")
+            ),
+            &[],
+            Some("named tokens"),
+        ),
+        (
+            "a JWT secret",
+            "[auth.jwt]\nsecret = \"warning-test-jwt-secret-0123456789abcdef\"\n".into(),
+            &[],
+            Some("jwt"),
+        ),
+        (
+            "mTLS",
+            format!(
+                "{tls}client_ca_file = {:?}\n",
+                client_ca.display().to_string()
+            ),
+            &[],
+            Some("mtls"),
+        ),
+    ];
+    for (what, extra, env, method) in cases {
+        let path = dir.path().join("chatcli.toml");
+        std::fs::write(&path, format!("{extra}\n{echo}")).unwrap();
+        let server = BinaryServer::start_with_env(&path, &[], env);
+        let log = server.stderr();
+        assert_eq!(
+            log.contains(WARNING),
+            method.is_none(),
+            "{what}: the warning must be printed exactly without any method; stderr:\n{log}"
+        );
+        if let Some(m) = method {
+            assert!(
+                log.contains(&format!("authentication: {m}")),
+                "{what}: the start-up line names {m}; stderr:\n{log}"
+            );
+        }
+    }
 }

@@ -315,3 +315,223 @@ async fn closing_the_client_side_ends_the_call_ok() {
     drop(session);
     s.shutdown().await;
 }
+
+/// The `In flight:` line of a `/status` command's answer.
+fn in_flight_line(status: &str) -> String {
+    status
+        .lines()
+        .find(|l| l.starts_with("In flight:"))
+        .unwrap_or_else(|| panic!("no in-flight line:\n{status}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn status_counts_the_calls_in_flight_on_both_transports() {
+    use futures::StreamExt;
+    // Ten words a second: the HTTP stream below stays open until the test drops it.
+    let config = crate::support::echo_config_with_delay(Some(Duration::from_millis(100)));
+    let s = TestServer::start_with(config).await;
+    let http = crate::support::http_client();
+    let http_status = || async {
+        http.get(s.url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+
+    // An interactive session held open is a gRPC call in flight, and HTTP /status says so.
+    let mut session = Session::open(&s).await;
+    assert_eq!(
+        in_flight_line(&session.command("/status").await),
+        "In flight: 1 (gRPC 1, HTTP 0)"
+    );
+    let st = http_status().await;
+    assert_eq!(
+        st["in_flight"],
+        serde_json::json!({"grpc": 1, "http": 0}),
+        "{st}"
+    );
+    assert_eq!(st["requests_in_flight"], 1, "{st}");
+
+    // An HTTP stream held open shows in the gRPC session's /status.
+    let words = vec!["word"; 600].join(" ");
+    let resp = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "stream": true,
+            "messages": [{"role": "user", "content": words}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{resp:?}");
+    let mut body = resp.bytes_stream();
+    within(REPLY, "the first SSE chunk", body.next())
+        .await
+        .expect("the HTTP stream ended at once")
+        .unwrap();
+    assert_eq!(
+        in_flight_line(&session.command("/status").await),
+        "In flight: 2 (gRPC 1, HTTP 1)"
+    );
+    let st = http_status().await;
+    assert_eq!(
+        st["in_flight"],
+        serde_json::json!({"grpc": 1, "http": 1}),
+        "{st}"
+    );
+
+    // Each call leaves the count when it ends.
+    drop(body);
+    let deadline = std::time::Instant::now() + crate::support::HANG_GUARD;
+    while in_flight_line(&session.command("/status").await) != "In flight: 1 (gRPC 1, HTTP 0)" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HTTP stream never left the count"
+        );
+        // Each /status is a call against the rate limit: poll well under its default rate.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(session);
+    crate::support::eventually("the session to leave the count", || async {
+        let st = http_status().await;
+        (st["in_flight"] == serde_json::json!({"grpc": 0, "http": 0})).then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_turn_counts_against_the_rate_limit_and_a_refusal_keeps_the_stream() {
+    let fake = openai_fake().await;
+    fake.push(Reply::text("answer one"));
+    fake.push(Reply::text("answer two"));
+    let mut config = config(&fake);
+    // Three calls, then none for a long while: opening the stream is one, each turn another.
+    config.limits.rate_limit_rps = 0.001;
+    config.limits.rate_limit_burst = 3;
+    let s = TestServer::start_with(config).await;
+    let mut session = Session::open(&s).await;
+    assert_eq!(session.say("one").await.r#type(), Type::AssistantResponse);
+    assert_eq!(session.say("two").await.r#type(), Type::AssistantResponse);
+
+    let refused = session.say("three").await;
+    assert_eq!(refused.r#type(), Type::Error, "{refused:?}");
+    assert!(
+        refused
+            .content
+            .starts_with("rate limit exceeded, retry after"),
+        "{refused:?}"
+    );
+    assert_eq!(meta(&refused, "code"), "rate_limited");
+    assert!(
+        meta(&refused, "retry_after").parse::<u64>().unwrap() >= 1,
+        "{refused:?}"
+    );
+    // The stream stays open and keeps answering, commands included, each one refused too.
+    let again = session.ask(Type::Command, "/status", &[]).await;
+    assert_eq!(again.r#type(), Type::Error, "{again:?}");
+    assert_eq!(meta(&again, "code"), "rate_limited");
+    let again = session.say("four").await;
+    assert_eq!(again.r#type(), Type::Error, "{again:?}");
+    assert_eq!(
+        fake.requests().len(),
+        2,
+        "a refused turn reached the upstream"
+    );
+    drop(session);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_session_history_is_bounded_like_a_prompts_history() {
+    // By message count: four messages are two turns.
+    let fake = openai_fake().await;
+    for n in ["one", "two", "three", "four"] {
+        fake.push(Reply::text(&format!("answer {n}")));
+    }
+    let mut bounded = config(&fake);
+    bounded.limits.max_history_messages = 4;
+    let s = TestServer::start_with(bounded).await;
+    let mut session = Session::open(&s).await;
+    for n in ["one", "two"] {
+        let r = session.say(n).await;
+        assert_eq!(r.r#type(), Type::AssistantResponse, "{r:?}");
+        assert!(!r.metadata.contains_key("history_trimmed"), "{r:?}");
+    }
+    let r = session.say("three").await;
+    assert_eq!(r.r#type(), Type::AssistantResponse, "{r:?}");
+    assert_eq!(meta(&r, "history_trimmed"), "2", "{r:?}");
+    session.say("four").await;
+    assert_eq!(
+        turns(&fake.requests()[3]),
+        pairs(&[
+            ("user", "two"),
+            ("assistant", "answer two"),
+            ("user", "three"),
+            ("assistant", "answer three"),
+            ("user", "four")
+        ]),
+        "the oldest turn goes first"
+    );
+    drop(session);
+    s.shutdown().await;
+
+    // By bytes: a turn here is 26 bytes (roles and contents), so 40 bytes keep one.
+    let fake = openai_fake().await;
+    for n in ["one", "two", "six"] {
+        fake.push(Reply::text(&format!("answer {n}")));
+    }
+    let mut bounded = config(&fake);
+    bounded.limits.max_history_bytes = 40;
+    let s = TestServer::start_with(bounded).await;
+    let mut session = Session::open(&s).await;
+    assert!(
+        !session
+            .say("one")
+            .await
+            .metadata
+            .contains_key("history_trimmed")
+    );
+    assert_eq!(meta(&session.say("two").await, "history_trimmed"), "2");
+    session.say("six").await;
+    assert_eq!(
+        turns(&fake.requests()[2]),
+        pairs(&[
+            ("user", "two"),
+            ("assistant", "answer two"),
+            ("user", "six")
+        ])
+    );
+    drop(session);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_session_is_closed_but_a_slow_answer_is_not_idleness() {
+    let mut config = crate::support::echo_config_with_delay(Some(Duration::from_millis(100)));
+    config.limits.interactive_idle_timeout = Duration::from_secs(1);
+    let s = TestServer::start_with(config).await;
+    let mut session = Session::open(&s).await;
+    // The answer takes longer than the idle timeout (a word every 100 ms); the server's own time
+    // does not count.
+    let words = vec!["word"; 15].join(" ");
+    let r = session.say(&words).await;
+    assert_eq!(r.r#type(), Type::AssistantResponse, "{r:?}");
+    assert_eq!(r.content, words);
+
+    let end = tokio::time::timeout(REPLY, session.replies.message())
+        .await
+        .expect("an idle session was never closed");
+    let status = end.expect_err("the idle session must end with a status");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("limits.interactive_idle_timeout"),
+        "{status:?}"
+    );
+    drop(session);
+    s.shutdown().await;
+}

@@ -24,8 +24,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::support::{
-    BinaryServer, HANG_GUARD, TestServer, collect_stream, connect, metrics_with_lines, openai_fake,
-    openai_provider, python_interpreter, upstream_provider, within,
+    BinaryServer, HANG_GUARD, TestServer, chatcli_command, collect_stream, connect,
+    metrics_with_lines, openai_fake, openai_provider, python_interpreter, upstream_provider,
+    within, write_atomically,
 };
 
 /// How long a test waits for a message that must already be on its way.
@@ -593,6 +594,101 @@ async fn providers_register_from_the_chatcli_environment() {
     );
     let log = server.stderr();
     assert!(!log.contains("sk-env"), "the key is in the log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provider_keys_come_from_files_named_by_file_variables() {
+    let openai = openai_fake().await;
+    let anthropic = FakeUpstream::start(AnthropicFormat).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path());
+    // systemd's LoadCredential= directory holds the OpenAI key under a relative name; the
+    // Anthropic key is a file given by its absolute path.
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("openai"), "sk-from-credentials\n").unwrap();
+    let anthropic_key = dir.path().join("anthropic.key");
+    std::fs::write(&anthropic_key, "sk-ant-from-file\n").unwrap();
+    let openai_url = format!("{}/v1", openai.base_url());
+    let anthropic_url = anthropic.base_url();
+    let env = [
+        ("CREDENTIALS_DIRECTORY", creds.to_str().unwrap()),
+        ("OPENAI_API_KEY_FILE", "openai"),
+        ("OPENAI_API_URL", openai_url.as_str()),
+        ("ANTHROPIC_API_KEY_FILE", anthropic_key.to_str().unwrap()),
+        ("ANTHROPIC_BASE_URL", anthropic_url.as_str()),
+    ];
+    let server = BinaryServer::start_with_env(&config, &[], &env);
+    let mut client = ChatCliServiceClient::new(connect(server.addr).await);
+    let info = within(
+        HANG_GUARD,
+        "GetServerInfo",
+        client.get_server_info(GetServerInfoRequest {}),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(info.available_providers, vec!["CLAUDEAI", "OPENAI"]);
+    openai.push(Reply::text("keyed from a file"));
+    let mut req = send("hello");
+    req.provider = "OPENAI".into();
+    assert_eq!(
+        ask(&mut client, req).await.unwrap().response,
+        "keyed from a file"
+    );
+    assert_eq!(
+        chat_requests(&openai)[0].header("authorization").as_deref(),
+        Some("Bearer sk-from-credentials")
+    );
+    // The file is watched like any key file: a rotated key is used without a restart.
+    write_atomically(&creds.join("openai"), "sk-rotated\n");
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    loop {
+        openai.push(Reply::text("after rotation"));
+        let mut req = send("hello");
+        req.provider = "OPENAI".into();
+        ask(&mut client, req).await.unwrap();
+        let last = chat_requests(&openai).pop().unwrap();
+        if last.header("authorization").as_deref() == Some("Bearer sk-rotated") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated key was never used; stderr:\n{}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anthropic.push(Reply::text("also keyed from a file"));
+    let mut req = send("hello");
+    req.provider = "CLAUDEAI".into();
+    ask(&mut client, req).await.unwrap();
+    assert_eq!(
+        chat_requests(&anthropic)[0].header("x-api-key").as_deref(),
+        Some("sk-ant-from-file")
+    );
+    drop(client);
+    let log = server.stderr();
+    for key in ["sk-from-credentials", "sk-rotated", "sk-ant-from-file"] {
+        assert!(!log.contains(key), "{key} is in the log:\n{log}");
+    }
+    drop(server);
+
+    // The variable and its file twin together are a config error naming both.
+    let out = chatcli_command(dir.path())
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .envs(env)
+        .env("OPENAI_API_KEY", "sk-env")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("both OPENAI_API_KEY and OPENAI_API_KEY_FILE are set"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sk-env"), "{stderr}");
 }
 
 #[tokio::test]

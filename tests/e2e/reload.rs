@@ -1847,11 +1847,16 @@ async fn auth_failures_per_minute_applies_on_reload() {
     d.write(&conf);
     d.wait_generation(2).await;
     let _ = server_info(d.channel.clone(), Some("not-a-token")).await;
-    // One failure is the whole allowance now: this IP is blocked, good token or not.
-    let err = server_info(d.channel.clone(), Some(ROOT.token))
+    // One failure is the whole allowance now: the next bad attempt is refused by the limiter.
+    let err = server_info(d.channel.clone(), Some("not-a-token-either"))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("too many failed authentication attempts"),
+        "{err:?}"
+    );
     d.shutdown().await;
 }
 

@@ -874,6 +874,93 @@ async fn jwt_users_cannot_see_each_others_sessions() {
     s.shutdown().await;
 }
 
+/// A JWT for `sub` in `tenant` signed with [`SECRET`], valid for ten minutes.
+fn tenant_jwt(sub: &str, tenant: &str) -> String {
+    hs256(
+        SECRET.as_bytes(),
+        &json!({"sub": sub, "role": "user", "tenant_id": tenant, "exp": now() + 600}),
+    )
+}
+
+#[tokio::test]
+async fn jwt_tenants_with_the_same_subject_never_share_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let mut config = echo_config();
+    config.auth.jwt.secret = Some(Secret::new(SECRET));
+    config.audit.path = Some(audit_path.clone());
+    let s = TestServer::start_with(config).await;
+    let mut acme = client(&s.channel, Some(&tenant_jwt("alice", "acme")));
+    let mut globex = client(&s.channel, Some(&tenant_jwt("alice", "globex")));
+    let mut tenantless = client(&s.channel, Some(&jwt("alice", "user")));
+
+    acme.save_session(save("acme-plan")).await.unwrap();
+    assert_eq!(list(&mut acme).await, vec!["acme-plan"]);
+    for (who, c) in [("globex", &mut globex), ("no tenant", &mut tenantless)] {
+        assert!(list(c).await.is_empty(), "{who} sees acme's sessions");
+        let err = c.load_session(load("acme-plan")).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{who} loading: {err:?}");
+        let err = c
+            .delete_session(DeleteSessionRequest {
+                name: "acme-plan".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{who} deleting: {err:?}");
+    }
+    // The same name in the other tenant is another session.
+    globex.save_session(save("acme-plan")).await.unwrap();
+    globex
+        .delete_session(DeleteSessionRequest {
+            name: "acme-plan".into(),
+        })
+        .await
+        .unwrap();
+    let mine = acme.load_session(load("acme-plan")).await.unwrap();
+    assert_eq!(mine.into_inner().messages[0].content, "note for acme-plan");
+    assert!(
+        principal_sessions_dir(&s.data_dir, "jwt@acme:alice")
+            .join("acme-plan.json")
+            .is_file()
+    );
+    assert!(!principal_sessions_dir(&s.data_dir, "jwt:alice").exists());
+
+    // HTTP /status names the tenant of the caller.
+    let status: Value = http_get(&s, "/status", Some(&tenant_jwt("alice", "acme")))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["caller"],
+        json!({"id": "alice", "role": "user", "method": "jwt", "tenant": "acme"})
+    );
+
+    // Each audit line carries the tenant of its caller.
+    let saves: Vec<Value> = eventually("the audit lines of the saves", || async {
+        let text = std::fs::read_to_string(&audit_path).ok()?;
+        let saves: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|l| l["method"] == "/chatcli.v1.ChatCLIService/SaveSession")
+            .collect();
+        (saves.len() == 2).then_some(saves)
+    })
+    .await;
+    let tenants: Vec<(&Value, &Value)> = saves
+        .iter()
+        .map(|l| (&l["principal"], &l["tenant"]))
+        .collect();
+    assert_eq!(
+        tenants,
+        vec![
+            (&json!("alice"), &json!("acme")),
+            (&json!("alice"), &json!("globex"))
+        ]
+    );
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn shared_token_and_no_auth_use_the_flat_sessions_folder() {
     for with_token in [true, false] {

@@ -574,3 +574,108 @@ async fn client_ca_path_changed_by_a_reload_is_followed_by_renewals_and_sighup()
     assert!(!accepted(&old_client).await);
     assert!(!accepted(&new_client).await);
 }
+
+/// Runs `chatcli healthcheck --config <config>` with `CHATCLI_SERVER_PORT=<port>` (the server's
+/// port variable, which the probe reads as the server does) plus `env`: the exit code and stderr.
+fn healthcheck(config: &std::path::Path, port: u16, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let home = tempfile::tempdir().unwrap();
+    let out = crate::support::chatcli_command(home.path())
+        .arg("healthcheck")
+        .arg("--config")
+        .arg(config)
+        .env("CHATCLI_SERVER_PORT", port.to_string())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `chatcli healthcheck` reads the server's config: it finds the TLS listener, trusts the server's
+/// own certificate (its CA is in no trust store) and no other, presents the configured client
+/// certificate when the server requires one, and fails once the server is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_reads_the_servers_config_and_speaks_its_tls() {
+    let ca = TestCa::new("healthcheck CA");
+    let files = TlsFiles::write(&ca.server_cert(&[0x48, 0x43]), &ca.ca_pem);
+    let dir = tempfile::tempdir().unwrap();
+    let write_config = |name: &str, files: &TlsFiles, mtls: bool| {
+        let path = dir.path().join(name);
+        let client_ca = match mtls {
+            true => format!(
+                "client_ca_file = {:?}\n",
+                files.client_ca.display().to_string()
+            ),
+            false => String::new(),
+        };
+        std::fs::write(
+            &path,
+            format!(
+                "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n{client_ca}\n\
+                 [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n",
+                files.cert.display().to_string(),
+                files.key.display().to_string(),
+            ),
+        )
+        .unwrap();
+        path
+    };
+
+    let tls = write_config("tls.toml", &files, false);
+    let mut server = BinaryServer::start(&tls, &[]);
+    let port = server.addr.port();
+    let (code, stderr) = healthcheck(&tls, port, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port} is SERVING")),
+        "{stderr}"
+    );
+    // Only that certificate is trusted as it is: a probe that expects another one refuses it.
+    let other = TlsFiles::write(&ca.server_cert(&[0x4f, 0x54]), &ca.ca_pem);
+    let expects_other = write_config("other.toml", &other, false);
+    let (code, stderr) = healthcheck(&expects_other, port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("invalid peer certificate"), "{stderr}");
+    server.terminate();
+    server
+        .wait_exit(HANG_GUARD)
+        .await
+        .expect("the server did not stop");
+    let (code, stderr) = healthcheck(&tls, port, &[]);
+    assert_eq!(code, Some(1), "a stopped server is unhealthy: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    // mTLS: the server requires a client certificate, the probe presents the configured one.
+    let mtls = write_config("mtls.toml", &files, true);
+    let server = BinaryServer::start(&mtls, &[]);
+    let port = server.addr.port();
+    let (code, stderr) = healthcheck(&mtls, port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--client-cert"), "{stderr}");
+    let write_identity = |name: &str, pair: &CertPair| {
+        let (cert, key) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, &pair.cert_pem).unwrap();
+        std::fs::write(&key, &pair.key_pem).unwrap();
+        (cert, key)
+    };
+    let (cert, key) = write_identity("probe", &ca.client_cert("spiffe://test/probe", "probe"));
+    let identity = [
+        ("CHATCLI_HEALTHCHECK_CLIENT_CERT", cert.to_str().unwrap()),
+        ("CHATCLI_HEALTHCHECK_CLIENT_KEY", key.to_str().unwrap()),
+    ];
+    let (code, stderr) = healthcheck(&mtls, port, &identity);
+    assert_eq!(code, Some(0), "{stderr}");
+    let other_ca = TestCa::new("a CA the server does not trust");
+    let (cert, key) = write_identity("foreign", &other_ca.client_cert(ALICE, "alice"));
+    let foreign = [
+        ("CHATCLI_HEALTHCHECK_CLIENT_CERT", cert.to_str().unwrap()),
+        ("CHATCLI_HEALTHCHECK_CLIENT_KEY", key.to_str().unwrap()),
+    ];
+    let (code, stderr) = healthcheck(&mtls, port, &foreign);
+    assert_eq!(code, Some(1), "{stderr}");
+}

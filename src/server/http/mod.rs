@@ -38,7 +38,6 @@ mod status;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Json;
 use axum::Router;
@@ -49,7 +48,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::{AppState, Prepared};
+use super::{AppState, InFlightGuard, Prepared, Transport};
 use crate::auth::Principal;
 use crate::llm::fallback::Answer;
 use crate::llm::gateway::{self, PromptCall};
@@ -150,7 +149,6 @@ pub fn api(state: Arc<AppState>) -> HttpApi {
             });
     let api = Arc::new(Api {
         state: state.clone(),
-        in_flight: AtomicUsize::new(0),
         session_locks: Default::default(),
     });
     let routes = routes();
@@ -174,16 +172,14 @@ pub fn api(state: Arc<AppState>) -> HttpApi {
 #[derive(Debug)]
 struct Api {
     state: Arc<AppState>,
-    /// Prompt calls being answered (`/v1/chat/completions`, `/request`), streams until they end.
-    in_flight: AtomicUsize,
     session_locks: prompt::SessionLocks,
 }
 
 impl Api {
-    /// Counts a prompt call in flight until the guard is dropped.
-    fn busy(self: &Arc<Self>) -> Busy {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        Busy(self.clone())
+    /// Counts a prompt call (`/v1/chat/completions`, `/request`) in flight until the guard is
+    /// dropped; streams hold it until they end.
+    fn busy(&self) -> InFlightGuard {
+        self.state.in_flight.enter(Transport::Http)
     }
 
     /// Starts the core prompt call: returns once the first delta is there.
@@ -222,15 +218,6 @@ impl Api {
             )
             .retry_after(1)),
         }
-    }
-}
-
-/// See [`Api::busy`].
-struct Busy(Arc<Api>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

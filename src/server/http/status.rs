@@ -2,7 +2,6 @@
 //! the load, who is asking) and `GET /health` (liveness, no auth).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::State;
@@ -67,7 +66,16 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
             })
         })
         .collect();
+    let (grpc, http) = state.in_flight.counts();
     let p = &caller.principal;
+    let mut who = json!({
+        "id": p.id,
+        "role": p.role.as_str(),
+        "method": p.method.as_str(),
+    });
+    if let Some(tenant) = &p.tenant_id {
+        who["tenant"] = json!(tenant);
+    }
     Json(json!({
         "version": crate::VERSION,
         "uptime_seconds": state.started.elapsed().as_secs(),
@@ -78,7 +86,8 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
         },
         "fallback": reg.fallback().chain,
         "providers": providers,
-        "requests_in_flight": api.in_flight.load(Ordering::SeqCst),
+        "requests_in_flight": grpc + http,
+        "in_flight": {"grpc": grpc, "http": http},
         "update_subscribers": state.events.subscribers(),
         "config": state.reloader.get().map(|r| {
             let st = r.status();
@@ -89,11 +98,7 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
                 "restart_needed": st.restart_needed,
             })
         }),
-        "caller": {
-            "id": p.id,
-            "role": p.role.as_str(),
-            "method": p.method.as_str(),
-        },
+        "caller": who,
     }))
     .into_response()
 }
