@@ -14,7 +14,8 @@
    image's environment and default ports. The image's own HEALTHCHECK command must report healthy,
    /readyz must answer, `chatcli healthcheck` against a dead port must exit 1 with one line, SIGTERM
    must end it with exit 0, and a missing secret file must stop it with exit 78 naming the file.
-   Without root, the binary runs unconfined on free ports instead (and says so).
+   Then the same with a config that turns TLS on: the image's HEALTHCHECK must report healthy
+   (it reads the mounted config, as the server does). Without root, the binary runs unconfined on free ports instead (and says so).
 
 Exit status 0 when every check passed, 1 otherwise.
 """
@@ -343,6 +344,50 @@ def run_phase(args: argparse.Namespace, image: dict, rootfs: Path) -> None:
     runner = Runner(rootfs, image, confined=True, python_probe=args.python_probe)
     # The image's default ports: nothing else listens in this network namespace.
     run_checks(runner, secrets, 50051, 9090, [])
+    run_tls_healthcheck(runner, secrets, confdir, Path(args.demo_config))
+
+
+def run_tls_healthcheck(r: Runner, secrets: Path, confdir: Path, demo_config: Path) -> None:
+    """The image's HEALTHCHECK against a server that speaks TLS: the probe reads the same config
+    (the mounted /etc/chatcli/chatcli.toml) and so knows the port and that TLS is on."""
+    print("running the image with a TLS config (its HEALTHCHECK must follow the config)")
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(confdir / "tls.key"), "-out", str(confdir / "tls.crt")],
+        capture_output=True, text=True)
+    if made.returncode != 0:
+        fail(f"openssl could not make a test certificate: {made.stderr.strip()[-300:]}")
+        return
+    os.chown(confdir / "tls.key", UID, UID)
+    (confdir / "tls.key").chmod(0o400)
+    (confdir / "chatcli.toml").write_text(
+        demo_config.read_text()
+        + '\n[server.tls]\ncert_file = "/etc/chatcli/tls.crt"\nkey_file = "/etc/chatcli/tls.key"\n')
+    env = dict(r.env, CHATCLI_SERVER_TOKEN_FILE="token")
+    argv = r.cfg["Entrypoint"] + r.cfg.get("Cmd", [])
+    log = tempfile.TemporaryFile(mode="w+")
+    server = r.popen(argv, env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        healthy, last = False, ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and server.poll() is None:
+            h = r.run(r.cfg["Healthcheck"]["Test"][1:], r.env, timeout=10)
+            last = (h.stdout + h.stderr).strip()
+            if h.returncode == 0:
+                healthy = True
+                break
+            time.sleep(0.5)
+        check(healthy, f"healthy over TLS by the image HEALTHCHECK ({last})", f"not healthy over TLS: {last!r}")
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=40)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if failures:
+            log.seek(0)
+            print("  --- server output ---\n" + "\n".join("  | " + line for line in log.read().splitlines()[-20:]))
 
 
 def main() -> int:
