@@ -459,11 +459,22 @@ pub struct ProviderConfig {
     pub delay: Option<Duration>,
     /// Extra HTTP headers sent upstream (e.g. OpenRouter's `HTTP-Referer` and `X-Title`).
     pub headers: std::collections::BTreeMap<String, String>,
-    /// Longest wait for the upstream's first byte of an answer. OpenAI-format providers ask for a
-    /// non-streamed call (SendPrompt, `stream: false`) as one whole answer, so there it bounds the
-    /// whole answer.
+    /// Longest wait for the upstream's response headers (`0s` = no bound). OpenAI-format providers
+    /// ask for a non-streamed call (SendPrompt, `stream: false`) as one whole answer, which most
+    /// upstreams send with its headers once it is complete, so there it also bounds the generation.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// Longest wait, once the response headers are in, for the first byte of the body (`0s` = no
+    /// bound). On expiry the upstream connection is closed and the call fails as a timeout: the
+    /// fallback chain moves on when nothing was sent to the caller yet.
+    #[serde(with = "duration_str")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two bytes of an answer's body (`0s` = no bound); keep-alive bytes
+    /// (SSE comments, Anthropic `ping` events) count as bytes. On expiry the connection is closed
+    /// and the call fails as a timeout (an SSE `error` event, or a gRPC DEADLINE_EXCEEDED, when
+    /// part of the answer was already sent).
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
     /// Anthropic `anthropic-version` header.
     pub api_version: Option<String>,
     /// StackSpot client id.
@@ -492,6 +503,8 @@ impl Default for ProviderConfig {
             delay: None,
             headers: Default::default(),
             timeout: Duration::from_secs(120),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
             api_version: None,
             client_id: None,
             client_key: None,

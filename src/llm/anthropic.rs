@@ -5,7 +5,6 @@
 //! of Anthropic's typed errors, and request-scoped copies built from client credentials.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -78,7 +77,7 @@ pub struct AnthropicProvider {
     /// Operator-configured extra headers (never sent to a client-supplied URL).
     headers: HeaderMap,
     auth: Auth,
-    timeout: Duration,
+    timeouts: http::Timeouts,
     client: reqwest::Client,
     ctx: ProviderContext,
 }
@@ -134,7 +133,7 @@ impl AnthropicProvider {
             version,
             headers,
             auth: Auth::ApiKey(Secret::new(key.expose().trim())),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             client: http::client(&HttpOptions::default())?,
             ctx: ctx.clone(),
         })
@@ -249,7 +248,7 @@ impl Provider for AnthropicProvider {
 
     fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
-        let timeout = self.timeout;
+        let timeouts = self.timeouts;
         let prepared = self.request(request);
         Box::pin(async_stream::stream! {
             let builder = match prepared {
@@ -259,7 +258,7 @@ impl Provider for AnthropicProvider {
                     return;
                 }
             };
-            let resp = match http::send_within(&name, timeout, builder, parse_error).await {
+            let resp = match http::send(&name, &timeouts, builder, parse_error).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     yield Err(e);
@@ -527,6 +526,7 @@ fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     use super::*;
     use crate::llm::ssrf::SsrfPolicy;

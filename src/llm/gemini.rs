@@ -5,7 +5,6 @@
 //! `{"error":{code,status}}` errors, and request-scoped copies built from client credentials.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -64,7 +63,7 @@ pub struct GeminiProvider {
     /// Operator-configured extra headers (never sent to a client-supplied URL).
     headers: HeaderMap,
     auth: Auth,
-    timeout: Duration,
+    timeouts: http::Timeouts,
     client: reqwest::Client,
     ctx: ProviderContext,
 }
@@ -117,7 +116,7 @@ impl GeminiProvider {
             base_url,
             headers,
             auth: Auth::ApiKey(Secret::new(key.expose().trim())),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             client: http::client(&HttpOptions::default())?,
             ctx: ctx.clone(),
         })
@@ -237,7 +236,7 @@ impl Provider for GeminiProvider {
 
     fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
-        let timeout = self.timeout;
+        let timeouts = self.timeouts;
         let prepared = self.request(request);
         Box::pin(async_stream::stream! {
             let builder = match prepared {
@@ -247,7 +246,7 @@ impl Provider for GeminiProvider {
                     return;
                 }
             };
-            let resp = match http::send_within(&name, timeout, builder, parse_error).await {
+            let resp = match http::send(&name, &timeouts, builder, parse_error).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     yield Err(e);
@@ -546,6 +545,7 @@ fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     use super::*;
     use crate::llm::ssrf::SsrfPolicy;

@@ -4,7 +4,6 @@
 //! that URL goes through the SSRF guard and gets neither the operator's key nor its headers.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -35,8 +34,8 @@ pub struct OllamaProvider {
     headers: HeaderMap,
     /// Sent as `Authorization: Bearer` (Ollama behind an authenticating proxy).
     bearer: Option<Secret>,
-    /// Bound on the wait for response headers.
-    timeout: Duration,
+    /// Bounds on the waits for the response headers and the body's bytes.
+    timeouts: http::Timeouts,
     ctx: ProviderContext,
 }
 
@@ -80,7 +79,7 @@ impl OllamaProvider {
                 .api_key
                 .clone()
                 .filter(|k| !k.expose().trim().is_empty()),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             ctx: ctx.clone(),
         })
     }
@@ -117,9 +116,9 @@ impl Provider for OllamaProvider {
         let rb = self
             .with_auth(self.client.post(format!("{}/api/chat", self.base_url)))
             .json(&chat_body(&model, request));
-        let timeout = self.timeout;
+        let timeouts = self.timeouts;
         Box::pin(async_stream::stream! {
-            let resp = match http::send_within(&name, timeout, rb, parse_error).await {
+            let resp = match http::send(&name, &timeouts, rb, parse_error).await {
                 Ok(r) => r,
                 Err(e) => {
                     yield Err(e);
@@ -171,7 +170,7 @@ impl Provider for OllamaProvider {
                         client,
                         headers: HeaderMap::new(),
                         bearer: forwarded,
-                        timeout: self.timeout,
+                        timeouts: self.timeouts,
                         ctx: self.ctx.clone(),
                     }
                 }
@@ -182,7 +181,7 @@ impl Provider for OllamaProvider {
                     client: self.client.clone(),
                     headers: self.headers.clone(),
                     bearer: forwarded.or_else(|| self.bearer.clone()),
-                    timeout: self.timeout,
+                    timeouts: self.timeouts,
                     ctx: self.ctx.clone(),
                 },
             };
@@ -194,7 +193,7 @@ impl Provider for OllamaProvider {
         Box::pin(async move {
             let base = &self.base_url;
             let rb = self.with_auth(self.client.get(format!("{base}/api/tags")));
-            let resp = match http::send_within(&self.name, self.timeout, rb, parse_error).await {
+            let resp = match http::send(&self.name, &self.timeouts, rb, parse_error).await {
                 Ok(r) => r,
                 Err(LlmError::Upstream(u)) if u.status.is_none() => {
                     return Err(format!("ollama at {base} is unreachable: {}", u.message));
@@ -347,6 +346,8 @@ fn normalized_base(mut url: reqwest::Url) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::llm::ssrf::SsrfPolicy;
     use crate::llm::{ClientKey, Message, collect};
