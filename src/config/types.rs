@@ -475,6 +475,13 @@ pub struct ProviderConfig {
     /// part of the answer was already sent).
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
+    /// Longest time a whole non-streamed answer (SendPrompt, `stream: false`, `/request` without
+    /// `stream`) may take from this provider, from sending the request to its last byte (`0s` = no bound): the cap of an
+    /// upstream that keeps trickling bytes. On expiry the connection is closed and the next
+    /// provider of the fallback chain is asked. Ending a call this long is never held against the
+    /// provider's cooldown: how long an answer takes depends on what was asked.
+    #[serde(with = "duration_str")]
+    pub unary_timeout: Duration,
     /// Anthropic `anthropic-version` header.
     pub api_version: Option<String>,
     /// StackSpot client id.
@@ -505,6 +512,7 @@ impl Default for ProviderConfig {
             timeout: Duration::from_secs(120),
             first_byte_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
+            unary_timeout: Duration::from_secs(300),
             api_version: None,
             client_id: None,
             client_key: None,

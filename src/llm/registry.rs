@@ -17,6 +17,8 @@ pub struct Resolved {
     pub provider: Arc<dyn Provider>,
     /// The model.
     pub model: String,
+    /// The provider's cap on a whole non-streamed answer (`unary_timeout`).
+    pub unary_timeout: Duration,
 }
 
 /// See the module docs.
@@ -26,6 +28,8 @@ pub struct ProviderRegistry {
     /// A digest of each provider's settings (secrets included), to reuse unchanged providers, with
     /// their connection pools, across reloads.
     fingerprints: Vec<String>,
+    /// Each provider's `unary_timeout`, in the same order.
+    unary_timeouts: Vec<Duration>,
     default: Option<usize>,
     default_model: Option<String>,
     fallback: FallbackSettings,
@@ -46,6 +50,7 @@ impl ProviderRegistry {
     ) -> Result<Self, Vec<String>> {
         let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
         let mut fingerprints = Vec::new();
+        let mut unary_timeouts = Vec::new();
         let mut errors = Vec::new();
         for p in &llm.providers {
             let fp = fingerprint(p, llm);
@@ -62,6 +67,7 @@ impl ProviderRegistry {
                 Ok(built) => {
                     providers.push(built);
                     fingerprints.push(fp);
+                    unary_timeouts.push(p.unary_timeout);
                 }
                 Err(e) => errors.push(format!("provider `{}`: {e}", p.name)),
             }
@@ -91,6 +97,7 @@ impl ProviderRegistry {
         Ok(Self {
             providers,
             fingerprints,
+            unary_timeouts,
             default,
             default_model: llm.model.clone(),
             fallback,
@@ -140,6 +147,15 @@ impl ProviderRegistry {
             .find(|p| p.name().eq_ignore_ascii_case(name))
     }
 
+    /// The `unary_timeout` of `provider` (one of ours, by identity).
+    fn unary_timeout_of(&self, provider: &Arc<dyn Provider>) -> Duration {
+        self.providers
+            .iter()
+            .position(|p| Arc::ptr_eq(p, provider))
+            .and_then(|i| self.unary_timeouts.get(i).copied())
+            .unwrap_or_default()
+    }
+
     /// Resolves a request's provider and model; empty strings mean "the default".
     pub fn resolve(&self, provider: &str, model: &str) -> Result<Resolved, LlmError> {
         let provider = provider.trim();
@@ -168,6 +184,7 @@ impl ProviderRegistry {
             (m, _) => m.to_string(),
         };
         Ok(Resolved {
+            unary_timeout: self.unary_timeout_of(&chosen),
             provider: chosen,
             model,
         })
@@ -176,8 +193,8 @@ impl ProviderRegistry {
     /// The providers to try for `resolved`, in order: it first, then the fallback chain.
     pub fn candidates(&self, resolved: &Resolved) -> Vec<Candidate> {
         let mut out = vec![Candidate {
-            provider: resolved.provider.clone(),
-            model: resolved.model.clone(),
+            unary_timeout: resolved.unary_timeout,
+            ..Candidate::new(resolved.provider.clone(), resolved.model.clone())
         }];
         for name in &self.fallback.chain {
             let Some(p) = self.find(name) else { continue };
@@ -191,8 +208,8 @@ impl ProviderRegistry {
                 .cloned()
                 .unwrap_or_else(|| p.default_model().to_string());
             out.push(Candidate {
-                provider: p.clone(),
-                model,
+                unary_timeout: self.unary_timeout_of(p),
+                ..Candidate::new(p.clone(), model)
             });
         }
         out

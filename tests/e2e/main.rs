@@ -17,3 +17,4 @@ mod security;
 mod sessions;
 mod support;
 mod tls;
+mod upstream_faults;

@@ -385,6 +385,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
     } = answer;
     let model_id = model_id(&provider, &model);
     let frames = ChunkFrames::new(&id, created, &model_id, include_usage);
+    let notes = caller.notes.clone();
     // One event per delta as the provider yields it; dropping this stream (the client went away)
     // drops the provider's, which aborts the upstream request.
     let out = async_stream::stream! {
@@ -405,6 +406,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
                 Ok(Delta::Finish(r)) => finish = Some(r),
                 Err(e) => {
                     tracing::debug!(error = %e, "stream failed after its first delta");
+                    notes.failed(&e.to_string());
                     let body = ApiError::from_llm(&e).openai_body();
                     yield super::sse_json(&body);
                     return;
