@@ -454,6 +454,19 @@ pub struct ProviderConfig {
     pub api_key_file: Option<PathBuf>,
     /// Default model of this provider.
     pub model: Option<String>,
+    /// Other models this provider offers: `GET /v1/models` lists them as `<name>/<model>` after
+    /// the default one, and an OpenAI-style model id such as `anthropic/claude-x` goes to the
+    /// default provider when it offers that id and no provider named `anthropic` offers
+    /// `claude-x`. Callers may still ask for any model.
+    pub models: Vec<String>,
+    /// Also list the models the upstream itself reports (openai and its compatible presets:
+    /// `GET <base_url>/models`; ollama: `/api/tags`; gemini: `models`; anthropic: `/v1/models`),
+    /// asked with the server's credentials when `/v1/models` is first called after a start or a
+    /// reload, then again once the list is older than `models_refresh`.
+    pub discover_models: bool,
+    /// How long a discovered model list is used before the next `/v1/models` refreshes it.
+    #[serde(with = "duration_str")]
+    pub models_refresh: Duration,
     /// Pause between streamed pieces (echo provider only; useful for demos and tests).
     #[serde(with = "duration_str::option")]
     pub delay: Option<Duration>,
@@ -507,6 +520,9 @@ impl Default for ProviderConfig {
             api_key: None,
             api_key_file: None,
             model: None,
+            models: Vec::new(),
+            discover_models: false,
+            models_refresh: Duration::from_secs(600),
             delay: None,
             headers: Default::default(),
             timeout: Duration::from_secs(120),

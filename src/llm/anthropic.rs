@@ -30,6 +30,8 @@ pub const DEFAULT_API_VERSION: &str = "2023-06-01";
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// The beta flag Anthropic requires for OAuth access tokens.
 const OAUTH_BETA: &str = "oauth-2025-04-20";
+/// Most pages of `GET /v1/models` read for one model list.
+const MAX_MODEL_PAGES: usize = 20;
 /// The only `provider_config` key this provider reads.
 const CONFIG_KEYS: &[&str] = &["base_url"];
 
@@ -147,6 +149,15 @@ impl AnthropicProvider {
             req.model.as_str()
         };
         let body = MessagesBody::new(req, model);
+        Ok(self
+            .client
+            .post(format!("{}/v1/messages", self.base_url))
+            .headers(self.sent_headers()?)
+            .json(&body))
+    }
+
+    /// The operator's headers, `anthropic-version` and the credentials: what every call sends.
+    fn sent_headers(&self) -> Result<HeaderMap, LlmError> {
         let mut headers = self.headers.clone();
         headers.insert(
             HeaderName::from_static("anthropic-version"),
@@ -184,11 +195,7 @@ impl AnthropicProvider {
                 }
             }
         }
-        Ok(self
-            .client
-            .post(format!("{}/v1/messages", self.base_url))
-            .headers(headers)
-            .json(&body))
+        Ok(headers)
     }
 
     fn secret_header(&self, value: &str) -> Result<HeaderValue, LlmError> {
@@ -215,6 +222,40 @@ impl Provider for AnthropicProvider {
 
     fn default_model(&self) -> &str {
         &self.model
+    }
+
+    /// `GET {base}/v1/models`, page by page (`has_more`, `after_id`): the ids of `data`.
+    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
+        Box::pin(async move {
+            let mut models = Vec::new();
+            let mut after: Option<String> = None;
+            for _ in 0..MAX_MODEL_PAGES {
+                let mut url = reqwest::Url::parse(&format!("{}/v1/models", self.base_url))
+                    .map_err(|e| {
+                        LlmError::InvalidRequest(format!(
+                            "provider `{}`: base_url is not a URL: {e}",
+                            self.name
+                        ))
+                    })?;
+                url.query_pairs_mut().append_pair("limit", "1000");
+                if let Some(id) = &after {
+                    url.query_pairs_mut().append_pair("after_id", id);
+                }
+                let rb = self.client.get(url).headers(self.sent_headers()?);
+                let resp = http::send(&self.name, &self.timeouts, rb, parse_error).await?;
+                let body = http::json_body(&self.name, resp).await?;
+                models.extend(http::names_in(&self.name, &body, "data", "id")?);
+                after = body
+                    .get("last_id")
+                    .and_then(Value::as_str)
+                    .filter(|_| body.get("has_more").and_then(Value::as_bool) == Some(true))
+                    .map(String::from);
+                if after.is_none() {
+                    break;
+                }
+            }
+            Ok(models)
+        })
     }
 
     fn with_client_credentials<'a>(
@@ -1044,5 +1085,20 @@ mod tests {
             Some(ErrorClass::ContextTooLong)
         );
         assert_eq!(class_of("whatever"), None);
+    }
+
+    #[tokio::test]
+    async fn discovered_models_follow_every_page_with_the_servers_key() {
+        let (fake, p) = setup().await;
+        let all = ["claude-a", "claude-b", "claude-c", "claude-d", "claude-e"];
+        fake.set_models(&all);
+        let got = p.discover_models().await.unwrap();
+        assert_eq!(got, all);
+        let reqs: Vec<_> = fake.requests();
+        assert_eq!(reqs.len(), all.len().div_ceil(crate::testing::MODEL_PAGE));
+        assert!(reqs.iter().all(|r| r.path == "/v1/models"
+            && r.header("x-api-key").as_deref() == Some(KEY)
+            && r.header("anthropic-version").is_some()));
+        assert_eq!(reqs[1].query_param("after_id").as_deref(), Some("claude-b"));
     }
 }

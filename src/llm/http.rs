@@ -769,6 +769,49 @@ pub fn content_type(resp: &reqwest::Response) -> Option<String> {
         .map(|s| s.trim().to_ascii_lowercase())
 }
 
+/// The body of a 2xx answer as JSON; one that is not JSON is `Malformed`.
+pub async fn json_body(
+    provider: &str,
+    resp: reqwest::Response,
+) -> Result<serde_json::Value, LlmError> {
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| transport_error(provider, &e))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        LlmError::upstream(
+            provider,
+            ErrorClass::Malformed,
+            format!("the answer is not JSON: {e}"),
+        )
+    })
+}
+
+/// The string `field` of every object in the array `list` of a model list answer (`data[].id`,
+/// `models[].name`, …); `Malformed` when there is no such array.
+pub fn names_in(
+    provider: &str,
+    body: &serde_json::Value,
+    list: &str,
+    field: &str,
+) -> Result<Vec<String>, LlmError> {
+    let items = body
+        .get(list)
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| {
+            LlmError::upstream(
+                provider,
+                ErrorClass::Malformed,
+                format!("the model list has no `{list}` array"),
+            )
+        })?;
+    Ok(items
+        .iter()
+        .filter_map(|m| m.get(field).and_then(serde_json::Value::as_str))
+        .map(String::from)
+        .collect())
+}
+
 /// Refuses `provider_config` keys a provider does not take, naming them (never their values).
 pub fn check_config_keys(
     provider: &str,

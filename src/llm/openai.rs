@@ -503,6 +503,27 @@ impl Provider for OpenAiProvider {
         Box::pin(deltas.map(move |item| item.map_err(|e| scrub(e, key.as_ref()))))
     }
 
+    /// `GET {base_url}/models` (OpenAI and the compatible services): the ids of `data`.
+    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
+        Box::pin(async move {
+            let mut headers = self.headers.clone();
+            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+            if let Some(auth) = &self.auth {
+                headers.insert(AUTHORIZATION, auth.clone());
+            }
+            let rb = self
+                .client
+                .get(format!("{}/models", self.base_url))
+                .headers(headers);
+            let scrubbed = |e| scrub(e, self.api_key.as_ref());
+            let resp = http::send(&self.name, &self.timeouts, rb, parse_error)
+                .await
+                .map_err(scrubbed)?;
+            let body = http::json_body(&self.name, resp).await.map_err(scrubbed)?;
+            http::names_in(&self.name, &body, "data", "id")
+        })
+    }
+
     fn with_client_credentials<'a>(
         &'a self,
         creds: &'a ClientCredentials,
@@ -1725,5 +1746,32 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn discovered_models_are_the_ids_of_get_models() {
+        let fake = fake().await;
+        fake.set_models(&["m-1", "anthropic/claude-x"]);
+        let p = provider(&fake, "openrouter");
+        assert_eq!(
+            p.discover_models().await.unwrap(),
+            ["m-1", "anthropic/claude-x"]
+        );
+        let r = &fake.requests()[0];
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/models"));
+        assert_eq!(
+            r.header("authorization").as_deref(),
+            Some(format!("Bearer {SERVER_KEY}").as_str())
+        );
+        // A refused key is an error that does not quote it.
+        fake.when(
+            |r| r.path.ends_with("/models"),
+            Reply::error(
+                401,
+                &error_body("invalid_api_key", &format!("bad key {SERVER_KEY}")),
+            ),
+        );
+        let err = p.discover_models().await.unwrap_err();
+        assert!(!err.to_string().contains(SERVER_KEY), "{err}");
     }
 }

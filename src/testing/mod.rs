@@ -71,6 +71,30 @@ impl Recorded {
     }
 }
 
+impl Recorded {
+    /// The first value of the query parameter `key` (percent-decoding left out: the fakes use
+    /// plain values).
+    pub fn query_param(&self, key: &str) -> Option<String> {
+        self.query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+/// A 200 with a JSON body.
+pub fn json_response(v: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(v.to_string()))
+        .unwrap_or_default()
+}
+
+/// How many models a paginated fake model list returns per page, whatever the client asks: small,
+/// so that clients have to follow the pages.
+pub const MODEL_PAGE: usize = 2;
+
 /// Which requests a [`FakeUpstream::when`] rule answers.
 pub type Matcher = Box<dyn Fn(&Recorded) -> bool + Send + Sync>;
 
@@ -342,7 +366,8 @@ impl FakeUpstream {
     }
 
     /// Answers every request that `matches` with `reply` (before the script, which it leaves
-    /// alone). Rules are tried in the order they were added.
+    /// alone, and before the format's own routes: token endpoints, model lists). Rules are tried
+    /// in the order they were added.
     pub fn when(&self, matches: impl Fn(&Recorded) -> bool + Send + Sync + 'static, reply: Reply) {
         lock(&self.shared.rules).push((Box::new(matches), reply));
     }
@@ -478,17 +503,19 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body>
         peer,
     };
     lock(&shared.requests).push(rec.clone());
-    if let Some(resp) = shared.format.extra(&rec) {
-        return resp;
-    }
-    let listed = lock(&shared.models).clone();
-    if let Some(resp) = shared.format.model_list(&rec, &listed) {
-        return resp;
-    }
     let ruled = lock(&shared.rules)
         .iter()
         .find(|(matches, _)| matches(&rec))
         .map(|(_, reply)| reply.clone());
+    if ruled.is_none() {
+        if let Some(resp) = shared.format.extra(&rec) {
+            return resp;
+        }
+        let listed = lock(&shared.models).clone();
+        if let Some(resp) = shared.format.model_list(&rec, &listed) {
+            return resp;
+        }
+    }
     let reply = ruled.unwrap_or_else(|| {
         lock(&shared.script)
             .pop_front()
