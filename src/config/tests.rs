@@ -431,6 +431,36 @@ fn every_problem_is_reported_at_once() {
 }
 
 #[test]
+fn model_lists_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[[llm.providers]]\nname = \"e\"\nkind = \"echo\"\ndiscover_models = true\n\
+         [[llm.providers]]\nname = \"o\"\nkind = \"ollama\"\nmodels = [\"a\", \" \"]\n\
+         discover_models = true\nmodels_refresh = \"0s\"\n\
+         [[llm.providers]]\nname = \"r\"\nkind = \"openrouter\"\napi_key = \"k\"\n\
+         models = [\"anthropic/claude-x\"]\ndiscover_models = true\n",
+    );
+    let mut found: Vec<(String, String)> = problems(&sources(&[], Some(&f), vec![]))
+        .into_iter()
+        .map(|p| (p.key, p.message))
+        .collect();
+    found.sort();
+    let keys: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "llm.providers.0.discover_models",
+            "llm.providers.1.models",
+            "llm.providers.1.models_refresh"
+        ],
+        "{found:?}"
+    );
+    assert!(found[0].1.contains("`echo`"), "{found:?}");
+}
+
+#[test]
 fn invalid_toml_is_one_clear_problem() {
     let d = tempfile::tempdir().unwrap();
     let f = write(d.path(), "c.toml", "[server\nport = 1\n");

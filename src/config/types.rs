@@ -487,16 +487,47 @@ pub struct ProviderConfig {
     pub api_key_file: Option<PathBuf>,
     /// Default model of this provider.
     pub model: Option<String>,
+    /// Other models this provider offers: `GET /v1/models` lists them as `<name>/<model>` after
+    /// the default one, and an OpenAI-style model id such as `anthropic/claude-x` goes to the
+    /// default provider when it offers that id and no provider named `anthropic` offers
+    /// `claude-x`. Callers may still ask for any model.
+    pub models: Vec<String>,
+    /// Also list the models the upstream itself reports (openai and its compatible presets:
+    /// `GET <base_url>/models`; ollama: `/api/tags`; gemini: `models`; anthropic: `/v1/models`),
+    /// asked with the server's credentials when `/v1/models` is first called after a start or a
+    /// reload, then again once the list is older than `models_refresh`.
+    pub discover_models: bool,
+    /// How long a discovered model list is used before the next `/v1/models` refreshes it.
+    #[serde(with = "duration_str")]
+    pub models_refresh: Duration,
     /// Pause between streamed pieces (echo provider only; useful for demos and tests).
     #[serde(with = "duration_str::option")]
     pub delay: Option<Duration>,
     /// Extra HTTP headers sent upstream (e.g. OpenRouter's `HTTP-Referer` and `X-Title`).
     pub headers: std::collections::BTreeMap<String, String>,
-    /// Longest wait for the upstream's first byte of an answer. OpenAI-format providers ask for a
-    /// non-streamed call (SendPrompt, `stream: false`) as one whole answer, so there it bounds the
-    /// whole answer.
+    /// Longest wait for the upstream's response headers (`0s` = no bound). OpenAI-format providers
+    /// ask for a non-streamed call (SendPrompt, `stream: false`) as one whole answer, which most
+    /// upstreams send with its headers once it is complete, so there it also bounds the generation.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// Longest wait, once the response headers are in, for the first byte of the body (`0s` = no
+    /// bound). On expiry the upstream connection is closed and the call fails as a timeout: the
+    /// fallback chain moves on when nothing was sent to the caller yet.
+    #[serde(with = "duration_str")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two bytes of an answer's body (`0s` = no bound); keep-alive bytes
+    /// (SSE comments, Anthropic `ping` events) count as bytes. On expiry the connection is closed
+    /// and the call fails as a timeout (an SSE `error` event, or a gRPC DEADLINE_EXCEEDED, when
+    /// part of the answer was already sent).
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// Longest time a whole non-streamed answer (SendPrompt, `stream: false`, `/request` without
+    /// `stream`) may take from this provider, from sending the request to its last byte (`0s` = no bound): the cap of an
+    /// upstream that keeps trickling bytes. On expiry the connection is closed and the next
+    /// provider of the fallback chain is asked. Ending a call this long is never held against the
+    /// provider's cooldown: how long an answer takes depends on what was asked.
+    #[serde(with = "duration_str")]
+    pub unary_timeout: Duration,
     /// Anthropic `anthropic-version` header.
     pub api_version: Option<String>,
     /// StackSpot client id.
@@ -522,9 +553,15 @@ impl Default for ProviderConfig {
             api_key: None,
             api_key_file: None,
             model: None,
+            models: Vec::new(),
+            discover_models: false,
+            models_refresh: Duration::from_secs(600),
             delay: None,
             headers: Default::default(),
             timeout: Duration::from_secs(120),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            unary_timeout: Duration::from_secs(300),
             api_version: None,
             client_id: None,
             client_key: None,

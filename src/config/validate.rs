@@ -126,6 +126,16 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
                 if p.delay.is_some() && kind != ProviderKind::Echo {
                     bad(&key("delay"), "is only for the echo provider".into());
                 }
+                if p.discover_models && !kind.discovers_models() {
+                    bad(
+                        &key("discover_models"),
+                        format!(
+                            "`{}` upstreams have no model list (openai and its presets, \
+                             anthropic, gemini and ollama do)",
+                            p.kind
+                        ),
+                    );
+                }
             }
             None => bad(
                 &key("kind"),
@@ -135,6 +145,20 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
                     ProviderKind::NAMES.join(", ")
                 ),
             ),
+        }
+    }
+    for (i, p) in llm.providers.iter().enumerate() {
+        if p.models.iter().any(|m| m.trim().is_empty()) {
+            bad(
+                &format!("llm.providers.{i}.models"),
+                "has an empty model name".into(),
+            );
+        }
+        if p.discover_models && p.models_refresh.is_zero() {
+            bad(
+                &format!("llm.providers.{i}.models_refresh"),
+                "must be longer than 0s".into(),
+            );
         }
     }
     let known = |n: &str| llm.providers.iter().any(|p| p.name.eq_ignore_ascii_case(n));

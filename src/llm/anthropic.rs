@@ -5,7 +5,6 @@
 //! of Anthropic's typed errors, and request-scoped copies built from client credentials.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -31,6 +30,8 @@ pub const DEFAULT_API_VERSION: &str = "2023-06-01";
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// The beta flag Anthropic requires for OAuth access tokens.
 const OAUTH_BETA: &str = "oauth-2025-04-20";
+/// Most pages of `GET /v1/models` read for one model list.
+const MAX_MODEL_PAGES: usize = 20;
 /// The only `provider_config` key this provider reads.
 const CONFIG_KEYS: &[&str] = &["base_url"];
 
@@ -78,7 +79,7 @@ pub struct AnthropicProvider {
     /// Operator-configured extra headers (never sent to a client-supplied URL).
     headers: HeaderMap,
     auth: Auth,
-    timeout: Duration,
+    timeouts: http::Timeouts,
     client: reqwest::Client,
     ctx: ProviderContext,
 }
@@ -134,7 +135,7 @@ impl AnthropicProvider {
             version,
             headers,
             auth: Auth::ApiKey(Secret::new(key.expose().trim())),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             client: http::client(&HttpOptions::default())?,
             ctx: ctx.clone(),
         })
@@ -148,6 +149,15 @@ impl AnthropicProvider {
             req.model.as_str()
         };
         let body = MessagesBody::new(req, model);
+        Ok(self
+            .client
+            .post(format!("{}/v1/messages", self.base_url))
+            .headers(self.sent_headers()?)
+            .json(&body))
+    }
+
+    /// The operator's headers, `anthropic-version` and the credentials: what every call sends.
+    fn sent_headers(&self) -> Result<HeaderMap, LlmError> {
         let mut headers = self.headers.clone();
         headers.insert(
             HeaderName::from_static("anthropic-version"),
@@ -185,11 +195,7 @@ impl AnthropicProvider {
                 }
             }
         }
-        Ok(self
-            .client
-            .post(format!("{}/v1/messages", self.base_url))
-            .headers(headers)
-            .json(&body))
+        Ok(headers)
     }
 
     fn secret_header(&self, value: &str) -> Result<HeaderValue, LlmError> {
@@ -216,6 +222,40 @@ impl Provider for AnthropicProvider {
 
     fn default_model(&self) -> &str {
         &self.model
+    }
+
+    /// `GET {base}/v1/models`, page by page (`has_more`, `after_id`): the ids of `data`.
+    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
+        Box::pin(async move {
+            let mut models = Vec::new();
+            let mut after: Option<String> = None;
+            for _ in 0..MAX_MODEL_PAGES {
+                let mut url = reqwest::Url::parse(&format!("{}/v1/models", self.base_url))
+                    .map_err(|e| {
+                        LlmError::InvalidRequest(format!(
+                            "provider `{}`: base_url is not a URL: {e}",
+                            self.name
+                        ))
+                    })?;
+                url.query_pairs_mut().append_pair("limit", "1000");
+                if let Some(id) = &after {
+                    url.query_pairs_mut().append_pair("after_id", id);
+                }
+                let rb = self.client.get(url).headers(self.sent_headers()?);
+                let resp = http::send(&self.name, &self.timeouts, rb, parse_error).await?;
+                let body = http::json_body(&self.name, resp).await?;
+                models.extend(http::names_in(&self.name, &body, "data", "id")?);
+                after = body
+                    .get("last_id")
+                    .and_then(Value::as_str)
+                    .filter(|_| body.get("has_more").and_then(Value::as_bool) == Some(true))
+                    .map(String::from);
+                if after.is_none() {
+                    break;
+                }
+            }
+            Ok(models)
+        })
     }
 
     fn with_client_credentials<'a>(
@@ -249,7 +289,7 @@ impl Provider for AnthropicProvider {
 
     fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
-        let timeout = self.timeout;
+        let timeouts = self.timeouts;
         let prepared = self.request(request);
         Box::pin(async_stream::stream! {
             let builder = match prepared {
@@ -259,7 +299,7 @@ impl Provider for AnthropicProvider {
                     return;
                 }
             };
-            let resp = match http::send_within(&name, timeout, builder, parse_error).await {
+            let resp = match http::send(&name, &timeouts, builder, parse_error).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     yield Err(e);
@@ -527,6 +567,7 @@ fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     use super::*;
     use crate::llm::ssrf::SsrfPolicy;
@@ -1044,5 +1085,20 @@ mod tests {
             Some(ErrorClass::ContextTooLong)
         );
         assert_eq!(class_of("whatever"), None);
+    }
+
+    #[tokio::test]
+    async fn discovered_models_follow_every_page_with_the_servers_key() {
+        let (fake, p) = setup().await;
+        let all = ["claude-a", "claude-b", "claude-c", "claude-d", "claude-e"];
+        fake.set_models(&all);
+        let got = p.discover_models().await.unwrap();
+        assert_eq!(got, all);
+        let reqs: Vec<_> = fake.requests();
+        assert_eq!(reqs.len(), all.len().div_ceil(crate::testing::MODEL_PAGE));
+        assert!(reqs.iter().all(|r| r.path == "/v1/models"
+            && r.header("x-api-key").as_deref() == Some(KEY)
+            && r.header("anthropic-version").is_some()));
+        assert_eq!(reqs[1].query_param("after_id").as_deref(), Some("claude-b"));
     }
 }

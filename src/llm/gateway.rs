@@ -52,9 +52,12 @@ pub async fn start(
     let resolved = registry.resolve(&call.provider, &call.model)?;
     let candidates = match &call.credentials {
         // Forwarded credentials belong to the provider the caller named: no fallback.
+        // Built from the caller's key or URL, so it stays out of the shared cooldowns.
         Some(creds) => vec![Candidate {
             provider: resolved.provider.with_client_credentials(creds).await?,
             model: resolved.model.clone(),
+            shared: false,
+            unary_timeout: resolved.unary_timeout,
         }],
         None => registry.candidates(&resolved),
     };
@@ -93,7 +96,16 @@ pub async fn start(
 /// The existing ChatCLI's `error_type` label for an error.
 pub fn error_type(e: &LlmError) -> LlmErrorType {
     use super::ErrorClass::*;
-    match e.as_upstream().map(|u| u.class) {
+    let class = match e {
+        LlmError::Upstream(u) => Some(u.class),
+        // Every provider failed the same way (all timed out, say): counted as that.
+        LlmError::AllFailed(all) => all
+            .first()
+            .map(|u| u.class)
+            .filter(|c| all.iter().all(|u| u.class == *c)),
+        _ => None,
+    };
+    match class {
         Some(RateLimit) => LlmErrorType::RateLimit,
         Some(Timeout) => LlmErrorType::Timeout,
         Some(Auth) => LlmErrorType::AuthError,

@@ -5,7 +5,6 @@
 //! `{"error":{code,status}}` errors, and request-scoped copies built from client credentials.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -64,7 +63,7 @@ pub struct GeminiProvider {
     /// Operator-configured extra headers (never sent to a client-supplied URL).
     headers: HeaderMap,
     auth: Auth,
-    timeout: Duration,
+    timeouts: http::Timeouts,
     client: reqwest::Client,
     ctx: ProviderContext,
 }
@@ -117,7 +116,7 @@ impl GeminiProvider {
             base_url,
             headers,
             auth: Auth::ApiKey(Secret::new(key.expose().trim())),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             client: http::client(&HttpOptions::default())?,
             ctx: ctx.clone(),
         })
@@ -133,6 +132,18 @@ impl GeminiProvider {
         let model = model_path(model).map_err(|what| {
             LlmError::InvalidRequest(format!("provider `{}`: {what}", self.name))
         })?;
+        Ok(self
+            .client
+            .post(format!(
+                "{}/v1beta/models/{model}:streamGenerateContent?alt=sse",
+                self.base_url
+            ))
+            .headers(self.sent_headers()?)
+            .json(&GenerateBody::new(req)))
+    }
+
+    /// The operator's headers and the credentials: what every call sends.
+    fn sent_headers(&self) -> Result<HeaderMap, LlmError> {
         let mut headers = self.headers.clone();
         match &self.auth {
             Auth::ApiKey(key) => {
@@ -150,14 +161,7 @@ impl GeminiProvider {
                 );
             }
         }
-        Ok(self
-            .client
-            .post(format!(
-                "{}/v1beta/models/{model}:streamGenerateContent?alt=sse",
-                self.base_url
-            ))
-            .headers(headers)
-            .json(&GenerateBody::new(req)))
+        Ok(headers)
     }
 
     fn secret_header(&self, value: &str) -> Result<HeaderValue, LlmError> {
@@ -171,6 +175,21 @@ impl GeminiProvider {
         v.set_sensitive(true);
         Ok(v)
     }
+}
+
+/// Most pages of `GET /v1beta/models` read for one model list.
+const MAX_MODEL_PAGES: usize = 20;
+
+/// Whether a listed model can answer `generateContent` (an absent method list is taken as yes).
+fn generates(model: &Value) -> bool {
+    model
+        .get("supportedGenerationMethods")
+        .and_then(Value::as_array)
+        .is_none_or(|methods| {
+            methods
+                .iter()
+                .any(|m| m.as_str() == Some("generateContent"))
+        })
 }
 
 /// The model as a path segment. Models come from callers, so only plain names pass: a `/`, `?` or
@@ -235,9 +254,52 @@ impl Provider for GeminiProvider {
         })
     }
 
+    /// `GET {base}/v1beta/models`, page by page (`nextPageToken`): the names of the models that
+    /// can generate content, without their `models/` prefix.
+    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
+        Box::pin(async move {
+            let mut models = Vec::new();
+            let mut page: Option<String> = None;
+            for _ in 0..MAX_MODEL_PAGES {
+                let mut url = reqwest::Url::parse(&format!("{}/v1beta/models", self.base_url))
+                    .map_err(|e| {
+                        LlmError::InvalidRequest(format!(
+                            "provider `{}`: base_url is not a URL: {e}",
+                            self.name
+                        ))
+                    })?;
+                url.query_pairs_mut().append_pair("pageSize", "1000");
+                if let Some(token) = &page {
+                    url.query_pairs_mut().append_pair("pageToken", token);
+                }
+                let rb = self.client.get(url).headers(self.sent_headers()?);
+                let resp = http::send(&self.name, &self.timeouts, rb, parse_error).await?;
+                let body = http::json_body(&self.name, resp).await?;
+                let listed = body
+                    .get("models")
+                    .and_then(Value::as_array)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                models.extend(listed.iter().filter(|m| generates(m)).filter_map(|m| {
+                    let name = m.get("name").and_then(Value::as_str)?;
+                    Some(name.strip_prefix("models/").unwrap_or(name).to_string())
+                }));
+                page = body
+                    .get("nextPageToken")
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from);
+                if page.is_none() {
+                    break;
+                }
+            }
+            Ok(models)
+        })
+    }
+
     fn stream(&self, request: &ChatRequest) -> DeltaStream {
         let name = self.name.clone();
-        let timeout = self.timeout;
+        let timeouts = self.timeouts;
         let prepared = self.request(request);
         Box::pin(async_stream::stream! {
             let builder = match prepared {
@@ -247,7 +309,7 @@ impl Provider for GeminiProvider {
                     return;
                 }
             };
-            let resp = match http::send_within(&name, timeout, builder, parse_error).await {
+            let resp = match http::send(&name, &timeouts, builder, parse_error).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     yield Err(e);
@@ -546,6 +608,7 @@ fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     use super::*;
     use crate::llm::ssrf::SsrfPolicy;
@@ -1092,5 +1155,23 @@ mod tests {
         );
         assert_eq!(parse_error(502, "<html>"), None);
         assert_eq!(class_of("DEADLINE_EXCEEDED"), Some(ErrorClass::Timeout));
+    }
+
+    #[tokio::test]
+    async fn discovered_models_are_the_generating_ones_of_every_page() {
+        let (fake, p) = setup().await;
+        fake.set_models(&["gemini-a", "text-embedding-1", "gemini-b"]);
+        let got = p.discover_models().await.unwrap();
+        assert_eq!(got, ["gemini-a", "gemini-b"]);
+        let reqs = fake.requests();
+        assert_eq!(reqs.len(), 2, "two pages");
+        assert!(
+            reqs.iter()
+                .all(|r| r.header("x-goog-api-key").as_deref() == Some(KEY))
+        );
+        assert!(
+            reqs.iter().all(|r| r.model().is_none()),
+            "no model in the list's path"
+        );
     }
 }

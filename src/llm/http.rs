@@ -11,6 +11,11 @@
 //! when an environment proxy is set (reqwest honours `HTTP(S)_PROXY`/`ALL_PROXY`), nor for
 //! client-chosen URLs (the SSRF guard pins them in a reqwest client). A 2xx answer from either is an
 //! [`Answer`]; any other status goes through the same error reading as reqwest's.
+//!
+//! Every answer's body, from either client, is read under a provider's [`Timeouts`]: once the
+//! headers are in, the first body byte and then each next one must come within their bounds, or
+//! the read fails with class `Timeout` and the body (so the connection) is dropped. Only the time
+//! spent waiting for the upstream counts: a caller reading slowly does not run the clock.
 
 use std::time::Duration;
 
@@ -25,6 +30,218 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an idle upstream connection is kept for reuse (both clients).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How long a call waits for each part of an upstream's answer; zero means no bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timeouts {
+    /// From sending the request to the response headers.
+    pub headers: Duration,
+    /// From the response headers to the first byte of the body.
+    pub first_byte: Duration,
+    /// Between one body byte and the next.
+    pub idle: Duration,
+}
+
+impl Timeouts {
+    /// The bounds a provider's config sets (`timeout`, `first_byte_timeout`, `idle_timeout`).
+    pub fn of(cfg: &crate::config::ProviderConfig) -> Self {
+        Self {
+            headers: cfg.timeout,
+            first_byte: cfg.first_byte_timeout,
+            idle: cfg.idle_timeout,
+        }
+    }
+}
+
+/// An upstream that went silent in the middle of its answer's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct BodyStalled {
+    /// Whether no byte of the body had come yet.
+    pub before_first_byte: bool,
+    /// The bound that passed.
+    pub after: Duration,
+}
+
+impl BodyStalled {
+    fn describe(&self) -> String {
+        match self.before_first_byte {
+            true => format!(
+                "no body byte within {}s of the response headers (first_byte_timeout)",
+                self.after.as_secs_f64()
+            ),
+            false => format!(
+                "the body stalled: no byte for {}s (idle_timeout)",
+                self.after.as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// The error of a [`TimedBody`]: the inner body's, or the stall.
+#[derive(Debug)]
+pub enum BodyError<E> {
+    /// The inner body failed.
+    Read(E),
+    /// The upstream sent nothing within the bound.
+    Stalled(BodyStalled),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for BodyError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Read(e) => e.fmt(f),
+            BodyError::Stalled(s) => s.fmt(f),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for BodyError<E> {
+    /// Transparent: the inner error's causes, so that messages do not name it twice.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Read(e) => e.source(),
+            BodyError::Stalled(_) => None,
+        }
+    }
+}
+
+/// A response body read under the first-byte and idle bounds of [`Timeouts`]. The clock runs only
+/// while a read is waiting for the upstream (from the first poll that finds nothing, to the next
+/// frame), so a slow reader downstream never counts against the upstream. One timer per body,
+/// moved only when it fires early (at most once per bound), not on every frame.
+pub struct TimedBody<B> {
+    inner: B,
+    first_byte: Duration,
+    idle: Duration,
+    got_first: bool,
+    /// When the current wait for a frame began; `None` while no read is waiting.
+    waiting_since: Option<tokio::time::Instant>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> TimedBody<B> {
+    /// `inner` read under `t.first_byte` and `t.idle`.
+    pub fn new(inner: B, t: &Timeouts) -> Self {
+        Self {
+            inner,
+            first_byte: t.first_byte,
+            idle: t.idle,
+            got_first: false,
+            waiting_since: None,
+            timer: None,
+        }
+    }
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for TimedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimedBody")
+            .field("inner", &self.inner)
+            .field("first_byte", &self.first_byte)
+            .field("idle", &self.idle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BodyError<B::Error>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.got_first = true;
+                this.waiting_since = None;
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::Read(e)))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        let bound = match this.got_first {
+            false => this.first_byte,
+            true => this.idle,
+        };
+        if bound.is_zero() {
+            return Poll::Pending;
+        }
+        let since = *this
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        let due = since + bound;
+        loop {
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() > due {
+                timer.as_mut().reset(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The timer was set for an earlier wait: this one is not over yet.
+            if tokio::time::Instant::now() < due {
+                timer.as_mut().reset(due);
+                continue;
+            }
+            this.waiting_since = None;
+            return Poll::Ready(Some(Err(BodyError::Stalled(BodyStalled {
+                before_first_byte: !this.got_first,
+                after: bound,
+            }))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The stall behind `e`, if the body it read went silent (`e` itself or any of its causes).
+fn stall_of(e: &(dyn std::error::Error + 'static)) -> Option<BodyStalled> {
+    std::iter::once(e).chain(causes(e)).find_map(|s| {
+        if let Some(st) = s.downcast_ref::<BodyStalled>() {
+            return Some(*st);
+        }
+        match (
+            s.downcast_ref::<BodyError<reqwest::Error>>(),
+            s.downcast_ref::<BodyError<hyper::Error>>(),
+        ) {
+            (Some(BodyError::Stalled(st)), _) | (_, Some(BodyError::Stalled(st))) => Some(*st),
+            _ => None,
+        }
+    })
+}
+
+/// The error of a stalled body, class `Timeout`.
+fn stalled_error(provider: &str, stall: BodyStalled) -> LlmError {
+    LlmError::upstream(provider, ErrorClass::Timeout, stall.to_string())
+}
+
+/// `resp` with its body read under `t`'s first-byte and idle bounds.
+pub fn timed_response(resp: reqwest::Response, t: &Timeouts) -> reqwest::Response {
+    if t.first_byte.is_zero() && t.idle.is_zero() {
+        return resp;
+    }
+    let resp: http::Response<reqwest::Body> = resp.into();
+    let t = *t;
+    resp.map(|body| reqwest::Body::wrap(TimedBody::new(body, &t)))
+        .into()
+}
 
 /// How a provider's HTTP client is built.
 #[derive(Clone, Default)]
@@ -110,13 +327,13 @@ pub fn lean_json_post(
     req
 }
 
-/// A 2xx answer from either client, read without further layers.
+/// A 2xx answer from either client, its body read under the provider's [`Timeouts`].
 #[derive(Debug)]
 pub enum Answer {
     /// From reqwest.
     Reqwest(reqwest::Response),
     /// From the lean client.
-    Lean(http::Response<PooledBody>),
+    Lean(http::Response<TimedBody<PooledBody>>),
 }
 
 impl Answer {
@@ -138,7 +355,7 @@ impl Answer {
                 .collect()
                 .await
                 .map(http_body_util::Collected::to_bytes)
-                .map_err(|e| body_error(provider, &e)),
+                .map_err(|e| lean_body_error(provider, &e)),
         }
     }
 
@@ -159,20 +376,46 @@ impl Answer {
 /// [`send`] through the lean client.
 pub async fn send_lean(
     provider: &str,
+    timeouts: &Timeouts,
     lean: &Lean,
     request: http::Request<LeanBody>,
     parse_error: ErrorParser,
 ) -> Result<Answer, LlmError> {
-    let resp = lean
-        .request(request)
-        .await
-        .map_err(|e| lean_error(provider, &e))?;
+    let sent = async {
+        lean.request(request)
+            .await
+            .map_err(|e| lean_error(provider, &e))
+    };
+    let resp = within_headers(provider, timeouts.headers, sent).await?;
+    let resp = resp.map(|body| TimedBody::new(body, timeouts));
     if resp.status().is_success() {
         return Ok(Answer::Lean(resp));
     }
     check_status(provider, resp.map(reqwest::Body::wrap).into(), parse_error)
         .await
         .map(Answer::Reqwest)
+}
+
+/// `sent` (a request on its way to its response headers), bounded by `limit` (zero = no bound):
+/// an upstream that answers nothing within it fails with class `Timeout`.
+async fn within_headers<T>(
+    provider: &str,
+    limit: Duration,
+    sent: impl std::future::Future<Output = Result<T, LlmError>>,
+) -> Result<T, LlmError> {
+    if limit.is_zero() {
+        return sent.await;
+    }
+    tokio::time::timeout(limit, sent).await.unwrap_or_else(|_| {
+        Err(LlmError::upstream(
+            provider,
+            ErrorClass::Timeout,
+            format!(
+                "no response headers within {}s (timeout)",
+                limit.as_secs_f64()
+            ),
+        ))
+    })
 }
 
 /// The causes of `e` (its sources), outermost first.
@@ -185,6 +428,14 @@ fn causes<'a>(
 /// `headline` followed by every cause of `e`: `connection failed: tcp connect error: …`.
 fn with_causes(headline: String, e: &(dyn std::error::Error + 'static)) -> String {
     causes(e).fold(headline, |text, s| format!("{text}: {s}"))
+}
+
+/// A lean client's body that failed: it stalled, or it broke off.
+fn lean_body_error(provider: &str, e: &BodyError<hyper::Error>) -> LlmError {
+    match e {
+        BodyError::Read(h) => body_error(provider, h),
+        BodyError::Stalled(st) => stalled_error(provider, *st),
+    }
 }
 
 /// A body that broke off on the lean client, worded as [`transport_error`] words it.
@@ -219,17 +470,22 @@ fn lean_error(provider: &str, failure: &Failure) -> LlmError {
 /// Parses a provider's error body into a class and message; `None` falls back to the HTTP status.
 pub type ErrorParser = fn(status: u16, body: &str) -> Option<(ErrorClass, String)>;
 
-/// Sends a request; a non-2xx answer becomes a classified [`LlmError::Upstream`].
+/// Sends a request under `timeouts` (the wait for the headers, then the body's first byte and
+/// each next one); a non-2xx answer becomes a classified [`LlmError::Upstream`].
 pub async fn send(
     provider: &str,
+    timeouts: &Timeouts,
     request: reqwest::RequestBuilder,
     parse_error: ErrorParser,
 ) -> Result<reqwest::Response, LlmError> {
-    let resp = request
-        .send()
-        .await
-        .map_err(|e| transport_error(provider, &e))?;
-    check_status(provider, resp, parse_error).await
+    let sent = async {
+        request
+            .send()
+            .await
+            .map_err(|e| transport_error(provider, &e))
+    };
+    let resp = within_headers(provider, timeouts.headers, sent).await?;
+    check_status(provider, timed_response(resp, timeouts), parse_error).await
 }
 
 /// A 2xx answer as it is; any other becomes a classified [`LlmError::Upstream`].
@@ -285,6 +541,9 @@ async fn read_bounded(resp: reqwest::Response, limit: usize) -> String {
 
 /// Classifies a reqwest transport error (never an HTTP status: those are handled in [`send`]).
 pub fn transport_error(provider: &str, e: &reqwest::Error) -> LlmError {
+    if let Some(stall) = stall_of(e) {
+        return stalled_error(provider, stall);
+    }
     // reqwest marks every failed body read as a decode error; only a decode error that did not come
     // from the connection (hyper or I/O underneath) is the upstream speaking garbage.
     let from_connection = causes(e).any(|s| s.is::<hyper::Error>() || s.is::<std::io::Error>());
@@ -383,8 +642,12 @@ where
             sse_stream::Error::Body(b) => {
                 if let Some(t) = b.downcast_ref::<reqwest::Error>() {
                     transport_error(&provider, t)
+                } else if let Some(l) = b.downcast_ref::<BodyError<hyper::Error>>() {
+                    lean_body_error(&provider, l)
                 } else if let Some(h) = b.downcast_ref::<hyper::Error>() {
                     body_error(&provider, h)
+                } else if let Some(st) = stall_of(b.as_ref()) {
+                    stalled_error(&provider, st)
                 } else {
                     LlmError::upstream(&provider, ErrorClass::Transport, b.to_string())
                 }
@@ -481,29 +744,6 @@ fn parse_line(provider: &str, line: &[u8]) -> Option<Result<serde_json::Value, L
     }))
 }
 
-/// [`send`] with a bound on the wait for the response headers (zero = no bound): a provider that
-/// answers nothing within it fails with class Timeout.
-pub async fn send_within(
-    provider: &str,
-    timeout: std::time::Duration,
-    request: reqwest::RequestBuilder,
-    parse_error: ErrorParser,
-) -> Result<reqwest::Response, LlmError> {
-    let send = send(provider, request, parse_error);
-    if timeout.is_zero() {
-        return send.await;
-    }
-    tokio::time::timeout(timeout, send)
-        .await
-        .unwrap_or_else(|_| {
-            Err(LlmError::upstream(
-                provider,
-                ErrorClass::Timeout,
-                format!("no answer within {}s", timeout.as_secs_f64()),
-            ))
-        })
-}
-
 /// The operator's extra headers, marked sensitive; an error names a bad header, never its value
 /// (values may be secrets).
 pub fn header_map(
@@ -527,6 +767,49 @@ pub fn content_type(resp: &reqwest::Response) -> Option<String> {
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim().to_ascii_lowercase())
+}
+
+/// The body of a 2xx answer as JSON; one that is not JSON is `Malformed`.
+pub async fn json_body(
+    provider: &str,
+    resp: reqwest::Response,
+) -> Result<serde_json::Value, LlmError> {
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| transport_error(provider, &e))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        LlmError::upstream(
+            provider,
+            ErrorClass::Malformed,
+            format!("the answer is not JSON: {e}"),
+        )
+    })
+}
+
+/// The string `field` of every object in the array `list` of a model list answer (`data[].id`,
+/// `models[].name`, …); `Malformed` when there is no such array.
+pub fn names_in(
+    provider: &str,
+    body: &serde_json::Value,
+    list: &str,
+    field: &str,
+) -> Result<Vec<String>, LlmError> {
+    let items = body
+        .get(list)
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| {
+            LlmError::upstream(
+                provider,
+                ErrorClass::Malformed,
+                format!("the model list has no `{list}` array"),
+            )
+        })?;
+    Ok(items
+        .iter()
+        .filter_map(|m| m.get(field).and_then(serde_json::Value::as_str))
+        .map(String::from)
+        .collect())
 }
 
 /// Refuses `provider_config` keys a provider does not take, naming them (never their values).
@@ -589,7 +872,7 @@ mod tests {
             .unwrap_or_else(|_| unreachable!());
         let lean = Lean::direct(&uri).unwrap_or_else(|_| unreachable!());
         let req = lean_json_post(&uri, HeaderMap::new(), b"{}".to_vec());
-        let err = send_lean("p", &lean, req, |_, _| None)
+        let err = send_lean("p", &Timeouts::default(), &lean, req, |_, _| None)
             .await
             .err()
             .and_then(|e| e.as_upstream().cloned())
@@ -690,5 +973,163 @@ mod tests {
             "soon".parse().unwrap_or_else(|_| unreachable!()),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    type TestBody = http_body_util::StreamBody<
+        futures::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::io::Error>>,
+    >;
+
+    /// A body of `frames`, all there at once; then silent forever when `stall` is set.
+    fn body_of(frames: &[&'static str], stall: bool) -> TestBody {
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = frames
+            .iter()
+            .map(|t| Ok(http_body::Frame::data(Bytes::from_static(t.as_bytes()))))
+            .collect();
+        let tail = match stall {
+            true => futures::stream::pending().boxed(),
+            false => futures::stream::empty().boxed(),
+        };
+        http_body_util::StreamBody::new(futures::stream::iter(frames).chain(tail).boxed())
+    }
+
+    fn bounds(first_byte_ms: u64, idle_ms: u64) -> Timeouts {
+        Timeouts {
+            headers: Duration::ZERO,
+            first_byte: Duration::from_millis(first_byte_ms),
+            idle: Duration::from_millis(idle_ms),
+        }
+    }
+
+    /// Reads `body` to its end: each frame's text, or the stall that ended it.
+    async fn read_all<B>(mut body: TimedBody<B>) -> Vec<Result<String, BodyStalled>>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        use http_body_util::BodyExt;
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => out.push(Ok(String::from_utf8_lossy(
+                    &f.into_data().unwrap_or_default(),
+                )
+                .into_owned())),
+                Err(BodyError::Stalled(s)) => {
+                    out.push(Err(s));
+                    break;
+                }
+                Err(BodyError::Read(e)) => unreachable!("{e:?}"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_silent_body_fails_after_its_first_byte_bound_then_its_idle_bound() {
+        let silent = TimedBody::new(body_of(&[], true), &bounds(100, 50));
+        assert_eq!(
+            read_all(silent).await,
+            [Err(BodyStalled {
+                before_first_byte: true,
+                after: Duration::from_millis(100)
+            })]
+        );
+        let stalls_later = TimedBody::new(body_of(&["a", "b"], true), &bounds(100, 50));
+        assert_eq!(
+            read_all(stalls_later).await,
+            [
+                Ok("a".into()),
+                Ok("b".into()),
+                Err(BodyStalled {
+                    before_first_byte: false,
+                    after: Duration::from_millis(50)
+                })
+            ]
+        );
+        let complete = TimedBody::new(body_of(&["a", "b"], false), &bounds(100, 50));
+        assert_eq!(read_all(complete).await, [Ok("a".into()), Ok("b".into())]);
+        let unbounded = TimedBody::new(body_of(&["a"], true), &bounds(0, 0));
+        let waited = tokio::time::timeout(Duration::from_millis(300), read_all(unbounded)).await;
+        assert!(waited.is_err(), "zero means no bound: {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_does_not_run_the_upstreams_clock() {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+        let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|t| {
+                Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(t.as_bytes())))
+            })
+            .boxed();
+        let mut body = TimedBody::new(http_body_util::StreamBody::new(frames), &bounds(1000, 1000));
+        tx.send("a").await.unwrap_or_else(|_| unreachable!());
+        assert!(matches!(body.frame().await, Some(Ok(_))));
+        // Away for longer than the idle bound, with nothing from the upstream meanwhile: the clock
+        // starts when the reader is back, so its next read waits rather than failing at once.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let waited = tokio::time::timeout(Duration::from_millis(100), body.frame()).await;
+        assert!(waited.is_err(), "the reader's absence counted: {waited:?}");
+        tx.send("b").await.unwrap_or_else(|_| unreachable!());
+        let second = body
+            .frame()
+            .await
+            .map(|f| f.map(|f| f.into_data().unwrap_or_default()));
+        assert!(matches!(second, Some(Ok(ref b)) if b == "b"), "{second:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_is_a_timeout_on_either_client() {
+        use crate::testing::{FakeUpstream, Reply, Step};
+        let fake = FakeUpstream::start(crate::testing::openai::OpenAiFormat)
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        let stalled = || {
+            Reply::body(
+                "application/json",
+                vec![
+                    Step::Raw("{\"id\":".into()),
+                    Step::AwaitRelease,
+                    Step::Raw("1}".into()),
+                ],
+            )
+        };
+        let t = bounds(5_000, 200);
+        // reqwest.
+        fake.push(stalled());
+        let url = format!("{}/v1/chat/completions", fake.base_url());
+        let rb = client(&HttpOptions::default())
+            .unwrap_or_else(|_| unreachable!())
+            .post(&url)
+            .body("{}");
+        let resp = send("p", &t, rb, |_, _| None)
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        let err = match resp.bytes().await {
+            Ok(b) => unreachable!("{b:?}"),
+            Err(e) => transport_error("p", &e),
+        };
+        let u = err.as_upstream().cloned().unwrap_or_else(|| unreachable!());
+        assert_eq!(u.class, ErrorClass::Timeout, "{u}");
+        assert!(u.message.contains("idle_timeout"), "{u}");
+        // The lean client.
+        fake.push(stalled());
+        let uri: http::Uri = url.parse().unwrap_or_else(|_| unreachable!());
+        let lean = Lean::direct(&uri).unwrap_or_else(|_| unreachable!());
+        let req = lean_json_post(&uri, HeaderMap::new(), b"{}".to_vec());
+        let answer = send_lean("p", &t, &lean, req, |_, _| None)
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        let u = answer
+            .bytes("p")
+            .await
+            .err()
+            .and_then(|e| e.as_upstream().cloned())
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(u.class, ErrorClass::Timeout, "{u}");
+        assert!(u.message.contains("idle_timeout"), "{u}");
+        // Both connections were closed, not kept for another call.
+        assert!(fake.wait_cancelled(2, Duration::from_secs(10)).await);
+        fake.release();
     }
 }

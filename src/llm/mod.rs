@@ -16,6 +16,7 @@ pub mod gemini;
 pub mod http;
 pub mod json;
 pub mod lean;
+pub mod models;
 pub mod ollama;
 pub mod openai;
 mod registry;
@@ -158,6 +159,14 @@ impl ProviderKind {
         })
     }
 
+    /// Whether providers of this kind can list their upstream's models (`discover_models`).
+    pub fn discovers_models(self) -> bool {
+        matches!(
+            self,
+            Self::OpenAi | Self::Anthropic | Self::Gemini | Self::Ollama
+        )
+    }
+
     /// The wire format's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -179,9 +188,16 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> ProviderKind;
     /// The model used when the request names none.
     fn default_model(&self) -> &str;
-    /// Every model this provider offers (for model lists); at least the default.
-    fn models(&self) -> Vec<String> {
-        vec![self.default_model().to_string()]
+    /// Asks the upstream which models it offers (`discover_models`), with the server's
+    /// credentials. Wire formats without a model list answer an [`LlmError::InvalidRequest`].
+    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
+        let name = self.name().to_string();
+        let kind = self.kind().as_str();
+        Box::pin(async move {
+            Err(LlmError::InvalidRequest(format!(
+                "provider `{name}` ({kind}) cannot list its upstream's models"
+            )))
+        })
     }
     /// Starts the call; deltas arrive as the upstream produces them. Dropping the stream cancels it.
     fn stream(&self, request: &ChatRequest) -> DeltaStream;

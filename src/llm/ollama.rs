@@ -4,7 +4,6 @@
 //! that URL goes through the SSRF guard and gets neither the operator's key nor its headers.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -35,8 +34,8 @@ pub struct OllamaProvider {
     headers: HeaderMap,
     /// Sent as `Authorization: Bearer` (Ollama behind an authenticating proxy).
     bearer: Option<Secret>,
-    /// Bound on the wait for response headers.
-    timeout: Duration,
+    /// Bounds on the waits for the response headers and the body's bytes.
+    timeouts: http::Timeouts,
     ctx: ProviderContext,
 }
 
@@ -80,7 +79,7 @@ impl OllamaProvider {
                 .api_key
                 .clone()
                 .filter(|k| !k.expose().trim().is_empty()),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             ctx: ctx.clone(),
         })
     }
@@ -117,9 +116,9 @@ impl Provider for OllamaProvider {
         let rb = self
             .with_auth(self.client.post(format!("{}/api/chat", self.base_url)))
             .json(&chat_body(&model, request));
-        let timeout = self.timeout;
+        let timeouts = self.timeouts;
         Box::pin(async_stream::stream! {
-            let resp = match http::send_within(&name, timeout, rb, parse_error).await {
+            let resp = match http::send(&name, &timeouts, rb, parse_error).await {
                 Ok(r) => r,
                 Err(e) => {
                     yield Err(e);
@@ -171,7 +170,7 @@ impl Provider for OllamaProvider {
                         client,
                         headers: HeaderMap::new(),
                         bearer: forwarded,
-                        timeout: self.timeout,
+                        timeouts: self.timeouts,
                         ctx: self.ctx.clone(),
                     }
                 }
@@ -182,7 +181,7 @@ impl Provider for OllamaProvider {
                     client: self.client.clone(),
                     headers: self.headers.clone(),
                     bearer: forwarded.or_else(|| self.bearer.clone()),
-                    timeout: self.timeout,
+                    timeouts: self.timeouts,
                     ctx: self.ctx.clone(),
                 },
             };
@@ -190,26 +189,26 @@ impl Provider for OllamaProvider {
         })
     }
 
+    /// `GET {base_url}/api/tags`: the pulled models, with their tags.
+    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
+        Box::pin(self.tags())
+    }
+
     fn check_ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let base = &self.base_url;
-            let rb = self.with_auth(self.client.get(format!("{base}/api/tags")));
-            let resp = match http::send_within(&self.name, self.timeout, rb, parse_error).await {
-                Ok(r) => r,
+            let names = match self.tags().await {
+                Ok(names) => names,
+                Err(LlmError::Upstream(u)) if u.class == ErrorClass::Malformed => {
+                    return Err(format!(
+                        "ollama at {base} answered /api/tags with no model list"
+                    ));
+                }
                 Err(LlmError::Upstream(u)) if u.status.is_none() => {
                     return Err(format!("ollama at {base} is unreachable: {}", u.message));
                 }
                 Err(e) => return Err(format!("ollama at {base} did not list its models: {e}")),
             };
-            let not_a_list = || format!("ollama at {base} answered /api/tags with no model list");
-            let body: Value = resp.json().await.map_err(|_| not_a_list())?;
-            let names: Vec<&str> = body
-                .get("models")
-                .and_then(Value::as_array)
-                .ok_or_else(not_a_list)?
-                .iter()
-                .filter_map(|m| m.get("name").and_then(Value::as_str))
-                .collect();
             if names.iter().any(|n| model_matches(&self.model, n)) {
                 return Ok(());
             }
@@ -223,6 +222,16 @@ impl Provider for OllamaProvider {
                 "ollama at {base} does not have model `{model}` (it has: {has}); run `ollama pull {model}`"
             ))
         })
+    }
+}
+
+impl OllamaProvider {
+    /// The names `GET /api/tags` lists.
+    async fn tags(&self) -> Result<Vec<String>, LlmError> {
+        let rb = self.with_auth(self.client.get(format!("{}/api/tags", self.base_url)));
+        let resp = http::send(&self.name, &self.timeouts, rb, parse_error).await?;
+        let body = http::json_body(&self.name, resp).await?;
+        http::names_in(&self.name, &body, "models", "name")
     }
 }
 
@@ -347,6 +356,8 @@ fn normalized_base(mut url: reqwest::Url) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::llm::ssrf::SsrfPolicy;
     use crate::llm::{ClientKey, Message, collect};
@@ -747,7 +758,6 @@ mod tests {
         assert!(build(&c, &ctx()).is_err());
         let p = build(&ProviderConfig::default(), &ctx()).unwrap();
         assert_eq!(p.default_model(), DEFAULT_MODEL);
-        assert_eq!(p.models(), vec![DEFAULT_MODEL.to_string()]);
     }
 
     #[test]
@@ -756,5 +766,17 @@ mod tests {
         assert!(model_matches("llama3:latest", "llama3:latest"));
         assert!(!model_matches("llama3", "llama3:8b"));
         assert!(!model_matches("llama", "llama3:latest"));
+    }
+
+    #[tokio::test]
+    async fn discovered_models_are_the_pulled_ones() {
+        let fake = fake(&["llama3:latest"]).await;
+        let p = provider(&fake);
+        assert_eq!(p.discover_models().await.unwrap(), ["llama3:latest"]);
+        fake.set_models(&["llama3:latest", "qwen2:7b"]);
+        assert_eq!(
+            p.discover_models().await.unwrap(),
+            ["llama3:latest", "qwen2:7b"]
+        );
     }
 }

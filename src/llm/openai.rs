@@ -6,7 +6,6 @@
 //! and the request-scoped copies built from a caller's forwarded key or `provider_config` URL.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
@@ -144,7 +143,7 @@ pub struct OpenAiProvider {
     /// Everything a call sends as headers, built once ([`Self::sent_headers`]): for a
     /// non-streamed call, and for a streamed one.
     sent: [HeaderMap; 2],
-    timeout: Duration,
+    timeouts: http::Timeouts,
     client: reqwest::Client,
     /// The fast path for calls to the configured upstream ([`super::lean::Lean`]); `None` when an
     /// environment proxy is set and for a client-chosen base URL (pinned in `client`).
@@ -161,7 +160,7 @@ impl std::fmt::Debug for OpenAiProvider {
             .field("model", &self.model)
             .field("has_key", &self.auth.is_some())
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
-            .field("timeout", &self.timeout)
+            .field("timeouts", &self.timeouts)
             .finish()
     }
 }
@@ -282,7 +281,7 @@ impl OpenAiProvider {
             headers,
             preset_only_headers,
             sent: Default::default(),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             client: http::client(&http::HttpOptions::default())?,
             lean,
             ssrf: ctx.ssrf.clone(),
@@ -369,12 +368,12 @@ enum Call {
 }
 
 impl Call {
-    async fn send(self, name: &str) -> Result<http::Answer, LlmError> {
+    async fn send(self, name: &str, timeouts: &http::Timeouts) -> Result<http::Answer, LlmError> {
         match self {
-            Call::Reqwest(rb) => http::send(name, rb, parse_error)
+            Call::Reqwest(rb) => http::send(name, timeouts, rb, parse_error)
                 .await
                 .map(http::Answer::Reqwest),
-            Call::Lean(lean, req) => http::send_lean(name, &lean, req, parse_error).await,
+            Call::Lean(lean, req) => http::send_lean(name, timeouts, &lean, req, parse_error).await,
         }
     }
 }
@@ -500,8 +499,29 @@ impl Provider for OpenAiProvider {
         let call = self.request(request);
         let name = self.name.clone();
         let key = self.api_key.clone();
-        let deltas = deltas(name, call, self.timeout);
+        let deltas = deltas(name, call, self.timeouts);
         Box::pin(deltas.map(move |item| item.map_err(|e| scrub(e, key.as_ref()))))
+    }
+
+    /// `GET {base_url}/models` (OpenAI and the compatible services): the ids of `data`.
+    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
+        Box::pin(async move {
+            let mut headers = self.headers.clone();
+            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+            if let Some(auth) = &self.auth {
+                headers.insert(AUTHORIZATION, auth.clone());
+            }
+            let rb = self
+                .client
+                .get(format!("{}/models", self.base_url))
+                .headers(headers);
+            let scrubbed = |e| scrub(e, self.api_key.as_ref());
+            let resp = http::send(&self.name, &self.timeouts, rb, parse_error)
+                .await
+                .map_err(scrubbed)?;
+            let body = http::json_body(&self.name, resp).await.map_err(scrubbed)?;
+            http::names_in(&self.name, &body, "data", "id")
+        })
     }
 
     fn with_client_credentials<'a>(
@@ -565,27 +585,15 @@ fn scrub(err: LlmError, key: Option<&Secret>) -> LlmError {
     }
 }
 
-/// The call: wait (bounded) for the response headers, then map events to deltas as they arrive.
+/// The call: wait (bounded) for the response headers, then map events to deltas as they arrive
+/// (each body byte bounded too).
 fn deltas(
     name: String,
     call: Call,
-    timeout: Duration,
+    timeouts: http::Timeouts,
 ) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
     async_stream::try_stream! {
-        let sent = call.send(&name);
-        // A zero timeout means no bound (the config cannot express "none" otherwise).
-        let resp = if timeout.is_zero() {
-            sent.await?
-        } else {
-            match tokio::time::timeout(timeout, sent).await {
-                Ok(r) => r?,
-                Err(_) => Err(LlmError::upstream(
-                    &name,
-                    ErrorClass::Timeout,
-                    format!("no response within {}s", timeout.as_secs_f64()),
-                ))?,
-            }
-        };
+        let resp = call.send(&name, &timeouts).await?;
         let is_json = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -925,6 +933,8 @@ fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::llm::{KeyScheme, Message, collect};
     use crate::testing::openai::{OpenAiFormat, error_body};
@@ -1736,5 +1746,32 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn discovered_models_are_the_ids_of_get_models() {
+        let fake = fake().await;
+        fake.set_models(&["m-1", "anthropic/claude-x"]);
+        let p = provider(&fake, "openrouter");
+        assert_eq!(
+            p.discover_models().await.unwrap(),
+            ["m-1", "anthropic/claude-x"]
+        );
+        let r = &fake.requests()[0];
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/models"));
+        assert_eq!(
+            r.header("authorization").as_deref(),
+            Some(format!("Bearer {SERVER_KEY}").as_str())
+        );
+        // A refused key is an error that does not quote it.
+        fake.when(
+            |r| r.path.ends_with("/models"),
+            Reply::error(
+                401,
+                &error_body("invalid_api_key", &format!("bad key {SERVER_KEY}")),
+            ),
+        );
+        let err = p.discover_models().await.unwrap_err();
+        assert!(!err.to_string().contains(SERVER_KEY), "{err}");
     }
 }

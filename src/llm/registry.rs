@@ -1,12 +1,14 @@
-//! The providers configured for this server, in config order, with the default one and the
-//! fallback settings. Names match case-insensitively, so ChatCLI clients sending `ECHO` or
-//! `OpenAI` find `echo` and `openai`.
+//! The providers configured for this server, in config order, with the default one, the fallback
+//! settings and the models each offers (its default, its configured `models`, what its upstream
+//! reports when `discover_models` is on). Names match case-insensitively, so ChatCLI clients
+//! sending `ECHO` or `OpenAI` find `echo` and `openai`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::fallback::{Candidate, FallbackSettings};
+use super::models::Discovered;
 use super::{LlmError, Provider, ProviderContext};
 use crate::config::LlmConfig;
 
@@ -17,6 +19,8 @@ pub struct Resolved {
     pub provider: Arc<dyn Provider>,
     /// The model.
     pub model: String,
+    /// The provider's cap on a whole non-streamed answer (`unary_timeout`).
+    pub unary_timeout: Duration,
 }
 
 /// See the module docs.
@@ -26,6 +30,10 @@ pub struct ProviderRegistry {
     /// A digest of each provider's settings (secrets included), to reuse unchanged providers, with
     /// their connection pools, across reloads.
     fingerprints: Vec<String>,
+    /// Each provider's `unary_timeout`, in the same order.
+    unary_timeouts: Vec<Duration>,
+    /// Each provider's models besides its default, in the same order.
+    models: Vec<Offered>,
     default: Option<usize>,
     default_model: Option<String>,
     fallback: FallbackSettings,
@@ -46,6 +54,8 @@ impl ProviderRegistry {
     ) -> Result<Self, Vec<String>> {
         let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
         let mut fingerprints = Vec::new();
+        let mut unary_timeouts = Vec::new();
+        let mut models = Vec::new();
         let mut errors = Vec::new();
         for p in &llm.providers {
             let fp = fingerprint(p, llm);
@@ -60,8 +70,10 @@ impl ProviderRegistry {
                 .unwrap_or_else(|| super::build_provider(p, ctx))
             {
                 Ok(built) => {
+                    models.push(Offered::of(p, &built, previous));
                     providers.push(built);
                     fingerprints.push(fp);
+                    unary_timeouts.push(p.unary_timeout);
                 }
                 Err(e) => errors.push(format!("provider `{}`: {e}", p.name)),
             }
@@ -91,6 +103,8 @@ impl ProviderRegistry {
         Ok(Self {
             providers,
             fingerprints,
+            unary_timeouts,
+            models,
             default,
             default_model: llm.model.clone(),
             fallback,
@@ -140,6 +154,15 @@ impl ProviderRegistry {
             .find(|p| p.name().eq_ignore_ascii_case(name))
     }
 
+    /// The `unary_timeout` of `provider` (one of ours, by identity).
+    fn unary_timeout_of(&self, provider: &Arc<dyn Provider>) -> Duration {
+        self.providers
+            .iter()
+            .position(|p| Arc::ptr_eq(p, provider))
+            .and_then(|i| self.unary_timeouts.get(i).copied())
+            .unwrap_or_default()
+    }
+
     /// Resolves a request's provider and model; empty strings mean "the default".
     pub fn resolve(&self, provider: &str, model: &str) -> Result<Resolved, LlmError> {
         let provider = provider.trim();
@@ -168,6 +191,7 @@ impl ProviderRegistry {
             (m, _) => m.to_string(),
         };
         Ok(Resolved {
+            unary_timeout: self.unary_timeout_of(&chosen),
             provider: chosen,
             model,
         })
@@ -176,8 +200,8 @@ impl ProviderRegistry {
     /// The providers to try for `resolved`, in order: it first, then the fallback chain.
     pub fn candidates(&self, resolved: &Resolved) -> Vec<Candidate> {
         let mut out = vec![Candidate {
-            provider: resolved.provider.clone(),
-            model: resolved.model.clone(),
+            unary_timeout: resolved.unary_timeout,
+            ..Candidate::new(resolved.provider.clone(), resolved.model.clone())
         }];
         for name in &self.fallback.chain {
             let Some(p) = self.find(name) else { continue };
@@ -191,11 +215,174 @@ impl ProviderRegistry {
                 .cloned()
                 .unwrap_or_else(|| p.default_model().to_string());
             out.push(Candidate {
-                provider: p.clone(),
-                model,
+                unary_timeout: self.unary_timeout_of(p),
+                ..Candidate::new(p.clone(), model)
             });
         }
         out
+    }
+}
+
+/// The models a provider offers besides its default.
+#[derive(Debug, Clone, Default)]
+struct Offered {
+    /// `models` from the config.
+    listed: Vec<String>,
+    /// What its upstream reports, when `discover_models` is on.
+    discovered: Option<Arc<Discovered>>,
+}
+
+impl Offered {
+    /// The models of `cfg`, built as `provider`; a discovered list starts from what `previous`
+    /// knew for the provider of that name, and is fetched again for this config.
+    fn of(
+        cfg: &crate::config::ProviderConfig,
+        provider: &Arc<dyn Provider>,
+        previous: Option<&ProviderRegistry>,
+    ) -> Self {
+        let listed = cfg
+            .models
+            .iter()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty())
+            .collect();
+        let discovered = cfg.discover_models.then(|| {
+            let carried = previous
+                .and_then(|prev| {
+                    let i = prev
+                        .providers
+                        .iter()
+                        .position(|p| p.name().eq_ignore_ascii_case(&cfg.name))?;
+                    prev.models.get(i)?.discovered.as_ref()
+                })
+                .map(|d| d.models())
+                .unwrap_or_default();
+            Discovered::new(provider.clone(), cfg.models_refresh, carried)
+        });
+        Self { listed, discovered }
+    }
+}
+
+/// Longest time a listing (or a model id's resolution) waits for a list this config has not
+/// fetched yet.
+const LIST_WAIT: Duration = Duration::from_secs(10);
+
+impl ProviderRegistry {
+    /// Every model of every provider as (provider, model), in config order: each provider's
+    /// default model first (the server's default model for the default provider), then its
+    /// configured `models`, then the ones its upstream reported; without repeats.
+    pub fn offered_models(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            let is_default = self.default == Some(i);
+            let first = match is_default {
+                true => self.default_model(),
+                false => p.default_model().to_string(),
+            };
+            let offered = self.models.get(i).cloned().unwrap_or_default();
+            let discovered = offered
+                .discovered
+                .as_ref()
+                .map(|d| d.models())
+                .unwrap_or_default();
+            let mut seen = std::collections::HashSet::new();
+            let all = std::iter::once(first)
+                .chain(is_default.then(|| p.default_model().to_string()))
+                .chain(offered.listed)
+                .chain(discovered);
+            for m in all {
+                if !m.is_empty() && seen.insert(m.clone()) {
+                    out.push((p.name().to_string(), m));
+                }
+            }
+        }
+        out
+    }
+
+    /// Brings the discovered model lists up to date for a listing: waits (a bounded time) for the
+    /// first fetch of this config's lists, and refreshes stale ones in the background.
+    pub async fn refresh_models(&self) {
+        let lists = self
+            .models
+            .iter()
+            .filter_map(|m| m.discovered.as_ref())
+            .map(|d| d.ensure_fresh(LIST_WAIT));
+        futures::future::join_all(lists).await;
+    }
+
+    /// Whether provider `i` offers `model`: its default, a configured one or a discovered one.
+    fn offers(&self, i: usize, model: &str) -> bool {
+        let Some(p) = self.providers.get(i) else {
+            return false;
+        };
+        p.default_model() == model
+            || (self.default == Some(i) && self.default_model() == model)
+            || self.models.get(i).is_some_and(|o| {
+                o.listed.iter().any(|m| m == model)
+                    || o.discovered.as_ref().is_some_and(|d| d.contains(model))
+            })
+    }
+
+    /// The provider and model an OpenAI-style model id names (empty strings = the default):
+    /// - a provider's name alone: its default model;
+    /// - `provider/model` when the part before the first `/` names a configured provider (so
+    ///   `openrouter/meta-llama/llama-3` works), unless that provider does not offer `model`
+    ///   while the default provider offers the whole id: a provider named `anthropic` beside an
+    ///   OpenRouter default that lists or discovered `anthropic/claude-x` leaves that id to
+    ///   OpenRouter (and `anthropic/<its own model>` to itself);
+    /// - anything else: the whole id as a model of the default provider, which is how a model id
+    ///   with a `/` of its own (OpenRouter's `anthropic/claude-…`) reaches it when no provider
+    ///   has that prefix as its name. An id nothing offers still goes upstream, which judges it
+    ///   (an unknown model answers 404 there).
+    ///
+    /// Where the answer depends on a discovered list this config has not fetched yet (a prefix
+    /// naming a provider that does not offer the rest, beside a default provider), that list is
+    /// fetched first, waiting a bounded time.
+    pub async fn resolve_model_id(&self, id: &str) -> (String, String) {
+        let id = id.trim();
+        if let Some((prefix, rest)) = id.split_once('/')
+            && let Some(i) = self
+                .providers
+                .iter()
+                .position(|p| p.name().eq_ignore_ascii_case(prefix))
+            && self.default.is_some_and(|d| d != i)
+            && !self.offers(i, rest)
+        {
+            let unfetched = [Some(i), self.default]
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.models.get(k)?.discovered.clone())
+                .filter(|d| !d.fetched());
+            let fetches = unfetched.map(|d| async move { d.ensure_fresh(LIST_WAIT).await });
+            futures::future::join_all(fetches).await;
+        }
+        self.resolve_model_id_now(id)
+    }
+
+    /// [`Self::resolve_model_id`] with the lists as they are now.
+    fn resolve_model_id_now(&self, id: &str) -> (String, String) {
+        let id = id.trim();
+        if id.is_empty() {
+            return (String::new(), String::new());
+        }
+        if let Some(p) = self.find(id) {
+            return (p.name().to_string(), String::new());
+        }
+        if let Some((prefix, rest)) = id.split_once('/')
+            && let Some((i, p)) = self
+                .providers
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.name().eq_ignore_ascii_case(prefix))
+        {
+            let the_defaults = self
+                .default
+                .is_some_and(|d| d != i && self.offers(d, id) && !self.offers(i, rest));
+            if !the_defaults {
+                return (p.name().to_string(), rest.to_string());
+            }
+        }
+        (String::new(), id.to_string())
     }
 }
 
@@ -325,6 +512,50 @@ mod tests {
                 ("c".to_string(), "c-fallback".to_string()),
                 ("b".to_string(), "b-model".to_string())
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_prefix_wins_unless_only_the_default_provider_offers_the_whole_id() {
+        let mut c = cfg(&["router", "anthropic"], None);
+        c.providers[0].models = vec!["anthropic/claude-x".into(), "mistral/large".into()];
+        c.providers[1].model = Some("claude-own".into());
+        c.providers[1].models = vec!["claude-listed".into()];
+        let r = build(&c);
+        let cases = [
+            ("anthropic/claude-x", ("", "anthropic/claude-x")),
+            ("anthropic/claude-own", ("anthropic", "claude-own")),
+            ("anthropic/claude-listed", ("anthropic", "claude-listed")),
+            ("anthropic/unknown", ("anthropic", "unknown")),
+            ("mistral/large", ("", "mistral/large")),
+            (
+                "router/anthropic/claude-x",
+                ("router", "anthropic/claude-x"),
+            ),
+        ];
+        for (id, (p, m)) in cases {
+            assert_eq!(
+                r.resolve_model_id(id).await,
+                (p.to_string(), m.to_string()),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn offered_models_list_defaults_then_configured_without_repeats() {
+        let mut c = cfg(&["a", "b"], None);
+        c.model = Some("server-default".into());
+        c.providers[0].models = vec!["x".into(), "a-model".into(), "x".into()];
+        c.providers[1].models = vec!["y".into()];
+        let got: Vec<String> = build(&c)
+            .offered_models()
+            .into_iter()
+            .map(|(p, m)| format!("{p}/{m}"))
+            .collect();
+        assert_eq!(
+            got,
+            ["a/server-default", "a/a-model", "a/x", "b/b-model", "b/y"]
         );
     }
 }

@@ -85,7 +85,7 @@ struct TokenSource {
     token_url: String,
     client_id: String,
     client_key: Secret,
-    timeout: Duration,
+    timeouts: http::Timeouts,
     /// Held across a fetch, so concurrent calls wait for one token instead of each fetching one.
     cache: tokio::sync::Mutex<Option<CachedToken>>,
 }
@@ -137,7 +137,7 @@ impl TokenSource {
             )
             .header(reqwest::header::ACCEPT, "application/json")
             .body(body);
-        let resp = http::send_within(&self.provider, self.timeout, rb, parse_token_error)
+        let resp = http::send(&self.provider, &self.timeouts, rb, parse_token_error)
             .await
             .map_err(|e| match e {
                 LlmError::Upstream(mut u) => {
@@ -187,7 +187,7 @@ pub struct StackSpotProvider {
     headers: HeaderMap,
     auth: Arc<Auth>,
     account: Account,
-    timeout: Duration,
+    timeouts: http::Timeouts,
     ctx: ProviderContext,
 }
 
@@ -256,7 +256,7 @@ impl StackSpotProvider {
             token_url: account.token_url_for(realm),
             client_id: account.client_id.clone(),
             client_key: account.client_key.clone(),
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             cache: tokio::sync::Mutex::new(None),
         });
         Ok(Self {
@@ -268,7 +268,7 @@ impl StackSpotProvider {
             headers: http::header_map(&cfg.headers).map_err(bad)?,
             auth: Arc::new(auth),
             account,
-            timeout: cfg.timeout,
+            timeouts: http::Timeouts::of(cfg),
             ctx: ctx.clone(),
         })
     }
@@ -371,7 +371,7 @@ impl StackSpotProvider {
                 token_url: token_endpoint,
                 client_id,
                 client_key,
-                timeout: self.timeout,
+                timeouts: self.timeouts,
                 cache: tokio::sync::Mutex::new(None),
             }))
         };
@@ -389,7 +389,7 @@ impl StackSpotProvider {
             headers,
             auth,
             account: self.account.clone(),
-            timeout: self.timeout,
+            timeouts: self.timeouts,
             ctx: self.ctx.clone(),
         })
     }
@@ -426,7 +426,7 @@ impl Provider for StackSpotProvider {
                 "return_ks_in_response": true,
             }),
             auth: self.auth.clone(),
-            timeout: self.timeout,
+            timeouts: self.timeouts,
         };
         Box::pin(async_stream::stream! {
             let resp = match call.send().await {
@@ -524,7 +524,7 @@ struct ChatCall {
     headers: HeaderMap,
     body: Value,
     auth: Arc<Auth>,
-    timeout: Duration,
+    timeouts: http::Timeouts,
 }
 
 impl ChatCall {
@@ -555,7 +555,7 @@ impl ChatCall {
                 "text/event-stream, application/json",
             )
             .json(&self.body);
-        http::send_within(&self.provider, self.timeout, rb, parse_error).await
+        http::send(&self.provider, &self.timeouts, rb, parse_error).await
     }
 }
 

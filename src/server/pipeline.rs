@@ -111,6 +111,9 @@ struct Notes {
     model: Option<String>,
     /// Why the pipeline refused the call (for the audit record; the caller sees a generic text).
     refusal: Option<String>,
+    /// Why a call whose success status had already gone out failed after all (an HTTP stream
+    /// that broke off with an SSE `error` event).
+    failure: Option<String>,
 }
 
 /// What the pipeline knows about a call, for the handlers behind it. One entry in the request's
@@ -166,6 +169,11 @@ impl AuditNotes {
     /// The call was refused by RBAC.
     pub fn denied(&self) {
         self.note(|n| n.denied = true);
+    }
+    /// The call failed after its success status went out (an HTTP stream that ended with an SSE
+    /// `error` event): the audit record says it failed, and why.
+    pub fn failed(&self, why: &str) {
+        self.note(|n| n.failure = Some(why.to_string()));
     }
 }
 
@@ -609,15 +617,17 @@ impl PendingAudit {
                 },
             )
         } else {
-            let ok = self.http_status.is_success();
+            let ok = self.http_status.is_success() && notes.failure.is_none();
             (
                 self.http_status.as_u16().to_string(),
                 ok,
-                (!ok).then(|| {
-                    self.http_status
-                        .canonical_reason()
-                        .unwrap_or("error")
-                        .to_string()
+                notes.failure.clone().or_else(|| {
+                    (!ok).then(|| {
+                        self.http_status
+                            .canonical_reason()
+                            .unwrap_or("error")
+                            .to_string()
+                    })
                 }),
             )
         };

@@ -2,7 +2,9 @@
 //! `message_start`, `content_block_*`, `message_delta`, `message_stop`), else answers one Message
 //! JSON; plus helpers for Anthropic's error body and mid-stream `error` event.
 
+use axum::body::Body;
 use bytes::Bytes;
+use http::{Method, Response};
 use serde_json::json;
 
 use super::{Recorded, WireFormat};
@@ -96,6 +98,32 @@ impl WireFormat for AnthropicFormat {
             "usage": {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens},
         });
         ("application/json", Bytes::from(body.to_string()))
+    }
+
+    /// `GET /v1/models`: Anthropic's model list, [`super::MODEL_PAGE`] models per page
+    /// (`has_more`, `last_id`; the next page from `after_id`).
+    fn model_list(&self, req: &Recorded, models: &[String]) -> Option<Response<Body>> {
+        if req.method != Method::GET || req.path != "/v1/models" {
+            return None;
+        }
+        let start = req
+            .query_param("after_id")
+            .and_then(|after| models.iter().position(|m| *m == after))
+            .map_or(0, |i| i + 1);
+        let page: Vec<&String> = models.iter().skip(start).take(super::MODEL_PAGE).collect();
+        let data: Vec<serde_json::Value> = page
+            .iter()
+            .map(|m| {
+                json!({"type": "model", "id": m, "display_name": m,
+                       "created_at": "2025-01-01T00:00:00Z"})
+            })
+            .collect();
+        Some(super::json_response(&json!({
+            "data": data,
+            "has_more": start + page.len() < models.len(),
+            "first_id": page.first(),
+            "last_id": page.last(),
+        })))
     }
 }
 

@@ -2,7 +2,9 @@
 //! Google's) when the path holds `streamGenerateContent`, else answers one `generateContent`
 //! JSON; plus a helper for Google's `{"error":{code,message,status}}` body.
 
+use axum::body::Body;
 use bytes::Bytes;
+use http::{Method, Response};
 use serde_json::json;
 
 use super::{Recorded, WireFormat};
@@ -72,6 +74,38 @@ impl WireFormat for GeminiFormat {
             body["usageMetadata"] = usage_metadata(u);
         }
         ("application/json", Bytes::from(body.to_string()))
+    }
+
+    /// `GET /v1beta/models`: Google's model list, [`super::MODEL_PAGE`] models per page
+    /// (`nextPageToken`, the next page from `pageToken`); names holding `embedding` support only
+    /// `embedContent`, the others `generateContent`.
+    fn model_list(&self, req: &Recorded, models: &[String]) -> Option<Response<Body>> {
+        if req.method != Method::GET || req.path != "/v1beta/models" {
+            return None;
+        }
+        let start: usize = req
+            .query_param("pageToken")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        let end = (start + super::MODEL_PAGE).min(models.len());
+        let listed: Vec<serde_json::Value> = models
+            .get(start..end)
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                let methods = match m.contains("embedding") {
+                    true => json!(["embedContent"]),
+                    false => json!(["generateContent", "countTokens"]),
+                };
+                json!({"name": format!("models/{m}"), "displayName": m,
+                       "supportedGenerationMethods": methods})
+            })
+            .collect();
+        let mut body = json!({ "models": listed });
+        if end < models.len() {
+            body["nextPageToken"] = json!(end.to_string());
+        }
+        Some(super::json_response(&body))
     }
 }
 

@@ -1,7 +1,9 @@
 //! Test support: fake LLM upstreams on 127.0.0.1 port 0 that answer in a provider's wire format and,
-//! on command, stream with pauses, stall until released, drop the connection mid-stream, answer with
-//! an error status (429 with `Retry-After`, 5xx, 401, 404) or with garbage. Unit tests, the
-//! integration tests and the benchmark mock use them; nothing here runs in the daemon.
+//! on command, stream with pauses, stall until released (before the headers, or after them and
+//! before or between body bytes), drop the connection mid-stream, answer with an error status (429
+//! with `Retry-After`, 5xx, 401, 403, 404) or with garbage, answer requests that match a rule (a
+//! model, a key) always the same way, and list models. Unit tests, the integration tests and the
+//! benchmark mock use them; nothing here runs in the daemon.
 //!
 //! One engine ([`FakeUpstream`]) serves every format; a [`WireFormat`] turns text into that format's
 //! bytes and may answer side routes itself (token endpoints, model lists).
@@ -58,7 +60,43 @@ impl Recorded {
             .and_then(|v| v.to_str().ok())
             .map(String::from)
     }
+    /// The model the request asks for: the body's `model` (OpenAI, Anthropic, Ollama), else the
+    /// `models/<model>:<method>` part of the path (Gemini).
+    pub fn model(&self) -> Option<String> {
+        if let Some(m) = self.json().get("model").and_then(serde_json::Value::as_str) {
+            return Some(m.to_string());
+        }
+        let rest = &self.path[self.path.find("/models/")? + "/models/".len()..];
+        Some(rest.split(':').next().unwrap_or(rest).to_string())
+    }
 }
+
+impl Recorded {
+    /// The first value of the query parameter `key` (percent-decoding left out: the fakes use
+    /// plain values).
+    pub fn query_param(&self, key: &str) -> Option<String> {
+        self.query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+/// A 200 with a JSON body.
+pub fn json_response(v: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(v.to_string()))
+        .unwrap_or_default()
+}
+
+/// How many models a paginated fake model list returns per page, whatever the client asks: small,
+/// so that clients have to follow the pages.
+pub const MODEL_PAGE: usize = 2;
+
+/// Which requests a [`FakeUpstream::when`] rule answers.
+pub type Matcher = Box<dyn Fn(&Recorded) -> bool + Send + Sync>;
 
 /// How one wire format writes answers.
 pub trait WireFormat: Send + Sync + 'static {
@@ -74,6 +112,11 @@ pub trait WireFormat: Send + Sync + 'static {
     fn unary(&self, text: &str, usage: Option<Usage>) -> (&'static str, Bytes);
     /// Requests the format answers itself (token endpoints, model lists); `None` = use the script.
     fn extra(&self, _req: &Recorded) -> Option<Response<Body>> {
+        None
+    }
+    /// When `req` asks for the format's model list: the answer listing `models` (set with
+    /// [`FakeUpstream::set_models`]). `None` for other requests, and for formats without one.
+    fn model_list(&self, _req: &Recorded, _models: &[String]) -> Option<Response<Body>> {
         None
     }
 }
@@ -119,6 +162,15 @@ pub enum Reply {
         /// Body.
         body: String,
     },
+    /// A 200 with this content type whose headers go out at once, then a body written step by
+    /// step ([`Step::Text`] and [`Step::Raw`] as they are), so a test can stall an answer after its
+    /// headers, before or between body bytes, whether the client asked for a stream or not.
+    Body {
+        /// Content type.
+        content_type: String,
+        /// The body's bytes and pauses.
+        steps: Vec<Step>,
+    },
 }
 
 impl Reply {
@@ -156,6 +208,14 @@ impl Reply {
         }
     }
 
+    /// [`Reply::Body`] with this content type.
+    pub fn body(content_type: &str, steps: Vec<Step>) -> Self {
+        Self::Body {
+            content_type: content_type.to_string(),
+            steps,
+        }
+    }
+
     /// A 429 with `Retry-After: <secs>`.
     pub fn rate_limited(body: &str, retry_after_secs: u64) -> Self {
         Self::Error {
@@ -169,6 +229,10 @@ impl Reply {
 struct Shared {
     format: Box<dyn WireFormat>,
     script: Mutex<VecDeque<Reply>>,
+    /// Replies for requests matching a rule, before the script; the first match wins.
+    rules: Mutex<Vec<(Matcher, Reply)>>,
+    /// What the format's model list route lists.
+    models: Mutex<Vec<String>>,
     fallback: Mutex<Reply>,
     requests: Mutex<Vec<Recorded>>,
     release: Notify,
@@ -249,6 +313,8 @@ impl FakeUpstream {
         let shared = Arc::new(Shared {
             format: Box::new(format),
             script: Mutex::new(VecDeque::new()),
+            rules: Mutex::new(Vec::new()),
+            models: Mutex::new(Vec::new()),
             fallback: Mutex::new(Reply::text("hello from the fake")),
             requests: Mutex::new(Vec::new()),
             release: Notify::new(),
@@ -297,6 +363,24 @@ impl FakeUpstream {
     /// The reply used when the queue is empty.
     pub fn set_default(&self, reply: Reply) {
         *lock(&self.shared.fallback) = reply;
+    }
+
+    /// Answers every request that `matches` with `reply` (before the script, which it leaves
+    /// alone, and before the format's own routes: token endpoints, model lists). Rules are tried
+    /// in the order they were added.
+    pub fn when(&self, matches: impl Fn(&Recorded) -> bool + Send + Sync + 'static, reply: Reply) {
+        lock(&self.shared.rules).push((Box::new(matches), reply));
+    }
+
+    /// Answers every request for `model` ([`Recorded::model`]) with `reply`.
+    pub fn on_model(&self, model: &str, reply: Reply) {
+        let model = model.to_string();
+        self.when(move |r| r.model().as_deref() == Some(model.as_str()), reply);
+    }
+
+    /// The models the format's model list route lists (`GET /v1/models`, `/api/tags`, …).
+    pub fn set_models(&self, models: &[&str]) {
+        *lock(&self.shared.models) = models.iter().map(|m| m.to_string()).collect();
     }
 
     /// Every request received so far (side routes included).
@@ -419,12 +503,24 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body>
         peer,
     };
     lock(&shared.requests).push(rec.clone());
-    if let Some(resp) = shared.format.extra(&rec) {
-        return resp;
+    let ruled = lock(&shared.rules)
+        .iter()
+        .find(|(matches, _)| matches(&rec))
+        .map(|(_, reply)| reply.clone());
+    if ruled.is_none() {
+        if let Some(resp) = shared.format.extra(&rec) {
+            return resp;
+        }
+        let listed = lock(&shared.models).clone();
+        if let Some(resp) = shared.format.model_list(&rec, &listed) {
+            return resp;
+        }
     }
-    let reply = lock(&shared.script)
-        .pop_front()
-        .unwrap_or_else(|| lock(&shared.fallback).clone());
+    let reply = ruled.unwrap_or_else(|| {
+        lock(&shared.script)
+            .pop_front()
+            .unwrap_or_else(|| lock(&shared.fallback).clone())
+    });
     match reply {
         Reply::Error {
             status,
@@ -443,6 +539,10 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Body>) -> Response<Body>
             .header(http::header::CONTENT_TYPE, content_type)
             .body(Body::from(body))
             .unwrap_or_default(),
+        Reply::Body {
+            content_type,
+            steps,
+        } => raw_body(shared, content_type, steps),
         Reply::Answer { steps, usage } if shared.format.wants_stream(&rec) => {
             stream_answer(shared, steps, usage)
         }
@@ -511,6 +611,31 @@ fn drop_connection() -> Response<Body> {
     });
     Response::builder()
         .body(Body::from_stream(s))
+        .unwrap_or_default()
+}
+
+/// A 200 whose headers go out now and whose body is `steps`, byte for byte.
+fn raw_body(shared: Arc<Shared>, content_type: String, steps: Vec<Step>) -> Response<Body> {
+    let body = async_stream::stream! {
+        let mut guard = CancelGuard::new(shared.clone());
+        for step in steps {
+            match step {
+                Step::Text(t) | Step::Raw(t) => yield Ok::<Bytes, std::io::Error>(Bytes::from(t)),
+                Step::Pause(d) => tokio::time::sleep(d).await,
+                Step::AwaitRelease => await_release(&shared).await,
+                Step::Drop => {
+                    guard.finished = true;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    yield Err(std::io::Error::other("fake drops the connection"));
+                    return;
+                }
+            }
+        }
+        guard.finished = true;
+    };
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(body))
         .unwrap_or_default()
 }
 

@@ -83,12 +83,16 @@ impl WireFormat for OllamaFormat {
         )
     }
 
-    fn extra(&self, req: &Recorded) -> Option<Response<Body>> {
+    /// `GET /api/tags`: the models set on the fake, else the ones it was built with.
+    fn model_list(&self, req: &Recorded, set: &[String]) -> Option<Response<Body>> {
         if req.method != Method::GET || req.path != "/api/tags" {
             return None;
         }
-        let models: Vec<Value> = self
-            .models
+        let listed = match set.is_empty() {
+            true => &self.models,
+            false => set,
+        };
+        let models: Vec<Value> = listed
             .iter()
             .map(|m| {
                 json!({
@@ -101,12 +105,7 @@ impl WireFormat for OllamaFormat {
                 })
             })
             .collect();
-        Some(
-            Response::builder()
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Body::from(json!({ "models": models }).to_string()))
-                .unwrap_or_default(),
-        )
+        Some(super::json_response(&json!({ "models": models })))
     }
 }
 

@@ -3,7 +3,9 @@
 //! usage-only chunk as `stream_options.include_usage` asks for, then `data: [DONE]`) or whole (one
 //! `chat.completion` object). [`error_body`] writes OpenAI's error shape for scripted failures.
 
+use axum::body::Body;
 use bytes::Bytes;
+use http::{Method, Response};
 use serde_json::{Value, json};
 
 use super::{Recorded, WireFormat};
@@ -92,6 +94,20 @@ impl WireFormat for OpenAiFormat {
             "usage": usage.map(usage_json),
         });
         ("application/json", Bytes::from(body.to_string()))
+    }
+
+    /// `GET …/models`: OpenAI's model list, `{"object":"list","data":[{"id",…}]}`.
+    fn model_list(&self, req: &Recorded, models: &[String]) -> Option<Response<Body>> {
+        if req.method != Method::GET || !req.path.ends_with("/models") {
+            return None;
+        }
+        let data: Vec<Value> = models
+            .iter()
+            .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "fake"}))
+            .collect();
+        Some(super::json_response(
+            &json!({"object": "list", "data": data}),
+        ))
     }
 }
 

@@ -883,15 +883,6 @@ async fn bad_input_is_refused_with_a_named_problem_and_nothing_goes_upstream() {
             mentions: "last message",
         },
         Case {
-            what: "unknown provider in model",
-            req: http.post(&completions).json(
-                &json!({"model": "nosuch/gpt", "messages": [{"role": "user", "content": "a"}]}),
-            ),
-            status: StatusCode::NOT_FOUND,
-            code: "model_not_found",
-            mentions: "nosuch",
-        },
-        Case {
             what: "unknown provider (/request)",
             req: http
                 .post(&request)

@@ -18,3 +18,4 @@ mod security;
 mod sessions;
 mod support;
 mod tls;
+mod upstream_faults;

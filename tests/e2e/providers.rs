@@ -853,3 +853,179 @@ async fn an_environment_proxy_carries_the_upstream_calls() {
         Some("Bearer sk-proxied")
     );
 }
+
+/// The ids `GET /v1/models` lists, in order.
+async fn model_ids(http: &reqwest::Client, url: &str) -> Vec<String> {
+    let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+    v["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no model list: {v}"))
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn models_lists_listed_and_discovered_models_and_slashed_ids_reach_the_default() {
+    // An OpenRouter-like default whose model ids have a `/` of their own, beside providers whose
+    // names are such prefixes.
+    let router = openai_fake().await;
+    router.set_models(&["openai/gpt-5.2", "anthropic/claude-x", "meta-llama/llama-3"]);
+    let anthropic = FakeUpstream::start(AnthropicFormat).await.unwrap();
+    anthropic.set_models(&["claude-a", "claude-b", "claude-c"]);
+    let google = FakeUpstream::start(GeminiFormat).await.unwrap();
+    google.set_models(&["gemini-2.5-flash", "text-embedding-004", "gemini-2.5-pro"]);
+    let ollama = FakeUpstream::start(OllamaFormat::with_models(&["llama3:latest", "qwen2:7b"]))
+        .await
+        .unwrap();
+    let mut config = Config::default();
+    let mut r = upstream_provider(
+        "router",
+        "openrouter",
+        format!("{}/v1", router.base_url()),
+        "openai/gpt-5.2",
+    );
+    r.models = vec!["mistral/large".into()];
+    r.discover_models = true;
+    let mut a = upstream_provider("anthropic", "anthropic", anthropic.base_url(), "claude-own");
+    a.discover_models = true;
+    let mut g = upstream_provider("google", "gemini", google.base_url(), "gemini-2.5-flash");
+    g.discover_models = true;
+    let mut o = upstream_provider("local", "ollama", ollama.base_url(), "llama3");
+    o.discover_models = true;
+    // Listed, not discovered.
+    let mut listed = openai_provider("plain", &router, "gpt-plain");
+    listed.models = vec!["gpt-other".into()];
+    config.llm.providers = vec![r, a, g, o, listed];
+    let s = TestServer::start_with(config).await;
+    let http = crate::support::http_client();
+
+    // A slashed id resolves before anyone listed models: the lists it depends on are fetched.
+    let ask = |model: &str| serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let answered = |body: serde_json::Value| body["model"].as_str().unwrap().to_string();
+    let completions = s.url("/v1/chat/completions");
+    let post = |model: &str| http.post(&completions).json(&ask(model)).send();
+    let cases = [
+        // The default provider discovered it, and `anthropic` does not offer `claude-x`.
+        ("anthropic/claude-x", "router/anthropic/claude-x"),
+        // `anthropic` offers its own (discovered) model: the prefix wins.
+        ("anthropic/claude-b", "anthropic/claude-b"),
+        // No provider is named `meta-llama` (or `vendor`): the default provider gets the id.
+        ("meta-llama/llama-3", "router/meta-llama/llama-3"),
+        ("vendor/unlisted", "router/vendor/unlisted"),
+        ("mistral/large", "router/mistral/large"),
+        ("google/gemini-2.5-pro", "google/gemini-2.5-pro"),
+    ];
+    for (id, want) in cases {
+        let resp = within(HANG_GUARD, id, post(id)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{id}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(answered(body), want, "{id}");
+    }
+    let asked: Vec<String> = router
+        .requests()
+        .iter()
+        .filter(|r| r.method == reqwest::Method::POST)
+        .filter_map(|r| r.model())
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            "anthropic/claude-x",
+            "meta-llama/llama-3",
+            "vendor/unlisted",
+            "mistral/large"
+        ]
+    );
+    let to_anthropic: Vec<String> = anthropic
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/messages")
+        .filter_map(|r| r.model())
+        .collect();
+    assert_eq!(to_anthropic, ["claude-b"]);
+
+    let ids = model_ids(&http, &s.url("/v1/models")).await;
+    assert_eq!(
+        ids,
+        [
+            "router/openai/gpt-5.2",
+            "router/mistral/large",
+            "router/anthropic/claude-x",
+            "router/meta-llama/llama-3",
+            "anthropic/claude-own",
+            "anthropic/claude-a",
+            "anthropic/claude-b",
+            "anthropic/claude-c",
+            "google/gemini-2.5-flash",
+            "google/gemini-2.5-pro",
+            "local/llama3",
+            "local/llama3:latest",
+            "local/qwen2:7b",
+            "plain/gpt-plain",
+            "plain/gpt-other",
+        ]
+    );
+    // Cached: a second listing asks no upstream again.
+    let lists_asked = |f: &FakeUpstream| {
+        f.requests()
+            .iter()
+            .filter(|r| r.method == reqwest::Method::GET)
+            .count()
+    };
+    let before = [&router, &anthropic, &google].map(lists_asked);
+    assert_eq!(model_ids(&http, &s.url("/v1/models")).await, ids);
+    assert_eq!([&router, &anthropic, &google].map(lists_asked), before);
+    s.shutdown().await;
+}
+
+/// The real binary's config: an `openai` provider `router` at `fake` discovering its models.
+fn discovering_toml(fake: &FakeUpstream, refresh: &str) -> String {
+    format!(
+        r#"[[llm.providers]]
+name = "router"
+kind = "openai"
+base_url = "{}/v1"
+api_key = "sk-test"
+model = "gpt-1"
+discover_models = true
+models_refresh = "{refresh}"
+"#,
+        fake.base_url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_models_are_refreshed_on_reload_and_once_stale() {
+    let fake = openai_fake().await;
+    fake.set_models(&["gpt-1", "gpt-2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chatcli.toml");
+    std::fs::write(&path, discovering_toml(&fake, "1h")).unwrap();
+    let server = BinaryServer::start(&path, &[]);
+    let http = crate::support::http_client();
+    let url = format!("http://{}/v1/models", server.addr);
+    assert_eq!(
+        model_ids(&http, &url).await,
+        ["router/gpt-1", "router/gpt-2"]
+    );
+    // The upstream gains a model: an hour-long refresh period keeps the list, a reload does not.
+    fake.set_models(&["gpt-1", "gpt-2", "gpt-3"]);
+    assert_eq!(
+        model_ids(&http, &url).await,
+        ["router/gpt-1", "router/gpt-2"]
+    );
+    std::fs::write(&path, discovering_toml(&fake, "300ms")).unwrap();
+    server.signal("HUP");
+    server.wait_for_log("configuration reloaded").await;
+    assert_eq!(
+        model_ids(&http, &url).await,
+        ["router/gpt-1", "router/gpt-2", "router/gpt-3"]
+    );
+    // With a short period, a later listing refreshes it again, in the background.
+    fake.set_models(&["gpt-1", "gpt-4"]);
+    crate::support::eventually("the refreshed list", || async {
+        (model_ids(&http, &url).await == ["router/gpt-1", "router/gpt-4"]).then_some(())
+    })
+    .await;
+}

@@ -1,10 +1,11 @@
 //! The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`.
 //!
 //! `model` is `provider/model` (split at the first `/`, so `openrouter/meta-llama/llama-3` works),
-//! a provider name alone (its default model), a bare model of the default provider, or empty (the
-//! server's default). A name with a `/` whose prefix is no provider is refused with 404
-//! `model_not_found`, unless the default provider lists it. Answers name the model as
-//! `provider/model` of whoever answered (the fallback chain may have moved on).
+//! a provider name alone (its default model), a model of the default provider (which may have a
+//! `/` of its own, as OpenRouter's `anthropic/claude-…`), or empty (the server's default):
+//! [`crate::llm::ProviderRegistry::resolve_model_id`] has the rules. Answers name the model as
+//! `provider/model` of whoever answered (the fallback chain may have moved on). `GET /v1/models`
+//! lists every provider's default, configured and discovered models as `provider/model`.
 //!
 //! `messages`: `system` (and `developer`), `user`, `assistant`; content as a string or text parts.
 //! The last message must be the user's: it is the prompt, the earlier ones the history. Sampling
@@ -24,7 +25,7 @@ use super::{Api, ApiError, Caller, UsageOut};
 use crate::llm::fallback::Answer;
 use crate::llm::gateway::PromptCall;
 use crate::llm::json::{json_str, json_value};
-use crate::llm::{Delta, Message, ProviderRegistry};
+use crate::llm::{Delta, Message};
 use crate::server::Prepared;
 use crate::server::grpc::{MAX_TOKENS_LIMIT, validate_history, validate_prompt};
 
@@ -170,46 +171,6 @@ impl Content {
     }
 }
 
-/// The provider and model a request's `model` names (empty = the default).
-fn resolve_model(registry: &ProviderRegistry, model: &str) -> Result<(String, String), ApiError> {
-    let model = model.trim();
-    let provider_named = |name: &str| {
-        registry
-            .providers()
-            .iter()
-            .find(|p| p.name().eq_ignore_ascii_case(name))
-            .map(|p| p.name().to_string())
-    };
-    if model.is_empty() {
-        return Ok((String::new(), String::new()));
-    }
-    if let Some(p) = provider_named(model) {
-        return Ok((p, String::new()));
-    }
-    if let Some((prefix, rest)) = model.split_once('/') {
-        if let Some(p) = provider_named(prefix) {
-            return Ok((p, rest.to_string()));
-        }
-        let listed = registry
-            .default_provider()
-            .is_some_and(|d| d.models().iter().any(|m| m == model));
-        if !listed {
-            return Err(ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                format!(
-                    "unknown model `{}`: no provider is named `{}` (providers: {}; GET /v1/models lists the models)",
-                    model.chars().take(200).collect::<String>(),
-                    prefix.chars().take(100).collect::<String>(),
-                    registry.names().join(", ")
-                ),
-            ));
-        }
-    }
-    Ok((String::new(), model.to_string()))
-}
-
 /// The OpenAI `finish_reason` of a provider's own reason.
 fn finish_reason(raw: Option<&str>) -> &'static str {
     const NAMES: [(&[&str], &str); 3] = [
@@ -235,8 +196,13 @@ fn finish_reason(raw: Option<&str>) -> &'static str {
         .map_or("stop", |(_, name)| name)
 }
 
-/// Validates the request and turns it into the core call.
-fn into_call(r: CompletionRequest, prepared: &Prepared) -> Result<PromptCall, ApiError> {
+/// Validates the request and turns it into the core call to `provider` and `model` (what its
+/// `model` resolved to).
+fn into_call(
+    r: CompletionRequest,
+    prepared: &Prepared,
+    (provider, model): (String, String),
+) -> Result<PromptCall, ApiError> {
     if r.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(
             "invalid_request",
@@ -273,7 +239,6 @@ fn into_call(r: CompletionRequest, prepared: &Prepared) -> Result<PromptCall, Ap
             format!("stop: at most {MAX_STOP} sequences"),
         ));
     }
-    let (provider, model) = resolve_model(&prepared.registry, r.model.as_deref().unwrap_or(""))?;
     let mut turns = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
         let role = match m.role.as_str() {
@@ -363,7 +328,11 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let prepared = caller.prepared.clone();
-    let mut call = into_call(req, &prepared)?;
+    let target = prepared
+        .registry
+        .resolve_model_id(req.model.as_deref().unwrap_or(""))
+        .await;
+    let mut call = into_call(req, &prepared, target)?;
     call.unary = !stream;
     let slot = match stream {
         true => api.stream_slot(&prepared, &caller.limit_key)?,
@@ -385,6 +354,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
     } = answer;
     let model_id = model_id(&provider, &model);
     let frames = ChunkFrames::new(&id, created, &model_id, include_usage);
+    let notes = caller.notes.clone();
     // One event per delta as the provider yields it; dropping this stream (the client went away)
     // drops the provider's, which aborts the upstream request.
     let out = async_stream::stream! {
@@ -405,6 +375,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
                 Ok(Delta::Finish(r)) => finish = Some(r),
                 Err(e) => {
                     tracing::debug!(error = %e, "stream failed after its first delta");
+                    notes.failed(&e.to_string());
                     let body = ApiError::from_llm(&e).openai_body();
                     yield super::sse_json(&body);
                     return;
@@ -662,29 +633,25 @@ struct DeltaOut<'a> {
     content: Option<&'a str>,
 }
 
-/// `GET /v1/models`: every provider's models as `provider/model`.
+/// `GET /v1/models`: every provider's models as `provider/model`: its default model, its
+/// configured `models` and, with `discover_models`, what its upstream lists (fetched for the
+/// first listing after a start or reload, refreshed once stale).
 pub(super) async fn models(State(api): State<Arc<Api>>, caller: Caller) -> Response {
     let reg = &caller.prepared.registry;
+    reg.refresh_models().await;
     let created = super::unix_now().saturating_sub(api.state.started.elapsed().as_secs());
-    let default_name = reg.default_provider().map(|p| p.name().to_string());
-    let mut data = Vec::new();
-    for p in reg.providers() {
-        let mut models = p.models();
-        if default_name.as_deref() == Some(p.name()) {
-            let m = reg.default_model();
-            if !m.is_empty() && !models.contains(&m) {
-                models.insert(0, m);
-            }
-        }
-        for m in models {
-            data.push(json!({
-                "id": format!("{}/{m}", p.name()),
+    let data: Vec<serde_json::Value> = reg
+        .offered_models()
+        .into_iter()
+        .map(|(provider, m)| {
+            json!({
+                "id": model_id(&provider, &m),
                 "object": "model",
                 "created": created,
-                "owned_by": p.name(),
-            }));
-        }
-    }
+                "owned_by": provider,
+            })
+        })
+        .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -693,6 +660,7 @@ pub(super) async fn models(State(api): State<Arc<Api>>, caller: Caller) -> Respo
 mod tests {
     use super::*;
     use crate::config::{LlmConfig, ProviderConfig};
+    use crate::llm::ProviderRegistry;
 
     fn registry() -> ProviderRegistry {
         let llm = LlmConfig {
@@ -710,21 +678,26 @@ mod tests {
         ProviderRegistry::build(&llm, &Default::default()).unwrap()
     }
 
-    #[test]
-    fn model_names_resolve_to_provider_and_model() {
+    #[tokio::test]
+    async fn model_names_resolve_to_provider_and_model() {
         let r = registry();
-        let ok = |m: &str| resolve_model(&r, m).unwrap();
-        assert_eq!(ok(""), (String::new(), String::new()));
-        assert_eq!(ok("other"), ("other".into(), String::new()));
-        assert_eq!(ok("OTHER/m1"), ("other".into(), "m1".into()));
-        assert_eq!(ok("echo/a/b"), ("echo".into(), "a/b".into()));
-        assert_eq!(ok("gpt-x"), (String::new(), "gpt-x".into()));
-        assert_eq!(ok("echo-model"), (String::new(), "echo-model".into()));
-        let e = resolve_model(&r, "nope/m").unwrap_err();
-        assert_eq!(
-            (e.status.as_u16(), e.code.as_ref()),
-            (404, "model_not_found")
-        );
+        let cases = [
+            ("", ("", "")),
+            ("other", ("other", "")),
+            ("OTHER/m1", ("other", "m1")),
+            ("echo/a/b", ("echo", "a/b")),
+            ("gpt-x", ("", "gpt-x")),
+            ("echo-model", ("", "echo-model")),
+            // No provider is named `vendor`: the whole id is a model of the default provider.
+            ("vendor/m", ("", "vendor/m")),
+        ];
+        for (id, (p, m)) in cases {
+            assert_eq!(
+                r.resolve_model_id(id).await,
+                (p.to_string(), m.to_string()),
+                "{id}"
+            );
+        }
     }
 
     /// The chunk as serializing a whole [`ChunkOut`] writes it: the reference for [`ChunkFrames`].

@@ -230,6 +230,7 @@ async fn run(
     let busy = api.busy();
     let answer = api.start(&prepared, call).await.map_err(Failure::Failed)?;
     caller.notes.answered_by(&answer.provider, &answer.model);
+    let notes = caller.notes.clone();
     let Answer {
         provider,
         model,
@@ -292,6 +293,7 @@ async fn run(
                 Ok(Delta::Usage(u)) => usage = Some(u),
                 Ok(Delta::Finish(_)) => {}
                 Err(e) => {
+                    notes.failed(&e.to_string());
                     failure = Some(failed_midway(&e));
                     break;
                 }
