@@ -25,6 +25,7 @@
 //! | the provider failed (5xx, connection, garbage) | 502 | `upstream_error` / the class (`server_error`, …) |
 //! | the provider refused our key | 502 | `upstream_auth_error` / `upstream_auth_error` |
 //! | every provider of the fallback chain failed or is cooling down | 503 (+ `Retry-After` when known) | `upstream_error` / `all_providers_failed` |
+//! | every provider of the chain timed out (stalled before or between bytes, or the unary cap) | 504 | `upstream_error` / `upstream_timeout` |
 //! | no provider configured | 503 | `server_error` / `no_providers` |
 //! | the provider timed out | 504 | `upstream_error` / `timeout` |
 //!
@@ -349,6 +350,16 @@ impl ApiError {
                         msg,
                     )
                     .retry_after(wait.unwrap_or(1));
+                }
+                // Every provider timed out (a stall before or between bytes, or the unary cap):
+                // a gateway timeout, as a single provider's timeout is.
+                if !all.is_empty() && all.iter().all(|u| u.class == ErrorClass::Timeout) {
+                    return Self::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_error",
+                        "upstream_timeout",
+                        msg,
+                    );
                 }
                 let err = Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -841,6 +852,22 @@ mod tests {
                 LlmError::AllFailed(vec![up(ErrorClass::RateLimit, None)]),
                 429,
                 "upstream_rate_limited",
+            ),
+            (
+                LlmError::AllFailed(vec![
+                    up(ErrorClass::Timeout, None),
+                    up(ErrorClass::Timeout, None),
+                ]),
+                504,
+                "upstream_timeout",
+            ),
+            (
+                LlmError::AllFailed(vec![
+                    up(ErrorClass::Timeout, None),
+                    up(ErrorClass::Server, None),
+                ]),
+                503,
+                "all_providers_failed",
             ),
         ];
         for (e, status, code) in cases {
