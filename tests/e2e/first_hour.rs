@@ -249,3 +249,116 @@ async fn the_files_of_the_config_are_logged_at_start_and_on_reload() {
         .await
         .unwrap_or_else(|_| panic!("no reload line naming {after:?}:\n{}", server.stderr()));
 }
+
+/// The README and docs/ link only to files that a clone has, and the README shows the client.
+#[test]
+fn the_docs_link_only_inside_the_repository_and_show_the_client() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            pages.push(path);
+        }
+    }
+    assert!(pages.len() >= 4, "README.md and the docs/ pages: {pages:?}");
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        assert!(
+            !text.contains("../shared"),
+            "{} links outside the repository",
+            page.display()
+        );
+        // Every relative Markdown link `](target)` names a file of the repository.
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let target = &rest[..rest.find(')').unwrap_or(rest.len())];
+            let target = target.split('#').next().unwrap_or_default();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = page.parent().unwrap().join(target);
+            assert!(
+                resolved.exists(),
+                "{} links to {target}, which is not in the repository",
+                page.display()
+            );
+        }
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for needle in [
+        "## Use the client",
+        "chatcli connect",
+        "--json",
+        "/session save",
+    ] {
+        assert!(
+            readme.contains(needle),
+            "the README does not show {needle:?}"
+        );
+    }
+}
+
+/// Every one-shot `chatcli connect` command the README shows runs as written against the demo
+/// config (the address and the binary swapped for the test's).
+#[tokio::test]
+async fn the_readmes_one_shot_client_commands_work() {
+    let readme = std::fs::read_to_string(repo_file("README.md")).unwrap();
+    let commands: Vec<&str> = readme
+        .lines()
+        .map(|l| l.split("  #").next().unwrap_or_default().trim())
+        .filter(|l| l.contains("chatcli connect 127.0.0.1:50051") && l.contains(" -p "))
+        .collect();
+    assert!(commands.len() >= 3, "{commands:?}");
+    let server = BinaryServer::start(&demo_config(), &[]);
+    let home = tempfile::tempdir().unwrap();
+    for command in commands {
+        let line = command.replace("127.0.0.1:50051", &server.addr.to_string());
+        let (stdin, line) = match line.split_once(" | ") {
+            Some((producer, consumer)) => {
+                let text = producer.strip_prefix("echo ").unwrap_or(producer);
+                (
+                    Some(text.trim_matches('"').to_string() + "\n"),
+                    consumer.to_string(),
+                )
+            }
+            None => (None, line),
+        };
+        let words = split_words(line.strip_prefix("chatcli ").unwrap());
+        let mut cmd = cli(home.path());
+        cmd.args(&words);
+        if let Some(input) = stdin {
+            cmd.write_stdin(input);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{command}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stdout.is_empty(), "{command}: no answer");
+    }
+}
+
+/// Splits a shell command line of plain words and double-quoted strings.
+fn split_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
+}
