@@ -23,7 +23,7 @@ use super::audit::{AuditRecord, AuditResult};
 use super::http::HttpApi;
 use super::tls::PeerCertificates;
 use super::{AppState, Prepared};
-use crate::auth::{AuthError, Principal};
+use crate::auth::{Principal, Verification};
 use crate::telemetry::GrpcMetricsLayer;
 use crate::telemetry::grpc_layer::{GRPC_STATUS, code_of};
 
@@ -375,6 +375,12 @@ fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Res
 }
 
 /// [`admit`]'s checks: the caller and their rate-limit key, or the refusal.
+///
+/// The failed-auth limiter never refuses a valid credential: a client address with too many
+/// failures (often one shared by many callers, behind a NAT) only has its credentials checked the
+/// cheap way ([`Verification::Cheap`]: tokens, certificates, HS256 JWTs, public-key JWTs that
+/// verified before), and whatever does not pass that is refused with the wait, before any
+/// expensive check, without charging the address again.
 fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), Refusal> {
     let Some(ctx) = req.extensions().get::<CallContext>() else {
         return Err(Refusal::Unauthenticated);
@@ -382,17 +388,18 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
     let (prepared, notes, conn) = (&ctx.prepared, &ctx.notes, &ctx.conn);
     let ip = conn.remote.ip();
     let exempt = crate::auth::is_exempt(req.uri().path());
-    let result = match state.auth_failures.is_blocked(ip) {
-        Some(wait) => Err(AuthError::Throttled {
-            retry_after_secs: wait.as_secs().max(1),
-        }),
-        None => prepared.auth.authenticate(
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-            conn.client_identity.as_deref(),
-        ),
+    let throttled = state.auth_failures.is_blocked(ip);
+    let verification = match throttled {
+        Some(_) => Verification::Cheap,
+        None => Verification::Full,
     };
+    let result = prepared.auth.authenticate_as(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+        conn.client_identity.as_deref(),
+        verification,
+    );
     let principal = match result {
         Ok(p) => p,
         Err(_) if exempt => Principal {
@@ -403,21 +410,40 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
             tenant_id: None,
         },
         Err(e) => {
-            let throttled = e.retry_after_secs();
-            if throttled.is_none() {
-                state.auth_failures.record_failure(ip);
-            }
-            tracing::warn!(peer = ?ip, path = req.uri().path(), reason = %e, "authentication failed");
-            notes.note(|n| {
-                n.auth_failed = true;
-                n.refusal = Some(format!("authentication failed: {e}"));
-            });
-            // The limiter's refusal is told as what it is, with the wait: a caller with the right
-            // token must not be sent looking for a wrong one.
-            return Err(match throttled {
-                Some(secs) => Refusal::AuthThrottled(secs),
-                None => Refusal::Unauthenticated,
-            });
+            let refusal = match throttled {
+                Some(wait) => {
+                    let secs = wait.as_secs().max(1);
+                    state.auth_failures.refused();
+                    // Not a warning each: an address that keeps trying would flood the log. The
+                    // start of its block was logged, and each refusal is audited and counted.
+                    tracing::debug!(client = %ip, path = req.uri().path(), reason = %e, retry_after = secs, "authentication refused: the address is throttled");
+                    notes.note(|n| {
+                        n.refusal = Some(format!(
+                            "authentication failed: {e}; {}",
+                            throttled_message(secs)
+                        ));
+                    });
+                    Refusal::AuthThrottled(secs)
+                }
+                None => {
+                    tracing::warn!(client = %ip, path = req.uri().path(), reason = %e, "authentication failed");
+                    if let Some(block) = state.auth_failures.record_failure(ip) {
+                        tracing::warn!(
+                            client = %ip,
+                            retry_after = block.as_secs(),
+                            "too many failed authentication attempts from this address; further \
+                             bad attempts from it are refused for {} seconds, valid credentials are still admitted",
+                            block.as_secs()
+                        );
+                    }
+                    notes.note(|n| n.refusal = Some(format!("authentication failed: {e}")));
+                    Refusal::Unauthenticated
+                }
+            };
+            notes.note(|n| n.auth_failed = true);
+            // The limiter's refusal is told as what it is, with the wait, so that a caller is not
+            // sent looking for another cause.
+            return Err(refusal);
         }
     };
     notes.note(|n| n.principal = Some(principal.clone()));

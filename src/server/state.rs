@@ -142,6 +142,9 @@ impl AppState {
             }
             false => None,
         };
+        if let Some(m) = &metrics {
+            auth_failures.register(m.registry())?;
+        }
         let audit = AuditLog::open(
             &prepared.config.audit,
             metrics.as_ref().map(|m| m.registry()),

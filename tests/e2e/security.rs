@@ -598,7 +598,7 @@ async fn jwt_subject_named_like_a_token_has_its_own_bucket() {
 }
 
 #[tokio::test]
-async fn failed_authentications_throttle_the_address_not_successes() {
+async fn failed_authentications_throttle_bad_attempts_from_the_address_not_good_ones() {
     let mut config = echo_config();
     config.auth.token = Some(Secret::new(TOKEN));
     config.limits.auth_failures_per_minute = 3;
@@ -607,19 +607,32 @@ async fn failed_authentications_throttle_the_address_not_successes() {
     for i in 0..3 {
         assert_unauthenticated(wrong.send_prompt(send("x")).await, &format!("wrong {i}"));
     }
-    // Now even the right token is refused from this address, told that it is the limiter.
+    // Now a wrong token from this address is refused by the limiter, told so...
+    assert_throttled(wrong.send_prompt(send("x")).await, "wrong token, throttled");
+    assert_eq!(
+        http_get(&s, "/v1/models", Some("wrong-token"))
+            .await
+            .status(),
+        429
+    );
+    assert_throttled(
+        client(&s.channel, None).send_prompt(send("x")).await,
+        "no token, throttled",
+    );
+    // ...and the right token from the same address is still served, on both protocols.
     let mut right = client(&s.channel, Some(TOKEN));
-    assert_throttled(right.send_prompt(send("x")).await, "right token, throttled");
-    assert_eq!(http_get(&s, "/v1/models", Some(TOKEN)).await.status(), 429);
+    let r = right.send_prompt(send("still me")).await.unwrap();
+    assert_eq!(r.into_inner().response, "still me");
+    assert_eq!(http_get(&s, "/v1/models", Some(TOKEN)).await.status(), 200);
     // Health stays open, and another address is not affected.
     right.health(HealthRequest {}).await.unwrap();
     let elsewhere = channel_from_127_0_0_2(s.addr).await;
-    let r = client(&elsewhere, Some(TOKEN))
-        .send_prompt(send("from 127.0.0.2"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.response, "from 127.0.0.2");
+    assert_unauthenticated(
+        client(&elsewhere, Some("wrong-token"))
+            .send_prompt(send("x"))
+            .await,
+        "wrong token from 127.0.0.2",
+    );
     s.shutdown().await;
 
     // The default limit (5 failures a minute): 100 successes first consume none of it.
@@ -645,15 +658,20 @@ async fn failed_authentications_throttle_the_address_not_successes() {
             .unwrap_or_else(|e| panic!("refused after {} failures: {e:?}", i + 1));
     }
     assert_unauthenticated(wrong.send_prompt(send("x")).await, "fifth wrong");
-    assert_throttled(right.send_prompt(send("x")).await, "after five failures");
+    assert_throttled(wrong.send_prompt(send("x")).await, "sixth wrong");
+    right
+        .send_prompt(send("ok"))
+        .await
+        .expect("the right token after five failures");
     s.shutdown().await;
 }
 
 /// The real binary with a token and a failed-auth limit of 3 a minute: after three wrong tokens
-/// from 127.0.0.1, gRPC answers RESOURCE_EXHAUSTED with the wait (message and `retry-after`),
-/// HTTP answers 429 with `Retry-After` and a JSON error saying so, and `chatcli connect` with the
-/// right token says it was refused for too many failed authentication attempts and how long to
-/// wait (exit 5), instead of blaming the token; with `--json` the same as one object on stdout.
+/// from 127.0.0.1, a fourth wrong one is answered RESOURCE_EXHAUSTED with the wait (message and
+/// `retry-after`) on gRPC, 429 with `Retry-After` and a JSON error saying so on HTTP, and
+/// `chatcli connect` says it was refused for too many failed authentication attempts and how long
+/// to wait (exit 5); with `--json` the same as one object on stdout. The right token from the same
+/// address is answered as usual, by `chatcli connect` too.
 #[tokio::test]
 async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
     let dir = tempfile::tempdir().unwrap();
@@ -691,8 +709,8 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
         );
     }
 
-    // The right token from the same address is now refused by the limiter, and told so.
-    let (code, stdout, stderr) = connect(TOKEN, false);
+    // A fourth wrong token from the same address is now refused by the limiter, and told so.
+    let (code, stdout, stderr) = connect("wrong-token", false);
     assert_eq!(code, Some(5), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
     let line = stderr
@@ -716,7 +734,7 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
     assert!((1..=60).contains(&wait), "{line}");
 
     // --json: exactly one object on stdout naming the gRPC code, and the same exit code.
-    let (code, stdout, stderr) = connect(TOKEN, true);
+    let (code, stdout, stderr) = connect("wrong-token", true);
     assert_eq!(code, Some(5), "{stderr}");
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
@@ -728,18 +746,32 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
     );
     assert!(message.contains("retry in "), "{v}");
 
+    // The right token from the same address is served.
+    let (code, stdout, stderr) = connect(TOKEN, false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim_end(), "hi", "{stderr}");
+
     // gRPC: RESOURCE_EXHAUSTED with the wait in the message and in retry-after.
     let channel = crate::support::connect(server.addr).await;
-    let mut right = client(&channel, Some(TOKEN));
-    let secs = assert_throttled(right.send_prompt(send("x")).await, "gRPC, right token");
+    let secs = assert_throttled(
+        client(&channel, Some("wrong-token"))
+            .send_prompt(send("x"))
+            .await,
+        "gRPC, wrong token",
+    );
     assert!(secs <= 60, "{secs}");
+    let mut right = client(&channel, Some(TOKEN));
+    right.send_prompt(send("x")).await.unwrap();
     // Health stays open.
     right.health(HealthRequest {}).await.unwrap();
 
     // HTTP: 429, Retry-After and a JSON error saying why.
+    let url = format!("http://{}/v1/models", server.addr);
+    let ok = http_client().get(&url).bearer_auth(TOKEN).send().await;
+    assert_eq!(ok.unwrap().status(), 200);
     let resp = http_client()
-        .get(format!("http://{}/v1/models", server.addr))
-        .bearer_auth(TOKEN)
+        .get(&url)
+        .bearer_auth("wrong-token")
         .send()
         .await
         .unwrap();
@@ -770,6 +802,244 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
         "{}",
         server.stderr()
     );
+}
+
+/// The lines of the audit file at `path`, once it has at least `n`.
+async fn audit_lines(path: &Path, n: usize) -> Vec<Value> {
+    eventually(&format!("{n} audit lines"), || async {
+        let text = std::fs::read_to_string(path).ok()?;
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+            .collect();
+        (lines.len() >= n).then_some(lines)
+    })
+    .await
+}
+
+/// The real binary with every kind of bearer credential (shared token, a named token from a file,
+/// an HS256 secret and an EC public key) and a failed-auth limit of 3 a minute. Once 127.0.0.1 is
+/// throttled, every valid credential that is cheap to check is still admitted from it: the shared
+/// and the named token, a new HS256 JWT, and an ES256 JWT that verified before. What would need an
+/// expensive check (an ES256 JWT never seen) and whatever is invalid is refused with the wait and
+/// audited as such; from another address, the new ES256 JWT verifies, and from then on it is
+/// admitted from the throttled address too.
+#[tokio::test]
+async fn a_valid_credential_is_admitted_from_a_throttled_address() {
+    use chatcli::proto::SendPromptResponse;
+    let dir = tempfile::tempdir().unwrap();
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let ec_signing = EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap();
+    let es256 = |sub: &str| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            &json!({"sub": sub, "exp": now() + 600}),
+            &ec_signing,
+        )
+        .unwrap()
+    };
+    let named = "team-token-2b7e151628aed2a6abf7158809cf4f3c";
+    std::fs::write(dir.path().join("jwt-ec.pem"), ec.public_key_pem()).unwrap();
+    std::fs::write(dir.path().join("team.token"), named).unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth.jwt]\nsecret = \"{SECRET}\"\npublic_key_file = \"{}\"\n\n\
+             [[auth.tokens]]\nname = \"team\"\nrole = \"user\"\nfile = \"{}\"\n\n\
+             [limits]\nauth_failures_per_minute = 3\n\n[audit]\npath = \"{}\"\n\n\
+             [llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            dir.path().join("jwt-ec.pem").display(),
+            dir.path().join("team.token").display(),
+            audit_path.display(),
+        ),
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &["--token", TOKEN]);
+    let channel = crate::support::connect(server.addr).await;
+    let call = |cred: String| {
+        let channel = channel.clone();
+        async move {
+            client(&channel, Some(&cred))
+                .send_prompt(send("hello"))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let answered = |r: Result<SendPromptResponse, tonic::Status>, what: &str| {
+        let r = r.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        assert_eq!(r.response, "hello", "{what}");
+    };
+
+    // An ES256 token that verifies while the address is in good standing.
+    let seen = es256("erin");
+    answered(call(seen.clone()).await, "ES256 before the failures");
+    for i in 0..3 {
+        assert_unauthenticated(call("wrong-token".into()).await, &format!("wrong {i}"));
+    }
+    assert_throttled(call("wrong-token".into()).await, "wrong token, throttled");
+
+    // Valid and cheap to check: admitted.
+    answered(call(TOKEN.into()).await, "shared token");
+    answered(call(named.into()).await, "named token from a file");
+    answered(call(jwt("gina", "user")).await, "a new HS256 JWT");
+    answered(
+        call(seen.clone()).await,
+        "the ES256 JWT that verified before",
+    );
+    let http = |cred: String| {
+        http_client()
+            .get(format!("http://{}/v1/models", server.addr))
+            .bearer_auth(cred)
+            .send()
+    };
+    assert_eq!(http(TOKEN.into()).await.unwrap().status(), 200);
+    assert_eq!(http(named.into()).await.unwrap().status(), 200);
+    assert_eq!(http("wrong-token".into()).await.unwrap().status(), 429);
+
+    // Expensive or invalid: refused unchecked, with the wait.
+    let fresh = es256("frank");
+    assert_throttled(call(fresh.clone()).await, "an ES256 JWT never seen");
+    let forged = hs256(
+        b"not-the-server-secret-0123456789abcdef",
+        &json!({"sub": "gina", "exp": now() + 600}),
+    );
+    assert_throttled(call(forged).await, "HS256 with another secret");
+    let expired = hs256(
+        SECRET.as_bytes(),
+        &json!({"sub": "gina", "exp": now() - 3600}),
+    );
+    assert_throttled(call(expired).await, "expired HS256");
+
+    // The new ES256 token is valid: another address gets it verified, and from then on it is
+    // admitted from the throttled address as well.
+    let elsewhere = channel_from_127_0_0_2(server.addr).await;
+    let r = client(&elsewhere, Some(&fresh))
+        .send_prompt(send("hello"))
+        .await;
+    answered(
+        r.map(|r| r.into_inner()),
+        "the new ES256 JWT from 127.0.0.2",
+    );
+    answered(call(fresh).await, "the new ES256 JWT, now verified");
+
+    // Each refusal is audited as denied, with the limiter named as the reason.
+    let lines = audit_lines(&audit_path, 17).await;
+    let throttled: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["code"] == "ResourceExhausted" || l["code"] == "429")
+        .collect();
+    assert_eq!(throttled.len(), 5, "{lines:#?}");
+    for line in &throttled {
+        assert_eq!(
+            (&line["result"], &line["auth_method"], &line["principal"]),
+            (&json!("denied"), &json!("failed"), &json!("anonymous")),
+            "{line}"
+        );
+        let error = line["error"].as_str().unwrap();
+        assert!(
+            error.contains("too many failed authentication attempts from this address"),
+            "{line}"
+        );
+    }
+    assert!(
+        throttled.iter().any(|l| l["error"]
+            .as_str()
+            .unwrap()
+            .contains("signature not checked")),
+        "{throttled:#?}"
+    );
+    let admitted: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["result"] == "ok")
+        .map(|l| l["principal"].as_str().unwrap())
+        .collect();
+    for who in ["legacy-token", "team", "gina", "erin", "frank"] {
+        assert!(admitted.contains(&who), "{who} not admitted: {lines:#?}");
+    }
+    // The start of the block is logged once, as a warning.
+    assert_eq!(
+        server
+            .stderr()
+            .matches("too many failed authentication attempts from this address")
+            .count(),
+        1,
+        "{}",
+        server.stderr()
+    );
+}
+
+/// Refusals by the failed-auth limiter are counted apart from the failures that led to them.
+#[tokio::test]
+async fn throttled_refusals_are_counted_in_a_metric() {
+    let mut config = echo_config();
+    config.auth.token = Some(Secret::new(TOKEN));
+    config.limits.auth_failures_per_minute = 2;
+    let s = TestServer::start_with_metrics(config).await;
+    let mut wrong = client(&s.channel, Some("wrong-token"));
+    for i in 0..2 {
+        assert_unauthenticated(wrong.send_prompt(send("x")).await, &format!("wrong {i}"));
+    }
+    for i in 0..3 {
+        assert_throttled(
+            wrong.send_prompt(send("x")).await,
+            &format!("throttled {i}"),
+        );
+    }
+    client(&s.channel, Some(TOKEN))
+        .send_prompt(send("ok"))
+        .await
+        .unwrap();
+    crate::support::metrics_with_lines(
+        &s,
+        &[
+            "chatcli_auth_failures_total 2",
+            "chatcli_auth_throttled_total 3",
+        ],
+    )
+    .await;
+    s.shutdown().await;
+}
+
+/// A verified client certificate was checked in the TLS handshake: it is admitted from a
+/// throttled address, while a bad bearer token on top of it is refused with the wait.
+#[tokio::test]
+async fn a_client_certificate_is_admitted_from_a_throttled_address() {
+    use chatcli::config::TlsConfig;
+    let ca = crate::support::TestCa::new("e2e CA");
+    let dir = tempfile::tempdir().unwrap();
+    let server_pair = ca.server_cert(&[0x20, 0x01]);
+    for (name, pem) in [
+        ("tls.crt", &server_pair.cert_pem),
+        ("tls.key", &server_pair.key_pem),
+        ("ca.crt", &ca.ca_pem),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let alice = ca.client_cert("spiffe://test/alice", "alice");
+    let mut config = echo_config();
+    config.server.tls = TlsConfig {
+        cert_file: Some(dir.path().join("tls.crt")),
+        key_file: Some(dir.path().join("tls.key")),
+        client_ca_file: Some(dir.path().join("ca.crt")),
+        ..TlsConfig::default()
+    };
+    config.limits.auth_failures_per_minute = 2;
+    let s = TestServer::start_tls(config, &ca.ca_pem, Some(&alice)).await;
+    let mut bad = client(&s.channel, Some("not-a-token"));
+    for i in 0..2 {
+        assert_unauthenticated(bad.send_prompt(send("x")).await, &format!("bad {i}"));
+    }
+    assert_throttled(bad.send_prompt(send("x")).await, "bad token, throttled");
+    let r = ChatCliServiceClient::new(s.channel.clone())
+        .send_prompt(send("certificate only"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.response, "certificate only");
+    s.shutdown().await;
 }
 
 #[tokio::test]
