@@ -501,3 +501,52 @@ fn drop_ins_merge_in_name_order_and_append_providers() {
     assert_eq!(p[0].key, "server.prot");
     assert!(p[0].origin.ends_with("40-bad.toml"), "{}", p[0].origin);
 }
+
+#[test]
+fn trusted_proxies_are_a_list_of_addresses_or_cidrs_from_the_file_or_the_environment() {
+    let l = load(&sources(&[], None, vec![])).unwrap();
+    assert!(l.config.server.trusted_proxies.is_empty());
+
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n",
+    );
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.server.trusted_proxies,
+        vec!["10.0.0.0/8", "192.0.2.7"]
+    );
+
+    let env = [(
+        "CHATCLI_SERVER__TRUSTED_PROXIES",
+        "127.0.0.1/32, 2001:db8::/32",
+    )];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.server.trusted_proxies,
+        vec!["127.0.0.1/32", "2001:db8::/32"]
+    );
+    assert_eq!(
+        origin(&l.figment, "server.trusted_proxies"),
+        "env CHATCLI_SERVER__TRUSTED_PROXIES"
+    );
+
+    let env = [(
+        "CHATCLI_SERVER__TRUSTED_PROXIES",
+        "10.0.0.0/8,ten,1.2.3.4/40",
+    )];
+    let p = problems(&sources(&env, None, vec![]));
+    assert_eq!(p.len(), 2, "{p:?}");
+    for problem in &p {
+        assert_eq!(problem.key, "server.trusted_proxies");
+        assert_eq!(problem.origin, "env CHATCLI_SERVER__TRUSTED_PROXIES");
+    }
+    assert!(p[0].message.contains("entry 1: `ten`"), "{}", p[0].message);
+    assert!(
+        p[1].message.contains("entry 2: `1.2.3.4/40`"),
+        "{}",
+        p[1].message
+    );
+}

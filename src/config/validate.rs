@@ -42,6 +42,13 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
             ),
         );
     }
+    if let Err(errors) = crate::server::forwarded::TrustedProxies::parse(&s.trusted_proxies) {
+        // The origin is the list's: from the environment it is one comma-separated value.
+        for e in errors {
+            let why = e.strip_prefix("server.trusted_proxies.").unwrap_or(&e);
+            bad("server.trusted_proxies", format!("entry {why}"));
+        }
+    }
     let tls = &s.tls;
     if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
         bad(

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod events;
+pub mod forwarded;
 mod grpc;
 pub mod healthcheck;
 mod http;

@@ -20,6 +20,7 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::audit::{AuditRecord, AuditResult};
+use super::forwarded::ClientAddr;
 use super::http::HttpApi;
 use super::tls::PeerCertificates;
 use super::{AppState, Prepared};
@@ -79,15 +80,17 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// The rate-limit key of `principal` calling over this connection
-    /// ([`Principal::limit_key`]; the peer's key is made once per connection).
-    pub fn limit_key(&self, principal: &Principal) -> String {
+    /// The rate-limit key of `principal` calling from `client` over this connection
+    /// ([`Principal::limit_key`]). The peer's own key is made once per connection; a client named
+    /// by a trusted proxy can differ from call to call on one connection, so its key is made each
+    /// time.
+    pub fn limit_key(&self, principal: &Principal, client: &ClientAddr) -> String {
         match principal.method {
-            crate::auth::AuthMethod::None => self
+            crate::auth::AuthMethod::None if !client.forwarded => self
                 .anonymous_key
-                .get_or_init(|| principal.limit_key(Some(self.remote.ip())))
+                .get_or_init(|| principal.limit_key(Some(client.ip)))
                 .clone(),
-            _ => principal.limit_key(Some(self.remote.ip())),
+            _ => principal.limit_key(Some(client.ip)),
         }
     }
 }
@@ -122,6 +125,9 @@ pub struct CallContext {
     pub prepared: Arc<Prepared>,
     /// The connection the call came on.
     pub conn: Arc<ConnInfo>,
+    /// Who is calling from where: the TCP peer, or the client a trusted proxy names
+    /// (`server.trusted_proxies`).
+    pub client: ClientAddr,
     /// What the audit record will say about the call.
     pub notes: Arc<AuditNotes>,
     /// The call's id (the client's sane `x-request-id`, else a fresh one), as the response carries it.
@@ -247,9 +253,17 @@ impl Pipeline {
             None => (None, UNKEPT_NOTES.clone()),
         };
         let (mut parts, body) = req.into_parts();
+        let prepared = sides.state.prepared();
+        let client = super::forwarded::client_of(
+            &prepared.trusted_proxies,
+            conn.remote,
+            None,
+            &parts.headers,
+        );
         parts.extensions.insert(CallContext {
-            prepared: sides.state.prepared(),
+            prepared,
             conn: conn.clone(),
+            client,
             notes: notes.clone(),
             request_id: request_id.clone(),
             principal: None,
@@ -288,7 +302,8 @@ impl Pipeline {
             audit,
             started,
             request_id,
-            client_addr: conn.remote.to_string(),
+            client_addr: client.to_string(),
+            peer_addr: client.forwarded.then(|| conn.remote.to_string()),
             method,
             is_grpc,
             http_status: parts.status,
@@ -386,7 +401,7 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
         return Err(Refusal::Unauthenticated);
     };
     let (prepared, notes, conn) = (&ctx.prepared, &ctx.notes, &ctx.conn);
-    let ip = conn.remote.ip();
+    let ip = ctx.client.ip;
     let exempt = crate::auth::is_exempt(req.uri().path());
     let throttled = state.auth_failures.is_blocked(ip);
     let verification = match throttled {
@@ -447,7 +462,7 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
         }
     };
     notes.note(|n| n.principal = Some(principal.clone()));
-    let key = conn.limit_key(&principal);
+    let key = conn.limit_key(&principal, &ctx.client);
     if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
@@ -593,6 +608,7 @@ struct PendingAudit {
     started: Instant,
     request_id: String,
     client_addr: String,
+    peer_addr: Option<String>,
     method: String,
     is_grpc: bool,
     http_status: StatusCode,
@@ -665,6 +681,7 @@ impl PendingAudit {
             principal,
             auth_method,
             client_addr: std::mem::take(&mut self.client_addr),
+            peer_addr: self.peer_addr.take(),
             method: std::mem::take(&mut self.method),
             resource: notes.resource,
             result,

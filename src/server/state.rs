@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::llm::ProviderRegistry;
 use crate::llm::fallback::Cooldowns;
 use crate::server::audit::AuditLog;
+use crate::server::forwarded::TrustedProxies;
 use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, StreamCaps};
 use crate::server::tls::{RotatingAcceptor, TlsMaterial};
 use crate::sessions::SessionStore;
@@ -30,6 +31,8 @@ pub struct Prepared {
     pub auth: Authenticator,
     /// Its per-principal rate limits.
     pub rate_limits: RateLimits,
+    /// The proxies trusted to name the client (`server.trusted_proxies`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Prepared {
@@ -58,11 +61,13 @@ impl Prepared {
         };
         let rate_limits = RateLimits::from_config(&config.limits, &auth.token_overrides())
             .map_err(|e| vec![e])?;
+        let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)?;
         Ok(Self {
             config,
             registry,
             auth,
             rate_limits,
+            trusted_proxies,
         })
     }
 }

@@ -1042,6 +1042,167 @@ async fn a_client_certificate_is_admitted_from_a_throttled_address() {
     s.shutdown().await;
 }
 
+/// A `SendPrompt` over `channel` with `token` and one extra metadata entry (a forwarding header).
+async fn prompt_with_header(
+    channel: &Channel,
+    token: &str,
+    header: (&'static str, &str),
+) -> Result<tonic::Response<chatcli::proto::SendPromptResponse>, tonic::Status> {
+    let mut req = tonic::Request::new(send("x"));
+    req.metadata_mut()
+        .insert(header.0, header.1.parse().unwrap());
+    client(channel, Some(token)).send_prompt(req).await
+}
+
+/// The real binary with `CHATCLI_SERVER__TRUSTED_PROXIES=127.0.0.1/32, 10.0.0.0/8`: calls from
+/// 127.0.0.1 are keyed and audited by the client that `X-Forwarded-For` or `Forwarded` names
+/// (the right-most address that is not a trusted proxy), on HTTP and gRPC alike, so one client's
+/// failures throttle that client only. From 127.0.0.2, which is not trusted, the same headers are
+/// ignored: the key and the audit line stay 127.0.0.2.
+#[tokio::test]
+async fn a_trusted_proxy_names_the_client_for_the_limiter_and_the_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[limits]\nauth_failures_per_minute = 2\n\n[audit]\npath = \"{}\"\n\n\
+             [llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            audit_path.display()
+        ),
+    )
+    .unwrap();
+    let server = BinaryServer::start_with_env(
+        &config,
+        &["--token", TOKEN],
+        &[(
+            "CHATCLI_SERVER__TRUSTED_PROXIES",
+            "127.0.0.1/32, 10.0.0.0/8",
+        )],
+    );
+    let url = format!("http://{}/v1/models", server.addr);
+    let via_proxy = http_client();
+    let get = |c: &reqwest::Client, xff: Option<&str>, token: &str| {
+        let mut req = c.get(&url).bearer_auth(token);
+        if let Some(v) = xff {
+            req = req.header("x-forwarded-for", v);
+        }
+        req.send()
+    };
+    let status = |r: reqwest::Result<reqwest::Response>| r.unwrap().status().as_u16();
+
+    // Client 198.51.100.7 behind an ingress (10.0.0.9) and the proxy on 127.0.0.1; the left-most
+    // entry is whatever the client sent and plays no part.
+    let chain = "1.2.3.4, 198.51.100.7, 10.0.0.9";
+    assert_eq!(status(get(&via_proxy, Some(chain), "wrong").await), 401);
+    assert_eq!(status(get(&via_proxy, Some(chain), "wrong").await), 401);
+    assert_eq!(status(get(&via_proxy, Some(chain), "wrong").await), 429);
+    assert_eq!(status(get(&via_proxy, Some(chain), TOKEN).await), 200);
+    // Other clients of the same proxy are not throttled, nor is the proxy itself.
+    assert_eq!(
+        status(get(&via_proxy, Some("198.51.100.8"), "wrong").await),
+        401
+    );
+    assert_eq!(status(get(&via_proxy, None, "wrong").await), 401);
+    // gRPC reads the same headers from its metadata.
+    let channel = crate::support::connect(server.addr).await;
+    assert_throttled(
+        prompt_with_header(&channel, "wrong", ("x-forwarded-for", "198.51.100.7")).await,
+        "gRPC, X-Forwarded-For of the throttled client",
+    );
+    assert_unauthenticated(
+        prompt_with_header(
+            &channel,
+            "wrong",
+            ("forwarded", "for=\"198.51.100.9:4711\""),
+        )
+        .await,
+        "gRPC, Forwarded naming another client",
+    );
+
+    // From 127.0.0.2, not a trusted proxy, the header naming the throttled client is ignored:
+    // the call is keyed on 127.0.0.2, which has no failures yet...
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let untrusted = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .timeout(HANG_GUARD)
+        .build()
+        .unwrap();
+    assert_eq!(
+        status(get(&untrusted, Some("198.51.100.7"), "wrong").await),
+        401
+    );
+    // ...and once 127.0.0.2 is throttled, no header gets it out.
+    assert_eq!(
+        status(get(&untrusted, Some("198.51.100.50"), "wrong").await),
+        401
+    );
+    assert_eq!(
+        status(get(&untrusted, Some("198.51.100.51"), "wrong").await),
+        429
+    );
+
+    let lines = audit_lines(&audit_path, 11).await;
+    let by_client = |addr: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["client_addr"].as_str().unwrap().starts_with(addr))
+            .collect()
+    };
+    let proxied = by_client("198.51.100.7");
+    assert_eq!(proxied.len(), 5, "{lines:#?}");
+    for line in &proxied {
+        assert_eq!(line["client_addr"], "198.51.100.7", "{line}");
+        assert!(
+            line["peer_addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:"),
+            "{line}"
+        );
+    }
+    assert_eq!(by_client("198.51.100.9:4711").len(), 1, "{lines:#?}");
+    let spoofed = by_client("127.0.0.2:");
+    assert_eq!(spoofed.len(), 3, "{lines:#?}");
+    for line in &spoofed {
+        assert!(line.get("peer_addr").is_none(), "{line}");
+    }
+    assert!(
+        !lines.iter().any(|l| l["client_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.51.100.5")),
+        "a header from an untrusted peer reached the audit: {lines:#?}"
+    );
+}
+
+/// Callers without credentials are rate-limited by their address: behind a trusted proxy, by the
+/// address it names, even when many clients share the proxy's one connection.
+#[tokio::test]
+async fn anonymous_callers_behind_a_trusted_proxy_have_their_own_buckets() {
+    let mut config = echo_config();
+    config.server.trusted_proxies = vec!["127.0.0.1".into()];
+    config.limits.rate_limit_rps = 0.05;
+    config.limits.rate_limit_burst = 1;
+    let s = TestServer::start_with(config).await;
+    let mut raw = ChatCliServiceClient::new(s.channel.clone());
+    let call = |xff: &str| {
+        let mut req = tonic::Request::new(send("x"));
+        req.metadata_mut()
+            .insert("x-forwarded-for", xff.parse().unwrap());
+        req
+    };
+    raw.send_prompt(call("198.51.100.1")).await.unwrap();
+    let err = raw.send_prompt(call("198.51.100.1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    raw.send_prompt(call("198.51.100.2"))
+        .await
+        .expect("another client on the same connection has its own bucket");
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn garbage_credentials_are_refused_and_others_keep_being_served() {
     let mut config = echo_config();
