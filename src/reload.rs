@@ -370,6 +370,7 @@ fn keep_restart_settings(old: &Config, new: &mut Config) {
         "server.max_concurrent_streams"
     );
     keep!(server.header_read_timeout, "server.header_read_timeout");
+    keep!(server.proxy_protocol, "server.proxy_protocol");
     keep!(server.reflection, "server.reflection");
     keep!(metrics.port, "metrics.port");
     keep!(metrics.bind_address, "metrics.bind_address");

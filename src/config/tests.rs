@@ -550,3 +550,25 @@ fn trusted_proxies_are_a_list_of_addresses_or_cidrs_from_the_file_or_the_environ
         p[1].message
     );
 }
+
+#[test]
+fn proxy_protocol_without_trusted_proxies_is_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "c.toml", "[server]\nproxy_protocol = true\n");
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert!(l.config.server.proxy_protocol);
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("server.proxy_protocol") && w.contains("trusted_proxies")),
+        "{:?}",
+        l.warnings
+    );
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[server]\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
+    );
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}

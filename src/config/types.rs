@@ -138,6 +138,13 @@ pub struct ServerConfig {
     /// `peer_addr`). Empty (the default): the TCP peer is the client.
     #[serde(deserialize_with = "string_or_list")]
     pub trusted_proxies: Vec<String>,
+    /// Every connection must start with a PROXY protocol header (HAProxy's, version 2 binary or
+    /// version 1 text), as load balancers such as HAProxy, AWS NLB or an ingress send it with
+    /// `send-proxy`; a connection without a valid header within 10 s is closed. When the TCP peer
+    /// is in `trusted_proxies`, the source address in the header is the client (it is ignored
+    /// otherwise). Health probes on this port must then send the header too (probe the metrics
+    /// port's `/healthz` and `/readyz` instead). Needs a restart.
+    pub proxy_protocol: bool,
     /// TLS for the listener.
     pub tls: TlsConfig,
     /// `CHATCLI_GRPC_REFLECTION=true` was set: the environment's half of the reflection switch.
@@ -159,6 +166,7 @@ impl Default for ServerConfig {
             reflection: false,
             allow_no_auth: false,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             tls: TlsConfig::default(),
             reflection_env: false,
         }

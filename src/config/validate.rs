@@ -173,9 +173,16 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
     out
 }
 
-/// Settings that are accepted (for compatibility) but have no effect in this build yet.
+/// Settings that are accepted but have no effect (in this build, or as combined).
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut w = Vec::new();
+    if config.server.proxy_protocol && config.server.trusted_proxies.is_empty() {
+        w.push(
+            "server.proxy_protocol is on but server.trusted_proxies is empty: every connection \
+             must start with a PROXY header, and the address it carries is never used"
+                .to_string(),
+        );
+    }
     let mut later = |what: &str, issue: &str| {
         w.push(format!("{what} has no effect yet: it waits for {issue}"));
     };

@@ -11,6 +11,7 @@ mod http;
 mod listener;
 mod metrics_http;
 pub mod pipeline;
+pub mod proxy_protocol;
 pub mod ratelimit;
 mod state;
 pub mod tls;

@@ -71,6 +71,9 @@ pub struct ConnInfo {
     pub local: Option<SocketAddr>,
     /// The peer.
     pub remote: SocketAddr,
+    /// The source address of the connection's PROXY protocol header (`server.proxy_protocol`),
+    /// when it carried one. It names the client only if `remote` is a trusted proxy.
+    pub proxied: Option<SocketAddr>,
     /// The verified client chain (mTLS), leaf first.
     pub peer_certs: Option<PeerCertificates>,
     /// The identity of the verified client certificate.
@@ -257,7 +260,7 @@ impl Pipeline {
         let client = super::forwarded::client_of(
             &prepared.trusted_proxies,
             conn.remote,
-            None,
+            conn.proxied,
             &parts.headers,
         );
         parts.extensions.insert(CallContext {

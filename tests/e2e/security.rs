@@ -1203,6 +1203,140 @@ async fn anonymous_callers_behind_a_trusted_proxy_have_their_own_buckets() {
     s.shutdown().await;
 }
 
+/// A PROXY protocol version 2 header (command PROXY, TCP over IPv4) from `src` to `dst`.
+fn proxy_v2(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&src.ip().octets());
+    h.extend_from_slice(&dst.ip().octets());
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
+}
+
+/// `GET /v1/models` with `token` over a new connection from `local` that first sends `preamble`:
+/// the answer's status, or `None` when the server closed the connection without one.
+async fn raw_get(
+    addr: std::net::SocketAddr,
+    local: &str,
+    preamble: &[u8],
+    token: &str,
+) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    let mut bytes = preamble.to_vec();
+    bytes.extend_from_slice(
+        format!(
+            "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    // The server may close before reading it all; the answer (or its absence) says what happened.
+    let _ = conn.write_all(&bytes).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, conn.read_to_end(&mut answer))
+        .await
+        .expect("the connection stayed open");
+    let text = String::from_utf8_lossy(&answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// The real binary with `proxy_protocol = true` and 127.0.0.1 as its trusted proxy: the source
+/// address of each connection's PROXY header (version 2 or 1) is the client the failed-auth
+/// limiter keys on and the audit line names. A connection without a valid header is closed
+/// unanswered, and the header of a peer that is not trusted (127.0.0.2) is read but its address
+/// ignored.
+#[tokio::test]
+async fn the_proxy_protocol_header_names_the_client_and_a_connection_without_one_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n\n\
+             [limits]\nauth_failures_per_minute = 2\n\n[audit]\npath = \"{}\"\n\n\
+             [llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            audit_path.display()
+        ),
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &["--token", TOKEN]);
+    let addr = server.addr;
+    let dst = std::net::SocketAddrV4::new([127, 0, 0, 1].into(), addr.port());
+    let from = |ip: [u8; 4], port| proxy_v2(std::net::SocketAddrV4::new(ip.into(), port), dst);
+
+    // Client 198.51.100.20 through the load balancer on 127.0.0.1: its failures are its own.
+    let client_a = from([198, 51, 100, 20], 4242);
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, "wrong").await,
+        Some(401)
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, "wrong").await,
+        Some(401)
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, "wrong").await,
+        Some(429)
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, TOKEN).await,
+        Some(200)
+    );
+    // Another client (a version 1 header), and the load balancer's own LOCAL connection.
+    let v1 = format!(
+        "PROXY TCP4 198.51.100.21 127.0.0.1 5555 {}\r\n",
+        addr.port()
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", v1.as_bytes(), "wrong").await,
+        Some(401)
+    );
+    let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    assert_eq!(raw_get(addr, "127.0.0.1", local, "wrong").await, Some(401));
+    // No header, or a broken one: closed without an answer.
+    assert_eq!(raw_get(addr, "127.0.0.1", b"", TOKEN).await, None);
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", b"PROXY TCP4 nonsense\r\n", TOKEN).await,
+        None
+    );
+    assert_eq!(
+        http_client()
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status()),
+        None
+    );
+    // 127.0.0.2 is not a trusted proxy: the throttled client's address in its header is ignored.
+    assert_eq!(
+        raw_get(addr, "127.0.0.2", &client_a, "wrong").await,
+        Some(401)
+    );
+
+    let lines = audit_lines(&audit_path, 7).await;
+    let count = |prefix: &str| {
+        lines
+            .iter()
+            .filter(|l| l["client_addr"].as_str().unwrap().starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("198.51.100.20:4242"), 4, "{lines:#?}");
+    assert_eq!(count("198.51.100.21:5555"), 1, "{lines:#?}");
+    assert_eq!(count("127.0.0.1:"), 1, "{lines:#?}");
+    assert_eq!(count("127.0.0.2:"), 1, "{lines:#?}");
+    assert_eq!(lines.len(), 7, "{lines:#?}");
+    for line in &lines {
+        let proxied = line["client_addr"].as_str().unwrap().starts_with("198.");
+        assert_eq!(line.get("peer_addr").is_some(), proxied, "{line}");
+    }
+}
+
 #[tokio::test]
 async fn garbage_credentials_are_refused_and_others_keep_being_served() {
     let mut config = echo_config();
