@@ -572,3 +572,63 @@ fn proxy_protocol_without_trusted_proxies_is_a_warning() {
     let l = load(&sources(&[], Some(&f), vec![])).unwrap();
     assert!(l.warnings.is_empty(), "{:?}", l.warnings);
 }
+
+#[test]
+fn static_tokens_shorter_than_32_characters_are_warned_about() {
+    let d = tempfile::tempdir().unwrap();
+    let short = "short-token-1234";
+    let long = "a-token-of-exactly-32-characters";
+    assert_eq!(long.len(), 32);
+    let short_warnings = |w: &[String]| -> Vec<String> {
+        w.iter()
+            .filter(|w| w.contains("shorter than 32 characters"))
+            .cloned()
+            .collect()
+    };
+
+    // The shared token, from the environment or a file.
+    let l = load(&sources(&[("CHATCLI_SERVER_TOKEN", short)], None, vec![])).unwrap();
+    let w = short_warnings(&l.warnings);
+    assert_eq!(w.len(), 1, "{:?}", l.warnings);
+    assert!(
+        w[0].starts_with("auth.token: the token is 16 characters long"),
+        "{w:?}"
+    );
+    let l = load(&sources(&[("CHATCLI_SERVER_TOKEN", long)], None, vec![])).unwrap();
+    assert!(short_warnings(&l.warnings).is_empty(), "{:?}", l.warnings);
+    let token_file = write(d.path(), "token", &format!("{short}\n"));
+    let env = [("CHATCLI_SERVER_TOKEN_FILE", token_file.to_str().unwrap())];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    let w = short_warnings(&l.warnings);
+    assert_eq!(w.len(), 1, "{:?}", l.warnings);
+    assert!(w[0].starts_with("auth.token_file:"), "{w:?}");
+
+    // Named tokens read from a file (relative names in the credentials directory); a `sha256`
+    // entry cannot be measured.
+    write(d.path(), "team-short", short);
+    write(d.path(), "team-long", &format!("{long}\n"));
+    let f = write(
+        d.path(),
+        "c.toml",
+        &format!(
+            "[[auth.tokens]]\nname = \"a\"\nfile = \"team-short\"\n\n\
+             [[auth.tokens]]\nname = \"b\"\nfile = \"team-long\"\n\n\
+             [[auth.tokens]]\nname = \"c\"\nsha256 = \"{}\"\n",
+            "0".repeat(64)
+        ),
+    );
+    let env = [("CREDENTIALS_DIRECTORY", d.path().to_str().unwrap())];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    let w = short_warnings(&l.warnings);
+    assert_eq!(w.len(), 1, "{:?}", l.warnings);
+    assert!(
+        w[0].starts_with("auth.tokens.0.file (\"a\"): the token is 16"),
+        "{w:?}"
+    );
+    for warning in &l.warnings {
+        assert!(
+            !warning.contains(short) && !warning.contains(long),
+            "{warning}"
+        );
+    }
+}

@@ -1337,6 +1337,77 @@ async fn the_proxy_protocol_header_names_the_client_and_a_connection_without_one
     }
 }
 
+/// `chatcli config check` and `chatcli server` warn about a static token shorter than 32
+/// characters (the shared token, or a named token read from a file) without refusing it, and
+/// never print the token.
+#[tokio::test]
+async fn short_static_tokens_are_warned_about_at_check_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let short_named = "team-token-9";
+    std::fs::write(dir.path().join("team.token"), format!("{short_named}\n")).unwrap();
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[auth.tokens]]\nname = \"team\"\nfile = \"{}\"\n\n[llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            dir.path().join("team.token").display()
+        ),
+    )
+    .unwrap();
+    let short = "short-shared-1";
+    let home = tempfile::tempdir().unwrap();
+    let out = chatcli_command(home.path())
+        .args(["config", "check", "--token", short, "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("configuration OK"), "{stderr}");
+    for setting in ["auth.token:", "auth.tokens.0.file (\"team\"):"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&format!("warning: {setting}"))
+                    && l.contains("shorter than 32 characters")),
+            "no warning for {setting}: {stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains(short) && !stderr.contains(short_named),
+        "{stderr}"
+    );
+
+    // A long enough token: no such warning.
+    let long = "a-shared-token-of-40-characters-or-so-ok";
+    let out = chatcli_command(home.path())
+        .args(["config", "check", "--token", long])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("shorter than 32"), "{stderr}");
+
+    // The server starts with the short tokens, says so in its log, and they work.
+    let server = BinaryServer::start(&config, &["--token", short]);
+    server
+        .wait_for_log("auth.token: the token is 14 characters long")
+        .await;
+    server
+        .wait_for_log("auth.tokens.0.file (\"team\"): the token is 12 characters long")
+        .await;
+    let channel = crate::support::connect(server.addr).await;
+    for token in [short, short_named] {
+        client(&channel, Some(token))
+            .send_prompt(send("x"))
+            .await
+            .unwrap_or_else(|e| panic!("{token}: {e:?}"));
+    }
+}
+
 #[tokio::test]
 async fn garbage_credentials_are_refused_and_others_keep_being_served() {
     let mut config = echo_config();
