@@ -125,8 +125,8 @@ impl Principal {
 }
 
 /// Why a call was refused (logged and audited). The caller only sees "authentication failed",
-/// except for [`AuthError::Throttled`], which it is told (with the wait) so that a right token
-/// refused for a while is not mistaken for a wrong one.
+/// except for [`AuthError::Throttled`], which it is told (with the wait) so that it knows to wait
+/// rather than look for another cause.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// No credentials.
