@@ -499,6 +499,7 @@ restart_only!(
     server.max_concurrent_streams,
     server.header_read_timeout,
     server.reflection,
+    server.proxy_protocol,
     metrics.port,
     metrics.bind_address,
     log.format,
@@ -523,6 +524,7 @@ restart_only!(
 pub const RELOADABLE: &[&str] = &[
     "server.shutdown_grace",
     "server.allow_no_auth",
+    "server.trusted_proxies",
     "server.tls.cert_file",
     "server.tls.key_file",
     "server.tls.client_ca_file",

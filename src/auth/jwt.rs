@@ -8,9 +8,11 @@
 //! among the configured keys. So `alg: none` matches no key, and an HS256 token can never be
 //! checked with a public key used as an HMAC secret.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{
@@ -39,6 +41,8 @@ const MAX_RSA_BITS: usize = 4096;
 const MAX_SUB_LEN: usize = 256;
 /// RFC 7518 §3.2: an HS256 key should have at least 256 bits.
 const MIN_SECRET_LEN: usize = 32;
+/// Most public-key tokens remembered as verified ([`VerifiedTokens`]).
+const VERIFIED_MAX: usize = 1024;
 
 /// Why a token was refused. The caller only ever sees a generic "authentication failed"; this
 /// goes to the log and the audit line, so it carries nothing secret (the token's `alg` is
@@ -80,6 +84,12 @@ pub enum JwtError {
     /// at load).
     #[error("the configured key cannot verify this token")]
     Unverifiable,
+    /// Only the cheap checks were allowed ([`JwtVerifier::verify_cheap`]) and this token's
+    /// signature is a public-key one that has not verified before.
+    #[error(
+        "signature not checked: the client address is throttled and this token has not verified before"
+    )]
+    NotChecked,
 }
 
 /// Where a key came from (for `Debug` and for the key choice: JWKS keys are chosen by `kid`).
@@ -120,6 +130,83 @@ pub struct JwtVerifier {
     issuer: Option<String>,
     audience: Vec<String>,
     leeway: Duration,
+    /// Public-key tokens that verified with these keys (shared by clones).
+    verified: Arc<VerifiedTokens>,
+}
+
+/// The public-key tokens that verified recently, by the SHA-256 of the token, each with its
+/// principal and the last Unix second it is valid (`exp` plus the leeway), at most
+/// [`VERIFIED_MAX`] of them. [`JwtVerifier::verify_cheap`] admits such a token again without
+/// checking its signature: the same bytes verified before, and only `exp` can have changed its
+/// validity since (`nbf` only moves towards valid, and `iss`/`aud` are in the signed bytes).
+///
+/// It belongs to the verifier, which a reload rebuilds: a key that is removed or replaced also
+/// forgets the tokens it verified. Only successful verifications add entries, so a caller without
+/// a valid token cannot fill it; when it is full, expired entries go first, then the one that
+/// expires soonest.
+#[derive(Default)]
+struct VerifiedTokens {
+    entries: Mutex<HashMap<[u8; 32], VerifiedToken>>,
+}
+
+struct VerifiedToken {
+    principal: Principal,
+    valid_until: u64,
+}
+
+impl VerifiedTokens {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], VerifiedToken>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The principal of the token with this digest, if it verified and is still valid at `now`.
+    fn get(&self, digest: &[u8; 32], now: u64) -> Option<Principal> {
+        self.lock()
+            .get(digest)
+            .filter(|t| now <= t.valid_until)
+            .map(|t| t.principal.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], token: VerifiedToken, now: u64) {
+        let mut entries = self.lock();
+        if entries.contains_key(&digest) {
+            return;
+        }
+        if entries.len() >= VERIFIED_MAX {
+            entries.retain(|_, t| now <= t.valid_until);
+        }
+        if entries.len() >= VERIFIED_MAX
+            && let Some(soonest) = entries
+                .iter()
+                .min_by_key(|(_, t)| t.valid_until)
+                .map(|(d, _)| *d)
+        {
+            entries.remove(&soonest);
+        }
+        entries.insert(digest, token);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// The current Unix time in seconds (what jsonwebtoken compares `exp` with).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `alg` is an HMAC: verifying it costs about as much as hashing the token.
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -148,6 +235,8 @@ struct RawHeader {
 /// are type-checked by jsonwebtoken's validation.
 #[derive(serde::Deserialize)]
 struct RawClaims {
+    #[serde(default)]
+    exp: Option<serde_json::Value>,
     #[serde(default)]
     sub: Option<serde_json::Value>,
     #[serde(default)]
@@ -287,20 +376,74 @@ impl JwtVerifier {
             issuer,
             audience,
             leeway: cfg.leeway,
+            verified: Arc::default(),
         }))
     }
 
     /// Verifies a bearer token (without the `Bearer ` prefix) and returns its principal:
-    /// `sub` → id, `role` → role (missing or unknown → user), `email`, `tenant_id`.
+    /// `sub` → id, `role` → role (missing or unknown → user), `email`, `tenant_id`. A token
+    /// signed with a public key is remembered as verified until it expires (see
+    /// [`Self::verify_cheap`]).
     pub fn verify(&self, token: &str) -> Result<Principal, JwtError> {
+        let key = self.key_for(token)?;
+        self.decode(token, key)
+    }
+
+    /// [`Self::verify`] limited to what costs about as much as hashing the token, for callers
+    /// whose address the failed-auth limiter throttles:
+    ///
+    /// - a token whose key is an HMAC secret (HS256) is verified in full: an HMAC is cheap;
+    /// - a token whose key is a public one (RS256, ES256, EdDSA, JWKS) is admitted only if the
+    ///   very same token verified before with these keys and has not expired (by `exp` plus the
+    ///   leeway), and is otherwise refused with [`JwtError::NotChecked`] without checking its
+    ///   signature. A public-key token that the server has never seen must wait until the
+    ///   address is no longer throttled, or come from another address.
+    pub fn verify_cheap(&self, token: &str) -> Result<Principal, JwtError> {
+        let key = self.key_for(token)?;
+        if is_hmac(key.alg) {
+            return self.decode(token, key);
+        }
+        self.verified
+            .get(&digest(token), unix_now())
+            .ok_or(JwtError::NotChecked)
+    }
+
+    /// The configured key that must verify `token`, from its header.
+    fn key_for(&self, token: &str) -> Result<&VerifyKey, JwtError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(JwtError::Malformed);
         }
         let header = parse_header(token)?;
-        let key = self.select_key(&header)?;
+        self.select_key(&header)
+    }
+
+    /// Checks the signature and the claims of `token` with `key`; a public-key token that passes
+    /// is remembered in [`VerifiedTokens`].
+    fn decode(&self, token: &str, key: &VerifyKey) -> Result<Principal, JwtError> {
         let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &key.validation)
             .map_err(|e| map_error(&e, key.alg))?;
-        principal(data.claims)
+        let exp = match &data.claims.exp {
+            Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map(|f| f as u64)
+            }),
+            _ => None,
+        };
+        let principal = principal(data.claims)?;
+        if !is_hmac(key.alg)
+            && let Some(exp) = exp
+        {
+            self.verified.insert(
+                digest(token),
+                VerifiedToken {
+                    principal: principal.clone(),
+                    valid_until: exp.saturating_add(self.leeway.as_secs()),
+                },
+                unix_now(),
+            );
+        }
+        Ok(principal)
     }
 
     /// The key for this token. The token's `alg` only selects: it must be the pinned algorithm of
@@ -1646,5 +1789,116 @@ MBNCiPynTmmeHC8axwIDAQAB
         for material in [SECRET, &RSA_N[..20], &b64url(&ec.raw[1..33])[..20], "MII"] {
             assert!(!dbg.contains(material), "{dbg}");
         }
+    }
+
+    #[test]
+    fn cheap_checks_verify_hs256_and_admit_only_public_key_tokens_seen_verified() {
+        // HS256: verified in full even when only the cheap checks are allowed.
+        let v = verifier(&secret_cfg());
+        let good = hs(&claims("alice"));
+        assert_eq!(v.verify_cheap(&good).unwrap().id, "alice");
+        let forged = sign(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(b"another-secret-of-32-bytes-or-more"),
+            None,
+            &claims("alice"),
+        );
+        assert_eq!(v.verify_cheap(&forged), Err(JwtError::BadSignature));
+        assert_eq!(v.verified.len(), 0, "HS256 tokens are never cached");
+
+        // A public key: a token never verified is refused unchecked, even a good one.
+        let dir = tempfile::tempdir().unwrap();
+        let pair = ec_pair();
+        let v = verifier(&pem_cfg(write(&dir, "ec.pem", &pair.public_pem)));
+        let token = sign(Algorithm::ES256, &pair.signing, None, &claims("bob"));
+        assert_eq!(v.verify_cheap(&token), Err(JwtError::NotChecked));
+        // Once it verified, the same token passes the cheap checks, with the same principal.
+        let full = v.verify(&token).unwrap();
+        assert_eq!(v.verify_cheap(&token).unwrap(), full);
+        // Another token of the same subject, or the token altered, is not the one that verified.
+        let other = sign(
+            Algorithm::ES256,
+            &pair.signing,
+            None,
+            &json!({"sub": "bob", "exp": now() + 301}),
+        );
+        assert_eq!(v.verify_cheap(&other), Err(JwtError::NotChecked));
+        let mut altered = token.clone();
+        altered.pop();
+        assert_eq!(v.verify_cheap(&altered), Err(JwtError::NotChecked));
+        // Garbage and tokens for no configured key are refused before any lookup.
+        assert_eq!(v.verify_cheap("a.b.c"), Err(JwtError::Malformed));
+        assert!(matches!(
+            v.verify_cheap(&hs(&claims("x"))),
+            Err(JwtError::AlgorithmNotAllowed(_))
+        ));
+        // A clone (the same keys) shares what verified; a new verifier (a reload) does not.
+        assert!(v.clone().verify_cheap(&token).is_ok());
+        let reloaded = verifier(&pem_cfg(write(&dir, "ec.pem", &pair.public_pem)));
+        assert_eq!(reloaded.verify_cheap(&token), Err(JwtError::NotChecked));
+    }
+
+    #[test]
+    fn a_remembered_token_stops_passing_when_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = pem_cfg(write(&dir, "rsa.pem", RSA_PUBLIC_PEM));
+        cfg.leeway = Duration::from_secs(5);
+        let v = verifier(&cfg);
+        // Expired 3 s ago: still inside the 5 s leeway, so it verifies and is remembered...
+        let exp = now() - 3;
+        let token = sign(
+            Algorithm::RS256,
+            &rsa_signing(),
+            None,
+            &json!({"sub": "carol", "exp": exp}),
+        );
+        assert!(v.verify(&token).is_ok());
+        assert!(v.verify_cheap(&token).is_ok());
+        // ...until `exp` plus the leeway, like a full verification.
+        let d = digest(&token);
+        let entries = v.verified.lock();
+        let until = entries.get(&d).unwrap().valid_until;
+        assert_eq!(until, exp + 5);
+        drop(entries);
+        assert!(v.verified.get(&d, until).is_some());
+        assert!(v.verified.get(&d, until + 1).is_none());
+    }
+
+    #[test]
+    fn the_verified_token_cache_is_bounded() {
+        let cache = VerifiedTokens::default();
+        let entry = |valid_until| VerifiedToken {
+            principal: Principal {
+                id: "p".into(),
+                role: Role::User,
+                method: AuthMethod::Jwt,
+                email: None,
+                tenant_id: None,
+            },
+            valid_until,
+        };
+        let key = |i: usize| {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            d
+        };
+        // Full of entries valid until 1000 + i; one more at time 500 evicts the soonest (i = 0).
+        for i in 0..VERIFIED_MAX {
+            cache.insert(key(i), entry(1000 + i as u64), 500);
+        }
+        assert_eq!(cache.len(), VERIFIED_MAX);
+        cache.insert(key(VERIFIED_MAX), entry(5000), 500);
+        assert_eq!(cache.len(), VERIFIED_MAX);
+        assert!(cache.get(&key(0), 500).is_none());
+        assert!(cache.get(&key(1), 500).is_some());
+        assert!(cache.get(&key(VERIFIED_MAX), 500).is_some());
+        // Later, when all but two have expired, a new entry clears every expired one.
+        let later = 1000 + VERIFIED_MAX as u64 - 1;
+        cache.insert(key(VERIFIED_MAX + 1), entry(9000), later);
+        assert_eq!(
+            cache.len(),
+            3,
+            "valid until `later`, until 5000, and the new entry"
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! `CHATCLI_SERVER_TOKEN`, compared in constant time), named tokens with roles ([`tokens`]), JWT
 //! ([`jwt`]) and the mTLS client certificate's identity, each resolved to a [`Principal`] with a
 //! role; the RBAC checks. The principal goes into the request extensions, where handlers read it.
+//! [`Verification::Cheap`] is what a caller whose address is throttled by the failed-auth limiter
+//! gets checked.
 
 pub mod jwt;
 pub mod tokens;
@@ -141,8 +143,8 @@ impl Principal {
 }
 
 /// Why a call was refused (logged and audited). The caller only sees "authentication failed",
-/// except for [`AuthError::Throttled`], which it is told (with the wait) so that a right token
-/// refused for a while is not mistaken for a wrong one.
+/// except for [`AuthError::Throttled`], which it is told (with the wait) so that it knows to wait
+/// rather than look for another cause.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// No credentials.
@@ -157,8 +159,9 @@ pub enum AuthError {
     /// A JWT that failed verification.
     #[error("invalid JWT: {0}")]
     Jwt(String),
-    /// Too many failures from this address: the failed-auth limiter refuses every credential from
-    /// it for `retry_after_secs` more seconds (whole seconds, at least 1).
+    /// Too many failures from this address: for `retry_after_secs` more seconds (whole seconds, at
+    /// least 1) the failed-auth limiter refuses every credential from it that is not valid by the
+    /// cheap checks ([`Verification::Cheap`]); valid ones are still admitted.
     #[error(
         "too many failed authentication attempts from this address; retry after {retry_after_secs} seconds"
     )]
@@ -176,6 +179,20 @@ impl AuthError {
             _ => None,
         }
     }
+}
+
+/// How much a credential may cost to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    /// Every check.
+    Full,
+    /// Only the checks that cost about as much as hashing the credential, for a caller whose
+    /// address the failed-auth limiter throttles: the shared token (compared in constant time),
+    /// named tokens (SHA-256, compared in constant time), a verified client certificate (checked
+    /// in the TLS handshake already), and JWTs as [`jwt::JwtVerifier::verify_cheap`] says: an
+    /// HS256 token is verified, a public-key token is admitted only if that same token verified
+    /// before and has not expired. Everything else is refused unchecked.
+    Cheap,
 }
 
 /// The configured ways to authenticate, prepared from config (rebuilt on reload).
@@ -251,6 +268,16 @@ impl Authenticator {
         authorization: Option<&[u8]>,
         client_identity: Option<&str>,
     ) -> Result<Principal, AuthError> {
+        self.authenticate_as(authorization, client_identity, Verification::Full)
+    }
+
+    /// [`Self::authenticate`] with only the checks `verification` allows.
+    pub fn authenticate_as(
+        &self,
+        authorization: Option<&[u8]>,
+        client_identity: Option<&str>,
+        verification: Verification,
+    ) -> Result<Principal, AuthError> {
         if !self.enabled() {
             return Ok(Principal {
                 id: "anonymous".into(),
@@ -293,7 +320,11 @@ impl Authenticator {
         if let Some(jwt) = &self.jwt
             && text.split('.').count() == 3
         {
-            return jwt.verify(text).map_err(|e| AuthError::Jwt(e.to_string()));
+            let verified = match verification {
+                Verification::Full => jwt.verify(text),
+                Verification::Cheap => jwt.verify_cheap(text),
+            };
+            return verified.map_err(|e| AuthError::Jwt(e.to_string()));
         }
         Err(AuthError::Invalid)
     }
@@ -479,5 +510,28 @@ mod tests {
             ])
             .collect();
         assert_eq!(ids.len(), pairs.len() + 2, "{ids:?}");
+    }
+
+    #[test]
+    fn cheap_checks_still_admit_tokens_and_certificates() {
+        let mut cfg = config();
+        cfg.token = Some(crate::config::Secret::new("shared-secret"));
+        let a = Authenticator::from_config(&cfg, true).unwrap();
+        let cheap =
+            |h: Option<&[u8]>, id: Option<&str>| a.authenticate_as(h, id, Verification::Cheap);
+        assert_eq!(
+            cheap(Some(b"Bearer shared-secret"), None).unwrap().id,
+            "legacy-token"
+        );
+        assert_eq!(
+            cheap(Some(b"Bearer team-token"), None).unwrap().id,
+            "team-a"
+        );
+        assert_eq!(
+            cheap(None, Some("spiffe://test/admin")).unwrap().method,
+            AuthMethod::Mtls
+        );
+        assert_eq!(cheap(Some(b"Bearer wrong"), None), Err(AuthError::Invalid));
+        assert_eq!(cheap(None, None), Err(AuthError::Missing));
     }
 }

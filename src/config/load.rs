@@ -505,6 +505,10 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
     config.server.reflection_env = reflection_env;
     add_env_providers(&mut config, &secrets, &mut warnings);
     read_secret_files(&mut config, &figment, env, &mut problems);
+    warnings.extend(validate::short_token_warnings(
+        &config,
+        credentials_dir(env).as_deref(),
+    ));
     resolve_tls_files(&mut config, env);
     problems.extend(validate::validate(&config, &figment));
     warnings.extend(validate::warnings(&config));

@@ -655,3 +655,134 @@ fn drop_ins_merge_in_name_order_and_append_providers() {
     assert_eq!(p[0].key, "server.prot");
     assert!(p[0].origin.ends_with("40-bad.toml"), "{}", p[0].origin);
 }
+
+#[test]
+fn trusted_proxies_are_a_list_of_addresses_or_cidrs_from_the_file_or_the_environment() {
+    let l = load(&sources(&[], None, vec![])).unwrap();
+    assert!(l.config.server.trusted_proxies.is_empty());
+
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n",
+    );
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.server.trusted_proxies,
+        vec!["10.0.0.0/8", "192.0.2.7"]
+    );
+
+    let env = [(
+        "CHATCLI_SERVER__TRUSTED_PROXIES",
+        "127.0.0.1/32, 2001:db8::/32",
+    )];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    assert_eq!(
+        l.config.server.trusted_proxies,
+        vec!["127.0.0.1/32", "2001:db8::/32"]
+    );
+    assert_eq!(
+        origin(&l.figment, "server.trusted_proxies"),
+        "env CHATCLI_SERVER__TRUSTED_PROXIES"
+    );
+
+    let env = [(
+        "CHATCLI_SERVER__TRUSTED_PROXIES",
+        "10.0.0.0/8,ten,1.2.3.4/40",
+    )];
+    let p = problems(&sources(&env, None, vec![]));
+    assert_eq!(p.len(), 2, "{p:?}");
+    for problem in &p {
+        assert_eq!(problem.key, "server.trusted_proxies");
+        assert_eq!(problem.origin, "env CHATCLI_SERVER__TRUSTED_PROXIES");
+    }
+    assert!(p[0].message.contains("entry 1: `ten`"), "{}", p[0].message);
+    assert!(
+        p[1].message.contains("entry 2: `1.2.3.4/40`"),
+        "{}",
+        p[1].message
+    );
+}
+
+#[test]
+fn proxy_protocol_without_trusted_proxies_is_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let f = write(d.path(), "c.toml", "[server]\nproxy_protocol = true\n");
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert!(l.config.server.proxy_protocol);
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("server.proxy_protocol") && w.contains("trusted_proxies")),
+        "{:?}",
+        l.warnings
+    );
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[server]\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
+    );
+    let l = load(&sources(&[], Some(&f), vec![])).unwrap();
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}
+
+#[test]
+fn static_tokens_shorter_than_32_characters_are_warned_about() {
+    let d = tempfile::tempdir().unwrap();
+    let short = "short-token-1234";
+    let long = "a-token-of-exactly-32-characters";
+    assert_eq!(long.len(), 32);
+    let short_warnings = |w: &[String]| -> Vec<String> {
+        w.iter()
+            .filter(|w| w.contains("shorter than 32 characters"))
+            .cloned()
+            .collect()
+    };
+
+    // The shared token, from the environment or a file.
+    let l = load(&sources(&[("CHATCLI_SERVER_TOKEN", short)], None, vec![])).unwrap();
+    let w = short_warnings(&l.warnings);
+    assert_eq!(w.len(), 1, "{:?}", l.warnings);
+    assert!(
+        w[0].starts_with("auth.token: the token is 16 characters long"),
+        "{w:?}"
+    );
+    let l = load(&sources(&[("CHATCLI_SERVER_TOKEN", long)], None, vec![])).unwrap();
+    assert!(short_warnings(&l.warnings).is_empty(), "{:?}", l.warnings);
+    let token_file = write(d.path(), "token", &format!("{short}\n"));
+    let env = [("CHATCLI_SERVER_TOKEN_FILE", token_file.to_str().unwrap())];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    let w = short_warnings(&l.warnings);
+    assert_eq!(w.len(), 1, "{:?}", l.warnings);
+    assert!(w[0].starts_with("auth.token_file:"), "{w:?}");
+
+    // Named tokens read from a file (relative names in the credentials directory); a `sha256`
+    // entry cannot be measured.
+    write(d.path(), "team-short", short);
+    write(d.path(), "team-long", &format!("{long}\n"));
+    let f = write(
+        d.path(),
+        "c.toml",
+        &format!(
+            "[[auth.tokens]]\nname = \"a\"\nfile = \"team-short\"\n\n\
+             [[auth.tokens]]\nname = \"b\"\nfile = \"team-long\"\n\n\
+             [[auth.tokens]]\nname = \"c\"\nsha256 = \"{}\"\n",
+            "0".repeat(64)
+        ),
+    );
+    let env = [("CREDENTIALS_DIRECTORY", d.path().to_str().unwrap())];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    let w = short_warnings(&l.warnings);
+    assert_eq!(w.len(), 1, "{:?}", l.warnings);
+    assert!(
+        w[0].starts_with("auth.tokens.0.file (\"a\"): the token is 16"),
+        "{w:?}"
+    );
+    for warning in &l.warnings {
+        assert!(
+            !warning.contains(short) && !warning.contains(long),
+            "{warning}"
+        );
+    }
+}

@@ -153,6 +153,23 @@ pub struct ServerConfig {
     pub reflection: bool,
     /// Start without any authentication on a non-loopback address (`--allow-no-auth`).
     pub allow_no_auth: bool,
+    /// Proxies (load balancers, ingresses) trusted to say who the client is, as addresses or CIDRs,
+    /// e.g. `["10.0.0.0/8", "192.0.2.7"]` (`CHATCLI_SERVER__TRUSTED_PROXIES`, comma separated).
+    /// Only for a request whose TCP peer is one of them is the client's address read from
+    /// `Forwarded: for=` or `X-Forwarded-For` (HTTP headers or gRPC metadata): the right-most
+    /// address that is not itself a trusted proxy; headers from any other peer are ignored. That
+    /// address is what the failed-auth limiter and the rate limit of callers without credentials
+    /// are keyed on and what the audit log records as `client_addr` (with the proxy as
+    /// `peer_addr`). Empty (the default): the TCP peer is the client.
+    #[serde(deserialize_with = "string_or_list")]
+    pub trusted_proxies: Vec<String>,
+    /// Every connection must start with a PROXY protocol header (HAProxy's, version 2 binary or
+    /// version 1 text), as load balancers such as HAProxy, AWS NLB or an ingress send it with
+    /// `send-proxy`; a connection without a valid header within 10 s is closed. When the TCP peer
+    /// is in `trusted_proxies`, the source address in the header is the client (it is ignored
+    /// otherwise). Health probes on this port must then send the header too (probe the metrics
+    /// port's `/healthz` and `/readyz` instead). Needs a restart.
+    pub proxy_protocol: bool,
     /// TLS for the listener.
     pub tls: TlsConfig,
     /// `CHATCLI_GRPC_REFLECTION=true` was set: the environment's half of the reflection switch.
@@ -173,6 +190,8 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(60),
             reflection: false,
             allow_no_auth: false,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             tls: TlsConfig::default(),
             reflection_env: false,
         }

@@ -2,6 +2,7 @@
 //! fixes them all in one pass. Settings that parse but have no effect yet are warnings.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use figment::Figment;
 
@@ -41,6 +42,13 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
                 s.port
             ),
         );
+    }
+    if let Err(errors) = crate::server::forwarded::TrustedProxies::parse(&s.trusted_proxies) {
+        // The origin is the list's: from the environment it is one comma-separated value.
+        for e in errors {
+            let why = e.strip_prefix("server.trusted_proxies.").unwrap_or(&e);
+            bad("server.trusted_proxies", format!("entry {why}"));
+        }
     }
     let tls = &s.tls;
     if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
@@ -184,9 +192,55 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
     out
 }
 
-/// Settings that are accepted (for compatibility) but have no effect in this build yet.
+/// Static tokens shorter than this many characters are warned about: 32 characters of base64 are
+/// 24 random bytes, of hex 16. Only warned: deployments that already use shorter ones keep working.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// A warning for each static token shorter than [`MIN_TOKEN_CHARS`]: the shared token (`auth.token`,
+/// or the file of `auth.token_file`, which the loader has read into it by now) and each named
+/// token given as a `file` (read here, relative names in `creds`; a file that cannot be read is
+/// reported as a problem when the token table is built). A named token given as `sha256` cannot
+/// be measured. The warnings never contain the tokens.
+pub fn short_token_warnings(config: &Config, creds: Option<&Path>) -> Vec<String> {
+    let auth = &config.auth;
+    let mut w = Vec::new();
+    let mut check = |setting: String, token: &str| {
+        let len = token.chars().count();
+        if len < MIN_TOKEN_CHARS {
+            w.push(format!(
+                "{setting}: the token is {len} characters long; a static token shorter than \
+                 {MIN_TOKEN_CHARS} characters is easier to guess (make one with \
+                 `head -c 32 /dev/urandom | base64`)"
+            ));
+        }
+    };
+    if let Some(token) = &auth.token {
+        let setting = match auth.token_file {
+            Some(_) => "auth.token_file",
+            None => "auth.token",
+        };
+        check(setting.to_string(), token.expose());
+    }
+    for (i, t) in auth.tokens.iter().enumerate() {
+        let Some(file) = &t.file else { continue };
+        let path = crate::auth::tokens::credential_path(file, creds);
+        if let Ok(token) = crate::auth::tokens::read_credential(&path) {
+            check(format!("auth.tokens.{i}.file ({:?})", t.name), &token);
+        }
+    }
+    w
+}
+
+/// Settings that are accepted but have no effect (in this build, or as combined).
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut w = Vec::new();
+    if config.server.proxy_protocol && config.server.trusted_proxies.is_empty() {
+        w.push(
+            "server.proxy_protocol is on but server.trusted_proxies is empty: every connection \
+             must start with a PROXY header, and the address it carries is never used"
+                .to_string(),
+        );
+    }
     let mut later = |what: &str, issue: &str| {
         w.push(format!("{what} has no effect yet: it waits for {issue}"));
     };

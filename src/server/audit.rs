@@ -69,8 +69,13 @@ pub struct AuditRecord {
     pub tenant: Option<String>,
     /// `none`, `token`, `jwt`, `mtls`, or `failed` when authentication was attempted and failed.
     pub auth_method: String,
-    /// IP and port of the peer.
+    /// The client's address: the TCP peer's IP and port, or the client a trusted proxy named
+    /// (`server.trusted_proxies`), with its port when the proxy gave one.
     pub client_addr: String,
+    /// The TCP peer (IP and port), when it is a trusted proxy that named another client; left
+    /// out otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
     /// The full gRPC method (`/chatcli.v1.ChatCLIService/SendPrompt`) or `"GET /path"` for HTTP.
     pub method: String,
     /// The session, plugin or agent the call was about; left out when empty.
@@ -577,6 +582,7 @@ mod tests {
             tenant: None,
             auth_method: "jwt".into(),
             client_addr: "127.0.0.1:50000".into(),
+            peer_addr: None,
             method: "/chatcli.v1.ChatCLIService/SendPrompt".into(),
             resource: String::new(),
             result: AuditResult::Ok,

@@ -42,6 +42,7 @@ pub async fn serve(
             header_timeout: server.header_read_timeout,
         }
     };
+    let proxy_protocol = state.prepared().config.server.proxy_protocol;
     let local = listener.local_addr().ok();
     // Cancelled once the listener is closed: every connection then finishes its calls and closes.
     let drain = CancellationToken::new();
@@ -64,9 +65,14 @@ pub async fn serve(
                 let tls = state.tls.clone();
                 let drain = drain.clone();
                 conns.spawn(async move {
+                    let mut stream = stream;
+                    let Ok(proxied) = super::proxy_protocol::on_accept(&mut stream, remote, proxy_protocol).await else {
+                        return;
+                    };
                     let mut info = ConnInfo {
                         local,
                         remote,
+                        proxied,
                         peer_certs: None,
                         client_identity: None,
                         anonymous_key: Default::default(),

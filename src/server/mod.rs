@@ -4,12 +4,14 @@
 
 pub mod audit;
 pub mod events;
+pub mod forwarded;
 mod grpc;
 pub mod healthcheck;
 mod http;
 mod listener;
 mod metrics_http;
 pub mod pipeline;
+pub mod proxy_protocol;
 pub mod ratelimit;
 mod state;
 pub mod tls;

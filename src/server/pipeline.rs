@@ -20,10 +20,11 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::audit::{AuditRecord, AuditResult};
+use super::forwarded::ClientAddr;
 use super::http::HttpApi;
 use super::tls::PeerCertificates;
 use super::{AppState, Prepared};
-use crate::auth::{AuthError, Principal};
+use crate::auth::{Principal, Verification};
 use crate::telemetry::GrpcMetricsLayer;
 use crate::telemetry::grpc_layer::{GRPC_STATUS, code_of};
 
@@ -70,6 +71,9 @@ pub struct ConnInfo {
     pub local: Option<SocketAddr>,
     /// The peer.
     pub remote: SocketAddr,
+    /// The source address of the connection's PROXY protocol header (`server.proxy_protocol`),
+    /// when it carried one. It names the client only if `remote` is a trusted proxy.
+    pub proxied: Option<SocketAddr>,
     /// The verified client chain (mTLS), leaf first.
     pub peer_certs: Option<PeerCertificates>,
     /// The identity of the verified client certificate.
@@ -79,15 +83,17 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// The rate-limit key of `principal` calling over this connection
-    /// ([`Principal::limit_key`]; the peer's key is made once per connection).
-    pub fn limit_key(&self, principal: &Principal) -> String {
+    /// The rate-limit key of `principal` calling from `client` over this connection
+    /// ([`Principal::limit_key`]). The peer's own key is made once per connection; a client named
+    /// by a trusted proxy can differ from call to call on one connection, so its key is made each
+    /// time.
+    pub fn limit_key(&self, principal: &Principal, client: &ClientAddr) -> String {
         match principal.method {
-            crate::auth::AuthMethod::None => self
+            crate::auth::AuthMethod::None if !client.forwarded => self
                 .anonymous_key
-                .get_or_init(|| principal.limit_key(Some(self.remote.ip())))
+                .get_or_init(|| principal.limit_key(Some(client.ip)))
                 .clone(),
-            _ => principal.limit_key(Some(self.remote.ip())),
+            _ => principal.limit_key(Some(client.ip)),
         }
     }
 }
@@ -125,6 +131,9 @@ pub struct CallContext {
     pub prepared: Arc<Prepared>,
     /// The connection the call came on.
     pub conn: Arc<ConnInfo>,
+    /// Who is calling from where: the TCP peer, or the client a trusted proxy names
+    /// (`server.trusted_proxies`).
+    pub client: ClientAddr,
     /// What the audit record will say about the call.
     pub notes: Arc<AuditNotes>,
     /// The call's id (the client's sane `x-request-id`, else a fresh one), as the response carries it.
@@ -255,9 +264,17 @@ impl Pipeline {
             None => (None, UNKEPT_NOTES.clone()),
         };
         let (mut parts, body) = req.into_parts();
+        let prepared = sides.state.prepared();
+        let client = super::forwarded::client_of(
+            &prepared.trusted_proxies,
+            conn.remote,
+            conn.proxied,
+            &parts.headers,
+        );
         parts.extensions.insert(CallContext {
-            prepared: sides.state.prepared(),
+            prepared,
             conn: conn.clone(),
+            client,
             notes: notes.clone(),
             request_id: request_id.clone(),
             principal: None,
@@ -296,7 +313,8 @@ impl Pipeline {
             audit,
             started,
             request_id,
-            client_addr: conn.remote.to_string(),
+            client_addr: client.to_string(),
+            peer_addr: client.forwarded.then(|| conn.remote.to_string()),
             method,
             is_grpc,
             http_status: parts.status,
@@ -383,24 +401,31 @@ fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Res
 }
 
 /// [`admit`]'s checks: the caller and their rate-limit key, or the refusal.
+///
+/// The failed-auth limiter never refuses a valid credential: a client address with too many
+/// failures (often one shared by many callers, behind a NAT) only has its credentials checked the
+/// cheap way ([`Verification::Cheap`]: tokens, certificates, HS256 JWTs, public-key JWTs that
+/// verified before), and whatever does not pass that is refused with the wait, before any
+/// expensive check, without charging the address again.
 fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), Refusal> {
     let Some(ctx) = req.extensions().get::<CallContext>() else {
         return Err(Refusal::Unauthenticated);
     };
     let (prepared, notes, conn) = (&ctx.prepared, &ctx.notes, &ctx.conn);
-    let ip = conn.remote.ip();
+    let ip = ctx.client.ip;
     let exempt = crate::auth::is_exempt(req.uri().path());
-    let result = match state.auth_failures.is_blocked(ip) {
-        Some(wait) => Err(AuthError::Throttled {
-            retry_after_secs: wait.as_secs().max(1),
-        }),
-        None => prepared.auth.authenticate(
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-            conn.client_identity.as_deref(),
-        ),
+    let throttled = state.auth_failures.is_blocked(ip);
+    let verification = match throttled {
+        Some(_) => Verification::Cheap,
+        None => Verification::Full,
     };
+    let result = prepared.auth.authenticate_as(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+        conn.client_identity.as_deref(),
+        verification,
+    );
     let principal = match result {
         Ok(p) => p,
         Err(_) if exempt => Principal {
@@ -411,25 +436,44 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
             tenant_id: None,
         },
         Err(e) => {
-            let throttled = e.retry_after_secs();
-            if throttled.is_none() {
-                state.auth_failures.record_failure(ip);
-            }
-            tracing::warn!(peer = ?ip, path = req.uri().path(), reason = %e, "authentication failed");
-            notes.note(|n| {
-                n.auth_failed = true;
-                n.refusal = Some(format!("authentication failed: {e}"));
-            });
-            // The limiter's refusal is told as what it is, with the wait: a caller with the right
-            // token must not be sent looking for a wrong one.
-            return Err(match throttled {
-                Some(secs) => Refusal::AuthThrottled(secs),
-                None => Refusal::Unauthenticated,
-            });
+            let refusal = match throttled {
+                Some(wait) => {
+                    let secs = wait.as_secs().max(1);
+                    state.auth_failures.refused();
+                    // Not a warning each: an address that keeps trying would flood the log. The
+                    // start of its block was logged, and each refusal is audited and counted.
+                    tracing::debug!(client = %ip, path = req.uri().path(), reason = %e, retry_after = secs, "authentication refused: the address is throttled");
+                    notes.note(|n| {
+                        n.refusal = Some(format!(
+                            "authentication failed: {e}; {}",
+                            throttled_message(secs)
+                        ));
+                    });
+                    Refusal::AuthThrottled(secs)
+                }
+                None => {
+                    tracing::warn!(client = %ip, path = req.uri().path(), reason = %e, "authentication failed");
+                    if let Some(block) = state.auth_failures.record_failure(ip) {
+                        tracing::warn!(
+                            client = %ip,
+                            retry_after = block.as_secs(),
+                            "too many failed authentication attempts from this address; further \
+                             bad attempts from it are refused for {} seconds, valid credentials are still admitted",
+                            block.as_secs()
+                        );
+                    }
+                    notes.note(|n| n.refusal = Some(format!("authentication failed: {e}")));
+                    Refusal::Unauthenticated
+                }
+            };
+            notes.note(|n| n.auth_failed = true);
+            // The limiter's refusal is told as what it is, with the wait, so that a caller is not
+            // sent looking for another cause.
+            return Err(refusal);
         }
     };
     notes.note(|n| n.principal = Some(principal.clone()));
-    let key = conn.limit_key(&principal);
+    let key = conn.limit_key(&principal, &ctx.client);
     if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
@@ -575,6 +619,7 @@ struct PendingAudit {
     started: Instant,
     request_id: String,
     client_addr: String,
+    peer_addr: Option<String>,
     method: String,
     is_grpc: bool,
     http_status: StatusCode,
@@ -650,6 +695,7 @@ impl PendingAudit {
             tenant,
             auth_method,
             client_addr: std::mem::take(&mut self.client_addr),
+            peer_addr: self.peer_addr.take(),
             method: std::mem::take(&mut self.method),
             resource: notes.resource,
             result,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -25,6 +25,7 @@ use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
+use prometheus::{IntCounter, Registry};
 
 use crate::auth::{AuthMethod, Principal, Role};
 use crate::config::LimitsConfig;
@@ -340,10 +341,14 @@ fn ip_key(ip: IpAddr) -> IpAddr {
 
 /// Failed-authentication limiter keyed by client IP (not ip:port; IPv6 by /64):
 /// `auth_failures_per_minute` failures per minute with that burst (the existing ChatCLI's 5 is
-/// "5 at once, then one per 12 s"). Only failures consume it ([`record_failure`]);
-/// [`is_blocked`] is checked before authenticating so a blocked IP is refused early; successful
-/// calls never touch it (defect 4 of PROTOCOL §8). A reload changes the limit with
-/// [`set_per_minute`].
+/// "5 at once, then one per 12 s"). Only failures consume it ([`record_failure`]); successful
+/// calls never touch it. A reload changes the limit with [`set_per_minute`].
+///
+/// A blocked address ([`is_blocked`]) is not refused outright: many callers can share one address
+/// (a NAT, an ingress that is not a trusted proxy), and one of them failing must not lock the
+/// others out. The pipeline still admits a valid credential from it, but checks only what is cheap
+/// (see `Authenticator::authenticate_as` with `Verification::Cheap`), and refuses everything else
+/// with the wait ([`refused`](Self::refused) counts those refusals).
 ///
 /// [`record_failure`]: AuthFailureLimiter::record_failure
 /// [`is_blocked`]: AuthFailureLimiter::is_blocked
@@ -355,6 +360,16 @@ pub struct AuthFailureLimiter<C: Clock = DefaultClock> {
     /// The limit `inner` was built for; the lock also keeps two changes from interleaving.
     per_minute: Mutex<u32>,
     clock: C,
+    /// The counters, once [`register`](Self::register)ed.
+    counters: OnceLock<FailureCounters>,
+}
+
+struct FailureCounters {
+    /// `chatcli_auth_failures_total`: failed authentications charged to an address.
+    failures: IntCounter,
+    /// `chatcli_auth_throttled_total`: calls refused because their address was blocked and their
+    /// credential was not valid by the cheap checks.
+    throttled: IntCounter,
 }
 
 struct FailureState<C: Clock> {
@@ -387,6 +402,7 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
             inner: ArcSwapOption::new(Self::state(per_minute, &clock, HashMap::new())),
             per_minute: Mutex::new(per_minute),
             clock,
+            counters: OnceLock::new(),
         }
     }
 
@@ -443,11 +459,44 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Creates the limiter's counters on `registry` (the metrics listener's):
+    /// `chatcli_auth_failures_total` and `chatcli_auth_throttled_total`. Without it nothing is
+    /// counted.
+    pub fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        let counters = FailureCounters {
+            failures: IntCounter::new(
+                "chatcli_auth_failures_total",
+                "Failed authentications charged to the failed-auth limiter of their client address.",
+            )?,
+            throttled: IntCounter::new(
+                "chatcli_auth_throttled_total",
+                "Calls refused by the failed-auth limiter: their client address had too many failed \
+                 authentications and their credential was not valid by the cheap checks.",
+            )?,
+        };
+        registry.register(Box::new(counters.failures.clone()))?;
+        registry.register(Box::new(counters.throttled.clone()))?;
+        let _ = self.counters.set(counters);
+        Ok(())
+    }
+
+    /// Counts one call refused because its address is blocked ([`is_blocked`](Self::is_blocked))
+    /// and its credential was not valid by the cheap checks. Such a call charges nothing more.
+    pub fn refused(&self) {
+        if let Some(c) = self.counters.get() {
+            c.throttled.inc();
+        }
+    }
+
     /// Charges one failed authentication to `ip`. When that uses up its last failure, the IP is
-    /// blocked until the bucket has one again.
-    pub fn record_failure(&self, ip: IpAddr) {
+    /// blocked until the bucket has one again, and the block's length is returned (whole seconds,
+    /// at least 1), so that the start of a block can be logged once rather than every refusal.
+    pub fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
+        if let Some(c) = self.counters.get() {
+            c.failures.inc();
+        }
         let inner = self.inner.load();
-        let Some(s) = inner.as_ref() else { return };
+        let s = inner.as_ref()?;
         if due(&s.calls) {
             Self::clean(s);
         }
@@ -462,14 +511,15 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
             // Already empty (concurrent failures that all passed `is_blocked`).
             Err(not_until) => Some(not_until),
         };
-        if let Some(not_until) = empty_until {
-            let until = not_until.earliest_possible();
-            let mut blocked = s.blocked.write().unwrap_or_else(PoisonError::into_inner);
-            let entry = blocked.entry(key).or_insert(until);
-            if *entry < until {
-                *entry = until;
-            }
+        let not_until = empty_until?;
+        let until = not_until.earliest_possible();
+        let mut blocked = s.blocked.write().unwrap_or_else(PoisonError::into_inner);
+        let entry = blocked.entry(key).or_insert(until);
+        if *entry < until {
+            *entry = until;
         }
+        let now = s.limiter.clock().now();
+        Some(whole_seconds(until.duration_since(now).into()))
     }
 
     /// `Some(retry_after)` (whole seconds, at least 1) when `ip` has no failed authentications
@@ -910,6 +960,42 @@ mod tests {
         assert_eq!(l.is_blocked(A), None);
         l.record_failure(A);
         assert_eq!(l.is_blocked(A), Some(Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn the_failure_that_blocks_says_for_how_long() {
+        let (l, clock) = fake_auth(3);
+        assert_eq!(l.record_failure(A), None);
+        assert_eq!(l.record_failure(A), None);
+        assert_eq!(l.record_failure(A), Some(Duration::from_secs(20)));
+        clock.advance(Duration::from_secs(20));
+        assert_eq!(l.is_blocked(A), None);
+        assert_eq!(l.record_failure(A), Some(Duration::from_secs(20)));
+        assert_eq!(AuthFailureLimiter::new(0).record_failure(A), None);
+    }
+
+    #[test]
+    fn failures_and_refusals_are_counted_once_registered() {
+        let l = AuthFailureLimiter::new(1);
+        l.record_failure(A);
+        l.refused();
+        let registry = Registry::new();
+        l.register(&registry).unwrap();
+        l.record_failure(A);
+        l.refused();
+        l.refused();
+        let values: HashMap<String, f64> = registry
+            .gather()
+            .iter()
+            .map(|f| {
+                (
+                    f.name().to_string(),
+                    f.get_metric()[0].get_counter().get_value(),
+                )
+            })
+            .collect();
+        assert_eq!(values["chatcli_auth_failures_total"], 1.0);
+        assert_eq!(values["chatcli_auth_throttled_total"], 2.0);
     }
 
     #[test]

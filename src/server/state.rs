@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::llm::ProviderRegistry;
 use crate::llm::fallback::Cooldowns;
 use crate::server::audit::AuditLog;
+use crate::server::forwarded::TrustedProxies;
 use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, StreamCaps};
 use crate::server::tls::{RotatingAcceptor, TlsMaterial, TlsWatchGuard};
 use crate::sessions::SessionStore;
@@ -31,6 +32,8 @@ pub struct Prepared {
     pub auth: Authenticator,
     /// Its per-principal rate limits.
     pub rate_limits: RateLimits,
+    /// The proxies trusted to name the client (`server.trusted_proxies`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Prepared {
@@ -59,11 +62,13 @@ impl Prepared {
         };
         let rate_limits = RateLimits::from_config(&config.limits, &auth.token_overrides())
             .map_err(|e| vec![e])?;
+        let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)?;
         Ok(Self {
             config,
             registry,
             auth,
             rate_limits,
+            trusted_proxies,
         })
     }
 }
@@ -223,6 +228,9 @@ impl AppState {
             }
             false => None,
         };
+        if let Some(m) = &metrics {
+            auth_failures.register(m.registry())?;
+        }
         let audit = match audit {
             Some(log) => {
                 if let Some(m) = &metrics {

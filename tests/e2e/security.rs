@@ -598,7 +598,7 @@ async fn jwt_subject_named_like_a_token_has_its_own_bucket() {
 }
 
 #[tokio::test]
-async fn failed_authentications_throttle_the_address_not_successes() {
+async fn failed_authentications_throttle_bad_attempts_from_the_address_not_good_ones() {
     let mut config = echo_config();
     config.auth.token = Some(Secret::new(TOKEN));
     config.limits.auth_failures_per_minute = 3;
@@ -607,19 +607,32 @@ async fn failed_authentications_throttle_the_address_not_successes() {
     for i in 0..3 {
         assert_unauthenticated(wrong.send_prompt(send("x")).await, &format!("wrong {i}"));
     }
-    // Now even the right token is refused from this address, told that it is the limiter.
+    // Now a wrong token from this address is refused by the limiter, told so...
+    assert_throttled(wrong.send_prompt(send("x")).await, "wrong token, throttled");
+    assert_eq!(
+        http_get(&s, "/v1/models", Some("wrong-token"))
+            .await
+            .status(),
+        429
+    );
+    assert_throttled(
+        client(&s.channel, None).send_prompt(send("x")).await,
+        "no token, throttled",
+    );
+    // ...and the right token from the same address is still served, on both protocols.
     let mut right = client(&s.channel, Some(TOKEN));
-    assert_throttled(right.send_prompt(send("x")).await, "right token, throttled");
-    assert_eq!(http_get(&s, "/v1/models", Some(TOKEN)).await.status(), 429);
+    let r = right.send_prompt(send("still me")).await.unwrap();
+    assert_eq!(r.into_inner().response, "still me");
+    assert_eq!(http_get(&s, "/v1/models", Some(TOKEN)).await.status(), 200);
     // Health stays open, and another address is not affected.
     right.health(HealthRequest {}).await.unwrap();
     let elsewhere = channel_from_127_0_0_2(s.addr).await;
-    let r = client(&elsewhere, Some(TOKEN))
-        .send_prompt(send("from 127.0.0.2"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.response, "from 127.0.0.2");
+    assert_unauthenticated(
+        client(&elsewhere, Some("wrong-token"))
+            .send_prompt(send("x"))
+            .await,
+        "wrong token from 127.0.0.2",
+    );
     s.shutdown().await;
 
     // The default limit (5 failures a minute): 100 successes first consume none of it.
@@ -645,15 +658,20 @@ async fn failed_authentications_throttle_the_address_not_successes() {
             .unwrap_or_else(|e| panic!("refused after {} failures: {e:?}", i + 1));
     }
     assert_unauthenticated(wrong.send_prompt(send("x")).await, "fifth wrong");
-    assert_throttled(right.send_prompt(send("x")).await, "after five failures");
+    assert_throttled(wrong.send_prompt(send("x")).await, "sixth wrong");
+    right
+        .send_prompt(send("ok"))
+        .await
+        .expect("the right token after five failures");
     s.shutdown().await;
 }
 
 /// The real binary with a token and a failed-auth limit of 3 a minute: after three wrong tokens
-/// from 127.0.0.1, gRPC answers RESOURCE_EXHAUSTED with the wait (message and `retry-after`),
-/// HTTP answers 429 with `Retry-After` and a JSON error saying so, and `chatcli connect` with the
-/// right token says it was refused for too many failed authentication attempts and how long to
-/// wait (exit 5), instead of blaming the token; with `--json` the same as one object on stdout.
+/// from 127.0.0.1, a fourth wrong one is answered RESOURCE_EXHAUSTED with the wait (message and
+/// `retry-after`) on gRPC, 429 with `Retry-After` and a JSON error saying so on HTTP, and
+/// `chatcli connect` says it was refused for too many failed authentication attempts and how long
+/// to wait (exit 5); with `--json` the same as one object on stdout. The right token from the same
+/// address is answered as usual, by `chatcli connect` too.
 #[tokio::test]
 async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
     let dir = tempfile::tempdir().unwrap();
@@ -691,8 +709,8 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
         );
     }
 
-    // The right token from the same address is now refused by the limiter, and told so.
-    let (code, stdout, stderr) = connect(TOKEN, false);
+    // A fourth wrong token from the same address is now refused by the limiter, and told so.
+    let (code, stdout, stderr) = connect("wrong-token", false);
     assert_eq!(code, Some(5), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
     let line = stderr
@@ -716,7 +734,7 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
     assert!((1..=60).contains(&wait), "{line}");
 
     // --json: exactly one object on stdout naming the gRPC code, and the same exit code.
-    let (code, stdout, stderr) = connect(TOKEN, true);
+    let (code, stdout, stderr) = connect("wrong-token", true);
     assert_eq!(code, Some(5), "{stderr}");
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
@@ -728,18 +746,32 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
     );
     assert!(message.contains("retry in "), "{v}");
 
+    // The right token from the same address is served.
+    let (code, stdout, stderr) = connect(TOKEN, false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim_end(), "hi", "{stderr}");
+
     // gRPC: RESOURCE_EXHAUSTED with the wait in the message and in retry-after.
     let channel = crate::support::connect(server.addr).await;
-    let mut right = client(&channel, Some(TOKEN));
-    let secs = assert_throttled(right.send_prompt(send("x")).await, "gRPC, right token");
+    let secs = assert_throttled(
+        client(&channel, Some("wrong-token"))
+            .send_prompt(send("x"))
+            .await,
+        "gRPC, wrong token",
+    );
     assert!(secs <= 60, "{secs}");
+    let mut right = client(&channel, Some(TOKEN));
+    right.send_prompt(send("x")).await.unwrap();
     // Health stays open.
     right.health(HealthRequest {}).await.unwrap();
 
     // HTTP: 429, Retry-After and a JSON error saying why.
+    let url = format!("http://{}/v1/models", server.addr);
+    let ok = http_client().get(&url).bearer_auth(TOKEN).send().await;
+    assert_eq!(ok.unwrap().status(), 200);
     let resp = http_client()
-        .get(format!("http://{}/v1/models", server.addr))
-        .bearer_auth(TOKEN)
+        .get(&url)
+        .bearer_auth("wrong-token")
         .send()
         .await
         .unwrap();
@@ -770,6 +802,610 @@ async fn the_failed_auth_limiter_says_so_and_how_long_to_wait() {
         "{}",
         server.stderr()
     );
+}
+
+/// The lines of the audit file at `path`, once it has at least `n`.
+async fn audit_lines(path: &Path, n: usize) -> Vec<Value> {
+    eventually(&format!("{n} audit lines"), || async {
+        let text = std::fs::read_to_string(path).ok()?;
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+            .collect();
+        (lines.len() >= n).then_some(lines)
+    })
+    .await
+}
+
+/// The real binary with every kind of bearer credential (shared token, a named token from a file,
+/// an HS256 secret and an EC public key) and a failed-auth limit of 3 a minute. Once 127.0.0.1 is
+/// throttled, every valid credential that is cheap to check is still admitted from it: the shared
+/// and the named token, a new HS256 JWT, and an ES256 JWT that verified before. What would need an
+/// expensive check (an ES256 JWT never seen) and whatever is invalid is refused with the wait and
+/// audited as such; from another address, the new ES256 JWT verifies, and from then on it is
+/// admitted from the throttled address too.
+#[tokio::test]
+async fn a_valid_credential_is_admitted_from_a_throttled_address() {
+    use chatcli::proto::SendPromptResponse;
+    let dir = tempfile::tempdir().unwrap();
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let ec_signing = EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap();
+    let es256 = |sub: &str| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            &json!({"sub": sub, "exp": now() + 600}),
+            &ec_signing,
+        )
+        .unwrap()
+    };
+    let named = "team-token-2b7e151628aed2a6abf7158809cf4f3c";
+    std::fs::write(dir.path().join("jwt-ec.pem"), ec.public_key_pem()).unwrap();
+    std::fs::write(dir.path().join("team.token"), named).unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth.jwt]\nsecret = \"{SECRET}\"\npublic_key_file = \"{}\"\n\n\
+             [[auth.tokens]]\nname = \"team\"\nrole = \"user\"\nfile = \"{}\"\n\n\
+             [limits]\nauth_failures_per_minute = 3\n\n[audit]\npath = \"{}\"\n\n\
+             [llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            dir.path().join("jwt-ec.pem").display(),
+            dir.path().join("team.token").display(),
+            audit_path.display(),
+        ),
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &["--token", TOKEN]);
+    let channel = crate::support::connect(server.addr).await;
+    let call = |cred: String| {
+        let channel = channel.clone();
+        async move {
+            client(&channel, Some(&cred))
+                .send_prompt(send("hello"))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let answered = |r: Result<SendPromptResponse, tonic::Status>, what: &str| {
+        let r = r.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        assert_eq!(r.response, "hello", "{what}");
+    };
+
+    // An ES256 token that verifies while the address is in good standing.
+    let seen = es256("erin");
+    answered(call(seen.clone()).await, "ES256 before the failures");
+    for i in 0..3 {
+        assert_unauthenticated(call("wrong-token".into()).await, &format!("wrong {i}"));
+    }
+    assert_throttled(call("wrong-token".into()).await, "wrong token, throttled");
+
+    // Valid and cheap to check: admitted.
+    answered(call(TOKEN.into()).await, "shared token");
+    answered(call(named.into()).await, "named token from a file");
+    answered(call(jwt("gina", "user")).await, "a new HS256 JWT");
+    answered(
+        call(seen.clone()).await,
+        "the ES256 JWT that verified before",
+    );
+    let http = |cred: String| {
+        http_client()
+            .get(format!("http://{}/v1/models", server.addr))
+            .bearer_auth(cred)
+            .send()
+    };
+    assert_eq!(http(TOKEN.into()).await.unwrap().status(), 200);
+    assert_eq!(http(named.into()).await.unwrap().status(), 200);
+    assert_eq!(http("wrong-token".into()).await.unwrap().status(), 429);
+
+    // Expensive or invalid: refused unchecked, with the wait.
+    let fresh = es256("frank");
+    assert_throttled(call(fresh.clone()).await, "an ES256 JWT never seen");
+    let forged = hs256(
+        b"not-the-server-secret-0123456789abcdef",
+        &json!({"sub": "gina", "exp": now() + 600}),
+    );
+    assert_throttled(call(forged).await, "HS256 with another secret");
+    let expired = hs256(
+        SECRET.as_bytes(),
+        &json!({"sub": "gina", "exp": now() - 3600}),
+    );
+    assert_throttled(call(expired).await, "expired HS256");
+
+    // The new ES256 token is valid: another address gets it verified, and from then on it is
+    // admitted from the throttled address as well.
+    let elsewhere = channel_from_127_0_0_2(server.addr).await;
+    let r = client(&elsewhere, Some(&fresh))
+        .send_prompt(send("hello"))
+        .await;
+    answered(
+        r.map(|r| r.into_inner()),
+        "the new ES256 JWT from 127.0.0.2",
+    );
+    answered(call(fresh).await, "the new ES256 JWT, now verified");
+
+    // Each refusal is audited as denied, with the limiter named as the reason.
+    let lines = audit_lines(&audit_path, 17).await;
+    let throttled: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["code"] == "ResourceExhausted" || l["code"] == "429")
+        .collect();
+    assert_eq!(throttled.len(), 5, "{lines:#?}");
+    for line in &throttled {
+        assert_eq!(
+            (&line["result"], &line["auth_method"], &line["principal"]),
+            (&json!("denied"), &json!("failed"), &json!("anonymous")),
+            "{line}"
+        );
+        let error = line["error"].as_str().unwrap();
+        assert!(
+            error.contains("too many failed authentication attempts from this address"),
+            "{line}"
+        );
+    }
+    assert!(
+        throttled.iter().any(|l| l["error"]
+            .as_str()
+            .unwrap()
+            .contains("signature not checked")),
+        "{throttled:#?}"
+    );
+    let admitted: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["result"] == "ok")
+        .map(|l| l["principal"].as_str().unwrap())
+        .collect();
+    for who in ["legacy-token", "team", "gina", "erin", "frank"] {
+        assert!(admitted.contains(&who), "{who} not admitted: {lines:#?}");
+    }
+    // The start of the block is logged once, as a warning.
+    assert_eq!(
+        server
+            .stderr()
+            .matches("too many failed authentication attempts from this address")
+            .count(),
+        1,
+        "{}",
+        server.stderr()
+    );
+}
+
+/// Refusals by the failed-auth limiter are counted apart from the failures that led to them.
+#[tokio::test]
+async fn throttled_refusals_are_counted_in_a_metric() {
+    let mut config = echo_config();
+    config.auth.token = Some(Secret::new(TOKEN));
+    config.limits.auth_failures_per_minute = 2;
+    let s = TestServer::start_with_metrics(config).await;
+    let mut wrong = client(&s.channel, Some("wrong-token"));
+    for i in 0..2 {
+        assert_unauthenticated(wrong.send_prompt(send("x")).await, &format!("wrong {i}"));
+    }
+    for i in 0..3 {
+        assert_throttled(
+            wrong.send_prompt(send("x")).await,
+            &format!("throttled {i}"),
+        );
+    }
+    client(&s.channel, Some(TOKEN))
+        .send_prompt(send("ok"))
+        .await
+        .unwrap();
+    crate::support::metrics_with_lines(
+        &s,
+        &[
+            "chatcli_auth_failures_total 2",
+            "chatcli_auth_throttled_total 3",
+        ],
+    )
+    .await;
+    s.shutdown().await;
+}
+
+/// A verified client certificate was checked in the TLS handshake: it is admitted from a
+/// throttled address, while a bad bearer token on top of it is refused with the wait.
+#[tokio::test]
+async fn a_client_certificate_is_admitted_from_a_throttled_address() {
+    use chatcli::config::TlsConfig;
+    let ca = crate::support::TestCa::new("e2e CA");
+    let dir = tempfile::tempdir().unwrap();
+    let server_pair = ca.server_cert(&[0x20, 0x01]);
+    for (name, pem) in [
+        ("tls.crt", &server_pair.cert_pem),
+        ("tls.key", &server_pair.key_pem),
+        ("ca.crt", &ca.ca_pem),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let alice = ca.client_cert("spiffe://test/alice", "alice");
+    let mut config = echo_config();
+    config.server.tls = TlsConfig {
+        cert_file: Some(dir.path().join("tls.crt")),
+        key_file: Some(dir.path().join("tls.key")),
+        client_ca_file: Some(dir.path().join("ca.crt")),
+        ..TlsConfig::default()
+    };
+    config.limits.auth_failures_per_minute = 2;
+    let s = TestServer::start_tls(config, &ca.ca_pem, Some(&alice)).await;
+    let mut bad = client(&s.channel, Some("not-a-token"));
+    for i in 0..2 {
+        assert_unauthenticated(bad.send_prompt(send("x")).await, &format!("bad {i}"));
+    }
+    assert_throttled(bad.send_prompt(send("x")).await, "bad token, throttled");
+    let r = ChatCliServiceClient::new(s.channel.clone())
+        .send_prompt(send("certificate only"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.response, "certificate only");
+    s.shutdown().await;
+}
+
+/// A `SendPrompt` over `channel` with `token` and one extra metadata entry (a forwarding header).
+async fn prompt_with_header(
+    channel: &Channel,
+    token: &str,
+    header: (&'static str, &str),
+) -> Result<tonic::Response<chatcli::proto::SendPromptResponse>, tonic::Status> {
+    let mut req = tonic::Request::new(send("x"));
+    req.metadata_mut()
+        .insert(header.0, header.1.parse().unwrap());
+    client(channel, Some(token)).send_prompt(req).await
+}
+
+/// The real binary with `CHATCLI_SERVER__TRUSTED_PROXIES=127.0.0.1/32, 10.0.0.0/8`: calls from
+/// 127.0.0.1 are keyed and audited by the client that `X-Forwarded-For` or `Forwarded` names
+/// (the right-most address that is not a trusted proxy), on HTTP and gRPC alike, so one client's
+/// failures throttle that client only. From 127.0.0.2, which is not trusted, the same headers are
+/// ignored: the key and the audit line stay 127.0.0.2.
+#[tokio::test]
+async fn a_trusted_proxy_names_the_client_for_the_limiter_and_the_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[limits]\nauth_failures_per_minute = 2\n\n[audit]\npath = \"{}\"\n\n\
+             [llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            audit_path.display()
+        ),
+    )
+    .unwrap();
+    let server = BinaryServer::start_with_env(
+        &config,
+        &["--token", TOKEN],
+        &[(
+            "CHATCLI_SERVER__TRUSTED_PROXIES",
+            "127.0.0.1/32, 10.0.0.0/8",
+        )],
+    );
+    let url = format!("http://{}/v1/models", server.addr);
+    let via_proxy = http_client();
+    let get = |c: &reqwest::Client, xff: Option<&str>, token: &str| {
+        let mut req = c.get(&url).bearer_auth(token);
+        if let Some(v) = xff {
+            req = req.header("x-forwarded-for", v);
+        }
+        req.send()
+    };
+    let status = |r: reqwest::Result<reqwest::Response>| r.unwrap().status().as_u16();
+
+    // Client 198.51.100.7 behind an ingress (10.0.0.9) and the proxy on 127.0.0.1; the left-most
+    // entry is whatever the client sent and plays no part.
+    let chain = "1.2.3.4, 198.51.100.7, 10.0.0.9";
+    assert_eq!(status(get(&via_proxy, Some(chain), "wrong").await), 401);
+    assert_eq!(status(get(&via_proxy, Some(chain), "wrong").await), 401);
+    assert_eq!(status(get(&via_proxy, Some(chain), "wrong").await), 429);
+    assert_eq!(status(get(&via_proxy, Some(chain), TOKEN).await), 200);
+    // Other clients of the same proxy are not throttled, nor is the proxy itself.
+    assert_eq!(
+        status(get(&via_proxy, Some("198.51.100.8"), "wrong").await),
+        401
+    );
+    assert_eq!(status(get(&via_proxy, None, "wrong").await), 401);
+    // gRPC reads the same headers from its metadata.
+    let channel = crate::support::connect(server.addr).await;
+    assert_throttled(
+        prompt_with_header(&channel, "wrong", ("x-forwarded-for", "198.51.100.7")).await,
+        "gRPC, X-Forwarded-For of the throttled client",
+    );
+    assert_unauthenticated(
+        prompt_with_header(
+            &channel,
+            "wrong",
+            ("forwarded", "for=\"198.51.100.9:4711\""),
+        )
+        .await,
+        "gRPC, Forwarded naming another client",
+    );
+
+    // From 127.0.0.2, not a trusted proxy, the header naming the throttled client is ignored:
+    // the call is keyed on 127.0.0.2, which has no failures yet...
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let untrusted = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .timeout(HANG_GUARD)
+        .build()
+        .unwrap();
+    assert_eq!(
+        status(get(&untrusted, Some("198.51.100.7"), "wrong").await),
+        401
+    );
+    // ...and once 127.0.0.2 is throttled, no header gets it out.
+    assert_eq!(
+        status(get(&untrusted, Some("198.51.100.50"), "wrong").await),
+        401
+    );
+    assert_eq!(
+        status(get(&untrusted, Some("198.51.100.51"), "wrong").await),
+        429
+    );
+
+    let lines = audit_lines(&audit_path, 11).await;
+    let by_client = |addr: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["client_addr"].as_str().unwrap().starts_with(addr))
+            .collect()
+    };
+    let proxied = by_client("198.51.100.7");
+    assert_eq!(proxied.len(), 5, "{lines:#?}");
+    for line in &proxied {
+        assert_eq!(line["client_addr"], "198.51.100.7", "{line}");
+        assert!(
+            line["peer_addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:"),
+            "{line}"
+        );
+    }
+    assert_eq!(by_client("198.51.100.9:4711").len(), 1, "{lines:#?}");
+    let spoofed = by_client("127.0.0.2:");
+    assert_eq!(spoofed.len(), 3, "{lines:#?}");
+    for line in &spoofed {
+        assert!(line.get("peer_addr").is_none(), "{line}");
+    }
+    assert!(
+        !lines.iter().any(|l| l["client_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.51.100.5")),
+        "a header from an untrusted peer reached the audit: {lines:#?}"
+    );
+}
+
+/// Callers without credentials are rate-limited by their address: behind a trusted proxy, by the
+/// address it names, even when many clients share the proxy's one connection.
+#[tokio::test]
+async fn anonymous_callers_behind_a_trusted_proxy_have_their_own_buckets() {
+    let mut config = echo_config();
+    config.server.trusted_proxies = vec!["127.0.0.1".into()];
+    config.limits.rate_limit_rps = 0.05;
+    config.limits.rate_limit_burst = 1;
+    let s = TestServer::start_with(config).await;
+    let mut raw = ChatCliServiceClient::new(s.channel.clone());
+    let call = |xff: &str| {
+        let mut req = tonic::Request::new(send("x"));
+        req.metadata_mut()
+            .insert("x-forwarded-for", xff.parse().unwrap());
+        req
+    };
+    raw.send_prompt(call("198.51.100.1")).await.unwrap();
+    let err = raw.send_prompt(call("198.51.100.1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    raw.send_prompt(call("198.51.100.2"))
+        .await
+        .expect("another client on the same connection has its own bucket");
+    s.shutdown().await;
+}
+
+/// A PROXY protocol version 2 header (command PROXY, TCP over IPv4) from `src` to `dst`.
+fn proxy_v2(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&src.ip().octets());
+    h.extend_from_slice(&dst.ip().octets());
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
+}
+
+/// `GET /v1/models` with `token` over a new connection from `local` that first sends `preamble`:
+/// the answer's status, or `None` when the server closed the connection without one.
+async fn raw_get(
+    addr: std::net::SocketAddr,
+    local: &str,
+    preamble: &[u8],
+    token: &str,
+) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    let mut bytes = preamble.to_vec();
+    bytes.extend_from_slice(
+        format!(
+            "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    // The server may close before reading it all; the answer (or its absence) says what happened.
+    let _ = conn.write_all(&bytes).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, conn.read_to_end(&mut answer))
+        .await
+        .expect("the connection stayed open");
+    let text = String::from_utf8_lossy(&answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// The real binary with `proxy_protocol = true` and 127.0.0.1 as its trusted proxy: the source
+/// address of each connection's PROXY header (version 2 or 1) is the client the failed-auth
+/// limiter keys on and the audit line names. A connection without a valid header is closed
+/// unanswered, and the header of a peer that is not trusted (127.0.0.2) is read but its address
+/// ignored.
+#[tokio::test]
+async fn the_proxy_protocol_header_names_the_client_and_a_connection_without_one_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n\n\
+             [limits]\nauth_failures_per_minute = 2\n\n[audit]\npath = \"{}\"\n\n\
+             [llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            audit_path.display()
+        ),
+    )
+    .unwrap();
+    let server = BinaryServer::start(&config, &["--token", TOKEN]);
+    let addr = server.addr;
+    let dst = std::net::SocketAddrV4::new([127, 0, 0, 1].into(), addr.port());
+    let from = |ip: [u8; 4], port| proxy_v2(std::net::SocketAddrV4::new(ip.into(), port), dst);
+
+    // Client 198.51.100.20 through the load balancer on 127.0.0.1: its failures are its own.
+    let client_a = from([198, 51, 100, 20], 4242);
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, "wrong").await,
+        Some(401)
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, "wrong").await,
+        Some(401)
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, "wrong").await,
+        Some(429)
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", &client_a, TOKEN).await,
+        Some(200)
+    );
+    // Another client (a version 1 header), and the load balancer's own LOCAL connection.
+    let v1 = format!(
+        "PROXY TCP4 198.51.100.21 127.0.0.1 5555 {}\r\n",
+        addr.port()
+    );
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", v1.as_bytes(), "wrong").await,
+        Some(401)
+    );
+    let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    assert_eq!(raw_get(addr, "127.0.0.1", local, "wrong").await, Some(401));
+    // No header, or a broken one: closed without an answer.
+    assert_eq!(raw_get(addr, "127.0.0.1", b"", TOKEN).await, None);
+    assert_eq!(
+        raw_get(addr, "127.0.0.1", b"PROXY TCP4 nonsense\r\n", TOKEN).await,
+        None
+    );
+    assert_eq!(
+        http_client()
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status()),
+        None
+    );
+    // 127.0.0.2 is not a trusted proxy: the throttled client's address in its header is ignored.
+    assert_eq!(
+        raw_get(addr, "127.0.0.2", &client_a, "wrong").await,
+        Some(401)
+    );
+
+    let lines = audit_lines(&audit_path, 7).await;
+    let count = |prefix: &str| {
+        lines
+            .iter()
+            .filter(|l| l["client_addr"].as_str().unwrap().starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("198.51.100.20:4242"), 4, "{lines:#?}");
+    assert_eq!(count("198.51.100.21:5555"), 1, "{lines:#?}");
+    assert_eq!(count("127.0.0.1:"), 1, "{lines:#?}");
+    assert_eq!(count("127.0.0.2:"), 1, "{lines:#?}");
+    assert_eq!(lines.len(), 7, "{lines:#?}");
+    for line in &lines {
+        let proxied = line["client_addr"].as_str().unwrap().starts_with("198.");
+        assert_eq!(line.get("peer_addr").is_some(), proxied, "{line}");
+    }
+}
+
+/// `chatcli config check` and `chatcli server` warn about a static token shorter than 32
+/// characters (the shared token, or a named token read from a file) without refusing it, and
+/// never print the token.
+#[tokio::test]
+async fn short_static_tokens_are_warned_about_at_check_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let short_named = "team-token-9";
+    std::fs::write(dir.path().join("team.token"), format!("{short_named}\n")).unwrap();
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[auth.tokens]]\nname = \"team\"\nfile = \"{}\"\n\n[llm]\ndefault = \"echo\"\n\n\
+             [[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\nmodel = \"echo-1\"\n",
+            dir.path().join("team.token").display()
+        ),
+    )
+    .unwrap();
+    let short = "short-shared-1";
+    let home = tempfile::tempdir().unwrap();
+    let out = chatcli_command(home.path())
+        .args(["config", "check", "--token", short, "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("configuration OK"), "{stderr}");
+    for setting in ["auth.token:", "auth.tokens.0.file (\"team\"):"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&format!("warning: {setting}"))
+                    && l.contains("shorter than 32 characters")),
+            "no warning for {setting}: {stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains(short) && !stderr.contains(short_named),
+        "{stderr}"
+    );
+
+    // A long enough token: no such warning.
+    let long = "a-shared-token-of-40-characters-or-so-ok";
+    let out = chatcli_command(home.path())
+        .args(["config", "check", "--token", long])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("shorter than 32"), "{stderr}");
+
+    // The server starts with the short tokens, says so in its log, and they work.
+    let server = BinaryServer::start(&config, &["--token", short]);
+    server
+        .wait_for_log("auth.token: the token is 14 characters long")
+        .await;
+    server
+        .wait_for_log("auth.tokens.0.file (\"team\"): the token is 12 characters long")
+        .await;
+    let channel = crate::support::connect(server.addr).await;
+    for token in [short, short_named] {
+        client(&channel, Some(token))
+            .send_prompt(send("x"))
+            .await
+            .unwrap_or_else(|e| panic!("{token}: {e:?}"));
+    }
 }
 
 #[tokio::test]
