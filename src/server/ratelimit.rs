@@ -3,7 +3,8 @@
 //! the per-principal cap on concurrent streams ([`StreamCaps`]).
 //!
 //! The existing ChatCLI rate-limits before it authenticates, keyed by `ip:port`, answers
-//! `retry-after: 0` and charges its failed-auth limiter for every call (PROTOCOL §8 defects 3–5).
+//! `retry-after: 0` and charges its failed-auth limiter for every call (so one address behind a NAT
+//! throttles every caller, and a retry is invited at once).
 //! Here the request limiter runs after auth and is keyed by principal id, retry-after is read from
 //! the bucket and rounded up to whole seconds (at least 1), and only failed authentications
 //! consume the IP limiter.
