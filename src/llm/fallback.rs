@@ -503,11 +503,13 @@ mod tests {
     use super::*;
     use crate::llm::{Delta, DeltaStream, ProviderKind};
 
-    /// A provider answering from a script: each call pops one outcome.
+    /// A provider answering from a script: each call pops one outcome. A stalling one yields its
+    /// one outcome on every call and then goes silent, forever.
     #[derive(Debug)]
     struct Scripted {
         name: String,
         script: Mutex<VecDeque<Vec<Result<Delta, LlmError>>>>,
+        stalls: bool,
         calls: AtomicUsize,
     }
 
@@ -516,6 +518,15 @@ mod tests {
             Arc::new(Self {
                 name: name.into(),
                 script: Mutex::new(script.into()),
+                stalls: false,
+                calls: AtomicUsize::new(0),
+            })
+        }
+        fn stalling(name: &str, items: Vec<Result<Delta, LlmError>>) -> Arc<Self> {
+            Arc::new(Self {
+                name: name.into(),
+                script: Mutex::new(VecDeque::from([items])),
+                stalls: true,
                 calls: AtomicUsize::new(0),
             })
         }
@@ -536,42 +547,14 @@ mod tests {
         }
         fn stream(&self, _request: &ChatRequest) -> DeltaStream {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let items = self.script.lock().unwrap().pop_front().unwrap_or_default();
-            Box::pin(futures::stream::iter(items))
-        }
-    }
-
-    /// A provider that yields `items` and then goes silent, forever.
-    #[derive(Debug)]
-    struct Stalling {
-        name: String,
-        items: Vec<Result<Delta, LlmError>>,
-        calls: AtomicUsize,
-    }
-
-    impl Stalling {
-        fn new(name: &str, items: Vec<Result<Delta, LlmError>>) -> Arc<Self> {
-            Arc::new(Self {
-                name: name.into(),
-                items,
-                calls: AtomicUsize::new(0),
-            })
-        }
-    }
-
-    impl Provider for Stalling {
-        fn name(&self) -> &str {
-            &self.name
-        }
-        fn kind(&self) -> ProviderKind {
-            ProviderKind::Echo
-        }
-        fn default_model(&self) -> &str {
-            "m"
-        }
-        fn stream(&self, _request: &ChatRequest) -> DeltaStream {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Box::pin(futures::stream::iter(self.items.clone()).chain(futures::stream::pending()))
+            let mut script = self.script.lock().unwrap();
+            if self.stalls {
+                let items = script.front().cloned().unwrap_or_default();
+                return Box::pin(futures::stream::iter(items).chain(futures::stream::pending()));
+            }
+            Box::pin(futures::stream::iter(
+                script.pop_front().unwrap_or_default(),
+            ))
         }
     }
 
@@ -912,7 +895,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_callers_deadline_starts_no_cooldown() {
-        let a = Stalling::new("a", vec![]);
+        let a = Scripted::stalling("a", vec![]);
         let b = Scripted::new("b", vec![vec![text("b")]]);
         let cd = Cooldowns::default();
         let deadline = Some(Instant::now() + Duration::from_millis(50));
@@ -1081,7 +1064,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_unary_cap_ends_a_trickle_moves_on_and_blames_no_one() {
-        let a = Stalling::new("a", vec![text("a trickle that never ends")]);
+        let a = Scripted::stalling("a", vec![text("a trickle that never ends")]);
         let b = Scripted::new("b", vec![vec![text("b")]]);
         let cd = Cooldowns::default();
         let capped = Candidate {

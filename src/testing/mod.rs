@@ -616,41 +616,37 @@ fn drop_connection() -> Response<Body> {
 
 /// A 200 whose headers go out now and whose body is `steps`, byte for byte.
 fn raw_body(shared: Arc<Shared>, content_type: String, steps: Vec<Step>) -> Response<Body> {
-    let body = async_stream::stream! {
-        let mut guard = CancelGuard::new(shared.clone());
-        for step in steps {
-            match step {
-                Step::Text(t) | Step::Raw(t) => yield Ok::<Bytes, std::io::Error>(Bytes::from(t)),
-                Step::Pause(d) => tokio::time::sleep(d).await,
-                Step::AwaitRelease => await_release(&shared).await,
-                Step::Drop => {
-                    guard.finished = true;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    yield Err(std::io::Error::other("fake drops the connection"));
-                    return;
-                }
-            }
-        }
-        guard.finished = true;
-    };
     Response::builder()
         .header(http::header::CONTENT_TYPE, content_type)
-        .body(Body::from_stream(body))
+        .body(play(shared, steps, false, None))
         .unwrap_or_default()
 }
 
 fn stream_answer(shared: Arc<Shared>, steps: Vec<Step>, usage: Option<Usage>) -> Response<Body> {
     let ct = shared.format.stream_content_type();
-    let body = async_stream::stream! {
+    let end = shared.format.stream_end(usage);
+    let body = play(shared, steps, true, Some(end));
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, ct)
+        .header(http::header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_default()
+}
+
+/// Plays `steps` as a response body: text as the wire format's stream pieces (`formatted`) or as
+/// it is, raw bytes, pauses, releases and drops; then `end` and the fake's end delay, if `end` is
+/// given. A body dropped before it finished counts as a cancel.
+fn play(shared: Arc<Shared>, steps: Vec<Step>, formatted: bool, end: Option<Bytes>) -> Body {
+    Body::from_stream(async_stream::stream! {
         let mut guard = CancelGuard::new(shared.clone());
         let mut index = 0;
         for step in steps {
             match step {
-                Step::Text(t) => {
+                Step::Text(t) if formatted => {
                     yield Ok::<Bytes, std::io::Error>(shared.format.stream_piece(&t, index));
                     index += 1;
                 }
-                Step::Raw(r) => yield Ok(Bytes::from(r)),
+                Step::Text(t) | Step::Raw(t) => yield Ok(Bytes::from(t)),
                 Step::Pause(d) => tokio::time::sleep(d).await,
                 Step::AwaitRelease => await_release(&shared).await,
                 Step::Drop => {
@@ -663,16 +659,15 @@ fn stream_answer(shared: Arc<Shared>, steps: Vec<Step>, usage: Option<Usage>) ->
                 }
             }
         }
-        yield Ok(shared.format.stream_end(usage));
+        let Some(end) = end else {
+            guard.finished = true;
+            return;
+        };
+        yield Ok(end);
         guard.finished = true;
         let end_delay = *lock(&shared.end_delay);
         if !end_delay.is_zero() {
             tokio::time::sleep(end_delay).await;
         }
-    };
-    Response::builder()
-        .header(http::header::CONTENT_TYPE, ct)
-        .header(http::header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body))
-        .unwrap_or_default()
+    })
 }

@@ -856,7 +856,7 @@ async fn an_environment_proxy_carries_the_upstream_calls() {
 
 /// The ids `GET /v1/models` lists, in order.
 async fn model_ids(http: &reqwest::Client, url: &str) -> Vec<String> {
-    let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+    let v: serde_json::Value = crate::support::get_json(http, url).await;
     v["data"]
         .as_array()
         .unwrap_or_else(|| panic!("no model list: {v}"))

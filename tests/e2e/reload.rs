@@ -1943,14 +1943,8 @@ async fn restart_only_changes_are_reported_until_the_file_agrees_again() {
     assert_eq!(flag("audit.queue").await, Some(1.0));
     assert_eq!(flag("audit.max_backups").await, Some(1.0));
     assert_eq!(flag("audit.path").await, Some(0.0));
-    let status: serde_json::Value = http
-        .get(format!("http://{}/status", server.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value =
+        crate::support::get_json(&http, format!("http://{}/status", server.addr)).await;
     assert_eq!(
         status["config"]["restart_needed"],
         serde_json::json!(["audit.max_backups", "audit.queue"]),

@@ -140,6 +140,11 @@ pub fn http_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `GET url` with `http` and its body as JSON.
+pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Polls `check` until it returns `Some`, failing after [`HANG_GUARD`] with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where

@@ -238,14 +238,7 @@ async fn a_hostile_caller_cannot_make_providers_unavailable_for_everyone() {
             assert_eq!(last.provider, "alpha", "round {round}: {msgs:?}");
         }
     }
-    let status: Value = http
-        .get(server.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = crate::support::get_json(&http, server.url("/status")).await;
     let cooling: Vec<&Value> = status["providers"]
         .as_array()
         .unwrap()
