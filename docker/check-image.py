@@ -265,7 +265,8 @@ def run_checks(r: Runner, secrets: Path, grpc_port: int, metrics_port: int, extr
         healthy, last, used = False, "", "image HEALTHCHECK"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and server.poll() is None:
-            h = r.run(health_cmd, r.env, timeout=10)
+            # A container engine runs the HEALTHCHECK inside the container, with its environment.
+            h = r.run(health_cmd, env, timeout=10)
             if h.returncode == 64 or "unrecognized subcommand" in h.stderr:
                 if not r.python_probe:
                     last = "this binary has no `healthcheck` subcommand"
@@ -290,7 +291,7 @@ def run_checks(r: Runner, secrets: Path, grpc_port: int, metrics_port: int, extr
         except OSError as e:
             fail(f"/readyz on the metrics port: {e}")
         if used == "image HEALTHCHECK":
-            dead = r.run(["/chatcli", "healthcheck", "--addr", "127.0.0.1:1"], r.env, timeout=15)
+            dead = r.run(["/chatcli", "healthcheck", "--addr", "127.0.0.1:1"], env, timeout=15)
             lines = (dead.stdout + dead.stderr).strip().splitlines()
             check(dead.returncode == 1 and len(lines) == 1, f"healthcheck against a dead port exits 1 with one line ({lines[0] if lines else ''})",
                   f"exit {dead.returncode}, output {lines!r}")
@@ -372,7 +373,7 @@ def run_tls_healthcheck(r: Runner, secrets: Path, confdir: Path, demo_config: Pa
         healthy, last = False, ""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and server.poll() is None:
-            h = r.run(r.cfg["Healthcheck"]["Test"][1:], r.env, timeout=10)
+            h = r.run(r.cfg["Healthcheck"]["Test"][1:], env, timeout=10)
             last = (h.stdout + h.stderr).strip()
             if h.returncode == 0:
                 healthy = True
