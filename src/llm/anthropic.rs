@@ -30,8 +30,6 @@ pub const DEFAULT_API_VERSION: &str = "2023-06-01";
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// The beta flag Anthropic requires for OAuth access tokens.
 const OAUTH_BETA: &str = "oauth-2025-04-20";
-/// Most pages of `GET /v1/models` read for one model list.
-const MAX_MODEL_PAGES: usize = 20;
 /// The only `provider_config` key this provider reads.
 const CONFIG_KEYS: &[&str] = &["base_url"];
 
@@ -227,34 +225,25 @@ impl Provider for AnthropicProvider {
     /// `GET {base}/v1/models`, page by page (`has_more`, `after_id`): the ids of `data`.
     fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
         Box::pin(async move {
-            let mut models = Vec::new();
-            let mut after: Option<String> = None;
-            for _ in 0..MAX_MODEL_PAGES {
-                let mut url = reqwest::Url::parse(&format!("{}/v1/models", self.base_url))
-                    .map_err(|e| {
-                        LlmError::InvalidRequest(format!(
-                            "provider `{}`: base_url is not a URL: {e}",
-                            self.name
-                        ))
-                    })?;
-                url.query_pairs_mut().append_pair("limit", "1000");
-                if let Some(id) = &after {
-                    url.query_pairs_mut().append_pair("after_id", id);
-                }
-                let rb = self.client.get(url).headers(self.sent_headers()?);
-                let resp = http::send(&self.name, &self.timeouts, rb, parse_error).await?;
-                let body = http::json_body(&self.name, resp).await?;
-                models.extend(http::names_in(&self.name, &body, "data", "id")?);
-                after = body
-                    .get("last_id")
-                    .and_then(Value::as_str)
-                    .filter(|_| body.get("has_more").and_then(Value::as_bool) == Some(true))
-                    .map(String::from);
-                if after.is_none() {
-                    break;
-                }
-            }
-            Ok(models)
+            http::model_pages(
+                &self.name,
+                &self.client,
+                &self.timeouts,
+                self.sent_headers()?,
+                parse_error,
+                (&self.base_url, "/v1/models"),
+                ("limit", "1000"),
+                "after_id",
+                |body, models| {
+                    models.extend(http::names_in(&self.name, body, "data", "id")?);
+                    Ok(body
+                        .get("last_id")
+                        .and_then(Value::as_str)
+                        .filter(|_| body.get("has_more").and_then(Value::as_bool) == Some(true))
+                        .map(String::from))
+                },
+            )
+            .await
         })
     }
 

@@ -177,9 +177,6 @@ impl GeminiProvider {
     }
 }
 
-/// Most pages of `GET /v1beta/models` read for one model list.
-const MAX_MODEL_PAGES: usize = 20;
-
 /// Whether a listed model can answer `generateContent` (an absent method list is taken as yes).
 fn generates(model: &Value) -> bool {
     model
@@ -258,42 +255,33 @@ impl Provider for GeminiProvider {
     /// can generate content, without their `models/` prefix.
     fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
         Box::pin(async move {
-            let mut models = Vec::new();
-            let mut page: Option<String> = None;
-            for _ in 0..MAX_MODEL_PAGES {
-                let mut url = reqwest::Url::parse(&format!("{}/v1beta/models", self.base_url))
-                    .map_err(|e| {
-                        LlmError::InvalidRequest(format!(
-                            "provider `{}`: base_url is not a URL: {e}",
-                            self.name
-                        ))
-                    })?;
-                url.query_pairs_mut().append_pair("pageSize", "1000");
-                if let Some(token) = &page {
-                    url.query_pairs_mut().append_pair("pageToken", token);
-                }
-                let rb = self.client.get(url).headers(self.sent_headers()?);
-                let resp = http::send(&self.name, &self.timeouts, rb, parse_error).await?;
-                let body = http::json_body(&self.name, resp).await?;
-                let listed = body
-                    .get("models")
-                    .and_then(Value::as_array)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
-                models.extend(listed.iter().filter(|m| generates(m)).filter_map(|m| {
-                    let name = m.get("name").and_then(Value::as_str)?;
-                    Some(name.strip_prefix("models/").unwrap_or(name).to_string())
-                }));
-                page = body
-                    .get("nextPageToken")
-                    .and_then(Value::as_str)
-                    .filter(|t| !t.is_empty())
-                    .map(String::from);
-                if page.is_none() {
-                    break;
-                }
-            }
-            Ok(models)
+            http::model_pages(
+                &self.name,
+                &self.client,
+                &self.timeouts,
+                self.sent_headers()?,
+                parse_error,
+                (&self.base_url, "/v1beta/models"),
+                ("pageSize", "1000"),
+                "pageToken",
+                |body, models| {
+                    let listed = body
+                        .get("models")
+                        .and_then(Value::as_array)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    models.extend(listed.iter().filter(|m| generates(m)).filter_map(|m| {
+                        let name = m.get("name").and_then(Value::as_str)?;
+                        Some(name.strip_prefix("models/").unwrap_or(name).to_string())
+                    }));
+                    Ok(body
+                        .get("nextPageToken")
+                        .and_then(Value::as_str)
+                        .filter(|t| !t.is_empty())
+                        .map(String::from))
+                },
+            )
+            .await
         })
     }
 

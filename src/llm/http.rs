@@ -787,6 +787,50 @@ pub async fn json_body(
     })
 }
 
+/// Most pages of a paged model list read before discovery stops (an upstream that always says
+/// there is more).
+pub const MAX_MODEL_PAGES: usize = 20;
+
+/// Reads a paged model list from `{base_url}{path}`: each page is fetched with `query` and, after the
+/// first, `cursor_key` = the cursor `take` returned for the page before; `take` adds the page's
+/// models to the list and returns the next cursor, `None` on the last page, or the error that ends
+/// the listing (a page that is not a model list). At most
+/// [`MAX_MODEL_PAGES`] pages.
+#[allow(clippy::too_many_arguments)] // reason: one call site per wire format, each naming its own query and cursor
+pub async fn model_pages(
+    provider: &str,
+    client: &reqwest::Client,
+    timeouts: &Timeouts,
+    headers: reqwest::header::HeaderMap,
+    parse_error: ErrorParser,
+    url: (&str, &str),
+    query: (&str, &str),
+    cursor_key: &str,
+    mut take: impl FnMut(&serde_json::Value, &mut Vec<String>) -> Result<Option<String>, LlmError>,
+) -> Result<Vec<String>, LlmError> {
+    let (base_url, path) = url;
+    let first = reqwest::Url::parse(&format!("{base_url}{path}")).map_err(|e| {
+        LlmError::InvalidRequest(format!("provider `{provider}`: base_url is not a URL: {e}"))
+    })?;
+    let mut models = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..MAX_MODEL_PAGES {
+        let mut url = first.clone();
+        url.query_pairs_mut().append_pair(query.0, query.1);
+        if let Some(c) = &cursor {
+            url.query_pairs_mut().append_pair(cursor_key, c);
+        }
+        let rb = client.get(url).headers(headers.clone());
+        let resp = send(provider, timeouts, rb, parse_error).await?;
+        let body = json_body(provider, resp).await?;
+        cursor = take(&body, &mut models)?;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    Ok(models)
+}
+
 /// The string `field` of every object in the array `list` of a model list answer (`data[].id`,
 /// `models[].name`, …); `Malformed` when there is no such array.
 pub fn names_in(
