@@ -558,6 +558,23 @@ mod tests {
         }
     }
 
+    /// [`start`] of an empty request for model `m`, without metrics or deadline.
+    async fn start_m(
+        candidates: Vec<Candidate>,
+        settings: &FallbackSettings,
+        cooldowns: &Cooldowns,
+    ) -> Result<Answer, LlmError> {
+        start(
+            candidates,
+            ChatRequest::new(vec![], "m"),
+            settings,
+            cooldowns,
+            None,
+            None,
+        )
+        .await
+    }
+
     fn fail_with(p: &str, class: ErrorClass, status: Option<u16>) -> Result<Delta, LlmError> {
         Err(LlmError::Upstream(UpstreamError {
             provider: p.into(),
@@ -621,16 +638,7 @@ mod tests {
         );
         let b = Scripted::new("b", vec![vec![text("from"), text(" b")]]);
         let cd = Cooldowns::default();
-        let ans = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &settings(2),
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let ans = start_m(cands(&[&a, &b]), &settings(2), &cd).await.unwrap();
         let (who, t) = answer_text(ans).await;
         assert_eq!((who.as_str(), t.unwrap().as_str()), ("b", "from b"));
         // A Retry-After longer than we wait moves on at once, without retrying a.
@@ -658,16 +666,7 @@ mod tests {
             ],
         );
         let cd = Cooldowns::default();
-        let ans = start(
-            cands(&[&a]),
-            ChatRequest::new(vec![], "m"),
-            &settings(2),
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let ans = start_m(cands(&[&a]), &settings(2), &cd).await.unwrap();
         assert_eq!(answer_text(ans).await.1.unwrap(), "ok");
         assert_eq!(a.calls(), 2);
     }
@@ -681,16 +680,7 @@ mod tests {
         let b = Scripted::new("b", vec![vec![text("b1")], vec![text("b2")]]);
         let cd = Cooldowns::default();
         let s = settings(2);
-        let first = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &s,
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let first = start_m(cands(&[&a, &b]), &s, &cd).await.unwrap();
         assert_eq!(answer_text(first).await.0, "b");
         assert_eq!(a.calls(), 1, "auth failures are not retried");
         let snap = cd.snapshot();
@@ -699,16 +689,7 @@ mod tests {
             snap[0].remaining > s.cooldown_base,
             "auth cools down to the maximum at once"
         );
-        let second = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &s,
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let second = start_m(cands(&[&a, &b]), &s, &cd).await.unwrap();
         assert_eq!(answer_text(second).await.0, "b");
         assert_eq!(a.calls(), 1, "a cooling provider is skipped");
     }
@@ -724,16 +705,9 @@ mod tests {
             ],
         );
         let cd = Cooldowns::default();
-        let err = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &settings(1),
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap_err();
+        let err = start_m(cands(&[&a, &b]), &settings(1), &cd)
+            .await
+            .unwrap_err();
         assert_eq!(b.calls(), 2, "one retry of a server error");
         assert_eq!(err.to_status().code(), tonic::Code::Unavailable);
         let LlmError::AllFailed(list) = &err else {
@@ -760,16 +734,7 @@ mod tests {
         );
         let b = Scripted::new("b", vec![vec![text("b")]]);
         let cd = Cooldowns::default();
-        let ans = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &settings(2),
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let ans = start_m(cands(&[&a, &b]), &settings(2), &cd).await.unwrap();
         let (who, res) = answer_text(ans).await;
         assert_eq!(who, "a");
         assert!(matches!(res, Err(LlmError::Upstream(ref u)) if u.class == ErrorClass::Transport));
@@ -780,16 +745,9 @@ mod tests {
     async fn bad_requests_do_not_fall_back() {
         let a = Scripted::new("a", vec![vec![fail("a", ErrorClass::ContextTooLong, None)]]);
         let b = Scripted::new("b", vec![vec![text("b")]]);
-        let err = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &settings(2),
-            &Cooldowns::default(),
-            None,
-            None,
-        )
-        .await
-        .unwrap_err();
+        let err = start_m(cands(&[&a, &b]), &settings(2), &Cooldowns::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.to_status().code(), tonic::Code::InvalidArgument);
         assert_eq!(b.calls(), 0);
     }
@@ -802,27 +760,9 @@ mod tests {
         );
         let cd = Cooldowns::default();
         let s = settings(0);
-        let err = start(
-            cands(&[&a]),
-            ChatRequest::new(vec![], "m"),
-            &s,
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap_err();
+        let err = start_m(cands(&[&a]), &s, &cd).await.unwrap_err();
         assert_eq!(err.to_status().code(), tonic::Code::Unavailable);
-        let ok = start(
-            cands(&[&a]),
-            ChatRequest::new(vec![], "m"),
-            &s,
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let ok = start_m(cands(&[&a]), &s, &cd).await.unwrap();
         assert_eq!(answer_text(ok).await.1.unwrap(), "ok");
     }
 
@@ -868,27 +808,10 @@ mod tests {
         let cd = Cooldowns::default();
         let s = settings(0);
         for _ in 0..3 {
-            let _ = start(
-                cands(&[&a, &b]),
-                ChatRequest::new(vec![], "m"),
-                &s,
-                &cd,
-                None,
-                None,
-            )
-            .await;
+            let _ = start_m(cands(&[&a, &b]), &s, &cd).await;
             assert!(cd.snapshot().is_empty(), "{:?}", cd.snapshot());
         }
-        let ans = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &s,
-            &cd,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        let ans = start_m(cands(&[&a, &b]), &s, &cd).await.unwrap();
         assert_eq!(answer_text(ans).await.0, "a", "a was skipped");
         assert_eq!(a.calls(), 4);
     }
@@ -994,27 +917,16 @@ mod tests {
             ..Candidate::new(p.clone() as Arc<dyn Provider>, "m")
         };
         // The server's a fails: it cools down.
-        let _ = start(
-            cands(&[&a, &b]),
-            ChatRequest::new(vec![], "m"),
-            &s,
-            &cd,
-            None,
-            None,
-        )
-        .await;
+        let _ = start_m(cands(&[&a, &b]), &s, &cd).await;
         assert_eq!(cd.snapshot().len(), 1);
         // A copy of a with the caller's key is not skipped for it, and its success clears nothing.
-        let ans = start(
+        let ans = start_m(
             vec![
                 callers(&a),
                 Candidate::new(b.clone() as Arc<dyn Provider>, "m"),
             ],
-            ChatRequest::new(vec![], "m"),
             &s,
             &cd,
-            None,
-            None,
         )
         .await
         .unwrap();
@@ -1026,16 +938,13 @@ mod tests {
         );
         // Its failure starts none.
         let before = cd.snapshot();
-        let _ = start(
+        let _ = start_m(
             vec![
                 callers(&a),
                 Candidate::new(b.clone() as Arc<dyn Provider>, "m"),
             ],
-            ChatRequest::new(vec![], "m"),
             &s,
             &cd,
-            None,
-            None,
         )
         .await;
         let after = cd.snapshot();
