@@ -405,7 +405,7 @@ impl Reloader {
         };
         let changed_abs = abs(changed);
         // The drop-in folder may not exist yet: its creation, and anything inside it, counts.
-        let in_drop_ins = config_file(&self.sources)
+        let in_drop_ins = config::config_file(&self.sources)
             .and_then(|f| f.parent().map(|p| p.join("conf.d")))
             .is_some_and(|d| {
                 let d = abs(&d);
@@ -439,7 +439,7 @@ impl Reloader {
                 })
             })
             .collect();
-        if let Some(file) = config_file(&self.sources) {
+        if let Some(file) = config::config_file(&self.sources) {
             if let Some(d) = config::drop_in_dir(Some(&file), &self.sources.default_config_path) {
                 dirs.push(d);
             }
@@ -615,81 +615,26 @@ impl std::fmt::Display for RestartChange {
     }
 }
 
-fn config_file(sources: &Sources) -> Option<PathBuf> {
-    sources
-        .config_flag
-        .clone()
-        .or_else(|| {
-            sources
-                .env
-                .get("CHATCLI_CONFIG")
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| {
-            sources
-                .default_config_path
-                .exists()
-                .then(|| sources.default_config_path.clone())
-        })
-}
+/// The keys whose values name a file the configuration is made of (a key, a token, a certificate,
+/// the watcher's targets), and those of the lists' items (`[[auth.tokens]]`, `[[llm.providers]]`).
+const FILE_KEYS: [&[&str]; 8] = [
+    &["auth", "token_file"],
+    &["auth", "jwt", "secret_file"],
+    &["auth", "jwt", "public_key_file"],
+    &["auth", "jwt", "jwks_file"],
+    &["server", "tls", "cert_file"],
+    &["server", "tls", "key_file"],
+    &["server", "tls", "client_ca_file"],
+    &["watcher", "config_file"],
+];
+const ITEM_FILE_KEYS: [(&[&str], &[&str]); 2] = [
+    (&["auth", "tokens"], &["file"]),
+    (&["llm", "providers"], &["api_key_file", "client_key_file"]),
+];
 
-/// The config file and its drop-ins, in merge order.
-fn config_files(sources: &Sources) -> Vec<PathBuf> {
-    let Some(f) = config_file(sources) else {
-        return Vec::new();
-    };
-    let mut drop_ins: Vec<PathBuf> = config::drop_in_dir(Some(&f), &sources.default_config_path)
-        .and_then(|dir| std::fs::read_dir(dir).ok())
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect()
-        })
-        .unwrap_or_default();
-    drop_ins.sort();
-    drop_ins.insert(0, f);
-    drop_ins
-}
-
-/// Every file whose content makes up the configuration: the config file, its drop-ins, and the
-/// files it points to (keys, tokens, certificates).
-fn watched_files(c: &Config, sources: &Sources) -> Vec<PathBuf> {
-    let mut pointed: Vec<PathBuf> = Vec::new();
-    let a = &c.auth;
-    pointed.extend(a.token_file.iter().cloned());
-    pointed.extend(a.jwt.secret_file.iter().cloned());
-    pointed.extend(a.jwt.public_key_file.iter().cloned());
-    pointed.extend(a.jwt.jwks_file.iter().cloned());
-    pointed.extend(a.tokens.iter().filter_map(|t| t.file.clone()));
-    for p in &c.llm.providers {
-        pointed.extend(p.api_key_file.iter().cloned());
-        pointed.extend(p.client_key_file.iter().cloned());
-    }
-    let t = &c.server.tls;
-    pointed.extend(
-        [&t.cert_file, &t.key_file, &t.client_ca_file]
-            .into_iter()
-            .flatten()
-            .cloned(),
-    );
-    pointed.extend(c.watcher.config_file.iter().cloned());
-    let creds = sources.credentials_dir();
-    let mut files = config_files(sources);
-    files.extend(
-        pointed
-            .iter()
-            .map(|f| crate::auth::tokens::credential_path(f, creds.as_deref())),
-    );
-    files
-}
-
-/// The files the config file and its drop-ins point to, read from their TOML text alone (no
-/// merging, no validation), so that the files of a config that fails to load are known too.
-/// Files that cannot be read or parsed name nothing.
-fn named_in_files(sources: &Sources) -> Vec<PathBuf> {
+/// The files [`FILE_KEYS`] name in `table` (a typed config serialized, or one file's TOML text),
+/// relative names resolved in `$CREDENTIALS_DIRECTORY`.
+fn named_files(table: &toml::Table, creds: Option<&std::path::Path>) -> Vec<PathBuf> {
     fn at<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
         let (last, parents) = path.split_last()?;
         let mut table = t;
@@ -698,53 +643,45 @@ fn named_in_files(sources: &Sources) -> Vec<PathBuf> {
         }
         table.get(*last)
     }
-    fn items<'a>(t: &'a toml::Table, path: &[&str]) -> Vec<&'a toml::Table> {
-        at(t, path)
+    let mut names: Vec<&toml::Value> = FILE_KEYS.iter().filter_map(|p| at(table, p)).collect();
+    for (list, keys) in ITEM_FILE_KEYS {
+        let items = at(table, list)
             .and_then(toml::Value::as_array)
-            .map(|a| a.iter().filter_map(toml::Value::as_table).collect())
-            .unwrap_or_default()
-    }
-    const SINGLE: [&[&str]; 8] = [
-        &["auth", "token_file"],
-        &["auth", "jwt", "secret_file"],
-        &["auth", "jwt", "public_key_file"],
-        &["auth", "jwt", "jwks_file"],
-        &["server", "tls", "cert_file"],
-        &["server", "tls", "key_file"],
-        &["server", "tls", "client_ca_file"],
-        &["watcher", "config_file"],
-    ];
-    let creds = sources.credentials_dir();
-    let mut out = Vec::new();
-    for file in config_files(sources) {
-        let Some(table) = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|text| text.parse::<toml::Table>().ok())
-        else {
-            continue;
-        };
-        let mut names: Vec<&toml::Value> = SINGLE.iter().filter_map(|p| at(&table, p)).collect();
-        names.extend(
-            items(&table, &["auth", "tokens"])
-                .into_iter()
-                .filter_map(|t| t.get("file")),
-        );
-        for p in items(&table, &["llm", "providers"]) {
-            names.extend(
-                ["api_key_file", "client_key_file"]
-                    .iter()
-                    .filter_map(|k| p.get(*k)),
-            );
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for item in items.iter().filter_map(toml::Value::as_table) {
+            names.extend(keys.iter().filter_map(|k| item.get(*k)));
         }
-        out.extend(
-            names
-                .into_iter()
-                .filter_map(toml::Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(|s| crate::auth::tokens::credential_path(s.as_ref(), creds.as_deref())),
-        );
     }
-    out
+    names
+        .into_iter()
+        .filter_map(toml::Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(|s| crate::auth::tokens::credential_path(s.as_ref(), creds))
+        .collect()
+}
+
+/// Every file whose content makes up the configuration: the config file, its drop-ins, and the
+/// files it points to (keys, tokens, certificates).
+fn watched_files(c: &Config, sources: &Sources) -> Vec<PathBuf> {
+    let mut files = config::config_files(sources);
+    if let Ok(table) = toml::Table::try_from(c) {
+        files.extend(named_files(&table, sources.credentials_dir().as_deref()));
+    }
+    files
+}
+
+/// The files the config file and its drop-ins point to, read from their TOML text alone (no
+/// merging, no validation), so that the files of a config that fails to load are known too.
+/// Files that cannot be read or parsed name nothing.
+fn named_in_files(sources: &Sources) -> Vec<PathBuf> {
+    let creds = sources.credentials_dir();
+    config::config_files(sources)
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .filter_map(|text| text.parse::<toml::Table>().ok())
+        .flat_map(|table| named_files(&table, creds.as_deref()))
+        .collect()
 }
 
 fn content_hash(files: &[PathBuf]) -> String {

@@ -400,20 +400,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
     let mut figment = Figment::new().merge(defaults_layer(&defaults));
 
     // The file.
-    let file = sources
-        .config_flag
-        .clone()
-        .or_else(|| {
-            env.get("CHATCLI_CONFIG")
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| {
-            sources
-                .default_config_path
-                .exists()
-                .then(|| sources.default_config_path.clone())
-        });
+    let file = config_file(sources);
     let mut files: Vec<PathBuf> = file.iter().cloned().collect();
     files.extend(drop_ins(
         file.as_deref(),
@@ -538,6 +525,40 @@ pub fn drop_in_dir(file: Option<&Path>, default_config_path: &Path) -> Option<Pa
     let base = file.unwrap_or(default_config_path);
     let dir = base.parent()?.join("conf.d");
     dir.is_dir().then_some(dir)
+}
+
+/// The config file `sources` name: `--config`, else `CHATCLI_CONFIG`, else the default path when
+/// that file exists.
+pub fn config_file(sources: &Sources) -> Option<PathBuf> {
+    sources
+        .config_flag
+        .clone()
+        .or_else(|| {
+            sources
+                .env
+                .get("CHATCLI_CONFIG")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| {
+            sources
+                .default_config_path
+                .exists()
+                .then(|| sources.default_config_path.clone())
+        })
+}
+
+/// The config file and its drop-ins in merge order, as [`load`] reads them (a drop-in folder that
+/// cannot be read adds none).
+pub fn config_files(sources: &Sources) -> Vec<PathBuf> {
+    let file = config_file(sources);
+    let mut files: Vec<PathBuf> = file.iter().cloned().collect();
+    files.extend(drop_ins(
+        file.as_deref(),
+        &sources.default_config_path,
+        &mut Vec::new(),
+    ));
+    files
 }
 
 fn drop_ins(

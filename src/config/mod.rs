@@ -11,7 +11,9 @@ pub mod values;
 
 use figment::Figment;
 
-pub use load::{COMPAT_ENV, FlagValue, LoadError, Loaded, Sources, drop_in_dir, load};
+pub use load::{
+    COMPAT_ENV, FlagValue, LoadError, Loaded, Sources, config_file, config_files, drop_in_dir, load,
+};
 pub use show::render_show;
 pub use types::*;
 pub use values::Secret;
