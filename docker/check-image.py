@@ -244,6 +244,29 @@ class Runner:
         return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
+def wait_healthy(r: Runner, server: subprocess.Popen, health_cmd: list[str], env: dict[str, str],
+                 addr: str) -> tuple[bool, str, str]:
+    """Runs the health command every half second for up to 30 s while the server runs, as a container
+    engine runs a HEALTHCHECK: inside the container, with its environment. Returns whether it said
+    healthy, its last words, and what probed (the image's HEALTHCHECK, or the Python probe when the
+    binary has no `healthcheck` and --python-probe allows it)."""
+    last, used = "", "image HEALTHCHECK"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and server.poll() is None:
+        h = r.run(health_cmd, env, timeout=10)
+        if h.returncode == 64 or "unrecognized subcommand" in h.stderr:
+            if not r.python_probe:
+                return False, "this binary has no `healthcheck` subcommand", used
+            used = "Python grpc.health.v1 probe (binary has no `healthcheck` yet)"
+            code, last = python_health_probe(addr)
+        else:
+            code, last = h.returncode, (h.stdout + h.stderr).strip()
+        if code == 0:
+            return True, last, used
+        time.sleep(0.5)
+    return False, last, used
+
+
 def run_checks(r: Runner, secrets: Path, grpc_port: int, metrics_port: int, extra_args: list[str]) -> None:
     print("running the image" + (" (chrooted as 65532, read-only rootfs, private namespaces)" if r.confined else " (unconfined: not root)"))
     token = secrets / "token"
@@ -262,23 +285,7 @@ def run_checks(r: Runner, secrets: Path, grpc_port: int, metrics_port: int, extr
     if grpc_port != 50051:
         health_cmd = health_cmd + ["--addr", addr]
     try:
-        healthy, last, used = False, "", "image HEALTHCHECK"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and server.poll() is None:
-            # A container engine runs the HEALTHCHECK inside the container, with its environment.
-            h = r.run(health_cmd, env, timeout=10)
-            if h.returncode == 64 or "unrecognized subcommand" in h.stderr:
-                if not r.python_probe:
-                    last = "this binary has no `healthcheck` subcommand"
-                    break
-                used = "Python grpc.health.v1 probe (binary has no `healthcheck` yet)"
-                code, last = python_health_probe(addr)
-            else:
-                code, last = h.returncode, (h.stdout + h.stderr).strip()
-            if code == 0:
-                healthy = True
-                break
-            time.sleep(0.5)
+        healthy, last, used = wait_healthy(r, server, health_cmd, env, addr)
         check(healthy, f"healthy by the {used} ({last})", f"not healthy: {last!r}")
         if server.poll() is None and r.confined:
             status = Path(f"/proc/{server.pid}/status").read_text()
@@ -370,15 +377,7 @@ def run_tls_healthcheck(r: Runner, secrets: Path, confdir: Path, demo_config: Pa
     log = tempfile.TemporaryFile(mode="w+")
     server = r.popen(argv, env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        healthy, last = False, ""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and server.poll() is None:
-            h = r.run(r.cfg["Healthcheck"]["Test"][1:], env, timeout=10)
-            last = (h.stdout + h.stderr).strip()
-            if h.returncode == 0:
-                healthy = True
-                break
-            time.sleep(0.5)
+        healthy, last, _ = wait_healthy(r, server, r.cfg["Healthcheck"]["Test"][1:], env, "127.0.0.1:50051")
         check(healthy, f"healthy over TLS by the image HEALTHCHECK ({last})", f"not healthy over TLS: {last!r}")
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=40)
