@@ -657,7 +657,7 @@ fn named_files(table: &toml::Table, creds: Option<&std::path::Path>) -> Vec<Path
         .into_iter()
         .filter_map(toml::Value::as_str)
         .filter(|s| !s.is_empty())
-        .map(|s| crate::auth::tokens::credential_path(s.as_ref(), creds))
+        .map(|s| crate::config::credential_path(s.as_ref(), creds))
         .collect()
 }
 

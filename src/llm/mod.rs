@@ -110,75 +110,7 @@ pub enum Delta {
 /// A stream of deltas, ending when the answer is complete.
 pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, LlmError>> + Send>>;
 
-/// The known provider kinds (wire formats).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    /// Built-in: streams the prompt back word by word. For demos and tests.
-    Echo,
-    /// OpenAI Chat Completions, and the OpenAI-compatible presets (xAI, OpenRouter, …).
-    OpenAi,
-    /// Anthropic Messages.
-    Anthropic,
-    /// Google Gemini.
-    Gemini,
-    /// Ollama's native API.
-    Ollama,
-    /// StackSpot agents.
-    StackSpot,
-}
-
-impl ProviderKind {
-    /// Every kind name accepted in config (OpenAI-compatible presets included).
-    pub const NAMES: &[&str] = &[
-        "echo",
-        "openai",
-        "openai-compatible",
-        "xai",
-        "openrouter",
-        "moonshot",
-        "zai",
-        "github-models",
-        "copilot",
-        "anthropic",
-        "gemini",
-        "ollama",
-        "stackspot",
-    ];
-
-    /// Parses a config kind name (case-insensitive); presets map to their wire format.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "echo" => Self::Echo,
-            "openai" | "openai-compatible" | "xai" | "openrouter" | "moonshot" | "zai"
-            | "github-models" | "copilot" => Self::OpenAi,
-            "anthropic" => Self::Anthropic,
-            "gemini" => Self::Gemini,
-            "ollama" => Self::Ollama,
-            "stackspot" => Self::StackSpot,
-            _ => return None,
-        })
-    }
-
-    /// Whether providers of this kind can list their upstream's models (`discover_models`).
-    pub fn discovers_models(self) -> bool {
-        matches!(
-            self,
-            Self::OpenAi | Self::Anthropic | Self::Gemini | Self::Ollama
-        )
-    }
-
-    /// The wire format's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Echo => "echo",
-            Self::OpenAi => "openai",
-            Self::Anthropic => "anthropic",
-            Self::Gemini => "gemini",
-            Self::Ollama => "ollama",
-            Self::StackSpot => "stackspot",
-        }
-    }
-}
+pub use crate::config::ProviderKind;
 
 /// An LLM backend.
 pub trait Provider: Send + Sync + std::fmt::Debug {
