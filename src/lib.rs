@@ -18,6 +18,7 @@ pub mod server;
 pub mod sessions;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 /// Types and service traits generated from `proto/chatcli/v1/chatcli.proto`.
