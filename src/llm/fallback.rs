@@ -764,7 +764,7 @@ mod tests {
         let s = settings(0);
         let err = start_m(cands(&[&a]), &s, &cd).await.unwrap_err();
         assert!(
-            matches!(&err, LlmError::AllFailed(all) if all[0].class == ErrorClass::Auth),
+            matches!(&err, LlmError::Upstream(u) if u.class == ErrorClass::Auth),
             "{err:?}"
         );
         let ok = start_m(cands(&[&a]), &s, &cd).await.unwrap();

@@ -373,6 +373,45 @@ mod tests {
         }
     }
 
+    /// The rows of `docs/errors.md`'s table: code, gRPC, HTTP, retryable.
+    fn documented_rows() -> Vec<(String, String, u16, bool)> {
+        include_str!("../../docs/errors.md")
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+                let code = cells[0].trim_matches('`').to_string();
+                let grpc = cells[2].trim_matches('`').to_string();
+                let http = cells[3].parse().unwrap();
+                (code, grpc, http, cells[4] == "yes")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_documented_table_is_the_mapping() {
+        let rows = documented_rows();
+        assert_eq!(rows.len(), Code::ALL.len());
+        for ((code, grpc, http, retryable), c) in rows.iter().zip(Code::ALL) {
+            assert_eq!(code, c.as_str());
+            assert_eq!(
+                grpc,
+                &crate::telemetry::code_name(grpc_code(*c))
+                    .chars()
+                    .fold(String::new(), |mut out, ch| {
+                        if ch.is_uppercase() && !out.is_empty() {
+                            out.push('_');
+                        }
+                        out.push(ch.to_ascii_uppercase());
+                        out
+                    }),
+                "{code}"
+            );
+            assert_eq!(*http, http_status(*c).as_u16(), "{code}");
+            assert_eq!(*retryable, c.retryable(), "{code}");
+        }
+    }
+
     #[test]
     fn every_code_has_one_class_on_both_transports() {
         for code in Code::ALL {
