@@ -45,7 +45,8 @@ impl Reloaded {
 }
 
 /// The future of [`Reload::reload`].
-pub type ReloadFuture<'a> = Pin<Box<dyn Future<Output = Result<Reloaded, Vec<String>>> + Send + 'a>>;
+pub type ReloadFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Reloaded, Vec<String>>> + Send + 'a>>;
 
 /// The server's configuration reloader, as the core sees it.
 pub trait Reload: Send + Sync {

@@ -39,8 +39,8 @@ pub use sessions::{SessionLocks, SessionTurn};
 
 use crate::auth::Principal;
 use crate::config::LimitsConfig;
-pub use crate::llm::gateway::PromptCall;
 use crate::llm::fallback::{Answer, Cooldowns};
+pub use crate::llm::gateway::PromptCall;
 use crate::llm::{Message, ProviderRegistry};
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;

@@ -150,9 +150,6 @@ impl Gateway<'_> {
     pub async fn delete_session(&self, who: &Principal, name: &str) -> Result<(), Error> {
         self.count(SessionOperation::Delete);
         require_write(who, "delete sessions")?;
-        Ok(self
-            .sessions
-            .delete(&who.session_namespace(), name)
-            .await?)
+        Ok(self.sessions.delete(&who.session_namespace(), name).await?)
     }
 }

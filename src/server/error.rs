@@ -84,7 +84,11 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
         | Code::SessionNameInvalid => (StatusCode::BAD_REQUEST, INVALID, "invalid_request"),
         Code::ContextTooLong => (StatusCode::BAD_REQUEST, INVALID, "context_length_exceeded"),
         Code::UpstreamBadRequest => (StatusCode::BAD_REQUEST, INVALID, "upstream_bad_request"),
-        Code::SessionNotFound => (StatusCode::NOT_FOUND, "not_found_error", "session_not_found"),
+        Code::SessionNotFound => (
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "session_not_found",
+        ),
         Code::ProviderUnknown | Code::ModelNotFound => {
             (StatusCode::NOT_FOUND, INVALID, "model_not_found")
         }
@@ -222,10 +226,7 @@ impl From<&Error> for HttpError {
         // `transport_error`, …).
         let code = match e {
             Error::Provider(LlmError::Upstream(u))
-                if matches!(
-                    stable,
-                    Code::UpstreamUnavailable | Code::UpstreamTimeout
-                ) =>
+                if matches!(stable, Code::UpstreamUnavailable | Code::UpstreamTimeout) =>
             {
                 u.class.as_str()
             }
@@ -396,15 +397,16 @@ mod tests {
             assert_eq!(code, c.as_str());
             assert_eq!(
                 grpc,
-                &crate::telemetry::code_name(grpc_code(*c))
-                    .chars()
-                    .fold(String::new(), |mut out, ch| {
+                &crate::telemetry::code_name(grpc_code(*c)).chars().fold(
+                    String::new(),
+                    |mut out, ch| {
                         if ch.is_uppercase() && !out.is_empty() {
                             out.push('_');
                         }
                         out.push(ch.to_ascii_uppercase());
                         out
-                    }),
+                    }
+                ),
                 "{code}"
             );
             assert_eq!(*http, http_status(*c).as_u16(), "{code}");
@@ -548,10 +550,7 @@ mod tests {
             Some(Duration::from_millis(2500)),
         )));
         assert_eq!(HttpError::from(&e).retry_after, Some(3));
-        assert_eq!(
-            to_status(&e).metadata().get("retry-after").unwrap(),
-            "3"
-        );
+        assert_eq!(to_status(&e).metadata().get("retry-after").unwrap(), "3");
         assert_eq!(
             HttpError::from(Error::from(LlmError::Upstream(up(ErrorClass::Auth, None)))).kind,
             "upstream_auth_error"

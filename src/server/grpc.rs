@@ -342,21 +342,19 @@ impl ChatCliGrpc {
                 }
                 out
             }
-            "reload" => {
-                match admin::reload(who, self.state.reloader(), "admin command").await {
-                    Ok(outcome) => format!("Configuration reloaded: {outcome:?}"),
-                    Err(Error::PermissionDenied(_)) => "Error: /reload is for admins".to_string(),
-                    Err(Error::ReloadUnavailable) => {
-                        "Reload is not available: this server was not started from config files."
-                            .to_string()
-                    }
-                    Err(Error::ReloadFailed { problems }) => format!(
-                        "Reload failed; the previous configuration keeps serving:\n  - {}",
-                        problems.join("\n  - ")
-                    ),
-                    Err(e) => format!("Error: {e}"),
+            "reload" => match admin::reload(who, self.state.reloader(), "admin command").await {
+                Ok(outcome) => format!("Configuration reloaded: {outcome:?}"),
+                Err(Error::PermissionDenied(_)) => "Error: /reload is for admins".to_string(),
+                Err(Error::ReloadUnavailable) => {
+                    "Reload is not available: this server was not started from config files."
+                        .to_string()
                 }
-            }
+                Err(Error::ReloadFailed { problems }) => format!(
+                    "Reload failed; the previous configuration keeps serving:\n  - {}",
+                    problems.join("\n  - ")
+                ),
+                Err(e) => format!("Error: {e}"),
+            },
             "watcher status" => "K8s Watcher: inactive (no watcher configured)".to_string(),
             "plugins list" => {
                 "No plugin manager configured on this server (the catalog is not in this build)."
@@ -663,7 +661,9 @@ impl ChatCliService for ChatCliGrpc {
             tokio::task::spawn_blocking(move || crate::catalog::count(&plugins, &agents, &skills))
                 .await
                 .map_err(|e| {
-                    error::to_status(&Error::Internal(format!("counting the catalog failed: {e}")))
+                    error::to_status(&Error::Internal(format!(
+                        "counting the catalog failed: {e}"
+                    )))
                 })?;
         let reg = &prepared.registry;
         Ok(Response::new(GetServerInfoResponse {

@@ -25,8 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 pub use state::{
-    AppState, InFlight, InFlightGuard, PrepareError, Prepared, Transport, check_exposure,
-    preflight,
+    AppState, InFlight, InFlightGuard, PrepareError, Prepared, Transport, check_exposure, preflight,
 };
 
 /// The sockets the server serves, bound by the caller.

@@ -193,7 +193,10 @@ fn finish_reason(raw: Option<&str>) -> &'static str {
 
 /// Decodes the request into the core call to `provider` and `model` (what its `model` resolved
 /// to): the OpenAI fields are checked here, the prompt, history and `max_tokens` by the core.
-fn into_call(r: CompletionRequest, (provider, model): (String, String)) -> Result<PromptCall, Error> {
+fn into_call(
+    r: CompletionRequest,
+    (provider, model): (String, String),
+) -> Result<PromptCall, Error> {
     let invalid = |m: String| Err(Error::InvalidArgument(m));
     if r.n.is_some_and(|n| n != 1) {
         return invalid("n: only one choice per request is supported".into());
