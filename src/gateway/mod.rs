@@ -6,9 +6,9 @@
 //!
 //! The use cases:
 //! - a prompt ([`Gateway::prompt`]): validated once against the limits of the call's config
-//!   snapshot, answered through the fallback chain ([`crate::llm::gateway::start`]), optionally
-//!   continuing a saved session whose turn is appended when the answer is complete
-//!   ([`SessionTurn::save`]);
+//!   snapshot and answered through the fallback chain ([`crate::llm::gateway::start`]); or one
+//!   continuing a saved session ([`Gateway::session_prompt`]) whose turn is appended when the
+//!   answer is complete ([`SessionTurn::save`]);
 //! - an interactive turn ([`Gateway::interactive_turn`]): a prompt over the session's running
 //!   history, trimmed to the history limits;
 //! - sessions ([`Gateway::list_sessions`], [`Gateway::load_session`], [`Gateway::save_session`],
@@ -193,31 +193,43 @@ impl Gateway<'_> {
 
     /// A prompt: validated (prompt, `max_tokens`, history), then answered through the fallback
     /// chain; returns once a provider produced its first delta.
-    ///
-    /// With `session` (a session name of `who`, created on first use), the session's chat history
-    /// is the history and the returned [`PromptAnswer::session`] appends the new turn when the
-    /// caller saves it; readonly principals may not name a session.
-    pub async fn prompt(
+    pub async fn prompt(&self, call: PromptCall) -> Result<Answer, Error> {
+        self.validate_prompt(&call.prompt)?;
+        self.validate_max_tokens(call.max_tokens)?;
+        self.validate_history(&call.history)?;
+        self.start(call).await
+    }
+
+    /// A prompt that may continue a saved session: with `session` (a session name of `who`,
+    /// created on first use), the session's chat history is the history, and the returned
+    /// [`PromptAnswer::session`] appends the new turn when the caller saves it; readonly
+    /// principals may not name a session. Without one, it is [`Gateway::prompt`].
+    pub async fn session_prompt(
         &self,
         who: &Principal,
         mut call: PromptCall,
         session: Option<String>,
     ) -> Result<PromptAnswer, Error> {
+        let Some(name) = session else {
+            let answer = self.prompt(call).await?;
+            return Ok(PromptAnswer {
+                answer,
+                session: None,
+            });
+        };
+        // The request is checked before the session is read: a bad one costs no file access.
         self.validate_prompt(&call.prompt)?;
         self.validate_max_tokens(call.max_tokens)?;
-        let session = match session {
-            None => None,
-            Some(name) => {
-                crate::sessions::validate_name(&name)?;
-                require_write(who, "write sessions")?;
-                let turn = SessionTurn::new(who.session_namespace(), name, call.prompt.clone());
-                call.history = turn.history(self).await?;
-                Some(turn)
-            }
-        };
+        crate::sessions::validate_name(&name)?;
+        require_write(who, "write sessions")?;
+        let turn = SessionTurn::new(who.session_namespace(), name, call.prompt.clone());
+        call.history = turn.history(self).await?;
         self.validate_history(&call.history)?;
         let answer = self.start(call).await?;
-        Ok(PromptAnswer { answer, session })
+        Ok(PromptAnswer {
+            answer,
+            session: Some(turn),
+        })
     }
 
     /// Starts a validated call on the providers.

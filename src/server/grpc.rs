@@ -410,17 +410,12 @@ impl ChatCliService for ChatCliGrpc {
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
-        let who = principal(&request);
         let core = self.state.gateway(&prepared);
         let mut call = prompt_fields!(request.into_inner())
             .into_call(&core, deadline)
             .map_err(|e| fail(&notes, &e))?;
         call.unary = true;
-        let answer = core
-            .prompt(&who, call, None)
-            .await
-            .map_err(|e| fail(&notes, &e))?
-            .answer;
+        let answer = core.prompt(call).await.map_err(|e| fail(&notes, &e))?;
         notes.answered_by(&answer.provider, &answer.model);
         let (text, _) = crate::llm::collect(answer.stream)
             .await
@@ -443,16 +438,11 @@ impl ChatCliService for ChatCliGrpc {
         let deadline = deadline(&request);
         let notes = notes(&request);
         let slot = self.stream_slot(&prepared, &request)?;
-        let who = principal(&request);
         let core = self.state.gateway(&prepared);
         let call = prompt_fields!(request.into_inner())
             .into_call(&core, deadline)
             .map_err(|e| fail(&notes, &e))?;
-        let answer = core
-            .prompt(&who, call, None)
-            .await
-            .map_err(|e| fail(&notes, &e))?
-            .answer;
+        let answer = core.prompt(call).await.map_err(|e| fail(&notes, &e))?;
         notes.answered_by(&answer.provider, &answer.model);
         let metrics = self.state.metrics.clone();
         let method = "/chatcli.v1.ChatCLIService/StreamPrompt";

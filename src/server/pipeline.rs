@@ -305,8 +305,10 @@ impl Pipeline {
         let mut id_out = request_id.clone();
         id_out.set_sensitive(true);
         resp.headers_mut().insert(REQUEST_ID, id_out);
-        // An error answered before the first message carries its stable code in the headers.
+        // An error answered before the first message carries its stable code in the headers (an
+        // HTTP answer that succeeded is not looked at).
         if let Some(m) = &sides.state.metrics
+            && (is_grpc || !resp.status().is_success())
             && let Some(code) = resp.headers().get(&ERROR_CODE_HEADER)
             && let Ok(code) = code.to_str()
         {

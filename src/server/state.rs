@@ -477,6 +477,39 @@ mod tests {
     }
 
     #[test]
+    fn prepare_errors_name_their_setting() {
+        let errors = PrepareError::from_messages([
+            "auth.jwt.public_key_file: cannot read it".to_string(),
+            "provider `x`: no key\nsecond line without a setting".to_string(),
+        ]);
+        let got: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.setting.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("auth.jwt.public_key_file", "cannot read it"),
+                ("llm.providers", "provider `x`: no key"),
+                ("", "second line without a setting"),
+            ]
+        );
+        let texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            texts,
+            [
+                "auth.jwt.public_key_file: cannot read it",
+                "provider `x`: no key",
+                "second line without a setting",
+            ]
+        );
+        let mut config = Config::default();
+        config.server.trusted_proxies = vec!["not-a-net".into()];
+        let errors = Prepared::new(config).unwrap_err();
+        assert_eq!(errors[0].setting, "server.trusted_proxies.0", "{errors:?}");
+    }
+
+    #[test]
     fn a_non_loopback_listener_needs_some_way_to_authenticate() {
         let public: SocketAddr = "0.0.0.0:50051".parse().unwrap();
         let open = prepared(|_| {});

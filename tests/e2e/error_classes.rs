@@ -2,7 +2,8 @@
 //! request can provoke on both transports, the gRPC status code and the HTTP status are the pair
 //! of `docs/errors.md`, and the stable code is visible on both (the `x-chatcli-error-code`
 //! metadata on gRPC; the `x-chatcli-error-code` header and `chatcli_code` in the JSON body on
-//! HTTP), with `retry-after` on both when the class is a rate limit.
+//! HTTP), with `retry-after` on both when the class is a rate limit. Both answers are counted in
+//! `chatcli_errors_total{code}` and their audit records carry the code as `error_code`.
 
 use chatcli::auth::Role;
 use chatcli::config::{Config, NamedToken};
@@ -14,7 +15,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-use crate::support::{BearerToken, TestServer, echo_config, http_client, openai_fake};
+use crate::support::{
+    BearerToken, TestServer, echo_config, eventually, http_client, metrics_with_lines, openai_fake,
+};
 
 /// A caller that may prompt and write sessions, and one that may only read.
 const USER: &str = "user-token";
@@ -295,8 +298,9 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// The server of `case`, and the fakes behind it (kept alive with it).
-async fn server(case: &Case) -> (TestServer, Vec<FakeUpstream>) {
+/// The server of `case` with metrics and an audit log in `audit`, and the fakes behind it (kept
+/// alive with it).
+async fn server(case: &Case, audit: &std::path::Path) -> (TestServer, Vec<FakeUpstream>) {
     let mut config = match case.upstream {
         Upstream::Echo => echo_config(),
         _ => Config::default(),
@@ -328,8 +332,9 @@ async fn server(case: &Case) -> (TestServer, Vec<FakeUpstream>) {
         named_token("user", USER, Role::User),
         named_token("reader", READER, Role::ReadOnly),
     ];
+    config.audit.path = Some(audit.to_path_buf());
     (case.limits)(&mut config);
-    (TestServer::start_with(config).await, fakes)
+    (TestServer::start_with_metrics(config).await, fakes)
 }
 
 async fn grpc_call(s: &TestServer, case: &Case) -> tonic::Status {
@@ -378,7 +383,9 @@ async fn http_call(s: &TestServer, case: &Case) -> (u16, reqwest::header::Header
 async fn the_same_bad_request_gets_the_same_class_on_both_transports() {
     for case in cases() {
         let what = format!("{} ({:?})", case.code, case.grpc_status);
-        let (s, _fakes) = server(&case).await;
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit.jsonl");
+        let (s, _fakes) = server(&case, &audit).await;
 
         let status = grpc_call(&s, &case).await;
         assert_eq!(status.code(), case.grpc_status, "{what}: {status:?}");
@@ -412,6 +419,28 @@ async fn the_same_bad_request_gets_the_same_class_on_both_transports() {
                 "{what}: HTTP Retry-After"
             );
         }
+
+        metrics_with_lines(
+            &s,
+            &[&format!(
+                r#"chatcli_errors_total{{code="{}"}} 2"#,
+                case.code
+            )],
+        )
+        .await;
+        let coded = eventually(&format!("{what}: two audit records"), || async {
+            let text = std::fs::read_to_string(&audit).ok()?;
+            let coded: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|r| r.get("error_code").is_some())
+                .collect();
+            (coded.len() >= 2).then_some(coded)
+        })
+        .await;
+        for record in &coded {
+            assert_eq!(record["error_code"], case.code, "{what}: {record}");
+        }
         s.shutdown().await;
     }
 }
@@ -430,7 +459,8 @@ async fn a_missing_session_is_not_found_with_its_code() {
         // `/request` creates a session on first use: only gRPC can ask for a missing one.
         http: Http::Request(json!({})),
     };
-    let (s, _fakes) = server(&case).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _fakes) = server(&case, &dir.path().join("audit.jsonl")).await;
     let status = grpc_call(&s, &case).await;
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert_eq!(

@@ -139,7 +139,7 @@ async fn run(
     let busy = api.busy();
     // Failures of the providers are published as events; refusals before them are not.
     let PromptAnswer { answer, session } = core
-        .prompt(&caller.principal, call, session)
+        .session_prompt(&caller.principal, call, session)
         .await
         .map_err(|e| match e {
             Error::Provider(_) => Failure::Failed(ApiError::from(e)),
