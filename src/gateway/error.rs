@@ -471,5 +471,17 @@ mod tests {
             reason: "EOF".into(),
         });
         assert_eq!(e.code(), Code::SessionCorrupt);
+        assert_eq!(e.to_string(), "session 's' is corrupt: EOF");
+        let e = Error::from(SessionError::Io {
+            action: "saving session 's'".into(),
+            source: std::io::Error::other("disk full"),
+        });
+        assert_eq!(
+            (e.code(), e.to_string()),
+            (
+                Code::SessionStorageFailed,
+                "saving session 's' failed: disk full".to_string()
+            )
+        );
     }
 }
