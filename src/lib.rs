@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod exit;
+pub mod gateway;
 pub mod llm;
 mod proto_debug;
 pub mod reload;

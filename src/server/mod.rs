@@ -3,6 +3,7 @@
 //! so tests start the server on port 0.
 
 pub mod audit;
+pub mod error;
 pub mod events;
 pub mod forwarded;
 mod grpc;
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 pub use state::{
-    AppState, InFlight, InFlightGuard, Prepared, Transport, check_exposure, preflight,
+    AppState, InFlight, InFlightGuard, PrepareError, Prepared, Transport, check_exposure, preflight,
 };
 
 /// The sockets the server serves, bound by the caller.

@@ -36,15 +36,73 @@ pub struct Prepared {
     pub trusted_proxies: TrustedProxies,
 }
 
-impl Prepared {
-    /// Prepares the state of a validated config; the errors name each part that cannot be built.
-    pub fn new(config: Config) -> Result<Self, Vec<String>> {
-        Self::new_reusing(config, None)
+/// One part of a config that cannot be prepared: the setting it is about, when the message names
+/// one, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrepareError {
+    /// The setting (`auth.jwt.public_key_file`, `server.trusted_proxies.0`), `llm.providers` for a
+    /// provider that cannot be built, or empty when the problem is about no one setting.
+    pub setting: String,
+    /// What is wrong, without the setting's name.
+    pub reason: String,
+}
+
+impl PrepareError {
+    /// The problems of one message of the builders (providers, authenticator, rate limits,
+    /// proxies, TLS), one per line: each line starts with the setting it is about
+    /// (`auth.jwt.public_key_file: …`) or names its provider (`provider `x`: …`).
+    fn from_message(text: &str) -> Vec<Self> {
+        text.lines()
+            .map(|line| match line.split_once(": ") {
+                Some((key, why)) if !key.is_empty() && !key.contains(' ') => Self {
+                    setting: key.to_string(),
+                    reason: why.to_string(),
+                },
+                _ if line.starts_with("provider `") => Self {
+                    setting: "llm.providers".into(),
+                    reason: line.to_string(),
+                },
+                _ => Self {
+                    setting: String::new(),
+                    reason: line.to_string(),
+                },
+            })
+            .collect()
     }
 
-    /// Prepares a new config, keeping the providers of `previous` whose settings did not change.
+    fn from_messages(texts: impl IntoIterator<Item = String>) -> Vec<Self> {
+        texts
+            .into_iter()
+            .flat_map(|t| Self::from_message(&t))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A provider's problem names its provider in the reason already.
+        if self.setting.is_empty() || self.reason.starts_with("provider `") {
+            return f.write_str(&self.reason);
+        }
+        write!(f, "{}: {}", self.setting, self.reason)
+    }
+}
+
+impl Prepared {
+    /// Prepares the state of a validated config; the errors name each part that cannot be built.
+    pub fn new(config: Config) -> Result<Self, Vec<PrepareError>> {
+        Self::build(config, None)
+    }
+
+    /// Prepares a new config, keeping the providers of `previous` whose settings did not change;
+    /// the problems as text, one each (what a refused reload reports).
     pub fn new_reusing(config: Config, previous: Option<&Prepared>) -> Result<Self, Vec<String>> {
-        let mut errors = Vec::new();
+        Self::build(config, previous)
+            .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+    }
+
+    /// Prepares a config, keeping the providers of `previous` whose settings did not change.
+    pub fn build(config: Config, previous: Option<&Prepared>) -> Result<Self, Vec<PrepareError>> {
         let registry = crate::llm::ProviderContext::from_config(&config.llm)
             .map_err(|e| vec![e])
             .and_then(|ctx| {
@@ -55,14 +113,15 @@ impl Prepared {
         let (registry, auth) = match (registry, auth) {
             (Ok(r), Ok(a)) => (r, a),
             (r, a) => {
-                errors.extend(r.err().unwrap_or_default());
-                errors.extend(a.err().unwrap_or_default());
+                let mut errors = PrepareError::from_messages(r.err().unwrap_or_default());
+                errors.extend(PrepareError::from_messages(a.err().unwrap_or_default()));
                 return Err(errors);
             }
         };
         let rate_limits = RateLimits::from_config(&config.limits, &auth.token_overrides())
-            .map_err(|e| vec![e])?;
-        let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)?;
+            .map_err(|e| PrepareError::from_message(&e))?;
+        let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)
+            .map_err(PrepareError::from_messages)?;
         Ok(Self {
             config,
             registry,
@@ -74,12 +133,12 @@ impl Prepared {
 }
 
 /// Checks that `config` can be prepared (every provider builds), without serving it.
-pub fn preflight(config: &Config) -> Result<(), Vec<String>> {
+pub fn preflight(config: &Config) -> Result<(), Vec<PrepareError>> {
     let mut errors = Prepared::new(config.clone()).err().unwrap_or_default();
     if config.server.tls.cert_file.is_some()
         && let Err(e) = TlsMaterial::load(&config.server.tls)
     {
-        errors.push(e);
+        errors.extend(PrepareError::from_message(&e));
     }
     match errors.is_empty() {
         true => Ok(()),
@@ -201,7 +260,8 @@ impl AppState {
         audit: Option<AuditLog>,
     ) -> Result<Self, ServerError> {
         let sessions = SessionStore::new(config.sessions_dir());
-        let prepared = Prepared::new(config).map_err(ServerError::Config)?;
+        let prepared = Prepared::new(config)
+            .map_err(|e| ServerError::Config(e.iter().map(ToString::to_string).collect()))?;
         let tls = match prepared.config.server.tls.cert_file {
             Some(_) => Some(RotatingAcceptor::new(
                 TlsMaterial::load(&prepared.config.server.tls)
@@ -341,6 +401,66 @@ impl AppState {
     }
 }
 
+/// The core's view of what a call runs against (see [`crate::gateway`]).
+impl AppState {
+    /// The core for a call on the config snapshot `prepared`.
+    pub fn gateway<'a>(&'a self, prepared: &'a Prepared) -> crate::gateway::Gateway<'a> {
+        crate::gateway::Gateway {
+            registry: &prepared.registry,
+            limits: &prepared.config.limits,
+            cooldowns: &self.cooldowns,
+            metrics: self.metrics.as_ref(),
+            sessions: &self.sessions,
+        }
+    }
+
+    /// One of the caller's concurrent-stream slots (`key` is its limit key), held until the stream
+    /// ends; `None` when `limits.max_streams_per_principal` of `prepared` is 0 (no cap).
+    pub fn stream_slot(
+        &self,
+        prepared: &Prepared,
+        key: &str,
+    ) -> Result<Option<crate::server::ratelimit::StreamGuard>, crate::gateway::Error> {
+        let limit = prepared.config.limits.max_streams_per_principal;
+        if limit == 0 {
+            return Ok(None);
+        }
+        match self.stream_caps.try_acquire(key) {
+            Some(g) => Ok(Some(g)),
+            None => Err(crate::gateway::Error::TooManyStreams { limit }),
+        }
+    }
+
+    /// The configuration reloader, as the core's reload use case takes it.
+    pub fn reloader(&self) -> Option<&dyn crate::gateway::admin::Reload> {
+        self.reloader
+            .get()
+            .map(|r| &**r as &dyn crate::gateway::admin::Reload)
+    }
+}
+
+impl crate::gateway::admin::Reload for crate::reload::Reloader {
+    fn status(&self) -> crate::gateway::admin::ConfigStatus {
+        let st = crate::reload::Reloader::status(self);
+        crate::gateway::admin::ConfigStatus {
+            generation: st.generation,
+            config_hash: st.config_hash,
+            last_error: st.last_error,
+            restart_needed: st.restart_needed,
+        }
+    }
+
+    fn reload<'a>(&'a self, trigger: &'a str) -> crate::gateway::admin::ReloadFuture<'a> {
+        use crate::gateway::admin::Reloaded;
+        Box::pin(async move {
+            match crate::reload::Reloader::reload(self, trigger, true).await? {
+                crate::reload::ReloadOutcome::Applied(g) => Ok(Reloaded::Applied(g)),
+                crate::reload::ReloadOutcome::Unchanged(g) => Ok(Reloaded::Unchanged(g)),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -354,6 +474,39 @@ mod tests {
         let mut config = Config::default();
         edit(&mut config);
         Prepared::new(config).unwrap()
+    }
+
+    #[test]
+    fn prepare_errors_name_their_setting() {
+        let errors = PrepareError::from_messages([
+            "auth.jwt.public_key_file: cannot read it".to_string(),
+            "provider `x`: no key\nsecond line without a setting".to_string(),
+        ]);
+        let got: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.setting.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("auth.jwt.public_key_file", "cannot read it"),
+                ("llm.providers", "provider `x`: no key"),
+                ("", "second line without a setting"),
+            ]
+        );
+        let texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            texts,
+            [
+                "auth.jwt.public_key_file: cannot read it",
+                "provider `x`: no key",
+                "second line without a setting",
+            ]
+        );
+        let mut config = Config::default();
+        config.server.trusted_proxies = vec!["not-a-net".into()];
+        let errors = Prepared::new(config).unwrap_err();
+        assert_eq!(errors[0].setting, "server.trusted_proxies.0", "{errors:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod binary;
 mod client;
 mod config_tables;
+mod error_classes;
 mod first_hour;
 mod grpc;
 mod http;
