@@ -13,7 +13,6 @@ pub mod config;
 pub mod exit;
 pub mod llm;
 mod proto_debug;
-pub mod reload;
 pub mod server;
 pub mod sessions;
 pub mod systemd;

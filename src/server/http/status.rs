@@ -124,7 +124,7 @@ pub(super) async fn admin_reload(State(api): State<Arc<Api>>, caller: Caller) ->
     match reloader.reload("admin API", true).await {
         Ok(outcome) => {
             let generation = match outcome {
-                crate::reload::ReloadOutcome::Applied(g) | crate::reload::ReloadOutcome::Unchanged(g) => g,
+                crate::server::reload::ReloadOutcome::Applied(g) | crate::server::reload::ReloadOutcome::Unchanged(g) => g,
             };
             Json(json!({"reloaded": true, "generation": generation})).into_response()
         }
