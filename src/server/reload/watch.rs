@@ -4,12 +4,15 @@
 //! The watcher is notify-debouncer-full over directories, not files (atomic renames and the
 //! Kubernetes `..data` symlink swap are seen): those of the config file and its drop-ins and of
 //! every file the serving config (or the last one that failed) names, and those of the TLS
-//! material. Each event is delivered [`DEBOUNCE`] after it happened, events of one kind on one path
-//! merged, so an editor's truncate-then-write is read once, whole, and files rewritten faster than
-//! that still apply. An event in a TLS directory re-reads the TLS material; an event on a file of
-//! the configuration reloads it. After every reload, whatever triggered it, the set of directories
-//! is recomputed (a config that now points to a new key file or new TLS paths gets their
-//! directories watched).
+//! material. The debouncer merges the raw events of one write (a temp file renamed over the
+//! target is one change of the target) within [`MERGE`]; the changes then form a burst that ends
+//! after [`DEBOUNCE`] of quiet or [`MAX_DELAY`] after its first change, whichever comes first, so
+//! an editor's truncate-then-write is read once, whole, and files rewritten faster than the quiet
+//! time still apply. (The debouncer alone cannot bound the delay: a file replaced again before its
+//! timeout restarts it.) After a burst, a change in a TLS directory re-reads the TLS material and a
+//! change of a file of the configuration reloads it. After every reload, whatever triggered it,
+//! the set of directories is recomputed (a config that now points to a new key file or new TLS
+//! paths gets their directories watched).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -23,9 +26,13 @@ use super::Reloader;
 use crate::server::AppState;
 use crate::server::tls::TlsRotation;
 
-/// How long after an event it is delivered: editors and `kubectl` write several files in a burst,
+/// The debouncer's timeout: the raw events of one write are merged into one change.
+pub const MERGE: Duration = Duration::from_millis(50);
+/// Quiet time that ends a burst of changes: editors and `kubectl` write several files in a burst,
 /// read once the burst is written.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
+/// Longest a burst may postpone its reload: files rewritten faster than [`DEBOUNCE`] still apply.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Stops watching when dropped.
 pub struct WatchGuard {
@@ -97,14 +104,17 @@ pub fn watch(state: &Arc<AppState>) -> Option<WatchGuard> {
             }
         }
     };
-    let debouncer = match new_debouncer(DEBOUNCE, None, handler) {
+    let mut debouncer = match new_debouncer(MERGE, None, handler) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!("the configuration and TLS files are not watched (SIGHUP still reloads them): {e}");
             return None;
         }
     };
-    let task = tokio::spawn(run(Arc::downgrade(state), targets, debouncer, rx));
+    // Armed before returning, so that a change made once the server reports ready is seen.
+    let mut watched = Vec::new();
+    rearm(&mut debouncer, &mut watched, targets.dirs());
+    let task = tokio::spawn(run(Arc::downgrade(state), targets, debouncer, watched, rx));
     Some(WatchGuard { task })
 }
 
@@ -128,10 +138,9 @@ async fn run(
     state: Weak<AppState>,
     targets: Targets,
     mut debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    mut watched: Vec<PathBuf>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<PathBuf>>,
 ) {
-    let mut watched = Vec::new();
-    rearm(&mut debouncer, &mut watched, targets.dirs());
     loop {
         // A reload from any trigger leaves a permit here, so none is missed between two waits.
         let rearmed = async {
@@ -143,9 +152,14 @@ async fn run(
         tokio::select! {
             received = rx.recv() => {
                 let Some(mut paths) = received else { return };
-                // Whatever else has arrived is part of the same change.
-                while let Ok(more) = rx.try_recv() {
-                    paths.extend(more);
+                let deadline = tokio::time::Instant::now() + MAX_DELAY;
+                loop {
+                    let quiet = tokio::time::Instant::now() + DEBOUNCE;
+                    match tokio::time::timeout_at(quiet.min(deadline), rx.recv()).await {
+                        Ok(Some(more)) => paths.extend(more),
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
                 }
                 if state.strong_count() == 0 {
                     return;
