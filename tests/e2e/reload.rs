@@ -1,6 +1,7 @@
 //! Hot reload end to end: the provider list rewritten under load without a failed
 //! request, a broken file that keeps the old config serving, the Kubernetes `..data` symlink swap,
 //! an editor's truncate-then-write read once, SIGHUP, a revoked token, a changed rate limit, a
+//! caller's remaining rate-limit budget kept across a reload that changes something else, a
 //! port change that needs a restart, sd-notify's RELOADING/READY, bad files that never take the
 //! daemon down, and the log level changed at runtime. The in-process server reloads from a config
 //! file in a temp dir (its reload metrics and `/status` command are the observation points); the
@@ -1229,6 +1230,92 @@ async fn lowered_rate_limit_applies_after_the_reload() {
     d.write(&conf);
     d.wait_generation(3).await;
     server_info(d.channel.clone(), None).await.unwrap();
+    d.shutdown().await;
+}
+
+const VIEWER: Tok = Tok {
+    name: "viewer",
+    role: "readonly",
+    token: "token-viewer-0c9e41",
+};
+
+/// Makes `n` GetServerInfo calls with `token`, one after the other: which passed and which were
+/// refused by the rate limit (any other failure fails the test).
+async fn limited_calls(d: &Daemon, token: &str, n: usize) -> Vec<bool> {
+    let mut refused = Vec::new();
+    for _ in 0..n {
+        refused.push(match server_info(d.channel.clone(), Some(token)).await {
+            Ok(_) => false,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => true,
+            Err(e) => panic!("GetServerInfo failed otherwise: {e:?}"),
+        });
+    }
+    refused
+}
+
+/// A burst of 5 that refills one call per 100 s (nothing refills during the test), for ALICE,
+/// BOB, VIEWER and ROOT.
+fn budget_conf() -> Conf {
+    let mut conf = Conf::echo(&["a"]);
+    conf.rps = 0.01;
+    conf.burst = 5;
+    conf.tokens = vec![ALICE, BOB, VIEWER, ROOT];
+    conf
+}
+
+const PASS: bool = false;
+const LIMITED: bool = true;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_remaining_budget_survives_an_unrelated_reload() {
+    let mut conf = budget_conf();
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &conf).await;
+    assert_eq!(limited_calls(&d, ALICE.token, 3).await, [PASS; 3]);
+
+    // Unrelated changes: the log level and the provider list.
+    conf.log_level = "debug";
+    conf.providers.push(Prov::Echo("b"));
+    d.write(&conf);
+    d.wait_generation(2).await;
+    let info = server_info(d.channel.clone(), Some(ROOT.token))
+        .await
+        .unwrap();
+    assert_eq!(info.available_providers, ["a", "b"], "the reload applied");
+
+    // Alice has the 2 calls she had left, refused where she would have been without the reload;
+    // Bob, who spent nothing, still has his whole burst.
+    assert_eq!(
+        limited_calls(&d, ALICE.token, 3).await,
+        [PASS, PASS, LIMITED]
+    );
+    assert_eq!(
+        limited_calls(&d, BOB.token, 6).await,
+        [PASS, PASS, PASS, PASS, PASS, LIMITED]
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_changed_limit_gives_it_a_new_bucket_and_leaves_the_others() {
+    let mut conf = budget_conf();
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &conf).await;
+    assert_eq!(limited_calls(&d, ALICE.token, 3).await, [PASS; 3]);
+    assert_eq!(limited_calls(&d, VIEWER.token, 3).await, [PASS; 3]);
+
+    // Only the read-only role's limit changes: a burst of 4 instead of 5.
+    conf.tail = "\n[limits.roles.readonly]\nrate_limit_burst = 4\n".into();
+    d.write(&conf);
+    d.wait_generation(2).await;
+
+    // The viewer's bucket was rebuilt under the new limit: full, 4 calls. Alice's was kept.
+    assert_eq!(
+        limited_calls(&d, VIEWER.token, 5).await,
+        [PASS, PASS, PASS, PASS, LIMITED]
+    );
+    assert_eq!(
+        limited_calls(&d, ALICE.token, 3).await,
+        [PASS, PASS, LIMITED]
+    );
     d.shutdown().await;
 }
 
