@@ -1,8 +1,8 @@
 //! Hot reload end to end: the provider list rewritten under load without a failed
 //! request, a broken file that keeps the old config serving, the Kubernetes `..data` symlink swap,
 //! an editor's truncate-then-write read once, SIGHUP, a revoked token, a changed rate limit, a
-//! caller's remaining rate-limit budget kept across a reload that changes something else, a
-//! port change that needs a restart, sd-notify's RELOADING/READY, bad files that never take the
+//! caller's remaining rate-limit budget kept across a reload that changes something else, open
+//! streams still counted by the stream cap after a reload, a port change that needs a restart, sd-notify's RELOADING/READY, bad files that never take the
 //! daemon down, and the log level changed at runtime. The in-process server reloads from a config
 //! file in a temp dir (its reload metrics and `/status` command are the observation points); the
 //! real binary is used where signals, the log or sd-notify are what is tested.
@@ -88,6 +88,8 @@ struct Conf {
     grace: &'static str,
     /// `limits.auth_failures_per_minute`, when set.
     auth_failures: Option<u32>,
+    /// `limits.max_streams_per_principal`, when set.
+    max_streams: Option<u32>,
     /// TOML appended after everything else (whole tables that `render` does not write).
     tail: String,
 }
@@ -106,6 +108,7 @@ impl Conf {
             port: None,
             grace: "5s",
             auth_failures: None,
+            max_streams: None,
             tail: String::new(),
         }
     }
@@ -140,6 +143,9 @@ impl Conf {
         ));
         if let Some(n) = self.auth_failures {
             t.push_str(&format!("auth_failures_per_minute = {n}\n"));
+        }
+        if let Some(n) = self.max_streams {
+            t.push_str(&format!("max_streams_per_principal = {n}\n"));
         }
         for tok in &self.tokens {
             t.push_str(&format!(
@@ -1316,6 +1322,67 @@ async fn a_callers_changed_limit_gives_it_a_new_bucket_and_leaves_the_others() {
         limited_calls(&d, ALICE.token, 3).await,
         [PASS, PASS, LIMITED]
     );
+    d.shutdown().await;
+}
+
+/// Opens a StreamPrompt of `words` words with `token` and reads its first chunk; the refusal's
+/// code when the stream is refused.
+async fn open_stream(
+    d: &Daemon,
+    token: &str,
+    words: usize,
+) -> Result<tonic::Streaming<chatcli::proto::StreamPromptResponse>, tonic::Code> {
+    let mut client = ChatCliServiceClient::with_interceptor(
+        d.channel.clone(),
+        BearerToken(Some(token.to_string())),
+    );
+    let prompt = (1..=words)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut stream = within(
+        HANG_GUARD,
+        "StreamPrompt",
+        client.stream_prompt(stream_request(&prompt)),
+    )
+    .await
+    .map_err(|e| e.code())?
+    .into_inner();
+    match within(HANG_GUARD, "the first chunk", stream.message()).await {
+        Ok(Some(_)) => Ok(stream),
+        Ok(None) => panic!("the stream ended without a chunk"),
+        Err(e) => Err(e.code()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_stay_counted_by_the_stream_cap_across_a_reload() {
+    let mut conf = Conf::echo(&["a"]).with_delay("100ms");
+    conf.tokens = vec![ALICE, BOB];
+    conf.max_streams = Some(1);
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &conf).await;
+    // Alice's one stream, open across the reload (20 words, 100 ms apart).
+    let mut open = open_stream(&d, ALICE.token, 20).await.unwrap();
+
+    conf.log_level = "debug";
+    d.write(&conf);
+    d.wait_generation(2).await;
+
+    assert_eq!(
+        open_stream(&d, ALICE.token, 1).await.err(),
+        Some(tonic::Code::ResourceExhausted),
+        "the open stream still counts against alice's cap"
+    );
+    let bobs = open_stream(&d, BOB.token, 1).await.unwrap();
+    drop(bobs);
+    // Once it ends, alice may open another.
+    let rest = collect_stream(&mut open).await;
+    assert!(rest.last().is_some_and(|m| m.done));
+    drop(open);
+    eventually("alice's slot freed", || async {
+        open_stream(&d, ALICE.token, 1).await.ok().map(|_| ())
+    })
+    .await;
     d.shutdown().await;
 }
 
