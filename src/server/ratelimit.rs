@@ -1073,7 +1073,10 @@ mod tests {
         // Only the read-only role's limit changes; a token is added.
         let next = plan(
             &with_role(l, Role::ReadOnly, 1.0, 2),
-            &[("ci".into(), None, Some(4)), ("new".into(), Some(1.0), Some(9))],
+            &[
+                ("ci".into(), None, Some(4)),
+                ("new".into(), Some(1.0), Some(9)),
+            ],
         );
         assert!(r.apply(&next) > 0);
         assert_eq!(passes_until_refused(&r, &user("alice")).0, 2);

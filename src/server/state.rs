@@ -62,8 +62,8 @@ impl Prepared {
                 return Err(errors);
             }
         };
-        let rate_plan = RatePlan::from_config(&config.limits, &auth.token_overrides())
-            .map_err(|e| vec![e])?;
+        let rate_plan =
+            RatePlan::from_config(&config.limits, &auth.token_overrides()).map_err(|e| vec![e])?;
         let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)?;
         Ok(Self {
             config,

@@ -107,7 +107,9 @@ pub fn watch(state: &Arc<AppState>) -> Option<WatchGuard> {
     let mut debouncer = match new_debouncer(MERGE, None, handler) {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!("the configuration and TLS files are not watched (SIGHUP still reloads them): {e}");
+            tracing::warn!(
+                "the configuration and TLS files are not watched (SIGHUP still reloads them): {e}"
+            );
             return None;
         }
     };
