@@ -9,7 +9,7 @@
 //! up to whole seconds (at least 1), and only failed authentications consume the IP limiter.
 //!
 //! Memory stays bounded without a timer: every [`HOUSEKEEPING_EVERY`] calls to
-//! [`RateLimits::check`] or [`AuthFailureLimiter::record_failure`] drop the keys whose bucket is
+//! [`RateLimits::check_as`] or [`AuthFailureLimiter::record_failure`] drop the keys whose bucket is
 //! full again (governor's `retain_recent`). `housekeeping()` does the same on demand (e.g. from a
 //! once-a-minute task); [`StreamCaps`] removes a principal's entry when its last stream ends.
 
@@ -338,14 +338,6 @@ impl RateLimits {
     pub fn new(plan: &RatePlan) -> Self {
         Self::with_clock(plan, DefaultClock::default())
     }
-
-    /// [`RatePlan::from_config`], then [`new`](Self::new).
-    pub fn from_config(
-        limits: &LimitsConfig,
-        token_overrides: &[(String, Option<f64>, Option<u32>)],
-    ) -> Result<Self, String> {
-        RatePlan::from_config(limits, token_overrides).map(|plan| Self::new(&plan))
-    }
 }
 
 impl<C: Clock + Clone> RateLimits<C> {
@@ -379,13 +371,14 @@ impl<C: Clock + Clone> RateLimits<C> {
         rebuilt
     }
 
-    /// Ok, or `Err(retry_after)`: how long until one more request of this principal is allowed,
-    /// read from its bucket and rounded up to whole seconds, at least 1 s.
-    pub fn check(&self, principal: &Principal) -> Result<(), Duration> {
+    #[cfg(test)]
+    fn check(&self, principal: &Principal) -> Result<(), Duration> {
         self.check_as(principal, &principal.limit_key(None))
     }
 
-    /// [`check`](Self::check) with the bucket named by `key` (see [`Principal::limit_key`]).
+    /// Ok, or `Err(retry_after)`: how long until one more request of `principal` is allowed in
+    /// the bucket named by `key` (see [`Principal::limit_key`]), read from the bucket and rounded
+    /// up to whole seconds, at least 1 s.
     pub fn check_as(&self, principal: &Principal, key: &str) -> Result<(), Duration> {
         if due(&self.calls) {
             self.housekeeping();
@@ -587,7 +580,8 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
     }
 
     /// The limit in force (failures per minute per IP; 0 = off).
-    pub fn per_minute(&self) -> u32 {
+    #[cfg(test)]
+    fn per_minute(&self) -> u32 {
         *self
             .per_minute
             .lock()
@@ -736,7 +730,8 @@ impl StreamCaps {
     }
 
     /// Streams `principal_id` holds now (0 when uncapped: nothing is counted then).
-    pub fn active(&self, principal_id: &str) -> u32 {
+    #[cfg(test)]
+    fn active(&self, principal_id: &str) -> u32 {
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -833,7 +828,7 @@ mod tests {
 
     #[test]
     fn real_clock_burst_and_retry_after_at_least_one_second() {
-        let r = RateLimits::from_config(&limits(10.0, 30), &[]).unwrap();
+        let r = RateLimits::new(&RatePlan::from_config(&limits(10.0, 30), &[]).unwrap());
         let p = user("alice");
         for _ in 0..30 {
             assert!(r.check(&p).is_ok());
@@ -931,7 +926,7 @@ mod tests {
         let p = user("alice");
         assert!(r.check(&p).is_ok());
         assert_eq!(r.check(&p), Err(Duration::from_secs(2)));
-        let real = RateLimits::from_config(&limits(0.5, 1), &[]).unwrap();
+        let real = RateLimits::new(&RatePlan::from_config(&limits(0.5, 1), &[]).unwrap());
         assert!(real.check(&p).is_ok());
         assert_eq!(real.check(&p), Err(Duration::from_secs(2)));
     }
@@ -965,7 +960,7 @@ mod tests {
     #[test]
     fn invalid_config_names_the_key() {
         let err = |l: &LimitsConfig, t: &[(String, Option<f64>, Option<u32>)]| {
-            RateLimits::from_config(l, t).unwrap_err()
+            RatePlan::from_config(l, t).unwrap_err()
         };
         let e = err(&limits(0.0, 30), &[]);
         assert!(e.contains("limits.rate_limit_rps"), "{e}");
@@ -1027,7 +1022,8 @@ mod tests {
                 rate_limit_burst: None,
             },
         );
-        let r = RateLimits::from_config(&l, &[("t".into(), None, Some(30))]).unwrap();
+        let r =
+            RateLimits::new(&RatePlan::from_config(&l, &[("t".into(), None, Some(30))]).unwrap());
         assert_eq!(r.limiter_count(), 1);
     }
 

@@ -75,16 +75,6 @@ impl TlsMaterial {
         Self::build(cfg, &files)
     }
 
-    /// Serial number (hex, as `openssl x509 -serial` prints it) of the leaf certificate.
-    pub fn serial(&self) -> &str {
-        &self.serial
-    }
-
-    /// Whether clients must present a certificate (a client CA is configured).
-    pub fn requires_client_cert(&self) -> bool {
-        self.client_auth
-    }
-
     fn build(cfg: &TlsConfig, files: &RawFiles) -> Result<Self, String> {
         let fingerprint = files.fingerprint(&cfg.min_version);
         let provider = provider();
@@ -919,7 +909,7 @@ mod tests {
         let ca = new_ca("test CA");
         let server = server_leaf(&ca, 1);
         let f = write_files(&server, Some(&ca), "1.3");
-        assert!(TlsMaterial::load(&f.cfg).unwrap().requires_client_cert());
+        assert!(TlsMaterial::load(&f.cfg).unwrap().client_auth);
         let dir = f.dir.path();
 
         let err = |cfg: &TlsConfig| TlsMaterial::load(cfg).unwrap_err();
@@ -1007,7 +997,7 @@ mod tests {
         let m = TlsMaterial::load(&f.cfg).unwrap();
         let shown = format!("{m:?}");
         assert!(!shown.contains("PRIVATE"), "{shown}");
-        assert!(shown.contains(m.serial()), "{shown}");
+        assert!(shown.contains(&m.serial), "{shown}");
     }
 
     #[tokio::test]

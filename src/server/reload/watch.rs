@@ -27,12 +27,12 @@ use crate::server::AppState;
 use crate::server::tls::TlsRotation;
 
 /// The debouncer's timeout: the raw events of one write are merged into one change.
-pub const MERGE: Duration = Duration::from_millis(50);
+const MERGE: Duration = Duration::from_millis(50);
 /// Quiet time that ends a burst of changes: editors and `kubectl` write several files in a burst,
 /// read once the burst is written.
-pub const DEBOUNCE: Duration = Duration::from_millis(250);
+const DEBOUNCE: Duration = Duration::from_millis(250);
 /// Longest a burst may postpone its reload: files rewritten faster than [`DEBOUNCE`] still apply.
-pub const MAX_DELAY: Duration = Duration::from_secs(1);
+const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Stops watching when dropped.
 pub struct WatchGuard {
