@@ -313,7 +313,8 @@ impl<C: Clock> Table<C> {
 /// had with the one it has now: where they are equal the buckets are kept, so a caller's remaining
 /// budget survives a reload that changes something else; where they differ the buckets start
 /// full under the new limit. A token that gains an override equal to the limit it had through its
-/// role keeps its role's buckets. A check reads the current table through one `ArcSwap` load,
+/// role keeps its role's buckets; a token that loses its override is charged in its role's
+/// buckets from then on. A check reads the current table through one `ArcSwap` load,
 /// takes no lock and allocates only the key, as governor's keyed limiter needs an owned key.
 pub struct RateLimits<C: Clock = DefaultClock> {
     table: ArcSwap<Table<C>>,

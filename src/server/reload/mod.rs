@@ -2,7 +2,7 @@
 //!
 //! Triggers: the file watcher ([`watch`]: one debounced watcher over the directories of the config
 //! file, its `conf.d/` drop-ins, every file the config points to (secrets, tokens, keys) and the
-//! TLS material), SIGHUP ([`watch::on_sighup`], which also re-reads the TLS material), and the
+//! TLS material), SIGHUP ([`on_sighup`], which also re-reads the TLS material), and the
 //! admin commands (`/reload`, `POST /admin/reload`).
 //!
 //! A reload reads and validates everything into a new [`Prepared`] off the request path and
