@@ -14,7 +14,6 @@ pub mod exit;
 pub mod gateway;
 pub mod llm;
 mod proto_debug;
-pub mod reload;
 pub mod server;
 pub mod sessions;
 pub mod systemd;

@@ -536,11 +536,11 @@ impl ChatCliService for ChatCliGrpc {
                 }
                 let kind = Type::try_from(msg.r#type);
                 // Every message the server answers is a call against the caller's rate limit, in
-                // the bucket its other calls use (the current snapshot's, which a reload
-                // replaces), not only the call that opened the stream.
+                // the bucket its other calls use (under the limits of the last reload), not only
+                // the call that opened the stream.
                 let refused = match kind {
                     Ok(Type::UserInput | Type::Command) => {
-                        this.state.prepared().rate_limits.check_as(&who, &limit_key).err()
+                        this.state.rate_limits.check_as(&who, &limit_key).err()
                     }
                     _ => None,
                 };

@@ -485,7 +485,7 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
     };
     notes.note(|n| n.principal = Some(principal.clone()));
     let key = conn.limit_key(&principal, &ctx.client);
-    if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key) {
+    if !exempt && let Err(wait) = state.rate_limits.check_as(&principal, &key) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
         notes.note(|n| {

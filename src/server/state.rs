@@ -1,6 +1,8 @@
-//! What the handlers share: the prepared state (config, providers, auth) behind one `ArcSwap`, so a
-//! request takes one snapshot when it starts and finishes on it (a reload swaps it), plus
-//! the session store, the metrics and the lifecycle flags.
+//! What the handlers share: the prepared state (config, providers, auth, resolved limits) behind
+//! one `ArcSwap`, so a request takes one snapshot when it starts and finishes on it (a reload swaps
+//! it); the live state that outlives snapshots (rate-limit buckets, the failed-authentication
+//! limiter, stream caps, fallback cooldowns), to which a reload hands only its new limits; plus the
+//! session store, the metrics, the TLS rotation and the lifecycle flags.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +18,8 @@ use crate::config::TrustedProxies;
 use crate::llm::ProviderRegistry;
 use crate::llm::fallback::Cooldowns;
 use crate::server::audit::AuditLog;
-use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, StreamCaps};
-use crate::server::tls::{RotatingAcceptor, TlsMaterial, TlsWatchGuard};
+use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, RatePlan, StreamCaps};
+use crate::server::tls::{RotatingAcceptor, TlsMaterial, TlsRotation};
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;
 
@@ -30,8 +32,8 @@ pub struct Prepared {
     pub registry: ProviderRegistry,
     /// Its credentials.
     pub auth: Authenticator,
-    /// Its per-principal rate limits.
-    pub rate_limits: RateLimits,
+    /// Its per-principal rate limits (the buckets are [`AppState::rate_limits`]).
+    pub rate_plan: RatePlan,
     /// The proxies trusted to name the client (`server.trusted_proxies`).
     pub trusted_proxies: TrustedProxies,
 }
@@ -118,7 +120,7 @@ impl Prepared {
                 return Err(errors);
             }
         };
-        let rate_limits = RateLimits::from_config(&config.limits, &auth.token_overrides())
+        let rate_plan = RatePlan::from_config(&config.limits, &auth.token_overrides())
             .map_err(|e| PrepareError::from_message(&e))?;
         let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)
             .map_err(PrepareError::from_messages)?;
@@ -126,7 +128,7 @@ impl Prepared {
             config,
             registry,
             auth,
-            rate_limits,
+            rate_plan,
             trusted_proxies,
         })
     }
@@ -173,25 +175,29 @@ pub fn check_exposure(addr: SocketAddr, prepared: &Prepared) -> Result<(), Strin
 #[derive(Debug)]
 pub struct AppState {
     prepared: ArcSwap<Prepared>,
+    /// Per-principal rate-limit buckets, under the limits of the last published snapshot (kept
+    /// across reloads where a caller's limit did not change).
+    pub rate_limits: RateLimits,
     /// Sessions, per principal.
     pub sessions: SessionStore,
     /// Metrics, when the metrics listener is on.
     pub metrics: Option<Arc<Metrics>>,
     /// Cooldowns of the fallback chain (kept across reloads).
     pub cooldowns: Cooldowns,
-    /// Slows down client IPs that keep failing to authenticate.
+    /// Slows down client IPs that keep failing to authenticate (kept across reloads; a reload
+    /// applies a new `limits.auth_failures_per_minute`).
     pub auth_failures: AuthFailureLimiter,
-    /// Concurrent streams per principal.
+    /// Concurrent streams per principal (kept across reloads: open streams stay counted).
     pub stream_caps: StreamCaps,
     /// The audit log, when configured.
     pub audit: Option<AuditLog>,
     /// The TLS acceptor, when TLS is configured.
     pub tls: Option<RotatingAcceptor>,
-    /// The watcher of the TLS files, when they are watched; a reload that changes their paths
+    /// Re-reads the acceptor's material, when TLS is configured; a reload that changes the paths
     /// points it at the new ones.
-    pub tls_watch: std::sync::OnceLock<Arc<TlsWatchGuard>>,
+    pub tls_rotation: Option<Arc<TlsRotation>>,
     /// Reloads the config from its files, when the server was started from files.
-    pub reloader: std::sync::OnceLock<Arc<crate::reload::Reloader>>,
+    pub reloader: std::sync::OnceLock<Arc<super::reload::Reloader>>,
     listening: AtomicBool,
     draining: AtomicBool,
     /// Providers whose start-up check failed, with the reason (e.g. Ollama lacks the model).
@@ -270,6 +276,7 @@ impl AppState {
             None => None,
         };
         let limits = &prepared.config.limits;
+        let rate_limits = RateLimits::new(&prepared.rate_plan);
         let auth_failures = AuthFailureLimiter::new(limits.auth_failures_per_minute);
         let stream_caps = StreamCaps::new(limits.max_streams_per_principal);
         let metrics = match with_metrics {
@@ -291,6 +298,14 @@ impl AppState {
         if let Some(m) = &metrics {
             auth_failures.register(m.registry())?;
         }
+        let tls_rotation = match &tls {
+            Some(acceptor) => Some(Arc::new(TlsRotation::new(
+                acceptor.clone(),
+                prepared.config.server.tls.clone(),
+                metrics.as_ref().map(|m| m.registry()),
+            )?)),
+            None => None,
+        };
         let audit = match audit {
             Some(log) => {
                 if let Some(m) = &metrics {
@@ -307,6 +322,7 @@ impl AppState {
         };
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
+            rate_limits,
             sessions,
             metrics,
             cooldowns: Cooldowns::default(),
@@ -314,7 +330,7 @@ impl AppState {
             stream_caps,
             audit,
             tls,
-            tls_watch: std::sync::OnceLock::new(),
+            tls_rotation,
             reloader: std::sync::OnceLock::new(),
             listening: AtomicBool::new(false),
             unready: Default::default(),
@@ -330,8 +346,19 @@ impl AppState {
         self.prepared.load_full()
     }
 
-    /// Publishes a new prepared state (a reload); requests already running keep theirs.
+    /// Publishes a new prepared state (a reload); requests already running keep theirs. The live
+    /// state takes the new limits first: rate-limit buckets are rebuilt only for the roles and
+    /// tokens whose limit changed, and the failed-authentication limiter keeps its blocks.
     pub fn publish(&self, prepared: Prepared) {
+        let rebuilt = self.rate_limits.apply(&prepared.rate_plan);
+        if rebuilt > 0 {
+            tracing::debug!(
+                rebuilt,
+                "rate limits changed: new buckets for the roles and tokens whose limit changed"
+            );
+        }
+        self.auth_failures
+            .set_per_minute(prepared.config.limits.auth_failures_per_minute);
         self.prepared.store(Arc::new(prepared));
     }
 
@@ -439,9 +466,9 @@ impl AppState {
     }
 }
 
-impl crate::gateway::admin::Reload for crate::reload::Reloader {
+impl crate::gateway::admin::Reload for crate::server::reload::Reloader {
     fn status(&self) -> crate::gateway::admin::ConfigStatus {
-        let st = crate::reload::Reloader::status(self);
+        let st = crate::server::reload::Reloader::status(self);
         crate::gateway::admin::ConfigStatus {
             generation: st.generation,
             config_hash: st.config_hash,
@@ -453,9 +480,9 @@ impl crate::gateway::admin::Reload for crate::reload::Reloader {
     fn reload<'a>(&'a self, trigger: &'a str) -> crate::gateway::admin::ReloadFuture<'a> {
         use crate::gateway::admin::Reloaded;
         Box::pin(async move {
-            match crate::reload::Reloader::reload(self, trigger, true).await? {
-                crate::reload::ReloadOutcome::Applied(g) => Ok(Reloaded::Applied(g)),
-                crate::reload::ReloadOutcome::Unchanged(g) => Ok(Reloaded::Unchanged(g)),
+            match crate::server::reload::Reloader::reload(self, trigger, true).await? {
+                crate::server::reload::ReloadOutcome::Applied(g) => Ok(Reloaded::Applied(g)),
+                crate::server::reload::ReloadOutcome::Unchanged(g) => Ok(Reloaded::Unchanged(g)),
             }
         })
     }
