@@ -1,10 +1,24 @@
-//! Credentials a caller forwards with a request (`client_api_key`, `provider_config`). They build a
-//! request-scoped provider that is never logged, stored or reused. The key's prefix picks the auth
-//! scheme, as in the existing ChatCLI: `apikey:` or none = API key, `oauth:` = OAuth bearer token,
-//! `token:` = plain bearer token.
+//! Credentials a caller forwards with a request (`client_api_key`, `provider_config`), and the one
+//! rule every provider kind applies to them. They build a request-scoped provider that is never
+//! logged, stored or reused. The key's prefix picks the auth scheme, as in the existing ChatCLI:
+//! `apikey:` or none = API key, `oauth:` = OAuth bearer token, `token:` = plain bearer token.
+//!
+//! The client-credential rule ([`ClientCredentials::caller_url`]), the same for every kind:
+//!
+//! | caller sends | the call goes to | with |
+//! |---|---|---|
+//! | a key, no URL | the server's upstream (its URL and operator headers) | the caller's key |
+//! | a URL and its own credentials | the caller's URL, after the SSRF guard | the caller's credentials only; no operator headers |
+//! | a URL without its own credentials | nowhere: `InvalidRequest` | — |
+//!
+//! So the server's key (and the operator's extra headers, which may carry credentials) is never
+//! sent to a host the caller chose, and a caller's URL is never answered with the server's
+//! account. A caller's "own credentials" are its `client_api_key` for every kind; StackSpot also
+//! takes its own `client_id` and `client_key` in `provider_config`.
 
 use std::collections::BTreeMap;
 
+use super::error::LlmError;
 use crate::config::Secret;
 
 /// How a forwarded key authenticates upstream.
@@ -73,6 +87,44 @@ impl ClientCredentials {
                 .collect(),
         };
         (c.key.is_some() || !c.config.is_empty()).then_some(c)
+    }
+
+    /// Applies the client-credential rule for `provider`: only `accepted` keys may be set; the
+    /// first of `url_keys` the caller set is the caller's URL, which needs the caller's own
+    /// credentials (`own`). Returns that URL (trimmed), still to pass the SSRF guard.
+    pub fn caller_url(
+        &self,
+        provider: &str,
+        accepted: &[&str],
+        url_keys: &[&str],
+        own: bool,
+    ) -> Result<Option<&str>, LlmError> {
+        super::http::check_config_keys(provider, &self.config, accepted)?;
+        let Some((key, url)) = url_keys.iter().find_map(|k| {
+            self.config
+                .get(*k)
+                .map(|v| (*k, v.trim()))
+                .filter(|(_, v)| !v.is_empty())
+        }) else {
+            return Ok(None);
+        };
+        if !own {
+            return Err(LlmError::InvalidRequest(format!(
+                "provider `{provider}`: provider_config {key} needs the caller's own credentials \
+                 (client_api_key); the server's credentials are never sent to a URL the caller chose"
+            )));
+        }
+        Ok(Some(url))
+    }
+
+    /// The forwarded key, refused when it is empty after its prefix (`apikey:` alone).
+    pub fn nonempty_key(&self, provider: &str) -> Result<Option<&ClientKey>, LlmError> {
+        match &self.key {
+            Some(k) if k.secret.expose().trim().is_empty() => Err(LlmError::InvalidRequest(
+                format!("provider `{provider}`: client_api_key is empty"),
+            )),
+            other => Ok(other.as_ref()),
+        }
     }
 }
 

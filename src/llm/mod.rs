@@ -22,6 +22,7 @@ pub mod openai;
 mod registry;
 pub mod ssrf;
 pub mod stackspot;
+pub mod wire;
 
 use std::pin::Pin;
 use std::sync::Arc;
