@@ -8,14 +8,16 @@
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError};
 use super::http::{self, Answer, ModelListing, SseEvent};
 use super::wire::{self, Parts, WireFormat};
-use super::{ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage};
+use super::{
+    ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage,
+};
 use crate::config::ProviderConfig;
 
 /// Where Anthropic's API lives when the config names no `base_url`.
@@ -71,8 +73,8 @@ pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Prov
     wire::provider(parts, ctx)
 }
 
-fn secret_header(value: &str) -> Result<HeaderValue, ()> {
-    let mut v = HeaderValue::from_str(value).map_err(|_| ())?;
+fn secret_header(value: &str) -> Result<HeaderValue, InvalidHeaderValue> {
+    let mut v = HeaderValue::from_str(value)?;
     v.set_sensitive(true);
     Ok(v)
 }
@@ -109,7 +111,11 @@ impl WireFormat for Anthropic {
         headers
     }
 
-    fn authenticate(&self, key: &ClientKey, headers: &mut HeaderMap) -> Result<(), ()> {
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
         let secret = key.secret.expose();
         match key.scheme {
             KeyScheme::ApiKey => {
@@ -127,7 +133,7 @@ impl WireFormat for Anthropic {
                         }
                         _ => OAUTH_BETA.to_string(),
                     };
-                    let value = HeaderValue::from_str(&beta).map_err(|_| ())?;
+                    let value = HeaderValue::from_str(&beta)?;
                     headers.insert(HeaderName::from_static("anthropic-beta"), value);
                 }
             }

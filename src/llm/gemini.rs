@@ -8,14 +8,16 @@
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError};
 use super::http::{self, Answer, ModelListing, SseEvent};
 use super::wire::{self, Parts, WireFormat};
-use super::{ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage};
+use super::{
+    ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage,
+};
 use crate::config::ProviderConfig;
 
 /// Where the Gemini API lives when the config names no `base_url`.
@@ -31,7 +33,8 @@ pub struct Gemini;
 /// Builds the provider from its config; config errors name the provider.
 pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Provider>, LlmError> {
     let name = cfg.name.clone();
-    let bad = |what: String| LlmError::InvalidRequest(format!("provider `{name}` (gemini): {what}"));
+    let bad =
+        |what: String| LlmError::InvalidRequest(format!("provider `{name}` (gemini): {what}"));
     let key = cfg
         .api_key
         .as_ref()
@@ -63,8 +66,8 @@ pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Prov
     wire::provider(parts, ctx)
 }
 
-fn secret_header(value: &str) -> Result<HeaderValue, ()> {
-    let mut v = HeaderValue::from_str(value).map_err(|_| ())?;
+fn secret_header(value: &str) -> Result<HeaderValue, InvalidHeaderValue> {
+    let mut v = HeaderValue::from_str(value)?;
     v.set_sensitive(true);
     Ok(v)
 }
@@ -144,7 +147,11 @@ impl WireFormat for Gemini {
         HeaderMap::new()
     }
 
-    fn authenticate(&self, key: &ClientKey, headers: &mut HeaderMap) -> Result<(), ()> {
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
         let secret = key.secret.expose();
         match key.scheme {
             KeyScheme::OAuth => {
@@ -153,7 +160,10 @@ impl WireFormat for Gemini {
             }
             KeyScheme::ApiKey | KeyScheme::Token => {
                 headers.remove(AUTHORIZATION);
-                headers.insert(HeaderName::from_static(API_KEY_HEADER), secret_header(secret)?);
+                headers.insert(
+                    HeaderName::from_static(API_KEY_HEADER),
+                    secret_header(secret)?,
+                );
             }
         }
         Ok(())

@@ -3,8 +3,8 @@
 //! and NDJSON framings of streamed answers.
 //!
 //! Two clients send: reqwest for everything, and [`Lean`] (hyper's client connections in a pool of
-//! our own, `llm::lean`) for the hottest path (the OpenAI-format provider's calls to the operator's
-//! own upstream). reqwest wraps hyper-util's pooled client in layers a gateway call does not use
+//! our own, `llm::lean`) for the hottest path (the chat calls of every [`super::wire`] provider to
+//! the operator's own upstream). reqwest wraps hyper-util's pooled client in layers a gateway call does not use
 //! (redirects, which we turn off anyway, retries, and a URL re-parse of every response): skipping
 //! them saved a sixth of the instructions of a proxied call (bench/HISTORY.md, step 9), and skipping
 //! hyper-util's pool too saved more (step 13). The lean client is not used
@@ -777,14 +777,6 @@ pub fn header_map(
     Ok(map)
 }
 
-/// The response's content type, lower case.
-pub fn content_type(resp: &reqwest::Response) -> Option<String> {
-    resp.headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_ascii_lowercase())
-}
-
 /// The body of a 2xx answer as JSON; one that is not JSON is `Malformed`.
 pub async fn json_body(
     provider: &str,
@@ -807,6 +799,14 @@ pub async fn json_body(
 /// there is more).
 pub const MAX_MODEL_PAGES: usize = 20;
 
+/// Adds a page of a model list to `models` and returns the next page's cursor (see
+/// [`ModelListing::take`]).
+pub type PageReader = fn(
+    provider: &str,
+    page: &serde_json::Value,
+    models: &mut Vec<String>,
+) -> Result<Option<String>, LlmError>;
+
 /// How a wire format lists its upstream's models: `GET {base_url}{path}`, page by page.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelListing {
@@ -818,11 +818,7 @@ pub struct ModelListing {
     pub cursor_key: &'static str,
     /// Adds a page's models to the list and returns the next page's cursor, `None` on the last
     /// page, or the error that ends the listing (a page that is not a model list).
-    pub take: fn(
-        provider: &str,
-        page: &serde_json::Value,
-        models: &mut Vec<String>,
-    ) -> Result<Option<String>, LlmError>,
+    pub take: PageReader,
     /// Reads the format's error bodies.
     pub parse_error: ErrorParser,
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, InvalidHeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::error::{ErrorClass, LlmError};
@@ -73,9 +73,12 @@ impl WireFormat for Ollama {
         HeaderMap::new()
     }
 
-    fn authenticate(&self, key: &ClientKey, headers: &mut HeaderMap) -> Result<(), ()> {
-        let mut v = HeaderValue::from_str(&format!("Bearer {}", key.secret.expose()))
-            .map_err(|_| ())?;
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", key.secret.expose()))?;
         v.set_sensitive(true);
         headers.insert(AUTHORIZATION, v);
         Ok(())
@@ -645,7 +648,10 @@ mod tests {
         assert!(operator.requests().is_empty());
         let req = &callers.requests()[0];
         assert_eq!(req.path, "/api/chat");
-        assert_eq!(req.header("authorization").as_deref(), Some("Bearer caller-key"));
+        assert_eq!(
+            req.header("authorization").as_deref(),
+            Some("Bearer caller-key")
+        );
         assert!(req.header("x-operator").is_none());
     }
 
@@ -661,7 +667,10 @@ mod tests {
             .unwrap();
             let err = p.with_client_credentials(&creds).await.unwrap_err();
             assert!(matches!(err, LlmError::InvalidRequest(_)), "{url}: {err:?}");
-            assert!(!err.to_string().contains("client_api_key"), "the guard refused it: {err}");
+            assert!(
+                !err.to_string().contains("client_api_key"),
+                "the guard refused it: {err}"
+            );
         }
         assert!(fake.requests().is_empty());
     }

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -220,6 +222,7 @@ pub fn new_provider(
     wire::HttpProvider::new(parts, ctx)
 }
 
+#[cfg(test)]
 impl OpenAiProvider {
     /// The preset (config kind) this provider was built from.
     pub fn preset(&self) -> &'static str {
@@ -368,9 +371,12 @@ impl WireFormat for OpenAi {
     }
 
     /// Every scheme (API key, OAuth token, GitHub token for Copilot) is a Bearer token.
-    fn authenticate(&self, key: &ClientKey, headers: &mut HeaderMap) -> Result<(), ()> {
-        let mut v = HeaderValue::from_str(&format!("Bearer {}", key.secret.expose().trim()))
-            .map_err(|_| ())?;
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", key.secret.expose().trim()))?;
         v.set_sensitive(true);
         headers.insert(AUTHORIZATION, v);
         Ok(())
@@ -1508,7 +1514,10 @@ mod tests {
             .with_client_credentials(&creds(None, &[("api_base", url.as_str())]))
             .await
             .unwrap_err();
-        assert!(matches!(keyless, LlmError::InvalidRequest(_)), "{keyless:?}");
+        assert!(
+            matches!(keyless, LlmError::InvalidRequest(_)),
+            "{keyless:?}"
+        );
         for key in ["api_base", "base_url"] {
             let keyed = server
                 .with_client_credentials(&creds(Some("caller-key"), &[(key, url.as_str())]))
