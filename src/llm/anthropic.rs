@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError};
-use super::http::{self, Answer, ModelListing, SseEvent};
-use super::wire::{self, Parts, WireFormat};
+use super::http::{self, ModelListing, SseEvent};
+use super::wire::{self, Parts, Pending, WireFormat};
 use super::{
     ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage,
 };
@@ -149,17 +149,27 @@ impl WireFormat for Anthropic {
         parse_error(status, body)
     }
 
-    fn deltas(name: &str, answer: Answer) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
         async_stream::stream! {
+            let answer = match pending.answer(&name).await {
+                Ok(a) => a,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
             if let Some(ct) = answer.content_type().filter(|ct| !ct.starts_with("text/event-stream")) {
                 yield Err(LlmError::upstream(
-                    name,
+                    &name,
                     ErrorClass::Malformed,
                     format!("expected an event stream, got content type `{ct}`"),
                 ));
                 return;
             }
-            let mut events = answer.sse_events(name);
+            let mut events = answer.sse_events(&name);
             let mut state = StreamState::default();
             while let Some(event) = events.next().await {
                 let event = match event {
@@ -169,7 +179,7 @@ impl WireFormat for Anthropic {
                         return;
                     }
                 };
-                match state.on_event(name, &event) {
+                match state.on_event(&name, &event) {
                     Ok(Some(delta)) => yield Ok(delta),
                     Ok(None) => {}
                     Err(e) => {
@@ -186,7 +196,7 @@ impl WireFormat for Anthropic {
                 }
             }
             yield Err(LlmError::upstream(
-                name,
+                &name,
                 ErrorClass::Transport,
                 "the stream ended before `message_stop`",
             ));

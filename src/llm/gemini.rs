@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError};
-use super::http::{self, Answer, ModelListing, SseEvent};
-use super::wire::{self, Parts, WireFormat};
+use super::http::{self, ModelListing, SseEvent};
+use super::wire::{self, Parts, Pending, WireFormat};
 use super::{
     ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage,
 };
@@ -177,17 +177,27 @@ impl WireFormat for Gemini {
         parse_error(status, body)
     }
 
-    fn deltas(name: &str, answer: Answer) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
         async_stream::stream! {
+            let answer = match pending.answer(&name).await {
+                Ok(a) => a,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
             if let Some(ct) = answer.content_type().filter(|ct| !ct.starts_with("text/event-stream")) {
                 yield Err(LlmError::upstream(
-                    name,
+                    &name,
                     ErrorClass::Malformed,
                     format!("expected an event stream, got content type `{ct}`"),
                 ));
                 return;
             }
-            let mut events = answer.sse_events(name);
+            let mut events = answer.sse_events(&name);
             let mut state = StreamState::default();
             while let Some(event) = events.next().await {
                 let event = match event {
@@ -197,7 +207,7 @@ impl WireFormat for Gemini {
                         return;
                     }
                 };
-                match state.on_event(name, &event) {
+                match state.on_event(&name, &event) {
                     Ok(deltas) => {
                         for delta in deltas {
                             yield Ok(delta);
@@ -212,7 +222,7 @@ impl WireFormat for Gemini {
             // Gemini has no terminator event: a finish reason before EOF is what marks a whole answer.
             if !state.finished {
                 yield Err(LlmError::upstream(
-                    name,
+                    &name,
                     ErrorClass::Transport,
                     "the stream ended without a finishReason",
                 ));

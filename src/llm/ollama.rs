@@ -12,8 +12,8 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, InvalidHeaderValue}
 use serde_json::{Map, Value, json};
 
 use super::error::{ErrorClass, LlmError};
-use super::http::{self, Answer, ModelListing};
-use super::wire::{self, HttpProvider, Parts, WireFormat};
+use super::http::{self, ModelListing};
+use super::wire::{self, HttpProvider, Parts, Pending, WireFormat};
 use super::{ChatRequest, ClientKey, Delta, Provider, ProviderContext, ProviderKind, Usage};
 use crate::config::ProviderConfig;
 
@@ -92,13 +92,23 @@ impl WireFormat for Ollama {
         parse_error(status, body)
     }
 
-    fn deltas(name: &str, answer: Answer) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
         async_stream::stream! {
+            let answer = match pending.answer(&name).await {
+                Ok(a) => a,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
             // The response lives inside this stream: dropping the stream drops the connection,
             // which is how Ollama learns to stop generating.
-            let mut lines = Box::pin(http::ndjson_lines(name, answer.into_reqwest()));
+            let mut lines = Box::pin(http::ndjson_lines(&name, answer.into_reqwest()));
             while let Some(line) = lines.next().await {
-                let (deltas, done) = match line.and_then(|v| read_line(name, &v)) {
+                let (deltas, done) = match line.and_then(|v| read_line(&name, &v)) {
                     Ok(x) => x,
                     Err(e) => {
                         yield Err(e);
@@ -114,7 +124,7 @@ impl WireFormat for Ollama {
                 }
             }
             yield Err(LlmError::upstream(
-                name,
+                &name,
                 ErrorClass::Transport,
                 "the answer stream ended before Ollama said it was done",
             ));

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError, UpstreamError};
-use super::http::{self, Answer, ModelListing};
+use super::http::{self, ModelListing};
 use super::json::{json_str, json_value};
-use super::wire::{self, WireFormat};
+use super::wire::{self, Pending, WireFormat};
 use super::{ChatRequest, ClientKey, Delta, Provider, ProviderContext, ProviderKind, Usage};
 use crate::config::ProviderConfig;
 
@@ -392,24 +392,28 @@ impl WireFormat for OpenAi {
 
     /// Events mapped to deltas as they arrive; a JSON answer (asked for, or from a compatible
     /// server that ignores `stream`) read whole.
-    fn deltas(name: &str, resp: Answer) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
         async_stream::try_stream! {
+            let resp = pending.answer(&name).await?;
             let is_json = resp
                 .headers()
                 .get(reqwest::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
             if is_json {
-                let body = resp.bytes(name).await?;
-                for d in whole_answer(name, &body)? {
+                let body = resp.bytes(&name).await?;
+                for d in whole_answer(&name, &body)? {
                     yield d;
                 }
                 return;
             }
-            let mut events = resp.sse_events(name);
+            let mut events = resp.sse_events(&name);
             while let Some(event) = events.next().await {
                 let event = event?;
-                match parse_chunk(name, &event.data)? {
+                match parse_chunk(&name, &event.data)? {
                     Chunk::Done => {
                         http::read_rest_in_background(events);
                         return;
@@ -422,7 +426,7 @@ impl WireFormat for OpenAi {
                 }
             }
             Err(LlmError::upstream(
-                name,
+                &name,
                 ErrorClass::Transport,
                 "the stream ended before `data: [DONE]`",
             ))?;

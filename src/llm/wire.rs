@@ -7,8 +7,9 @@
 //! the request body, the auth headers of a key, the reading of an answer into deltas, the error
 //! bodies, and where its model list is.
 //!
-//! The per-call path is generic over the format: no trait object, and no allocation that the
-//! OpenAI provider did not make when it was written by hand.
+//! The per-call path is generic over the format: no trait object, and the same work the OpenAI
+//! provider did when it was written by hand (one boxed stream per call, which sends the call and
+//! reads its answer; headers cloned from a map built once; the chat URL parsed once).
 
 use std::sync::Arc;
 
@@ -58,8 +59,12 @@ pub trait WireFormat: Clone + Send + Sync + 'static {
     fn body(&self, req: &ChatRequest, model: &str) -> Vec<u8>;
     /// Reads a non-2xx answer's body into a class and message; `None` = by the HTTP status.
     fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)>;
-    /// The deltas of a 2xx answer, as they arrive.
-    fn deltas(name: &str, answer: Answer) -> impl Stream<Item = Result<Delta, LlmError>> + Send;
+    /// The deltas of the call `pending` (its 2xx answer from [`Pending::answer`], read as it
+    /// arrives), for provider `name`.
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static;
     /// Checks at start-up that `provider` can serve.
     fn check_ready(provider: &HttpProvider<Self>) -> BoxFuture<'_, Result<(), String>> {
         let _ = provider;
@@ -67,8 +72,8 @@ pub trait WireFormat: Clone + Send + Sync + 'static {
     }
 }
 
-/// What a wire format's config yields, for [`HttpProvider::new`].
-#[derive(Debug)]
+/// What a wire format's config yields, for [`HttpProvider::new`] (no `Debug`: it holds the key
+/// and the operator's headers).
 pub struct Parts<W> {
     /// The provider's name.
     pub name: String,
@@ -312,6 +317,23 @@ impl Call {
     }
 }
 
+/// A chat call built and not yet sent, handed to [`WireFormat::deltas`] so that the answer's one
+/// stream both sends and reads it.
+pub struct Pending {
+    call: Result<Call, LlmError>,
+    timeouts: Timeouts,
+    parse_error: http::ErrorParser,
+}
+
+impl Pending {
+    /// Sends the call under the provider's timeouts: its 2xx answer, or the classified failure.
+    pub async fn answer(self, name: &str) -> Result<Answer, LlmError> {
+        self.call?
+            .send(name, &self.timeouts, self.parse_error)
+            .await
+    }
+}
+
 /// Removes the key from an upstream message that quotes it (OpenAI echoes part of a wrong key).
 fn scrub(err: LlmError, key: Option<&Secret>) -> LlmError {
     match (
@@ -348,26 +370,14 @@ impl<W: WireFormat> Provider for HttpProvider<W> {
     }
 
     fn stream(&self, request: &ChatRequest) -> DeltaStream {
-        let call = self.call(request);
-        let name = self.name.clone();
+        let pending = Pending {
+            call: self.call(request),
+            timeouts: self.timeouts,
+            parse_error: W::parse_error,
+        };
         let key = self.up.key.as_ref().map(|k| k.secret.clone());
-        let timeouts = self.timeouts;
-        Box::pin(async_stream::stream! {
-            let answer = match call {
-                Ok(call) => call.send(&name, &timeouts, W::parse_error).await,
-                Err(e) => Err(e),
-            };
-            match answer {
-                Err(e) => yield Err(scrub(e, key.as_ref())),
-                Ok(answer) => {
-                    let deltas = W::deltas(&name, answer);
-                    futures::pin_mut!(deltas);
-                    while let Some(item) = deltas.next().await {
-                        yield item.map_err(|e| scrub(e, key.as_ref()));
-                    }
-                }
-            }
-        })
+        let deltas = W::deltas(self.name.clone(), pending);
+        Box::pin(deltas.map(move |item| item.map_err(|e| scrub(e, key.as_ref()))))
     }
 
     /// `GET` the format's model list with the server's credentials, page by page.
