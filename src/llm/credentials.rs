@@ -145,4 +145,47 @@ mod tests {
             ClientCredentials::from_request("", vec![("base_url".into(), "x".into())]).is_some()
         );
     }
+
+    #[test]
+    fn a_callers_url_needs_its_own_credentials_and_the_first_url_key_wins() {
+        const KEYS: &[&str] = &["base_url", "api_base"];
+        let creds = |key: &str, pairs: &[(&str, &str)]| {
+            ClientCredentials::from_request(
+                key,
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or_default()
+        };
+        let url = |c: &ClientCredentials| {
+            c.caller_url("p", KEYS, KEYS, c.key.is_some())
+                .map(|u| u.map(String::from))
+                .map_err(|e| e.to_string())
+        };
+        // A key alone: the server's URL.
+        assert_eq!(url(&creds("k", &[])), Ok(None));
+        // A URL with the caller's key: that URL, the first key in order of precedence.
+        let both = creds(
+            "k",
+            &[("api_base", "https://b"), ("base_url", " https://a ")],
+        );
+        assert_eq!(url(&both), Ok(Some("https://a".to_string())));
+        // A URL without the caller's key: refused, naming the key and why.
+        let err = url(&creds("", &[("api_base", "https://b")])).unwrap_err();
+        assert!(
+            err.contains("api_base") && err.contains("own credentials"),
+            "{err}"
+        );
+        // A key the kind does not take: refused, naming it (never its value).
+        let err = url(&creds("k", &[("realm", "secret-realm")])).unwrap_err();
+        assert!(
+            err.contains("`realm`") && !err.contains("secret-realm"),
+            "{err}"
+        );
+        // `apikey:` alone is no key.
+        let empty = creds("apikey:", &[]);
+        assert!(empty.nonempty_key("p").is_err());
+    }
 }
