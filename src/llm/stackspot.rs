@@ -7,9 +7,9 @@
 //! A caller may bring its own StackSpot account (`provider_config` keys `client_id`, `client_key`,
 //! `realm`, `agent_id`; URL keys `base_url`, `realm_url`, `token_url` through the SSRF guard). Its
 //! token is cached in the request-scoped provider only, never in the server's cache. The
-//! client-credential rule is the one of [`ClientCredentials::caller_url`](super::ClientCredentials::caller_url): a URL only with the caller's own
-//! account (or a forwarded `oauth:`/`token:` access token), so the server's credentials or tokens
-//! are never sent to a URL a caller chose.
+//! client-credential rule is every kind's ([`ClientCredentials::caller_url`]): a URL only with the
+//! caller's own account (or a forwarded `oauth:`/`token:` access token), so the server's
+//! credentials or tokens are never sent to a URL a caller chose.
 //!
 //! StackSpot is not a [`super::wire::WireFormat`]: its credential is an OAuth client-credentials
 //! account exchanged for cached tokens at a second endpoint (renewed once on a 401), a caller may

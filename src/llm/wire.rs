@@ -1,11 +1,11 @@
 //! The one HTTP provider: [`HttpProvider`] over a [`WireFormat`]. The provider owns what every
 //! HTTP kind shares: the HTTP clients (the lean pooled client for the configured upstream, reqwest
 //! for a proxied or caller-chosen one), the headers a call sends (built once per upstream, not per
-//! call), the timeouts, the SSRF pin of a caller's URL, the client-credential rule of
-//! [`ClientCredentials::caller_url`](super::ClientCredentials::caller_url), the scrubbing of the key from upstream messages, and model listing. A
-//! wire format (`openai`, `anthropic`, `gemini`, `ollama`) owns only its format: the chat URL,
-//! the request body, the auth headers of a key, the reading of an answer into deltas, the error
-//! bodies, and where its model list is.
+//! call), the timeouts, the SSRF pin of a caller's URL, the client-credential rule
+//! ([`ClientCredentials::caller_url`]), the scrubbing of the key from upstream messages, and
+//! model listing. A wire format (`openai`, `anthropic`, `gemini`, `ollama`) owns only its format:
+//! the chat URL, the request body, the auth headers of a key, the reading of an answer into
+//! deltas, the error bodies, and where its model list is.
 //!
 //! The per-call path is generic over the format: no trait object, and the same work the OpenAI
 //! provider did when it was written by hand (one boxed stream per call, which sends the call and
@@ -396,9 +396,9 @@ impl<W: WireFormat> Provider for HttpProvider<W> {
         })
     }
 
-    /// The client-credential rule of [`ClientCredentials::caller_url`](super::ClientCredentials::caller_url): a caller's URL (after the SSRF
-    /// guard, without the operator's headers) only with the caller's key; the caller's key alone
-    /// goes to the operator's upstream.
+    /// The client-credential rule ([`ClientCredentials::caller_url`]): a caller's URL (after the
+    /// SSRF guard, without the operator's headers) only with the caller's key; the caller's key
+    /// alone goes to the operator's upstream.
     fn with_client_credentials<'a>(
         &'a self,
         creds: &'a ClientCredentials,
