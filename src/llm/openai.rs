@@ -2,8 +2,10 @@
 //! auth, SSE with `stream_options.include_usage`), and the OpenAI-compatible presets that speak it
 //! with their own base URL, default model and headers (`openai-compatible`, `xai`, `openrouter`,
 //! `moonshot`, `zai`, `github-models`, `copilot`). This module owns the request body, the parsing
-//! of `chat.completion.chunk` events into [`Delta`]s, the classification of OpenAI error objects,
-//! and the request-scoped copies built from a caller's forwarded key or `provider_config` URL.
+//! of `chat.completion.chunk` events (or a whole `chat.completion`) into [`Delta`]s, the
+//! classification of OpenAI error objects, and the URL keys a caller may use (`base_url`,
+//! `api_base`, `endpoint`); the HTTP plumbing and the client-credential rule are
+//! [`super::wire`]'s.
 
 use std::sync::Arc;
 
