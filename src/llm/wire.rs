@@ -189,26 +189,28 @@ impl<W: WireFormat> HttpProvider<W> {
         let body = self.format.body(request, model);
         let bad_url =
             |what: String| LlmError::InvalidRequest(format!("provider `{}`: {what}", self.name));
-        let owned;
-        let (url, uri) = match &self.up.chat {
-            Some((url, uri)) => (url, uri),
-            None => {
-                let text = self
-                    .format
-                    .chat_url(&self.up.base_url, model)
-                    .map_err(bad_url)?;
-                let url = reqwest::Url::parse(&text)
-                    .map_err(|e| bad_url(format!("the chat URL is not valid: {e}")))?;
-                let uri = text
-                    .parse::<::http::Uri>()
-                    .map_err(|e| bad_url(format!("the chat URL is not valid: {e}")))?;
-                owned = (url, uri);
-                (&owned.0, &owned.1)
-            }
-        };
+        if let Some((url, uri)) = &self.up.chat {
+            return Ok(match &self.up.lean {
+                Some(lean) => Call::Lean(lean.clone(), http::lean_json_post(uri, headers, body)),
+                None => Call::Reqwest(self.up.client.post(url.clone()).headers(headers).body(body)),
+            });
+        }
+        // A chat URL that names the model: built and parsed per call, for the client that sends it.
+        let text = self
+            .format
+            .chat_url(&self.up.base_url, model)
+            .map_err(bad_url)?;
+        let invalid =
+            |e: &dyn std::fmt::Display| bad_url(format!("the chat URL is not valid: {e}"));
         Ok(match &self.up.lean {
-            Some(lean) => Call::Lean(lean.clone(), http::lean_json_post(uri, headers, body)),
-            None => Call::Reqwest(self.up.client.post(url.clone()).headers(headers).body(body)),
+            Some(lean) => {
+                let uri = text.parse::<::http::Uri>().map_err(|e| invalid(&e))?;
+                Call::Lean(lean.clone(), http::lean_json_post(&uri, headers, body))
+            }
+            None => {
+                let url = reqwest::Url::parse(&text).map_err(|e| invalid(&e))?;
+                Call::Reqwest(self.up.client.post(url).headers(headers).body(body))
+            }
         })
     }
 
