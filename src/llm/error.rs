@@ -142,16 +142,6 @@ impl LlmError {
             _ => None,
         }
     }
-
-    /// The metrics label of this error (`chatcli_llm_errors_total{error_type}`).
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            LlmError::Upstream(u) => u.class.as_str(),
-            LlmError::AllFailed(_) => "all_failed",
-            LlmError::InvalidRequest(_) | LlmError::UnknownProvider { .. } => "invalid_request",
-            LlmError::NoProviders => "unavailable",
-        }
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 mod binary;
 mod client;
+mod client_credentials;
 mod config_tables;
 mod error_classes;
 mod first_hour;

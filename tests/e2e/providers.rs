@@ -447,6 +447,8 @@ async fn provider_config_url_to_cloud_metadata_is_refused() {
     let mut s = TestServer::start_with(config).await;
     let mut req = send("hello");
     req.provider = "local".into();
+    // The caller's own key, so that the URL itself is what is judged.
+    req.client_api_key = "caller-key".into();
     req.provider_config = [(
         "base_url".to_string(),
         "http://169.254.169.254/".to_string(),
