@@ -487,25 +487,18 @@ struct ChunkFrames {
 
 impl ChunkFrames {
     fn new(id: &str, created: u64, model: &str, include_usage: bool) -> Self {
-        let whole = super::sse_json(&ChunkOut {
-            id,
-            object: "chat.completion.chunk",
-            created,
-            model,
-            system_fingerprint: None,
-            choices: &[ChunkChoice {
-                index: 0,
-                delta: DeltaOut::default(),
-                logprobs: None,
-                finish_reason: None,
-            }],
-            usage: None,
-        });
-        // Everything up to the delta's `{}`.
-        let head = whole
-            .windows(9)
-            .rposition(|w| w == br#""delta":{"#)
-            .map_or_else(Vec::new, |at| whole[..at + 8].to_vec());
+        // Written by hand, not through serde: the head is built after the first delta arrived
+        // and before it goes out, so its cost is on every stream's time to first token.
+        let mut head = Vec::with_capacity(160 + id.len() + model.len());
+        head.extend_from_slice(b"data: {\"id\":");
+        json_str(&mut head, id);
+        head.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        head.extend_from_slice(created.to_string().as_bytes());
+        head.extend_from_slice(b",\"model\":");
+        json_str(&mut head, model);
+        head.extend_from_slice(
+            b",\"system_fingerprint\":null,\"choices\":[{\"index\":0,\"delta\":",
+        );
         Self {
             head,
             tail: match include_usage {
