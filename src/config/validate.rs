@@ -54,10 +54,16 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
         bad("hub.tail_buffer", "must be greater than 0".into());
     }
     if config.limits.hub_max_content_bytes == 0 {
-        bad("limits.hub_max_content_bytes", "must be greater than 0".into());
+        bad(
+            "limits.hub_max_content_bytes",
+            "must be greater than 0".into(),
+        );
     }
     if config.limits.hub_max_field_bytes == 0 {
-        bad("limits.hub_max_field_bytes", "must be greater than 0".into());
+        bad(
+            "limits.hub_max_field_bytes",
+            "must be greater than 0".into(),
+        );
     }
     let tls = &s.tls;
     if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {

@@ -388,7 +388,12 @@ impl Hub {
             )));
         }
         self.owned(&*store, caller, conv_id).await?;
-        Ok(live::follow(self.clone(), store, conv_id.to_string(), since_seq))
+        Ok(live::follow(
+            self.clone(),
+            store,
+            conv_id.to_string(),
+            since_seq,
+        ))
     }
 
     /// `SetBinding`: binds (platform, user_id) to a principal. A non-admin binds only to itself,

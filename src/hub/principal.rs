@@ -107,16 +107,46 @@ mod tests {
         use Role::*;
         let table = [
             // (method, id, role, tenant) → (subject, admin, can_write)
-            ((None, "anonymous", Admin, Option::None), ("system", true, true)),
-            ((None, "anonymous", ReadOnly, Option::None), ("", false, false)),
-            ((Token, "legacy-token", Admin, Option::None), ("legacy-token", true, true)),
-            ((Token, "team-a", User, Option::None), ("token:team-a", false, true)),
-            ((Token, "ops", Admin, Option::None), ("token:ops", true, true)),
-            ((Token, "viewer", ReadOnly, Option::None), ("token:viewer", false, false)),
-            ((Jwt, "alice", User, Option::None), ("jwt:alice", false, true)),
-            ((Jwt, "alice", User, Some("acme")), ("jwt@acme:alice", false, true)),
-            ((Jwt, "alice", User, Some("other")), ("jwt@other:alice", false, true)),
-            ((Mtls, "client-1", Admin, Option::None), ("mtls:client-1", true, true)),
+            (
+                (None, "anonymous", Admin, Option::None),
+                ("system", true, true),
+            ),
+            (
+                (None, "anonymous", ReadOnly, Option::None),
+                ("", false, false),
+            ),
+            (
+                (Token, "legacy-token", Admin, Option::None),
+                ("legacy-token", true, true),
+            ),
+            (
+                (Token, "team-a", User, Option::None),
+                ("token:team-a", false, true),
+            ),
+            (
+                (Token, "ops", Admin, Option::None),
+                ("token:ops", true, true),
+            ),
+            (
+                (Token, "viewer", ReadOnly, Option::None),
+                ("token:viewer", false, false),
+            ),
+            (
+                (Jwt, "alice", User, Option::None),
+                ("jwt:alice", false, true),
+            ),
+            (
+                (Jwt, "alice", User, Some("acme")),
+                ("jwt@acme:alice", false, true),
+            ),
+            (
+                (Jwt, "alice", User, Some("other")),
+                ("jwt@other:alice", false, true),
+            ),
+            (
+                (Mtls, "client-1", Admin, Option::None),
+                ("mtls:client-1", true, true),
+            ),
         ];
         for ((method, id, role, tenant), (subject, admin, write)) in table {
             let c = Caller::from_principal(&principal(method, id, role, tenant));
@@ -143,12 +173,8 @@ mod tests {
             Role::Admin,
             None,
         ));
-        let system = Caller::from_principal(&principal(
-            AuthMethod::None,
-            "anonymous",
-            Role::Admin,
-            None,
-        ));
+        let system =
+            Caller::from_principal(&principal(AuthMethod::None, "anonymous", Role::Admin, None));
         let nobody = Caller::from_principal(&principal(
             AuthMethod::None,
             "anonymous",

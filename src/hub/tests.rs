@@ -86,7 +86,11 @@ async fn a_disabled_hub_refuses_every_call_saying_how_to_turn_it_on() {
         enabled: false,
         ..Default::default()
     };
-    let hub = Arc::new(Hub::new(&config, PathBuf::from("/nonexistent/hub.db"), None));
+    let hub = Arc::new(Hub::new(
+        &config,
+        PathBuf::from("/nonexistent/hub.db"),
+        None,
+    ));
     assert!(!hub.enabled());
     let a = admin();
     let errors = [
@@ -133,7 +137,10 @@ async fn conversations_are_resolved_created_and_kept_to_their_principal() {
     let hub = &t.hub;
     let (c1, p) = hub.resolve_active(&alice(), "").await.unwrap();
     assert_eq!(p, "jwt:alice");
-    assert_eq!(hub.resolve_active(&alice(), "jwt:alice").await.unwrap(), (c1.clone(), p));
+    assert_eq!(
+        hub.resolve_active(&alice(), "jwt:alice").await.unwrap(),
+        (c1.clone(), p)
+    );
     let c2 = hub.new_conversation(&alice(), "").await.unwrap();
     assert_ne!(c1, c2);
     assert_eq!(hub.resolve_active(&alice(), "").await.unwrap().0, c2);
@@ -142,13 +149,20 @@ async fn conversations_are_resolved_created_and_kept_to_their_principal() {
     assert_eq!(p, "jwt:bob");
     assert_eq!(hub.resolve_active(&bob(), "").await.unwrap().0, bobs);
 
-    hub.append(&alice(), LIMITS, msg(&c2, "hi", "")).await.unwrap();
+    hub.append(&alice(), LIMITS, msg(&c2, "hi", ""))
+        .await
+        .unwrap();
     // (who, call) → error code; each call is refused without touching the store.
     let cases: Vec<(&str, Result<(), HubError>)> = vec![
-        ("bob reads alice's", hub.read(&bob(), &c2, 0, 0).await.map(drop)),
+        (
+            "bob reads alice's",
+            hub.read(&bob(), &c2, 0, 0).await.map(drop),
+        ),
         (
             "bob appends to alice's",
-            hub.append(&bob(), LIMITS, msg(&c2, "x", "")).await.map(drop),
+            hub.append(&bob(), LIMITS, msg(&c2, "x", ""))
+                .await
+                .map(drop),
         ),
         (
             "bob follows alice's",
@@ -162,17 +176,33 @@ async fn conversations_are_resolved_created_and_kept_to_their_principal() {
             "bob starts one for alice",
             hub.new_conversation(&bob(), "jwt:alice").await.map(drop),
         ),
-        ("unknown conv", hub.read(&alice(), "nope", 0, 0).await.map(drop)),
+        (
+            "unknown conv",
+            hub.read(&alice(), "nope", 0, 0).await.map(drop),
+        ),
         (
             "unknown conv append",
-            hub.append(&alice(), LIMITS, msg("nope", "x", "")).await.map(drop),
+            hub.append(&alice(), LIMITS, msg("nope", "x", ""))
+                .await
+                .map(drop),
         ),
-        ("empty conv_id", hub.read(&alice(), "", 0, 0).await.map(drop)),
-        ("negative since", hub.read(&alice(), &c2, -1, 0).await.map(drop)),
-        ("negative limit", hub.read(&alice(), &c2, 0, -1).await.map(drop)),
+        (
+            "empty conv_id",
+            hub.read(&alice(), "", 0, 0).await.map(drop),
+        ),
+        (
+            "negative since",
+            hub.read(&alice(), &c2, -1, 0).await.map(drop),
+        ),
+        (
+            "negative limit",
+            hub.read(&alice(), &c2, 0, -1).await.map(drop),
+        ),
         (
             "reader appends",
-            hub.append(&reader(), LIMITS, msg(&c2, "x", "")).await.map(drop),
+            hub.append(&reader(), LIMITS, msg(&c2, "x", ""))
+                .await
+                .map(drop),
         ),
         (
             "reader without a conversation",
@@ -277,7 +307,10 @@ async fn bindings_follow_the_principal_rules() {
         ("principal", bind("telegram", "1", "")),
     ] {
         let e = hub.set_binding(&alice(), LIMITS, b).await.unwrap_err();
-        assert_eq!(e, HubError::InvalidArgument(format!("{missing} is required")));
+        assert_eq!(
+            e,
+            HubError::InvalidArgument(format!("{missing} is required"))
+        );
     }
     let refused = [
         // Binding to someone else, or taking a user bound to someone else, needs an admin.
@@ -305,7 +338,10 @@ async fn bindings_follow_the_principal_rules() {
     );
     assert_eq!(
         hub.list_bindings(&admin(), "").await.unwrap(),
-        [bind("slack", "U2", "jwt:bob"), bind("telegram", "1", "jwt:alice")]
+        [
+            bind("slack", "U2", "jwt:bob"),
+            bind("telegram", "1", "jwt:alice")
+        ]
     );
     assert_eq!(
         hub.list_bindings(&admin(), "jwt:alice").await.unwrap(),
@@ -366,7 +402,11 @@ async fn a_subscriber_gets_the_backlog_then_live_events_without_gap_or_repeat() 
     }
     for r in readers {
         let (since, seqs) = r.await.unwrap();
-        assert_eq!(seqs, ((since + 1)..=total).collect::<Vec<_>>(), "since {since}");
+        assert_eq!(
+            seqs,
+            ((since + 1)..=total).collect::<Vec<_>>(),
+            "since {since}"
+        );
     }
     assert_eq!(t.metrics.events_appended.get(), total as u64);
 }

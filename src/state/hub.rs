@@ -206,7 +206,10 @@ pub mod suite {
         assert!(created);
         assert_eq!(first.id, c1);
         assert_eq!(first.principal, p);
-        assert_eq!((first.created_ms, first.updated_ms, first.last_seq), (1_000, 1_000, 0));
+        assert_eq!(
+            (first.created_ms, first.updated_ms, first.last_seq),
+            (1_000, 1_000, 0)
+        );
         let (again, created) = store
             .resolve_active(&p, Some((&format!("{tag}-other"), 2_000)))
             .await
@@ -266,7 +269,13 @@ pub mod suite {
             missing,
             StoreError::ConversationNotFound(format!("{tag}-nope"))
         );
-        assert!(store.read(&format!("{tag}-nope"), 0, 0).await.unwrap().is_empty());
+        assert!(
+            store
+                .read(&format!("{tag}-nope"), 0, 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// A repeated `client_msg_id` returns the first event and stores nothing; ids are per
@@ -381,11 +390,23 @@ pub mod suite {
         let set = |binding: Binding, replace: bool| async move {
             store.set_binding(&binding, replace).await.unwrap()
         };
-        assert_eq!(set(bind("telegram", "1", &a), false).await, BindingOutcome::Set);
-        assert_eq!(set(bind("slack", "U1", &a), false).await, BindingOutcome::Set);
-        assert_eq!(set(bind("telegram", "2", &b), false).await, BindingOutcome::Set);
+        assert_eq!(
+            set(bind("telegram", "1", &a), false).await,
+            BindingOutcome::Set
+        );
+        assert_eq!(
+            set(bind("slack", "U1", &a), false).await,
+            BindingOutcome::Set
+        );
+        assert_eq!(
+            set(bind("telegram", "2", &b), false).await,
+            BindingOutcome::Set
+        );
         // Setting the same binding again is fine; taking another's needs `replace_others`.
-        assert_eq!(set(bind("telegram", "1", &a), false).await, BindingOutcome::Set);
+        assert_eq!(
+            set(bind("telegram", "1", &a), false).await,
+            BindingOutcome::Set
+        );
         assert_eq!(
             set(bind("telegram", "1", &b), false).await,
             BindingOutcome::HeldBy(a.clone())
@@ -394,7 +415,10 @@ pub mod suite {
             store.list_bindings(Some(&a)).await.unwrap(),
             [bind("slack", "U1", &a), bind("telegram", "1", &a)]
         );
-        assert_eq!(set(bind("telegram", "1", &b), true).await, BindingOutcome::Set);
+        assert_eq!(
+            set(bind("telegram", "1", &b), true).await,
+            BindingOutcome::Set
+        );
         assert_eq!(
             store.list_bindings(Some(&b)).await.unwrap(),
             [bind("telegram", "1", &b), bind("telegram", "2", &b)]
@@ -403,8 +427,10 @@ pub mod suite {
         for want in [bind("slack", "U1", &a), bind("telegram", "2", &b)] {
             assert!(all.contains(&want), "{want:?} missing from {all:?}");
         }
-        assert!(all.windows(2).all(|w| (&w[0].platform, &w[0].user_id)
-            <= (&w[1].platform, &w[1].user_id)));
+        assert!(
+            all.windows(2)
+                .all(|w| (&w[0].platform, &w[0].user_id) <= (&w[1].platform, &w[1].user_id))
+        );
     }
 
     /// Conversations idle since before the cutoff go, with their events and active mark.
@@ -414,7 +440,10 @@ pub mod suite {
         let busy = format!("{tag}-ret-busy");
         let fresh = format!("{tag}-ret-fresh");
         store.new_conversation(&p, &busy, 100).await.unwrap();
-        store.append(event(&busy, "recent", "", 5_000)).await.unwrap();
+        store
+            .append(event(&busy, "recent", "", 5_000))
+            .await
+            .unwrap();
         store.new_conversation(&p, &old, 100).await.unwrap();
         store.append(event(&old, "old", "", 200)).await.unwrap();
         // Only conversations of this run count: other runs' data may be older.

@@ -112,9 +112,8 @@ impl SqliteHubStore {
                 ))
             })?;
         }
-        let mut conn = Connection::open(path).map_err(|e| {
-            StoreError::Backend(format!("hub store: cannot open {shown}: {e}"))
-        })?;
+        let mut conn = Connection::open(path)
+            .map_err(|e| StoreError::Backend(format!("hub store: cannot open {shown}: {e}")))?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(backend("setting WAL mode"))?;
@@ -245,7 +244,8 @@ fn migrate(conn: &mut Connection, shown: &str) -> Result<(), StoreError> {
     }
     for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(sql)?;
-        tx.execute_batch(step).map_err(backend("migrating the schema"))?;
+        tx.execute_batch(step)
+            .map_err(backend("migrating the schema"))?;
         tx.execute("DELETE FROM schema_version", []).map_err(sql)?;
         tx.execute(
             "INSERT INTO schema_version (version) VALUES (?1)",
@@ -393,15 +393,19 @@ impl HubStore for SqliteHubStore {
             .map_err(sql)
         };
         match create {
-            None => self
-                .read_with(move |conn| Ok(find(conn, &principal)?.map(|c| (c, false))))
-                .await,
+            None => {
+                self.read_with(move |conn| Ok(find(conn, &principal)?.map(|c| (c, false))))
+                    .await
+            }
             Some((id, now)) => {
                 self.write(move |conn| {
                     if let Some(c) = find(conn, &principal)? {
                         return Ok(Some((c, false)));
                     }
-                    Ok(Some((create_conversation(conn, &principal, &id, now)?, true)))
+                    Ok(Some((
+                        create_conversation(conn, &principal, &id, now)?,
+                        true,
+                    )))
                 })
                 .await
             }
@@ -421,7 +425,8 @@ impl HubStore for SqliteHubStore {
 
     async fn conversation(&self, conv_id: &str) -> Result<Option<Conversation>, StoreError> {
         let id = conv_id.to_string();
-        self.read_with(move |conn| get_conversation(conn, &id)).await
+        self.read_with(move |conn| get_conversation(conn, &id))
+            .await
     }
 
     async fn append(&self, event: NewEvent) -> Result<AppendOutcome, StoreError> {
