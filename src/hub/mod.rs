@@ -224,10 +224,22 @@ impl Hub {
         !matches!(self.backend, Backend::Disabled)
     }
 
-    /// Opens the store now (the server does at start, so a bad path is logged before the first
-    /// call); a failure is returned and the next call tries again.
+    /// Opens the store now; a failure is returned and the next call tries again.
     pub async fn open(&self) -> Result<(), HubError> {
         self.store().await.map(|_| ())
+    }
+
+    /// Opens the store now when its database exists (the server does at start, so a damaged or
+    /// unreadable database is reported before the first call, and retention applies to it); a
+    /// server whose hub is never used writes no database. Returns whether the store is open.
+    pub async fn open_existing(&self) -> Result<bool, HubError> {
+        if self.store.get().is_some() {
+            return Ok(true);
+        }
+        match &self.backend {
+            Backend::Sqlite(path) if path.exists() => self.open().await.map(|()| true),
+            _ => Ok(false),
+        }
     }
 
     async fn store(&self) -> Result<Arc<dyn HubStore>, HubError> {
@@ -442,8 +454,12 @@ impl Hub {
     }
 
     /// One housekeeping pass: deletes the conversations idle for `retention_days` (0 = keep) and
-    /// updates the store size metric. Does nothing while the store is not open.
+    /// updates the store size metric. Does nothing while there is no database.
     pub async fn housekeeping(&self, retention_days: u32) {
+        if let Err(e) = self.open_existing().await {
+            tracing::warn!("hub housekeeping: {e}");
+            return;
+        }
         let Some(store) = self.store.get() else {
             return;
         };

@@ -491,3 +491,21 @@ async fn housekeeping_deletes_idle_conversations_and_measures_the_store() {
     assert_eq!(t.store.conversation("old-conv").await.unwrap(), None);
     assert!(t.store.conversation(&kept).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn an_unused_hub_writes_no_database_and_an_existing_one_opens_at_start() {
+    let dir = std::env::temp_dir().join(format!("chatcli-hub-lazy-{}", uuid::Uuid::new_v4()));
+    let db = dir.join("hub.db");
+    let hub = Hub::new(&crate::config::HubConfig::default(), db.clone(), None);
+    assert_eq!(hub.open_existing().await, Ok(false));
+    hub.housekeeping(1).await;
+    assert!(!db.exists(), "a hub nobody used made {}", db.display());
+    // The first call makes it.
+    let (conv, _) = hub.resolve_active(&alice(), "").await.unwrap();
+    assert!(db.exists());
+    drop(hub);
+    let again = Hub::new(&crate::config::HubConfig::default(), db.clone(), None);
+    assert_eq!(again.open_existing().await, Ok(true));
+    assert_eq!(again.resolve_active(&alice(), "").await.unwrap().0, conv);
+    let _ = std::fs::remove_dir_all(&dir);
+}

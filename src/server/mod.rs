@@ -312,14 +312,15 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Opens the conversation hub's store (a failure is logged; hub calls then answer `UNAVAILABLE`
-/// and retry opening it) and starts its housekeeping (retention, store size), when the hub is on.
+/// Opens the conversation hub's store when its database exists (a failure is logged; hub calls
+/// then answer `UNAVAILABLE` and retry opening it) and starts its housekeeping (retention, store
+/// size), when the hub is on.
 async fn start_hub(state: &Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
     if !state.hub.enabled() {
         tracing::info!("conversation hub disabled");
         return None;
     }
-    if let Err(e) = state.hub.open().await {
+    if let Err(e) = state.hub.open_existing().await {
         tracing::error!("{e}");
     }
     let reader = state.clone();
