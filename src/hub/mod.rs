@@ -130,6 +130,9 @@ pub type EventStream = BoxStream<'static, Result<StoredEvent, HubError>>;
 /// Events read per store call while sending a subscriber its backlog.
 const BACKLOG_PAGE: usize = 500;
 
+/// Conversation owners remembered; past this many the memory starts over.
+const OWNERS_MAX: usize = 100_000;
+
 /// How the store is reached.
 enum Backend {
     /// Turned off.
@@ -146,6 +149,10 @@ pub struct Hub {
     tail_buffer: usize,
     metrics: Option<HubMetrics>,
     drain: CancellationToken,
+    /// The principal of each conversation seen (a conversation never changes hands), so a call
+    /// on a known conversation checks its owner without a store read; forgotten when retention
+    /// deletes conversations.
+    owners: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -216,7 +223,14 @@ impl Hub {
             tail_buffer,
             metrics,
             drain: CancellationToken::new(),
+            owners: Default::default(),
         }
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether the hub is turned on.
@@ -313,11 +327,23 @@ impl Hub {
         conv_id: &str,
     ) -> Result<(), HubError> {
         required("conv_id", conv_id)?;
-        let conv = store
-            .conversation(conv_id)
-            .await?
-            .ok_or_else(|| HubError::ConversationNotFound(conv_id.to_string()))?;
-        caller.check_owner(&conv)
+        let known = self.owners().get(conv_id).cloned();
+        let owner = match known {
+            Some(owner) => owner,
+            None => {
+                let conv = store
+                    .conversation(conv_id)
+                    .await?
+                    .ok_or_else(|| HubError::ConversationNotFound(conv_id.to_string()))?;
+                let mut owners = self.owners();
+                if owners.len() >= OWNERS_MAX {
+                    owners.clear();
+                }
+                owners.insert(conv.id, conv.principal.clone());
+                conv.principal
+            }
+        };
+        caller.check_owned_by(conv_id, &owner)
     }
 
     /// `AppendEvent`: stores the event with the next seq of its conversation (or, for a repeated
@@ -467,11 +493,14 @@ impl Hub {
             let cutoff = now_ms().saturating_sub(i64::from(retention_days) * 86_400_000);
             match store.delete_idle(cutoff).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    deleted = n,
-                    retention_days,
-                    "hub: deleted conversations idle for longer than the retention"
-                ),
+                Ok(n) => {
+                    self.owners().clear();
+                    tracing::info!(
+                        deleted = n,
+                        retention_days,
+                        "hub: deleted conversations idle for longer than the retention"
+                    )
+                }
                 Err(e) => tracing::warn!("hub: retention sweep failed: {e}"),
             }
         }

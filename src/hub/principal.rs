@@ -60,15 +60,19 @@ impl Caller {
 
     /// Refuses a caller that may not see `conv`.
     pub fn check_owner(&self, conv: &Conversation) -> Result<(), HubError> {
+        self.check_owned_by(&conv.id, &conv.principal)
+    }
+
+    /// Refuses a caller that may not see conversation `conv_id` of `owner`.
+    pub fn check_owned_by(&self, conv_id: &str, owner: &str) -> Result<(), HubError> {
         if self.subject.is_empty() {
             return Err(HubError::Unauthenticated);
         }
-        if self.admin || conv.principal == self.subject {
+        if self.admin || owner == self.subject {
             return Ok(());
         }
         Err(HubError::PermissionDenied(format!(
-            "conversation {} belongs to another principal",
-            conv.id
+            "conversation {conv_id} belongs to another principal"
         )))
     }
 

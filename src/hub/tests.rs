@@ -487,8 +487,14 @@ async fn housekeeping_deletes_idle_conversations_and_measures_the_store() {
     t.hub.housekeeping(0).await;
     assert!(t.store.conversation("old-conv").await.unwrap().is_some());
     assert!(t.metrics.store_bytes.get() > 0);
+    // Known to the hub (its owner remembered) before it is deleted.
+    assert!(t.hub.read(&admin(), "old-conv", 0, 0).await.unwrap().is_empty());
     t.hub.housekeeping(2).await;
     assert_eq!(t.store.conversation("old-conv").await.unwrap(), None);
+    assert_eq!(
+        t.hub.read(&admin(), "old-conv", 0, 0).await.unwrap_err(),
+        HubError::ConversationNotFound("old-conv".into())
+    );
     assert!(t.store.conversation(&kept).await.unwrap().is_some());
 }
 
