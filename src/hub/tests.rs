@@ -488,7 +488,13 @@ async fn housekeeping_deletes_idle_conversations_and_measures_the_store() {
     assert!(t.store.conversation("old-conv").await.unwrap().is_some());
     assert!(t.metrics.store_bytes.get() > 0);
     // Known to the hub (its owner remembered) before it is deleted.
-    assert!(t.hub.read(&admin(), "old-conv", 0, 0).await.unwrap().is_empty());
+    assert!(
+        t.hub
+            .read(&admin(), "old-conv", 0, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     t.hub.housekeeping(2).await;
     assert_eq!(t.store.conversation("old-conv").await.unwrap(), None);
     assert_eq!(

@@ -243,10 +243,11 @@ async fn a_slow_subscriber_is_aborted_while_a_fast_one_continues() {
     // Each on its own connection, so the slow one's unread data holds up only itself.
     let mut slow = subscribe(connect(s.addr).await, conv.clone()).await;
     let mut fast = subscribe(connect(s.addr).await, conv.clone()).await;
-    // Large events, so the transport's buffers fill and the slow subscriber falls behind the
-    // live tail; the fast one takes each event before the next is appended.
+    // Large events (30 MB in all, more than the HTTP/2 windows and socket buffers hold), so the
+    // slow subscriber's transport fills and it falls behind the live tail; the fast one takes
+    // each event before the next is appended.
     let big = "x".repeat(60_000);
-    let n = 300;
+    let n = 500;
     for i in 0..n {
         c.append_event(append(&conv, &format!("{i} {big}"), ""))
             .await
