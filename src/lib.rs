@@ -12,10 +12,12 @@ pub mod client;
 pub mod config;
 pub mod exit;
 pub mod gateway;
+pub mod hub;
 pub mod llm;
 mod proto_debug;
 pub mod server;
 pub mod sessions;
+pub mod state;
 pub mod systemd;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]

@@ -154,6 +154,9 @@ pub const COMPAT_ENV: &[(&str, &str)] = &[
     ("CHATCLI_MCP_CONFIG", "catalog.mcp_config"),
     ("CHATCLI_ALLOW_UNSIGNED_PLUGINS", "catalog.allow_unsigned"),
     ("CHATCLI_DATA_DIR", "state.data_dir"),
+    ("CHATCLI_HUB_ENABLED", "hub.enabled"),
+    ("CHATCLI_HUB_DB", "hub.db"),
+    ("CHATCLI_HUB_TAIL_BUFFER", "hub.tail_buffer"),
 ];
 
 /// `CHATCLI_*` names that are read elsewhere (the client, the switch for reflection, features still
@@ -169,9 +172,6 @@ const OTHER_KNOWN_ENV: &[&str] = &[
     "CHATCLI_ALLOW_INSECURE",
     "CHATCLI_AUTH_DIR",
     "CHATCLI_OPENAI_CLIENT_ID",
-    "CHATCLI_HUB_ENABLED",
-    "CHATCLI_HUB_DB",
-    "CHATCLI_HUB_TAIL_BUFFER",
     "CHATCLI_GATEWAY_IN_SERVER",
     "CHATCLI_DEBUG",
     "CHATCLI_MCP_ENABLED",
@@ -653,6 +653,7 @@ fn extract(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
         watcher: section(figment, "watcher", problems),
         catalog: section(figment, "catalog", problems),
         state: section(figment, "state", problems),
+        hub: section(figment, "hub", problems),
     }
 }
 

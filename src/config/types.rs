@@ -34,6 +34,8 @@ pub struct Config {
     pub catalog: CatalogConfig,
     /// Where state (sessions, plugins, agents, skills) is kept.
     pub state: StateConfig,
+    /// The conversation hub: conversations shared by several front ends of one principal.
+    pub hub: HubConfig,
 }
 
 /// Environment-derived defaults: the bind rule and the data dir depend on the process environment.
@@ -82,6 +84,7 @@ impl Config {
             watcher: WatcherConfig::default(),
             catalog: CatalogConfig::default(),
             state: StateConfig::default(),
+            hub: HubConfig::default(),
         };
         c.server.bind_address = d.bind_address;
         c.metrics.bind_address = d.bind_address;
@@ -385,6 +388,11 @@ pub struct LimitsConfig {
     pub max_streams_per_principal: u32,
     /// Failed authentications allowed per client IP per minute before they are slowed.
     pub auth_failures_per_minute: u32,
+    /// Largest `content` of one hub event (`AppendEvent`), in bytes.
+    pub hub_max_content_bytes: usize,
+    /// Longest `channel`, `role` or `client_msg_id` of one hub event, and longest `platform`,
+    /// `user_id` or `principal` of a hub binding, in bytes.
+    pub hub_max_field_bytes: usize,
 }
 
 /// A role's rate limit.
@@ -409,6 +417,8 @@ impl Default for LimitsConfig {
             roles: Default::default(),
             max_streams_per_principal: 32,
             auth_failures_per_minute: 5,
+            hub_max_content_bytes: 1024 * 1024,
+            hub_max_field_bytes: 256,
         }
     }
 }
@@ -661,7 +671,43 @@ impl Default for StateConfig {
     }
 }
 
+/// `[hub]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Serve the conversation hub RPCs; when off they answer `UNAVAILABLE`
+    /// (`CHATCLI_HUB_ENABLED`). Needs a restart.
+    pub enabled: bool,
+    /// The hub's SQLite database; default `<state.data_dir>/hub.db` (`CHATCLI_HUB_DB`). Needs a
+    /// restart.
+    pub db: Option<PathBuf>,
+    /// Live events a subscriber may fall behind by before it is cut off with `ABORTED` (it then
+    /// re-reads and re-subscribes) (`CHATCLI_HUB_TAIL_BUFFER`). Needs a restart.
+    pub tail_buffer: usize,
+    /// Conversations with no event for this many days are deleted (checked every minute);
+    /// `0` = keep them forever.
+    pub retention_days: u32,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            db: None,
+            tail_buffer: 1024,
+            retention_days: 0,
+        }
+    }
+}
+
 impl Config {
+    /// The hub's database file.
+    pub fn hub_db(&self) -> PathBuf {
+        self.hub
+            .db
+            .clone()
+            .unwrap_or_else(|| self.state.data_dir.join("hub.db"))
+    }
     /// The sessions folder.
     pub fn sessions_dir(&self) -> PathBuf {
         self.state.data_dir.join("sessions")

@@ -50,6 +50,21 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
             bad("server.trusted_proxies", format!("entry {why}"));
         }
     }
+    if config.hub.tail_buffer == 0 {
+        bad("hub.tail_buffer", "must be greater than 0".into());
+    }
+    if config.limits.hub_max_content_bytes == 0 {
+        bad(
+            "limits.hub_max_content_bytes",
+            "must be greater than 0".into(),
+        );
+    }
+    if config.limits.hub_max_field_bytes == 0 {
+        bad(
+            "limits.hub_max_field_bytes",
+            "must be greater than 0".into(),
+        );
+    }
     let tls = &s.tls;
     if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
         bad(

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::hub::HubError;
 use crate::llm::{ErrorClass, LlmError, UpstreamError};
 use crate::sessions::SessionError;
 
@@ -95,6 +96,16 @@ codes! {
     ReloadUnavailable = "reload_unavailable",
     /// The new configuration was refused; the previous one keeps serving.
     ReloadFailed = "reload_failed",
+    /// The conversation hub is turned off on this server.
+    HubDisabled = "hub_disabled",
+    /// The conversation hub's store cannot be opened or reached.
+    HubUnavailable = "hub_unavailable",
+    /// No conversation has this id.
+    ConversationNotFound = "conversation_not_found",
+    /// A hub subscriber fell further behind the live events than the tail buffer holds.
+    SubscriberLagged = "subscriber_lagged",
+    /// The conversation hub's store failed an operation.
+    HubStoreFailed = "hub_store_failed",
     /// The capability is not in this build.
     NotImplemented = "not_implemented",
     /// The server failed in a way the caller cannot fix.
@@ -209,6 +220,9 @@ pub enum Error {
         /// What was wrong with the new configuration, one problem each.
         problems: Vec<String>,
     },
+    /// A conversation hub error; its code follows its kind.
+    #[error(transparent)]
+    Hub(#[from] HubError),
     /// See [`Code::NotImplemented`].
     #[error("{rpc} is not in this build yet: it waits for {capability}")]
     NotImplemented {
@@ -250,6 +264,7 @@ impl Error {
             Error::IdleTimeout { .. } => Code::IdleTimeout,
             Error::ReloadUnavailable => Code::ReloadUnavailable,
             Error::ReloadFailed { .. } => Code::ReloadFailed,
+            Error::Hub(e) => hub_code(e),
             Error::NotImplemented { .. } => Code::NotImplemented,
             Error::Internal(_) => Code::Internal,
         }
@@ -291,6 +306,9 @@ impl Code {
                 | Code::UpstreamUnavailable
                 | Code::AllProvidersFailed
                 | Code::SessionStorageFailed
+                | Code::HubUnavailable
+                | Code::SubscriberLagged
+                | Code::HubStoreFailed
                 | Code::Internal
         )
     }
@@ -330,6 +348,19 @@ fn class_code(class: ErrorClass) -> Code {
         ErrorClass::Server | ErrorClass::Transport | ErrorClass::Malformed => {
             Code::UpstreamUnavailable
         }
+    }
+}
+
+fn hub_code(e: &HubError) -> Code {
+    match e {
+        HubError::Disabled => Code::HubDisabled,
+        HubError::Unavailable(_) => Code::HubUnavailable,
+        HubError::Unauthenticated => Code::Unauthenticated,
+        HubError::PermissionDenied(_) => Code::PermissionDenied,
+        HubError::InvalidArgument(_) => Code::InvalidArgument,
+        HubError::ConversationNotFound(_) => Code::ConversationNotFound,
+        HubError::SubscriberLagged { .. } => Code::SubscriberLagged,
+        HubError::Store(_) => Code::HubStoreFailed,
     }
 }
 
@@ -381,6 +412,27 @@ mod tests {
                 !s.is_empty() && s.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'),
                 "{s}"
             );
+        }
+    }
+
+    #[test]
+    fn hub_errors_keep_the_code_the_hub_names() {
+        let all = [
+            HubError::Disabled,
+            HubError::Unavailable("x".into()),
+            HubError::Unauthenticated,
+            HubError::PermissionDenied("x".into()),
+            HubError::InvalidArgument("x".into()),
+            HubError::ConversationNotFound("c".into()),
+            HubError::SubscriberLagged {
+                behind: 3,
+                last_seq: 1,
+                tail_buffer: 2,
+            },
+            HubError::Store("x".into()),
+        ];
+        for e in all {
+            assert_eq!(Error::from(e.clone()).code().as_str(), e.code(), "{e}");
         }
     }
 

@@ -52,8 +52,14 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         | Code::SessionNameInvalid
         | Code::ContextTooLong
         | Code::UpstreamBadRequest => G::InvalidArgument,
-        Code::SessionNotFound | Code::ProviderUnknown | Code::ModelNotFound => G::NotFound,
-        Code::SessionCorrupt | Code::SessionStorageFailed | Code::Internal => G::Internal,
+        Code::SessionNotFound
+        | Code::ProviderUnknown
+        | Code::ModelNotFound
+        | Code::ConversationNotFound => G::NotFound,
+        Code::SessionCorrupt
+        | Code::SessionStorageFailed
+        | Code::HubStoreFailed
+        | Code::Internal => G::Internal,
         Code::Unauthenticated => G::Unauthenticated,
         Code::PermissionDenied => G::PermissionDenied,
         Code::RateLimited
@@ -66,6 +72,8 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         | Code::AllProvidersFailed => G::Unavailable,
         Code::UpstreamTimeout | Code::IdleTimeout => G::DeadlineExceeded,
         Code::ReloadUnavailable | Code::ReloadFailed => G::FailedPrecondition,
+        Code::HubDisabled | Code::HubUnavailable => G::Unavailable,
+        Code::SubscriberLagged => G::Aborted,
         Code::NotImplemented => G::Unimplemented,
     }
 }
@@ -154,6 +162,19 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
             StatusCode::UNPROCESSABLE_ENTITY,
             "config_error",
             "reload_failed",
+        ),
+        Code::HubDisabled => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "hub_disabled"),
+        Code::HubUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "hub_unavailable",
+        ),
+        Code::ConversationNotFound => (StatusCode::NOT_FOUND, INVALID, "conversation_not_found"),
+        Code::SubscriberLagged => (StatusCode::CONFLICT, INVALID, "subscriber_lagged"),
+        Code::HubStoreFailed => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "hub_store_failed",
         ),
         Code::NotImplemented => (
             StatusCode::NOT_IMPLEMENTED,

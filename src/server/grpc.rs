@@ -815,74 +815,53 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn resolve_active_conversation(
         &self,
-        _request: Request<ResolveActiveConversationRequest>,
+        request: Request<ResolveActiveConversationRequest>,
     ) -> Result<Response<ResolveActiveConversationResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ResolveActiveConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::resolve_active_conversation(&self.state, request).await
     }
 
     async fn new_conversation(
         &self,
-        _request: Request<NewConversationRequest>,
+        request: Request<NewConversationRequest>,
     ) -> Result<Response<NewConversationResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "NewConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::new_conversation(&self.state, request).await
     }
 
     async fn append_event(
         &self,
-        _request: Request<AppendEventRequest>,
+        request: Request<AppendEventRequest>,
     ) -> Result<Response<AppendEventResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "AppendEvent",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::append_event(&self.state, request).await
     }
 
     async fn read_conversation(
         &self,
-        _request: Request<ReadConversationRequest>,
+        request: Request<ReadConversationRequest>,
     ) -> Result<Response<ReadConversationResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ReadConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::read_conversation(&self.state, request).await
     }
 
     type SubscribeConversationStream = BoxStream<ConversationEvent>;
 
     async fn subscribe_conversation(
         &self,
-        _request: Request<SubscribeConversationRequest>,
+        request: Request<SubscribeConversationRequest>,
     ) -> Result<Response<Self::SubscribeConversationStream>, Status> {
-        Err(error::to_status(&waits_for(
-            "SubscribeConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::subscribe_conversation(&self.state, request).await
     }
 
     async fn set_binding(
         &self,
-        _request: Request<SetBindingRequest>,
+        request: Request<SetBindingRequest>,
     ) -> Result<Response<SetBindingResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "SetBinding",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::set_binding(&self.state, request).await
     }
 
     async fn list_bindings(
         &self,
-        _request: Request<ListBindingsRequest>,
+        request: Request<ListBindingsRequest>,
     ) -> Result<Response<ListBindingsResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ListBindings",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::list_bindings(&self.state, request).await
     }
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod forwarded;
 mod grpc;
+mod grpc_hub;
 pub mod healthcheck;
 mod http;
 mod listener;
@@ -220,6 +221,7 @@ pub async fn run_with(
         async move {
             crate::systemd::stopping();
             state.set_draining();
+            state.hub.drain();
             reporter
                 .set_not_serving::<crate::proto::chat_cli_service_server::ChatCliServiceServer<grpc::ChatCliGrpc>>()
                 .await;
@@ -241,8 +243,12 @@ pub async fn run_with(
             }
         })
     };
+    let hub_housekeeping = start_hub(&state).await;
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     housekeeping.abort();
+    if let Some(h) = hub_housekeeping {
+        h.abort();
+    }
     sighup.abort();
 
     if let Some(w) = watchdog {
@@ -258,6 +264,27 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the conversation hub's store when its database exists (a failure is logged; hub calls
+/// then answer `UNAVAILABLE` and retry opening it) and starts its housekeeping (retention, store
+/// size), when the hub is on.
+async fn start_hub(state: &Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
+    if !state.hub.enabled() {
+        tracing::info!("conversation hub disabled");
+        return None;
+    }
+    if let Err(e) = state.hub.open_existing().await {
+        tracing::error!("{e}");
+    }
+    let reader = state.clone();
+    Some(
+        state
+            .hub
+            .spawn_housekeeping(std::time::Duration::from_secs(60), move || {
+                reader.prepared().config.hub.retention_days
+            }),
+    )
 }
 
 fn local_addr(l: &TcpListener) -> Result<SocketAddr, ServerError> {

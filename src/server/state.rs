@@ -208,6 +208,8 @@ pub struct AppState {
     pub events: super::events::EventBus,
     /// Prompt calls being answered on each transport, for `/status`.
     pub in_flight: InFlight,
+    /// The conversation hub.
+    pub hub: Arc<crate::hub::Hub>,
 }
 
 /// The transport a call came on.
@@ -320,6 +322,14 @@ impl AppState {
             )
             .map_err(ServerError::CannotCreate)?,
         };
+        let hub = Arc::new(crate::hub::Hub::new(
+            &prepared.config.hub,
+            prepared.config.hub_db(),
+            metrics
+                .as_ref()
+                .map(|m| crate::telemetry::HubMetrics::register(m.registry()))
+                .transpose()?,
+        ));
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             rate_limits,
@@ -338,6 +348,7 @@ impl AppState {
             started: Instant::now(),
             events: super::events::EventBus::default(),
             in_flight: InFlight::default(),
+            hub,
         })
     }
 

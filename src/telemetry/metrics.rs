@@ -573,6 +573,51 @@ fn histogram_vec(
     register(registry, HistogramVec::new(opts, labels)?)
 }
 
+// ---- Conversation hub ---------------------------------------------------------------------------
+
+/// The conversation hub's series, registered in a server's registry by [`HubMetrics::register`].
+#[derive(Clone, Debug)]
+pub struct HubMetrics {
+    /// `chatcli_hub_events_appended_total`: events stored by `AppendEvent` (an idempotent retry
+    /// that stored nothing new is not counted).
+    pub events_appended: IntCounter,
+    /// `chatcli_hub_subscribers`: open `SubscribeConversation` streams.
+    pub subscribers: IntGauge,
+    /// `chatcli_hub_store_bytes`: size of the hub's store (database and write-ahead log).
+    pub store_bytes: IntGauge,
+}
+
+impl HubMetrics {
+    /// Registers the hub's series in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            events_appended: register(
+                registry,
+                IntCounter::new(
+                    "chatcli_hub_events_appended_total",
+                    "Conversation hub events stored",
+                )?,
+            )?,
+            subscribers: register(
+                registry,
+                IntGauge::new(
+                    "chatcli_hub_subscribers",
+                    "Open conversation hub subscriptions",
+                )?,
+            )?,
+            store_bytes: register(
+                registry,
+                IntGauge::new(
+                    "chatcli_hub_store_bytes",
+                    "Size of the conversation hub store in bytes",
+                )?,
+            )?,
+        })
+    }
+}
+
+// ---- end of the conversation hub block ---------------------------------------------------------
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

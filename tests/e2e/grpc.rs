@@ -7,8 +7,8 @@ use std::time::Duration;
 use chatcli::config::Secret;
 use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
 use chatcli::proto::{
-    AppendEventRequest, ChatMessage, DownloadPluginRequest, GetAlertsRequest, GetServerInfoRequest,
-    HealthRequest, ListRemotePluginsRequest, SendPromptRequest, health_response,
+    ChatMessage, DownloadPluginRequest, GetAlertsRequest, GetServerInfoRequest, HealthRequest,
+    ListRemotePluginsRequest, SendPromptRequest, health_response,
 };
 use futures::StreamExt;
 use tonic::Code;
@@ -438,12 +438,6 @@ async fn unbuilt_rpcs_say_what_they_wait_for() {
             .expect_err("DownloadPlugin answered"),
     };
     errors.push(("DownloadPlugin", download));
-    let append = s
-        .client
-        .append_event(AppendEventRequest::default())
-        .await
-        .unwrap_err();
-    errors.push(("AppendEvent", append));
     for (rpc, err) in errors {
         assert_eq!(err.code(), Code::Unimplemented, "{rpc}: {err:?}");
         assert!(

@@ -12,6 +12,7 @@ mod first_hour;
 mod grpc;
 mod http;
 mod http_api;
+mod hub;
 mod interactive;
 mod providers;
 mod python;

@@ -511,6 +511,9 @@ restart_only!(
     audit.max_backups,
     audit.queue,
     state.data_dir,
+    hub.enabled,
+    hub.db,
+    hub.tail_buffer,
 );
 
 /// Keys a reload applies: they are read from the snapshot of each request (providers, auth,
@@ -519,6 +522,10 @@ restart_only!(
 /// drain starts). Items of a list of tables are named without their index (`llm.providers.name`).
 /// The watcher's keys are read from the snapshot too; the watcher itself is not in this build.
 pub const RELOADABLE: &[&str] = &[
+    // Read by the hub's housekeeping on each sweep and by each hub call.
+    "hub.retention_days",
+    "limits.hub_max_content_bytes",
+    "limits.hub_max_field_bytes",
     "server.shutdown_grace",
     "server.allow_no_auth",
     "server.trusted_proxies",
