@@ -806,7 +806,10 @@ fn catalog_settings_layer_and_validate() {
         "c.toml",
         "[catalog]\ntrusted_keys_dir = \"/keys\"\nexec_timeout = \"30s\"\nmax_output_bytes = 1024\nenv_allow = [\"PATH\", \"MY_TOKEN\"]\n",
     );
-    let env = [("HOME", "/home/u"), ("CHATCLI_ALLOW_UNSIGNED_PLUGINS", "true")];
+    let env = [
+        ("HOME", "/home/u"),
+        ("CHATCLI_ALLOW_UNSIGNED_PLUGINS", "true"),
+    ];
     let l = load(&sources(&env, Some(&f), vec![])).unwrap();
     let cat = &l.config.catalog;
     assert!(cat.allow_unsigned);

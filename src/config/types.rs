@@ -664,9 +664,7 @@ impl Default for CatalogConfig {
             allow_unsigned: false,
             exec_timeout: Duration::from_secs(15 * 60),
             max_output_bytes: 8 * 1024 * 1024,
-            env_allow: ["PATH", "LANG", "LC_ALL", "TZ"]
-                .map(String::from)
-                .to_vec(),
+            env_allow: ["PATH", "LANG", "LC_ALL", "TZ"].map(String::from).to_vec(),
             mcp_config: None,
         }
     }

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod events;
 pub mod forwarded;
 mod grpc;
+mod grpc_catalog;
 pub mod healthcheck;
 mod http;
 mod listener;
@@ -288,6 +289,7 @@ pub async fn run_with(
         })
     };
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
+    state.catalog.shutdown();
     housekeeping.abort();
     sighup.abort();
 

@@ -143,6 +143,8 @@ pub struct AppState {
     pub events: super::events::EventBus,
     /// Prompt calls being answered on each transport, for `/status`.
     pub in_flight: InFlight,
+    /// Plugins, agents and skills (rescanned as their folders and settings change).
+    pub catalog: Arc<crate::catalog::Catalog>,
 }
 
 /// The transport a call came on.
@@ -245,6 +247,11 @@ impl AppState {
             )
             .map_err(ServerError::CannotCreate)?,
         };
+        let catalog =
+            crate::catalog::Catalog::new(&crate::catalog::Settings::from_config(&prepared.config))
+                .map_err(|e| {
+                    ServerError::CannotCreate(format!("creating the plugin cache: {e}"))
+                })?;
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             sessions,
@@ -262,6 +269,7 @@ impl AppState {
             started: Instant::now(),
             events: super::events::EventBus::default(),
             in_flight: InFlight::default(),
+            catalog: Arc::new(catalog),
         })
     }
 
