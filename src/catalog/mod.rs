@@ -485,7 +485,7 @@ impl Catalog {
                 .into_iter()
                 .map(|f| (dir.join(&f), f))
                 .find(|(p, _)| p.is_file())
-                .map(|(p, f)| plugins::read_checked(&p, &keys, allow).map(|(b, _, _)| (f, b)))
+                .map(|(p, f)| plugins::read_checked(&p, &keys, allow).map(|c| (f, c.bytes)))
         })
         .await
         .map_err(|e| fail(e.to_string()))?;

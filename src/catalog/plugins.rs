@@ -133,13 +133,23 @@ pub fn candidates(dir: &Path) -> (Vec<PathBuf>, bool) {
     (v, settling)
 }
 
-/// Reads `path` (at most [`MAX_PLUGIN_BYTES`]) and checks its signature; the bytes, their digest and
-/// the signing key (`None` when unsigned and `allow_unsigned`).
+/// A plugin file read and checked.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The bytes that were checked.
+    pub bytes: Vec<u8>,
+    /// Their SHA-256.
+    pub digest: [u8; 32],
+    /// The key file that signed them; `None` when admitted unsigned (`allow_unsigned`).
+    pub signed_by: Option<String>,
+}
+
+/// Reads `path` (at most [`MAX_PLUGIN_BYTES`]) and checks its signature.
 pub fn read_checked(
     path: &Path,
     keys: &[TrustedKey],
     allow_unsigned: bool,
-) -> Result<(Vec<u8>, [u8; 32], Option<String>), String> {
+) -> Result<Checked, String> {
     use std::io::Read as _;
     let f = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut bytes = Vec::new();
@@ -157,14 +167,19 @@ pub fn read_checked(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("unsigned (no .sig file)".into()),
         Err(e) => Err(format!("cannot read its .sig: {e}")),
     };
-    match checked {
-        Ok(key) => Ok((bytes, digest, Some(key))),
+    let signed_by = match checked {
+        Ok(key) => Some(key),
         Err(why) if allow_unsigned => {
             tracing::warn!(plugin = %path.display(), "plugin admitted without a valid signature (allow_unsigned): {why}");
-            Ok((bytes, digest, None))
+            None
         }
-        Err(why) => Err(why),
-    }
+        Err(why) => return Err(why),
+    };
+    Ok(Checked {
+        bytes,
+        digest,
+        signed_by,
+    })
 }
 
 /// Writes `bytes` as `<cache>/<hex>` (mode 0500) unless it is there already; its path.
@@ -266,10 +281,10 @@ pub async fn scan(
         let results: Vec<_> = files
             .into_iter()
             .map(|f| {
-                let r = read_checked(&f, &keys, allow).and_then(|(bytes, digest, key)| {
-                    let hex = hex(&digest);
-                    cache_copy(&cache_dir, &hex, &bytes)
-                        .map(|p| (p, hex, key))
+                let r = read_checked(&f, &keys, allow).and_then(|c| {
+                    let hex = hex(&c.digest);
+                    cache_copy(&cache_dir, &hex, &c.bytes)
+                        .map(|p| (p, hex, c.signed_by))
                         .map_err(|e| format!("cannot copy into the plugin cache: {e}"))
                 });
                 (f, r)

@@ -470,3 +470,61 @@ async fn agents_and_skills_come_from_their_folders() {
     assert_eq!(n, 2);
     s.shutdown().await;
 }
+
+/// `$CHATCLI_TEST_PYTHON`, else `<repo>/.venv/bin/python` (as the other Python peers).
+fn python() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidate = match std::env::var_os("CHATCLI_TEST_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => repo.join(".venv/bin/python"),
+    };
+    assert!(
+        candidate.exists(),
+        "no Python for the gRPC peer at {}: set CHATCLI_TEST_PYTHON or create the venv: \
+         python3 -m venv .venv && .venv/bin/pip install -r tests/python/requirements.txt",
+        candidate.display()
+    );
+    candidate
+}
+
+#[tokio::test]
+async fn python_peer_lists_and_downloads_a_plugin() {
+    let s = TestServer::start_with(config()).await;
+    let key = trust(&s.data_dir);
+    let p = plugin(
+        &s.data_dir,
+        "pytool",
+        "pytool",
+        &format!("echo hi\n# {}", "y".repeat(100 * 1024)),
+        Some(&key),
+    );
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/catalog_peer.py");
+    let home = tempfile::tempdir().unwrap();
+    let run = tokio::process::Command::new(python())
+        .arg(&peer)
+        .arg(s.addr.to_string())
+        .arg("tok-user")
+        .arg("pytool")
+        .arg(&p)
+        .env_clear()
+        .env("HOME", home.path())
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    // Generating the stubs takes a few seconds; the bound only keeps a stuck peer from hanging.
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the python peer did not finish within 120s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "catalog peer failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("catalog peer: OK"), "{stdout}");
+    s.shutdown().await;
+}
