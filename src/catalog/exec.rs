@@ -52,6 +52,18 @@ impl Captured {
     }
 }
 
+/// Which stream a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipe {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Receives the kept output of a run as it is read (nothing past the cap).
+pub type Sink = tokio::sync::mpsc::UnboundedSender<(Pipe, Vec<u8>)>;
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -107,6 +119,17 @@ pub async fn run(
     limits: &Limits,
     cancel: &CancellationToken,
 ) -> std::io::Result<RunOutput> {
+    run_with(program, args, limits, cancel, None).await
+}
+
+/// [`run`], also sending the kept output to `sink` as it is read.
+pub async fn run_with(
+    program: &Path,
+    args: &[String],
+    limits: &Limits,
+    cancel: &CancellationToken,
+    sink: Option<Sink>,
+) -> std::io::Result<RunOutput> {
     let workdir = tempfile::Builder::new()
         .prefix("chatcli-plugin-run-")
         .tempdir()?;
@@ -136,8 +159,12 @@ pub async fn run(
         pgid: child.id().and_then(|id| i32::try_from(id).ok()),
     };
     let cap = limits.max_output;
-    let mut out_task = reader(child.stdout.take(), cap);
-    let mut err_task = reader(child.stderr.take(), cap);
+    let mut out_task = reader(
+        child.stdout.take(),
+        cap,
+        sink.clone().map(|s| (s, Pipe::Stdout)),
+    );
+    let mut err_task = reader(child.stderr.take(), cap, sink.map(|s| (s, Pipe::Stderr)));
     let deadline = tokio::time::Instant::now() + limits.timeout;
     let finished = tokio::select! {
         r = async {
@@ -182,10 +209,11 @@ pub async fn run(
 fn reader(
     pipe: Option<impl AsyncRead + Unpin + Send + 'static>,
     cap: usize,
+    sink: Option<(Sink, Pipe)>,
 ) -> JoinHandle<Captured> {
     tokio::spawn(async move {
         match pipe {
-            Some(p) => read_capped(p, cap).await,
+            Some(p) => read_capped(p, cap, sink).await,
             None => Captured::default(),
         }
     })
@@ -201,8 +229,12 @@ async fn collect(mut task: JoinHandle<Captured>, grace: Duration) -> Captured {
     }
 }
 
-/// Reads `r` to its end, keeping the first `cap` bytes.
-async fn read_capped(mut r: impl AsyncRead + Unpin, cap: usize) -> Captured {
+/// Reads `r` to its end, keeping the first `cap` bytes (and sending them to `sink`).
+async fn read_capped(
+    mut r: impl AsyncRead + Unpin,
+    cap: usize,
+    sink: Option<(Sink, Pipe)>,
+) -> Captured {
     let mut kept = Vec::new();
     let mut total = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
@@ -212,7 +244,13 @@ async fn read_capped(mut r: impl AsyncRead + Unpin, cap: usize) -> Captured {
             Ok(n) => {
                 total += n as u64;
                 let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
+                let piece = &buf[..n.min(room)];
+                if let Some((tx, pipe)) = &sink
+                    && !piece.is_empty()
+                {
+                    let _ = tx.send((*pipe, piece.to_vec()));
+                }
+                kept.extend_from_slice(piece);
             }
         }
     }

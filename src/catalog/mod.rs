@@ -174,6 +174,8 @@ pub struct ExecOutcome {
     pub output: String,
     /// Empty when the plugin exited 0; else how it failed, and its standard error.
     pub error: String,
+    /// Standard output or standard error was cut at the cap.
+    pub truncated: bool,
 }
 
 /// A plugin file to send.
@@ -372,6 +374,19 @@ impl Catalog {
         name: &str,
         args: &[String],
     ) -> Result<ExecOutcome, CatalogError> {
+        let plugin = self.prepare_exec(settings, role, name, args).await?;
+        self.run_plugin(settings, &plugin, args, None).await
+    }
+
+    /// The checks of [`Catalog::execute`] before anything runs: the request's bounds, the role,
+    /// and the plugin (which `role` must be able to see).
+    pub async fn prepare_exec(
+        &self,
+        settings: &Settings,
+        role: Role,
+        name: &str,
+        args: &[String],
+    ) -> Result<Plugin, CatalogError> {
         if name.is_empty() || name.len() > MAX_NAME_BYTES {
             return Err(CatalogError::Invalid(format!(
                 "plugin_name must be 1 to {MAX_NAME_BYTES} bytes"
@@ -392,13 +407,25 @@ impl Catalog {
         if self.shutdown.is_cancelled() {
             return Err(CatalogError::ShuttingDown);
         }
-        let plugin = self.find_plugin(settings, role, name).await?;
+        self.find_plugin(settings, role, name).await
+    }
+
+    /// Runs a plugin [`Catalog::prepare_exec`] returned, sending its kept output to `sink` as it
+    /// comes when one is given.
+    pub async fn run_plugin(
+        &self,
+        settings: &Settings,
+        plugin: &Plugin,
+        args: &[String],
+        sink: Option<exec::Sink>,
+    ) -> Result<ExecOutcome, CatalogError> {
+        let name = plugin.name.as_str();
         let limits = exec::Limits {
             timeout: settings.exec_timeout,
             max_output: settings.max_output_bytes,
             env: plugins::plugin_env(&settings.env_allow),
         };
-        let out = exec::run(&plugin.exec_path, args, &limits, &self.shutdown)
+        let out = exec::run_with(&plugin.exec_path, args, &limits, &self.shutdown, sink)
             .await
             .map_err(|e| CatalogError::Failed {
                 name: name.into(),
@@ -421,6 +448,7 @@ impl Catalog {
         Ok(ExecOutcome {
             output: out.stdout.text(),
             error,
+            truncated: out.stdout.truncated() || out.stderr.truncated(),
         })
     }
 
@@ -747,7 +775,8 @@ mod tests {
             out,
             ExecOutcome {
                 output: "hello x y\n".into(),
-                error: String::new()
+                error: String::new(),
+                truncated: false,
             }
         );
         assert_eq!(
@@ -892,6 +921,7 @@ mod tests {
                 .ends_with("52428800 bytes written, the first 1048576 kept]")
         );
         assert_eq!(out.error, "");
+        assert!(out.truncated);
     }
 
     #[tokio::test]

@@ -528,3 +528,114 @@ async fn python_peer_lists_and_downloads_a_plugin() {
     assert!(stdout.contains("catalog peer: OK"), "{stdout}");
     s.shutdown().await;
 }
+
+async fn http_exec(s: &TestServer, token: &str, name: &str, body: &str) -> reqwest::Response {
+    crate::support::http_client()
+        .post(s.url(&format!("/plugins/{name}/exec")))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http_exec_streams_output_lines_as_sse() {
+    let s = TestServer::start_with(config()).await;
+    let d = &s.data_dir;
+    let key = trust(d);
+    plugin(
+        d,
+        "lines",
+        "lines",
+        "for a in \"$@\"; do echo \"out $a\"; done; echo warn >&2; printf 'tail'; exit 2",
+        Some(&key),
+    );
+    let pidfile = s.root().join("sse-child.pid");
+    plugin(
+        d,
+        "forever",
+        "forever",
+        &format!(
+            "echo started; sleep 300 & echo $! > {}; wait",
+            pidfile.display()
+        ),
+        Some(&key),
+    );
+
+    let resp = http_exec(&s, "tok-user", "lines", r#"{"args": ["a b", "$(id)"]}"#).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = resp.text().await.unwrap();
+    let events: Vec<(String, serde_json::Value)> = text
+        .split("\n\n")
+        .filter_map(|block| {
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((event.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect();
+    let lines = |kind: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|(e, _)| e == kind)
+            .map(|(_, d)| d["line"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(lines("stdout"), ["out a b", "out $(id)", "tail"], "{text}");
+    assert_eq!(lines("stderr"), ["warn"], "{text}");
+    let (last, done) = events.last().unwrap();
+    assert_eq!(last, "done", "{text}");
+    assert!(
+        done["error"].as_str().unwrap().contains("exit status: 2"),
+        "{done}"
+    );
+    assert_eq!(done["truncated"], false);
+
+    assert_eq!(
+        http_exec(&s, "tok-reader", "lines", "{}").await.status(),
+        403
+    );
+    assert_eq!(
+        http_exec(&s, "tok-user", "missing", "{}").await.status(),
+        404
+    );
+    assert_eq!(
+        http_exec(&s, "tok-user", "lines", r#"{"args": "not a list"}"#)
+            .await
+            .status(),
+        400
+    );
+
+    // The client goes away: the plugin's process group is killed.
+    let resp = http_exec(&s, "tok-user", "forever", "{}").await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).contains("started"),
+        "{first:?}"
+    );
+    let pid = crate::support::eventually("the child's pid", || async {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .filter(|p| p.ends_with('\n'))
+    })
+    .await;
+    drop(body);
+    let stat = format!("/proc/{}/stat", pid.trim());
+    crate::support::eventually("the plugin's child to be gone", || async {
+        let gone = std::fs::read_to_string(&stat).map_or(true, |s| {
+            s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z'))
+        });
+        gone.then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}

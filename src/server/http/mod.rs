@@ -3,7 +3,8 @@
 //!
 //! - `POST /v1/chat/completions`, `GET /v1/models`: the OpenAI-compatible API ([`openai`]);
 //! - `POST /request`, `GET /updates`: the prompt/SSE API ([`prompt`]);
-//! - `GET /status`, `GET /health` ([`status`]).
+//! - `GET /status`, `GET /health` ([`status`]);
+//! - `POST /plugins/{name}/exec`: a catalog plugin's output as server-sent events ([`catalog`]).
 //!
 //! Handlers convert to and from the core call ([`gateway::start`], the one SendPrompt uses) and
 //! nothing more. This module holds what they share: the caller, the error type with its mapping
@@ -32,6 +33,7 @@
 //! The OpenAI routes answer `{"error":{"message","type","code"}}`; `/request` answers
 //! `{"success":false,"error":"<message>","code":"<code>"}` with the same status.
 
+mod catalog;
 mod metrics;
 mod openai;
 mod prompt;
@@ -72,6 +74,7 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<Api>>)> {
         ("/request", post(prompt::request)),
         ("/updates", get(prompt::updates)),
         ("/admin/reload", post(status::admin_reload)),
+        ("/plugins/{name}/exec", post(catalog::exec)),
     ]
 }
 
