@@ -129,11 +129,26 @@ impl HttpApi {
     }
 }
 
-/// The route template among `labels` that `path` is, or `unmatched`.
+/// The route template among `labels` that `path` is, or `unmatched`. A `{param}` segment of a
+/// template matches any one non-empty segment.
 fn route_label(labels: &[&'static str], path: &str) -> &'static str {
+    let matches = |template: &str| {
+        template == path
+            || (template.contains('{') && {
+                let (mut t, mut p) = (template.split('/'), path.split('/'));
+                loop {
+                    match (t.next(), p.next()) {
+                        (None, None) => break true,
+                        (Some(ts), Some(ps)) if ts.starts_with('{') && !ps.is_empty() => {}
+                        (Some(ts), Some(ps)) if ts == ps => {}
+                        _ => break false,
+                    }
+                }
+            })
+    };
     labels
         .iter()
-        .find(|r| **r == path)
+        .find(|r| matches(r))
         .copied()
         .unwrap_or("unmatched")
 }
@@ -758,12 +773,20 @@ mod tests {
                 "/request",
                 "/updates",
                 "/admin/reload",
+                "/plugins/{name}/exec",
             ]
         );
         for path in &labels {
             assert_eq!(route_label(&labels, path), *path);
         }
+        assert_eq!(
+            route_label(&labels, "/plugins/tool/exec"),
+            "/plugins/{name}/exec"
+        );
         for path in [
+            "/plugins//exec",
+            "/plugins/a/b/exec",
+            "/plugins/tool/exec/",
             "/",
             "/v1/chat/completions/",
             "/v1/chat",
