@@ -148,7 +148,11 @@ async fn download(
 
 #[tokio::test]
 async fn plugins_are_listed_by_role_run_sandboxed_and_downloaded() {
-    let s = TestServer::start_with(config()).await;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit_path = audit_dir.path().join("audit.jsonl");
+    let mut c = config();
+    c.audit.path = Some(audit_path.clone());
+    let s = TestServer::start_with(c).await;
     let d = &s.data_dir;
     let key = trust(d);
     // Padded past two chunks, so the download has three data messages.
@@ -294,6 +298,32 @@ async fn plugins_are_listed_by_role_run_sandboxed_and_downloaded() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let err = download(&mut user, "rogue", "", "").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // Downloads and runs are audited with the plugin as the resource; a readonly run as denied.
+    let lines: Vec<serde_json::Value> = crate::support::eventually("the audit lines", || async {
+        let text = std::fs::read_to_string(&audit_path).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        lines
+            .iter()
+            .any(|l| {
+                l["method"] == "/chatcli.v1.ChatCLIService/DownloadPlugin" && l["result"] == "error"
+            })
+            .then_some(lines)
+    })
+    .await;
+    let has = |method: &str, resource: &str, result: &str| {
+        lines.iter().any(|l| {
+            l["method"] == format!("/chatcli.v1.ChatCLIService/{method}")
+                && l.to_string().contains(&format!("\"{resource}\""))
+                && l["result"] == result
+        })
+    };
+    assert!(has("DownloadPlugin", "hello", "ok"), "{lines:#?}");
+    assert!(has("ExecuteRemotePlugin", "hello", "ok"), "{lines:#?}");
+    assert!(has("ExecuteRemotePlugin", "hello", "denied"), "{lines:#?}");
     s.shutdown().await;
 }
 
