@@ -452,6 +452,9 @@ impl ChatCliGrpc {
                     n.skills,
                     reg.names().join(", "),
                 );
+                out.push_str(
+                    &super::grpc_catalog::refused_lines(&self.state, prepared, who.role).await,
+                );
                 if !reg.fallback().chain.is_empty() {
                     out.push_str(&format!(
                         "\nFallback: configured ({})",

@@ -76,6 +76,22 @@ pub async fn counts(state: &AppState, prepared: &Prepared) -> CatalogCounts {
         .await
 }
 
+/// For admins, one `/status` line per plugin file that is not offered, with the reason (each
+/// line starts with a newline); nothing for other roles, since the lines name server paths.
+pub async fn refused_lines(state: &AppState, prepared: &Prepared, role: Role) -> String {
+    if role != Role::Admin {
+        return String::new();
+    }
+    let snap = state
+        .catalog
+        .snapshot(&Settings::from_config(&prepared.config))
+        .await;
+    snap.refused
+        .iter()
+        .map(|r| format!("\nRefused plugin: {}: {}", r.file.display(), r.reason))
+        .collect()
+}
+
 /// `ListRemotePlugins`.
 pub async fn list_remote_plugins(
     state: &AppState,

@@ -669,3 +669,71 @@ async fn http_exec_streams_output_lines_as_sse() {
     .await;
     s.shutdown().await;
 }
+
+/// Sends one remote command over InteractiveSession as the holder of `token`; the reply text.
+async fn remote_command(s: &TestServer, token: &str, command: &str) -> String {
+    use chatcli::proto::SessionMessage;
+    use chatcli::proto::session_message::Type;
+    let mut c = client(&s.channel, token);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(SessionMessage {
+        r#type: Type::Command as i32,
+        content: command.into(),
+        metadata: Default::default(),
+    })
+    .await
+    .unwrap();
+    let mut replies = c
+        .interactive_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    assert_eq!(reply.r#type(), Type::CommandResult, "{reply:?}");
+    reply.content
+}
+
+#[tokio::test]
+async fn remote_commands_list_the_catalog() {
+    let s = TestServer::start_with(config()).await;
+    let d = &s.data_dir;
+    let key = trust(d);
+    plugin(d, "hello", "hello", "echo hi", Some(&key));
+    plugin(d, "secret", "_secret", "echo s", Some(&key));
+    plugin(d, "rogue", "rogue", "echo r", None);
+    std::fs::create_dir_all(d.join("agents")).unwrap();
+    std::fs::write(d.join("agents/ops.md"), "---\ndescription: Ops\n---\nx\n").unwrap();
+
+    let user = remote_command(&s, "tok-user", "/plugins list").await;
+    assert!(user.starts_with("=== Plugins (2) ==="), "{user}");
+    assert!(
+        user.contains("  - hello (v2.1) — the hello plugin"),
+        "{user}"
+    );
+    assert!(!user.contains("_secret"), "{user}");
+    let admin = remote_command(&s, "tok-admin", "/plugins list").await;
+    assert!(
+        admin.starts_with("=== Plugins (3) ===") && admin.contains("_secret"),
+        "{admin}"
+    );
+    assert_eq!(
+        remote_command(&s, "tok-reader", "/plugins list").await,
+        "No plugins available."
+    );
+    let agents = remote_command(&s, "tok-reader", "/agents list").await;
+    assert_eq!(agents, "=== Agents (1) ===\n  - ops — Ops");
+    assert_eq!(
+        remote_command(&s, "tok-user", "/skills list").await,
+        "No skills available."
+    );
+    let status = remote_command(&s, "tok-admin", "/status").await;
+    assert!(status.contains("Plugins:  3 loaded"), "{status}");
+    assert!(status.contains("Agents:   1 available"), "{status}");
+    assert!(
+        status.contains("Refused plugin: ") && status.contains("rogue: unsigned"),
+        "{status}"
+    );
+    let status = remote_command(&s, "tok-user", "/status").await;
+    assert!(!status.contains("Refused plugin"), "{status}");
+    s.shutdown().await;
+}
