@@ -326,6 +326,13 @@ mod tests {
         assert!(matches!(out.ending, Ending::Exited(s) if s.success()));
     }
 
+    /// Waits until the pid file is written (a line with its newline).
+    async fn written(p: &Path) {
+        while !std::fs::read_to_string(p).is_ok_and(|t| t.ends_with('\n')) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn alive(pid: i32) -> bool {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
             && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -344,7 +351,7 @@ mod tests {
         let out = run(
             &p,
             &[],
-            &limits(Duration::from_millis(700), 1000),
+            &limits(Duration::from_secs(2), 1000),
             &CancellationToken::new(),
         )
         .await
@@ -360,9 +367,9 @@ mod tests {
 
         std::fs::remove_file(&pidfile).unwrap();
         let cancel = CancellationToken::new();
-        let c2 = cancel.clone();
+        let (c2, pf) = (cancel.clone(), pidfile.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            written(&pf).await;
             c2.cancel();
         });
         let out = run(&p, &[], &limits(Duration::from_secs(60), 1000), &cancel)
@@ -389,9 +396,10 @@ mod tests {
         );
         let l = limits(Duration::from_secs(60), 1000);
         let cancel = CancellationToken::new();
-        let fut = run(&p, &[], &l, &cancel);
-        let r = tokio::time::timeout(Duration::from_millis(700), fut).await;
-        assert!(r.is_err());
+        tokio::select! {
+            r = run(&p, &[], &l, &cancel) => panic!("the run ended: {r:?}"),
+            _ = written(&pidfile) => {}
+        }
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()

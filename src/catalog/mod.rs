@@ -843,7 +843,7 @@ mod tests {
         let p = f.plugin("swap", "swap", &body);
         f.sign(&p);
         let cat = Catalog::new(&f.settings).unwrap();
-        assert_eq!(cat.snapshot(&f.settings).await.plugins.len(), 1);
+        let checked_copy = cat.snapshot(&f.settings).await.plugins[0].exec_path.clone();
         // Same size and modification time: nothing tells the folder changed.
         let text = std::fs::read_to_string(&p).unwrap();
         let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
@@ -864,6 +864,10 @@ mod tests {
         let snap = cat.rescan(&f.settings).await;
         assert!(snap.plugins.is_empty());
         assert!(refused_reason(&snap, "swap").contains("does not match"));
+        assert!(
+            !checked_copy.exists(),
+            "the cache keeps a copy no file has any more"
+        );
         assert_eq!(
             cat.execute(&f.settings, Role::User, "swap", &[]).await,
             Err(CatalogError::PluginNotFound("swap".into()))
@@ -889,7 +893,7 @@ mod tests {
         age(&slow_probe);
         f.sign(&slow_probe);
         let mut settings = f.settings.clone();
-        settings.exec_timeout = Duration::from_secs(1);
+        settings.exec_timeout = Duration::from_secs(3);
         let cat = Catalog::new(&settings).unwrap();
         let snap = cat.snapshot(&settings).await;
         assert!(refused_reason(&snap, "slowprobe").contains("no answer in 5s"));

@@ -296,6 +296,21 @@ pub async fn scan(
     let Ok((checked, settling)) = checked else {
         return (Vec::new(), Vec::new(), true);
     };
+    // Probe results and cached copies of contents no longer in the folder are dropped (a run
+    // already started keeps its open file).
+    let current: std::collections::HashSet<String> = checked
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().map(|(_, hex, _)| hex.clone()))
+        .collect();
+    probes.retain(|k, _| current.contains(k));
+    if let Ok(entries) = std::fs::read_dir(cache) {
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 && !current.contains(&name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let mut plugins: Vec<Plugin> = Vec::new();
     let mut refused = Vec::new();
     for (file, r) in checked {

@@ -330,7 +330,7 @@ async fn plugins_are_listed_by_role_run_sandboxed_and_downloaded() {
 #[tokio::test]
 async fn a_hanging_plugin_is_stopped_at_the_timeout() {
     let mut c = config();
-    c.catalog.exec_timeout = Duration::from_secs(1);
+    c.catalog.exec_timeout = Duration::from_secs(3);
     let s = TestServer::start_with(c).await;
     let d = &s.data_dir;
     let key = trust(d);
