@@ -271,7 +271,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
     if config.catalog.mcp_config.is_some() {
         later(
             "catalog.mcp_config",
-            "the catalog capability (not scheduled yet)",
+            "the MCP client (not in this build yet)",
         );
     }
     w
