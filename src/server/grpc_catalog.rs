@@ -20,20 +20,9 @@ pub const DOWNLOAD_CHUNK: usize = 64 * 1024;
 
 type BoxStream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
 
-/// The status of a catalog error.
-pub fn to_status(e: &CatalogError) -> Status {
-    let msg = e.to_string();
-    match e {
-        CatalogError::Invalid(_) => Status::invalid_argument(msg),
-        CatalogError::Forbidden(_) => Status::permission_denied(msg),
-        CatalogError::PluginNotFound(_)
-        | CatalogError::NoPlatformBuild { .. }
-        | CatalogError::AgentNotFound(_)
-        | CatalogError::SkillNotFound(_) => Status::not_found(msg),
-        CatalogError::Builtin(_) => Status::failed_precondition(msg),
-        CatalogError::Failed { .. } => Status::internal(msg),
-        CatalogError::ShuttingDown => Status::unavailable(msg),
-    }
+/// The status of a catalog error, through the core's error type.
+fn to_status(e: CatalogError) -> Status {
+    super::error::to_status(&crate::gateway::Error::from(e))
 }
 
 fn context<T>(req: &Request<T>) -> Option<&CallContext> {
@@ -65,7 +54,7 @@ fn fail<T>(req: &Request<T>, e: CatalogError) -> Status {
     {
         c.notes.denied();
     }
-    to_status(&e)
+    to_status(e)
 }
 
 /// The counts `GetServerInfo` and `/status` report, from the same snapshot the lists come from.

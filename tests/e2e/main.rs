@@ -6,7 +6,9 @@
 mod binary;
 mod catalog;
 mod client;
+mod client_credentials;
 mod config_tables;
+mod error_classes;
 mod first_hour;
 mod grpc;
 mod http;

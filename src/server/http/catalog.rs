@@ -17,7 +17,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -34,19 +33,8 @@ struct ExecBody {
     args: Vec<String>,
 }
 
-fn api_error(e: &CatalogError) -> ApiError {
-    let (status, kind) = match e {
-        CatalogError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-        CatalogError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error"),
-        CatalogError::PluginNotFound(_)
-        | CatalogError::NoPlatformBuild { .. }
-        | CatalogError::AgentNotFound(_)
-        | CatalogError::SkillNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error"),
-        CatalogError::Builtin(_) => (StatusCode::CONFLICT, "invalid_request_error"),
-        CatalogError::Failed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
-        CatalogError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
-    };
-    ApiError::new(status, kind, e.code(), e.to_string())
+fn api_error(e: CatalogError) -> ApiError {
+    ApiError::from(crate::gateway::Error::from(e))
 }
 
 fn line_event(pipe: Pipe, line: &[u8]) -> Event {
@@ -101,7 +89,7 @@ pub(super) async fn exec(
             if matches!(e, CatalogError::Forbidden(_)) {
                 caller.notes.denied();
             }
-            return api_error(&e).into_response();
+            return api_error(e).into_response();
         }
     };
     let slot = match api.stream_slot(&caller.prepared, &caller.limit_key) {
@@ -147,9 +135,9 @@ pub(super) async fn exec(
             }
             Err(e) => {
                 notes.failed(&e.to_string());
-                yield Ok(Event::default().event("error").data(
-                    json!({"message": e.to_string(), "code": e.code()}).to_string(),
-                ));
+                yield Ok(Event::default()
+                    .event("error")
+                    .data(api_error(e).event_data().to_string()));
             }
         }
     };
