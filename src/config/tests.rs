@@ -786,3 +786,52 @@ fn static_tokens_shorter_than_32_characters_are_warned_about() {
         );
     }
 }
+
+#[test]
+fn catalog_settings_layer_and_validate() {
+    let d = tempfile::tempdir().unwrap();
+    let l = load(&sources(&[("HOME", "/home/u")], None, vec![])).unwrap();
+    let c = &l.config;
+    assert!(!c.catalog.allow_unsigned);
+    assert_eq!(
+        c.trusted_keys_dir(),
+        PathBuf::from("/home/u/.chatcli/trusted-keys")
+    );
+    assert_eq!(c.catalog.exec_timeout, std::time::Duration::from_secs(900));
+    assert_eq!(c.catalog.max_output_bytes, 8 * 1024 * 1024);
+    assert!(c.catalog.env_allow.contains(&"PATH".to_string()));
+
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[catalog]\ntrusted_keys_dir = \"/keys\"\nexec_timeout = \"30s\"\nmax_output_bytes = 1024\nenv_allow = [\"PATH\", \"MY_TOKEN\"]\n",
+    );
+    let env = [
+        ("HOME", "/home/u"),
+        ("CHATCLI_ALLOW_UNSIGNED_PLUGINS", "true"),
+    ];
+    let l = load(&sources(&env, Some(&f), vec![])).unwrap();
+    let cat = &l.config.catalog;
+    assert!(cat.allow_unsigned);
+    assert_eq!(l.config.trusted_keys_dir(), PathBuf::from("/keys"));
+    assert_eq!(cat.exec_timeout, std::time::Duration::from_secs(30));
+    assert_eq!(cat.max_output_bytes, 1024);
+    assert_eq!(cat.env_allow, ["PATH", "MY_TOKEN"]);
+
+    let f = write(
+        d.path(),
+        "bad.toml",
+        "[catalog]\nexec_timeout = \"16m\"\nmax_output_bytes = 0\nenv_allow = [\"A=B\"]\n",
+    );
+    let keys: Vec<String> = problems(&sources(&[], Some(&f), vec![]))
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+    for key in [
+        "catalog.exec_timeout",
+        "catalog.max_output_bytes",
+        "catalog.env_allow",
+    ] {
+        assert!(keys.contains(&key.to_string()), "{key} not in {keys:?}");
+    }
+}

@@ -639,7 +639,7 @@ impl Default for WatcherConfig {
 }
 
 /// `[catalog]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogConfig {
     /// Plugin executables; default `<data_dir>/plugins`.
@@ -648,10 +648,36 @@ pub struct CatalogConfig {
     pub agents_dir: Option<PathBuf>,
     /// Skills; default `<data_dir>/skills`.
     pub skills_dir: Option<PathBuf>,
+    /// Public keys (`*.pub`) plugin signatures are checked against; default `<data_dir>/trusted-keys`.
+    pub trusted_keys_dir: Option<PathBuf>,
     /// Load plugins without a signature (`CHATCLI_ALLOW_UNSIGNED_PLUGINS`).
     pub allow_unsigned: bool,
+    /// Longest run of one plugin call before its process group is killed (at most 15m).
+    #[serde(with = "duration_str")]
+    pub exec_timeout: Duration,
+    /// Bytes of a plugin's stdout, and again of its stderr, kept per call; the rest is dropped and
+    /// the output marked as truncated.
+    pub max_output_bytes: usize,
+    /// Variables of the server's environment a plugin sees; every other one is removed.
+    pub env_allow: Vec<String>,
     /// MCP servers JSON (`--mcp-config`).
     pub mcp_config: Option<PathBuf>,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            plugins_dir: None,
+            agents_dir: None,
+            skills_dir: None,
+            trusted_keys_dir: None,
+            allow_unsigned: false,
+            exec_timeout: Duration::from_secs(15 * 60),
+            max_output_bytes: 8 * 1024 * 1024,
+            env_allow: ["PATH", "LANG", "LC_ALL", "TZ"].map(String::from).to_vec(),
+            mcp_config: None,
+        }
+    }
 }
 
 /// `[state]`
@@ -732,5 +758,12 @@ impl Config {
             .skills_dir
             .clone()
             .unwrap_or_else(|| self.state.data_dir.join("skills"))
+    }
+    /// The trusted public keys folder of plugin signatures.
+    pub fn trusted_keys_dir(&self) -> PathBuf {
+        self.catalog
+            .trusted_keys_dir
+            .clone()
+            .unwrap_or_else(|| self.state.data_dir.join("trusted-keys"))
     }
 }

@@ -204,6 +204,24 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
             "is longer than llm.fallback_cooldown_max".into(),
         );
     }
+    let cat = &config.catalog;
+    if cat.exec_timeout.is_zero() || cat.exec_timeout > std::time::Duration::from_secs(15 * 60) {
+        bad(
+            "catalog.exec_timeout",
+            "must be longer than 0s and at most 15m".into(),
+        );
+    }
+    if cat.max_output_bytes == 0 {
+        bad("catalog.max_output_bytes", "must be greater than 0".into());
+    }
+    for name in &cat.env_allow {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            bad(
+                "catalog.env_allow",
+                format!("`{name}` is not an environment variable name"),
+            );
+        }
+    }
     out
 }
 
@@ -268,7 +286,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
     if config.catalog.mcp_config.is_some() {
         later(
             "catalog.mcp_config",
-            "the catalog capability (not scheduled yet)",
+            "the MCP client (not in this build yet)",
         );
     }
     w

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::catalog::CatalogError;
 use crate::hub::HubError;
 use crate::llm::{ErrorClass, LlmError, UpstreamError};
 use crate::sessions::SessionError;
@@ -106,6 +107,20 @@ codes! {
     SubscriberLagged = "subscriber_lagged",
     /// The conversation hub's store failed an operation.
     HubStoreFailed = "hub_store_failed",
+    /// No plugin of that name (or none the caller may see).
+    PluginNotFound = "plugin_not_found",
+    /// The plugin has no build for the `os`/`arch` asked for.
+    PluginPlatformNotFound = "plugin_platform_not_found",
+    /// `@coder` is built in: it runs in the client.
+    PluginBuiltin = "plugin_builtin",
+    /// The plugin could not be started or read.
+    PluginFailed = "plugin_failed",
+    /// No agent of that name.
+    AgentNotFound = "agent_not_found",
+    /// No skill of that name.
+    SkillNotFound = "skill_not_found",
+    /// The server is shutting down; the work was stopped.
+    ShuttingDown = "shutting_down",
     /// The capability is not in this build.
     NotImplemented = "not_implemented",
     /// The server failed in a way the caller cannot fix.
@@ -223,6 +238,15 @@ pub enum Error {
     /// A conversation hub error; its code follows its kind.
     #[error(transparent)]
     Hub(#[from] HubError),
+    /// A catalog failure (plugins, agents, skills) other than a bad argument or a refused
+    /// permission; its code says which.
+    #[error("{message}")]
+    Catalog {
+        /// One of the `plugin_*`, `agent_not_found`, `skill_not_found`, `shutting_down` codes.
+        code: Code,
+        /// What failed.
+        message: String,
+    },
     /// See [`Code::NotImplemented`].
     #[error("{rpc} is not in this build yet: it waits for {capability}")]
     NotImplemented {
@@ -265,6 +289,7 @@ impl Error {
             Error::ReloadUnavailable => Code::ReloadUnavailable,
             Error::ReloadFailed { .. } => Code::ReloadFailed,
             Error::Hub(e) => hub_code(e),
+            Error::Catalog { code, .. } => *code,
             Error::NotImplemented { .. } => Code::NotImplemented,
             Error::Internal(_) => Code::Internal,
         }
@@ -309,6 +334,7 @@ impl Code {
                 | Code::HubUnavailable
                 | Code::SubscriberLagged
                 | Code::HubStoreFailed
+                | Code::ShuttingDown
                 | Code::Internal
         )
     }
@@ -377,6 +403,26 @@ impl From<SessionError> for Error {
                 code: Code::SessionStorageFailed,
                 message: e.to_string(),
             },
+        }
+    }
+}
+
+impl From<CatalogError> for Error {
+    fn from(e: CatalogError) -> Self {
+        let code = match &e {
+            CatalogError::Invalid(_) => return Error::InvalidArgument(e.to_string()),
+            CatalogError::Forbidden(_) => return Error::PermissionDenied(e.to_string()),
+            CatalogError::PluginNotFound(_) => Code::PluginNotFound,
+            CatalogError::NoPlatformBuild { .. } => Code::PluginPlatformNotFound,
+            CatalogError::AgentNotFound(_) => Code::AgentNotFound,
+            CatalogError::SkillNotFound(_) => Code::SkillNotFound,
+            CatalogError::Builtin(_) => Code::PluginBuiltin,
+            CatalogError::Failed { .. } => Code::PluginFailed,
+            CatalogError::ShuttingDown => Code::ShuttingDown,
+        };
+        Error::Catalog {
+            code,
+            message: e.to_string(),
         }
     }
 }
@@ -505,6 +551,34 @@ mod tests {
         assert_eq!(chain.retry_after(), Some(Duration::from_secs(4)));
         assert!(chain.retryable());
         assert!(!Error::PromptEmpty.retryable());
+    }
+
+    #[test]
+    fn catalog_errors_keep_their_messages() {
+        let e = Error::from(CatalogError::Invalid("too many arguments".into()));
+        assert_eq!(
+            (e.code(), e.to_string()),
+            (
+                Code::InvalidArgument,
+                "validation: too many arguments".to_string()
+            )
+        );
+        let e = Error::from(CatalogError::Forbidden("run plugins"));
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let e = Error::from(CatalogError::NoPlatformBuild {
+            name: "t".into(),
+            os: "plan9".into(),
+            arch: "mips".into(),
+        });
+        assert_eq!(
+            (e.code(), e.to_string()),
+            (
+                Code::PluginPlatformNotFound,
+                "plugin `t` has no build for plan9/mips".to_string()
+            )
+        );
+        assert!(Error::from(CatalogError::ShuttingDown).retryable());
+        assert!(!Error::from(CatalogError::PluginNotFound("x".into())).retryable());
     }
 
     #[test]

@@ -55,10 +55,15 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         Code::SessionNotFound
         | Code::ProviderUnknown
         | Code::ModelNotFound
-        | Code::ConversationNotFound => G::NotFound,
+        | Code::ConversationNotFound
+        | Code::PluginNotFound
+        | Code::PluginPlatformNotFound
+        | Code::AgentNotFound
+        | Code::SkillNotFound => G::NotFound,
         Code::SessionCorrupt
         | Code::SessionStorageFailed
         | Code::HubStoreFailed
+        | Code::PluginFailed
         | Code::Internal => G::Internal,
         Code::Unauthenticated => G::Unauthenticated,
         Code::PermissionDenied => G::PermissionDenied,
@@ -71,8 +76,8 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         | Code::UpstreamUnavailable
         | Code::AllProvidersFailed => G::Unavailable,
         Code::UpstreamTimeout | Code::IdleTimeout => G::DeadlineExceeded,
-        Code::ReloadUnavailable | Code::ReloadFailed => G::FailedPrecondition,
-        Code::HubDisabled | Code::HubUnavailable => G::Unavailable,
+        Code::ReloadUnavailable | Code::ReloadFailed | Code::PluginBuiltin => G::FailedPrecondition,
+        Code::HubDisabled | Code::HubUnavailable | Code::ShuttingDown => G::Unavailable,
         Code::SubscriberLagged => G::Aborted,
         Code::NotImplemented => G::Unimplemented,
     }
@@ -100,11 +105,23 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
         Code::ProviderUnknown | Code::ModelNotFound => {
             (StatusCode::NOT_FOUND, INVALID, "model_not_found")
         }
-        Code::SessionCorrupt | Code::SessionStorageFailed | Code::Internal => (
-            StatusCode::INTERNAL_SERVER_ERROR,
+        Code::PluginNotFound
+        | Code::PluginPlatformNotFound
+        | Code::AgentNotFound
+        | Code::SkillNotFound => (StatusCode::NOT_FOUND, INVALID, "not_found"),
+        Code::PluginBuiltin => (StatusCode::CONFLICT, INVALID, "plugin_builtin"),
+        Code::ShuttingDown => (
+            StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
-            "internal_error",
+            "shutting_down",
         ),
+        Code::SessionCorrupt | Code::SessionStorageFailed | Code::PluginFailed | Code::Internal => {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            )
+        }
         Code::Unauthenticated => (
             StatusCode::UNAUTHORIZED,
             "authentication_error",

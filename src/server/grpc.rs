@@ -276,11 +276,6 @@ impl ChatCliGrpc {
     async fn command(&self, prepared: &Prepared, who: &Principal, raw: &str) -> String {
         let text = raw.trim();
         let cmd = text.strip_prefix('/').unwrap_or(text);
-        let c = &prepared.config;
-        let counts = || {
-            let (p, a, s) = (c.plugins_dir(), c.agents_dir(), c.skills_dir());
-            tokio::task::spawn_blocking(move || crate::catalog::count(&p, &a, &s))
-        };
         match cmd {
             "" => "Error: empty command".to_string(),
             "status" => {
@@ -288,9 +283,9 @@ impl ChatCliGrpc {
                     .state
                     .gateway(prepared)
                     .status(&Default::default(), self.state.reloader());
-                let n = counts().await.unwrap_or_default();
+                let n = super::grpc_catalog::counts(&self.state, prepared).await;
                 let mut out = format!(
-                    "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  inactive\nPlugins:  {} found (not served by this build)\nAgents:   {} found (not served by this build)\nSkills:   {} found (not served by this build)\nProviders: {}",
+                    "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  inactive\nPlugins:  {} loaded\nAgents:   {} available\nSkills:   {} available\nProviders: {}",
                     crate::VERSION,
                     report.default_provider.as_deref().unwrap_or("none"),
                     report.default_model,
@@ -303,6 +298,9 @@ impl ChatCliGrpc {
                         .map(|p| p.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", "),
+                );
+                out.push_str(
+                    &super::grpc_catalog::refused_lines(&self.state, prepared, who.role).await,
                 );
                 if !report.fallback.is_empty() {
                     out.push_str(&format!(
@@ -356,23 +354,9 @@ impl ChatCliGrpc {
                 Err(e) => format!("Error: {e}"),
             },
             "watcher status" => "K8s Watcher: inactive (no watcher configured)".to_string(),
-            "plugins list" => {
-                "No plugin manager configured on this server (the catalog is not in this build)."
-                    .to_string()
-            }
-            "agents list" => {
-                let n = counts().await.unwrap_or_default();
-                format!(
-                    "Agents are not served by this build yet ({} agent file(s) found on the server).",
-                    n.agents
-                )
-            }
-            "skills list" => {
-                let n = counts().await.unwrap_or_default();
-                format!(
-                    "Skills are not served by this build yet ({} skill(s) found on the server).",
-                    n.skills
-                )
+            "plugins list" | "agents list" | "skills list" => {
+                let what = cmd.split(' ').next().unwrap_or(cmd);
+                super::grpc_catalog::command_list(&self.state, prepared, what, who.role).await
             }
             _ => format!(
                 "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model, fallback and config state\n  /reload          re-read the configuration (admins)\n  /watcher status  Kubernetes watcher state\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
@@ -645,16 +629,7 @@ impl ChatCliService for ChatCliGrpc {
         request: Request<GetServerInfoRequest>,
     ) -> Result<Response<GetServerInfoResponse>, Status> {
         let prepared = snapshot(&self.state, &request);
-        let c = &prepared.config;
-        let (plugins, agents, skills) = (c.plugins_dir(), c.agents_dir(), c.skills_dir());
-        let counts =
-            tokio::task::spawn_blocking(move || crate::catalog::count(&plugins, &agents, &skills))
-                .await
-                .map_err(|e| {
-                    error::to_status(&Error::Internal(format!(
-                        "counting the catalog failed: {e}"
-                    )))
-                })?;
+        let counts = super::grpc_catalog::counts(&self.state, &prepared).await;
         let reg = &prepared.registry;
         Ok(Response::new(GetServerInfoResponse {
             version: crate::VERSION.to_string(),
@@ -728,89 +703,53 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn list_remote_plugins(
         &self,
-        _request: Request<ListRemotePluginsRequest>,
+        request: Request<ListRemotePluginsRequest>,
     ) -> Result<Response<ListRemotePluginsResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ListRemotePlugins",
-            "the catalog capability (not scheduled yet)",
-        )))
+        super::grpc_catalog::list_remote_plugins(&self.state, request).await
     }
 
     async fn list_remote_agents(
         &self,
-        _request: Request<ListRemoteAgentsRequest>,
+        request: Request<ListRemoteAgentsRequest>,
     ) -> Result<Response<ListRemoteAgentsResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ListRemoteAgents",
-            "the catalog capability (not scheduled yet)",
-        )))
+        super::grpc_catalog::list_remote_agents(&self.state, request).await
     }
 
     async fn list_remote_skills(
         &self,
-        _request: Request<ListRemoteSkillsRequest>,
+        request: Request<ListRemoteSkillsRequest>,
     ) -> Result<Response<ListRemoteSkillsResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ListRemoteSkills",
-            "the catalog capability (not scheduled yet)",
-        )))
+        super::grpc_catalog::list_remote_skills(&self.state, request).await
     }
 
     async fn get_agent_definition(
         &self,
-        _request: Request<GetAgentDefinitionRequest>,
+        request: Request<GetAgentDefinitionRequest>,
     ) -> Result<Response<GetAgentDefinitionResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "GetAgentDefinition",
-            "the catalog capability (not scheduled yet)",
-        )))
+        super::grpc_catalog::get_agent_definition(&self.state, request).await
     }
 
     async fn get_skill_content(
         &self,
-        _request: Request<GetSkillContentRequest>,
+        request: Request<GetSkillContentRequest>,
     ) -> Result<Response<GetSkillContentResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "GetSkillContent",
-            "the catalog capability (not scheduled yet)",
-        )))
+        super::grpc_catalog::get_skill_content(&self.state, request).await
     }
 
     async fn execute_remote_plugin(
         &self,
         request: Request<ExecuteRemotePluginRequest>,
     ) -> Result<Response<ExecuteRemotePluginResponse>, Status> {
-        let notes = notes(&request);
-        notes.resource(&request.get_ref().plugin_name);
-        crate::gateway::require_write(&principal(&request), "run plugins")
-            .map_err(|e| fail(&notes, &e))?;
-        let r = request.get_ref();
-        if r.plugin_name.is_empty() || r.plugin_name.len() > 256 {
-            return Err(error::to_status(&Error::InvalidArgument(
-                "validation: plugin_name must be 1 to 256 bytes".into(),
-            )));
-        }
-        if r.args.len() > 100 || r.args.iter().any(|a| a.len() > 10 * 1024) {
-            return Err(error::to_status(&Error::InvalidArgument(
-                "validation: args must be at most 100 arguments of at most 10 KiB each".into(),
-            )));
-        }
-        Err(error::to_status(&waits_for(
-            "ExecuteRemotePlugin",
-            "the catalog capability (not scheduled yet)",
-        )))
+        super::grpc_catalog::execute_remote_plugin(&self.state, request).await
     }
 
     type DownloadPluginStream = BoxStream<DownloadPluginResponse>;
 
     async fn download_plugin(
         &self,
-        _request: Request<DownloadPluginRequest>,
+        request: Request<DownloadPluginRequest>,
     ) -> Result<Response<Self::DownloadPluginStream>, Status> {
-        Err(error::to_status(&waits_for(
-            "DownloadPlugin",
-            "the catalog capability (not scheduled yet)",
-        )))
+        super::grpc_catalog::download_plugin(&self.state, request).await
     }
 
     async fn resolve_active_conversation(

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod forwarded;
 mod grpc;
+mod grpc_catalog;
 mod grpc_hub;
 pub mod healthcheck;
 mod http;
@@ -245,6 +246,7 @@ pub async fn run_with(
     };
     let hub_housekeeping = start_hub(&state).await;
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
+    state.catalog.shutdown();
     housekeeping.abort();
     if let Some(h) = hub_housekeeping {
         h.abort();

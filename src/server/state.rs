@@ -210,6 +210,8 @@ pub struct AppState {
     pub in_flight: InFlight,
     /// The conversation hub.
     pub hub: Arc<crate::hub::Hub>,
+    /// Plugins, agents and skills (rescanned as their folders and settings change).
+    pub catalog: Arc<crate::catalog::Catalog>,
 }
 
 /// The transport a call came on.
@@ -330,6 +332,11 @@ impl AppState {
                 .map(|m| crate::telemetry::HubMetrics::register(m.registry()))
                 .transpose()?,
         ));
+        let catalog =
+            crate::catalog::Catalog::new(&crate::catalog::Settings::from_config(&prepared.config))
+                .map_err(|e| {
+                    ServerError::CannotCreate(format!("creating the plugin cache: {e}"))
+                })?;
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             rate_limits,
@@ -349,6 +356,7 @@ impl AppState {
             events: super::events::EventBus::default(),
             in_flight: InFlight::default(),
             hub,
+            catalog: Arc::new(catalog),
         })
     }
 

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: a failed unwrap is a failed test
 
 mod binary;
+mod catalog;
 mod client;
 mod client_credentials;
 mod config_tables;

@@ -1718,7 +1718,7 @@ async fn readonly_principals_cannot_write() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     s.shutdown().await;
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - `POST /v1/chat/completions`, `GET /v1/models`: the OpenAI-compatible API ([`openai`]);
 //! - `POST /request`, `GET /updates`: the prompt/SSE API ([`prompt`]);
-//! - `GET /status`, `GET /health` ([`status`]).
+//! - `GET /status`, `GET /health` ([`status`]);
+//! - `POST /plugins/{name}/exec`: a catalog plugin's output as server-sent events ([`catalog`]).
 //!
 //! Handlers are codecs over the core ([`crate::gateway`]): they decode the request, call a use
 //! case and encode its answer. This module holds what they share: the caller, JSON body and
@@ -26,6 +27,7 @@
 //! The OpenAI routes answer `{"error":{"message","type","param","code"}}`; `/request` answers
 //! `{"success":false,"error":"<message>","code":"<code>"}` with the same status.
 
+mod catalog;
 mod metrics;
 mod openai;
 mod prompt;
@@ -64,6 +66,7 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<Api>>)> {
         ("/request", post(prompt::request)),
         ("/updates", get(prompt::updates)),
         ("/admin/reload", post(status::admin_reload)),
+        ("/plugins/{name}/exec", post(catalog::exec)),
     ]
 }
 
@@ -118,11 +121,26 @@ impl HttpApi {
     }
 }
 
-/// The route template among `labels` that `path` is, or `unmatched`.
+/// The route template among `labels` that `path` is, or `unmatched`. A `{param}` segment of a
+/// template matches any one non-empty segment.
 fn route_label(labels: &[&'static str], path: &str) -> &'static str {
+    let matches = |template: &str| {
+        template == path
+            || (template.contains('{') && {
+                let (mut t, mut p) = (template.split('/'), path.split('/'));
+                loop {
+                    match (t.next(), p.next()) {
+                        (None, None) => break true,
+                        (Some(ts), Some(ps)) if ts.starts_with('{') && !ps.is_empty() => {}
+                        (Some(ts), Some(ps)) if ts == ps => {}
+                        _ => break false,
+                    }
+                }
+            })
+    };
     labels
         .iter()
-        .find(|r| **r == path)
+        .find(|r| matches(r))
         .copied()
         .unwrap_or("unmatched")
 }
@@ -501,12 +519,20 @@ mod tests {
                 "/request",
                 "/updates",
                 "/admin/reload",
+                "/plugins/{name}/exec",
             ]
         );
         for path in &labels {
             assert_eq!(route_label(&labels, path), *path);
         }
+        assert_eq!(
+            route_label(&labels, "/plugins/tool/exec"),
+            "/plugins/{name}/exec"
+        );
         for path in [
+            "/plugins//exec",
+            "/plugins/a/b/exec",
+            "/plugins/tool/exec/",
             "/",
             "/v1/chat/completions/",
             "/v1/chat",

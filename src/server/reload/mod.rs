@@ -602,6 +602,10 @@ pub const RELOADABLE: &[&str] = &[
     "catalog.agents_dir",
     "catalog.skills_dir",
     "catalog.allow_unsigned",
+    "catalog.trusted_keys_dir",
+    "catalog.exec_timeout",
+    "catalog.max_output_bytes",
+    "catalog.env_allow",
     "catalog.mcp_config",
 ];
 
