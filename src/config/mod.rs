@@ -8,6 +8,7 @@ mod show;
 mod types;
 mod validate;
 pub mod values;
+mod watcher;
 
 use figment::Figment;
 
@@ -17,6 +18,7 @@ pub use load::{
 pub use show::render_show;
 pub use types::*;
 pub use values::Secret;
+pub use watcher::{FileTarget, WatchFile, read_watch_file};
 
 /// One thing wrong with the configuration: which key, where its value came from, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
