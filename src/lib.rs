@@ -19,6 +19,7 @@ pub mod sessions;
 pub mod systemd;
 pub mod telemetry;
 pub mod testing;
+pub mod watcher;
 
 /// Types and service traits generated from `proto/chatcli/v1/chatcli.proto`.
 #[allow(clippy::all, missing_docs)] // reason: generated code
