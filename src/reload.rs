@@ -274,7 +274,9 @@ impl Reloader {
             || new_tls.min_version != old_tls.min_version;
         let tls_cfg = new_tls.clone();
         let auth_failures_per_minute = prepared.config.limits.auth_failures_per_minute;
+        let watcher_config = prepared.config.watcher.clone();
         state.publish(prepared);
+        state.watcher.apply(&watcher_config);
         lock(&self.pending).clear();
         // Live state beside the snapshot takes the new limits.
         state.auth_failures.set_per_minute(auth_failures_per_minute);
@@ -520,7 +522,7 @@ restart_only!(
 /// limits, catalog folders), or the reload hands them to the live part that uses them (TLS
 /// material, log level, the failed-authentication limiter; the shutdown grace is read when the
 /// drain starts). Items of a list of tables are named without their index (`llm.providers.name`).
-/// The watcher's keys are read from the snapshot too; the watcher itself is not in this build.
+/// The watcher's targets are handed to the running watcher, which restarts only the changed ones.
 pub const RELOADABLE: &[&str] = &[
     "server.shutdown_grace",
     "server.allow_no_auth",

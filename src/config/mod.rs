@@ -18,7 +18,7 @@ pub use load::{
 pub use show::render_show;
 pub use types::*;
 pub use values::Secret;
-pub use watcher::{FileTarget, WatchFile, read_watch_file};
+pub use watcher::{FileTarget, WatchFile, read_watch_file, resolve_watcher};
 
 /// One thing wrong with the configuration: which key, where its value came from, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -165,6 +165,14 @@ fn check_target(t: &WatchTarget) -> Vec<(&'static str, String)> {
     out
 }
 
+/// [`resolve`] for a config built in code (tests, embedders): makes `w.targets` the whole list,
+/// reading the YAML `w.config_file` names, and returns the problems found.
+pub fn resolve_watcher(w: &mut WatcherConfig) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    resolve(w, &|_: &str| "config".to_string(), &mut problems);
+    problems
+}
+
 /// Makes `watcher.targets` the whole list (see the module docs) and checks it. `origin` tells
 /// where a `watcher.*` key came from.
 pub(super) fn resolve(

@@ -850,10 +850,9 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         _request: Request<GetWatcherStatusRequest>,
     ) -> Result<Response<GetWatcherStatusResponse>, Status> {
-        Err(waits_for(
-            "GetWatcherStatus",
-            "the Kubernetes watcher capability (not scheduled yet)",
-        ))
+        Ok(Response::new(super::grpc_watcher::status(
+            &self.state.watcher,
+        )))
     }
 
     async fn health(
@@ -872,12 +871,12 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn get_alerts(
         &self,
-        _request: Request<GetAlertsRequest>,
+        request: Request<GetAlertsRequest>,
     ) -> Result<Response<GetAlertsResponse>, Status> {
-        Err(waits_for(
-            "GetAlerts",
-            "the Kubernetes watcher capability (not scheduled yet)",
-        ))
+        Ok(Response::new(super::grpc_watcher::alerts(
+            &self.state.watcher,
+            request.get_ref(),
+        )))
     }
 
     async fn analyze_issue(

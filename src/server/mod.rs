@@ -6,6 +6,7 @@ pub mod audit;
 pub mod events;
 pub mod forwarded;
 mod grpc;
+mod grpc_watcher;
 pub mod healthcheck;
 mod http;
 mod listener;
@@ -155,6 +156,7 @@ pub async fn run_with(
         options.audit,
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
+    state.watcher.apply(&state.prepared().config.watcher);
     // Before the config watcher starts, so that a reload changing the TLS paths finds the TLS
     // watcher to point at them.
     if let Some(acceptor) = &state.tls {
@@ -288,6 +290,7 @@ pub async fn run_with(
         })
     };
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
+    state.watcher.stop();
     housekeeping.abort();
     sighup.abort();
 

@@ -143,6 +143,8 @@ pub struct AppState {
     pub events: super::events::EventBus,
     /// Prompt calls being answered on each transport, for `/status`.
     pub in_flight: InFlight,
+    /// The Kubernetes watcher; it has no target (and runs nothing) unless the config names some.
+    pub watcher: Arc<crate::watcher::Watcher>,
 }
 
 /// The transport a call came on.
@@ -245,6 +247,7 @@ impl AppState {
             )
             .map_err(ServerError::CannotCreate)?,
         };
+        let watcher = crate::watcher::Watcher::new(metrics.as_ref().map(|m| m.registry()));
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             sessions,
@@ -262,6 +265,7 @@ impl AppState {
             started: Instant::now(),
             events: super::events::EventBus::default(),
             in_flight: InFlight::default(),
+            watcher,
         })
     }
 

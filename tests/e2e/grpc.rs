@@ -7,8 +7,8 @@ use std::time::Duration;
 use chatcli::config::Secret;
 use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
 use chatcli::proto::{
-    AppendEventRequest, ChatMessage, DownloadPluginRequest, GetAlertsRequest, GetServerInfoRequest,
-    HealthRequest, ListRemotePluginsRequest, SendPromptRequest, health_response,
+    AppendEventRequest, ChatMessage, DownloadPluginRequest, GetServerInfoRequest, HealthRequest,
+    ListRemotePluginsRequest, SendPromptRequest, health_response,
 };
 use futures::StreamExt;
 use tonic::Code;
@@ -403,22 +403,13 @@ async fn reflection_needs_both_switches() {
 #[tokio::test]
 async fn unbuilt_rpcs_say_what_they_wait_for() {
     let mut s = TestServer::start().await;
-    let mut errors = vec![
-        (
-            "GetAlerts",
-            s.client
-                .get_alerts(GetAlertsRequest::default())
-                .await
-                .unwrap_err(),
-        ),
-        (
-            "ListRemotePlugins",
-            s.client
-                .list_remote_plugins(ListRemotePluginsRequest {})
-                .await
-                .unwrap_err(),
-        ),
-    ];
+    let mut errors = vec![(
+        "ListRemotePlugins",
+        s.client
+            .list_remote_plugins(ListRemotePluginsRequest {})
+            .await
+            .unwrap_err(),
+    )];
     // A server-streaming one: the status may come with the headers or as the first item.
     let download = match s
         .client

@@ -19,3 +19,4 @@ mod sessions;
 mod support;
 mod tls;
 mod upstream_faults;
+mod watcher;

@@ -36,6 +36,7 @@ mod metrics;
 mod openai;
 mod prompt;
 mod status;
+mod watcher;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -72,6 +73,8 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<Api>>)> {
         ("/request", post(prompt::request)),
         ("/updates", get(prompt::updates)),
         ("/admin/reload", post(status::admin_reload)),
+        ("/watcher/status", get(watcher::status)),
+        ("/watcher/alerts", get(watcher::alerts)),
     ]
 }
 

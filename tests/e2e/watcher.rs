@@ -1,0 +1,296 @@
+//! The Kubernetes watcher against the fake API server of the test support code: a multi-target
+//! YAML with one forbidden namespace, alerts raised once and expired after the window, and the
+//! API server going away and coming back; read through `GetWatcherStatus`, `GetAlerts`,
+//! `/watcher/status`, `/watcher/alerts` and `/metrics`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chatcli::config::Config;
+use chatcli::proto::{GetAlertsRequest, GetWatcherStatusRequest};
+use chatcli::testing::kube::{FakeKube, deployment, pod};
+use serde_json::{Value, json};
+
+use crate::support::{TestServer, echo_config, http_client};
+
+/// Waits (up to 30 s) until `probe` returns `Some`.
+async fn until<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..300 {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The echo config watching the targets of `yaml` through `kubeconfig`.
+fn config(dir: &Path, fake: &FakeKube, yaml: &str) -> Config {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, fake.kubeconfig()).unwrap();
+    let targets = dir.join("targets.yaml");
+    std::fs::write(&targets, yaml).unwrap();
+    let mut config = echo_config();
+    config.watcher.kubeconfig = Some(kubeconfig);
+    config.watcher.config_file = Some(targets);
+    let problems = chatcli::config::resolve_watcher(&mut config.watcher);
+    assert!(problems.is_empty(), "{problems:?}");
+    config
+}
+
+async fn get(s: &TestServer, path: &str) -> Value {
+    http_client()
+        .get(s.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `key` → status, from `/watcher/status`.
+async fn statuses(s: &TestServer) -> Vec<(String, String)> {
+    let v = get(s, "/watcher/status").await;
+    v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["key"].as_str().unwrap().to_string(),
+                t["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// (type, object) of every alert of `/watcher/alerts` (with `query`), sorted.
+async fn alerts(s: &TestServer, query: &str) -> Vec<(String, String)> {
+    let v = get(s, &format!("/watcher/alerts{query}")).await;
+    let mut out: Vec<(String, String)> = v["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["type"].as_str().unwrap().to_string(),
+                a["object"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_forbidden_namespace_is_one_targets_status_and_alerts_come_only_where_due() {
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(deployment("prod", "api", 1, 1));
+    fake.apply(pod("prod", "api-1", "api", true, 7));
+    fake.apply(deployment("shop", "web", 1, 1));
+    fake.apply(pod("shop", "web-1", "web", true, 0));
+    fake.forbid_namespace("secret");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "interval: 300ms\nwindow: 1m\ntargets:\n  - deployment: api\n    namespace: prod\n  - deployment: vault\n    namespace: secret\n  - deployment: web\n    namespace: shop\n";
+    let mut s = TestServer::start_with(config(dir.path(), &fake, yaml)).await;
+
+    let want = vec![
+        ("Deployment/prod/api".to_string(), "ok".to_string()),
+        (
+            "Deployment/secret/vault".to_string(),
+            "forbidden".to_string(),
+        ),
+        ("Deployment/shop/web".to_string(), "ok".to_string()),
+    ];
+    until("every target's status", || async {
+        (statuses(&s).await == want).then_some(())
+    })
+    .await;
+    until("the restart alert", || async {
+        (!alerts(&s, "").await.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        alerts(&s, "").await,
+        [("HighRestartCount".to_string(), "Pod/prod/api-1".to_string())]
+    );
+    assert!(alerts(&s, "?namespace=secret").await.is_empty());
+    assert!(
+        alerts(&s, "?namespace=shop&deployment=web")
+            .await
+            .is_empty()
+    );
+
+    let status = s
+        .client
+        .get_watcher_status(GetWatcherStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.active);
+    assert!(
+        status
+            .status_summary
+            .starts_with("Watching 3 targets: 1 healthy, 1 warning, 1 critical"),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .status_summary
+            .contains("Deployment/secret/vault: forbidden"),
+        "{status:?}"
+    );
+    assert_eq!(status.alert_count, 1);
+    assert_eq!(status.pod_count, 2);
+    let grpc_alerts = s
+        .client
+        .get_alerts(GetAlertsRequest {
+            namespace: "prod".into(),
+            deployment: "api".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert_eq!(grpc_alerts.len(), 1);
+    assert_eq!(grpc_alerts[0].r#type, "HighRestartCount");
+    assert_eq!(grpc_alerts[0].severity, "CRITICAL");
+    assert_eq!(grpc_alerts[0].deployment, "api");
+    s.shutdown().await;
+}
+
+/// A pod with one container in the given state.
+fn sick_pod(name: &str, restarts: i32, waiting: Option<&str>, last: Option<&str>) -> Value {
+    let mut p = pod("prod", name, "api", waiting.is_none(), restarts);
+    let status = &mut p["status"]["containerStatuses"][0];
+    if let Some(reason) = waiting {
+        status["state"] = json!({"waiting": {"reason": reason}});
+    }
+    if let Some(reason) = last {
+        status["lastState"] = json!({"terminated": {"reason": reason, "exitCode": 137}});
+    }
+    p
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn oom_restarts_and_crash_loops_are_raised_once_and_expire_after_the_window() {
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(deployment("prod", "api", 3, 3));
+    fake.apply(sick_pod("api-oom", 1, None, Some("OOMKilled")));
+    fake.apply(sick_pod("api-restarts", 6, None, None));
+    fake.apply(sick_pod("api-crash", 3, Some("CrashLoopBackOff"), None));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "interval: 250ms\nwindow: 2s\ntargets:\n  - deployment: api\n    namespace: prod\n";
+    let s = TestServer::start_with_metrics(config(dir.path(), &fake, yaml)).await;
+
+    let want: Vec<(String, String)> = [
+        ("CrashLoopBackOff", "Pod/prod/api-crash"),
+        ("HighRestartCount", "Pod/prod/api-restarts"),
+        ("OOMKilled", "Pod/prod/api-oom"),
+        ("PodNotReady", "Pod/prod/api-crash"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    until("the alerts", || async {
+        (alerts(&s, "").await == want).then_some(())
+    })
+    .await;
+    let first = get(&s, "/watcher/alerts").await;
+    // Several intervals later: the same alerts, each once, seen again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(alerts(&s, "").await, want);
+    let later = get(&s, "/watcher/alerts").await;
+    for (a, b) in first["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(later["alerts"].as_array().unwrap())
+    {
+        assert_eq!(a["first_seen"], b["first_seen"]);
+        assert_ne!(a["last_seen"], b["last_seen"], "{a} {b}");
+    }
+    let text = http_client()
+        .get(s.metrics_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for kind in ["OOMKilled", "HighRestartCount", "CrashLoopBackOff"] {
+        let series = format!(
+            "chatcli_watcher_alerts_total{{severity=\"CRITICAL\",target=\"Deployment/prod/api\",type=\"{kind}\"}}"
+        );
+        assert_eq!(metric(&text, &series), Some(1.0), "{series} in\n{text}");
+    }
+
+    // Healed: the alerts stay for the window after they were last seen, then go.
+    fake.apply(sick_pod("api-oom", 1, None, None));
+    fake.apply(sick_pod("api-restarts", 0, None, None));
+    fake.apply(sick_pod("api-crash", 0, None, None));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(alerts(&s, "").await, want, "expired before the window");
+    until("the expiry", || async {
+        alerts(&s, "").await.is_empty().then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_api_server_going_away_makes_the_target_unreachable_until_it_returns() {
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(deployment("prod", "api", 1, 1));
+    fake.apply(pod("prod", "api-1", "api", true, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "interval: 250ms\ntargets:\n  - deployment: api\n    namespace: prod\n";
+    let s = TestServer::start_with(config(dir.path(), &fake, yaml)).await;
+    let status = |s: &TestServer| {
+        let s = s.url("/watcher/status");
+        async move {
+            let v: Value = http_client()
+                .get(s)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["targets"][0].clone()
+        }
+    };
+    until("ok", || async {
+        (status(&s).await["status"] == "ok").then_some(())
+    })
+    .await;
+
+    fake.stop();
+    until("unreachable", || async {
+        status(&s).await["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreachable since ")
+            .then_some(())
+    })
+    .await;
+    // A change made while the watcher could not see it is picked up once it can.
+    fake.apply(pod("prod", "api-2", "api", true, 0));
+    fake.resume();
+    until("collection resumed", || async {
+        let t = status(&s).await;
+        (t["status"] == "ok" && t["pods"] == 2).then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}
