@@ -510,6 +510,17 @@ mod tests {
                 && kinds.contains(&"DeploymentFailing"),
             "{kinds:?}"
         );
+        // The same lines are served again at every interval (sinceSeconds overlaps): kept once.
+        let log_reads = || {
+            k.requests()
+                .iter()
+                .filter(|r| r.is_log() && r.path.contains("api-1"))
+                .count()
+        };
+        wait_for("three reads of the log", || log_reads() >= 3).await;
+        assert!(k.requests().iter().any(|r| r.is_log()
+            && r.query.contains("tailLines=100")
+            && r.query.contains("sinceSeconds=")));
         let ctx = w.prompt_context().unwrap();
         assert!(
             ctx.starts_with("[K8s Multi-Watcher: 3 targets monitored]\n"),
@@ -557,5 +568,57 @@ mod tests {
                 .any(|r| r.is_watch() && r.query.contains("allowWatchBookmarks=true"))
         );
         w.stop();
+    }
+
+    #[tokio::test]
+    async fn a_changed_target_restarts_alone() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let k = FakeKube::start_with(Duration::from_millis(200))
+            .await
+            .unwrap();
+        k.apply(deployment("prod", "api", 1, 1));
+        k.apply(deployment("prod", "web", 1, 1));
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        std::fs::write(&kc, k.kubeconfig()).unwrap();
+        let w = Watcher::new(None);
+        let mut c = config(&kc, &[("prod", "api"), ("prod", "web")]);
+        w.apply(&c);
+        let state_of = |key: &str| {
+            lock(&w.shared.targets)
+                .get(key)
+                .map(|r| r.state.clone())
+                .unwrap()
+        };
+        let (api, web) = (
+            state_of("Deployment/prod/api"),
+            state_of("Deployment/prod/web"),
+        );
+        c.targets[1].metrics_port = Some(9090);
+        w.apply(&c);
+        assert!(
+            Arc::ptr_eq(&api, &state_of("Deployment/prod/api")),
+            "the unchanged target was restarted"
+        );
+        assert!(
+            !Arc::ptr_eq(&web, &state_of("Deployment/prod/web")),
+            "the changed target was not restarted"
+        );
+        // The same list again changes nothing; a new one starts beside the others.
+        let web = state_of("Deployment/prod/web");
+        c.targets.push(WatchTarget {
+            deployment: "db".into(),
+            namespace: "prod".into(),
+            ..WatchTarget::default()
+        });
+        w.apply(&c);
+        assert!(Arc::ptr_eq(&web, &state_of("Deployment/prod/web")));
+        assert_eq!(w.status().targets.len(), 3);
+        wait_for("db not found", || {
+            status_of(&w, "Deployment/prod/db") == "not found"
+        })
+        .await;
+        w.stop();
+        assert!(!w.is_active());
     }
 }

@@ -294,3 +294,125 @@ async fn the_api_server_going_away_makes_the_target_unreachable_until_it_returns
     .await;
     s.shutdown().await;
 }
+
+#[test]
+fn a_bad_targets_file_stops_the_start_with_its_file_and_line() {
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("chatcli.toml");
+    let yaml = home.path().join("targets.yaml");
+    std::fs::write(
+        &config,
+        "[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n",
+    )
+    .unwrap();
+    for (text, line, says) in [
+        (
+            "targets:\n  - deployment: api\n    kind: Pod\n",
+            3,
+            "unknown variant `Pod`",
+        ),
+        ("interval: 30s\ntargets: []\n", 2, "target list is empty"),
+        (
+            "window: 2 hours\ntargets:\n  - deployment: api\n",
+            1,
+            "2 hours",
+        ),
+        (
+            "targets:\n  - deployment: api\n    replicas: 3\n",
+            3,
+            "unknown field `replicas`",
+        ),
+    ] {
+        std::fs::write(&yaml, text).unwrap();
+        let out = crate::support::chatcli_command(home.path())
+            .args(["server", "--port", "0", "--metrics-port", "0", "--config"])
+            .arg(&config)
+            .arg("--watch-config")
+            .arg(&yaml)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{text}: {stderr}");
+        let place = format!("{}, line {line}", yaml.display());
+        assert!(
+            stderr.contains(&place) && stderr.contains(says),
+            "{text}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn targets_added_and_removed_in_the_yaml_are_applied_by_the_reload() {
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(deployment("prod", "api", 1, 1));
+    fake.apply(deployment("prod", "web", 1, 1));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, fake.kubeconfig()).unwrap();
+    let yaml = dir.path().join("targets").join("targets.yaml");
+    std::fs::create_dir(yaml.parent().unwrap()).unwrap();
+    let one = "interval: 250ms\ntargets:\n  - deployment: api\n    namespace: prod\n";
+    std::fs::write(&yaml, one).unwrap();
+    let config = dir.path().join("chatcli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n\n[watcher]\nconfig_file = {:?}\nkubeconfig = {:?}\n",
+            yaml, kubeconfig
+        ),
+    )
+    .unwrap();
+    let server = crate::support::BinaryServer::start(&config, &[]);
+    let keys = || {
+        let url = format!("http://{}/watcher/status", server.addr);
+        async move {
+            let v: Value = http_client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} {}",
+                        t["key"].as_str().unwrap(),
+                        t["status"].as_str().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    until("the first target", || async {
+        (keys().await == ["Deployment/prod/api ok"]).then_some(())
+    })
+    .await;
+    let two = format!("{one}  - deployment: web\n    namespace: prod\n");
+    std::fs::write(&yaml, two).unwrap();
+    until("the added target", || async {
+        (keys().await == ["Deployment/prod/api ok", "Deployment/prod/web ok"]).then_some(())
+    })
+    .await;
+    // A broken file keeps the running targets.
+    std::fs::write(&yaml, "targets: []\n").unwrap();
+    server.wait_for_log("target list is empty").await;
+    assert_eq!(
+        keys().await,
+        ["Deployment/prod/api ok", "Deployment/prod/web ok"]
+    );
+    std::fs::write(
+        &yaml,
+        "interval: 250ms\ntargets:\n  - deployment: web\n    namespace: prod\n",
+    )
+    .unwrap();
+    until("the removed target", || async {
+        (keys().await == ["Deployment/prod/web ok"]).then_some(())
+    })
+    .await;
+    server.terminate();
+}
