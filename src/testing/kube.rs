@@ -582,6 +582,43 @@ pub fn event(
         "lastTimestamp": rfc3339(SystemTime::now())})
 }
 
+/// A node with the given conditions set to `True` besides `Ready` (`ready` says which).
+pub fn node(name: &str, ready: bool, pressures: &[&str]) -> Value {
+    let mut conditions =
+        vec![json!({"type": "Ready", "status": if ready { "True" } else { "False" }})];
+    conditions.extend(
+        pressures
+            .iter()
+            .map(|p| json!({"type": p, "status": "True"})),
+    );
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "spec": {}, "status": {"conditions": conditions, "capacity": {"pods": "110"}}})
+}
+
+/// A Job with `failed` failed pods.
+pub fn job(ns: &str, name: &str, failed: i32) -> Value {
+    json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": ns},
+        "spec": {"template": {"spec": {"containers": [{"name": "job", "image": "job:1"}], "restartPolicy": "Never"}}},
+        "status": {"failed": failed}})
+}
+
+/// A CronJob last scheduled `ago` before now.
+pub fn cronjob(ns: &str, name: &str, ago: Duration) -> Value {
+    json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": name, "namespace": ns},
+        "spec": {"schedule": "0 * * * *", "jobTemplate": {"spec": {"template": {"spec":
+            {"containers": [{"name": "job", "image": "job:1"}], "restartPolicy": "Never"}}}}},
+        "status": {"lastScheduleTime": rfc3339(SystemTime::now() - ago)}})
+}
+
+/// An `autoscaling/v2` HPA of the Deployment `target` wanting `desired` replicas.
+pub fn hpa(ns: &str, target: &str, current: i32, desired: i32) -> Value {
+    json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": target, "namespace": ns},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+                 "minReplicas": 1, "maxReplicas": 10},
+        "status": {"currentReplicas": current, "desiredReplicas": desired}})
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -416,3 +416,80 @@ async fn targets_added_and_removed_in_the_yaml_are_applied_by_the_reload() {
     .await;
     server.terminate();
 }
+
+#[tokio::test]
+async fn node_pressure_failed_jobs_missed_cronjobs_and_scaling_are_alerted_once() {
+    use chatcli::testing::kube::{cronjob, hpa, job, node};
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(node("node-1", true, &["DiskPressure"]));
+    fake.apply(deployment("prod", "api", 2, 2));
+    fake.apply(pod("prod", "api-1", "api", true, 0));
+    fake.apply(hpa("prod", "api", 2, 2));
+    fake.apply(job("prod", "migrate", 1));
+    fake.apply(cronjob("prod", "nightly", Duration::from_secs(3 * 3600)));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "interval: 250ms\nwindow: 2s\ntargets:\n  - deployment: api\n    namespace: prod\n  - deployment: migrate\n    kind: Job\n    namespace: prod\n  - deployment: nightly\n    kind: CronJob\n    namespace: prod\n";
+    let s = TestServer::start_with_metrics(config(dir.path(), &fake, yaml)).await;
+    let want = |extra: &[(&str, &str)]| {
+        let mut v: Vec<(String, String)> = [
+            ("CronJobMissed", "CronJob/prod/nightly"),
+            ("DiskPressure", "Node/node-1"),
+            ("JobFailed", "Job/prod/migrate"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        v.sort();
+        v
+    };
+    until("the alerts", || async {
+        (alerts(&s, "").await == want(&[])).then_some(())
+    })
+    .await;
+    // The HPA asks for more replicas: one ScaleEvent, kept over the next intervals.
+    fake.apply(hpa("prod", "api", 2, 4));
+    let scaled = want(&[("ScaleEvent", "Deployment/prod/api")]);
+    until("the scale event", || async {
+        (alerts(&s, "").await == scaled).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(alerts(&s, "").await, scaled);
+    let text = http_client()
+        .get(s.metrics_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (target, severity, kind) in [
+        ("Deployment/prod/api", "WARNING", "ScaleEvent"),
+        ("Deployment/prod/api", "CRITICAL", "DiskPressure"),
+        ("Job/prod/migrate", "CRITICAL", "JobFailed"),
+        ("CronJob/prod/nightly", "WARNING", "CronJobMissed"),
+    ] {
+        let series = format!(
+            "chatcli_watcher_alerts_total{{severity=\"{severity}\",target=\"{target}\",type=\"{kind}\"}}"
+        );
+        assert_eq!(metric(&text, &series), Some(1.0), "{series} in\n{text}");
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "chatcli_watcher_pods_ready{deployment=\"api\",namespace=\"prod\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(text.contains(
+        "chatcli_watcher_collection_duration_seconds_count{target=\"Job/prod/migrate\"}"
+    ));
+    // The scale is over: its alert expires after the window; the lasting conditions stay.
+    until("the scale event's expiry", || async {
+        (alerts(&s, "").await == want(&[])).then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}
