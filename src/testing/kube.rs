@@ -582,6 +582,25 @@ pub fn event(
         "lastTimestamp": rfc3339(SystemTime::now())})
 }
 
+/// A pod's Prometheus endpoint on 127.0.0.1 port 0 answering `text` at every path; returns its
+/// port and a counter of the scrapes it answered.
+pub async fn serve_metrics(
+    text: &'static str,
+) -> std::io::Result<(u16, Arc<std::sync::atomic::AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move { text }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((port, hits))
+}
+
 /// A node with the given conditions set to `True` besides `Ready` (`ready` says which).
 pub fn node(name: &str, ready: bool, pressures: &[&str]) -> Value {
     let mut conditions =

@@ -337,6 +337,7 @@ mod tests {
             phase: "Running".into(),
             ready,
             node: Some("n1".into()),
+            ip: None,
             containers: vec![ContainerInfo {
                 name: "app".into(),
                 ready,

@@ -538,6 +538,17 @@ pub(super) async fn run(
                 }
             }
         }
+        let metrics = match (status == "ok", t.metrics_port, shared.http()) {
+            (true, Some(_), Some(http)) => {
+                let running: Vec<(String, String)> = pods
+                    .iter()
+                    .filter(|p| p.phase == "Running")
+                    .filter_map(|p| Some((p.name.clone(), p.ip.clone()?)))
+                    .collect();
+                super::scrape::scrape(&http, t, &running).await
+            }
+            _ => Vec::new(),
+        };
         logs.retain(&pod_names);
         let now = SystemTime::now();
         let snap = Snapshot {
@@ -549,6 +560,7 @@ pub(super) async fn run(
             hpa,
             nodes,
             logs: logs.lines(),
+            metrics,
         };
         shared.record(&key, &state, snap, status, now, started.elapsed());
     }

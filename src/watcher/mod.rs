@@ -8,6 +8,7 @@
 
 pub mod alerts;
 mod collect;
+pub mod scrape;
 pub mod snapshot;
 pub mod summary;
 
@@ -72,6 +73,8 @@ pub(crate) struct Shared {
     client: Mutex<Option<(Option<PathBuf>, kube::Client)>>,
     nodes: Mutex<Option<(Store<Node>, CancellationToken)>>,
     metrics: Option<WatcherMetrics>,
+    /// For the Prometheus scrapes, made at the first one.
+    http: std::sync::OnceLock<Option<reqwest::Client>>,
 }
 
 impl Shared {
@@ -100,6 +103,19 @@ impl Shared {
         let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
         *lock(&self.client) = Some((kubeconfig.map(Path::to_path_buf), client.clone()));
         Ok(client)
+    }
+
+    /// The HTTP client of the scrapes (`None` when it cannot be built; logged once).
+    fn http(&self) -> Option<reqwest::Client> {
+        self.http
+            .get_or_init(|| {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::builder()
+                    .build()
+                    .inspect_err(|e| tracing::warn!("no HTTP client for the metrics scrapes: {e}"))
+                    .ok()
+            })
+            .clone()
     }
 
     /// The cluster's nodes, one reflector shared by every target.
@@ -247,6 +263,7 @@ impl Watcher {
                 client: Mutex::new(None),
                 nodes: Mutex::new(None),
                 metrics,
+                http: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -620,5 +637,56 @@ mod tests {
         .await;
         w.stop();
         assert!(!w.is_active());
+    }
+
+    #[tokio::test]
+    async fn every_running_pod_is_scraped_with_its_labels_and_the_filter() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (port, hits) = crate::testing::kube::serve_metrics(
+            "# TYPE http_requests_total counter\nhttp_requests_total{code=\"500\"} 12\ngo_goroutines 9\n",
+        )
+        .await
+        .unwrap();
+        let k = FakeKube::start_with(Duration::from_millis(200))
+            .await
+            .unwrap();
+        k.apply(deployment("prod", "api", 2, 2));
+        for name in ["api-1", "api-2"] {
+            let mut p = pod("prod", name, "api", true, 0);
+            p["status"]["podIP"] = serde_json::json!("127.0.0.1");
+            k.apply(p);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        std::fs::write(&kc, k.kubeconfig()).unwrap();
+        let mut c = config(&kc, &[("prod", "api")]);
+        c.targets[0].metrics_port = Some(port);
+        c.targets[0].metrics_filter = vec!["http_*".into()];
+        let w = Watcher::new(None);
+        w.apply(&c);
+        wait_for("both pods scraped", || {
+            let snap = lock(&w.shared.targets)
+                .values()
+                .next()
+                .and_then(|r| lock(&r.state).snapshot.clone());
+            snap.is_some_and(|s| s.metrics.len() == 2)
+        })
+        .await;
+        assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        let snap = lock(&w.shared.targets)
+            .values()
+            .next()
+            .and_then(|r| lock(&r.state).snapshot.clone())
+            .unwrap();
+        let pods: Vec<&str> = snap.metrics.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(pods, ["api-1", "api-2"]);
+        assert!(
+            snap.metrics
+                .iter()
+                .all(|(_, l)| l == "http_requests_total{code=\"500\"} 12"),
+            "{:?}",
+            snap.metrics
+        );
+        w.stop();
     }
 }

@@ -58,6 +58,8 @@ pub struct PodInfo {
     pub ready: bool,
     /// The node it runs on.
     pub node: Option<String>,
+    /// Its IP.
+    pub ip: Option<String>,
     /// Its containers.
     pub containers: Vec<ContainerInfo>,
 }
@@ -154,6 +156,8 @@ pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
     /// The recent log lines kept (each line once), oldest first.
     pub logs: Vec<LogLine>,
+    /// Samples scraped from the pods' Prometheus endpoints (`metricsPort`): (pod, sample line).
+    pub metrics: Vec<(String, String)>,
 }
 
 impl Snapshot {
@@ -296,6 +300,7 @@ pub fn pod_info(p: &Pod) -> PodInfo {
         phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
         ready,
         node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+        ip: status.and_then(|s| s.pod_ip.clone()),
         containers,
     }
 }

@@ -163,6 +163,12 @@ impl TargetView {
                 out.push('\n');
             }
         }
+        if with_logs && !s.metrics.is_empty() {
+            out.push_str("Metrics:\n");
+            for (pod, sample) in &s.metrics {
+                let _ = writeln!(out, "  {pod} {sample}");
+            }
+        }
         if with_logs {
             let errors: Vec<_> = s.error_logs().collect();
             if !errors.is_empty() {
@@ -333,6 +339,7 @@ mod tests {
             phase: "Running".into(),
             ready: !critical,
             node: None,
+            ip: None,
             containers: vec![ContainerInfo {
                 name: "app".into(),
                 ready: !critical,

@@ -758,6 +758,8 @@ mod tests {
                 "/request",
                 "/updates",
                 "/admin/reload",
+                "/watcher/status",
+                "/watcher/alerts",
             ]
         );
         for path in &labels {
