@@ -165,7 +165,7 @@ fn check_target(t: &WatchTarget) -> Vec<(&'static str, String)> {
     out
 }
 
-/// [`resolve`] for a config built in code (tests, embedders): makes `w.targets` the whole list,
+/// The loader's resolution of the targets, for a config built in code (tests, embedders): makes `w.targets` the whole list,
 /// reading the YAML `w.config_file` names, and returns the problems found.
 pub fn resolve_watcher(w: &mut WatcherConfig) -> Vec<Problem> {
     let mut problems = Vec::new();

@@ -1,5 +1,5 @@
 //! The Kubernetes watcher: collects each configured target (workload, pods, events, HPA, nodes,
-//! logs) through kube reflectors ([`collect`]), raises alerts ([`alerts`]) and writes the context
+//! logs) through kube reflectors (the `collect` module), raises alerts ([`alerts`]) and writes the context
 //! that prompts get ([`summary`]). One task per target: a target that cannot be read (`forbidden`,
 //! `not found`, `unreachable since …`) says so in its status and never stops the others.
 //! [`Watcher::apply`] takes a new target list (at start and at every reload): an added target
