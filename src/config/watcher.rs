@@ -165,8 +165,9 @@ fn check_target(t: &WatchTarget) -> Vec<(&'static str, String)> {
     out
 }
 
-/// The loader's resolution of the targets, for a config built in code (tests, embedders): makes `w.targets` the whole list,
-/// reading the YAML `w.config_file` names, and returns the problems found.
+/// The loader's resolution of the targets, for a config built in code (tests, embedders):
+/// makes `w.targets` the whole list, reading the YAML `w.config_file` names, and returns the
+/// problems found.
 pub fn resolve_watcher(w: &mut WatcherConfig) -> Vec<Problem> {
     let mut problems = Vec::new();
     resolve(w, &|_: &str| "config".to_string(), &mut problems);

@@ -1,7 +1,8 @@
 //! The Kubernetes watcher: collects each configured target (workload, pods, events, HPA, nodes,
-//! logs) through kube reflectors (the `collect` module), raises alerts ([`alerts`]) and writes the context
-//! that prompts get ([`summary`]). One task per target: a target that cannot be read (`forbidden`,
-//! `not found`, `unreachable since …`) says so in its status and never stops the others.
+//! logs, optional Prometheus samples) through kube reflectors (the `collect` module), raises
+//! alerts ([`alerts`]) and writes the context that prompts get ([`summary`]). One task per
+//! target: a target that cannot be read (`forbidden`, `not found`, `unreachable since …`) says so
+//! in its status and never stops the others.
 //! [`Watcher::apply`] takes a new target list (at start and at every reload): an added target
 //! starts, a removed one stops and its state is dropped, a changed one restarts alone; the others
 //! keep their history and alerts.
