@@ -690,4 +690,61 @@ mod tests {
         );
         w.stop();
     }
+
+    #[tokio::test]
+    async fn at_steady_state_there_is_no_list_and_one_log_read_per_container_per_collection() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let k = FakeKube::start_with(Duration::from_millis(200))
+            .await
+            .unwrap();
+        let names = ["a", "b", "c"];
+        for name in names {
+            k.apply(deployment("prod", name, 4, 4));
+            for i in 0..4 {
+                k.apply(pod("prod", &format!("{name}-{i}"), name, true, 0));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        std::fs::write(&kc, k.kubeconfig()).unwrap();
+        let w = Watcher::new(None);
+        let mut c = config(&kc, &names.map(|n| ("prod", n)));
+        // Collections are counted within the window: keep them all.
+        c.window = Duration::from_secs(3600);
+        w.apply(&c);
+        let steady = |w: &Watcher| {
+            w.status()
+                .targets
+                .iter()
+                .all(|t| t.status == "ok" && t.pods == 4)
+        };
+        wait_for("every target collected", || steady(&w)).await;
+        let collections =
+            |w: &Watcher| -> usize { w.status().targets.iter().map(|t| t.snapshots).sum() };
+        // One more collection of each, so every reflector has listed and is watching.
+        let c0 = collections(&w);
+        wait_for("a full round", || collections(&w) >= c0 + 3).await;
+        let (r0, c0) = (k.requests().len(), collections(&w));
+        wait_for("five more rounds", || collections(&w) >= c0 + 15).await;
+        let (new, c1) = (k.requests()[r0..].to_vec(), collections(&w));
+        let lists: Vec<&crate::testing::kube::KubeRequest> = new
+            .iter()
+            .filter(|r| !r.is_watch() && !r.is_log())
+            .collect();
+        assert!(lists.is_empty(), "list calls at steady state: {lists:?}");
+        let logs = new.iter().filter(|r| r.is_log()).count();
+        // Each collection of a target reads each of its 4 pods' one container once (the request
+        // log may hold the reads of one collection in progress at either end).
+        assert!(
+            logs <= (c1 - c0 + 3) * 4,
+            "{logs} log reads for {} collections",
+            c1 - c0
+        );
+        assert!(
+            logs >= (c1 - c0) * 4 - 4,
+            "{logs} log reads for {} collections",
+            c1 - c0
+        );
+        w.stop();
+    }
 }
