@@ -193,6 +193,97 @@ struct Streams {
     pods: Option<PodWatch>,
     nodes: Store<Node>,
     cancel: CancellationToken,
+    /// Keeps the namespace's events and HPAs watched while this target runs.
+    _namespace: NamespaceLease,
+}
+
+/// The events and HPAs of one namespace, watched once for all the targets in it.
+pub(super) struct NamespaceStreams {
+    events: Store<Event>,
+    hpas: Store<HorizontalPodAutoscaler>,
+    healths: Vec<Arc<Health>>,
+    cancel: CancellationToken,
+    users: usize,
+    /// Tells these streams from later ones of the same namespace.
+    id: u64,
+}
+
+impl NamespaceStreams {
+    /// Starts the reflectors of `ns`.
+    pub(super) fn start(client: &kube::Client, ns: &str) -> Self {
+        let cancel = CancellationToken::new();
+        let events_health = Arc::new(Health::default());
+        let hpa_health = Arc::new(Health::default());
+        let events = reflect(
+            Api::namespaced(client.clone(), ns),
+            watcher::Config::default(),
+            events_health.clone(),
+            cancel.clone(),
+        );
+        let hpas = reflect(
+            Api::namespaced(client.clone(), ns),
+            watcher::Config::default(),
+            hpa_health.clone(),
+            cancel.clone(),
+        );
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self {
+            events,
+            hpas,
+            healths: vec![events_health, hpa_health],
+            cancel,
+            users: 0,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Stops its reflectors.
+    pub(super) fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// One target's use of its namespace's streams; the last one dropped stops them.
+pub(super) struct NamespaceLease {
+    events: Store<Event>,
+    hpas: Store<HorizontalPodAutoscaler>,
+    healths: Vec<Arc<Health>>,
+    namespace: String,
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+impl NamespaceLease {
+    /// Takes the streams of `ns` in `shared`, starting them for the first user.
+    pub(super) fn take(shared: &Arc<Shared>, client: &kube::Client, ns: &str) -> Self {
+        let mut map = super::lock(&shared.namespaces);
+        let n = map
+            .entry(ns.to_string())
+            .or_insert_with(|| NamespaceStreams::start(client, ns));
+        n.users += 1;
+        Self {
+            events: n.events.clone(),
+            hpas: n.hpas.clone(),
+            healths: n.healths.clone(),
+            namespace: ns.to_string(),
+            id: n.id,
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for NamespaceLease {
+    fn drop(&mut self) {
+        let mut map = super::lock(&self.shared.namespaces);
+        if let Some(n) = map.get_mut(&self.namespace).filter(|n| n.id == self.id) {
+            n.users = n.users.saturating_sub(1);
+            // Only the streams this lease took: a reset map may hold newer ones.
+            if n.users == 0 {
+                n.stop();
+                map.remove(&self.namespace);
+            }
+        }
+    }
 }
 
 impl Streams {
@@ -200,6 +291,7 @@ impl Streams {
         client: &kube::Client,
         t: &WatchTarget,
         nodes: Store<Node>,
+        lease: NamespaceLease,
         cancel: CancellationToken,
     ) -> Self {
         let by_name = watcher::Config::default().fields(&format!("metadata.name={}", t.deployment));
@@ -222,29 +314,23 @@ impl Streams {
             WorkloadKind::Job => workload!(Job),
             WorkloadKind::CronJob => workload!(CronJob),
         };
-        let events_health = Arc::new(Health::default());
-        let hpa_health = Arc::new(Health::default());
-        let events = reflect(
-            Api::namespaced(client.clone(), ns),
-            watcher::Config::default(),
-            events_health.clone(),
-            cancel.clone(),
-        );
-        let hpas = reflect(
-            Api::namespaced(client.clone(), ns),
-            watcher::Config::default(),
-            hpa_health.clone(),
-            cancel.clone(),
-        );
+        let NamespaceLease {
+            events,
+            hpas,
+            healths,
+            ..
+        } = &lease;
+        let (events, hpas, others) = (events.clone(), hpas.clone(), healths.clone());
         Self {
             workload,
             workload_health: health,
             events,
             hpas,
-            others: vec![events_health, hpa_health],
+            others,
             pods: None,
             nodes,
             cancel,
+            _namespace: lease,
         }
     }
 
@@ -442,10 +528,12 @@ pub(super) async fn run(
             }
         };
         if streams.is_none() {
+            let lease = NamespaceLease::take(&shared, &client, &t.namespace);
             streams = Some(Streams::start(
                 &client,
                 t,
                 shared.nodes(&client),
+                lease,
                 cancel.child_token(),
             ));
         }

@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     targets: Mutex<BTreeMap<String, Running>>,
     client: Mutex<Option<(Option<PathBuf>, kube::Client)>>,
     nodes: Mutex<Option<(Store<Node>, CancellationToken)>>,
+    /// The events and HPAs of each namespace with targets, shared by its targets.
+    namespaces: Mutex<BTreeMap<String, collect::NamespaceStreams>>,
     metrics: Option<WatcherMetrics>,
     /// For the Prometheus scrapes, made at the first one.
     http: std::sync::OnceLock<Option<reqwest::Client>>,
@@ -263,6 +265,7 @@ impl Watcher {
                 targets: Mutex::new(BTreeMap::new()),
                 client: Mutex::new(None),
                 nodes: Mutex::new(None),
+                namespaces: Mutex::new(BTreeMap::new()),
                 metrics,
                 http: std::sync::OnceLock::new(),
             }),
@@ -297,8 +300,14 @@ impl Watcher {
             .values()
             .next()
             .is_some_and(|r| r.params.kubeconfig != config.kubeconfig);
-        if kubeconfig_changed && let Some((_, cancel)) = lock(&self.shared.nodes).take() {
-            cancel.cancel();
+        if kubeconfig_changed {
+            // The streams of the old cluster go; the restarted targets start new ones.
+            if let Some((_, cancel)) = lock(&self.shared.nodes).take() {
+                cancel.cancel();
+            }
+            for (_, n) in std::mem::take(&mut *lock(&self.shared.namespaces)) {
+                n.stop();
+            }
         }
         targets.retain(|key, running| {
             let keep = wanted.get(key).is_some_and(|p| *p == running.params);
@@ -636,8 +645,13 @@ mod tests {
             status_of(&w, "Deployment/prod/db") == "not found"
         })
         .await;
+        assert_eq!(lock(&w.shared.namespaces).len(), 1);
         w.stop();
         assert!(!w.is_active());
+        wait_for("the namespace's streams released", || {
+            lock(&w.shared.namespaces).is_empty()
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -732,6 +746,15 @@ mod tests {
             .filter(|r| !r.is_watch() && !r.is_log())
             .collect();
         assert!(lists.is_empty(), "list calls at steady state: {lists:?}");
+        // The three targets of the namespace share its events and HPAs: listed once each.
+        for resource in ["/events", "/horizontalpodautoscalers"] {
+            let listed = k
+                .requests()
+                .iter()
+                .filter(|r| !r.is_watch() && r.path.ends_with(resource))
+                .count();
+            assert_eq!(listed, 1, "{resource}");
+        }
         let logs = new.iter().filter(|r| r.is_log()).count();
         // Each collection of a target reads each of its 4 pods' one container once (the request
         // log may hold the reads of one collection in progress at either end).
