@@ -11,13 +11,14 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod exit;
+pub mod gateway;
 pub mod llm;
 mod proto_debug;
-pub mod reload;
 pub mod server;
 pub mod sessions;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod watcher;
 

@@ -27,9 +27,9 @@ use x509_parser::pem::Pem;
 use x509_parser::public_key::RSAPublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
-use super::tokens::{credential_path, credentials_directory, read_credential};
 use super::{AuthMethod, Principal, Role};
 use crate::config::{JwtConfig, Secret};
+use crate::config::{credential_path, credentials_directory, read_credential};
 
 /// Longer tokens are refused before any parsing (HTTP servers cap headers near this anyway).
 const MAX_TOKEN_LEN: usize = 16 * 1024;

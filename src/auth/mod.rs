@@ -35,51 +35,7 @@ impl AuthMethod {
     }
 }
 
-/// What a principal may do.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Everything, including other principals' data.
-    Admin,
-    /// Prompts and own sessions.
-    #[default]
-    User,
-    /// Reads only: no plugin runs, no session writes or deletes.
-    #[serde(rename = "readonly")]
-    ReadOnly,
-}
-
-impl Role {
-    /// Parses a JWT `role` claim: admin | user | readonly, anything else → user.
-    pub fn from_claim(s: &str) -> Self {
-        match s.to_ascii_lowercase().as_str() {
-            "admin" => Self::Admin,
-            "readonly" | "read-only" | "read_only" => Self::ReadOnly,
-            _ => Self::User,
-        }
-    }
-
-    /// Stable name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::User => "user",
-            Self::ReadOnly => "readonly",
-        }
-    }
-}
+pub use crate::config::Role;
 
 /// The caller, resolved before any handler runs.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,13 +2,13 @@
 //! principal id, role and optional rate limit. The table keeps only SHA-256 digests of the tokens,
 //! and [`TokenTable::lookup`] compares a presented token against every digest in constant time.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use super::{AuthMethod, Principal, Role};
-use crate::config::NamedToken;
+use crate::config::{NamedToken, credential_path, credentials_directory, read_credential};
 
 /// Principal ids the server gives to callers without a named token; a named token using one of
 /// them would be mistaken for the shared token or for no-auth mode.
@@ -204,38 +204,6 @@ impl TokenTable {
     }
 }
 
-/// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`), when set and not empty.
-pub(crate) fn credentials_directory() -> Option<PathBuf> {
-    std::env::var_os("CREDENTIALS_DIRECTORY")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-}
-
-/// A relative path is looked up in the credentials directory when there is one, as the config
-/// loader does for `*_file` secrets.
-pub(crate) fn credential_path(file: &Path, creds: Option<&Path>) -> PathBuf {
-    match creds {
-        Some(dir) if file.is_relative() => dir.join(file),
-        _ => file.to_path_buf(),
-    }
-}
-
-/// Reads a file holding one secret; the trailing newline editors add is not part of it.
-/// Errors name the path, never the content.
-pub(crate) fn read_credential(path: &Path) -> Result<String, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let token = text.trim_end_matches(['\n', '\r']);
-            if token.trim().is_empty() {
-                Err(format!("{} is empty", path.display()))
-            } else {
-                Ok(token.to_string())
-            }
-        }
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
 /// 64 hex digits (either case) → 32 bytes.
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim().as_bytes();
@@ -404,7 +372,7 @@ mod tests {
         assert_eq!(err, "auth.tokens.0 (\"ci\"): set one of `sha256` or `file`");
 
         let mut both = by_hash("ci", TOKEN_A, Role::User);
-        both.file = Some(PathBuf::from("/nonexistent"));
+        both.file = Some(std::path::PathBuf::from("/nonexistent"));
         let err = TokenTable::from_config_in(&[both], None).unwrap_err();
         assert_eq!(
             err,

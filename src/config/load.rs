@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use super::types::{Config, Defaults, ProviderConfig};
 use super::values::Secret;
 use super::{Problem, validate};
-use crate::auth::tokens::{credential_path, read_credential};
+use super::{credential_path, read_credential};
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone, Default)]

@@ -3,7 +3,10 @@
 
 mod env_providers;
 pub mod example;
+mod kinds;
 mod load;
+mod log_level;
+mod secret_files;
 mod show;
 mod types;
 mod validate;
@@ -12,9 +15,12 @@ mod watcher;
 
 use figment::Figment;
 
+pub use kinds::{LogFormat, ProviderKind, Role, TrustedProxies};
 pub use load::{
     COMPAT_ENV, FlagValue, LoadError, Loaded, Sources, config_file, config_files, drop_in_dir, load,
 };
+pub use log_level::log_filter;
+pub(crate) use secret_files::{credential_path, credentials_directory, read_credential};
 pub use show::render_show;
 pub use types::*;
 pub use values::Secret;

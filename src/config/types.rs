@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::values::{Secret, duration_str, string_or_list};
-use crate::telemetry::LogFormat;
+use super::{LogFormat, Role};
 
 /// The whole daemon configuration, one field per TOML section.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -301,7 +301,7 @@ pub struct NamedToken {
     /// The principal id of callers presenting this token.
     pub name: String,
     /// admin | user | readonly.
-    pub role: crate::auth::Role,
+    pub role: Role,
     /// Lower-case hex SHA-256 of the token (so the config holds no secret).
     pub sha256: Option<String>,
     /// A file holding the token itself.
@@ -317,9 +317,9 @@ pub struct NamedToken {
 #[serde(deny_unknown_fields, default)]
 pub struct MtlsConfig {
     /// Certificate identity (first URI SAN, else DNS SAN, else CN) → role.
-    pub roles: std::collections::BTreeMap<String, crate::auth::Role>,
+    pub roles: std::collections::BTreeMap<String, Role>,
     /// Role of a verified certificate identity not listed in `roles`.
-    pub default_role: crate::auth::Role,
+    pub default_role: Role,
 }
 
 /// `[auth.jwt]`
@@ -380,7 +380,7 @@ pub struct LimitsConfig {
     #[serde(with = "duration_str")]
     pub interactive_idle_timeout: Duration,
     /// Rate limit per role, overriding the default (`[limits.roles.readonly] rate_limit_rps = 1`).
-    pub roles: std::collections::BTreeMap<crate::auth::Role, RoleLimits>,
+    pub roles: std::collections::BTreeMap<Role, RoleLimits>,
     /// Concurrent streams one principal may hold open (0 = no cap beyond the per-connection limit).
     pub max_streams_per_principal: u32,
     /// Failed authentications allowed per client IP per minute before they are slowed.
@@ -615,6 +615,9 @@ pub struct WatcherConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Most characters of watcher context added to a prompt.
     pub max_context_chars: usize,
+    /// Whether prompts of the OpenAI-compatible API (`/v1/chat/completions`) get the watcher's
+    /// context too; chatcli's own prompts always do, AnalyzeIssue and AgenticStep never.
+    pub inject_openai: bool,
     /// The targets (`[[watcher.targets]]`); the multi-target YAML of `config_file` replaces them,
     /// and without either `deployment` is the one target.
     pub targets: Vec<WatchTarget>,
@@ -631,6 +634,7 @@ impl Default for WatcherConfig {
             max_log_lines: 100,
             kubeconfig: None,
             max_context_chars: 32_000,
+            inject_openai: false,
             targets: Vec::new(),
         }
     }

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use figment::Figment;
 
+use super::ProviderKind;
 use super::types::Config;
 use super::{Problem, origin};
-use crate::llm::ProviderKind;
 
 /// Every problem of `config`.
 pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
@@ -43,7 +43,7 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
             ),
         );
     }
-    if let Err(errors) = crate::server::forwarded::TrustedProxies::parse(&s.trusted_proxies) {
+    if let Err(errors) = super::TrustedProxies::parse(&s.trusted_proxies) {
         // The origin is the list's: from the environment it is one comma-separated value.
         for e in errors {
             let why = e.strip_prefix("server.trusted_proxies.").unwrap_or(&e);
@@ -97,7 +97,7 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
     {
         bad("auth.token", "is empty".into());
     }
-    if let Err(e) = crate::telemetry::validate_level(&config.log.level) {
+    if let Err(e) = super::log_filter(&config.log.level) {
         bad(
             "log.level",
             format!("`{}` is not a valid filter: {e}", config.log.level),
@@ -223,8 +223,8 @@ pub fn short_token_warnings(config: &Config, creds: Option<&Path>) -> Vec<String
     }
     for (i, t) in auth.tokens.iter().enumerate() {
         let Some(file) = &t.file else { continue };
-        let path = crate::auth::tokens::credential_path(file, creds);
-        if let Ok(token) = crate::auth::tokens::read_credential(&path) {
+        let path = super::credential_path(file, creds);
+        if let Ok(token) = super::read_credential(&path) {
             check(format!("auth.tokens.{i}.file ({:?})", t.name), &token);
         }
     }

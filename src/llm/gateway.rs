@@ -1,6 +1,7 @@
-//! The one prompt call behind every surface (SendPrompt, StreamPrompt, InteractiveSession, and the
-//! HTTP APIs): resolve the provider, apply the caller's credentials or the fallback chain, compose
-//! the upstream conversation, and count the call in the LLM metrics when its stream ends.
+//! The provider side of a prompt, which the core's prompt use cases (`gateway::Gateway::prompt`
+//! and the interactive turn) run once the request is validated: resolve the provider, apply the
+//! caller's credentials or the fallback chain, compose the upstream conversation, and count the
+//! call in the LLM metrics when its stream ends.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,6 +39,8 @@ pub struct PromptCall {
     /// The caller takes the whole answer at once (SendPrompt, `stream: false`): providers may ask
     /// their upstream for a whole answer too ([`ChatRequest::stream`]).
     pub unary: bool,
+    /// The JSON schema the answer must follow ([`ChatRequest::schema`]).
+    pub schema: Option<Arc<super::ResponseSchema>>,
 }
 
 /// Starts a prompt: returns once a provider has produced its first delta (or every candidate
@@ -70,6 +73,7 @@ pub async fn start(
     request.top_p = call.top_p;
     request.stop = call.stop;
     request.stream = !call.unary;
+    request.schema = call.schema;
     let started = Instant::now();
     let result = fallback::start(
         candidates,

@@ -1,8 +1,10 @@
 //! The provider seam: a [`Provider`] streams deltas for a [`ChatRequest`] (a unary answer is the
-//! collected stream), a [`ProviderRegistry`] built from config resolves names case-insensitively, and
-//! one file per wire format implements the trait (OpenAI-compatible, Anthropic, Gemini, Ollama,
-//! StackSpot, and the built-in `echo`), with the fallback chain, the SSRF guard and the HTTP client
-//! they share.
+//! collected stream), and a [`ProviderRegistry`] built from config resolves names
+//! case-insensitively. The HTTP kinds are one generic provider ([`wire::HttpProvider`]) over a
+//! [`wire::WireFormat`] per file (`openai` with its compatible presets, `anthropic`, `gemini`,
+//! `ollama`); `stackspot` (an OAuth account and its own token flow) and the built-in `echo` are
+//! providers of their own. Beside them: the client-credential rule every kind applies
+//! ([`ClientCredentials::caller_url`]), the fallback chain, the SSRF guard, and the HTTP plumbing they share.
 
 pub mod anthropic;
 pub mod chunker;
@@ -22,6 +24,7 @@ pub mod openai;
 mod registry;
 pub mod ssrf;
 pub mod stackspot;
+pub mod wire;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -70,6 +73,21 @@ pub struct ChatRequest {
     /// does not, a provider may ask its upstream for the whole answer in one response (less
     /// framing to parse, and what any other gateway sends); its stream then yields it at once.
     pub stream: bool,
+    /// The JSON schema the answer must follow, for providers whose API takes one (OpenAI
+    /// `response_format`, Gemini `responseSchema`, Anthropic a forced tool, Ollama `format`);
+    /// the others get only the prompt's own instructions.
+    pub schema: Option<Arc<ResponseSchema>>,
+}
+
+/// A JSON schema an answer is asked to follow (structured output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseSchema {
+    /// Its name (OpenAI's `json_schema.name`, Anthropic's tool name): `[a-zA-Z0-9_-]`, ≤ 64.
+    pub name: &'static str,
+    /// What the answer is, for the tool's description.
+    pub description: &'static str,
+    /// The JSON schema of the whole answer (an object).
+    pub schema: serde_json::Value,
 }
 
 impl ChatRequest {
@@ -83,6 +101,7 @@ impl ChatRequest {
             top_p: None,
             stop: Vec::new(),
             stream: true,
+            schema: None,
         }
     }
 }
@@ -110,75 +129,7 @@ pub enum Delta {
 /// A stream of deltas, ending when the answer is complete.
 pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, LlmError>> + Send>>;
 
-/// The known provider kinds (wire formats).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    /// Built-in: streams the prompt back word by word. For demos and tests.
-    Echo,
-    /// OpenAI Chat Completions, and the OpenAI-compatible presets (xAI, OpenRouter, …).
-    OpenAi,
-    /// Anthropic Messages.
-    Anthropic,
-    /// Google Gemini.
-    Gemini,
-    /// Ollama's native API.
-    Ollama,
-    /// StackSpot agents.
-    StackSpot,
-}
-
-impl ProviderKind {
-    /// Every kind name accepted in config (OpenAI-compatible presets included).
-    pub const NAMES: &[&str] = &[
-        "echo",
-        "openai",
-        "openai-compatible",
-        "xai",
-        "openrouter",
-        "moonshot",
-        "zai",
-        "github-models",
-        "copilot",
-        "anthropic",
-        "gemini",
-        "ollama",
-        "stackspot",
-    ];
-
-    /// Parses a config kind name (case-insensitive); presets map to their wire format.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "echo" => Self::Echo,
-            "openai" | "openai-compatible" | "xai" | "openrouter" | "moonshot" | "zai"
-            | "github-models" | "copilot" => Self::OpenAi,
-            "anthropic" => Self::Anthropic,
-            "gemini" => Self::Gemini,
-            "ollama" => Self::Ollama,
-            "stackspot" => Self::StackSpot,
-            _ => return None,
-        })
-    }
-
-    /// Whether providers of this kind can list their upstream's models (`discover_models`).
-    pub fn discovers_models(self) -> bool {
-        matches!(
-            self,
-            Self::OpenAi | Self::Anthropic | Self::Gemini | Self::Ollama
-        )
-    }
-
-    /// The wire format's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Echo => "echo",
-            Self::OpenAi => "openai",
-            Self::Anthropic => "anthropic",
-            Self::Gemini => "gemini",
-            Self::Ollama => "ollama",
-            Self::StackSpot => "stackspot",
-        }
-    }
-}
+pub use crate::config::ProviderKind;
 
 /// An LLM backend.
 pub trait Provider: Send + Sync + std::fmt::Debug {

@@ -21,56 +21,11 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName};
-use ipnet::IpNet;
 
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The proxies whose word on the client's address is taken (`server.trusted_proxies`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<IpNet>);
-
-impl TrustedProxies {
-    /// Parses `server.trusted_proxies`: each entry an address (`192.0.2.7`, `2001:db8::1`) or a
-    /// CIDR (`10.0.0.0/8`). The errors name each bad entry.
-    pub fn parse(entries: &[String]) -> Result<Self, Vec<String>> {
-        let mut nets = Vec::new();
-        let mut errors = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            match parse_net(entry) {
-                Some(net) => nets.push(net),
-                None => errors.push(format!(
-                    "server.trusted_proxies.{i}: `{entry}` is not an IP address or CIDR (e.g. 10.0.0.0/8)"
-                )),
-            }
-        }
-        match errors.is_empty() {
-            true => Ok(Self(nets)),
-            false => Err(errors),
-        }
-    }
-
-    /// Whether no proxy is trusted (then the TCP peer is always the client).
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Whether `ip` is a trusted proxy (an IPv4-mapped IPv6 address counts as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.0.iter().any(|net| net.contains(&ip))
-    }
-}
-
-/// One entry of `server.trusted_proxies`: a CIDR, or a single address.
-fn parse_net(entry: &str) -> Option<IpNet> {
-    let entry = entry.trim();
-    entry
-        .parse::<IpNet>()
-        .ok()
-        .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
-        .map(|net| net.trunc())
-}
+pub use crate::config::TrustedProxies;
 
 /// The client of a request: its address, its port when known, and whether a trusted proxy named
 /// it (rather than it being the TCP peer).

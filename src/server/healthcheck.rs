@@ -36,8 +36,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::auth::tokens::credential_path;
 use crate::cli::HealthcheckArgs;
+use crate::config::credential_path;
 use crate::config::{Config, Sources};
 
 /// Probes the server the configuration describes; `Ok` with its address when it is SERVING, else

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime};
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
 use file_rotate::{ContentLimit, FileRotate};
-use serde::{Deserialize, Serialize};
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
@@ -28,16 +27,7 @@ const DEFAULT_MAX_SIZE_MB: u64 = 100;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 const SECONDS_PER_DAY: u64 = 24 * 3600;
 
-/// How log lines are rendered, on stderr and in the file alike.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One human-readable line per event, with timestamp, level and target.
-    #[default]
-    Text,
-    /// One JSON object per line, event fields flattened to the top level.
-    Json,
-}
+pub use crate::config::LogFormat;
 
 /// Everything [`init_logging`] needs, already validated by the config layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,16 +146,6 @@ impl LogGuard {
     }
 }
 
-/// Checks that `s` is a usable `EnvFilter` directive, for config validation.
-/// The error is the reason alone, without the value.
-pub fn validate_level(s: &str) -> Result<(), String> {
-    match parse_filter(s) {
-        Ok(_) => Ok(()),
-        Err(LoggingError::InvalidLevel { reason, .. }) => Err(reason),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 /// Installs the global subscriber described by `settings`. Fails, without panicking, when one is
 /// already installed.
 pub fn init_logging(settings: &LogSettings) -> Result<LogGuard, LoggingError> {
@@ -253,66 +233,9 @@ fn format_layer(format: LogFormat, writer: BoxMakeWriter, ansi: bool) -> BoxedLa
 }
 
 fn parse_filter(level: &str) -> Result<EnvFilter, LoggingError> {
-    let invalid = |reason: String| LoggingError::InvalidLevel {
+    crate::config::log_filter(level).map_err(|reason| LoggingError::InvalidLevel {
         level: level.to_owned(),
         reason,
-    };
-    if level.trim().is_empty() {
-        return Err(invalid(format!("empty; {ACCEPTED_LEVELS}")));
-    }
-    let directives = normalize_directives(level).map_err(invalid)?;
-    EnvFilter::try_new(directives).map_err(|e| invalid(e.to_string()))
-}
-
-/// What `log.level` accepts, quoted in every error about it.
-const ACCEPTED_LEVELS: &str = "accepted levels are trace, debug, info, warn (or warning), error and off, \
-                               alone or per target (`info,chatcli=debug`)";
-
-/// Checks each comma-separated directive and spells aliases the way `EnvFilter` wants them.
-/// `EnvFilter` reads a bare word that is not a level as a target name enabled at every level, so a
-/// misspelt level (`verbose`) would silently turn off every other log line; here a bare word must be
-/// a level. A target is enabled with an explicit level (`chatcli=trace`).
-fn normalize_directives(level: &str) -> Result<String, String> {
-    let mut out = Vec::new();
-    for directive in level.split(',').map(str::trim) {
-        if directive.is_empty() {
-            continue;
-        }
-        let (target, word) = match directive.rsplit_once('=') {
-            // A span field filter (`target[span{field=value}]`) keeps its own syntax.
-            Some((_, word)) if word.contains([']', '}']) => {
-                out.push(directive.to_owned());
-                continue;
-            }
-            Some((target, word)) => (Some(target), word),
-            None if directive.contains('[') => {
-                out.push(directive.to_owned());
-                continue;
-            }
-            None => (None, directive),
-        };
-        let Some(word) = level_word(word) else {
-            return Err(format!("`{word}` is not a log level; {ACCEPTED_LEVELS}"));
-        };
-        out.push(match target {
-            Some(t) => format!("{t}={word}"),
-            None => word.to_owned(),
-        });
-    }
-    Ok(out.join(","))
-}
-
-/// The level `word` names (case-insensitive; `warning` is accepted for `warn`), as `EnvFilter`
-/// spells it.
-fn level_word(word: &str) -> Option<&'static str> {
-    Some(match word.trim().to_ascii_lowercase().as_str() {
-        "trace" => "trace",
-        "debug" => "debug",
-        "info" => "info",
-        "warn" | "warning" => "warn",
-        "error" => "error",
-        "off" => "off",
-        _ => return None,
     })
 }
 
@@ -794,35 +717,6 @@ mod tests {
     }
 
     #[test]
-    fn validate_level_accepts_directives_and_rejects_garbage() {
-        assert_eq!(validate_level("info,chatcli=debug"), Ok(()));
-        assert_eq!(validate_level("warn"), Ok(()));
-        assert!(validate_level("=[").is_err());
-        assert!(validate_level("chatcli=loud").is_err());
-        assert!(validate_level("  ").is_err());
-    }
-
-    #[test]
-    fn misspelt_levels_are_refused_naming_the_accepted_words() {
-        for bad in ["verbose", "chatcli=verbose", "info,loud", "warnings"] {
-            let err = validate_level(bad).err().unwrap_or_default();
-            assert!(
-                err.contains("accepted levels are trace, debug"),
-                "{bad}: {err}"
-            );
-        }
-        assert_eq!(validate_level("WARNING"), Ok(()));
-        assert_eq!(
-            normalize_directives("Warning, chatcli=Debug ,hyper=off").as_deref(),
-            Ok("warn,chatcli=debug,hyper=off")
-        );
-        assert_eq!(
-            normalize_directives("chatcli[req{id=1}]").as_deref(),
-            Ok("chatcli[req{id=1}]")
-        );
-    }
-
-    #[test]
     fn warning_alias_lets_warnings_through_and_filters_info() {
         let captured = Captured::default();
         let mut s = settings(None, LogFormat::Json);
@@ -847,7 +741,7 @@ mod tests {
 
     #[test]
     fn format_deserializes_lowercase() {
-        #[derive(Deserialize)]
+        #[derive(serde::Deserialize)]
         struct Wrapper {
             format: LogFormat,
         }

@@ -9,7 +9,7 @@ pub mod metrics;
 pub use grpc_layer::{
     GrpcMetricsLayer, GrpcMetricsService, MetricsBody, ResponseFuture, UNKNOWN_METHOD, code_name,
 };
-pub use logging::{LogFormat, LogGuard, LogSettings, LoggingError, init_logging, validate_level};
+pub use logging::{LogFormat, LogGuard, LogSettings, LoggingError, init_logging};
 pub use metrics::{
     ActiveSession, LlmErrorType, LlmSeries, LlmStatus, Metrics, SessionOperation, WatcherMetrics,
 };

@@ -3,9 +3,12 @@
 //! the listening line, SIGTERM drain), and a Python gRPC peer generated from our proto.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: a failed unwrap is a failed test
 
+mod aiops;
 mod binary;
 mod client;
+mod client_credentials;
 mod config_tables;
+mod error_classes;
 mod first_hour;
 mod grpc;
 mod http;

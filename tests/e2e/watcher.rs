@@ -493,3 +493,163 @@ async fn node_pressure_failed_jobs_missed_cronjobs_and_scaling_are_alerted_once(
     .await;
     s.shutdown().await;
 }
+
+/// The user turn of the last chat request `up` saw.
+fn last_user_turn(up: &chatcli::testing::FakeUpstream) -> String {
+    let reqs = up.requests();
+    let body = reqs.last().expect("a request upstream").json();
+    let messages = body["messages"].as_array().unwrap();
+    messages.last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn prompts_carry_the_watcher_context_within_its_budget_except_where_they_must_not() {
+    use chatcli::proto::{AnalyzeIssueRequest, SendPromptRequest};
+    use chatcli::testing::Reply;
+
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(deployment("prod", "api", 1, 1));
+    fake.apply(pod("prod", "api-1", "api", true, 7));
+    for i in 0..40 {
+        fake.log(
+            "prod",
+            "api-1",
+            "app",
+            &format!("ERROR ünïcödé ✓ payment {i} failed — retrying"),
+        );
+    }
+    fake.apply(deployment("shop", "web", 1, 1));
+    fake.apply(pod("shop", "web-1", "web", true, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 700;
+    let yaml = format!(
+        "interval: 300ms\nwindow: 1m\nmaxContextChars: {budget}\ntargets:\n  - deployment: api\n    namespace: prod\n  - deployment: web\n    namespace: shop\n"
+    );
+    let up = crate::support::openai_fake().await;
+    up.set_default(Reply::text("ok"));
+    let mut config = config(dir.path(), &fake, &yaml);
+    config.llm.providers = vec![crate::support::openai_provider("up", &up, "gpt-x")];
+    config.llm.fallback_max_retries = 0;
+    let mut s = TestServer::start_with(config).await;
+    until("the restart alert", || async {
+        (!alerts(&s, "").await.is_empty()).then_some(())
+    })
+    .await;
+
+    // SendPrompt: the context, its headers, then the question.
+    s.client
+        .send_prompt(SendPromptRequest {
+            prompt: "why is checkout failing?".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let turn = last_user_turn(&up);
+    let (context, question) = turn.split_once("\n\nUser Question: ").expect(&turn);
+    assert_eq!(question, "why is checkout failing?");
+    assert!(
+        context.starts_with("[K8s Multi-Watcher: 2 targets monitored]\nWatching 2 targets:"),
+        "{context}"
+    );
+    assert!(
+        context.contains("--- Targets Requiring Attention ---"),
+        "{context}"
+    );
+    assert!(context.contains("Deployment/prod/api"), "{context}");
+    assert!(context.chars().count() <= budget, "{}", context.len());
+    // The budget cut the logs, whole lines at a time: every log line shown is one the pod wrote.
+    let shown: Vec<&str> = context.lines().filter(|l| l.contains("payment")).collect();
+    assert!(shown.len() < 40, "nothing was cut: {context}");
+    for line in shown {
+        assert!(line.trim_end().ends_with("failed — retrying"), "{line:?}");
+    }
+
+    // StreamPrompt too.
+    let mut stream = s
+        .client
+        .stream_prompt(crate::support::stream_request("and now?"))
+        .await
+        .unwrap()
+        .into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    let turn = last_user_turn(&up);
+    assert!(
+        turn.starts_with("[K8s Multi-Watcher: 2 targets monitored]"),
+        "{turn}"
+    );
+    assert!(turn.ends_with("\n\nUser Question: and now?"), "{turn}");
+
+    // POST /request too.
+    let resp = http_client()
+        .post(s.url("/request"))
+        .json(&json!({"prompt": "over http"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    assert!(last_user_turn(&up).starts_with("[K8s Multi-Watcher: 2 targets monitored]"));
+
+    // The OpenAI-compatible route does not get it (inject_openai is off).
+    let resp = http_client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "up/gpt-x", "messages": [{"role": "user", "content": "plain"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    assert_eq!(last_user_turn(&up), "plain");
+
+    // Nor does AnalyzeIssue.
+    up.push(Reply::text(
+        r#"{"analysis":"a","confidence":0.5,"recommendations":[]}"#,
+    ));
+    s.client
+        .analyze_issue(AnalyzeIssueRequest {
+            issue_name: "checkout down".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let turn = last_user_turn(&up);
+    assert!(!turn.contains("K8s Multi-Watcher"), "{turn}");
+    assert!(turn.contains("checkout down"), "{turn}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_openai_route_gets_the_context_when_inject_openai_is_on() {
+    use chatcli::testing::Reply;
+
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(deployment("prod", "api", 1, 1));
+    fake.apply(pod("prod", "api-1", "api", true, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "interval: 300ms\ntargets:\n  - deployment: api\n    namespace: prod\n";
+    let up = crate::support::openai_fake().await;
+    up.set_default(Reply::text("ok"));
+    let mut config = config(dir.path(), &fake, yaml);
+    config.watcher.inject_openai = true;
+    config.llm.providers = vec![crate::support::openai_provider("up", &up, "gpt-x")];
+    let s = TestServer::start_with(config).await;
+    until("the target's status", || async {
+        (statuses(&s).await.iter().any(|(_, st)| st == "ok")).then_some(())
+    })
+    .await;
+    let resp = http_client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "up/gpt-x", "messages": [{"role": "user", "content": "plain"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let turn = last_user_turn(&up);
+    assert!(
+        turn.starts_with("[K8s Multi-Watcher: 1 targets monitored]"),
+        "{turn}"
+    );
+    assert!(turn.ends_with("\n\nUser Question: plain"), "{turn}");
+    s.shutdown().await;
+}
