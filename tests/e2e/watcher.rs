@@ -582,6 +582,17 @@ async fn prompts_carry_the_watcher_context_within_its_budget_except_where_they_m
     );
     assert!(turn.ends_with("\n\nUser Question: and now?"), "{turn}");
 
+    // InteractiveSession turns too.
+    use chatcli::proto::session_message::Type;
+    let replies = interact(&s, &[(Type::UserInput, "in a session")]).await;
+    assert_eq!(replies[0].r#type(), Type::AssistantResponse, "{replies:?}");
+    let turn = last_user_turn(&up);
+    assert!(
+        turn.starts_with("[K8s Multi-Watcher: 2 targets monitored]"),
+        "{turn}"
+    );
+    assert!(turn.ends_with("\n\nUser Question: in a session"), "{turn}");
+
     // POST /request too.
     let resp = http_client()
         .post(s.url("/request"))
@@ -651,5 +662,114 @@ async fn the_openai_route_gets_the_context_when_inject_openai_is_on() {
         "{turn}"
     );
     assert!(turn.ends_with("\n\nUser Question: plain"), "{turn}");
+    s.shutdown().await;
+}
+
+/// The replies to `messages` (type and content) sent over one `InteractiveSession`, in order.
+async fn interact(
+    s: &TestServer,
+    messages: &[(chatcli::proto::session_message::Type, &str)],
+) -> Vec<chatcli::proto::SessionMessage> {
+    use chatcli::proto::SessionMessage;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut replies = s
+        .client
+        .clone()
+        .interactive_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    for (kind, content) in messages {
+        tx.send(SessionMessage {
+            r#type: *kind as i32,
+            content: content.to_string(),
+            metadata: Default::default(),
+        })
+        .await
+        .unwrap();
+        out.push(replies.message().await.unwrap().unwrap());
+    }
+    out
+}
+
+/// The reply of each `InteractiveSession` command of `commands`, in order.
+async fn commands(s: &TestServer, commands: &[&str]) -> Vec<String> {
+    use chatcli::proto::session_message::Type;
+    let messages: Vec<(Type, &str)> = commands.iter().map(|c| (Type::Command, *c)).collect();
+    interact(s, &messages)
+        .await
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.r#type(), Type::CommandResult, "{r:?}");
+            r.content
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn server_info_and_the_watcher_commands_show_a_running_watcher() {
+    use chatcli::proto::GetServerInfoRequest;
+
+    let fake = FakeKube::start().await.unwrap();
+    fake.apply(deployment("prod", "api", 1, 1));
+    fake.apply(pod("prod", "api-1", "api", true, 7));
+    fake.apply(deployment("shop", "web", 1, 1));
+    fake.apply(pod("shop", "web-1", "web", true, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "interval: 300ms\nwindow: 1m\ntargets:\n  - deployment: api\n    namespace: prod\n  - deployment: web\n    namespace: shop\n";
+    let mut s = TestServer::start_with(config(dir.path(), &fake, yaml)).await;
+    until("the restart alert", || async {
+        (!alerts(&s, "").await.is_empty()).then_some(())
+    })
+    .await;
+
+    let info = s
+        .client
+        .get_server_info(GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.watcher_active);
+    assert_eq!(info.watcher_target, "multi/2 targets");
+    let banner = chatcli::client::connection::banner(&info, "", "", "");
+    assert!(
+        banner
+            .ends_with("\nK8s watcher active: multi/2 targets (context injected into all prompts)"),
+        "{banner}"
+    );
+
+    let out = commands(
+        &s,
+        &["/status", "/watcher", "watcher status", "/watcher alerts"],
+    )
+    .await;
+    assert!(
+        out[0].contains("Watcher:  active (multi/2 targets)"),
+        "{}",
+        out[0]
+    );
+    assert_eq!(out[1], out[2]);
+    assert!(
+        out[1].starts_with("=== K8s Watcher Status ===\nStatus:     active\n"),
+        "{}",
+        out[1]
+    );
+    assert!(
+        out[1].contains("Summary:    Watching 2 targets: 1 healthy, 0 warning, 1 critical"),
+        "{}",
+        out[1]
+    );
+    assert!(
+        out[1].contains("\n  Deployment/prod/api: ok ("),
+        "{}",
+        out[1]
+    );
+    assert!(out[3].starts_with("=== K8s Alerts (1) ==="), "{}", out[3]);
+    assert!(
+        out[3].contains("[CRITICAL] HighRestartCount Pod/prod/api-1 (prod/api)"),
+        "{}",
+        out[3]
+    );
     s.shutdown().await;
 }
