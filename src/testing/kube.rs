@@ -395,6 +395,12 @@ impl FakeKube {
         lock(&self.inner.state).requests.clone()
     }
 
+    /// The requests received since the last call (or the start), forgetting them: a long
+    /// measurement reads them as it goes, so the request log does not grow.
+    pub fn take_requests(&self) -> Vec<KubeRequest> {
+        std::mem::take(&mut lock(&self.inner.state).requests)
+    }
+
     fn handle<B>(&self, req: Request<B>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
