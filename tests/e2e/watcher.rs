@@ -392,6 +392,27 @@ async fn targets_added_and_removed_in_the_yaml_are_applied_by_the_reload() {
         (keys().await == ["Deployment/prod/api ok"]).then_some(())
     })
     .await;
+    // Prompts keep going through every edit below; none may fail.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = tokio::spawn({
+        let (stop, url) = (stop.clone(), format!("http://{}/request", server.addr));
+        async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.is_cancelled() {
+                let r = http_client()
+                    .post(&url)
+                    .json(&json!({"prompt": "still there?"}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }
+    });
     let two = format!("{one}  - deployment: web\n    namespace: prod\n");
     std::fs::write(&yaml, two).unwrap();
     until("the added target", || async {
@@ -414,6 +435,13 @@ async fn targets_added_and_removed_in_the_yaml_are_applied_by_the_reload() {
         (keys().await == ["Deployment/prod/web ok"]).then_some(())
     })
     .await;
+    stop.cancel();
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "failed prompts under the edits: {failed:?}"
+    );
+    assert!(ok > 0, "no prompt was answered during the edits");
     server.terminate();
 }
 
