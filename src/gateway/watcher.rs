@@ -43,18 +43,13 @@ impl Gateway<'_> {
         self.watcher.alerts(filter)
     }
 
-    /// The one line that names what the watcher watches, for `GetServerInfo.watcher_target` and
-    /// the `status` command: `<namespace>/<name>` for one target, `multi/<N> targets` for more;
-    /// `None` when the watcher is off.
+    /// What the watcher watches, for `GetServerInfo.watcher_target` and the `status` command:
+    /// `multi/<N> targets`, as the existing ChatCLI says it (a single target is a one-target multi
+    /// config there too); `None` when the watcher is off.
     pub fn watcher_target(&self) -> Option<String> {
         let s = self.watcher.status();
-        if !s.active {
-            return None;
-        }
-        match s.targets.as_slice() {
-            [one] => Some(format!("{}/{}", one.namespace, one.name)),
-            many => Some(format!("multi/{} targets", many.len())),
-        }
+        s.active
+            .then(|| format!("multi/{} targets", s.targets.len()))
     }
 }
 
@@ -69,16 +64,10 @@ impl Gateway<'_> {
         let sum = |f: fn(&crate::watcher::TargetStatus) -> usize| -> usize {
             s.targets.iter().map(f).sum()
         };
-        let mut names: Vec<&str> = s.targets.iter().map(|t| t.name.as_str()).collect();
-        names.dedup();
-        let mut namespaces: Vec<&str> = s.targets.iter().map(|t| t.namespace.as_str()).collect();
-        namespaces.sort_unstable();
-        namespaces.dedup();
         let mut out = format!(
-            "=== K8s Watcher Status ===\nStatus:     active\nDeployment: {}\nNamespace:  {}\nSummary:    \
-             {}\nAlerts:     {}\nSnapshots:  {}\nPods:       {}",
-            names.join(", "),
-            namespaces.join(", "),
+            "=== K8s Watcher Status ===\nStatus:     active\nDeployment: {} targets\nNamespace:  \
+             multi\nSummary:    {}\nAlerts:     {}\nSnapshots:  {}\nPods:       {}",
+            s.targets.len(),
             s.status_line,
             sum(|t| t.alerts),
             sum(|t| t.snapshots),

@@ -8,31 +8,28 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// `GetWatcherStatus`: one target's name and namespace, or the lists of them (comma-separated)
-/// when there are several; the summary is the status line, followed by the targets that cannot
-/// be read.
+/// `GetWatcherStatus`, as the existing ChatCLI fills it (a single target is a one-target multi
+/// config there): `deployment` = `<N> targets`, `namespace` = `multi`; the summary is the status
+/// line, followed by the targets that cannot be read. All empty without targets.
 pub(super) fn status(watcher: &Watcher) -> GetWatcherStatusResponse {
     let s = watcher.status();
-    let mut names: Vec<&str> = s.targets.iter().map(|t| t.name.as_str()).collect();
-    names.dedup();
-    let mut namespaces: Vec<&str> = s.targets.iter().map(|t| t.namespace.as_str()).collect();
-    namespaces.sort_unstable();
-    namespaces.dedup();
+    if !s.active {
+        return GetWatcherStatusResponse::default();
+    }
     let troubled: Vec<String> = s
         .targets
         .iter()
         .filter(|t| t.status != "ok")
         .map(|t| format!("{}: {}", t.key, t.status))
         .collect();
-    let status_summary = match (s.active, troubled.is_empty()) {
-        (false, _) => String::new(),
-        (true, true) => s.status_line.clone(),
-        (true, false) => format!("{}; {}", s.status_line, troubled.join("; ")),
+    let status_summary = match troubled.is_empty() {
+        true => s.status_line.clone(),
+        false => format!("{}; {}", s.status_line, troubled.join("; ")),
     };
     GetWatcherStatusResponse {
-        active: s.active,
-        deployment: names.join(","),
-        namespace: namespaces.join(","),
+        active: true,
+        deployment: format!("{} targets", s.targets.len()),
+        namespace: "multi".to_string(),
         status_summary,
         alert_count: count(s.targets.iter().map(|t| t.alerts).sum()),
         snapshot_count: count(s.targets.iter().map(|t| t.snapshots).sum()),

@@ -147,6 +147,10 @@ async fn a_forbidden_namespace_is_one_targets_status_and_alerts_come_only_where_
     );
     assert_eq!(status.alert_count, 1);
     assert_eq!(status.pod_count, 2);
+    assert_eq!(
+        (status.deployment.as_str(), status.namespace.as_str()),
+        ("3 targets", "multi")
+    );
     let grpc_alerts = s
         .client
         .get_alerts(GetAlertsRequest {
