@@ -22,6 +22,7 @@ pub mod systemd;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod watcher;
 
 /// Types and service traits generated from `proto/chatcli/v1/chatcli.proto`.
 #[allow(clippy::all, missing_docs)] // reason: generated code

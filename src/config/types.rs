@@ -620,8 +620,17 @@ pub struct WatcherConfig {
     pub window: Duration,
     /// Log lines per pod (`--watch-max-log-lines`).
     pub max_log_lines: u32,
-    /// Kubeconfig path; unset = in-cluster (`--watch-kubeconfig`, `CHATCLI_KUBECONFIG`).
+    /// Kubeconfig path; unset = in-cluster when running in a pod, else `KUBECONFIG` or
+    /// `~/.kube/config` (`--watch-kubeconfig`, `CHATCLI_KUBECONFIG`).
     pub kubeconfig: Option<PathBuf>,
+    /// Most characters of watcher context added to a prompt.
+    pub max_context_chars: usize,
+    /// Whether prompts of the OpenAI-compatible API (`/v1/chat/completions`) get the watcher's
+    /// context too; chatcli's own prompts always do, AnalyzeIssue and AgenticStep never.
+    pub inject_openai: bool,
+    /// The targets (`[[watcher.targets]]`); the multi-target YAML of `config_file` replaces them,
+    /// and without either `deployment` is the one target.
+    pub targets: Vec<WatchTarget>,
 }
 
 impl Default for WatcherConfig {
@@ -634,7 +643,85 @@ impl Default for WatcherConfig {
             window: Duration::from_secs(2 * 3600),
             max_log_lines: 100,
             kubeconfig: None,
+            max_context_chars: 32_000,
+            inject_openai: false,
+            targets: Vec::new(),
         }
+    }
+}
+
+/// The kind of workload a target names.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize,
+)]
+pub enum WorkloadKind {
+    /// `apps/v1` Deployment.
+    #[default]
+    Deployment,
+    /// `apps/v1` StatefulSet.
+    StatefulSet,
+    /// `apps/v1` DaemonSet.
+    DaemonSet,
+    /// `batch/v1` Job.
+    Job,
+    /// `batch/v1` CronJob.
+    CronJob,
+}
+
+impl WorkloadKind {
+    /// The kind's name as Kubernetes writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deployment => "Deployment",
+            Self::StatefulSet => "StatefulSet",
+            Self::DaemonSet => "DaemonSet",
+            Self::Job => "Job",
+            Self::CronJob => "CronJob",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One workload to watch (`[[watcher.targets]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchTarget {
+    /// The workload's name (required).
+    pub deployment: String,
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job` or `CronJob`.
+    pub kind: WorkloadKind,
+    /// The workload's namespace.
+    pub namespace: String,
+    /// Port of the pods' Prometheus endpoint to scrape; unset = no scrape.
+    pub metrics_port: Option<u16>,
+    /// Path of that endpoint (default `/metrics`).
+    pub metrics_path: Option<String>,
+    /// Glob patterns of the scraped metric names to keep (e.g. `http_*`); empty = all.
+    pub metrics_filter: Vec<String>,
+}
+
+impl Default for WatchTarget {
+    fn default() -> Self {
+        Self {
+            deployment: String::new(),
+            kind: WorkloadKind::Deployment,
+            namespace: "default".into(),
+            metrics_port: None,
+            metrics_path: None,
+            metrics_filter: Vec::new(),
+        }
+    }
+}
+
+impl WatchTarget {
+    /// The target's key in the store and in alerts: `Kind/namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.kind, self.namespace, self.deployment)
     }
 }
 

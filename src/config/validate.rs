@@ -277,12 +277,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
     let mut later = |what: &str, issue: &str| {
         w.push(format!("{what} has no effect yet: it waits for {issue}"));
     };
-    if config.watcher.deployment.is_some() || config.watcher.config_file.is_some() {
-        later(
-            "the Kubernetes watcher (watcher.*)",
-            "the watcher capability (not scheduled yet)",
-        );
-    }
     if config.catalog.mcp_config.is_some() {
         later(
             "catalog.mcp_config",

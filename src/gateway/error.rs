@@ -53,6 +53,8 @@ codes! {
     ProviderConfigInvalid = "provider_config_invalid",
     /// Another field of the request is wrong (OpenAI sampling fields, messages, plugin arguments).
     InvalidArgument = "invalid_argument",
+    /// An AnalyzeIssue or AgenticStep field is over its size limit.
+    AiopsFieldTooLarge = "aiops_field_too_large",
     /// The session name breaks the name rule.
     SessionNameInvalid = "session_name_invalid",
     /// No session of that name for the caller.
@@ -176,6 +178,16 @@ pub enum Error {
     /// See [`Code::InvalidArgument`]; the message is whole as given.
     #[error("{0}")]
     InvalidArgument(String),
+    /// See [`Code::AiopsFieldTooLarge`].
+    #[error("validation: {field} is {bytes} bytes; the limit is {limit}")]
+    AiopsFieldTooLarge {
+        /// The field.
+        field: &'static str,
+        /// Its size.
+        bytes: usize,
+        /// Its limit.
+        limit: usize,
+    },
     /// See [`Code::SessionNameInvalid`].
     #[error("validation: {0}")]
     SessionNameInvalid(String),
@@ -276,6 +288,7 @@ impl Error {
             Error::MaxTokensOutOfRange { .. } => Code::MaxTokensOutOfRange,
             Error::ProviderConfigInvalid(_) => Code::ProviderConfigInvalid,
             Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::AiopsFieldTooLarge { .. } => Code::AiopsFieldTooLarge,
             Error::SessionNameInvalid(_) => Code::SessionNameInvalid,
             Error::SessionNotFound(_) => Code::SessionNotFound,
             Error::SessionStore { code, .. } => *code,

@@ -39,6 +39,8 @@ pub struct PromptCall {
     /// The caller takes the whole answer at once (SendPrompt, `stream: false`): providers may ask
     /// their upstream for a whole answer too ([`ChatRequest::stream`]).
     pub unary: bool,
+    /// The JSON schema the answer must follow ([`ChatRequest::schema`]).
+    pub schema: Option<Arc<super::ResponseSchema>>,
 }
 
 /// Starts a prompt: returns once a provider has produced its first delta (or every candidate
@@ -71,6 +73,7 @@ pub async fn start(
     request.top_p = call.top_p;
     request.stop = call.stop;
     request.stream = !call.unary;
+    request.schema = call.schema;
     let started = Instant::now();
     let result = fallback::start(
         candidates,

@@ -73,6 +73,21 @@ pub struct ChatRequest {
     /// does not, a provider may ask its upstream for the whole answer in one response (less
     /// framing to parse, and what any other gateway sends); its stream then yields it at once.
     pub stream: bool,
+    /// The JSON schema the answer must follow, for providers whose API takes one (OpenAI
+    /// `response_format`, Gemini `responseSchema`, Anthropic a forced tool, Ollama `format`);
+    /// the others get only the prompt's own instructions.
+    pub schema: Option<Arc<ResponseSchema>>,
+}
+
+/// A JSON schema an answer is asked to follow (structured output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseSchema {
+    /// Its name (OpenAI's `json_schema.name`, Anthropic's tool name): `[a-zA-Z0-9_-]`, ≤ 64.
+    pub name: &'static str,
+    /// What the answer is, for the tool's description.
+    pub description: &'static str,
+    /// The JSON schema of the whole answer (an object).
+    pub schema: serde_json::Value,
 }
 
 impl ChatRequest {
@@ -86,6 +101,7 @@ impl ChatRequest {
             top_p: None,
             stop: Vec::new(),
             stream: true,
+            schema: None,
         }
     }
 }

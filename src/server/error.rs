@@ -49,6 +49,7 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         | Code::MaxTokensOutOfRange
         | Code::ProviderConfigInvalid
         | Code::InvalidArgument
+        | Code::AiopsFieldTooLarge
         | Code::SessionNameInvalid
         | Code::ContextTooLong
         | Code::UpstreamBadRequest => G::InvalidArgument,
@@ -94,6 +95,7 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
         | Code::MaxTokensOutOfRange
         | Code::ProviderConfigInvalid
         | Code::InvalidArgument
+        | Code::AiopsFieldTooLarge
         | Code::SessionNameInvalid => (StatusCode::BAD_REQUEST, INVALID, "invalid_request"),
         Code::ContextTooLong => (StatusCode::BAD_REQUEST, INVALID, "context_length_exceeded"),
         Code::UpstreamBadRequest => (StatusCode::BAD_REQUEST, INVALID, "upstream_bad_request"),

@@ -1,6 +1,5 @@
 //! `chatcli.v1.ChatCLIService` as a codec over the core ([`crate::gateway`]): each handler decodes
 //! the request, calls a use case and encodes its answer, or its error through `server/error.rs`.
-//! RPCs whose capability is not in this build answer `UNIMPLEMENTED` naming what they wait for.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, Prepared, Transport, error};
 use crate::auth::Principal;
-use crate::gateway::{Code, Error, Gateway, PromptCall, admin, waits_for, whole_seconds};
+use crate::gateway::{Code, Error, Gateway, PromptCall, admin, whole_seconds};
 use crate::llm::fallback::Answer;
 use crate::llm::{ClientCredentials, Delta, Message};
 use crate::proto::chat_cli_service_server::{ChatCliService, ChatCliServiceServer};
@@ -284,8 +283,12 @@ impl ChatCliGrpc {
                     .gateway(prepared)
                     .status(&Default::default(), self.state.reloader());
                 let n = super::grpc_catalog::counts(&self.state, prepared).await;
+                let watcher = match self.state.gateway(prepared).watcher_target() {
+                    Some(t) => format!("active ({t})"),
+                    None => "inactive".to_string(),
+                };
                 let mut out = format!(
-                    "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  inactive\nPlugins:  {} loaded\nAgents:   {} available\nSkills:   {} available\nProviders: {}",
+                    "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  {watcher}\nPlugins:  {} loaded\nAgents:   {} available\nSkills:   {} available\nProviders: {}",
                     crate::VERSION,
                     report.default_provider.as_deref().unwrap_or("none"),
                     report.default_model,
@@ -353,13 +356,14 @@ impl ChatCliGrpc {
                 ),
                 Err(e) => format!("Error: {e}"),
             },
-            "watcher status" => "K8s Watcher: inactive (no watcher configured)".to_string(),
+            "watcher" | "watcher status" => self.state.gateway(prepared).watcher_status_text(),
+            "watcher alerts" => self.state.gateway(prepared).alerts_text(),
             "plugins list" | "agents list" | "skills list" => {
                 let what = cmd.split(' ').next().unwrap_or(cmd);
                 super::grpc_catalog::command_list(&self.state, prepared, what, who.role).await
             }
             _ => format!(
-                "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model, fallback and config state\n  /reload          re-read the configuration (admins)\n  /watcher status  Kubernetes watcher state\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
+                "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model, fallback and config state\n  /reload          re-read the configuration (admins)\n  /watcher status  Kubernetes watcher state\n  /watcher alerts  Kubernetes watcher alerts\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
             ),
         }
     }
@@ -630,6 +634,7 @@ impl ChatCliService for ChatCliGrpc {
     ) -> Result<Response<GetServerInfoResponse>, Status> {
         let prepared = snapshot(&self.state, &request);
         let counts = super::grpc_catalog::counts(&self.state, &prepared).await;
+        let watcher_target = self.state.gateway(&prepared).watcher_target();
         let reg = &prepared.registry;
         Ok(Response::new(GetServerInfoResponse {
             version: crate::VERSION.to_string(),
@@ -639,8 +644,8 @@ impl ChatCliService for ChatCliGrpc {
                 .unwrap_or_default(),
             model: reg.default_model(),
             available_providers: reg.names(),
-            watcher_active: false,
-            watcher_target: String::new(),
+            watcher_active: watcher_target.is_some(),
+            watcher_target: watcher_target.unwrap_or_default(),
             plugin_count: counts.plugins,
             agent_count: counts.agents,
             skill_count: counts.skills,
@@ -651,9 +656,8 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         _request: Request<GetWatcherStatusRequest>,
     ) -> Result<Response<GetWatcherStatusResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "GetWatcherStatus",
-            "the Kubernetes watcher capability (not scheduled yet)",
+        Ok(Response::new(super::grpc_watcher::status(
+            &self.state.watcher,
         )))
     }
 
@@ -673,32 +677,49 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn get_alerts(
         &self,
-        _request: Request<GetAlertsRequest>,
+        request: Request<GetAlertsRequest>,
     ) -> Result<Response<GetAlertsResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "GetAlerts",
-            "the Kubernetes watcher capability (not scheduled yet)",
+        Ok(Response::new(super::grpc_watcher::alerts(
+            &self.state.watcher,
+            request.get_ref(),
         )))
     }
 
     async fn analyze_issue(
         &self,
-        _request: Request<AnalyzeIssueRequest>,
+        request: Request<AnalyzeIssueRequest>,
     ) -> Result<Response<AnalyzeIssueResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "AnalyzeIssue",
-            "the AIOps capability (not scheduled yet)",
-        )))
+        let _busy = self.state.in_flight.enter(Transport::Grpc);
+        let prepared = snapshot(&self.state, &request);
+        let notes = notes(&request);
+        let (target, issue) = super::grpc_aiops::analyze_in(request.into_inner());
+        notes.resource(&issue.issue_name);
+        let analysis = self
+            .state
+            .gateway(&prepared)
+            .analyze_issue(target, issue)
+            .await
+            .map_err(|e| fail(&notes, &e))?;
+        notes.answered_by(&analysis.provider, &analysis.model);
+        Ok(Response::new(super::grpc_aiops::analyze_out(analysis)))
     }
 
     async fn agentic_step(
         &self,
-        _request: Request<AgenticStepRequest>,
+        request: Request<AgenticStepRequest>,
     ) -> Result<Response<AgenticStepResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "AgenticStep",
-            "the AIOps capability (not scheduled yet)",
-        )))
+        let _busy = self.state.in_flight.enter(Transport::Grpc);
+        let prepared = snapshot(&self.state, &request);
+        let notes = notes(&request);
+        let (target, step) = super::grpc_aiops::step_in(request.into_inner());
+        notes.resource(&step.issue.issue_name);
+        let step = self
+            .state
+            .gateway(&prepared)
+            .agentic_step(target, step)
+            .await
+            .map_err(|e| fail(&notes, &e))?;
+        Ok(Response::new(super::grpc_aiops::step_out(step)))
     }
 
     async fn list_remote_plugins(

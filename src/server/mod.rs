@@ -8,8 +8,10 @@ pub mod error;
 pub mod events;
 pub mod forwarded;
 mod grpc;
+mod grpc_aiops;
 mod grpc_catalog;
 mod grpc_hub;
+mod grpc_watcher;
 pub mod healthcheck;
 mod http;
 mod listener;
@@ -160,6 +162,7 @@ pub async fn run_with(
         options.audit,
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
+    state.watcher.apply(&state.prepared().config.watcher);
     if let Some(sources) = options.reload {
         let _ = state.reloader.set(reload::Reloader::new(
             &state,
@@ -247,6 +250,7 @@ pub async fn run_with(
     let hub_housekeeping = start_hub(&state).await;
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     state.catalog.shutdown();
+    state.watcher.stop();
     housekeeping.abort();
     if let Some(h) = hub_housekeeping {
         h.abort();

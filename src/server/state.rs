@@ -212,6 +212,8 @@ pub struct AppState {
     pub hub: Arc<crate::hub::Hub>,
     /// Plugins, agents and skills (rescanned as their folders and settings change).
     pub catalog: Arc<crate::catalog::Catalog>,
+    /// The Kubernetes watcher; it has no target (and runs nothing) unless the config names some.
+    pub watcher: Arc<crate::watcher::Watcher>,
 }
 
 /// The transport a call came on.
@@ -337,6 +339,7 @@ impl AppState {
                 .map_err(|e| {
                     ServerError::CannotCreate(format!("creating the plugin cache: {e}"))
                 })?;
+        let watcher = crate::watcher::Watcher::new(metrics.as_ref().map(|m| m.registry()));
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             rate_limits,
@@ -357,6 +360,7 @@ impl AppState {
             in_flight: InFlight::default(),
             hub,
             catalog: Arc::new(catalog),
+            watcher,
         })
     }
 
@@ -457,6 +461,8 @@ impl AppState {
             cooldowns: &self.cooldowns,
             metrics: self.metrics.as_ref(),
             sessions: &self.sessions,
+            watcher: &self.watcher,
+            watcher_config: &prepared.config.watcher,
         }
     }
 

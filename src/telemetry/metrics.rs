@@ -116,6 +116,7 @@ pub struct Metrics {
     session_active: IntGauge,
     session_operations: IntCounterVec,
     errors: IntCounterVec,
+    aiops_parse_failures: IntCounterVec,
     server_info: IntGaugeVec,
     uptime: Gauge,
     llm_series: Arc<SeriesCache<LlmSeries>>,
@@ -370,6 +371,13 @@ impl Metrics {
                 "Errors answered on either transport, by stable error code (docs/errors.md).",
                 &["code"],
             )?,
+            aiops_parse_failures: counter_vec(
+                &registry,
+                "chatcli_aiops_parse_failures_total",
+                "AnalyzeIssue and AgenticStep answers that were not the JSON asked for, after one \
+                 retry, by RPC.",
+                &["rpc"],
+            )?,
             server_info: register(
                 &registry,
                 IntGaugeVec::new(
@@ -485,6 +493,12 @@ impl Metrics {
     /// Counts an error answered with the stable error code `code`.
     pub fn error_answered(&self, code: &str) {
         self.errors.with_label_values(&[code]).inc();
+    }
+
+    /// Counts an AIOps answer (`rpc`: `AnalyzeIssue` or `AgenticStep`) that stayed unparsable
+    /// after its retry.
+    pub fn aiops_parse_failure(&self, rpc: &str) {
+        self.aiops_parse_failures.with_label_values(&[rpc]).inc();
     }
 
     /// Replaces the single `chatcli_server_info` series.
@@ -616,7 +630,66 @@ impl HubMetrics {
     }
 }
 
-// ---- end of the conversation hub block ---------------------------------------------------------
+// The Kubernetes watcher's metrics, registered by the watcher itself on the server's registry.
+
+/// `chatcli_watcher_*`: collection time, alerts raised, pods ready and desired, targets.
+#[derive(Debug, Clone)]
+pub struct WatcherMetrics {
+    /// `chatcli_watcher_collection_duration_seconds{target}`.
+    pub collection_duration: HistogramVec,
+    /// `chatcli_watcher_collection_errors_total{target}`.
+    pub collection_errors: IntCounterVec,
+    /// `chatcli_watcher_alerts_total{target,severity,type}`: alerts raised (once per condition).
+    pub alerts: IntCounterVec,
+    /// `chatcli_watcher_pods_ready{namespace,deployment}`.
+    pub pods_ready: prometheus::IntGaugeVec,
+    /// `chatcli_watcher_pods_desired{namespace,deployment}`.
+    pub pods_desired: prometheus::IntGaugeVec,
+    /// `chatcli_watcher_targets_monitored`.
+    pub targets: prometheus::IntGauge,
+}
+
+impl WatcherMetrics {
+    /// Registers the watcher's metrics on `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let gauge_vec = |name: &str, help: &str| {
+            register(
+                registry,
+                prometheus::IntGaugeVec::new(Opts::new(name, help), &["namespace", "deployment"])?,
+            )
+        };
+        Ok(Self {
+            collection_duration: histogram_vec(
+                registry,
+                "chatcli_watcher_collection_duration_seconds",
+                "Time to collect one target.",
+                &["target"],
+                &[0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+            )?,
+            collection_errors: counter_vec(
+                registry,
+                "chatcli_watcher_collection_errors_total",
+                "Collections of a target that could not read the API.",
+                &["target"],
+            )?,
+            alerts: counter_vec(
+                registry,
+                "chatcli_watcher_alerts_total",
+                "Alerts raised, once per condition while it lasts.",
+                &["target", "severity", "type"],
+            )?,
+            pods_ready: gauge_vec("chatcli_watcher_pods_ready", "Ready pods of a target.")?,
+            pods_desired: gauge_vec("chatcli_watcher_pods_desired", "Desired pods of a target.")?,
+            targets: register(
+                registry,
+                prometheus::IntGauge::new(
+                    "chatcli_watcher_targets_monitored",
+                    "Targets the watcher collects.",
+                )?,
+            )?,
+        })
+    }
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

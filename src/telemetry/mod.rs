@@ -12,4 +12,5 @@ pub use grpc_layer::{
 pub use logging::{LogFormat, LogGuard, LogSettings, LoggingError, init_logging};
 pub use metrics::{
     ActiveSession, HubMetrics, LlmErrorType, LlmSeries, LlmStatus, Metrics, SessionOperation,
+    WatcherMetrics,
 };

@@ -400,25 +400,3 @@ async fn reflection_needs_both_switches() {
     }
     s.shutdown().await;
 }
-
-#[tokio::test]
-async fn unbuilt_rpcs_say_what_they_wait_for() {
-    let mut s = TestServer::start().await;
-    let errors = vec![(
-        "GetAlerts",
-        s.client
-            .get_alerts(GetAlertsRequest::default())
-            .await
-            .unwrap_err(),
-    )];
-    for (rpc, err) in errors {
-        assert_eq!(err.code(), Code::Unimplemented, "{rpc}: {err:?}");
-        assert!(
-            err.message().contains("waits for"),
-            "{rpc}: message {:?} does not say what it waits for",
-            err.message()
-        );
-        assert!(err.message().contains(rpc), "{rpc}: {:?}", err.message());
-    }
-    s.shutdown().await;
-}

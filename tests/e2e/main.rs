@@ -3,6 +3,7 @@
 //! the listening line, SIGTERM drain), and a Python gRPC peer generated from our proto.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: a failed unwrap is a failed test
 
+mod aiops;
 mod binary;
 mod catalog;
 mod client;
@@ -23,3 +24,4 @@ mod sessions;
 mod support;
 mod tls;
 mod upstream_faults;
+mod watcher;

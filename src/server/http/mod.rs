@@ -32,6 +32,7 @@ mod metrics;
 mod openai;
 mod prompt;
 mod status;
+mod watcher;
 
 use std::sync::Arc;
 
@@ -67,6 +68,8 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<Api>>)> {
         ("/updates", get(prompt::updates)),
         ("/admin/reload", post(status::admin_reload)),
         ("/plugins/{name}/exec", post(catalog::exec)),
+        ("/watcher/status", get(watcher::status)),
+        ("/watcher/alerts", get(watcher::alerts)),
     ]
 }
 
@@ -520,6 +523,8 @@ mod tests {
                 "/updates",
                 "/admin/reload",
                 "/plugins/{name}/exec",
+                "/watcher/status",
+                "/watcher/alerts",
             ]
         );
         for path in &labels {

@@ -279,7 +279,9 @@ impl Reloader {
             || new_tls.client_ca_file != old_tls.client_ca_file
             || new_tls.min_version != old_tls.min_version;
         let tls_cfg = new_tls.clone();
+        let watcher_config = prepared.config.watcher.clone();
         state.publish(prepared);
+        state.watcher.apply(&watcher_config);
         lock(&self.pending).clear();
         if tls_changed && let Some(rotation) = &state.tls_rotation {
             // The rotation switches to the new paths (the watcher follows them after this reload)
@@ -520,7 +522,7 @@ restart_only!(
 /// limits, catalog folders), or the reload hands them to the live part that uses them (TLS
 /// material, log level, the failed-authentication limiter; the shutdown grace is read when the
 /// drain starts). Items of a list of tables are named without their index (`llm.providers.name`).
-/// The watcher's keys are read from the snapshot too; the watcher itself is not in this build.
+/// The watcher's targets are handed to the running watcher, which restarts only the changed ones.
 pub const RELOADABLE: &[&str] = &[
     // Read by the hub's housekeeping on each sweep and by each hub call.
     "hub.retention_days",
@@ -598,6 +600,14 @@ pub const RELOADABLE: &[&str] = &[
     "watcher.window",
     "watcher.max_log_lines",
     "watcher.kubeconfig",
+    "watcher.max_context_chars",
+    "watcher.inject_openai",
+    "watcher.targets.deployment",
+    "watcher.targets.kind",
+    "watcher.targets.namespace",
+    "watcher.targets.metrics_port",
+    "watcher.targets.metrics_path",
+    "watcher.targets.metrics_filter",
     "catalog.plugins_dir",
     "catalog.agents_dir",
     "catalog.skills_dir",
