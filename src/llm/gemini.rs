@@ -285,9 +285,10 @@ struct GenerationConfig<'a> {
     response_schema: Option<serde_json::Value>,
 }
 
-/// A JSON schema as Gemini's `responseSchema` (an OpenAPI subset) takes it: without
-/// `additionalProperties`, and without free-form objects (an object with no `properties`, which
-/// Gemini refuses), so such a field is left to the prompt.
+/// A JSON schema as Gemini's `responseSchema` (an OpenAPI subset) takes it: types named as its
+/// `Type` enum (`OBJECT`, `STRING`, …), without `additionalProperties`, and without free-form
+/// objects (an object with no `properties`, which Gemini refuses), so such a field is left to the
+/// prompt.
 fn gemini_schema(schema: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match schema {
@@ -296,6 +297,10 @@ fn gemini_schema(schema: &serde_json::Value) -> serde_json::Value {
             for (k, v) in map {
                 match k.as_str() {
                     "additionalProperties" => {}
+                    "type" => {
+                        let t = v.as_str().map(str::to_ascii_uppercase);
+                        out.insert(k.clone(), t.map_or_else(|| v.clone(), Value::String));
+                    }
                     "properties" => {
                         let props: serde_json::Map<String, Value> = v
                             .as_object()
@@ -607,7 +612,8 @@ mod tests {
         let config = &body["generationConfig"];
         assert_eq!(config["responseMimeType"], "application/json");
         let s = &config["responseSchema"];
-        assert_eq!(s["properties"]["a"]["type"], "string");
+        assert_eq!(s["type"], "OBJECT");
+        assert_eq!(s["properties"]["a"]["type"], "STRING");
         assert!(s["properties"].get("params").is_none(), "{s}");
         assert_eq!(s["required"], serde_json::json!(["a"]));
         let plain = serde_json::to_value(GenerateBody::new(&user("hi"))).unwrap();
