@@ -7,8 +7,7 @@ use std::time::Duration;
 use chatcli::config::Secret;
 use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
 use chatcli::proto::{
-    ChatMessage, GetAlertsRequest, GetServerInfoRequest, HealthRequest, SendPromptRequest,
-    health_response,
+    ChatMessage, GetServerInfoRequest, HealthRequest, SendPromptRequest, health_response,
 };
 use tonic::Code;
 use tonic::transport::Channel;
