@@ -1,6 +1,7 @@
 //! The benchmarks' load client (`bench/run.sh`): OpenAI Chat Completions over HTTP/1.1 (hyper,
-//! one keep-alive connection per worker) and the ChatCLI gRPC `SendPrompt`/`StreamPrompt` (tonic's
-//! generated client over hyper's HTTP/2 connections directly, see [`H2Channel`]).
+//! one keep-alive connection per worker) and the ChatCLI gRPC `SendPrompt` (tonic's generated
+//! client over hyper's HTTP/2 connections directly, see [`H2Channel`]) and `StreamPrompt` (over
+//! the `h2` crate, see [`GrpcLink::Streams`]).
 //!
 //! ```text
 //! loadgen run    --target SPEC (--concurrency C | --rate R) [--duration 10s] [--warmup 1s]
@@ -45,7 +46,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use chatcli::proto::chat_cli_service_client::ChatCliServiceClient;
-use chatcli::proto::{SendPromptRequest, StreamPromptRequest};
+use chatcli::proto::{SendPromptRequest, StreamPromptRequest, StreamPromptResponse};
 use clap::{Args, Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -291,8 +292,28 @@ enum Caller {
     },
     Grpc {
         t: Arc<Target>,
-        client: ChatCliServiceClient<H2Channel>,
+        link: GrpcLink,
     },
+}
+
+/// What gRPC callers send their calls over.
+enum GrpcLink {
+    /// Unary calls: tonic's generated client.
+    Unary(ChatCliServiceClient<H2Channel>),
+    /// Streamed calls: an `h2` connection, so that the request's HEADERS and its one DATA frame
+    /// leave in one TCP segment, as gRPC's own clients send them. Over hyper's HTTP/2 client the
+    /// DATA frame waits for the new stream to open and goes out in a second segment about 25 µs
+    /// later (hyper pipes a request body from a task of its own once the stream has send
+    /// capacity), and the server cannot start before it: that wait is the client's, not the
+    /// gateway's, yet the time to first token would count it.
+    Streams(h2::client::SendRequest<Bytes>),
+}
+
+/// A connection gRPC callers share.
+#[derive(Clone)]
+enum GrpcConn {
+    Unary(H2Channel),
+    Streams(h2::client::SendRequest<Bytes>),
 }
 
 /// A TCP connection to the target, with Nagle's algorithm off (both protocols).
@@ -351,6 +372,45 @@ async fn grpc_channel(t: &Target) -> anyhow::Result<H2Channel> {
     Ok(H2Channel(sender))
 }
 
+/// A connection for gRPC calls: `h2` for streamed calls, hyper's for unary ones.
+async fn grpc_conn(t: &Target, stream: bool) -> anyhow::Result<GrpcConn> {
+    if !stream {
+        return grpc_channel(t).await.map(GrpcConn::Unary);
+    }
+    let s = TcpStream::connect(t.addr)
+        .await
+        .with_context(|| format!("connecting to {}", t.addr))?;
+    s.set_nodelay(true)?;
+    // hyper's client windows, so flow control costs what it cost over hyper.
+    let (sender, conn) = h2::client::Builder::new()
+        .initial_window_size(2 << 20)
+        .initial_connection_window_size(5 << 20)
+        .handshake(s)
+        .await
+        .with_context(|| format!("HTTP/2 handshake with {}", t.url))?;
+    drive(conn);
+    Ok(GrpcConn::Streams(sender))
+}
+
+/// A gRPC message on the wire: uncompressed flag, length, protobuf.
+fn grpc_frame(msg: &impl prost::Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    msg.encode_raw(&mut buf);
+    Bytes::from(buf)
+}
+
+/// The error a gRPC answer's `grpc-status` (in its headers or trailers) reports, if any.
+fn grpc_error(h: &hyper::HeaderMap) -> Option<String> {
+    let status = h.get("grpc-status")?.to_str().unwrap_or("?");
+    (status != "0").then(|| {
+        let msg = h.get("grpc-message").and_then(|m| m.to_str().ok());
+        format!("gRPC status {status}: {}", msg.unwrap_or(""))
+    })
+}
+
 fn http_body(t: &Target, stream: bool) -> Bytes {
     let mut v = json!({"messages": [{"role": "user", "content": PROMPT}], "stream": stream});
     if !t.model.is_empty() {
@@ -369,7 +429,7 @@ fn is_content_event(ev: &[u8]) -> bool {
 
 impl Caller {
     /// A caller; gRPC callers share `channel` when given.
-    async fn new(t: Arc<Target>, stream: bool, channel: Option<H2Channel>) -> anyhow::Result<Self> {
+    async fn new(t: Arc<Target>, stream: bool, channel: Option<GrpcConn>) -> anyhow::Result<Self> {
         Ok(match t.proto {
             Proto::Http => Caller::Http {
                 body: http_body(&t, stream),
@@ -379,13 +439,16 @@ impl Caller {
             Proto::Grpc => {
                 let ch = match channel {
                     Some(c) => c,
-                    None => grpc_channel(&t).await?,
+                    None => grpc_conn(&t, stream).await?,
                 };
-                Caller::Grpc {
-                    client: ChatCliServiceClient::with_origin(ch, t.origin.clone())
-                        .max_decoding_message_size(64 << 20),
-                    t,
-                }
+                let link = match ch {
+                    GrpcConn::Unary(ch) => GrpcLink::Unary(
+                        ChatCliServiceClient::with_origin(ch, t.origin.clone())
+                            .max_decoding_message_size(64 << 20),
+                    ),
+                    GrpcConn::Streams(tx) => GrpcLink::Streams(tx),
+                };
+                Caller::Grpc { link, t }
             }
         })
     }
@@ -435,7 +498,10 @@ impl Caller {
                 }
                 Ok(())
             }
-            Caller::Grpc { t, client } => {
+            Caller::Grpc { t, link } => {
+                let GrpcLink::Unary(client) = link else {
+                    bail!("a streaming caller was asked for a unary call");
+                };
                 let req = Self::grpc_request(
                     t,
                     SendPromptRequest {
@@ -513,26 +579,58 @@ impl Caller {
                     bail!("the stream ended without [DONE]");
                 }
             }
-            Caller::Grpc { t, client } => {
-                let req = Self::grpc_request(
-                    t,
-                    StreamPromptRequest {
-                        prompt: PROMPT.into(),
-                        provider: t.model.clone(),
-                        ..Default::default()
-                    },
-                )?;
-                let mut stream = client.stream_prompt(req).await?.into_inner();
+            Caller::Grpc { t, link } => {
+                let GrpcLink::Streams(tx) = link else {
+                    bail!("a unary caller was asked for a streamed call");
+                };
+                let msg = StreamPromptRequest {
+                    prompt: PROMPT.into(),
+                    provider: t.model.clone(),
+                    ..Default::default()
+                };
+                let mut req = Request::post(format!(
+                    "{}chatcli.v1.ChatCLIService/StreamPrompt",
+                    t.origin
+                ))
+                .header(CONTENT_TYPE, "application/grpc")
+                .header("te", "trailers");
+                if let Some(a) = &t.auth {
+                    req = req.header(AUTHORIZATION, a.as_str());
+                }
+                let mut tx = tx.clone().ready().await?;
+                let (answer, mut send) = tx.send_request(req.body(())?, false)?;
+                // Queued before the connection's task writes the HEADERS: one segment.
+                send.send_data(grpc_frame(&msg), true)?;
+                let answer = answer.await?;
+                if answer.status() != hyper::StatusCode::OK {
+                    bail!("HTTP {}", answer.status());
+                }
+                if let Some(e) = grpc_error(answer.headers()) {
+                    bail!("{e}");
+                }
+                let mut body = answer.into_body();
+                let mut buf = bytes::BytesMut::new();
                 let mut done = false;
-                while let Some(m) = stream.message().await? {
+                while !done && let Some(data) = body.data().await {
+                    let data = data?;
                     let at = Instant::now();
-                    if !m.chunk.is_empty() {
-                        on_delta(at, &mut sample);
+                    let _ = body.flow_control().release_capacity(data.len());
+                    buf.extend_from_slice(&data);
+                    while let Some(len) = buf
+                        .get(1..5)
+                        .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+                        .filter(|len| buf.len() >= 5 + len)
+                    {
+                        let frame = buf.split_to(5 + len);
+                        let m = <StreamPromptResponse as prost::Message>::decode(&frame[5..])?;
+                        if !m.chunk.is_empty() {
+                            on_delta(at, &mut sample);
+                        }
+                        done |= m.done;
                     }
-                    if m.done {
-                        done = true;
-                        break;
-                    }
+                }
+                if !done && let Some(e) = body.trailers().await?.as_ref().and_then(grpc_error) {
+                    bail!("{e}");
                 }
                 if !done {
                     bail!("the stream ended without done");
@@ -621,7 +719,7 @@ async fn callers(
             let k = grpc_connections.unwrap_or(n.div_ceil(50)).max(1);
             let mut v = Vec::with_capacity(k);
             for _ in 0..k {
-                v.push(grpc_channel(t).await?);
+                v.push(grpc_conn(t, stream).await?);
             }
             v
         }
@@ -993,7 +1091,7 @@ async fn hold(a: HoldArgs) -> anyhow::Result<()> {
         Proto::Grpc => {
             let mut v = Vec::new();
             for _ in 0..a.streams.div_ceil(90) {
-                v.push(grpc_channel(&t).await?);
+                v.push(grpc_conn(&t, true).await?);
             }
             v
         }

@@ -13,9 +13,9 @@ pub mod config;
 pub mod exit;
 #[cfg(test)]
 mod fuzz;
+pub mod gateway;
 pub mod llm;
 mod proto_debug;
-pub mod reload;
 pub mod server;
 pub mod sessions;
 pub mod systemd;

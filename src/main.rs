@@ -57,19 +57,15 @@ fn load(args: &ServerArgs) -> Result<Loaded, i32> {
     let sources = Sources::from_process(args.config.clone(), args.flag_values());
     let loaded = config::load(&sources).map_err(|e| report_config_errors(&e))?;
     if let Err(errors) = server::preflight(&loaded.config) {
-        // Each error starts with the setting it is about ("auth.jwt.public_key_file: …"), or names
-        // its provider ("provider `x`: …").
         let problems = errors
             .iter()
-            .flat_map(|e| e.lines())
-            .map(|e| match e.split_once(": ") {
-                Some((key, why)) if !key.is_empty() && !key.contains(' ') => {
-                    config::Problem::new(key, &config::origin(&loaded.figment, key), why)
+            .map(|e| match e.setting.as_str() {
+                "" => config::Problem::new("", "config", &e.reason),
+                // A provider that cannot be built: the reason names it.
+                key if e.reason.starts_with("provider `") => {
+                    config::Problem::new(key, "config", &e.reason)
                 }
-                _ if e.starts_with("provider `") => {
-                    config::Problem::new("llm.providers", "config", e)
-                }
-                _ => config::Problem::new("", "config", e),
+                key => config::Problem::new(key, &config::origin(&loaded.figment, key), &e.reason),
             })
             .collect();
         return Err(report_config_errors(&LoadError {

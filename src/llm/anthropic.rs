@@ -1,24 +1,24 @@
 //! The Anthropic Messages wire format: `POST {base}/v1/messages` with `stream: true`, read as SSE
 //! events (`message_start`, `content_block_delta`, `message_delta`, `message_stop`, `error`), each
-//! text delta passed on as it arrives. Owns the request body, the auth headers (server API key as
-//! `x-api-key`; a forwarded `oauth:`/`token:` key as `Authorization: Bearer`), the classification
-//! of Anthropic's typed errors, and request-scoped copies built from client credentials.
+//! text delta passed on as it arrives. Owns the request body, the auth headers (an API key as
+//! `x-api-key`; an `oauth:`/`token:` key as `Authorization: Bearer`, OAuth with its beta flag), the
+//! classification of Anthropic's typed errors, and the paged model list; the HTTP plumbing and the
+//! client-credential rule are [`super::wire`]'s.
 
 use std::sync::Arc;
 
-use futures::StreamExt;
-use futures::future::BoxFuture;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use futures::{Stream, StreamExt};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError};
-use super::http::{self, HttpOptions, SseEvent};
+use super::http::{self, ModelListing, SseEvent};
+use super::wire::{self, Parts, Pending, WireFormat};
 use super::{
-    ChatRequest, ClientCredentials, ClientKey, Delta, DeltaStream, KeyScheme, Provider,
-    ProviderContext, ProviderKind, Usage,
+    ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage,
 };
-use crate::config::{ProviderConfig, Secret};
+use crate::config::ProviderConfig;
 
 /// Where Anthropic's API lives when the config names no `base_url`.
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -30,152 +30,102 @@ pub const DEFAULT_API_VERSION: &str = "2023-06-01";
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// The beta flag Anthropic requires for OAuth access tokens.
 const OAUTH_BETA: &str = "oauth-2025-04-20";
-/// The only `provider_config` key this provider reads.
-const CONFIG_KEYS: &[&str] = &["base_url"];
 
-/// How requests authenticate.
-#[derive(Clone)]
-enum Auth {
-    /// `x-api-key`.
-    ApiKey(Secret),
-    /// `Authorization: Bearer`; OAuth tokens also need the OAuth beta flag.
-    Bearer { token: Secret, oauth: bool },
-}
-
-impl Auth {
-    fn from_client_key(key: &ClientKey) -> Self {
-        match key.scheme {
-            KeyScheme::ApiKey => Auth::ApiKey(key.secret.clone()),
-            KeyScheme::OAuth => Auth::Bearer {
-                token: key.secret.clone(),
-                oauth: true,
-            },
-            KeyScheme::Token => Auth::Bearer {
-                token: key.secret.clone(),
-                oauth: false,
-            },
-        }
-    }
-
-    fn label(&self) -> &'static str {
-        match self {
-            Auth::ApiKey(_) => "api-key",
-            Auth::Bearer { oauth: true, .. } => "oauth",
-            Auth::Bearer { oauth: false, .. } => "token",
-        }
-    }
-}
-
-/// An Anthropic provider (the server's, or a request-scoped copy with a caller's credentials).
-#[derive(Clone)]
-pub struct AnthropicProvider {
-    name: String,
-    model: String,
-    /// Without a trailing slash.
-    base_url: String,
+/// The Anthropic Messages format, with its `anthropic-version`.
+#[derive(Debug, Clone)]
+pub struct Anthropic {
     version: HeaderValue,
-    /// Operator-configured extra headers (never sent to a client-supplied URL).
-    headers: HeaderMap,
-    auth: Auth,
-    timeouts: http::Timeouts,
-    client: reqwest::Client,
-    ctx: ProviderContext,
 }
 
-impl std::fmt::Debug for AnthropicProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Hand-written so that no credential (key, extra headers) can ever reach a log line.
-        f.debug_struct("AnthropicProvider")
-            .field("name", &self.name)
-            .field("model", &self.model)
-            .field("base_url", &self.base_url)
-            .field("auth", &self.auth.label())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Builds the provider from its config.
+/// Builds the provider from its config; config errors name the provider.
 pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Provider>, LlmError> {
-    Ok(Arc::new(AnthropicProvider::new(cfg, ctx)?))
+    let name = cfg.name.clone();
+    let bad =
+        |what: String| LlmError::InvalidRequest(format!("provider `{name}` (anthropic): {what}"));
+    let key = cfg
+        .api_key
+        .as_ref()
+        .filter(|k| !k.expose().trim().is_empty())
+        .ok_or_else(|| bad("an api_key (or api_key_file) is required".into()))?;
+    let base_url = cfg
+        .base_url
+        .as_deref()
+        .unwrap_or(DEFAULT_BASE_URL)
+        .trim_end_matches('/')
+        .to_string();
+    reqwest::Url::parse(&base_url).map_err(|e| bad(format!("base_url is not a URL: {e}")))?;
+    let version = HeaderValue::from_str(cfg.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION))
+        .map_err(|_| bad("api_version is not a valid header value".into()))?;
+    let headers = http::header_map(&cfg.headers).map_err(bad)?;
+    let parts = Parts {
+        name: name.clone(),
+        model: cfg
+            .model
+            .clone()
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_MODEL.into()),
+        format: Anthropic { version },
+        base_url,
+        key: Some(key.clone()),
+        headers,
+        timeouts: http::Timeouts::of(cfg),
+    };
+    wire::provider(parts, ctx)
 }
 
-impl AnthropicProvider {
-    /// Builds the provider; config errors name the provider.
-    pub fn new(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Self, LlmError> {
-        let name = cfg.name.clone();
-        let bad = |what: String| {
-            LlmError::InvalidRequest(format!("provider `{name}` (anthropic): {what}"))
-        };
-        let key = cfg
-            .api_key
-            .as_ref()
-            .filter(|k| !k.expose().trim().is_empty())
-            .ok_or_else(|| bad("an api_key (or api_key_file) is required".into()))?;
-        let base_url = cfg
-            .base_url
-            .as_deref()
-            .unwrap_or(DEFAULT_BASE_URL)
-            .trim_end_matches('/')
-            .to_string();
-        reqwest::Url::parse(&base_url).map_err(|e| bad(format!("base_url is not a URL: {e}")))?;
-        let version =
-            HeaderValue::from_str(cfg.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION))
-                .map_err(|_| bad("api_version is not a valid header value".into()))?;
-        let headers = http::header_map(&cfg.headers).map_err(bad)?;
-        Ok(Self {
-            name: name.clone(),
-            model: cfg
-                .model
-                .clone()
-                .filter(|m| !m.trim().is_empty())
-                .unwrap_or_else(|| DEFAULT_MODEL.into()),
-            base_url,
-            version,
-            headers,
-            auth: Auth::ApiKey(Secret::new(key.expose().trim())),
-            timeouts: http::Timeouts::of(cfg),
-            client: http::client(&HttpOptions::default())?,
-            ctx: ctx.clone(),
-        })
+fn secret_header(value: &str) -> Result<HeaderValue, InvalidHeaderValue> {
+    let mut v = HeaderValue::from_str(value)?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+impl WireFormat for Anthropic {
+    const KIND: ProviderKind = ProviderKind::Anthropic;
+
+    /// `GET {base}/v1/models`, page by page (`has_more`, `after_id`): the ids of `data`.
+    const MODELS: ModelListing = ModelListing {
+        path: "/v1/models",
+        query: Some(("limit", "1000")),
+        cursor_key: "after_id",
+        take: |provider, body, models| {
+            models.extend(http::names_in(provider, body, "data", "id")?);
+            Ok(body
+                .get("last_id")
+                .and_then(Value::as_str)
+                .filter(|_| body.get("has_more").and_then(Value::as_bool) == Some(true))
+                .map(String::from))
+        },
+        parse_error,
+    };
+
+    fn chat_url(&self, base: &str, _model: &str) -> Result<String, String> {
+        Ok(format!("{base}/v1/messages"))
     }
 
-    /// The request for `req`, or why it cannot be made.
-    fn request(&self, req: &ChatRequest) -> Result<reqwest::RequestBuilder, LlmError> {
-        let model = if req.model.trim().is_empty() {
-            self.model.as_str()
-        } else {
-            req.model.as_str()
-        };
-        let body = MessagesBody::new(req, model);
-        Ok(self
-            .client
-            .post(format!("{}/v1/messages", self.base_url))
-            .headers(self.sent_headers()?)
-            .json(&body))
-    }
-
-    /// The operator's headers, `anthropic-version` and the credentials: what every call sends.
-    fn sent_headers(&self) -> Result<HeaderMap, LlmError> {
-        let mut headers = self.headers.clone();
+    fn format_headers(&self, _stream: bool) -> HeaderMap {
+        let mut headers = HeaderMap::new();
         headers.insert(
             HeaderName::from_static("anthropic-version"),
             self.version.clone(),
         );
-        match &self.auth {
-            Auth::ApiKey(key) => {
+        headers
+    }
+
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
+        let secret = key.secret.expose();
+        match key.scheme {
+            KeyScheme::ApiKey => {
                 headers.remove(AUTHORIZATION);
-                headers.insert(
-                    HeaderName::from_static("x-api-key"),
-                    self.secret_header(key.expose())?,
-                );
+                headers.insert(HeaderName::from_static("x-api-key"), secret_header(secret)?);
             }
-            Auth::Bearer { token, oauth } => {
+            KeyScheme::OAuth | KeyScheme::Token => {
                 headers.remove("x-api-key");
-                headers.insert(
-                    AUTHORIZATION,
-                    self.secret_header(&format!("Bearer {}", token.expose()))?,
-                );
-                if *oauth {
+                headers.insert(AUTHORIZATION, secret_header(&format!("Bearer {secret}"))?);
+                if key.scheme == KeyScheme::OAuth {
                     // Keep any beta flags the operator configured; add the one OAuth needs.
                     let beta = match headers.get("anthropic-beta").and_then(|v| v.to_str().ok()) {
                         Some(existing) if !existing.trim().is_empty() => {
@@ -183,119 +133,35 @@ impl AnthropicProvider {
                         }
                         _ => OAUTH_BETA.to_string(),
                     };
-                    let value = HeaderValue::from_str(&beta).map_err(|_| {
-                        LlmError::InvalidRequest(format!(
-                            "provider `{}`: the anthropic-beta header is invalid",
-                            self.name
-                        ))
-                    })?;
+                    let value = HeaderValue::from_str(&beta)?;
                     headers.insert(HeaderName::from_static("anthropic-beta"), value);
                 }
             }
         }
-        Ok(headers)
+        Ok(())
     }
 
-    fn secret_header(&self, value: &str) -> Result<HeaderValue, LlmError> {
-        let mut v = HeaderValue::from_str(value).map_err(|_| {
-            // Never echo the value: it is a credential.
-            LlmError::InvalidRequest(format!(
-                "provider `{}`: the key contains characters that cannot be sent in an HTTP header",
-                self.name
-            ))
-        })?;
-        v.set_sensitive(true);
-        Ok(v)
-    }
-}
-
-impl Provider for AnthropicProvider {
-    fn name(&self) -> &str {
-        &self.name
+    fn body(&self, req: &ChatRequest, model: &str) -> Vec<u8> {
+        serde_json::to_vec(&MessagesBody::new(req, model)).unwrap_or_default()
     }
 
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Anthropic
+    fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
+        parse_error(status, body)
     }
 
-    fn default_model(&self) -> &str {
-        &self.model
-    }
-
-    /// `GET {base}/v1/models`, page by page (`has_more`, `after_id`): the ids of `data`.
-    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
-        Box::pin(async move {
-            http::model_pages(
-                &self.name,
-                &self.client,
-                &self.timeouts,
-                self.sent_headers()?,
-                parse_error,
-                (&self.base_url, "/v1/models"),
-                ("limit", "1000"),
-                "after_id",
-                |body, models| {
-                    models.extend(http::names_in(&self.name, body, "data", "id")?);
-                    Ok(body
-                        .get("last_id")
-                        .and_then(Value::as_str)
-                        .filter(|_| body.get("has_more").and_then(Value::as_bool) == Some(true))
-                        .map(String::from))
-                },
-            )
-            .await
-        })
-    }
-
-    fn with_client_credentials<'a>(
-        &'a self,
-        creds: &'a ClientCredentials,
-    ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
-        Box::pin(async move {
-            http::check_config_keys(&self.name, &creds.config, CONFIG_KEYS)?;
-            let mut scoped = self.clone();
-            if let Some(url) = creds.config.get("base_url") {
-                // The server's key and headers are for the operator's upstream; sending them to a
-                // URL the caller chose would hand them to the caller.
-                if creds.key.is_none() {
-                    return Err(LlmError::InvalidRequest(format!(
-                        "provider `{}`: provider_config base_url needs a client_api_key \
-                         (the server's key is never sent to a client-supplied URL)",
-                        self.name
-                    )));
-                }
-                let (client, url) = self.ctx.ssrf.guarded_client(url).await?;
-                scoped.client = client;
-                scoped.base_url = url.as_str().trim_end_matches('/').to_string();
-                scoped.headers = HeaderMap::new();
-            }
-            if let Some(key) = &creds.key {
-                scoped.auth = Auth::from_client_key(key);
-            }
-            Ok(Arc::new(scoped) as Arc<dyn Provider>)
-        })
-    }
-
-    fn stream(&self, request: &ChatRequest) -> DeltaStream {
-        let name = self.name.clone();
-        let timeouts = self.timeouts;
-        let prepared = self.request(request);
-        Box::pin(async_stream::stream! {
-            let builder = match prepared {
-                Ok(b) => b,
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
+        async_stream::stream! {
+            let answer = match pending.answer(&name).await {
+                Ok(a) => a,
                 Err(e) => {
                     yield Err(e);
                     return;
                 }
             };
-            let resp = match http::send(&name, &timeouts, builder, parse_error).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    yield Err(e);
-                    return;
-                }
-            };
-            if let Some(ct) = http::content_type(&resp).filter(|ct| !ct.starts_with("text/event-stream")) {
+            if let Some(ct) = answer.content_type().filter(|ct| !ct.starts_with("text/event-stream")) {
                 yield Err(LlmError::upstream(
                     &name,
                     ErrorClass::Malformed,
@@ -303,7 +169,7 @@ impl Provider for AnthropicProvider {
                 ));
                 return;
             }
-            let mut events = Box::pin(http::sse_events(&name, resp));
+            let mut events = answer.sse_events(&name);
             let mut state = StreamState::default();
             while let Some(event) = events.next().await {
                 let event = match event {
@@ -334,7 +200,7 @@ impl Provider for AnthropicProvider {
                 ErrorClass::Transport,
                 "the stream ended before `message_stop`",
             ));
-        })
+        }
     }
 }
 
@@ -559,6 +425,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::Secret;
+    use crate::llm::ClientCredentials;
     use crate::llm::ssrf::SsrfPolicy;
     use crate::llm::{Message, UpstreamError, collect};
     use crate::testing::anthropic::{AnthropicFormat, error_body, error_event};

@@ -1,14 +1,8 @@
-//! The one place that builds what is sent upstream from a caller's history and prompt, so that
-//! server-side context (the Kubernetes watcher's summary, a later issue) reaches every prompt path
-//! alike: SendPrompt, StreamPrompt, InteractiveSession and the HTTP APIs.
+//! The one place that builds what is sent upstream from a caller's history and prompt, so that any
+//! server-side context added to a prompt reaches every prompt path alike: SendPrompt, StreamPrompt,
+//! InteractiveSession and the HTTP APIs.
 
 use super::Message;
-
-/// Text the server adds to every prompt, e.g. the watcher's summary of the cluster.
-pub trait PromptContext: Send + Sync + std::fmt::Debug {
-    /// The context to prepend, if any right now.
-    fn context(&self) -> Option<String>;
-}
 
 /// History (roles and contents as given, oldest first) followed by the prompt as the user's turn.
 /// With server context the prompt becomes `<context>\n\nUser Question: <prompt>`, as the existing

@@ -1,6 +1,6 @@
 //! Provider errors, classified from typed facts (HTTP status, the provider's error type, transport
 //! error kinds), never from message text. The class drives the fallback chain (retry, skip, cool
-//! down) and the gRPC/HTTP status the caller sees. Messages never contain keys.
+//! down); `gateway::Error` gives it the stable code and the caller's status. Messages never contain keys.
 
 use std::time::Duration;
 
@@ -142,40 +142,6 @@ impl LlmError {
             _ => None,
         }
     }
-
-    /// The gRPC status for this error.
-    pub fn to_status(&self) -> tonic::Status {
-        use tonic::Status;
-        let msg = self.to_string();
-        match self {
-            LlmError::UnknownProvider { .. } | LlmError::InvalidRequest(_) => {
-                Status::invalid_argument(msg)
-            }
-            LlmError::NoProviders | LlmError::AllFailed(_) => Status::unavailable(msg),
-            LlmError::Upstream(u) => match u.class {
-                ErrorClass::RateLimit => Status::resource_exhausted(msg),
-                ErrorClass::Timeout => Status::deadline_exceeded(msg),
-                ErrorClass::ModelNotFound => Status::not_found(msg),
-                ErrorClass::ContextTooLong | ErrorClass::BadRequest => {
-                    Status::invalid_argument(msg)
-                }
-                ErrorClass::Auth
-                | ErrorClass::Server
-                | ErrorClass::Transport
-                | ErrorClass::Malformed => Status::unavailable(msg),
-            },
-        }
-    }
-
-    /// The metrics label of this error (`chatcli_llm_errors_total{error_type}`).
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            LlmError::Upstream(u) => u.class.as_str(),
-            LlmError::AllFailed(_) => "all_failed",
-            LlmError::InvalidRequest(_) | LlmError::UnknownProvider { .. } => "invalid_request",
-            LlmError::NoProviders => "unavailable",
-        }
-    }
 }
 
 #[cfg(test)]
@@ -196,9 +162,8 @@ mod tests {
     }
 
     #[test]
-    fn grpc_codes_follow_the_class() {
+    fn messages_name_the_provider_and_class() {
         let e = LlmError::upstream("p", ErrorClass::RateLimit, "slow down");
-        assert_eq!(e.to_status().code(), tonic::Code::ResourceExhausted);
         assert_eq!(e.to_string(), "LLM error: p: rate_limit: slow down");
         let all = LlmError::AllFailed(vec![
             UpstreamError {
@@ -216,7 +181,6 @@ mod tests {
                 retry_after: None,
             },
         ]);
-        assert_eq!(all.to_status().code(), tonic::Code::Unavailable);
         assert_eq!(
             all.to_string(),
             "every provider failed: a: auth_error (HTTP 401): bad key; b: server_error (HTTP 500)"

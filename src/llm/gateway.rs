@@ -1,6 +1,7 @@
-//! The one prompt call behind every surface (SendPrompt, StreamPrompt, InteractiveSession, and the
-//! HTTP APIs): resolve the provider, apply the caller's credentials or the fallback chain, compose
-//! the upstream conversation, and count the call in the LLM metrics when its stream ends.
+//! The provider side of a prompt, which the core's prompt use cases (`gateway::Gateway::prompt`
+//! and the interactive turn) run once the request is validated: resolve the provider, apply the
+//! caller's credentials or the fallback chain, compose the upstream conversation, and count the
+//! call in the LLM metrics when its stream ends.
 
 use std::sync::Arc;
 use std::time::Instant;

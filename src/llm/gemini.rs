@@ -1,180 +1,75 @@
 //! The Google Gemini wire format: `POST {base}/v1beta/models/{model}:streamGenerateContent?alt=sse`
-//! with the key in `x-goog-api-key` (never in the URL), read as SSE whose every `data:` is a
-//! `GenerateContentResponse`; text parts are passed on as they arrive. Owns the request body
-//! (`contents`, `systemInstruction`, `generationConfig`), the classification of Google's
-//! `{"error":{code,status}}` errors, and request-scoped copies built from client credentials.
+//! with the key in `x-goog-api-key` (never in the URL; an `oauth:` key as `Authorization: Bearer`),
+//! read as SSE whose every `data:` is a `GenerateContentResponse`; text parts are passed on as they
+//! arrive. Owns the request body (`contents`, `systemInstruction`, `generationConfig`), the
+//! classification of Google's `{"error":{code,status}}` errors, and the paged model list; the HTTP
+//! plumbing and the client-credential rule are [`super::wire`]'s.
 
 use std::sync::Arc;
 
-use futures::StreamExt;
-use futures::future::BoxFuture;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use futures::{Stream, StreamExt};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError};
-use super::http::{self, HttpOptions, SseEvent};
+use super::http::{self, ModelListing, SseEvent};
+use super::wire::{self, Parts, Pending, WireFormat};
 use super::{
-    ChatRequest, ClientCredentials, ClientKey, Delta, DeltaStream, KeyScheme, Provider,
-    ProviderContext, ProviderKind, Usage,
+    ChatRequest, ClientKey, Delta, KeyScheme, Provider, ProviderContext, ProviderKind, Usage,
 };
-use crate::config::{ProviderConfig, Secret};
+use crate::config::ProviderConfig;
 
 /// Where the Gemini API lives when the config names no `base_url`.
 pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 /// The model used when the config names none.
 pub const DEFAULT_MODEL: &str = "gemini-2.5-flash";
-/// The only `provider_config` key this provider reads.
-const CONFIG_KEYS: &[&str] = &["base_url"];
 const API_KEY_HEADER: &str = "x-goog-api-key";
 
-/// How requests authenticate.
-#[derive(Clone)]
-enum Auth {
-    /// `x-goog-api-key`.
-    ApiKey(Secret),
-    /// `Authorization: Bearer` (an OAuth access token).
-    Bearer(Secret),
-}
+/// The Gemini `generateContent` format.
+#[derive(Debug, Clone)]
+pub struct Gemini;
 
-impl Auth {
-    fn from_client_key(key: &ClientKey) -> Self {
-        match key.scheme {
-            KeyScheme::OAuth => Auth::Bearer(key.secret.clone()),
-            KeyScheme::ApiKey | KeyScheme::Token => Auth::ApiKey(key.secret.clone()),
-        }
-    }
-
-    fn label(&self) -> &'static str {
-        match self {
-            Auth::ApiKey(_) => "api-key",
-            Auth::Bearer(_) => "oauth",
-        }
-    }
-}
-
-/// A Gemini provider (the server's, or a request-scoped copy with a caller's credentials).
-#[derive(Clone)]
-pub struct GeminiProvider {
-    name: String,
-    model: String,
-    /// Without a trailing slash.
-    base_url: String,
-    /// Operator-configured extra headers (never sent to a client-supplied URL).
-    headers: HeaderMap,
-    auth: Auth,
-    timeouts: http::Timeouts,
-    client: reqwest::Client,
-    ctx: ProviderContext,
-}
-
-impl std::fmt::Debug for GeminiProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Hand-written so that no credential (key, extra headers) can ever reach a log line.
-        f.debug_struct("GeminiProvider")
-            .field("name", &self.name)
-            .field("model", &self.model)
-            .field("base_url", &self.base_url)
-            .field("auth", &self.auth.label())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Builds the provider from its config.
+/// Builds the provider from its config; config errors name the provider.
 pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Provider>, LlmError> {
-    Ok(Arc::new(GeminiProvider::new(cfg, ctx)?))
+    let name = cfg.name.clone();
+    let bad =
+        |what: String| LlmError::InvalidRequest(format!("provider `{name}` (gemini): {what}"));
+    let key = cfg
+        .api_key
+        .as_ref()
+        .filter(|k| !k.expose().trim().is_empty())
+        .ok_or_else(|| bad("an api_key (or api_key_file) is required".into()))?;
+    let base_url = cfg
+        .base_url
+        .as_deref()
+        .unwrap_or(DEFAULT_BASE_URL)
+        .trim_end_matches('/')
+        .to_string();
+    reqwest::Url::parse(&base_url).map_err(|e| bad(format!("base_url is not a URL: {e}")))?;
+    let model = cfg
+        .model
+        .clone()
+        .filter(|m| !m.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_MODEL.into());
+    model_path(&model).map_err(bad)?;
+    let headers = http::header_map(&cfg.headers).map_err(bad)?;
+    let parts = Parts {
+        name: name.clone(),
+        model,
+        format: Gemini,
+        base_url,
+        key: Some(key.clone()),
+        headers,
+        timeouts: http::Timeouts::of(cfg),
+    };
+    wire::provider(parts, ctx)
 }
 
-impl GeminiProvider {
-    /// Builds the provider; config errors name the provider.
-    pub fn new(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Self, LlmError> {
-        let name = cfg.name.clone();
-        let bad =
-            |what: String| LlmError::InvalidRequest(format!("provider `{name}` (gemini): {what}"));
-        let key = cfg
-            .api_key
-            .as_ref()
-            .filter(|k| !k.expose().trim().is_empty())
-            .ok_or_else(|| bad("an api_key (or api_key_file) is required".into()))?;
-        let base_url = cfg
-            .base_url
-            .as_deref()
-            .unwrap_or(DEFAULT_BASE_URL)
-            .trim_end_matches('/')
-            .to_string();
-        reqwest::Url::parse(&base_url).map_err(|e| bad(format!("base_url is not a URL: {e}")))?;
-        let model = cfg
-            .model
-            .clone()
-            .filter(|m| !m.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_MODEL.into());
-        model_path(&model).map_err(bad)?;
-        let headers = http::header_map(&cfg.headers).map_err(bad)?;
-        Ok(Self {
-            name: name.clone(),
-            model,
-            base_url,
-            headers,
-            auth: Auth::ApiKey(Secret::new(key.expose().trim())),
-            timeouts: http::Timeouts::of(cfg),
-            client: http::client(&HttpOptions::default())?,
-            ctx: ctx.clone(),
-        })
-    }
-
-    /// The request for `req`, or why it cannot be made.
-    fn request(&self, req: &ChatRequest) -> Result<reqwest::RequestBuilder, LlmError> {
-        let model = if req.model.trim().is_empty() {
-            self.model.as_str()
-        } else {
-            req.model.as_str()
-        };
-        let model = model_path(model).map_err(|what| {
-            LlmError::InvalidRequest(format!("provider `{}`: {what}", self.name))
-        })?;
-        Ok(self
-            .client
-            .post(format!(
-                "{}/v1beta/models/{model}:streamGenerateContent?alt=sse",
-                self.base_url
-            ))
-            .headers(self.sent_headers()?)
-            .json(&GenerateBody::new(req)))
-    }
-
-    /// The operator's headers and the credentials: what every call sends.
-    fn sent_headers(&self) -> Result<HeaderMap, LlmError> {
-        let mut headers = self.headers.clone();
-        match &self.auth {
-            Auth::ApiKey(key) => {
-                headers.remove(AUTHORIZATION);
-                headers.insert(
-                    HeaderName::from_static(API_KEY_HEADER),
-                    self.secret_header(key.expose())?,
-                );
-            }
-            Auth::Bearer(token) => {
-                headers.remove(API_KEY_HEADER);
-                headers.insert(
-                    AUTHORIZATION,
-                    self.secret_header(&format!("Bearer {}", token.expose()))?,
-                );
-            }
-        }
-        Ok(headers)
-    }
-
-    fn secret_header(&self, value: &str) -> Result<HeaderValue, LlmError> {
-        let mut v = HeaderValue::from_str(value).map_err(|_| {
-            // Never echo the value: it is a credential.
-            LlmError::InvalidRequest(format!(
-                "provider `{}`: the key contains characters that cannot be sent in an HTTP header",
-                self.name
-            ))
-        })?;
-        v.set_sensitive(true);
-        Ok(v)
-    }
+fn secret_header(value: &str) -> Result<HeaderValue, InvalidHeaderValue> {
+    let mut v = HeaderValue::from_str(value)?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// Whether a listed model can answer `generateContent` (an absent method list is taken as yes).
@@ -209,102 +104,92 @@ fn model_path(model: &str) -> Result<&str, String> {
     }
 }
 
-impl Provider for GeminiProvider {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Gemini
-    }
-
-    fn default_model(&self) -> &str {
-        &self.model
-    }
-
-    fn with_client_credentials<'a>(
-        &'a self,
-        creds: &'a ClientCredentials,
-    ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
-        Box::pin(async move {
-            http::check_config_keys(&self.name, &creds.config, CONFIG_KEYS)?;
-            let mut scoped = self.clone();
-            if let Some(url) = creds.config.get("base_url") {
-                // The server's key and headers are for the operator's upstream; sending them to a
-                // URL the caller chose would hand them to the caller.
-                if creds.key.is_none() {
-                    return Err(LlmError::InvalidRequest(format!(
-                        "provider `{}`: provider_config base_url needs a client_api_key \
-                         (the server's key is never sent to a client-supplied URL)",
-                        self.name
-                    )));
-                }
-                let (client, url) = self.ctx.ssrf.guarded_client(url).await?;
-                scoped.client = client;
-                scoped.base_url = url.as_str().trim_end_matches('/').to_string();
-                scoped.headers = HeaderMap::new();
-            }
-            if let Some(key) = &creds.key {
-                scoped.auth = Auth::from_client_key(key);
-            }
-            Ok(Arc::new(scoped) as Arc<dyn Provider>)
-        })
-    }
+impl WireFormat for Gemini {
+    const KIND: ProviderKind = ProviderKind::Gemini;
 
     /// `GET {base}/v1beta/models`, page by page (`nextPageToken`): the names of the models that
     /// can generate content, without their `models/` prefix.
-    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
-        Box::pin(async move {
-            http::model_pages(
-                &self.name,
-                &self.client,
-                &self.timeouts,
-                self.sent_headers()?,
-                parse_error,
-                (&self.base_url, "/v1beta/models"),
-                ("pageSize", "1000"),
-                "pageToken",
-                |body, models| {
-                    let listed = body
-                        .get("models")
-                        .and_then(Value::as_array)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default();
-                    models.extend(listed.iter().filter(|m| generates(m)).filter_map(|m| {
-                        let name = m.get("name").and_then(Value::as_str)?;
-                        Some(name.strip_prefix("models/").unwrap_or(name).to_string())
-                    }));
-                    Ok(body
-                        .get("nextPageToken")
-                        .and_then(Value::as_str)
-                        .filter(|t| !t.is_empty())
-                        .map(String::from))
-                },
-            )
-            .await
-        })
+    const MODELS: ModelListing = ModelListing {
+        path: "/v1beta/models",
+        query: Some(("pageSize", "1000")),
+        cursor_key: "pageToken",
+        take: |_, body, models| {
+            let listed = body
+                .get("models")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            models.extend(listed.iter().filter(|m| generates(m)).filter_map(|m| {
+                let name = m.get("name").and_then(Value::as_str)?;
+                Some(name.strip_prefix("models/").unwrap_or(name).to_string())
+            }));
+            Ok(body
+                .get("nextPageToken")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .map(String::from))
+        },
+        parse_error,
+    };
+
+    fn chat_url(&self, base: &str, model: &str) -> Result<String, String> {
+        let model = model_path(model)?;
+        Ok(format!(
+            "{base}/v1beta/models/{model}:streamGenerateContent?alt=sse"
+        ))
     }
 
-    fn stream(&self, request: &ChatRequest) -> DeltaStream {
-        let name = self.name.clone();
-        let timeouts = self.timeouts;
-        let prepared = self.request(request);
-        Box::pin(async_stream::stream! {
-            let builder = match prepared {
-                Ok(b) => b,
+    fn fixed_chat_url(&self) -> bool {
+        false
+    }
+
+    fn format_headers(&self, _stream: bool) -> HeaderMap {
+        HeaderMap::new()
+    }
+
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
+        let secret = key.secret.expose();
+        match key.scheme {
+            KeyScheme::OAuth => {
+                headers.remove(API_KEY_HEADER);
+                headers.insert(AUTHORIZATION, secret_header(&format!("Bearer {secret}"))?);
+            }
+            KeyScheme::ApiKey | KeyScheme::Token => {
+                headers.remove(AUTHORIZATION);
+                headers.insert(
+                    HeaderName::from_static(API_KEY_HEADER),
+                    secret_header(secret)?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn body(&self, req: &ChatRequest, _model: &str) -> Vec<u8> {
+        serde_json::to_vec(&GenerateBody::new(req)).unwrap_or_default()
+    }
+
+    fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
+        parse_error(status, body)
+    }
+
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
+        async_stream::stream! {
+            let answer = match pending.answer(&name).await {
+                Ok(a) => a,
                 Err(e) => {
                     yield Err(e);
                     return;
                 }
             };
-            let resp = match http::send(&name, &timeouts, builder, parse_error).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    yield Err(e);
-                    return;
-                }
-            };
-            if let Some(ct) = http::content_type(&resp).filter(|ct| !ct.starts_with("text/event-stream")) {
+            if let Some(ct) = answer.content_type().filter(|ct| !ct.starts_with("text/event-stream")) {
                 yield Err(LlmError::upstream(
                     &name,
                     ErrorClass::Malformed,
@@ -312,7 +197,7 @@ impl Provider for GeminiProvider {
                 ));
                 return;
             }
-            let mut events = Box::pin(http::sse_events(&name, resp));
+            let mut events = answer.sse_events(&name);
             let mut state = StreamState::default();
             while let Some(event) = events.next().await {
                 let event = match event {
@@ -346,7 +231,7 @@ impl Provider for GeminiProvider {
             if let Some(usage) = state.usage {
                 yield Ok(Delta::Usage(usage));
             }
-        })
+        }
     }
 }
 
@@ -599,6 +484,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::Secret;
+    use crate::llm::ClientCredentials;
     use crate::llm::ssrf::SsrfPolicy;
     use crate::llm::{Message, UpstreamError, collect};
     use crate::testing::gemini::{GeminiFormat, error_body};

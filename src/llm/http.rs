@@ -3,8 +3,8 @@
 //! and NDJSON framings of streamed answers.
 //!
 //! Two clients send: reqwest for everything, and [`Lean`] (hyper's client connections in a pool of
-//! our own, `llm::lean`) for the hottest path (the OpenAI-format provider's calls to the operator's
-//! own upstream). reqwest wraps hyper-util's pooled client in layers a gateway call does not use
+//! our own, `llm::lean`) for the hottest path (the chat calls of every [`super::wire`] provider to
+//! the operator's own upstream). reqwest wraps hyper-util's pooled client in layers a gateway call does not use
 //! (redirects, which we turn off anyway, retries, and a URL re-parse of every response): skipping
 //! them saved a sixth of the instructions of a proxied call (bench/HISTORY.md, step 9), and skipping
 //! hyper-util's pool too saved more (step 13). The lean client is not used
@@ -342,6 +342,22 @@ impl Answer {
         match self {
             Answer::Reqwest(r) => r.headers(),
             Answer::Lean(r) => r.headers(),
+        }
+    }
+
+    /// The response's content type, trimmed and lower case.
+    pub fn content_type(&self) -> Option<String> {
+        self.headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_ascii_lowercase())
+    }
+
+    /// The answer as a reqwest response (for framings read only from one: NDJSON).
+    pub fn into_reqwest(self) -> reqwest::Response {
+        match self {
+            Answer::Reqwest(r) => r,
+            Answer::Lean(r) => r.map(reqwest::Body::wrap).into(),
         }
     }
 
@@ -761,14 +777,6 @@ pub fn header_map(
     Ok(map)
 }
 
-/// The response's content type, lower case.
-pub fn content_type(resp: &reqwest::Response) -> Option<String> {
-    resp.headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_ascii_lowercase())
-}
-
 /// The body of a 2xx answer as JSON; one that is not JSON is `Malformed`.
 pub async fn json_body(
     provider: &str,
@@ -791,39 +799,57 @@ pub async fn json_body(
 /// there is more).
 pub const MAX_MODEL_PAGES: usize = 20;
 
-/// Reads a paged model list from `{base_url}{path}`: each page is fetched with `query` and, after the
-/// first, `cursor_key` = the cursor `take` returned for the page before; `take` adds the page's
-/// models to the list and returns the next cursor, `None` on the last page, or the error that ends
-/// the listing (a page that is not a model list). At most
+/// Adds a page of a model list to `models` and returns the next page's cursor (see
+/// [`ModelListing::take`]).
+pub type PageReader = fn(
+    provider: &str,
+    page: &serde_json::Value,
+    models: &mut Vec<String>,
+) -> Result<Option<String>, LlmError>;
+
+/// How a wire format lists its upstream's models: `GET {base_url}{path}`, page by page.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelListing {
+    /// Below the base URL (`/v1/models`, `/api/tags`, …).
+    pub path: &'static str,
+    /// A parameter sent with every page (`limit=1000`), if any.
+    pub query: Option<(&'static str, &'static str)>,
+    /// The parameter that carries the cursor of the next page (after the first).
+    pub cursor_key: &'static str,
+    /// Adds a page's models to the list and returns the next page's cursor, `None` on the last
+    /// page, or the error that ends the listing (a page that is not a model list).
+    pub take: PageReader,
+    /// Reads the format's error bodies.
+    pub parse_error: ErrorParser,
+}
+
+/// Reads `listing`'s model list from `base_url` (no trailing slash) with `headers`, at most
 /// [`MAX_MODEL_PAGES`] pages.
-#[allow(clippy::too_many_arguments)] // reason: one call site per wire format, each naming its own query and cursor
 pub async fn model_pages(
     provider: &str,
     client: &reqwest::Client,
     timeouts: &Timeouts,
-    headers: reqwest::header::HeaderMap,
-    parse_error: ErrorParser,
-    url: (&str, &str),
-    query: (&str, &str),
-    cursor_key: &str,
-    mut take: impl FnMut(&serde_json::Value, &mut Vec<String>) -> Result<Option<String>, LlmError>,
+    headers: &HeaderMap,
+    base_url: &str,
+    listing: &ModelListing,
 ) -> Result<Vec<String>, LlmError> {
-    let (base_url, path) = url;
-    let first = reqwest::Url::parse(&format!("{base_url}{path}")).map_err(|e| {
+    let first = reqwest::Url::parse(&format!("{base_url}{}", listing.path)).map_err(|e| {
         LlmError::InvalidRequest(format!("provider `{provider}`: base_url is not a URL: {e}"))
     })?;
     let mut models = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_MODEL_PAGES {
         let mut url = first.clone();
-        url.query_pairs_mut().append_pair(query.0, query.1);
+        if let Some((k, v)) = listing.query {
+            url.query_pairs_mut().append_pair(k, v);
+        }
         if let Some(c) = &cursor {
-            url.query_pairs_mut().append_pair(cursor_key, c);
+            url.query_pairs_mut().append_pair(listing.cursor_key, c);
         }
         let rb = client.get(url).headers(headers.clone());
-        let resp = send(provider, timeouts, rb, parse_error).await?;
+        let resp = send(provider, timeouts, rb, listing.parse_error).await?;
         let body = json_body(provider, resp).await?;
-        cursor = take(&body, &mut models)?;
+        cursor = (listing.take)(provider, &body, &mut models)?;
         if cursor.is_none() {
             break;
         }
@@ -875,11 +901,6 @@ pub fn check_config_keys(
         unknown.join(", "),
         accepted.join(", ")
     )))
-}
-
-/// A body for tests and fakes: bytes in order.
-pub fn bytes_of(s: &str) -> Bytes {
-    Bytes::copy_from_slice(s.as_bytes())
 }
 
 #[cfg(test)]

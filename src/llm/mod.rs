@@ -1,8 +1,10 @@
 //! The provider seam: a [`Provider`] streams deltas for a [`ChatRequest`] (a unary answer is the
-//! collected stream), a [`ProviderRegistry`] built from config resolves names case-insensitively, and
-//! one file per wire format implements the trait (OpenAI-compatible, Anthropic, Gemini, Ollama,
-//! StackSpot, and the built-in `echo`), with the fallback chain, the SSRF guard and the HTTP client
-//! they share.
+//! collected stream), and a [`ProviderRegistry`] built from config resolves names
+//! case-insensitively. The HTTP kinds are one generic provider ([`wire::HttpProvider`]) over a
+//! [`wire::WireFormat`] per file (`openai` with its compatible presets, `anthropic`, `gemini`,
+//! `ollama`); `stackspot` (an OAuth account and its own token flow) and the built-in `echo` are
+//! providers of their own. Beside them: the client-credential rule every kind applies
+//! ([`ClientCredentials::caller_url`]), the fallback chain, the SSRF guard, and the HTTP plumbing they share.
 
 pub mod anthropic;
 pub mod chunker;
@@ -22,6 +24,7 @@ pub mod openai;
 mod registry;
 pub mod ssrf;
 pub mod stackspot;
+pub mod wire;
 
 use std::pin::Pin;
 use std::sync::Arc;

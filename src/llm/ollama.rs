@@ -1,125 +1,104 @@
 //! Ollama's native chat API: `POST {base_url}/api/chat` streamed as newline-delimited JSON, and
-//! `GET {base_url}/api/tags` at start-up to check that the configured model is pulled. A caller may
-//! point a request at its own Ollama (`provider_config.base_url`, `chatcli connect --ollama-url`);
-//! that URL goes through the SSRF guard and gets neither the operator's key nor its headers.
+//! `GET {base_url}/api/tags` for the pulled models (at start-up, to check that the configured model
+//! is there). A key (Ollama behind an authenticating proxy) is sent as `Authorization: Bearer`. A
+//! caller may point a request at its own Ollama (`provider_config.base_url`, `chatcli connect
+//! --ollama-url`) with its own key, under the client-credential rule of [`super::wire`].
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
-use reqwest::header::HeaderMap;
+use futures::{Stream, StreamExt};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, InvalidHeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::error::{ErrorClass, LlmError};
-use super::http::{self, HttpOptions};
-use super::{
-    ChatRequest, ClientCredentials, Delta, DeltaStream, Provider, ProviderContext, ProviderKind,
-    Usage,
-};
-use crate::config::{ProviderConfig, Secret};
+use super::http::{self, ModelListing};
+use super::wire::{self, HttpProvider, Parts, Pending, WireFormat};
+use super::{ChatRequest, ClientKey, Delta, Provider, ProviderContext, ProviderKind, Usage};
+use crate::config::ProviderConfig;
 
 /// Where Ollama listens when the config names no `base_url`.
 pub const DEFAULT_BASE_URL: &str = "http://localhost:11434";
 /// The model used when the config names none (as in the existing ChatCLI).
 pub const DEFAULT_MODEL: &str = "gpt-oss:20b";
 
-/// A configured Ollama server (or a request-scoped copy pointing at the caller's).
-pub struct OllamaProvider {
-    name: String,
-    model: String,
-    /// Without a trailing slash, query or fragment.
-    base_url: String,
-    client: reqwest::Client,
-    /// The operator's extra headers; empty for a caller-supplied URL.
-    headers: HeaderMap,
-    /// Sent as `Authorization: Bearer` (Ollama behind an authenticating proxy).
-    bearer: Option<Secret>,
-    /// Bounds on the waits for the response headers and the body's bytes.
-    timeouts: http::Timeouts,
-    ctx: ProviderContext,
-}
-
-impl std::fmt::Debug for OllamaProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OllamaProvider")
-            .field("name", &self.name)
-            .field("model", &self.model)
-            .field("base_url", &self.base_url)
-            .field("bearer", &self.bearer.is_some())
-            .finish_non_exhaustive()
-    }
-}
+/// Ollama's native format.
+#[derive(Debug, Clone)]
+pub struct Ollama;
 
 /// Builds the provider from its config (operator-trusted: its URL is not SSRF-checked).
 pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Provider>, LlmError> {
-    Ok(Arc::new(OllamaProvider::new(cfg, ctx)?))
+    let bad =
+        |why: String| LlmError::InvalidRequest(format!("ollama provider `{}`: {why}", cfg.name));
+    let raw = non_empty(cfg.base_url.as_deref()).unwrap_or(DEFAULT_BASE_URL);
+    let url = reqwest::Url::parse(raw)
+        .map_err(|e| bad(format!("base_url `{raw}` is not a valid URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad(format!("base_url `{raw}` must be http or https")));
+    }
+    let parts = Parts {
+        name: cfg.name.clone(),
+        model: non_empty(cfg.model.as_deref())
+            .unwrap_or(DEFAULT_MODEL)
+            .to_string(),
+        format: Ollama,
+        base_url: normalized_base(url),
+        key: cfg.api_key.clone(),
+        headers: http::header_map(&cfg.headers).map_err(bad)?,
+        timeouts: http::Timeouts::of(cfg),
+    };
+    wire::provider(parts, ctx)
 }
 
-impl OllamaProvider {
-    /// See [`build`].
-    pub fn new(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Self, LlmError> {
-        let bad = |why: String| {
-            LlmError::InvalidRequest(format!("ollama provider `{}`: {why}", cfg.name))
-        };
-        let raw = non_empty(cfg.base_url.as_deref()).unwrap_or(DEFAULT_BASE_URL);
-        let url = reqwest::Url::parse(raw)
-            .map_err(|e| bad(format!("base_url `{raw}` is not a valid URL ({e})")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(bad(format!("base_url `{raw}` must be http or https")));
-        }
-        Ok(Self {
-            name: cfg.name.clone(),
-            model: non_empty(cfg.model.as_deref())
-                .unwrap_or(DEFAULT_MODEL)
-                .to_string(),
-            base_url: normalized_base(url),
-            client: http::client(&HttpOptions::default())?,
-            headers: http::header_map(&cfg.headers).map_err(bad)?,
-            bearer: cfg
-                .api_key
-                .clone()
-                .filter(|k| !k.expose().trim().is_empty()),
-            timeouts: http::Timeouts::of(cfg),
-            ctx: ctx.clone(),
-        })
+impl WireFormat for Ollama {
+    const KIND: ProviderKind = ProviderKind::Ollama;
+
+    /// `GET {base_url}/api/tags`: the pulled models, with their tags.
+    const MODELS: ModelListing = ModelListing {
+        path: "/api/tags",
+        query: None,
+        cursor_key: "",
+        take: |provider, body, models| {
+            models.extend(http::names_in(provider, body, "models", "name")?);
+            Ok(None)
+        },
+        parse_error,
+    };
+
+    fn chat_url(&self, base: &str, _model: &str) -> Result<String, String> {
+        Ok(format!("{base}/api/chat"))
     }
 
-    fn with_auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        let rb = rb.headers(self.headers.clone());
-        match &self.bearer {
-            // `bearer_auth` marks the header sensitive, so it never shows in debug output.
-            Some(key) => rb.bearer_auth(key.expose()),
-            None => rb,
-        }
-    }
-}
-
-impl Provider for OllamaProvider {
-    fn name(&self) -> &str {
-        &self.name
+    fn format_headers(&self, _stream: bool) -> HeaderMap {
+        HeaderMap::new()
     }
 
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Ollama
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", key.secret.expose()))?;
+        v.set_sensitive(true);
+        headers.insert(AUTHORIZATION, v);
+        Ok(())
     }
 
-    fn default_model(&self) -> &str {
-        &self.model
+    fn body(&self, req: &ChatRequest, model: &str) -> Vec<u8> {
+        serde_json::to_vec(&chat_body(model.trim(), req)).unwrap_or_default()
     }
 
-    fn stream(&self, request: &ChatRequest) -> DeltaStream {
-        let name = self.name.clone();
-        let model = match request.model.trim() {
-            "" => self.model.clone(),
-            m => m.to_string(),
-        };
-        let rb = self
-            .with_auth(self.client.post(format!("{}/api/chat", self.base_url)))
-            .json(&chat_body(&model, request));
-        let timeouts = self.timeouts;
-        Box::pin(async_stream::stream! {
-            let resp = match http::send(&name, &timeouts, rb, parse_error).await {
-                Ok(r) => r,
+    fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
+        parse_error(status, body)
+    }
+
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
+        async_stream::stream! {
+            let answer = match pending.answer(&name).await {
+                Ok(a) => a,
                 Err(e) => {
                     yield Err(e);
                     return;
@@ -127,7 +106,7 @@ impl Provider for OllamaProvider {
             };
             // The response lives inside this stream: dropping the stream drops the connection,
             // which is how Ollama learns to stop generating.
-            let mut lines = Box::pin(http::ndjson_lines(&name, resp));
+            let mut lines = Box::pin(http::ndjson_lines(&name, answer.into_reqwest()));
             while let Some(line) = lines.next().await {
                 let (deltas, done) = match line.and_then(|v| read_line(&name, &v)) {
                     Ok(x) => x,
@@ -149,55 +128,13 @@ impl Provider for OllamaProvider {
                 ErrorClass::Transport,
                 "the answer stream ended before Ollama said it was done",
             ));
-        })
+        }
     }
 
-    fn with_client_credentials<'a>(
-        &'a self,
-        creds: &'a ClientCredentials,
-    ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
+    fn check_ready(p: &HttpProvider<Self>) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let forwarded = creds.key.as_ref().map(|k| k.secret.clone());
-            let scoped = match non_empty(creds.config.get("base_url").map(String::as_str)) {
-                Some(url) => {
-                    let (client, url) = self.ctx.ssrf.guarded_client(url).await?;
-                    // The caller's server gets the caller's key only: the operator's key and
-                    // headers are for the operator's Ollama.
-                    OllamaProvider {
-                        name: self.name.clone(),
-                        model: self.model.clone(),
-                        base_url: normalized_base(url),
-                        client,
-                        headers: HeaderMap::new(),
-                        bearer: forwarded,
-                        timeouts: self.timeouts,
-                        ctx: self.ctx.clone(),
-                    }
-                }
-                None => OllamaProvider {
-                    name: self.name.clone(),
-                    model: self.model.clone(),
-                    base_url: self.base_url.clone(),
-                    client: self.client.clone(),
-                    headers: self.headers.clone(),
-                    bearer: forwarded.or_else(|| self.bearer.clone()),
-                    timeouts: self.timeouts,
-                    ctx: self.ctx.clone(),
-                },
-            };
-            Ok(Arc::new(scoped) as Arc<dyn Provider>)
-        })
-    }
-
-    /// `GET {base_url}/api/tags`: the pulled models, with their tags.
-    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
-        Box::pin(self.tags())
-    }
-
-    fn check_ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move {
-            let base = &self.base_url;
-            let names = match self.tags().await {
+            let base = p.base_url();
+            let names = match p.discover_models().await {
                 Ok(names) => names,
                 Err(LlmError::Upstream(u)) if u.class == ErrorClass::Malformed => {
                     return Err(format!(
@@ -209,7 +146,8 @@ impl Provider for OllamaProvider {
                 }
                 Err(e) => return Err(format!("ollama at {base} did not list its models: {e}")),
             };
-            if names.iter().any(|n| model_matches(&self.model, n)) {
+            let model = p.default_model();
+            if names.iter().any(|n| model_matches(model, n)) {
                 return Ok(());
             }
             let has = if names.is_empty() {
@@ -217,21 +155,10 @@ impl Provider for OllamaProvider {
             } else {
                 names.join(", ")
             };
-            let model = &self.model;
             Err(format!(
                 "ollama at {base} does not have model `{model}` (it has: {has}); run `ollama pull {model}`"
             ))
         })
-    }
-}
-
-impl OllamaProvider {
-    /// The names `GET /api/tags` lists.
-    async fn tags(&self) -> Result<Vec<String>, LlmError> {
-        let rb = self.with_auth(self.client.get(format!("{}/api/tags", self.base_url)));
-        let resp = http::send(&self.name, &self.timeouts, rb, parse_error).await?;
-        let body = http::json_body(&self.name, resp).await?;
-        http::names_in(&self.name, &body, "models", "name")
     }
 }
 
@@ -359,6 +286,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::Secret;
+    use crate::llm::ClientCredentials;
     use crate::llm::ssrf::SsrfPolicy;
     use crate::llm::{ClientKey, Message, collect};
     use crate::testing::ollama::OllamaFormat;
@@ -717,18 +646,22 @@ mod tests {
             ssrf: Arc::new(SsrfPolicy::new(true, &["127.0.0.1".to_string()]).unwrap()),
         };
         let p = build(&c, &allow_loopback).unwrap();
-        let creds = ClientCredentials::from_request(
-            "",
-            vec![("base_url".to_string(), format!("{}/", callers.base_url()))],
-        )
-        .unwrap();
+        let url = vec![("base_url".to_string(), format!("{}/", callers.base_url()))];
+        // Without the caller's own key the URL is refused: the operator's key never goes there.
+        let keyless = ClientCredentials::from_request("", url.clone()).unwrap();
+        let err = p.with_client_credentials(&keyless).await.unwrap_err();
+        assert!(matches!(err, LlmError::InvalidRequest(_)), "{err:?}");
+        let creds = ClientCredentials::from_request("caller-key", url).unwrap();
         let scoped = p.with_client_credentials(&creds).await.unwrap();
         let (text, _) = collect(scoped.stream(&hi())).await.unwrap();
         assert_eq!(text, "hello from the fake");
         assert!(operator.requests().is_empty());
         let req = &callers.requests()[0];
         assert_eq!(req.path, "/api/chat");
-        assert!(req.header("authorization").is_none());
+        assert_eq!(
+            req.header("authorization").as_deref(),
+            Some("Bearer caller-key")
+        );
         assert!(req.header("x-operator").is_none());
     }
 
@@ -737,11 +670,17 @@ mod tests {
         let fake = fake(&[]).await;
         let p = provider(&fake);
         for url in ["http://10.0.0.1:11434", "https://127.0.0.1:11434"] {
-            let creds =
-                ClientCredentials::from_request("", vec![("base_url".to_string(), url.into())])
-                    .unwrap();
+            let creds = ClientCredentials::from_request(
+                "caller-key",
+                vec![("base_url".to_string(), url.into())],
+            )
+            .unwrap();
             let err = p.with_client_credentials(&creds).await.unwrap_err();
             assert!(matches!(err, LlmError::InvalidRequest(_)), "{url}: {err:?}");
+            assert!(
+                !err.to_string().contains("client_api_key"),
+                "the guard refused it: {err}"
+            );
         }
         assert!(fake.requests().is_empty());
     }

@@ -2,26 +2,26 @@
 //! auth, SSE with `stream_options.include_usage`), and the OpenAI-compatible presets that speak it
 //! with their own base URL, default model and headers (`openai-compatible`, `xai`, `openrouter`,
 //! `moonshot`, `zai`, `github-models`, `copilot`). This module owns the request body, the parsing
-//! of `chat.completion.chunk` events into [`Delta`]s, the classification of OpenAI error objects,
-//! and the request-scoped copies built from a caller's forwarded key or `provider_config` URL.
+//! of `chat.completion.chunk` events (or a whole `chat.completion`) into [`Delta`]s, the
+//! classification of OpenAI error objects, and the URL keys a caller may use (`base_url`,
+//! `api_base`, `endpoint`); the HTTP plumbing and the client-credential rule are
+//! [`super::wire`]'s.
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::{ErrorClass, LlmError, UpstreamError};
-use super::http;
+use super::http::{self, ModelListing};
 use super::json::{json_str, json_value};
-use super::ssrf::SsrfPolicy;
-use super::{
-    ChatRequest, ClientCredentials, Delta, DeltaStream, Provider, ProviderContext, ProviderKind,
-    Usage,
-};
-use crate::config::{ProviderConfig, Secret};
+use super::wire::{self, Pending, WireFormat};
+use super::{ChatRequest, ClientKey, Delta, Provider, ProviderContext, ProviderKind, Usage};
+use crate::config::ProviderConfig;
 
 /// What differs between the OpenAI-compatible services; the wire format is the same.
 #[derive(Debug)]
@@ -115,69 +115,20 @@ fn preset_headers(kind: &str) -> Vec<(&'static str, String)> {
     }
 }
 
-/// `provider_config` keys that replace the base URL of one request, in order of precedence.
-const URL_KEYS: &[&str] = &["base_url", "api_base", "endpoint"];
-
-/// A provider speaking OpenAI Chat Completions. Cloning gives an independent value (the HTTP
-/// client inside is a shared connection pool, which holds no credentials).
-#[derive(Clone)]
-pub struct OpenAiProvider {
-    name: String,
+/// The OpenAI Chat Completions format of one preset, with the preset's headers built once.
+#[derive(Debug, Clone)]
+pub struct OpenAi {
     preset: &'static Preset,
-    /// Without a trailing slash; `/chat/completions` is appended.
-    base_url: String,
-    /// `{base_url}/chat/completions`, parsed once.
-    url: reqwest::Url,
-    /// The same, for the lean client.
-    uri: ::http::Uri,
-    model: String,
-    /// Kept to scrub it from upstream error messages that echo it back.
-    api_key: Option<Secret>,
-    /// `Bearer <key>`, marked sensitive so no Debug output shows it.
-    auth: Option<HeaderValue>,
-    /// Preset headers overridden by the operator's `headers`.
+    /// The preset's own headers (what a caller's URL gets too).
     headers: HeaderMap,
-    /// Only the preset's headers: what a client-chosen base URL gets, since the operator's
-    /// headers may carry credentials meant for the operator's upstream.
-    preset_only_headers: HeaderMap,
-    /// Everything a call sends as headers, built once ([`Self::sent_headers`]): for a
-    /// non-streamed call, and for a streamed one.
-    sent: [HeaderMap; 2],
-    timeouts: http::Timeouts,
-    client: reqwest::Client,
-    /// The fast path for calls to the configured upstream ([`super::lean::Lean`]); `None` when an
-    /// environment proxy is set and for a client-chosen base URL (pinned in `client`).
-    lean: Option<super::lean::Lean>,
-    ssrf: Arc<SsrfPolicy>,
 }
 
-impl std::fmt::Debug for OpenAiProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenAiProvider")
-            .field("name", &self.name)
-            .field("preset", &self.preset.kind)
-            .field("base_url", &self.base_url)
-            .field("model", &self.model)
-            .field("has_key", &self.auth.is_some())
-            .field("headers", &self.headers.keys().collect::<Vec<_>>())
-            .field("timeouts", &self.timeouts)
-            .finish()
-    }
-}
+/// A provider speaking OpenAI Chat Completions.
+pub type OpenAiProvider = wire::HttpProvider<OpenAi>;
 
 /// Builds an OpenAI-format provider from its config; `cfg.kind` picks the preset.
 pub fn build(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Arc<dyn Provider>, LlmError> {
-    OpenAiProvider::new(cfg, ctx).map(|p| Arc::new(p) as Arc<dyn Provider>)
-}
-
-fn bearer(name: &str, key: &str) -> Result<HeaderValue, LlmError> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-        LlmError::InvalidRequest(format!(
-            "provider `{name}`: the API key contains characters not allowed in an HTTP header"
-        ))
-    })?;
-    v.set_sensitive(true);
-    Ok(v)
+    new_provider(cfg, ctx).map(|p| Arc::new(p) as Arc<dyn Provider>)
 }
 
 fn header_map<'a>(
@@ -196,133 +147,93 @@ fn header_map<'a>(
                 "provider `{name}`: the value of header `{k}` is not a valid header value"
             ))
         })?;
-        // `insert` replaces, so later pairs (the operator's) override earlier ones (the preset's).
+        // `insert` replaces, so later pairs override earlier ones.
         map.insert(hn, hv);
     }
     Ok(map)
 }
 
-impl OpenAiProvider {
-    /// Builds the provider; config errors name the provider.
-    pub fn new(cfg: &ProviderConfig, ctx: &ProviderContext) -> Result<Self, LlmError> {
-        let name = cfg.name.as_str();
-        let kind = cfg.kind.to_ascii_lowercase();
-        let preset = PRESETS.iter().find(|p| p.kind == kind).ok_or_else(|| {
+/// Builds the provider; config errors name the provider.
+pub fn new_provider(
+    cfg: &ProviderConfig,
+    ctx: &ProviderContext,
+) -> Result<OpenAiProvider, LlmError> {
+    let name = cfg.name.as_str();
+    let kind = cfg.kind.to_ascii_lowercase();
+    let preset = PRESETS.iter().find(|p| p.kind == kind).ok_or_else(|| {
+        LlmError::InvalidRequest(format!(
+            "provider `{name}`: kind `{}` is not an OpenAI-format kind",
+            cfg.kind
+        ))
+    })?;
+    let base_url = cfg
+        .base_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .or(preset.base_url)
+        .ok_or_else(|| {
             LlmError::InvalidRequest(format!(
-                "provider `{name}`: kind `{}` is not an OpenAI-format kind",
-                cfg.kind
+                "provider `{name}` ({kind}) needs base_url (e.g. http://localhost:8000/v1)"
             ))
         })?;
-        let base_url = cfg
-            .base_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .or(preset.base_url)
-            .ok_or_else(|| {
-                LlmError::InvalidRequest(format!(
-                    "provider `{name}` ({kind}) needs base_url (e.g. http://localhost:8000/v1)"
-                ))
-            })?;
-        match reqwest::Url::parse(base_url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => {
-                return Err(LlmError::InvalidRequest(format!(
-                    "provider `{name}` ({kind}): base_url `{base_url}` is not an http(s) URL"
-                )));
-            }
-        }
-        let model = cfg
-            .model
-            .as_deref()
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .or(preset.model)
-            .ok_or_else(|| {
-                LlmError::InvalidRequest(format!("provider `{name}` ({kind}) needs model"))
-            })?;
-        let api_key = cfg
-            .api_key
-            .clone()
-            .filter(|k| !k.expose().trim().is_empty());
-        if preset.needs_key && api_key.is_none() {
+    match reqwest::Url::parse(base_url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+        _ => {
             return Err(LlmError::InvalidRequest(format!(
-                "provider `{name}` ({kind}) needs api_key (or api_key_file)"
+                "provider `{name}` ({kind}): base_url `{base_url}` is not an http(s) URL"
             )));
         }
-        let auth = api_key
-            .as_ref()
-            .map(|k| bearer(name, k.expose().trim()))
-            .transpose()?;
-        let defaults = preset_headers(preset.kind);
-        let preset_only_headers = header_map(name, defaults.iter().map(|(k, v)| (*k, v.as_str())))?;
-        let headers = header_map(
-            name,
-            defaults
-                .iter()
-                .map(|(k, v)| (*k, v.as_str()))
-                .chain(cfg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-        )?;
-        let (base_url, url, uri) = chat_url(name, base_url)?;
-        // reqwest turns credentials in the URL into a Basic header; the lean client would not.
-        let lean = match url.username().is_empty() && url.password().is_none() {
-            true => super::lean::for_origin(&uri)?,
-            false => None,
-        };
-        let mut provider = Self {
-            name: name.to_string(),
-            preset,
-            base_url,
-            url,
-            uri,
-            model: model.to_string(),
-            api_key,
-            auth,
-            headers,
-            preset_only_headers,
-            sent: Default::default(),
-            timeouts: http::Timeouts::of(cfg),
-            client: http::client(&http::HttpOptions::default())?,
-            lean,
-            ssrf: ctx.ssrf.clone(),
-        };
-        provider.sent = provider.sent_headers();
-        Ok(provider)
     }
-
-    /// The operator's (or preset's) headers, `Accept` by the kind of call, the key, and the JSON
-    /// headers.
-    fn sent_headers(&self) -> [HeaderMap; 2] {
-        [false, true].map(|stream| {
-            let mut headers = self.headers.clone();
-            let accept = match stream {
-                true => "text/event-stream",
-                false => "application/json",
-            };
-            headers.insert(ACCEPT, HeaderValue::from_static(accept));
-            if let Some(auth) = &self.auth {
-                headers.insert(AUTHORIZATION, auth.clone());
-            }
-            http::json_headers(headers)
-        })
+    let model = cfg
+        .model
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .or(preset.model)
+        .ok_or_else(|| {
+            LlmError::InvalidRequest(format!("provider `{name}` ({kind}) needs model"))
+        })?;
+    let api_key = cfg
+        .api_key
+        .clone()
+        .filter(|k| !k.expose().trim().is_empty());
+    if preset.needs_key && api_key.is_none() {
+        return Err(LlmError::InvalidRequest(format!(
+            "provider `{name}` ({kind}) needs api_key (or api_key_file)"
+        )));
     }
+    let defaults = preset_headers(preset.kind);
+    let format = OpenAi {
+        preset,
+        headers: header_map(name, defaults.iter().map(|(k, v)| (*k, v.as_str())))?,
+    };
+    let headers = header_map(
+        name,
+        cfg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )?;
+    let parts = wire::Parts {
+        name: name.to_string(),
+        model: model.to_string(),
+        format,
+        base_url: base_url.to_string(),
+        key: api_key,
+        headers,
+        timeouts: http::Timeouts::of(cfg),
+    };
+    wire::HttpProvider::new(parts, ctx)
+}
 
+#[cfg(test)]
+impl OpenAiProvider {
     /// The preset (config kind) this provider was built from.
     pub fn preset(&self) -> &'static str {
-        self.preset.kind
+        self.format().preset.kind
     }
+}
 
-    /// The base URL requests go to (`/chat/completions` is appended).
-    pub fn base_url(&self) -> &str {
-        &self.base_url
-    }
-
-    fn body<'a>(&'a self, request: &'a ChatRequest) -> RequestBody<'a> {
-        let model = if request.model.trim().is_empty() {
-            &self.model
-        } else {
-            &request.model
-        };
+impl OpenAi {
+    fn request_body<'a>(&self, request: &'a ChatRequest, model: &'a str) -> RequestBody<'a> {
         let (max_tokens, max_completion_tokens) = match self.preset.max_tokens_field {
             "max_completion_tokens" => (None, request.max_tokens),
             _ => (request.max_tokens, None),
@@ -342,58 +253,6 @@ impl OpenAiProvider {
             stop: &request.stop,
         }
     }
-
-    fn request(&self, request: &ChatRequest) -> Call {
-        let headers = self.sent[usize::from(request.stream)].clone();
-        let body = self.body(request);
-        let json = body.to_json();
-        match &self.lean {
-            Some(lean) => Call::Lean(lean.clone(), http::lean_json_post(&self.uri, headers, json)),
-            None => Call::Reqwest(
-                self.client
-                    .post(self.url.clone())
-                    .headers(headers)
-                    .body(json),
-            ),
-        }
-    }
-}
-
-/// A request ready to send, on the client that carries it. Built once per call and moved straight
-/// into the call's stream, so its size costs nothing a box would save.
-#[allow(clippy::large_enum_variant)]
-enum Call {
-    Reqwest(reqwest::RequestBuilder),
-    Lean(super::lean::Lean, ::http::Request<super::lean::LeanBody>),
-}
-
-impl Call {
-    async fn send(self, name: &str, timeouts: &http::Timeouts) -> Result<http::Answer, LlmError> {
-        match self {
-            Call::Reqwest(rb) => http::send(name, timeouts, rb, parse_error)
-                .await
-                .map(http::Answer::Reqwest),
-            Call::Lean(lean, req) => http::send_lean(name, timeouts, &lean, req, parse_error).await,
-        }
-    }
-}
-
-/// The base URL without its trailing slash, and `{base_url}/chat/completions` parsed once (not on
-/// every call).
-fn chat_url(name: &str, base_url: &str) -> Result<(String, reqwest::Url, ::http::Uri), LlmError> {
-    let base_url = base_url.trim_end_matches('/');
-    let invalid = |e: &dyn std::fmt::Display| {
-        LlmError::InvalidRequest(format!(
-            "provider `{name}`: base_url `{base_url}` is not a valid URL: {e}"
-        ))
-    };
-    let url =
-        reqwest::Url::parse(&format!("{base_url}/chat/completions")).map_err(|e| invalid(&e))?;
-    let uri = url
-        .as_str()
-        .parse::<::http::Uri>()
-        .map_err(|e| invalid(&e))?;
-    Ok((base_url.to_string(), url, uri))
 }
 
 /// The request body, serialized straight from the [`ChatRequest`] (no intermediate JSON tree).
@@ -482,151 +341,98 @@ fn float(x: f32) -> Option<f64> {
     x.to_string().parse::<f64>().ok().filter(|f| f.is_finite())
 }
 
-impl Provider for OpenAiProvider {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::OpenAi
-    }
-
-    fn default_model(&self) -> &str {
-        &self.model
-    }
-
-    fn stream(&self, request: &ChatRequest) -> DeltaStream {
-        let call = self.request(request);
-        let name = self.name.clone();
-        let key = self.api_key.clone();
-        let deltas = deltas(name, call, self.timeouts);
-        Box::pin(deltas.map(move |item| item.map_err(|e| scrub(e, key.as_ref()))))
-    }
+impl WireFormat for OpenAi {
+    const KIND: ProviderKind = ProviderKind::OpenAi;
+    const URL_KEYS: &'static [&'static str] = &["base_url", "api_base", "endpoint"];
 
     /// `GET {base_url}/models` (OpenAI and the compatible services): the ids of `data`.
-    fn discover_models(&self) -> BoxFuture<'_, Result<Vec<String>, LlmError>> {
-        Box::pin(async move {
-            let mut headers = self.headers.clone();
-            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-            if let Some(auth) = &self.auth {
-                headers.insert(AUTHORIZATION, auth.clone());
-            }
-            let rb = self
-                .client
-                .get(format!("{}/models", self.base_url))
-                .headers(headers);
-            let scrubbed = |e| scrub(e, self.api_key.as_ref());
-            let resp = http::send(&self.name, &self.timeouts, rb, parse_error)
-                .await
-                .map_err(scrubbed)?;
-            let body = http::json_body(&self.name, resp).await.map_err(scrubbed)?;
-            http::names_in(&self.name, &body, "data", "id")
-        })
+    const MODELS: ModelListing = ModelListing {
+        path: "/models",
+        query: None,
+        cursor_key: "",
+        take: |provider, body, models| {
+            models.extend(http::names_in(provider, body, "data", "id")?);
+            Ok(None)
+        },
+        parse_error,
+    };
+
+    fn chat_url(&self, base: &str, _model: &str) -> Result<String, String> {
+        Ok(format!("{base}/chat/completions"))
     }
 
-    fn with_client_credentials<'a>(
-        &'a self,
-        creds: &'a ClientCredentials,
-    ) -> BoxFuture<'a, Result<Arc<dyn Provider>, LlmError>> {
-        Box::pin(async move {
-            if let Some(unknown) = creds
-                .config
-                .keys()
-                .find(|k| !URL_KEYS.contains(&k.as_str()))
-            {
-                return Err(LlmError::InvalidRequest(format!(
-                    "provider `{}` does not accept provider_config key `{unknown}`; accepted keys: {}",
-                    self.name,
-                    URL_KEYS.join(", ")
-                )));
-            }
-            let mut scoped = self.clone();
-            if let Some(url) = URL_KEYS.iter().find_map(|k| creds.config.get(*k)) {
-                let (client, mut url) = self.ssrf.guarded_client(url.trim()).await?;
-                url.set_query(None);
-                url.set_fragment(None);
-                scoped.client = client;
-                scoped.lean = None;
-                (scoped.base_url, scoped.url, scoped.uri) = chat_url(&self.name, url.as_str())?;
-                scoped.headers = self.preset_only_headers.clone();
-                // The server's key must never travel to a host the caller chose.
-                scoped.auth = None;
-                scoped.api_key = None;
-            }
-            if let Some(key) = &creds.key {
-                // Every scheme (API key, OAuth token, GitHub token for Copilot) is a Bearer token.
-                let secret = key.secret.expose().trim();
-                if secret.is_empty() {
-                    return Err(LlmError::InvalidRequest(format!(
-                        "provider `{}`: client_api_key is empty",
-                        self.name
-                    )));
+    /// The preset's headers and `Accept` by the kind of call.
+    fn format_headers(&self, stream: bool) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        let accept = match stream {
+            true => "text/event-stream",
+            false => "application/json",
+        };
+        headers.insert(ACCEPT, HeaderValue::from_static(accept));
+        headers
+    }
+
+    /// Every scheme (API key, OAuth token, GitHub token for Copilot) is a Bearer token.
+    fn authenticate(
+        &self,
+        key: &ClientKey,
+        headers: &mut HeaderMap,
+    ) -> Result<(), InvalidHeaderValue> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", key.secret.expose().trim()))?;
+        v.set_sensitive(true);
+        headers.insert(AUTHORIZATION, v);
+        Ok(())
+    }
+
+    fn body(&self, req: &ChatRequest, model: &str) -> Vec<u8> {
+        self.request_body(req, model).to_json()
+    }
+
+    fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
+        parse_error(status, body)
+    }
+
+    /// Events mapped to deltas as they arrive; a JSON answer (asked for, or from a compatible
+    /// server that ignores `stream`) read whole.
+    fn deltas(
+        name: String,
+        pending: Pending,
+    ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
+        async_stream::try_stream! {
+            let resp = pending.answer(&name).await?;
+            let is_json = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
+            if is_json {
+                let body = resp.bytes(&name).await?;
+                for d in whole_answer(&name, &body)? {
+                    yield d;
                 }
-                scoped.auth = Some(bearer(&self.name, secret)?);
-                scoped.api_key = Some(key.secret.clone());
+                return;
             }
-            scoped.sent = scoped.sent_headers();
-            Ok(Arc::new(scoped) as Arc<dyn Provider>)
-        })
-    }
-}
-
-/// Removes the key from an upstream message that quotes it (OpenAI echoes part of a wrong key).
-fn scrub(err: LlmError, key: Option<&Secret>) -> LlmError {
-    match (
-        err,
-        key.map(|k| k.expose().trim()).filter(|k| !k.is_empty()),
-    ) {
-        (LlmError::Upstream(mut u), Some(k)) if u.message.contains(k) => {
-            u.message = u.message.replace(k, crate::config::values::REDACTED);
-            LlmError::Upstream(u)
-        }
-        (other, _) => other,
-    }
-}
-
-/// The call: wait (bounded) for the response headers, then map events to deltas as they arrive
-/// (each body byte bounded too).
-fn deltas(
-    name: String,
-    call: Call,
-    timeouts: http::Timeouts,
-) -> impl Stream<Item = Result<Delta, LlmError>> + Send {
-    async_stream::try_stream! {
-        let resp = call.send(&name, &timeouts).await?;
-        let is_json = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
-        if is_json {
-            // Some compatible servers ignore `stream` and answer with one `chat.completion`.
-            let body = resp.bytes(&name).await?;
-            for d in whole_answer(&name, &body)? {
-                yield d;
-            }
-            return;
-        }
-        let mut events = resp.sse_events(&name);
-        while let Some(event) = events.next().await {
-            let event = event?;
-            match parse_chunk(&name, &event.data)? {
-                Chunk::Done => {
-                    http::read_rest_in_background(events);
-                    return;
-                }
-                Chunk::Deltas(ds) => {
-                    for d in ds {
-                        yield d;
+            let mut events = resp.sse_events(&name);
+            while let Some(event) = events.next().await {
+                let event = event?;
+                match parse_chunk(&name, &event.data)? {
+                    Chunk::Done => {
+                        http::read_rest_in_background(events);
+                        return;
+                    }
+                    Chunk::Deltas(ds) => {
+                        for d in ds {
+                            yield d;
+                        }
                     }
                 }
             }
+            Err(LlmError::upstream(
+                &name,
+                ErrorClass::Transport,
+                "the stream ended before `data: [DONE]`",
+            ))?;
         }
-        Err(LlmError::upstream(
-            &name,
-            ErrorClass::Transport,
-            "the stream ended before `data: [DONE]`",
-        ))?;
     }
 }
 
@@ -936,6 +742,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::Secret;
+    use crate::llm::ClientCredentials;
+    use crate::llm::ssrf::SsrfPolicy;
     use crate::llm::{KeyScheme, Message, collect};
     use crate::testing::openai::{OpenAiFormat, error_body};
     use crate::testing::{FakeUpstream, Reply, Step};
@@ -1584,7 +1393,7 @@ mod tests {
         for (kind, url, model) in table {
             let mut c = cfg(kind, None);
             c.model = None;
-            let p = OpenAiProvider::new(&c, &ctx()).unwrap();
+            let p = new_provider(&c, &ctx()).unwrap();
             assert_eq!(p.base_url(), url, "{kind}");
             assert_eq!(p.default_model(), model, "{kind}");
             assert_eq!(p.kind(), ProviderKind::OpenAi);
@@ -1593,7 +1402,7 @@ mod tests {
             let mut c = cfg(&kind.to_uppercase(), None);
             c.model = Some("mine".into());
             c.base_url = Some("https://proxy.example/v1/".into());
-            let p = OpenAiProvider::new(&c, &ctx()).unwrap();
+            let p = new_provider(&c, &ctx()).unwrap();
             assert_eq!(p.base_url(), "https://proxy.example/v1");
             assert_eq!(p.default_model(), "mine");
         }
@@ -1602,7 +1411,7 @@ mod tests {
     #[test]
     fn config_errors_name_the_provider() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let err = |c: ProviderConfig| match OpenAiProvider::new(&c, &ctx()) {
+        let err = |c: ProviderConfig| match new_provider(&c, &ctx()) {
             Err(LlmError::InvalidRequest(m)) => m,
             other => panic!("{other:?}"),
         };
@@ -1623,13 +1432,13 @@ mod tests {
         // A key-less local server is fine.
         let mut c = cfg("openai-compatible", Some("http://localhost:8000/v1".into()));
         c.api_key = None;
-        assert!(OpenAiProvider::new(&c, &ctx()).is_ok());
+        assert!(new_provider(&c, &ctx()).is_ok());
     }
 
     #[test]
     fn debug_output_never_shows_the_key() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let p = OpenAiProvider::new(&cfg("openai", None), &ctx()).unwrap();
+        let p = new_provider(&cfg("openai", None), &ctx()).unwrap();
         let text = format!("{p:?}");
         assert!(!text.contains(SERVER_KEY), "{text}");
         assert!(text.contains("has_key: true"));
@@ -1681,7 +1490,7 @@ mod tests {
     async fn a_refused_client_base_url_is_invalid_request() {
         let fake = fake().await;
         let server = provider(&fake, "openai");
-        for key in URL_KEYS {
+        for key in OpenAi::URL_KEYS {
             let e = server
                 .with_client_credentials(&creds(Some("k"), &[(key, "https://10.0.0.1")]))
                 .await
@@ -1706,16 +1515,22 @@ mod tests {
         };
         let server = build(&c, &guarded).unwrap();
         let url = format!("{}/v1/?ignored=1", fake.base_url());
+        // Without the caller's own key the URL is refused (the server's key never goes there).
         let keyless = server
             .with_client_credentials(&creds(None, &[("api_base", url.as_str())]))
             .await
-            .unwrap();
-        collect(keyless.stream(&ask("hi"))).await.unwrap();
-        let keyed = server
-            .with_client_credentials(&creds(Some("caller-key"), &[("base_url", url.as_str())]))
-            .await
-            .unwrap();
-        collect(keyed.stream(&ask("hi"))).await.unwrap();
+            .unwrap_err();
+        assert!(
+            matches!(keyless, LlmError::InvalidRequest(_)),
+            "{keyless:?}"
+        );
+        for key in ["api_base", "base_url"] {
+            let keyed = server
+                .with_client_credentials(&creds(Some("caller-key"), &[(key, url.as_str())]))
+                .await
+                .unwrap();
+            collect(keyed.stream(&ask("hi"))).await.unwrap();
+        }
         let reqs = fake.requests();
         assert_eq!(reqs.len(), 2);
         for r in &reqs {
@@ -1723,12 +1538,11 @@ mod tests {
             assert_eq!(r.query, "");
             assert!(r.header("x-operator-secret").is_none());
             assert_eq!(r.header("x-title").as_deref(), Some("chatcli"));
+            assert_eq!(
+                r.header("authorization").as_deref(),
+                Some("Bearer caller-key")
+            );
         }
-        assert!(reqs[0].header("authorization").is_none());
-        assert_eq!(
-            reqs[1].header("authorization").as_deref(),
-            Some("Bearer caller-key")
-        );
     }
 
     #[tokio::test]

@@ -6,8 +6,15 @@
 //!
 //! A caller may bring its own StackSpot account (`provider_config` keys `client_id`, `client_key`,
 //! `realm`, `agent_id`; URL keys `base_url`, `realm_url`, `token_url` through the SSRF guard). Its
-//! token is cached in the request-scoped provider only, never in the server's cache, and the
-//! server's credentials or tokens are never sent to a URL a caller chose.
+//! token is cached in the request-scoped provider only, never in the server's cache. The
+//! client-credential rule is every kind's ([`ClientCredentials::caller_url`]): a URL only with the
+//! caller's own account (or a forwarded `oauth:`/`token:` access token), so the server's
+//! credentials or tokens are never sent to a URL a caller chose.
+//!
+//! StackSpot is not a [`super::wire::WireFormat`]: its credential is an OAuth client-credentials
+//! account exchanged for cached tokens at a second endpoint (renewed once on a 401), a caller may
+//! replace three URLs (chat, realm, token endpoint) and the agent, and it has no model list. It
+//! shares the HTTP plumbing of [`super::http`] and the rule above.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +42,18 @@ pub const DEFAULT_REALM: &str = "zup";
 /// A cached token is renewed this long before it expires, so no call starts with a token about to
 /// lapse.
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// The `provider_config` keys a caller may set.
+const CONFIG_KEYS: &[&str] = &[
+    "client_id",
+    "client_key",
+    "realm",
+    "agent_id",
+    "base_url",
+    "realm_url",
+    "token_url",
+];
+/// The `provider_config` keys that name a caller's host.
+const URL_KEYS: &[&str] = &["base_url", "realm_url", "token_url"];
 /// StackSpot's rate-limit error code (its 429s carry no `Retry-After`).
 const RATE_LIMIT_CODE: &str = "INFERENCE_3008_CHAT_RATE_LIMIT_EXCEEDED";
 
@@ -313,17 +332,15 @@ impl StackSpotProvider {
         if let Some(a) = agent {
             check_segment("agent_id", a).map_err(|why| bad(&why))?;
         }
+        // The client-credential rule: a caller's URL only with the caller's own account or token.
+        creds.caller_url(
+            &self.name,
+            CONFIG_KEYS,
+            URL_KEYS,
+            own.is_some() || fixed_token.is_some(),
+        )?;
         let (token_url, realm_url, base_url) =
             (get("token_url"), get("realm_url"), get("base_url"));
-        if (token_url.is_some() || realm_url.is_some() || base_url.is_some())
-            && own.is_none()
-            && fixed_token.is_none()
-        {
-            return Err(bad(
-                "a URL in provider_config needs the caller's own client_id and client_key \
-                 (the server's credentials are only sent to the server's StackSpot)",
-            ));
-        }
 
         let (chat_client, base, headers) = match base_url {
             Some(u) => {

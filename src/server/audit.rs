@@ -85,6 +85,10 @@ pub struct AuditRecord {
     pub result: AuditResult,
     /// gRPC code name (`OK`, `InvalidArgument`, …) or the HTTP status as text (`"429"`).
     pub code: String,
+    /// The stable error code of a failed call (`docs/errors.md`), when it has one; left out
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
     /// Wall time of the call, streams included until their end.
     pub duration_ms: f64,
     /// Request bytes received.
@@ -587,6 +591,7 @@ mod tests {
             resource: String::new(),
             result: AuditResult::Ok,
             code: "OK".into(),
+            error_code: None,
             duration_ms: 12.5,
             bytes_in: 10,
             bytes_out: 20,

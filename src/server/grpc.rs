@@ -1,6 +1,6 @@
-//! `chatcli.v1.ChatCLIService` over the core: each handler converts the request, calls the core
-//! (provider registry, session store, catalog) and converts the answer. RPCs whose capability is not
-//! in this build answer `UNIMPLEMENTED` naming what they wait for.
+//! `chatcli.v1.ChatCLIService` as a codec over the core ([`crate::gateway`]): each handler decodes
+//! the request, calls a use case and encodes its answer, or its error through `server/error.rs`.
+//! RPCs whose capability is not in this build answer `UNIMPLEMENTED` naming what they wait for.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,19 +8,15 @@ use std::time::Instant;
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{AppState, Prepared, Transport};
+use super::{AppState, Prepared, Transport, error};
 use crate::auth::Principal;
+use crate::gateway::{Code, Error, Gateway, PromptCall, admin, waits_for, whole_seconds};
 use crate::llm::fallback::Answer;
-use crate::llm::gateway::{self, PromptCall};
 use crate::llm::{ClientCredentials, Delta, Message};
 use crate::proto::chat_cli_service_server::{ChatCliService, ChatCliServiceServer};
 use crate::proto::*;
 use crate::server::pipeline::{AuditNotes, CallContext};
 use crate::sessions::SessionData;
-use crate::telemetry::SessionOperation;
-
-/// Largest `max_tokens` a request may ask for.
-pub(super) const MAX_TOKENS_LIMIT: i32 = 200_000;
 
 /// About how many bytes of already-waiting text StreamPrompt merges into one message.
 const STREAM_CHUNK_TARGET: usize = 200;
@@ -127,114 +123,16 @@ fn principal<T>(req: &Request<T>) -> Principal {
         })
 }
 
-fn namespace<T>(req: &Request<T>) -> String {
-    principal(req).session_namespace()
-}
-
 fn notes<T>(req: &Request<T>) -> Arc<AuditNotes> {
     context(req).map(|c| c.notes.clone()).unwrap_or_default()
 }
 
-/// Readonly principals may not change state.
-fn require_write<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
-    if principal(req).can_write() {
-        return Ok(());
+/// The status of a core error; a refused permission is also noted for the audit record.
+fn fail(notes: &AuditNotes, e: &Error) -> Status {
+    if e.code() == Code::PermissionDenied {
+        notes.denied();
     }
-    notes(req).denied();
-    Err(Status::permission_denied(format!(
-        "readonly principals cannot {what}"
-    )))
-}
-
-/// Keys a client may put in `provider_config` (those the existing ChatCLI defines), and the longest value accepted.
-const PROVIDER_CONFIG_KEYS: &[&str] = &[
-    "client_id",
-    "client_key",
-    "realm",
-    "agent_id",
-    "base_url",
-    "api_base",
-    "endpoint",
-    "url",
-    "host",
-    "server_url",
-    "realm_url",
-    "token_url",
-];
-const MAX_PROVIDER_CONFIG_VALUE: usize = 4096;
-
-fn validate_provider_config(cfg: &std::collections::HashMap<String, String>) -> Result<(), Status> {
-    for (k, v) in cfg {
-        if !PROVIDER_CONFIG_KEYS.contains(&k.as_str()) {
-            return Err(Status::invalid_argument(format!(
-                "validation: provider_config key `{}` is not one of: {}",
-                k.chars().take(64).collect::<String>(),
-                PROVIDER_CONFIG_KEYS.join(", ")
-            )));
-        }
-        if v.len() > MAX_PROVIDER_CONFIG_VALUE {
-            return Err(Status::invalid_argument(format!(
-                "validation: provider_config.{k} is longer than {MAX_PROVIDER_CONFIG_VALUE} bytes"
-            )));
-        }
-    }
-    Ok(())
-}
-
-pub(super) fn validate_history(history: &[ChatMessage], prepared: &Prepared) -> Result<(), Status> {
-    let limits = &prepared.config.limits;
-    if history.len() > limits.max_history_messages {
-        return Err(Status::invalid_argument(format!(
-            "validation: history has {} messages; the limit is {}",
-            history.len(),
-            limits.max_history_messages
-        )));
-    }
-    let bytes: usize = history
-        .iter()
-        .map(|m| history_bytes(&m.role, &m.content))
-        .sum();
-    if bytes > limits.max_history_bytes {
-        return Err(Status::invalid_argument(format!(
-            "validation: history is {bytes} bytes; the limit is {}",
-            limits.max_history_bytes
-        )));
-    }
-    Ok(())
-}
-
-/// What one history message counts against `limits.max_history_bytes`.
-fn history_bytes(role: &str, content: &str) -> usize {
-    role.len() + content.len()
-}
-
-/// Drops the oldest turns (a user message and its answer) of an interactive session's history
-/// until it fits the bounds a prompt's history has (`limits.max_history_messages` and
-/// `limits.max_history_bytes`, counted as [`validate_history`] counts); returns how many messages
-/// were dropped.
-fn trim_history(history: &mut Vec<Message>, limits: &crate::config::LimitsConfig) -> usize {
-    let size = |m: &Message| history_bytes(&m.role, &m.content);
-    let mut bytes: usize = history.iter().map(size).sum();
-    let mut dropped = 0;
-    while dropped < history.len()
-        && (history.len() - dropped > limits.max_history_messages
-            || bytes > limits.max_history_bytes)
-    {
-        let turn = (history.len() - dropped).min(2);
-        bytes -= history[dropped..dropped + turn]
-            .iter()
-            .map(size)
-            .sum::<usize>();
-        dropped += turn;
-    }
-    history.drain(..dropped);
-    dropped
-}
-
-fn waits_for(rpc: &str, capability: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not in this build yet: it waits for {capability}"
-    ))
+    error::to_status(e)
 }
 
 /// SendPromptRequest and StreamPromptRequest are two message types with the same fields.
@@ -283,20 +181,14 @@ fn deadline<T>(req: &Request<T>) -> Option<Instant> {
 }
 
 impl PromptFields {
-    /// Validates the request and turns it into the core call.
-    fn into_call(
-        self,
-        prepared: &Prepared,
-        deadline: Option<Instant>,
-    ) -> Result<PromptCall, Status> {
-        validate_prompt(&self.prompt, prepared)?;
-        validate_history(&self.history, prepared)?;
-        validate_provider_config(&self.provider_config)?;
-        if !(0..=MAX_TOKENS_LIMIT).contains(&self.max_tokens) {
-            return Err(Status::invalid_argument(format!(
-                "validation: max_tokens must be between 0 and {MAX_TOKENS_LIMIT}"
-            )));
-        }
+    /// Decodes the request into the core call; `provider_config` is checked before it becomes
+    /// credentials (the core validates the rest when the call starts).
+    fn into_call(self, core: &Gateway<'_>, deadline: Option<Instant>) -> Result<PromptCall, Error> {
+        core.validate_provider_config(&self.provider_config)?;
+        let max_tokens =
+            u32::try_from(self.max_tokens).map_err(|_| Error::MaxTokensOutOfRange {
+                limit: crate::gateway::MAX_TOKENS_LIMIT,
+            })?;
         Ok(PromptCall {
             provider: self.provider,
             model: self.model,
@@ -309,7 +201,7 @@ impl PromptFields {
                 })
                 .collect(),
             prompt: self.prompt,
-            max_tokens: u32::try_from(self.max_tokens).ok().filter(|n| *n > 0),
+            max_tokens: Some(max_tokens).filter(|n| *n > 0),
             credentials: ClientCredentials::from_request(
                 &self.client_api_key,
                 self.provider_config,
@@ -318,20 +210,6 @@ impl PromptFields {
             ..Default::default()
         })
     }
-}
-
-pub(super) fn validate_prompt(prompt: &str, prepared: &Prepared) -> Result<(), Status> {
-    if prompt.is_empty() {
-        return Err(Status::invalid_argument("prompt cannot be empty"));
-    }
-    let limit = prepared.config.limits.max_prompt_bytes;
-    if prompt.len() > limit {
-        return Err(Status::invalid_argument(format!(
-            "validation: prompt is {} bytes; the limit is {limit}",
-            prompt.len()
-        )));
-    }
-    Ok(())
 }
 
 fn session_reply(
@@ -346,27 +224,23 @@ fn session_reply(
     }
 }
 
-/// The answer to an interactive message refused by the rate limit; the stream stays open.
-fn rate_limited_reply(who: &Principal, wait: std::time::Duration) -> SessionMessage {
-    let secs = wait.as_secs().max(1);
-    tracing::debug!(principal = %who.id, retry_after = secs, "interactive message rate limited");
-    session_reply(
-        session_message::Type::Error,
-        format!("rate limit exceeded, retry after {secs} seconds"),
-        [
-            ("code".to_string(), "rate_limited".to_string()),
-            ("retry_after".to_string(), secs.to_string()),
-        ]
-        .into_iter()
-        .collect(),
-    )
+/// An interactive ERROR reply: the error's text, its stable code in the `code` metadata and, when
+/// a wait is known, `retry_after` (seconds); the stream stays open.
+fn error_reply(e: &Error) -> SessionMessage {
+    let mut metadata: std::collections::HashMap<String, String> =
+        [("code".to_string(), e.code().as_str().to_string())]
+            .into_iter()
+            .collect();
+    if let Some(wait) = e.retry_after() {
+        metadata.insert("retry_after".into(), whole_seconds(wait).to_string());
+    }
+    session_reply(session_message::Type::Error, e.to_string(), metadata)
 }
 
 impl ChatCliGrpc {
-    /// One USER_INPUT turn: the history gains the user turn and the answer only when the call
-    /// succeeds, so a failed turn leaves no orphan message. The history is then trimmed to the
-    /// bounds of a prompt's history, oldest turns first; the reply's `history_trimmed` metadata
-    /// says how many messages went.
+    /// One USER_INPUT turn over the session's running history (see
+    /// [`Gateway::interactive_turn`]); the reply's `history_trimmed` metadata says how many of the
+    /// oldest messages went to keep within the limits.
     async fn session_turn(
         &self,
         prepared: &Prepared,
@@ -374,62 +248,27 @@ impl ChatCliGrpc {
         msg: SessionMessage,
     ) -> SessionMessage {
         use session_message::Type;
-        if let Err(status) = validate_prompt(&msg.content, prepared) {
-            return session_reply(
-                Type::Error,
-                status.message().to_string(),
-                Default::default(),
-            );
-        }
         let meta = |k: &str| msg.metadata.get(k).cloned().unwrap_or_default();
-        let call = PromptCall {
-            provider: meta("provider"),
-            model: meta("model"),
-            history: history.clone(),
-            prompt: msg.content.clone(),
-            credentials: ClientCredentials::from_request(&meta("client_api_key"), Vec::new()),
-            // The session answers with the whole text.
-            unary: true,
-            ..Default::default()
-        };
-        let answer = match self.start(prepared, call).await {
-            Ok(a) => a,
-            Err(status) => {
-                return session_reply(
-                    Type::Error,
-                    status.message().to_string(),
-                    Default::default(),
-                );
-            }
-        };
-        match crate::llm::collect(answer.stream).await {
-            Ok((text, _)) => {
-                history.push(Message {
-                    role: "user".into(),
-                    content: msg.content,
-                });
-                history.push(Message {
-                    role: "assistant".into(),
-                    content: text.clone(),
-                });
+        let (provider, model, key) = (meta("provider"), meta("model"), meta("client_api_key"));
+        let turn = self
+            .state
+            .gateway(prepared)
+            .interactive_turn(history, msg.content, provider, model, &key)
+            .await;
+        match turn {
+            Ok(answer) => {
                 let mut metadata: std::collections::HashMap<String, String> = [
                     ("model".to_string(), answer.model),
                     ("provider".to_string(), answer.provider),
                 ]
                 .into_iter()
                 .collect();
-                let trimmed = trim_history(history, &prepared.config.limits);
-                if trimmed > 0 {
-                    tracing::debug!(
-                        trimmed,
-                        kept = history.len(),
-                        "interactive session history trimmed"
-                    );
-                    metadata.insert("history_trimmed".into(), trimmed.to_string());
+                if answer.trimmed > 0 {
+                    metadata.insert("history_trimmed".into(), answer.trimmed.to_string());
                 }
-                session_reply(Type::AssistantResponse, text, metadata)
+                session_reply(Type::AssistantResponse, answer.text, metadata)
             }
-            Err(e) => session_reply(Type::Error, e.to_string(), Default::default()),
+            Err(e) => error_reply(&e),
         }
     }
 
@@ -445,26 +284,33 @@ impl ChatCliGrpc {
         match cmd {
             "" => "Error: empty command".to_string(),
             "status" => {
-                let reg = &prepared.registry;
+                let report = self
+                    .state
+                    .gateway(prepared)
+                    .status(&Default::default(), self.state.reloader());
                 let n = counts().await.unwrap_or_default();
                 let mut out = format!(
                     "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  inactive\nPlugins:  {} found (not served by this build)\nAgents:   {} found (not served by this build)\nSkills:   {} found (not served by this build)\nProviders: {}",
                     crate::VERSION,
-                    reg.default_provider().map(|p| p.name()).unwrap_or("none"),
-                    reg.default_model(),
+                    report.default_provider.as_deref().unwrap_or("none"),
+                    report.default_model,
                     n.plugins,
                     n.agents,
                     n.skills,
-                    reg.names().join(", "),
+                    report
+                        .providers
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 );
-                if !reg.fallback().chain.is_empty() {
+                if !report.fallback.is_empty() {
                     out.push_str(&format!(
                         "\nFallback: configured ({})",
-                        reg.fallback().chain.join(" -> ")
+                        report.fallback.join(" -> ")
                     ));
                 }
-                if let Some(r) = self.state.reloader.get() {
-                    let st = r.status();
+                if let Some(st) = report.config {
                     out.push_str(&format!(
                         "\nConfig:   generation {}, hash {}",
                         st.generation,
@@ -485,7 +331,7 @@ impl ChatCliGrpc {
                     "\nIn flight: {} (gRPC {grpc}, HTTP {http})",
                     grpc + http
                 ));
-                for cd in self.state.cooldowns.snapshot() {
+                for cd in report.cooldowns {
                     out.push_str(&format!(
                         "\nCooldown: {} for {}s after {} failure(s) ({})",
                         cd.provider,
@@ -496,19 +342,18 @@ impl ChatCliGrpc {
                 }
                 out
             }
-            "reload" if who.role != crate::auth::Role::Admin => {
-                "Error: /reload is for admins".to_string()
-            }
-            "reload" => match self.state.reloader.get() {
-                None => "Reload is not available: this server was not started from config files."
-                    .to_string(),
-                Some(r) => match r.reload("admin command", true).await {
-                    Ok(outcome) => format!("Configuration reloaded: {outcome:?}"),
-                    Err(problems) => format!(
-                        "Reload failed; the previous configuration keeps serving:\n  - {}",
-                        problems.join("\n  - ")
-                    ),
-                },
+            "reload" => match admin::reload(who, self.state.reloader(), "admin command").await {
+                Ok(outcome) => format!("Configuration reloaded: {outcome:?}"),
+                Err(Error::PermissionDenied(_)) => "Error: /reload is for admins".to_string(),
+                Err(Error::ReloadUnavailable) => {
+                    "Reload is not available: this server was not started from config files."
+                        .to_string()
+                }
+                Err(Error::ReloadFailed { problems }) => format!(
+                    "Reload failed; the previous configuration keeps serving:\n  - {}",
+                    problems.join("\n  - ")
+                ),
+                Err(e) => format!("Error: {e}"),
             },
             "watcher status" => "K8s Watcher: inactive (no watcher configured)".to_string(),
             "plugins list" => {
@@ -535,48 +380,21 @@ impl ChatCliGrpc {
         }
     }
 
-    async fn start(&self, prepared: &Prepared, call: PromptCall) -> Result<Answer, Status> {
-        gateway::start(
-            &prepared.registry,
-            &self.state.cooldowns,
-            self.state.metrics.clone(),
-            None,
-            call,
-        )
-        .await
-        .map_err(|e| e.to_status())
-    }
-
-    /// One of the principal's concurrent-stream slots, held until the stream ends.
+    /// One of the caller's concurrent-stream slots, held until the stream ends.
     fn stream_slot<T>(
         &self,
+        prepared: &Prepared,
         req: &Request<T>,
     ) -> Result<Option<crate::server::ratelimit::StreamGuard>, Status> {
-        let cap = self
-            .state
-            .prepared()
-            .config
-            .limits
-            .max_streams_per_principal;
-        if cap == 0 {
+        if prepared.config.limits.max_streams_per_principal == 0 {
             return Ok(None);
         }
-        let who = principal(req);
         let key = context(req)
             .and_then(|c| c.limit_key.clone())
-            .unwrap_or_else(|| who.limit_key(None));
-        match self.state.stream_caps.try_acquire(&key) {
-            Some(g) => Ok(Some(g)),
-            None => Err(Status::resource_exhausted(format!(
-                "too many open streams for this principal (the limit is {cap})"
-            ))),
-        }
-    }
-
-    fn session_op(&self, op: SessionOperation) {
-        if let Some(m) = &self.state.metrics {
-            m.session_operation(op);
-        }
+            .unwrap_or_else(|| principal(req).limit_key(None));
+        self.state
+            .stream_slot(prepared, &key)
+            .map_err(|e| error::to_status(&e))
     }
 }
 
@@ -592,13 +410,16 @@ impl ChatCliService for ChatCliGrpc {
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
-        let mut call = prompt_fields!(request.into_inner()).into_call(&prepared, deadline)?;
+        let core = self.state.gateway(&prepared);
+        let mut call = prompt_fields!(request.into_inner())
+            .into_call(&core, deadline)
+            .map_err(|e| fail(&notes, &e))?;
         call.unary = true;
-        let answer = self.start(&prepared, call).await?;
+        let answer = core.prompt(call).await.map_err(|e| fail(&notes, &e))?;
         notes.answered_by(&answer.provider, &answer.model);
         let (text, _) = crate::llm::collect(answer.stream)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(|e| error::to_status(&Error::from(e)))?;
         Ok(Response::new(SendPromptResponse {
             response: text,
             model: answer.model,
@@ -616,9 +437,12 @@ impl ChatCliService for ChatCliGrpc {
         let prepared = snapshot(&self.state, &request);
         let deadline = deadline(&request);
         let notes = notes(&request);
-        let slot = self.stream_slot(&request)?;
-        let call = prompt_fields!(request.into_inner()).into_call(&prepared, deadline)?;
-        let answer = self.start(&prepared, call).await?;
+        let slot = self.stream_slot(&prepared, &request)?;
+        let core = self.state.gateway(&prepared);
+        let call = prompt_fields!(request.into_inner())
+            .into_call(&core, deadline)
+            .map_err(|e| fail(&notes, &e))?;
+        let answer = core.prompt(call).await.map_err(|e| fail(&notes, &e))?;
         notes.answered_by(&answer.provider, &answer.model);
         let metrics = self.state.metrics.clone();
         let method = "/chatcli.v1.ChatCLIService/StreamPrompt";
@@ -652,7 +476,7 @@ impl ChatCliService for ChatCliGrpc {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        yield Err(e.to_status());
+                        yield Err(error::to_status(&Error::from(e)));
                         return;
                     }
                 }
@@ -672,7 +496,7 @@ impl ChatCliService for ChatCliGrpc {
         use session_message::Type;
         let busy = self.state.in_flight.enter(Transport::Grpc);
         let prepared = snapshot(&self.state, &request);
-        let slot = self.stream_slot(&request)?;
+        let slot = self.stream_slot(&prepared, &request)?;
         let who = principal(&request);
         let limit_key = context(&request)
             .and_then(|c| c.limit_key.clone())
@@ -703,9 +527,7 @@ impl ChatCliService for ChatCliGrpc {
                     Err(_) => {
                         let idle = crate::config::values::format_duration(idle);
                         tracing::info!(principal = %who.id, %idle, "closing an idle interactive session");
-                        yield Err(Status::deadline_exceeded(format!(
-                            "interactive session closed: no message for {idle} (limits.interactive_idle_timeout)"
-                        )));
+                        yield Err(error::to_status(&Error::IdleTimeout { idle }));
                         break;
                     }
                 };
@@ -714,16 +536,20 @@ impl ChatCliService for ChatCliGrpc {
                 }
                 let kind = Type::try_from(msg.r#type);
                 // Every message the server answers is a call against the caller's rate limit, in
-                // the bucket its other calls use (the current snapshot's, which a reload
-                // replaces), not only the call that opened the stream.
+                // the bucket its other calls use (under the limits of the last reload), not only
+                // the call that opened the stream.
                 let refused = match kind {
                     Ok(Type::UserInput | Type::Command) => {
-                        this.state.prepared().rate_limits.check_as(&who, &limit_key).err()
+                        this.state.rate_limits.check_as(&who, &limit_key).err()
                     }
                     _ => None,
                 };
                 let reply = match (kind, refused) {
-                    (_, Some(wait)) => rate_limited_reply(&who, wait),
+                    (_, Some(wait)) => {
+                        let secs = wait.as_secs().max(1);
+                        tracing::debug!(principal = %who.id, retry_after = secs, "interactive message rate limited");
+                        error_reply(&Error::RateLimited { secs })
+                    }
                     (Ok(Type::UserInput), None) => this.session_turn(&prepared, &mut history, msg).await,
                     (Ok(Type::Command), None) => session_reply(
                         Type::CommandResult,
@@ -748,14 +574,13 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
-        self.session_op(SessionOperation::List);
-        let ns = namespace(&request);
+        let prepared = snapshot(&self.state, &request);
         let sessions = self
             .state
-            .sessions
-            .list(&ns)
+            .gateway(&prepared)
+            .list_sessions(&principal(&request))
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(|e| fail(&notes(&request), &e))?;
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 
@@ -763,16 +588,15 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<LoadSessionRequest>,
     ) -> Result<Response<LoadSessionResponse>, Status> {
-        self.session_op(SessionOperation::Load);
-        notes(&request).resource(&request.get_ref().name);
-        let ns = namespace(&request);
-        let name = request.into_inner().name;
+        let notes = notes(&request);
+        notes.resource(&request.get_ref().name);
+        let prepared = snapshot(&self.state, &request);
         let data = self
             .state
-            .sessions
-            .load(&ns, &name)
+            .gateway(&prepared)
+            .load_session(&principal(&request), &request.get_ref().name)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(|e| fail(&notes, &e))?;
         let v2 = data.to_proto();
         Ok(Response::new(LoadSessionResponse {
             messages: v2.chat_history.clone(),
@@ -784,20 +608,20 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<SaveSessionRequest>,
     ) -> Result<Response<SaveSessionResponse>, Status> {
-        self.session_op(SessionOperation::Save);
-        notes(&request).resource(&request.get_ref().name);
-        require_write(&request, "write sessions")?;
-        let ns = namespace(&request);
+        let notes = notes(&request);
+        notes.resource(&request.get_ref().name);
+        let prepared = snapshot(&self.state, &request);
+        let who = principal(&request);
         let r = request.into_inner();
         let data = match r.session_data {
             Some(v2) => SessionData::from_proto_v2(v2),
             None => SessionData::from_messages(r.messages),
         };
         self.state
-            .sessions
-            .save(&ns, &r.name, data)
+            .gateway(&prepared)
+            .save_session(&who, &r.name, data)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(|e| fail(&notes, &e))?;
         Ok(Response::new(SaveSessionResponse { success: true }))
     }
 
@@ -805,16 +629,14 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         request: Request<DeleteSessionRequest>,
     ) -> Result<Response<DeleteSessionResponse>, Status> {
-        self.session_op(SessionOperation::Delete);
-        notes(&request).resource(&request.get_ref().name);
-        require_write(&request, "delete sessions")?;
-        let ns = namespace(&request);
-        let name = request.into_inner().name;
+        let notes = notes(&request);
+        notes.resource(&request.get_ref().name);
+        let prepared = snapshot(&self.state, &request);
         self.state
-            .sessions
-            .delete(&ns, &name)
+            .gateway(&prepared)
+            .delete_session(&principal(&request), &request.get_ref().name)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(|e| fail(&notes, &e))?;
         Ok(Response::new(DeleteSessionResponse { success: true }))
     }
 
@@ -828,7 +650,11 @@ impl ChatCliService for ChatCliGrpc {
         let counts =
             tokio::task::spawn_blocking(move || crate::catalog::count(&plugins, &agents, &skills))
                 .await
-                .map_err(|e| Status::internal(format!("counting the catalog failed: {e}")))?;
+                .map_err(|e| {
+                    error::to_status(&Error::Internal(format!(
+                        "counting the catalog failed: {e}"
+                    )))
+                })?;
         let reg = &prepared.registry;
         Ok(Response::new(GetServerInfoResponse {
             version: crate::VERSION.to_string(),
@@ -850,10 +676,10 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         _request: Request<GetWatcherStatusRequest>,
     ) -> Result<Response<GetWatcherStatusResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "GetWatcherStatus",
             "the Kubernetes watcher capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn health(
@@ -874,103 +700,105 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         _request: Request<GetAlertsRequest>,
     ) -> Result<Response<GetAlertsResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "GetAlerts",
             "the Kubernetes watcher capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn analyze_issue(
         &self,
         _request: Request<AnalyzeIssueRequest>,
     ) -> Result<Response<AnalyzeIssueResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "AnalyzeIssue",
             "the AIOps capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn agentic_step(
         &self,
         _request: Request<AgenticStepRequest>,
     ) -> Result<Response<AgenticStepResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "AgenticStep",
             "the AIOps capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn list_remote_plugins(
         &self,
         _request: Request<ListRemotePluginsRequest>,
     ) -> Result<Response<ListRemotePluginsResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "ListRemotePlugins",
             "the catalog capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn list_remote_agents(
         &self,
         _request: Request<ListRemoteAgentsRequest>,
     ) -> Result<Response<ListRemoteAgentsResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "ListRemoteAgents",
             "the catalog capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn list_remote_skills(
         &self,
         _request: Request<ListRemoteSkillsRequest>,
     ) -> Result<Response<ListRemoteSkillsResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "ListRemoteSkills",
             "the catalog capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn get_agent_definition(
         &self,
         _request: Request<GetAgentDefinitionRequest>,
     ) -> Result<Response<GetAgentDefinitionResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "GetAgentDefinition",
             "the catalog capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn get_skill_content(
         &self,
         _request: Request<GetSkillContentRequest>,
     ) -> Result<Response<GetSkillContentResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "GetSkillContent",
             "the catalog capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn execute_remote_plugin(
         &self,
         request: Request<ExecuteRemotePluginRequest>,
     ) -> Result<Response<ExecuteRemotePluginResponse>, Status> {
-        notes(&request).resource(&request.get_ref().plugin_name);
-        require_write(&request, "run plugins")?;
+        let notes = notes(&request);
+        notes.resource(&request.get_ref().plugin_name);
+        crate::gateway::require_write(&principal(&request), "run plugins")
+            .map_err(|e| fail(&notes, &e))?;
         let r = request.get_ref();
         if r.plugin_name.is_empty() || r.plugin_name.len() > 256 {
-            return Err(Status::invalid_argument(
-                "validation: plugin_name must be 1 to 256 bytes",
-            ));
+            return Err(error::to_status(&Error::InvalidArgument(
+                "validation: plugin_name must be 1 to 256 bytes".into(),
+            )));
         }
         if r.args.len() > 100 || r.args.iter().any(|a| a.len() > 10 * 1024) {
-            return Err(Status::invalid_argument(
-                "validation: args must be at most 100 arguments of at most 10 KiB each",
-            ));
+            return Err(error::to_status(&Error::InvalidArgument(
+                "validation: args must be at most 100 arguments of at most 10 KiB each".into(),
+            )));
         }
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "ExecuteRemotePlugin",
             "the catalog capability (not scheduled yet)",
-        ))
+        )))
     }
 
     type DownloadPluginStream = BoxStream<DownloadPluginResponse>;
@@ -979,50 +807,50 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         _request: Request<DownloadPluginRequest>,
     ) -> Result<Response<Self::DownloadPluginStream>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "DownloadPlugin",
             "the catalog capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn resolve_active_conversation(
         &self,
         _request: Request<ResolveActiveConversationRequest>,
     ) -> Result<Response<ResolveActiveConversationResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "ResolveActiveConversation",
             "the conversation hub capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn new_conversation(
         &self,
         _request: Request<NewConversationRequest>,
     ) -> Result<Response<NewConversationResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "NewConversation",
             "the conversation hub capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn append_event(
         &self,
         _request: Request<AppendEventRequest>,
     ) -> Result<Response<AppendEventResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "AppendEvent",
             "the conversation hub capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn read_conversation(
         &self,
         _request: Request<ReadConversationRequest>,
     ) -> Result<Response<ReadConversationResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "ReadConversation",
             "the conversation hub capability (not scheduled yet)",
-        ))
+        )))
     }
 
     type SubscribeConversationStream = BoxStream<ConversationEvent>;
@@ -1031,30 +859,30 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         _request: Request<SubscribeConversationRequest>,
     ) -> Result<Response<Self::SubscribeConversationStream>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "SubscribeConversation",
             "the conversation hub capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn set_binding(
         &self,
         _request: Request<SetBindingRequest>,
     ) -> Result<Response<SetBindingResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "SetBinding",
             "the conversation hub capability (not scheduled yet)",
-        ))
+        )))
     }
 
     async fn list_bindings(
         &self,
         _request: Request<ListBindingsRequest>,
     ) -> Result<Response<ListBindingsResponse>, Status> {
-        Err(waits_for(
+        Err(error::to_status(&waits_for(
             "ListBindings",
             "the conversation hub capability (not scheduled yet)",
-        ))
+        )))
     }
 }
 
@@ -1065,8 +893,10 @@ mod tests {
     fn a_call_without_the_pipelines_context_may_not_write() {
         let req = tonic::Request::new(());
         assert!(!super::principal(&req).can_write());
-        let refused = super::require_write(&req, "write sessions").unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        let refused =
+            crate::gateway::require_write(&super::principal(&req), "write sessions").unwrap_err();
+        let status = super::fail(&super::notes(&req), &refused);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The daemon: one listener for gRPC and HTTP (dispatched by content type), the metrics listener,
-//! and the lifecycle (ready, watchdog, drain on shutdown). [`run`] takes listeners the caller bound,
-//! so tests start the server on port 0.
+//! the reload of the config and the TLS material ([`reload`]: file watcher, SIGHUP, admin
+//! commands), and the lifecycle (ready, watchdog, drain on shutdown). [`run`] takes listeners the
+//! caller bound, so tests start the server on port 0.
 
 pub mod audit;
+pub mod error;
 pub mod events;
 pub mod forwarded;
 mod grpc;
@@ -13,6 +15,7 @@ mod metrics_http;
 pub mod pipeline;
 pub mod proxy_protocol;
 pub mod ratelimit;
+pub mod reload;
 mod state;
 pub mod tls;
 
@@ -24,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 pub use state::{
-    AppState, InFlight, InFlightGuard, Prepared, Transport, check_exposure, preflight,
+    AppState, InFlight, InFlightGuard, PrepareError, Prepared, Transport, check_exposure, preflight,
 };
 
 /// The sockets the server serves, bound by the caller.
@@ -121,7 +124,7 @@ pub struct RunOptions {
     /// Reload from these sources on file changes, SIGHUP and the admin commands; `None` = no reload.
     pub reload: Option<crate::config::Sources>,
     /// Sets the log filter of the running process.
-    pub set_log_level: Option<crate::reload::LevelSetter>,
+    pub set_log_level: Option<reload::LevelSetter>,
     /// The audit log of the config, already opened by the caller (the daemon opens it before
     /// binding its ports); `None` opens it at start.
     pub audit: Option<audit::AuditLog>,
@@ -155,38 +158,16 @@ pub async fn run_with(
         options.audit,
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
-    // Before the config watcher starts, so that a reload changing the TLS paths finds the TLS
-    // watcher to point at them.
-    if let Some(acceptor) = &state.tls {
-        match tls::watch(
-            acceptor.clone(),
-            state.prepared().config.server.tls.clone(),
-            state.metrics.as_ref().map(|m| m.registry()),
-        ) {
-            Ok(g) => {
-                let _ = state.tls_watch.set(Arc::new(g));
-            }
-            Err(e) => tracing::warn!(
-                "TLS files are not watched for rotation (SIGHUP still reloads them): {e}"
-            ),
-        }
+    if let Some(sources) = options.reload {
+        let _ = state.reloader.set(reload::Reloader::new(
+            &state,
+            sources,
+            options.set_log_level.clone(),
+            main_addr,
+        ));
     }
-    let reloader = options.reload.map(|sources| {
-        crate::reload::Reloader::new(&state, sources, options.set_log_level.clone(), main_addr)
-    });
-    if let Some(r) = &reloader {
-        let _ = state.reloader.set(r.clone());
-    }
-    let _config_watch = match &reloader {
-        Some(r) => match crate::reload::watch(r.clone()) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                tracing::warn!("config files are not watched (SIGHUP still reloads): {e}");
-                None
-            }
-        },
-        None => None,
-    };
+    // After the reloader is set: one watcher for the config files and the TLS material.
+    let _watch = reload::watch(&state);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let grpc_routes = grpc::routes(&state, health_service);
@@ -249,41 +230,14 @@ pub async fn run_with(
     };
     let http = http::api(state.clone());
     let pipeline = pipeline::Pipeline::new(state.clone(), grpc_routes, http);
-    // SIGHUP reloads the config (when it came from files), then re-reads the TLS material from the
-    // paths now configured (a certificate renewed in place changes no config file).
-    let sighup = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading");
-                if let Some(r) = state.reloader.get() {
-                    let _ = r.reload("SIGHUP", true).await;
-                }
-                let result = match (state.tls_watch.get(), &state.tls) {
-                    // The watcher logs and counts its own reloads.
-                    (Some(guard), _) => guard.reload().or(Ok(())),
-                    (None, Some(acceptor)) => acceptor.reload(&state.prepared().config.server.tls),
-                    (None, None) => Ok(()),
-                };
-                if let Err(e) = result {
-                    tracing::error!(
-                        "TLS reload failed, still serving the previous certificate: {e}"
-                    );
-                }
-            }
-        })
-    };
+    let sighup = reload::on_sighup(state.clone());
     let housekeeping = {
         let state = state.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                state.prepared().rate_limits.housekeeping();
+                state.rate_limits.housekeeping();
             }
         })
     };

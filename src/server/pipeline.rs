@@ -20,6 +20,7 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::audit::{AuditRecord, AuditResult};
+use super::error::ERROR_CODE_HEADER;
 use super::forwarded::ClientAddr;
 use super::http::HttpApi;
 use super::tls::PeerCertificates;
@@ -304,6 +305,15 @@ impl Pipeline {
         let mut id_out = request_id.clone();
         id_out.set_sensitive(true);
         resp.headers_mut().insert(REQUEST_ID, id_out);
+        // An error answered before the first message carries its stable code in the headers (an
+        // HTTP answer that succeeded is not looked at).
+        if let Some(m) = &sides.state.metrics
+            && (is_grpc || !resp.status().is_success())
+            && let Some(code) = resp.headers().get(&ERROR_CODE_HEADER)
+            && let Ok(code) = code.to_str()
+        {
+            m.error_answered(code);
+        }
         let Some(audit) = sides.state.audit.clone() else {
             return Ok(resp);
         };
@@ -320,6 +330,7 @@ impl Pipeline {
             http_status: parts.status,
             header_status: status_of(&parts.headers),
             header_message: parts.headers.get(&GRPC_MESSAGE).cloned(),
+            header_error_code: parts.headers.get(&ERROR_CODE_HEADER).cloned(),
             bytes_in: bytes_in.unwrap_or_default(),
             bytes_out: 0,
             notes,
@@ -474,7 +485,7 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
     };
     notes.note(|n| n.principal = Some(principal.clone()));
     let key = conn.limit_key(&principal, &ctx.client);
-    if !exempt && let Err(wait) = prepared.rate_limits.check_as(&principal, &key) {
+    if !exempt && let Err(wait) = state.rate_limits.check_as(&principal, &key) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
         notes.note(|n| {
@@ -494,6 +505,16 @@ enum Refusal {
 }
 
 impl Refusal {
+    /// The stable error code of the refusal (`docs/errors.md`).
+    fn code(&self) -> crate::gateway::Code {
+        use crate::gateway::Code;
+        match self {
+            Refusal::Unauthenticated => Code::Unauthenticated,
+            Refusal::RateLimited(_) => Code::RateLimited,
+            Refusal::AuthThrottled(_) => Code::TooManyAuthFailures,
+        }
+    }
+
     /// The `Retry-After` (`retry-after` in gRPC metadata) of the refusal, in seconds.
     fn retry_after(&self) -> Option<u64> {
         match self {
@@ -535,12 +556,12 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
         let (status, body) = match why {
             Refusal::Unauthenticated => (
                 StatusCode::UNAUTHORIZED,
-                r#"{"error":{"message":"authentication failed","type":"authentication_error","code":"unauthenticated"}}"#.to_string(),
+                r#"{"error":{"message":"authentication failed","type":"authentication_error","code":"unauthenticated","chatcli_code":"unauthenticated"}}"#.to_string(),
             ),
             Refusal::RateLimited(s) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
-                    r#"{{"error":{{"message":"rate limit exceeded, retry after {s} seconds","type":"rate_limit_error","code":"rate_limited"}}}}"#
+                    r#"{{"error":{{"message":"rate limit exceeded, retry after {s} seconds","type":"rate_limit_error","code":"rate_limited","chatcli_code":"rate_limited"}}}}"#
                 ),
             ),
             Refusal::AuthThrottled(s) => (
@@ -549,6 +570,7 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
                     "message": throttled_message(s),
                     "type": "rate_limit_error",
                     "code": "too_many_auth_failures",
+                    "chatcli_code": "too_many_auth_failures",
                 }})
                 .to_string(),
             ),
@@ -572,6 +594,10 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
     }
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(
+        ERROR_CODE_HEADER,
+        HeaderValue::from_static(why.code().as_str()),
+    );
     resp
 }
 
@@ -625,6 +651,8 @@ struct PendingAudit {
     http_status: StatusCode,
     header_status: Option<tonic::Code>,
     header_message: Option<HeaderValue>,
+    /// The stable error code the response's headers carry (`x-chatcli-error-code`).
+    header_error_code: Option<HeaderValue>,
     bytes_in: Arc<AtomicU64>,
     bytes_out: u64,
     notes: Arc<AuditNotes>,
@@ -676,6 +704,12 @@ impl PendingAudit {
                 }),
             )
         };
+        // A gRPC error after the first message carries its code in the trailers.
+        let error_code = trailers
+            .and_then(|t| t.get(&ERROR_CODE_HEADER))
+            .or(self.header_error_code.as_ref())
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let result = if notes.auth_failed || notes.denied {
             AuditResult::Denied
         } else if ok {
@@ -700,6 +734,7 @@ impl PendingAudit {
             resource: notes.resource,
             result,
             code,
+            error_code,
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out,

@@ -1,16 +1,15 @@
 //! Request throttling keyed by who is calling, never by the connection: per-principal request rates
-//! ([`RateLimits`]), the failed-authentication limiter keyed by client IP ([`AuthFailureLimiter`]) and
-//! the per-principal cap on concurrent streams ([`StreamCaps`]).
+//! ([`RateLimits`], with the limits of one config in a [`RatePlan`]), the failed-authentication
+//! limiter keyed by client IP ([`AuthFailureLimiter`]) and the per-principal cap on concurrent
+//! streams ([`StreamCaps`]). All three are live state of the server, kept across config reloads:
+//! a reload hands them their new limits and they keep what callers have spent.
 //!
-//! The existing ChatCLI rate-limits before it authenticates, keyed by `ip:port`, answers
-//! `retry-after: 0` and charges its failed-auth limiter for every call (so one address behind a NAT
-//! throttles every caller, and a retry is invited at once).
-//! Here the request limiter runs after auth and is keyed by principal id, retry-after is read from
-//! the bucket and rounded up to whole seconds (at least 1), and only failed authentications
-//! consume the IP limiter.
+//! The request limiter runs after authentication and is keyed by principal, so callers sharing an
+//! address (a NAT) never throttle each other; its retry-after is read from the bucket and rounded
+//! up to whole seconds (at least 1), and only failed authentications consume the IP limiter.
 //!
 //! Memory stays bounded without a timer: every [`HOUSEKEEPING_EVERY`] calls to
-//! [`RateLimits::check`] or [`AuthFailureLimiter::record_failure`] drop the keys whose bucket is
+//! [`RateLimits::check_as`] or [`AuthFailureLimiter::record_failure`] drop the keys whose bucket is
 //! full again (governor's `retain_recent`). `housekeeping()` does the same on demand (e.g. from a
 //! once-a-minute task); [`StreamCaps`] removes a principal's entry when its last stream ends.
 
@@ -21,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -55,7 +54,8 @@ fn role_slot(role: Role) -> usize {
 }
 
 /// A wait rounded up to whole seconds, at least one: `Retry-After` has second resolution, and
-/// rounding down would tell a client to retry before the bucket has a token (defect 5: "0").
+/// rounding down would tell a client to retry before the bucket has a token (or to retry at once,
+/// with "0").
 fn whole_seconds(wait: Duration) -> Duration {
     let secs = wait
         .as_secs()
@@ -68,28 +68,32 @@ fn due(counter: &AtomicU64) -> bool {
     counter.fetch_add(1, Ordering::Relaxed) % HOUSEKEEPING_EVERY == HOUSEKEEPING_EVERY - 1
 }
 
-/// Per-principal request limits. The key is the principal id; the quota comes from the principal's
-/// token entry override (if any), else its role's override in `limits.roles`, else the default
-/// rps/burst — field by field, so a token that sets only its burst keeps its role's rate. One
-/// principal's burst never throttles another. A keyed limiter has one quota, so there is one limiter
-/// per distinct (period, burst), built at construction.
-pub struct RateLimits<C: Clock = DefaultClock> {
-    limiters: Vec<PrincipalLimiter<C>>,
-    /// Limiter index per role (role override, else default).
-    by_role: [usize; 3],
-    /// Limiter index per named token and role of the caller (the token's fields, else the role's).
-    by_token: HashMap<String, [usize; 3]>,
-    calls: AtomicU64,
+/// One bucket size: one request per `period`, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Limit {
+    period: Duration,
+    burst: NonZeroU32,
 }
 
-impl<C: Clock> std::fmt::Debug for RateLimits<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimits")
-            .field("limiters", &self.limiters.len())
-            .field("by_role", &self.by_role)
-            .field("tokens", &self.by_token.len())
-            .finish()
+impl Limit {
+    fn quota(self) -> Quota {
+        // `period` is non-zero (checked by `period_of`), so `with_period` cannot refuse it.
+        Quota::with_period(self.period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(self.burst)
     }
+}
+
+/// Which limit applies to whom, resolved from one config: per role (the role's override in
+/// `limits.roles`, else the default rps/burst) and per named token and role of its caller (the
+/// token entry's override, else the role's), field by field, so a token that sets only its burst
+/// keeps its role's rate. Part of the config snapshot; the buckets themselves are
+/// [`RateLimits`], which outlive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RatePlan {
+    by_role: [Limit; 3],
+    /// Only the tokens that override a field.
+    by_token: HashMap<String, [Limit; 3]>,
 }
 
 /// One rps/burst pair being resolved, with the keys that name each field in errors.
@@ -127,8 +131,8 @@ fn period_of(rps: f64) -> Option<Duration> {
     (!p.is_zero() && p <= MAX_BURST_WINDOW).then_some(p)
 }
 
-impl RateLimits {
-    /// Builds the limiters from `[limits]` and the named tokens' overrides.
+impl RatePlan {
+    /// Resolves `[limits]` and the named tokens' overrides.
     ///
     /// `token_overrides`: token name → (rps, burst) from `[[auth.tokens]]`, in config order (the
     /// index names the entry in errors). Every bad setting (rps ≤ 0, NaN, infinite or out of range;
@@ -138,16 +142,6 @@ impl RateLimits {
     pub fn from_config(
         limits: &LimitsConfig,
         token_overrides: &[(String, Option<f64>, Option<u32>)],
-    ) -> Result<Self, String> {
-        Self::with_clock(limits, token_overrides, DefaultClock::default())
-    }
-}
-
-impl<C: Clock + Clone> RateLimits<C> {
-    fn with_clock(
-        limits: &LimitsConfig,
-        token_overrides: &[(String, Option<f64>, Option<u32>)],
-        clock: C,
     ) -> Result<Self, String> {
         let mut errors = Vec::new();
         check_setting(
@@ -194,10 +188,8 @@ impl<C: Clock + Clone> RateLimits<C> {
             );
         }
 
-        let mut limiters = Vec::new();
-        let mut index: HashMap<(Duration, u32), usize> = HashMap::new();
-        // Resolves a pair to a limiter, creating it for a new quota; errors were collected above.
-        let mut intern = |rps: f64, burst: u32, key: (&str, &str)| -> Option<usize> {
+        // Resolves a pair to a limit; errors of single fields were collected above.
+        let mut resolve = |rps: f64, burst: u32, key: (&str, &str)| -> Option<Limit> {
             let (Some(period), Some(burst)) = (period_of(rps), NonZeroU32::new(burst)) else {
                 return None;
             };
@@ -210,19 +202,10 @@ impl<C: Clock + Clone> RateLimits<C> {
                 ));
                 return None;
             }
-            let quota = Quota::with_period(period)?.allow_burst(burst);
-            let slot = *index.entry((period, burst.get())).or_insert_with(|| {
-                limiters.push(RateLimiter::new(
-                    quota,
-                    DefaultKeyedStateStore::default(),
-                    clock.clone(),
-                ));
-                limiters.len() - 1
-            });
-            Some(slot)
+            Some(Limit { period, burst })
         };
 
-        let mut by_role = [0usize; 3];
+        let mut by_role: [Option<Limit>; 3] = [None; 3];
         let mut role_pairs = [(0.0f64, 0u32); 3];
         let mut ok = true;
         for (role, rps_key, burst_key) in &role_keys {
@@ -238,10 +221,8 @@ impl<C: Clock + Clone> RateLimits<C> {
                 Some(_) => (rps_key.as_str(), burst_key.as_str()),
                 None => ("limits.rate_limit_rps", "limits.rate_limit_burst"),
             };
-            match intern(rps, burst, keys) {
-                Some(i) => by_role[role_slot(*role)] = i,
-                None => ok = false,
-            }
+            by_role[role_slot(*role)] = resolve(rps, burst, keys);
+            ok &= by_role[role_slot(*role)].is_some();
         }
         let mut by_token = HashMap::new();
         for (i, (name, rps, burst)) in token_overrides.iter().enumerate() {
@@ -250,64 +231,161 @@ impl<C: Clock + Clone> RateLimits<C> {
             }
             let rps_key = format!("auth.tokens.{i}.rate_limit_rps (token `{name}`)");
             let burst_key = format!("auth.tokens.{i}.rate_limit_burst (token `{name}`)");
-            let mut slots = [0usize; 3];
+            let mut slots: [Option<Limit>; 3] = [None; 3];
             for role in ROLES {
                 let (role_rps, role_burst) = role_pairs[role_slot(role)];
-                match intern(
+                slots[role_slot(role)] = resolve(
                     rps.unwrap_or(role_rps),
                     burst.unwrap_or(role_burst),
                     (&rps_key, &burst_key),
-                ) {
-                    Some(s) => slots[role_slot(role)] = s,
-                    None => ok = false,
+                );
+            }
+            match slots {
+                [Some(a), Some(u), Some(r)] => {
+                    by_token.insert(name.clone(), [a, u, r]);
                 }
+                _ => ok = false,
             }
-            by_token.insert(name.clone(), slots);
         }
-        if !errors.is_empty() || !ok {
-            errors.dedup();
-            if errors.is_empty() {
-                // Unreachable: every refusal in `intern` is reported above or by `check_setting`.
-                errors.push("limits: invalid rate limit".into());
+        match (errors.is_empty() && ok, by_role) {
+            (true, [Some(a), Some(u), Some(r)]) => Ok(Self {
+                by_role: [a, u, r],
+                by_token,
+            }),
+            _ => {
+                errors.dedup();
+                if errors.is_empty() {
+                    // Unreachable: every refusal in `resolve` is reported above or by `check_setting`.
+                    errors.push("limits: invalid rate limit".into());
+                }
+                Err(errors.join("; "))
             }
-            return Err(errors.join("; "));
         }
-        Ok(Self {
-            limiters,
-            by_role,
-            by_token,
-            calls: AtomicU64::new(0),
-        })
     }
 
-    fn limiter_for(&self, principal: &Principal) -> Option<&PrincipalLimiter<C>> {
+    /// The limit of the named token `token` called with `role`: its override, else the role's.
+    fn for_token(&self, token: &str, role: usize) -> Limit {
+        self.by_token
+            .get(token)
+            .map_or(self.by_role[role], |slots| slots[role])
+    }
+}
+
+/// The buckets of one [`RatePlan`]: a keyed limiter (bucket per principal key) per role and per
+/// named token and role. Entries share a limiter when they inherited it or were built with it.
+struct Table<C: Clock> {
+    plan: RatePlan,
+    by_role: [Arc<PrincipalLimiter<C>>; 3],
+    by_token: HashMap<String, [Arc<PrincipalLimiter<C>>; 3]>,
+}
+
+impl<C: Clock> Table<C> {
+    fn limiter_for(&self, principal: &Principal) -> &PrincipalLimiter<C> {
         let role = role_slot(principal.role);
-        let slot = match principal.method {
+        match principal.method {
             // Only a named token's own principal gets its override: a JWT `sub` or certificate
             // identity that happens to equal a token name keeps its role's quota.
             AuthMethod::Token => self
                 .by_token
                 .get(&principal.id)
-                .map_or(self.by_role[role], |s| s[role]),
-            _ => self.by_role[role],
-        };
-        self.limiters.get(slot)
+                .map_or(&self.by_role[role], |s| &s[role]),
+            _ => &self.by_role[role],
+        }
     }
 
-    /// Ok, or `Err(retry_after)`: how long until one more request of this principal is allowed,
-    /// read from its bucket and rounded up to whole seconds, at least 1 s.
-    pub fn check(&self, principal: &Principal) -> Result<(), Duration> {
+    /// Every limiter once.
+    fn limiters(&self) -> Vec<&Arc<PrincipalLimiter<C>>> {
+        let mut all: Vec<&Arc<PrincipalLimiter<C>>> = Vec::new();
+        for l in self.by_role.iter().chain(self.by_token.values().flatten()) {
+            if !all.iter().any(|seen| Arc::ptr_eq(seen, l)) {
+                all.push(l);
+            }
+        }
+        all
+    }
+}
+
+/// Per-principal request limits: live state of the server, kept across reloads. The key of a
+/// bucket is the principal's limit key; its limit comes from the [`RatePlan`] last
+/// [`apply`](Self::apply)ed. One principal's burst never throttles another.
+///
+/// A reload applies the new plan by comparing, for each role and each named token, the limit it
+/// had with the one it has now: where they are equal the buckets are kept, so a caller's remaining
+/// budget survives a reload that changes something else; where they differ the buckets start
+/// full under the new limit. A token that gains an override equal to the limit it had through its
+/// role keeps its role's buckets; a token that loses its override is charged in its role's
+/// buckets from then on. A check reads the current table through one `ArcSwap` load,
+/// takes no lock and allocates only the key, as governor's keyed limiter needs an owned key.
+pub struct RateLimits<C: Clock = DefaultClock> {
+    table: ArcSwap<Table<C>>,
+    clock: C,
+    /// Serialises [`apply`](Self::apply)s.
+    applying: Mutex<()>,
+    calls: AtomicU64,
+}
+
+impl<C: Clock> std::fmt::Debug for RateLimits<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self.table.load();
+        f.debug_struct("RateLimits")
+            .field("plan", &table.plan)
+            .field("limiters", &table.limiters().len())
+            .finish()
+    }
+}
+
+impl RateLimits {
+    /// Buckets for `plan`, all full.
+    pub fn new(plan: &RatePlan) -> Self {
+        Self::with_clock(plan, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimits<C> {
+    fn with_clock(plan: &RatePlan, clock: C) -> Self {
+        let table = build(plan, None, &clock);
+        Self {
+            table: ArcSwap::from_pointee(table),
+            clock,
+            applying: Mutex::new(()),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Switches to `plan` (a reload): the buckets of every role and named token whose limit is
+    /// unchanged are kept, the others start full under their new limit. Returns how many
+    /// role and token entries got new buckets (0 when nothing changed).
+    pub fn apply(&self, plan: &RatePlan) -> usize {
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.table.load_full();
+        if old.plan == *plan {
+            return 0;
+        }
+        let table = build(plan, Some(&old), &self.clock);
+        let rebuilt = table
+            .by_role
+            .iter()
+            .chain(table.by_token.values().flatten())
+            .filter(|l| !old.limiters().iter().any(|o| Arc::ptr_eq(o, l)))
+            .count();
+        self.table.store(Arc::new(table));
+        rebuilt
+    }
+
+    #[cfg(test)]
+    fn check(&self, principal: &Principal) -> Result<(), Duration> {
         self.check_as(principal, &principal.limit_key(None))
     }
 
-    /// [`check`](Self::check) with the bucket named by `key` (see [`Principal::limit_key`]).
+    /// Ok, or `Err(retry_after)`: how long until one more request of `principal` is allowed in
+    /// the bucket named by `key` (see [`Principal::limit_key`]), read from the bucket and rounded
+    /// up to whole seconds, at least 1 s.
     pub fn check_as(&self, principal: &Principal, key: &str) -> Result<(), Duration> {
         if due(&self.calls) {
             self.housekeeping();
         }
-        let Some(limiter) = self.limiter_for(principal) else {
-            return Ok(()); // unreachable: every slot indexes `limiters`
-        };
+        let table = self.table.load();
+        let limiter = table.limiter_for(principal);
         limiter
             .check_key(&key.to_owned())
             .map_err(|not_until| whole_seconds(not_until.wait_time_from(limiter.clock().now())))
@@ -316,7 +394,7 @@ impl<C: Clock + Clone> RateLimits<C> {
     /// Drops the principals whose bucket is full again (indistinguishable from a new one). Runs by
     /// itself every [`HOUSEKEEPING_EVERY`] checks; callers may also run it from a timer.
     pub fn housekeeping(&self) {
-        for l in &self.limiters {
+        for l in self.table.load().limiters() {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -324,7 +402,57 @@ impl<C: Clock + Clone> RateLimits<C> {
 
     #[cfg(test)]
     fn tracked_keys(&self) -> usize {
-        self.limiters.iter().map(|l| l.len()).sum()
+        self.table.load().limiters().iter().map(|l| l.len()).sum()
+    }
+
+    #[cfg(test)]
+    fn limiter_count(&self) -> usize {
+        self.table.load().limiters().len()
+    }
+}
+
+/// The table of `plan`. With the `old` table, an entry whose limit equals the one the same callers
+/// had in `old` (a token without an override of its own had its role's) keeps `old`'s limiter;
+/// the others get a new one, shared by the new entries of equal limit.
+fn build<C: Clock + Clone>(plan: &RatePlan, old: Option<&Table<C>>, clock: &C) -> Table<C> {
+    let mut fresh: HashMap<Limit, Arc<PrincipalLimiter<C>>> = HashMap::new();
+    let mut pick = |limit: Limit, before: Option<(Limit, &Arc<PrincipalLimiter<C>>)>| match before {
+        Some((was, limiter)) if was == limit => limiter.clone(),
+        _ => fresh
+            .entry(limit)
+            .or_insert_with(|| {
+                Arc::new(RateLimiter::new(
+                    limit.quota(),
+                    DefaultKeyedStateStore::default(),
+                    clock.clone(),
+                ))
+            })
+            .clone(),
+    };
+    let by_role = [0, 1, 2].map(|r| {
+        pick(
+            plan.by_role[r],
+            old.map(|o| (o.plan.by_role[r], &o.by_role[r])),
+        )
+    });
+    let by_token = plan
+        .by_token
+        .iter()
+        .map(|(name, limits)| {
+            let slots = [0, 1, 2].map(|r| {
+                let before = old.map(|o| {
+                    let limiter = o.by_token.get(name).map_or(&o.by_role[r], |s| &s[r]);
+                    (o.plan.for_token(name, r), limiter)
+                });
+                pick(limits[r], before)
+            });
+            (name.clone(), slots)
+        })
+        .collect();
+    Table {
+        plan: plan.clone(),
+        by_role,
+        by_token,
     }
 }
 
@@ -453,7 +581,8 @@ impl<C: Clock + Clone> AuthFailureLimiter<C> {
     }
 
     /// The limit in force (failures per minute per IP; 0 = off).
-    pub fn per_minute(&self) -> u32 {
+    #[cfg(test)]
+    fn per_minute(&self) -> u32 {
         *self
             .per_minute
             .lock()
@@ -602,7 +731,8 @@ impl StreamCaps {
     }
 
     /// Streams `principal_id` holds now (0 when uncapped: nothing is counted then).
-    pub fn active(&self, principal_id: &str) -> u32 {
+    #[cfg(test)]
+    fn active(&self, principal_id: &str) -> u32 {
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -673,7 +803,7 @@ mod tests {
     ) -> (RateLimits<FakeRelativeClock>, FakeRelativeClock) {
         let clock = FakeRelativeClock::default();
         (
-            RateLimits::with_clock(l, tokens, clock.clone()).unwrap(),
+            RateLimits::with_clock(&RatePlan::from_config(l, tokens).unwrap(), clock.clone()),
             clock,
         )
     }
@@ -699,7 +829,7 @@ mod tests {
 
     #[test]
     fn real_clock_burst_and_retry_after_at_least_one_second() {
-        let r = RateLimits::from_config(&limits(10.0, 30), &[]).unwrap();
+        let r = RateLimits::new(&RatePlan::from_config(&limits(10.0, 30), &[]).unwrap());
         let p = user("alice");
         for _ in 0..30 {
             assert!(r.check(&p).is_ok());
@@ -797,7 +927,7 @@ mod tests {
         let p = user("alice");
         assert!(r.check(&p).is_ok());
         assert_eq!(r.check(&p), Err(Duration::from_secs(2)));
-        let real = RateLimits::from_config(&limits(0.5, 1), &[]).unwrap();
+        let real = RateLimits::new(&RatePlan::from_config(&limits(0.5, 1), &[]).unwrap());
         assert!(real.check(&p).is_ok());
         assert_eq!(real.check(&p), Err(Duration::from_secs(2)));
     }
@@ -831,7 +961,7 @@ mod tests {
     #[test]
     fn invalid_config_names_the_key() {
         let err = |l: &LimitsConfig, t: &[(String, Option<f64>, Option<u32>)]| {
-            RateLimits::from_config(l, t).unwrap_err()
+            RatePlan::from_config(l, t).unwrap_err()
         };
         let e = err(&limits(0.0, 30), &[]);
         assert!(e.contains("limits.rate_limit_rps"), "{e}");
@@ -893,8 +1023,117 @@ mod tests {
                 rate_limit_burst: None,
             },
         );
-        let r = RateLimits::from_config(&l, &[("t".into(), None, Some(30))]).unwrap();
-        assert_eq!(r.limiters.len(), 1);
+        let r =
+            RateLimits::new(&RatePlan::from_config(&l, &[("t".into(), None, Some(30))]).unwrap());
+        assert_eq!(r.limiter_count(), 1);
+    }
+
+    fn plan(l: &LimitsConfig, tokens: &[(String, Option<f64>, Option<u32>)]) -> RatePlan {
+        RatePlan::from_config(l, tokens).unwrap()
+    }
+
+    fn with_role(mut l: LimitsConfig, role: Role, rps: f64, burst: u32) -> LimitsConfig {
+        l.roles.insert(
+            role,
+            RoleLimits {
+                rate_limit_rps: Some(rps),
+                rate_limit_burst: Some(burst),
+            },
+        );
+        l
+    }
+
+    /// Spends `n` calls of `p`, all of which must pass.
+    fn spend<C: Clock + Clone>(r: &RateLimits<C>, p: &Principal, n: u32) {
+        for i in 0..n {
+            assert!(r.check(p).is_ok(), "call {i} of {n} refused");
+        }
+    }
+
+    #[test]
+    fn an_unchanged_plan_keeps_every_bucket() {
+        let l = limits(1.0, 5);
+        let (r, _clock) = fake(&l, &[]);
+        spend(&r, &user("alice"), 3);
+        assert_eq!(r.apply(&plan(&l, &[])), 0);
+        assert_eq!(passes_until_refused(&r, &user("alice")).0, 2);
+    }
+
+    #[test]
+    fn a_limit_change_elsewhere_keeps_a_callers_remaining_budget() {
+        let l = limits(1.0, 5);
+        let (r, _clock) = fake(&l, &[("ci".into(), None, Some(4))]);
+        let ci = principal("ci", Role::User, AuthMethod::Token);
+        spend(&r, &user("alice"), 3);
+        spend(&r, &ci, 1);
+        spend(&r, &principal("viewer", Role::ReadOnly, AuthMethod::Jwt), 5);
+        // Only the read-only role's limit changes; a token is added.
+        let next = plan(
+            &with_role(l, Role::ReadOnly, 1.0, 2),
+            &[
+                ("ci".into(), None, Some(4)),
+                ("new".into(), Some(1.0), Some(9)),
+            ],
+        );
+        assert!(r.apply(&next) > 0);
+        assert_eq!(passes_until_refused(&r, &user("alice")).0, 2);
+        assert_eq!(passes_until_refused(&r, &ci).0, 3);
+        // The read-only bucket was rebuilt under its new limit: full, with the new burst.
+        let viewer = principal("viewer", Role::ReadOnly, AuthMethod::Jwt);
+        assert_eq!(passes_until_refused(&r, &viewer).0, 2);
+        let new = principal("new", Role::User, AuthMethod::Token);
+        assert_eq!(passes_until_refused(&r, &new).0, 9);
+    }
+
+    #[test]
+    fn a_changed_limit_rebuilds_only_the_buckets_it_applies_to() {
+        let l = limits(1.0, 5);
+        let tokens = [
+            ("ci".to_string(), None, Some(4)),
+            ("dash".to_string(), None, Some(3)),
+        ];
+        let (r, _clock) = fake(&l, &tokens);
+        let (ci, dash) = (
+            principal("ci", Role::User, AuthMethod::Token),
+            principal("dash", Role::User, AuthMethod::Token),
+        );
+        let root = principal("root", Role::Admin, AuthMethod::Jwt);
+        spend(&r, &user("alice"), 4);
+        spend(&r, &root, 4);
+        spend(&r, &ci, 4);
+        spend(&r, &dash, 2);
+
+        // The user role's burst and ci's override change; admin and dash keep theirs.
+        let next = plan(
+            &with_role(l, Role::User, 1.0, 8),
+            &[
+                ("ci".to_string(), None, Some(6)),
+                ("dash".to_string(), None, Some(3)),
+            ],
+        );
+        // The user role's entry, and ci's under each of the three roles.
+        assert_eq!(r.apply(&next), 4);
+        assert_eq!(passes_until_refused(&r, &user("alice")).0, 8);
+        assert_eq!(passes_until_refused(&r, &ci).0, 6);
+        assert_eq!(passes_until_refused(&r, &root).0, 1);
+        assert_eq!(passes_until_refused(&r, &dash).0, 1);
+    }
+
+    #[test]
+    fn a_token_given_the_limit_it_already_had_keeps_its_bucket() {
+        let l = limits(1.0, 5);
+        let (r, _clock) = fake(&l, &[]);
+        let ci = principal("ci", Role::User, AuthMethod::Token);
+        spend(&r, &ci, 3);
+        // An override equal to the role's limit: the same limit, the same bucket.
+        assert_eq!(r.apply(&plan(&l, &[("ci".into(), Some(1.0), Some(5))])), 0);
+        assert_eq!(passes_until_refused(&r, &ci).0, 2);
+        // A different one: a new bucket with the new burst.
+        let (r, _clock) = fake(&l, &[]);
+        spend(&r, &ci, 3);
+        assert!(r.apply(&plan(&l, &[("ci".into(), None, Some(7))])) > 0);
+        assert_eq!(passes_until_refused(&r, &ci).0, 7);
+        assert_eq!(passes_until_refused(&r, &user("alice")).0, 5);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! What the handlers share: the prepared state (config, providers, auth) behind one `ArcSwap`, so a
-//! request takes one snapshot when it starts and finishes on it (a reload swaps it), plus
-//! the session store, the metrics and the lifecycle flags.
+//! What the handlers share: the prepared state (config, providers, auth, resolved limits) behind
+//! one `ArcSwap`, so a request takes one snapshot when it starts and finishes on it (a reload swaps
+//! it); the live state that outlives snapshots (rate-limit buckets, the failed-authentication
+//! limiter, stream caps, fallback cooldowns), to which a reload hands only its new limits; plus the
+//! session store, the metrics, the TLS rotation and the lifecycle flags.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +18,8 @@ use crate::config::TrustedProxies;
 use crate::llm::ProviderRegistry;
 use crate::llm::fallback::Cooldowns;
 use crate::server::audit::AuditLog;
-use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, StreamCaps};
-use crate::server::tls::{RotatingAcceptor, TlsMaterial, TlsWatchGuard};
+use crate::server::ratelimit::{AuthFailureLimiter, RateLimits, RatePlan, StreamCaps};
+use crate::server::tls::{RotatingAcceptor, TlsMaterial, TlsRotation};
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;
 
@@ -30,21 +32,79 @@ pub struct Prepared {
     pub registry: ProviderRegistry,
     /// Its credentials.
     pub auth: Authenticator,
-    /// Its per-principal rate limits.
-    pub rate_limits: RateLimits,
+    /// Its per-principal rate limits (the buckets are [`AppState::rate_limits`]).
+    pub rate_plan: RatePlan,
     /// The proxies trusted to name the client (`server.trusted_proxies`).
     pub trusted_proxies: TrustedProxies,
 }
 
-impl Prepared {
-    /// Prepares the state of a validated config; the errors name each part that cannot be built.
-    pub fn new(config: Config) -> Result<Self, Vec<String>> {
-        Self::new_reusing(config, None)
+/// One part of a config that cannot be prepared: the setting it is about, when the message names
+/// one, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrepareError {
+    /// The setting (`auth.jwt.public_key_file`, `server.trusted_proxies.0`), `llm.providers` for a
+    /// provider that cannot be built, or empty when the problem is about no one setting.
+    pub setting: String,
+    /// What is wrong, without the setting's name.
+    pub reason: String,
+}
+
+impl PrepareError {
+    /// The problems of one message of the builders (providers, authenticator, rate limits,
+    /// proxies, TLS), one per line: each line starts with the setting it is about
+    /// (`auth.jwt.public_key_file: …`) or names its provider (`provider `x`: …`).
+    fn from_message(text: &str) -> Vec<Self> {
+        text.lines()
+            .map(|line| match line.split_once(": ") {
+                Some((key, why)) if !key.is_empty() && !key.contains(' ') => Self {
+                    setting: key.to_string(),
+                    reason: why.to_string(),
+                },
+                _ if line.starts_with("provider `") => Self {
+                    setting: "llm.providers".into(),
+                    reason: line.to_string(),
+                },
+                _ => Self {
+                    setting: String::new(),
+                    reason: line.to_string(),
+                },
+            })
+            .collect()
     }
 
-    /// Prepares a new config, keeping the providers of `previous` whose settings did not change.
+    fn from_messages(texts: impl IntoIterator<Item = String>) -> Vec<Self> {
+        texts
+            .into_iter()
+            .flat_map(|t| Self::from_message(&t))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A provider's problem names its provider in the reason already.
+        if self.setting.is_empty() || self.reason.starts_with("provider `") {
+            return f.write_str(&self.reason);
+        }
+        write!(f, "{}: {}", self.setting, self.reason)
+    }
+}
+
+impl Prepared {
+    /// Prepares the state of a validated config; the errors name each part that cannot be built.
+    pub fn new(config: Config) -> Result<Self, Vec<PrepareError>> {
+        Self::build(config, None)
+    }
+
+    /// Prepares a new config, keeping the providers of `previous` whose settings did not change;
+    /// the problems as text, one each (what a refused reload reports).
     pub fn new_reusing(config: Config, previous: Option<&Prepared>) -> Result<Self, Vec<String>> {
-        let mut errors = Vec::new();
+        Self::build(config, previous)
+            .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+    }
+
+    /// Prepares a config, keeping the providers of `previous` whose settings did not change.
+    pub fn build(config: Config, previous: Option<&Prepared>) -> Result<Self, Vec<PrepareError>> {
         let registry = crate::llm::ProviderContext::from_config(&config.llm)
             .map_err(|e| vec![e])
             .and_then(|ctx| {
@@ -55,31 +115,32 @@ impl Prepared {
         let (registry, auth) = match (registry, auth) {
             (Ok(r), Ok(a)) => (r, a),
             (r, a) => {
-                errors.extend(r.err().unwrap_or_default());
-                errors.extend(a.err().unwrap_or_default());
+                let mut errors = PrepareError::from_messages(r.err().unwrap_or_default());
+                errors.extend(PrepareError::from_messages(a.err().unwrap_or_default()));
                 return Err(errors);
             }
         };
-        let rate_limits = RateLimits::from_config(&config.limits, &auth.token_overrides())
-            .map_err(|e| vec![e])?;
-        let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)?;
+        let rate_plan = RatePlan::from_config(&config.limits, &auth.token_overrides())
+            .map_err(|e| PrepareError::from_message(&e))?;
+        let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)
+            .map_err(PrepareError::from_messages)?;
         Ok(Self {
             config,
             registry,
             auth,
-            rate_limits,
+            rate_plan,
             trusted_proxies,
         })
     }
 }
 
 /// Checks that `config` can be prepared (every provider builds), without serving it.
-pub fn preflight(config: &Config) -> Result<(), Vec<String>> {
+pub fn preflight(config: &Config) -> Result<(), Vec<PrepareError>> {
     let mut errors = Prepared::new(config.clone()).err().unwrap_or_default();
     if config.server.tls.cert_file.is_some()
         && let Err(e) = TlsMaterial::load(&config.server.tls)
     {
-        errors.push(e);
+        errors.extend(PrepareError::from_message(&e));
     }
     match errors.is_empty() {
         true => Ok(()),
@@ -114,25 +175,29 @@ pub fn check_exposure(addr: SocketAddr, prepared: &Prepared) -> Result<(), Strin
 #[derive(Debug)]
 pub struct AppState {
     prepared: ArcSwap<Prepared>,
+    /// Per-principal rate-limit buckets, under the limits of the last published snapshot (kept
+    /// across reloads where a caller's limit did not change).
+    pub rate_limits: RateLimits,
     /// Sessions, per principal.
     pub sessions: SessionStore,
     /// Metrics, when the metrics listener is on.
     pub metrics: Option<Arc<Metrics>>,
     /// Cooldowns of the fallback chain (kept across reloads).
     pub cooldowns: Cooldowns,
-    /// Slows down client IPs that keep failing to authenticate.
+    /// Slows down client IPs that keep failing to authenticate (kept across reloads; a reload
+    /// applies a new `limits.auth_failures_per_minute`).
     pub auth_failures: AuthFailureLimiter,
-    /// Concurrent streams per principal.
+    /// Concurrent streams per principal (kept across reloads: open streams stay counted).
     pub stream_caps: StreamCaps,
     /// The audit log, when configured.
     pub audit: Option<AuditLog>,
     /// The TLS acceptor, when TLS is configured.
     pub tls: Option<RotatingAcceptor>,
-    /// The watcher of the TLS files, when they are watched; a reload that changes their paths
+    /// Re-reads the acceptor's material, when TLS is configured; a reload that changes the paths
     /// points it at the new ones.
-    pub tls_watch: std::sync::OnceLock<Arc<TlsWatchGuard>>,
+    pub tls_rotation: Option<Arc<TlsRotation>>,
     /// Reloads the config from its files, when the server was started from files.
-    pub reloader: std::sync::OnceLock<Arc<crate::reload::Reloader>>,
+    pub reloader: std::sync::OnceLock<Arc<super::reload::Reloader>>,
     listening: AtomicBool,
     draining: AtomicBool,
     /// Providers whose start-up check failed, with the reason (e.g. Ollama lacks the model).
@@ -201,7 +266,8 @@ impl AppState {
         audit: Option<AuditLog>,
     ) -> Result<Self, ServerError> {
         let sessions = SessionStore::new(config.sessions_dir());
-        let prepared = Prepared::new(config).map_err(ServerError::Config)?;
+        let prepared = Prepared::new(config)
+            .map_err(|e| ServerError::Config(e.iter().map(ToString::to_string).collect()))?;
         let tls = match prepared.config.server.tls.cert_file {
             Some(_) => Some(RotatingAcceptor::new(
                 TlsMaterial::load(&prepared.config.server.tls)
@@ -210,6 +276,7 @@ impl AppState {
             None => None,
         };
         let limits = &prepared.config.limits;
+        let rate_limits = RateLimits::new(&prepared.rate_plan);
         let auth_failures = AuthFailureLimiter::new(limits.auth_failures_per_minute);
         let stream_caps = StreamCaps::new(limits.max_streams_per_principal);
         let metrics = match with_metrics {
@@ -231,6 +298,14 @@ impl AppState {
         if let Some(m) = &metrics {
             auth_failures.register(m.registry())?;
         }
+        let tls_rotation = match &tls {
+            Some(acceptor) => Some(Arc::new(TlsRotation::new(
+                acceptor.clone(),
+                prepared.config.server.tls.clone(),
+                metrics.as_ref().map(|m| m.registry()),
+            )?)),
+            None => None,
+        };
         let audit = match audit {
             Some(log) => {
                 if let Some(m) = &metrics {
@@ -247,6 +322,7 @@ impl AppState {
         };
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
+            rate_limits,
             sessions,
             metrics,
             cooldowns: Cooldowns::default(),
@@ -254,7 +330,7 @@ impl AppState {
             stream_caps,
             audit,
             tls,
-            tls_watch: std::sync::OnceLock::new(),
+            tls_rotation,
             reloader: std::sync::OnceLock::new(),
             listening: AtomicBool::new(false),
             unready: Default::default(),
@@ -270,8 +346,19 @@ impl AppState {
         self.prepared.load_full()
     }
 
-    /// Publishes a new prepared state (a reload); requests already running keep theirs.
+    /// Publishes a new prepared state (a reload); requests already running keep theirs. The live
+    /// state takes the new limits first: rate-limit buckets are rebuilt only for the roles and
+    /// tokens whose limit changed, and the failed-authentication limiter keeps its blocks.
     pub fn publish(&self, prepared: Prepared) {
+        let rebuilt = self.rate_limits.apply(&prepared.rate_plan);
+        if rebuilt > 0 {
+            tracing::debug!(
+                rebuilt,
+                "rate limits changed: new buckets for the roles and tokens whose limit changed"
+            );
+        }
+        self.auth_failures
+            .set_per_minute(prepared.config.limits.auth_failures_per_minute);
         self.prepared.store(Arc::new(prepared));
     }
 
@@ -341,6 +428,66 @@ impl AppState {
     }
 }
 
+/// The core's view of what a call runs against (see [`crate::gateway`]).
+impl AppState {
+    /// The core for a call on the config snapshot `prepared`.
+    pub fn gateway<'a>(&'a self, prepared: &'a Prepared) -> crate::gateway::Gateway<'a> {
+        crate::gateway::Gateway {
+            registry: &prepared.registry,
+            limits: &prepared.config.limits,
+            cooldowns: &self.cooldowns,
+            metrics: self.metrics.as_ref(),
+            sessions: &self.sessions,
+        }
+    }
+
+    /// One of the caller's concurrent-stream slots (`key` is its limit key), held until the stream
+    /// ends; `None` when `limits.max_streams_per_principal` of `prepared` is 0 (no cap).
+    pub fn stream_slot(
+        &self,
+        prepared: &Prepared,
+        key: &str,
+    ) -> Result<Option<crate::server::ratelimit::StreamGuard>, crate::gateway::Error> {
+        let limit = prepared.config.limits.max_streams_per_principal;
+        if limit == 0 {
+            return Ok(None);
+        }
+        match self.stream_caps.try_acquire(key) {
+            Some(g) => Ok(Some(g)),
+            None => Err(crate::gateway::Error::TooManyStreams { limit }),
+        }
+    }
+
+    /// The configuration reloader, as the core's reload use case takes it.
+    pub fn reloader(&self) -> Option<&dyn crate::gateway::admin::Reload> {
+        self.reloader
+            .get()
+            .map(|r| &**r as &dyn crate::gateway::admin::Reload)
+    }
+}
+
+impl crate::gateway::admin::Reload for crate::server::reload::Reloader {
+    fn status(&self) -> crate::gateway::admin::ConfigStatus {
+        let st = crate::server::reload::Reloader::status(self);
+        crate::gateway::admin::ConfigStatus {
+            generation: st.generation,
+            config_hash: st.config_hash,
+            last_error: st.last_error,
+            restart_needed: st.restart_needed,
+        }
+    }
+
+    fn reload<'a>(&'a self, trigger: &'a str) -> crate::gateway::admin::ReloadFuture<'a> {
+        use crate::gateway::admin::Reloaded;
+        Box::pin(async move {
+            match crate::server::reload::Reloader::reload(self, trigger, true).await? {
+                crate::server::reload::ReloadOutcome::Applied(g) => Ok(Reloaded::Applied(g)),
+                crate::server::reload::ReloadOutcome::Unchanged(g) => Ok(Reloaded::Unchanged(g)),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -354,6 +501,39 @@ mod tests {
         let mut config = Config::default();
         edit(&mut config);
         Prepared::new(config).unwrap()
+    }
+
+    #[test]
+    fn prepare_errors_name_their_setting() {
+        let errors = PrepareError::from_messages([
+            "auth.jwt.public_key_file: cannot read it".to_string(),
+            "provider `x`: no key\nsecond line without a setting".to_string(),
+        ]);
+        let got: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.setting.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("auth.jwt.public_key_file", "cannot read it"),
+                ("llm.providers", "provider `x`: no key"),
+                ("", "second line without a setting"),
+            ]
+        );
+        let texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            texts,
+            [
+                "auth.jwt.public_key_file: cannot read it",
+                "provider `x`: no key",
+                "second line without a setting",
+            ]
+        );
+        let mut config = Config::default();
+        config.server.trusted_proxies = vec!["not-a-net".into()];
+        let errors = Prepared::new(config).unwrap_err();
+        assert_eq!(errors[0].setting, "server.trusted_proxies.0", "{errors:?}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! TLS for the main listener: loading the certificate, key and optional client CA named in
 //! `[server.tls]` into a rustls `ServerConfig` (ALPN h2 + http/1.1, TLS 1.3 or 1.2+), an acceptor
-//! whose material can be swapped while serving, the directory watcher that swaps it when the files
-//! change (and follows the paths when a config reload changes them), and the identity of a verified
-//! client certificate (mTLS).
+//! whose material can be swapped while serving, its rotation ([`TlsRotation`]: re-read when the
+//! reload module's file watcher sees the files change, on SIGHUP, and from the new paths when a
+//! config reload changes them), and the identity of a verified client certificate (mTLS).
 //!
 //! Rotation follows "load → validate → swap": the files are parsed and the key is checked against
 //! the certificate before anything is replaced, so a broken or mismatched pair is refused and the old
@@ -18,9 +18,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify_debouncer_full::notify::event::{AccessKind, AccessMode};
-use notify_debouncer_full::notify::{EventKind, RecommendedWatcher, RecursiveMode};
-use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use prometheus::{IntCounterVec, Opts};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -39,9 +36,6 @@ const CERT_SETTING: &str = "server.tls.cert_file";
 const KEY_SETTING: &str = "server.tls.key_file";
 const CLIENT_CA_SETTING: &str = "server.tls.client_ca_file";
 const MIN_VERSION_SETTING: &str = "server.tls.min_version";
-
-/// Editors and `kubectl` write several files in a burst; one reload per burst.
-const DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// A client that opens TCP and never finishes the handshake must not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,21 +73,6 @@ impl TlsMaterial {
     pub fn load(cfg: &TlsConfig) -> Result<Self, String> {
         let files = RawFiles::read(cfg)?;
         Self::build(cfg, &files)
-    }
-
-    /// The rustls config for new connections.
-    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        self.config.clone()
-    }
-
-    /// Serial number (hex, as `openssl x509 -serial` prints it) of the leaf certificate.
-    pub fn serial(&self) -> &str {
-        &self.serial
-    }
-
-    /// Whether clients must present a certificate (a client CA is configured).
-    pub fn requires_client_cert(&self) -> bool {
-        self.client_auth
     }
 
     fn build(cfg: &TlsConfig, files: &RawFiles) -> Result<Self, String> {
@@ -395,22 +374,9 @@ impl RotatingAcceptor {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
     }
 
-    /// Re-reads the files; on success swaps and returns Ok, on failure keeps the old material and
-    /// returns the error (the caller logs and counts it; [`TlsWatchGuard::reload`] does both).
-    pub fn reload(&self, cfg: &TlsConfig) -> Result<(), String> {
-        self.reload_checked(cfg)
-            .map(|_| ())
-            .map_err(|failure| failure.message)
-    }
-
     /// Serial number (hex) of the leaf certificate now served.
     pub fn current_serial(&self) -> String {
         self.current.load().serial.clone()
-    }
-
-    /// The rustls config new connections get now.
-    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        self.current.load().config.clone()
     }
 
     fn reload_checked(&self, cfg: &TlsConfig) -> Result<Reloaded, ReloadFailure> {
@@ -441,8 +407,12 @@ impl RotatingAcceptor {
     }
 }
 
-/// Logs and counts reloads for the watcher and for SIGHUP.
-struct Reloader {
+/// The rotation of the TLS material: re-reads the files named by the paths now configured when
+/// the reload module's file watcher sees a change in their directories, on SIGHUP, and when a
+/// config reload changes a path or the minimum version. Logs "TLS certificate reloaded, serial …"
+/// or the failure (the old material keeps serving; a failure is logged once until the files
+/// change again) and counts `chatcli_tls_reloads_total{result="ok|error"}`.
+pub struct TlsRotation {
     acceptor: RotatingAcceptor,
     /// The paths now configured. Held for the whole of each reload, so a reload that read the
     /// previous paths cannot swap their material in after a newer reload of the current ones.
@@ -452,9 +422,53 @@ struct Reloader {
     last_failure: Mutex<Option<String>>,
 }
 
-impl Reloader {
-    /// After a file event: reload if the contents changed.
-    fn on_change(&self) {
+impl fmt::Debug for TlsRotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsRotation")
+            .field("dirs", &self.dirs())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsRotation {
+    /// Rotates `acceptor`'s material from the files of `cfg`; the reload counter is registered in
+    /// `registry` when given.
+    pub fn new(
+        acceptor: RotatingAcceptor,
+        cfg: TlsConfig,
+        registry: Option<&prometheus::Registry>,
+    ) -> Result<Self, prometheus::Error> {
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                RELOADS_METRIC,
+                "Reloads of the TLS certificate, key and client CA, by result.",
+            ),
+            &["result"],
+        )?;
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
+        if let Some(registry) = registry {
+            registry.register(Box::new(reloads.clone()))?;
+        }
+        Ok(Self {
+            acceptor,
+            cfg: Mutex::new(cfg),
+            reloads,
+            last_failure: Mutex::new(None),
+        })
+    }
+
+    /// The directories whose changes may change the material: those of the certificate, key and
+    /// client CA (directories, not files, so atomic renames and Kubernetes `..data` symlink swaps
+    /// are seen) and, for a symlinked file, the directory of its target too.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        watched_dirs(&self.cfg.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// After a file event in [`dirs`](Self::dirs): reloads if the contents changed; a failure
+    /// already reported for the same contents is not reported again.
+    pub fn changed(&self) {
         let cfg = self.cfg.lock().unwrap_or_else(PoisonError::into_inner);
         match self.acceptor.reload_checked(&cfg) {
             Ok(Reloaded::Swapped { serial }) => self.ok(&serial),
@@ -487,8 +501,8 @@ impl Reloader {
         }
     }
 
-    /// On request (SIGHUP): always reports the outcome.
-    fn reload_now(&self) -> Result<(), String> {
+    /// Reloads now (SIGHUP): always logs and counts the outcome, and returns the failure.
+    pub fn reload(&self) -> Result<(), String> {
         let cfg = self.cfg.lock().unwrap_or_else(PoisonError::into_inner);
         match self.acceptor.reload_checked(&cfg) {
             Ok(Reloaded::Swapped { serial }) => {
@@ -510,6 +524,14 @@ impl Reloader {
         }
     }
 
+    /// Switches to the files of `cfg` (a config reload changed a path or the minimum version):
+    /// later file events and SIGHUP read these paths (the watcher asks [`dirs`](Self::dirs)
+    /// again), and the material is reloaded from them now, like [`reload`](Self::reload).
+    pub fn follow(&self, cfg: TlsConfig) -> Result<(), String> {
+        *self.cfg.lock().unwrap_or_else(PoisonError::into_inner) = cfg;
+        self.reload()
+    }
+
     fn ok(&self, serial: &str) {
         *self
             .last_failure
@@ -525,142 +547,6 @@ impl Reloader {
             serial = %self.acceptor.current_serial(),
             "TLS reload failed, still serving the previous certificate: {message}"
         );
-    }
-}
-
-/// Keeps the TLS directories watched; dropping it stops the watcher.
-pub struct TlsWatchGuard {
-    debouncer: Mutex<Debouncer<RecommendedWatcher, RecommendedCache>>,
-    reloader: Arc<Reloader>,
-    dirs: Mutex<Vec<PathBuf>>,
-}
-
-impl fmt::Debug for TlsWatchGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsWatchGuard")
-            .field("dirs", &self.dirs())
-            .finish_non_exhaustive()
-    }
-}
-
-impl TlsWatchGuard {
-    /// Reloads now (for SIGHUP), logging and counting the outcome like a file change does.
-    pub fn reload(&self) -> Result<(), String> {
-        self.reloader.reload_now()
-    }
-
-    /// The directories being watched.
-    pub fn dirs(&self) -> Vec<PathBuf> {
-        self.dirs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Switches to the files of `cfg` (a config reload changed a path or the minimum version):
-    /// later file events and SIGHUP read these paths, their directories are watched instead of the
-    /// previous ones, and the material is reloaded from them now (logged and counted like any
-    /// reload; on failure the previous material keeps serving and the error is returned). A
-    /// directory that cannot be watched is logged; SIGHUP still reloads from it.
-    pub fn follow(&self, cfg: TlsConfig) -> Result<(), String> {
-        let new_dirs = watched_dirs(&cfg);
-        *self
-            .reloader
-            .cfg
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = cfg;
-        {
-            let mut dirs = self.dirs.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut debouncer = self
-                .debouncer
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for dir in new_dirs.iter().filter(|d| !dirs.contains(d)) {
-                if let Err(e) = debouncer.watch(dir, RecursiveMode::NonRecursive) {
-                    tracing::warn!(dir = %dir.display(), "cannot watch for TLS changes: {e}");
-                }
-            }
-            for dir in dirs.iter().filter(|d| !new_dirs.contains(d)) {
-                let _ = debouncer.unwatch(dir);
-            }
-            tracing::debug!(dirs = ?new_dirs, "watching the TLS files");
-            *dirs = new_dirs;
-        }
-        self.reloader.reload_now()
-    }
-}
-
-/// Watches the directories of the certificate, key and client CA (debounced by 250 ms;
-/// directories, not files, so atomic renames and Kubernetes `..data` symlink swaps are seen; for a
-/// symlinked file the directory of its target too) and reloads `acceptor` when their contents
-/// change. Logs "TLS certificate reloaded, serial …" or the failure (the old material keeps
-/// serving) and counts `chatcli_tls_reloads_total{result="ok|error"}`, registered in `registry`
-/// when given. Fails when a directory cannot be watched or the counter cannot be registered.
-pub fn watch(
-    acceptor: RotatingAcceptor,
-    cfg: TlsConfig,
-    registry: Option<&prometheus::Registry>,
-) -> Result<TlsWatchGuard, String> {
-    let reloads = IntCounterVec::new(
-        Opts::new(
-            RELOADS_METRIC,
-            "Reloads of the TLS certificate, key and client CA, by result.",
-        ),
-        &["result"],
-    )
-    .map_err(|e| format!("{RELOADS_METRIC}: {e}"))?;
-    for result in ["ok", "error"] {
-        reloads.with_label_values(&[result]);
-    }
-    if let Some(registry) = registry {
-        registry
-            .register(Box::new(reloads.clone()))
-            .map_err(|e| format!("registering {RELOADS_METRIC}: {e}"))?;
-    }
-
-    let dirs = watched_dirs(&cfg);
-    let reloader = Arc::new(Reloader {
-        acceptor,
-        cfg: Mutex::new(cfg),
-        reloads,
-        last_failure: Mutex::new(None),
-    });
-    let handler = {
-        let reloader = reloader.clone();
-        move |result: DebounceEventResult| match result {
-            Ok(events) => {
-                if events.iter().any(|e| is_change(&e.event.kind)) {
-                    reloader.on_change();
-                }
-            }
-            Err(errors) => {
-                for e in errors {
-                    tracing::warn!("watching the TLS files: {e}");
-                }
-            }
-        }
-    };
-    let mut debouncer =
-        new_debouncer(DEBOUNCE, None, handler).map_err(|e| format!("TLS file watcher: {e}"))?;
-    for dir in &dirs {
-        debouncer
-            .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(|e| format!("watching {} for TLS changes: {e}", dir.display()))?;
-    }
-    tracing::debug!(dirs = ?dirs, "watching the TLS files");
-    Ok(TlsWatchGuard {
-        debouncer: Mutex::new(debouncer),
-        reloader,
-        dirs: Mutex::new(dirs),
-    })
-}
-
-/// Opening and reading a file is not a change (and the reload itself opens the files).
-fn is_change(kind: &EventKind) -> bool {
-    match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
     }
 }
 
@@ -1023,7 +909,7 @@ mod tests {
         let ca = new_ca("test CA");
         let server = server_leaf(&ca, 1);
         let f = write_files(&server, Some(&ca), "1.3");
-        assert!(TlsMaterial::load(&f.cfg).unwrap().requires_client_cert());
+        assert!(TlsMaterial::load(&f.cfg).unwrap().client_auth);
         let dir = f.dir.path();
 
         let err = |cfg: &TlsConfig| TlsMaterial::load(cfg).unwrap_err();
@@ -1111,7 +997,7 @@ mod tests {
         let m = TlsMaterial::load(&f.cfg).unwrap();
         let shown = format!("{m:?}");
         assert!(!shown.contains("PRIVATE"), "{shown}");
-        assert!(shown.contains(m.serial()), "{shown}");
+        assert!(shown.contains(&m.serial), "{shown}");
     }
 
     #[tokio::test]
@@ -1232,7 +1118,8 @@ mod tests {
         let tls_dir = f.cfg.cert_file.as_ref().unwrap().parent().unwrap();
         atomic_write(tls_dir, "cert.pem", &new.cert_pem);
         atomic_write(tls_dir, "key.pem", &new.key.serialize_pem());
-        acceptor.reload(&f.cfg).unwrap();
+        let rotation = TlsRotation::new(acceptor.clone(), f.cfg.clone(), None).unwrap();
+        rotation.reload().unwrap();
         assert_eq!(acceptor.current_serial(), "B2");
 
         let mut after = bounded(connect(addr, client.clone())).await.unwrap();
@@ -1247,7 +1134,7 @@ mod tests {
         let third = server_leaf(&ca, 0xC3);
         atomic_write(tls_dir, "cert.pem", &third.cert_pem);
         atomic_write(tls_dir, "key.pem", &stray.serialize_pem());
-        let e = acceptor.reload(&f.cfg).unwrap_err();
+        let e = rotation.reload().unwrap_err();
         assert!(e.contains("does not match the certificate"), "{e}");
         assert_eq!(acceptor.current_serial(), "B2");
         let mut later = bounded(connect(addr, client)).await.unwrap();
@@ -1272,17 +1159,6 @@ mod tests {
             .sum()
     }
 
-    /// Polls `cond` for a bounded time (the watcher works asynchronously); fails if it never holds.
-    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-        for _ in 0..200 {
-            if cond() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out waiting for: {what}");
-    }
-
     #[test]
     fn a_broken_pair_is_reported_once_until_the_files_change_again() {
         init();
@@ -1291,16 +1167,13 @@ mod tests {
         let f = write_files(&good, None, "1.3");
         let acceptor = RotatingAcceptor::new(TlsMaterial::load(&f.cfg).unwrap());
         let registry = prometheus::Registry::new();
-        let guard = watch(acceptor.clone(), f.cfg.clone(), Some(&registry)).unwrap();
-        let reloader = guard.reloader.clone();
-        // Events from the watcher thread would race with the direct calls below.
-        drop(guard);
+        let reloader = TlsRotation::new(acceptor.clone(), f.cfg.clone(), Some(&registry)).unwrap();
         let tls_dir = f.cfg.cert_file.as_ref().unwrap().parent().unwrap();
         let stray = KeyPair::generate().unwrap().serialize_pem();
 
         atomic_write(tls_dir, "key.pem", &stray);
-        reloader.on_change();
-        reloader.on_change();
+        reloader.changed();
+        reloader.changed();
         assert_eq!(
             counter(&registry, "error"),
             1,
@@ -1309,16 +1182,16 @@ mod tests {
 
         // Back to the served pair: nothing swapped or counted, but the next breakage is news.
         atomic_write(tls_dir, "key.pem", &good.key.serialize_pem());
-        reloader.on_change();
+        reloader.changed();
         assert_eq!(counter(&registry, "ok"), 0);
         atomic_write(tls_dir, "key.pem", &stray);
-        reloader.on_change();
+        reloader.changed();
         assert_eq!(counter(&registry, "error"), 2);
         assert_eq!(acceptor.current_serial(), "61");
 
         // A missing file is a failure too, and the old pair keeps serving.
         std::fs::remove_file(tls_dir.join("key.pem")).unwrap();
-        reloader.on_change();
+        reloader.changed();
         assert_eq!(counter(&registry, "error"), 3);
         assert_eq!(acceptor.current_serial(), "61");
     }
@@ -1341,42 +1214,5 @@ mod tests {
             acceptor.reload_checked(&tls12),
             Ok(Reloaded::Unchanged { .. })
         ));
-    }
-
-    #[tokio::test]
-    async fn watch_reloads_on_atomic_rename_and_refuses_a_bad_pair() {
-        init();
-        let ca = new_ca("test CA");
-        let old = server_leaf(&ca, 0x51);
-        let f = write_files(&old, None, "1.3");
-        let acceptor = RotatingAcceptor::new(TlsMaterial::load(&f.cfg).unwrap());
-        let registry = prometheus::Registry::new();
-        let guard = watch(acceptor.clone(), f.cfg.clone(), Some(&registry)).unwrap();
-        let tls_dir = f.cfg.cert_file.as_ref().unwrap().parent().unwrap();
-        assert!(guard.dirs().iter().any(|d| d == tls_dir), "{guard:?}");
-        assert_eq!(counter(&registry, "ok"), 0);
-        assert_eq!(acceptor.current_serial(), "51");
-
-        let new = server_leaf(&ca, 0x52);
-        atomic_write(tls_dir, "cert.pem", &new.cert_pem);
-        atomic_write(tls_dir, "key.pem", &new.key.serialize_pem());
-        eventually("an ok reload", || counter(&registry, "ok") >= 1).await;
-        assert_eq!(acceptor.current_serial(), "52");
-        assert_eq!(counter(&registry, "ok"), 1);
-        assert_eq!(counter(&registry, "error"), 0);
-
-        // A key that does not match: counted as an error, the old pair keeps serving.
-        atomic_write(
-            tls_dir,
-            "key.pem",
-            &KeyPair::generate().unwrap().serialize_pem(),
-        );
-        eventually("a failed reload", || counter(&registry, "error") >= 1).await;
-        assert_eq!(acceptor.current_serial(), "52");
-        assert_eq!(counter(&registry, "ok"), 1);
-
-        // SIGHUP path: same refusal, counted again (explicit requests always report).
-        assert!(guard.reload().unwrap_err().contains("does not match"));
-        assert_eq!(counter(&registry, "error"), 2);
     }
 }

@@ -1,6 +1,6 @@
 //! Saved chat sessions: a per-principal [`SessionStore`] whose files are compatible with the local
-//! ChatCLI's `~/.chatcli/sessions`, the session name rule ([`validate_name`]) and the mapping of
-//! store errors to gRPC statuses ([`SessionError::to_status`]).
+//! ChatCLI's `~/.chatcli/sessions`, the session name rule ([`validate_name`]) and the store's
+//! errors ([`SessionError`], which name the session at most, never a path).
 //!
 //! # On-disk layout
 //!
@@ -75,17 +75,6 @@ pub enum SessionError {
 }
 
 impl SessionError {
-    /// The gRPC status answered for this error. Messages name the session at most, never a path.
-    pub fn to_status(&self) -> tonic::Status {
-        match self {
-            Self::InvalidName { reason } => {
-                tonic::Status::invalid_argument(format!("validation: {reason}"))
-            }
-            Self::NotFound { .. } => tonic::Status::not_found(self.to_string()),
-            Self::Corrupt { .. } | Self::Io { .. } => tonic::Status::internal(self.to_string()),
-        }
-    }
-
     fn io(action: String, source: io::Error) -> Self {
         Self::Io { action, source }
     }

@@ -115,6 +115,7 @@ pub struct Metrics {
     llm_fallback: IntCounterVec,
     session_active: IntGauge,
     session_operations: IntCounterVec,
+    errors: IntCounterVec,
     server_info: IntGaugeVec,
     uptime: Gauge,
     llm_series: Arc<SeriesCache<LlmSeries>>,
@@ -363,6 +364,12 @@ impl Metrics {
                 "Session store operations, by operation (save, load, list, delete).",
                 &["operation"],
             )?,
+            errors: counter_vec(
+                &registry,
+                "chatcli_errors_total",
+                "Errors answered on either transport, by stable error code (docs/errors.md).",
+                &["code"],
+            )?,
             server_info: register(
                 &registry,
                 IntGaugeVec::new(
@@ -473,6 +480,11 @@ impl Metrics {
         self.session_operations
             .with_label_values(&[operation.as_str()])
             .inc();
+    }
+
+    /// Counts an error answered with the stable error code `code`.
+    pub fn error_answered(&self, code: &str) {
+        self.errors.with_label_values(&[code]).inc();
     }
 
     /// Replaces the single `chatcli_server_info` series.
@@ -586,6 +598,7 @@ mod tests {
         ("chatcli_llm_tokens_used_total", "counter"),
         ("chatcli_session_active_total", "gauge"),
         ("chatcli_session_operations_total", "counter"),
+        ("chatcli_errors_total", "counter"),
         ("chatcli_server_info", "gauge"),
         ("chatcli_server_uptime_seconds", "gauge"),
     ];
@@ -603,9 +616,17 @@ mod tests {
         m.llm("openai", "gpt").tokens("prompt", 7);
         let session = m.session_started();
         m.session_operation(SessionOperation::Save);
+        m.error_answered("upstream_rate_limited");
         m.set_server_info("1.2.3", "openai", "gpt");
         std::thread::sleep(Duration::from_millis(20));
         let text = m.render();
+        assert_eq!(
+            sample(
+                &text,
+                r#"chatcli_errors_total{code="upstream_rate_limited"}"#
+            ),
+            Some(1.0)
+        );
         for (name, kind) in ALL_NAMES {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

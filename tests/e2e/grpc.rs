@@ -204,7 +204,8 @@ async fn stream_prompt_rejects_invalid_requests() {
     let mut req = stream_request("hello");
     req.provider = "nosuch".into();
     let err = s.client.stream_prompt(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // An unknown provider names nothing on this server: NOT_FOUND, as HTTP's 404.
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains("nosuch"), "{err:?}");
 
     let err = s

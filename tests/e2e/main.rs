@@ -5,7 +5,9 @@
 
 mod binary;
 mod client;
+mod client_credentials;
 mod config_tables;
+mod error_classes;
 mod first_hour;
 mod grpc;
 mod http;

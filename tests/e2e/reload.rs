@@ -1,7 +1,8 @@
 //! Hot reload end to end: the provider list rewritten under load without a failed
 //! request, a broken file that keeps the old config serving, the Kubernetes `..data` symlink swap,
 //! an editor's truncate-then-write read once, SIGHUP, a revoked token, a changed rate limit, a
-//! port change that needs a restart, sd-notify's RELOADING/READY, bad files that never take the
+//! caller's remaining rate-limit budget kept across a reload that changes something else, open
+//! streams still counted by the stream cap after a reload, a port change that needs a restart, sd-notify's RELOADING/READY, bad files that never take the
 //! daemon down, and the log level changed at runtime. The in-process server reloads from a config
 //! file in a temp dir (its reload metrics and `/status` command are the observation points); the
 //! real binary is used where signals, the log or sd-notify are what is tested.
@@ -87,6 +88,8 @@ struct Conf {
     grace: &'static str,
     /// `limits.auth_failures_per_minute`, when set.
     auth_failures: Option<u32>,
+    /// `limits.max_streams_per_principal`, when set.
+    max_streams: Option<u32>,
     /// TOML appended after everything else (whole tables that `render` does not write).
     tail: String,
 }
@@ -105,6 +108,7 @@ impl Conf {
             port: None,
             grace: "5s",
             auth_failures: None,
+            max_streams: None,
             tail: String::new(),
         }
     }
@@ -139,6 +143,9 @@ impl Conf {
         ));
         if let Some(n) = self.auth_failures {
             t.push_str(&format!("auth_failures_per_minute = {n}\n"));
+        }
+        if let Some(n) = self.max_streams {
+            t.push_str(&format!("max_streams_per_principal = {n}\n"));
         }
         for tok in &self.tokens {
             t.push_str(&format!(
@@ -1229,6 +1236,153 @@ async fn lowered_rate_limit_applies_after_the_reload() {
     d.write(&conf);
     d.wait_generation(3).await;
     server_info(d.channel.clone(), None).await.unwrap();
+    d.shutdown().await;
+}
+
+const VIEWER: Tok = Tok {
+    name: "viewer",
+    role: "readonly",
+    token: "token-viewer-0c9e41",
+};
+
+/// Makes `n` GetServerInfo calls with `token`, one after the other: which passed and which were
+/// refused by the rate limit (any other failure fails the test).
+async fn limited_calls(d: &Daemon, token: &str, n: usize) -> Vec<bool> {
+    let mut refused = Vec::new();
+    for _ in 0..n {
+        refused.push(match server_info(d.channel.clone(), Some(token)).await {
+            Ok(_) => false,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => true,
+            Err(e) => panic!("GetServerInfo failed otherwise: {e:?}"),
+        });
+    }
+    refused
+}
+
+/// A burst of 5 that refills one call per 100 s (nothing refills during the test), for ALICE,
+/// BOB, VIEWER and ROOT.
+fn budget_conf() -> Conf {
+    let mut conf = Conf::echo(&["a"]);
+    conf.rps = 0.01;
+    conf.burst = 5;
+    conf.tokens = vec![ALICE, BOB, VIEWER, ROOT];
+    conf
+}
+
+const PASS: bool = false;
+const LIMITED: bool = true;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_remaining_budget_survives_an_unrelated_reload() {
+    let mut conf = budget_conf();
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &conf).await;
+    assert_eq!(limited_calls(&d, ALICE.token, 3).await, [PASS; 3]);
+
+    // Unrelated changes: the log level and the provider list.
+    conf.log_level = "debug";
+    conf.providers.push(Prov::Echo("b"));
+    d.write(&conf);
+    d.wait_generation(2).await;
+    let info = server_info(d.channel.clone(), Some(ROOT.token))
+        .await
+        .unwrap();
+    assert_eq!(info.available_providers, ["a", "b"], "the reload applied");
+
+    // Alice has the 2 calls she had left, refused where she would have been without the reload;
+    // Bob, who spent nothing, still has his whole burst.
+    assert_eq!(
+        limited_calls(&d, ALICE.token, 3).await,
+        [PASS, PASS, LIMITED]
+    );
+    assert_eq!(
+        limited_calls(&d, BOB.token, 6).await,
+        [PASS, PASS, PASS, PASS, PASS, LIMITED]
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_changed_limit_gives_it_a_new_bucket_and_leaves_the_others() {
+    let mut conf = budget_conf();
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &conf).await;
+    assert_eq!(limited_calls(&d, ALICE.token, 3).await, [PASS; 3]);
+    assert_eq!(limited_calls(&d, VIEWER.token, 3).await, [PASS; 3]);
+
+    // Only the read-only role's limit changes: a burst of 4 instead of 5.
+    conf.tail = "\n[limits.roles.readonly]\nrate_limit_burst = 4\n".into();
+    d.write(&conf);
+    d.wait_generation(2).await;
+
+    // The viewer's bucket was rebuilt under the new limit: full, 4 calls. Alice's was kept.
+    assert_eq!(
+        limited_calls(&d, VIEWER.token, 5).await,
+        [PASS, PASS, PASS, PASS, LIMITED]
+    );
+    assert_eq!(
+        limited_calls(&d, ALICE.token, 3).await,
+        [PASS, PASS, LIMITED]
+    );
+    d.shutdown().await;
+}
+
+/// Opens a StreamPrompt of `words` words with `token` and reads its first chunk; the refusal's
+/// code when the stream is refused.
+async fn open_stream(
+    d: &Daemon,
+    token: &str,
+    words: usize,
+) -> Result<tonic::Streaming<chatcli::proto::StreamPromptResponse>, tonic::Code> {
+    let mut client = ChatCliServiceClient::with_interceptor(
+        d.channel.clone(),
+        BearerToken(Some(token.to_string())),
+    );
+    let prompt = (1..=words)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut stream = within(
+        HANG_GUARD,
+        "StreamPrompt",
+        client.stream_prompt(stream_request(&prompt)),
+    )
+    .await
+    .map_err(|e| e.code())?
+    .into_inner();
+    match within(HANG_GUARD, "the first chunk", stream.message()).await {
+        Ok(Some(_)) => Ok(stream),
+        Ok(None) => panic!("the stream ended without a chunk"),
+        Err(e) => Err(e.code()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_stay_counted_by_the_stream_cap_across_a_reload() {
+    let mut conf = Conf::echo(&["a"]).with_delay("100ms");
+    conf.tokens = vec![ALICE, BOB];
+    conf.max_streams = Some(1);
+    let d = Daemon::start(tempfile::tempdir().unwrap(), &conf).await;
+    // Alice's one stream, open across the reload (20 words, 100 ms apart).
+    let mut open = open_stream(&d, ALICE.token, 20).await.unwrap();
+
+    conf.log_level = "debug";
+    d.write(&conf);
+    d.wait_generation(2).await;
+
+    assert_eq!(
+        open_stream(&d, ALICE.token, 1).await.err(),
+        Some(tonic::Code::ResourceExhausted),
+        "the open stream still counts against alice's cap"
+    );
+    let bobs = open_stream(&d, BOB.token, 1).await.unwrap();
+    drop(bobs);
+    // Once it ends, alice may open another.
+    let rest = collect_stream(&mut open).await;
+    assert!(rest.last().is_some_and(|m| m.done));
+    drop(open);
+    eventually("alice's slot freed", || async {
+        open_stream(&d, ALICE.token, 1).await.ok().map(|_| ())
+    })
+    .await;
     d.shutdown().await;
 }
 

@@ -225,7 +225,7 @@ async fn missing_wrong_and_expired_credentials_are_refused() {
         let body: Value = resp.json().await.unwrap();
         assert_eq!(
             body,
-            json!({"error": {"message": "authentication failed", "type": "authentication_error", "code": "unauthenticated"}}),
+            json!({"error": {"message": "authentication failed", "type": "authentication_error", "code": "unauthenticated", "chatcli_code": "unauthenticated"}}),
             "{what}"
         );
     }

@@ -5,31 +5,25 @@
 //! - `POST /request`, `GET /updates`: the prompt/SSE API ([`prompt`]);
 //! - `GET /status`, `GET /health` ([`status`]).
 //!
-//! Handlers convert to and from the core call ([`gateway::start`], the one SendPrompt uses) and
-//! nothing more. This module holds what they share: the caller, the error type with its mapping
-//! from core errors to HTTP statuses, JSON body and `Accept` checks, and the HTTP metrics.
+//! Handlers are codecs over the core ([`crate::gateway`]): they decode the request, call a use
+//! case and encode its answer. This module holds what they share: the caller, JSON body and
+//! `Accept` checks, SSE framing and the HTTP metrics.
 //!
 //! # Errors
 //!
+//! A core error answers the status, `type` and `code` of `server/error.rs` (the table is
+//! `docs/errors.md`), with its stable code in the `x-chatcli-error-code` header and as
+//! `chatcli_code` in the body. The codec's own refusals, before the core is called:
+//!
 //! | failure | status | `type` / `code` |
 //! |---|---|---|
-//! | malformed JSON, a wrong field, a bad value | 400 | `invalid_request_error` / `invalid_json`, `invalid_request` |
-//! | no or wrong credentials (pipeline) | 401 | `authentication_error` / `unauthenticated` |
-//! | too many failed authentications from the address (pipeline's failed-auth limiter) | 429 + `Retry-After` | `rate_limit_error` / `too_many_auth_failures` |
-//! | readonly principal writing a session | 403 | `permission_error` / `permission_denied` |
-//! | unknown provider or model (ours or the upstream's 404) | 404 | `invalid_request_error` / `model_not_found` |
+//! | malformed JSON, a wrong field | 400 | `invalid_request_error` / `invalid_json`, `invalid_request` |
 //! | `Accept` refusing `text/event-stream` for a stream | 406 | `invalid_request_error` / `not_acceptable` |
 //! | body over [`MAX_BODY_BYTES`] | 413 | `invalid_request_error` / `request_too_large` |
 //! | `Content-Type` not JSON | 415 | `invalid_request_error` / `unsupported_media_type` |
-//! | our rate limit (pipeline), too many streams, the upstream's 429 | 429 + `Retry-After` | `rate_limit_error` / `rate_limited`, `too_many_streams`, `upstream_rate_limited` |
-//! | the provider failed (5xx, connection, garbage) | 502 | `upstream_error` / the class (`server_error`, …) |
-//! | the provider refused our key | 502 | `upstream_auth_error` / `upstream_auth_error` |
-//! | every provider of the fallback chain failed or is cooling down | 503 (+ `Retry-After` when known) | `upstream_error` / `all_providers_failed` |
-//! | every provider of the chain timed out (stalled before or between bytes, or the unary cap) | 504 | `upstream_error` / `upstream_timeout` |
-//! | no provider configured | 503 | `server_error` / `no_providers` |
-//! | the provider timed out | 504 | `upstream_error` / `timeout` |
+//! | no such route, or another method | 404, 405 | `not_found_error` / `not_found`, `invalid_request_error` / `method_not_allowed` |
 //!
-//! The OpenAI routes answer `{"error":{"message","type","code"}}`; `/request` answers
+//! The OpenAI routes answer `{"error":{"message","type","param","code"}}`; `/request` answers
 //! `{"success":false,"error":"<message>","code":"<code>"}` with the same status.
 
 mod metrics;
@@ -37,24 +31,22 @@ mod openai;
 mod prompt;
 mod status;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
 
 use super::{AppState, InFlightGuard, Prepared, Transport};
 use crate::auth::Principal;
-use crate::llm::fallback::Answer;
-use crate::llm::gateway::{self, PromptCall};
-use crate::llm::{ErrorClass, LlmError, UpstreamError};
+use crate::gateway::{Code, Gateway};
 use crate::server::pipeline::AuditNotes;
+
+/// An error answer (see `server/error.rs`).
+type ApiError = crate::server::error::HttpError;
 
 /// Largest request body accepted (JSON of a prompt with its history).
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -173,7 +165,7 @@ pub fn api(state: Arc<AppState>) -> HttpApi {
 #[derive(Debug)]
 struct Api {
     state: Arc<AppState>,
-    session_locks: prompt::SessionLocks,
+    session_locks: crate::gateway::SessionLocks,
 }
 
 impl Api {
@@ -183,42 +175,18 @@ impl Api {
         self.state.in_flight.enter(Transport::Http)
     }
 
-    /// Starts the core prompt call: returns once the first delta is there.
-    async fn start(&self, prepared: &Prepared, call: PromptCall) -> Result<Answer, ApiError> {
-        gateway::start(
-            &prepared.registry,
-            &self.state.cooldowns,
-            self.state.metrics.clone(),
-            None,
-            call,
-        )
-        .await
-        .map_err(|e| {
-            tracing::debug!(error = %e, "prompt call failed");
-            ApiError::from_llm(&e)
-        })
+    /// The core for a call on `prepared`.
+    fn core<'a>(&'a self, prepared: &'a Prepared) -> Gateway<'a> {
+        self.state.gateway(prepared)
     }
 
-    /// One of the principal's concurrent-stream slots, held until the stream ends.
+    /// One of the caller's concurrent-stream slots, held until the stream ends.
     fn stream_slot(
         &self,
         prepared: &Prepared,
-        who: &str,
+        key: &str,
     ) -> Result<Option<crate::server::ratelimit::StreamGuard>, ApiError> {
-        let cap = prepared.config.limits.max_streams_per_principal;
-        if cap == 0 {
-            return Ok(None);
-        }
-        match self.state.stream_caps.try_acquire(who) {
-            Some(g) => Ok(Some(g)),
-            None => Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "too_many_streams",
-                format!("too many open streams for this principal (the limit is {cap})"),
-            )
-            .retry_after(1)),
-        }
+        Ok(self.state.stream_slot(prepared, key)?)
     }
 }
 
@@ -256,14 +224,7 @@ impl Caller {
                 request_id,
                 ..
             }) => (principal, limit_key, prepared, notes, request_id),
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "authentication_error",
-                    "unauthenticated",
-                    "authentication failed",
-                ));
-            }
+            _ => return Err(ApiError::from(crate::gateway::Error::Unauthenticated)),
         };
         let request_id = super::pipeline::request_id_string(&request_id);
         let limit_key = limit_key.unwrap_or_else(|| principal.limit_key(None));
@@ -277,227 +238,12 @@ impl Caller {
     }
 }
 
-/// An error answer: status, OpenAI `type` and `code`, a message for people.
-#[derive(Debug, Clone)]
-struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    code: Cow<'static, str>,
-    message: String,
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    fn new(
-        status: StatusCode,
-        kind: &'static str,
-        code: impl Into<Cow<'static, str>>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            status,
-            kind,
-            code: code.into(),
-            message: message.into(),
-            retry_after: None,
-        }
+/// A core error as the caller's answer; a refused permission is also noted for the audit record.
+fn refusal(notes: &AuditNotes, e: crate::gateway::Error) -> ApiError {
+    if e.code() == Code::PermissionDenied {
+        notes.denied();
     }
-
-    /// 400 for a request that is wrong.
-    fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            code,
-            message,
-        )
-    }
-
-    fn retry_after(mut self, secs: u64) -> Self {
-        self.retry_after = Some(secs.max(1));
-        self
-    }
-
-    /// The mapping of core errors (table in the module docs).
-    fn from_llm(e: &LlmError) -> Self {
-        let msg = e.to_string();
-        match e {
-            LlmError::UnknownProvider { .. } => Self::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                msg,
-            ),
-            LlmError::NoProviders => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "no_providers",
-                msg,
-            ),
-            LlmError::InvalidRequest(_) => Self::invalid("invalid_request", msg),
-            LlmError::Upstream(u) => Self::from_upstream(u, msg),
-            LlmError::AllFailed(all) => {
-                let wait = all
-                    .iter()
-                    .filter_map(|u| u.retry_after)
-                    .min()
-                    .map(|d| d.as_secs_f64().ceil() as u64);
-                if !all.is_empty() && all.iter().all(|u| u.class == ErrorClass::RateLimit) {
-                    return Self::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "rate_limit_error",
-                        "upstream_rate_limited",
-                        msg,
-                    )
-                    .retry_after(wait.unwrap_or(1));
-                }
-                // Every provider timed out (a stall before or between bytes, or the unary cap):
-                // a gateway timeout, as a single provider's timeout is.
-                if !all.is_empty() && all.iter().all(|u| u.class == ErrorClass::Timeout) {
-                    return Self::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_error",
-                        "upstream_timeout",
-                        msg,
-                    );
-                }
-                let err = Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream_error",
-                    "all_providers_failed",
-                    msg,
-                );
-                match wait {
-                    Some(w) => err.retry_after(w),
-                    None => err,
-                }
-            }
-        }
-    }
-
-    fn from_upstream(u: &UpstreamError, msg: String) -> Self {
-        match u.class {
-            ErrorClass::RateLimit => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "upstream_rate_limited",
-                msg,
-            )
-            .retry_after(u.retry_after.map_or(1, |d| d.as_secs_f64().ceil() as u64)),
-            ErrorClass::ModelNotFound => Self::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                msg,
-            ),
-            ErrorClass::ContextTooLong => Self::invalid("context_length_exceeded", msg),
-            ErrorClass::BadRequest => Self::invalid("upstream_bad_request", msg),
-            ErrorClass::Auth => Self::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_auth_error",
-                "upstream_auth_error",
-                msg,
-            ),
-            ErrorClass::Timeout => Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_error",
-                u.class.as_str(),
-                msg,
-            ),
-            ErrorClass::Server | ErrorClass::Transport | ErrorClass::Malformed => Self::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                u.class.as_str(),
-                msg,
-            ),
-        }
-    }
-
-    /// The mapping of the gRPC statuses our shared validation answers.
-    fn from_status(s: &tonic::Status) -> Self {
-        use tonic::Code;
-        let (status, kind, code) = match s.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_request",
-            ),
-            Code::NotFound => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
-            Code::PermissionDenied => (
-                StatusCode::FORBIDDEN,
-                "permission_error",
-                "permission_denied",
-            ),
-            Code::Unauthenticated => (
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "unauthenticated",
-            ),
-            Code::ResourceExhausted => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "rate_limited",
-            ),
-            Code::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "unavailable",
-            ),
-            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error", "timeout"),
-            _ => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal_error",
-            ),
-        };
-        let err = Self::new(status, kind, code, s.message());
-        match status {
-            StatusCode::TOO_MANY_REQUESTS => err.retry_after(1),
-            _ => err,
-        }
-    }
-
-    /// The OpenAI error object `{"error":{"message","type","param","code"}}`.
-    fn openai_body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": null,
-            "code": self.code,
-        }})
-    }
-
-    /// `/request`'s error body.
-    fn request_body(&self) -> Value {
-        json!({"success": false, "error": self.message, "code": self.code})
-    }
-
-    fn respond(&self, body: Value) -> Response {
-        let mut resp = (self.status, Json(body)).into_response();
-        let h = resp.headers_mut();
-        if let Some(s) = self.retry_after
-            && let Ok(v) = HeaderValue::from_str(&s.to_string())
-        {
-            h.insert(header::RETRY_AFTER, v);
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        resp
-    }
-
-    /// In `/request`'s shape.
-    fn into_request_response(self) -> Response {
-        self.respond(self.request_body())
-    }
-}
-
-impl IntoResponse for ApiError {
-    /// In OpenAI's shape.
-    fn into_response(self) -> Response {
-        self.respond(self.openai_body())
-    }
+    ApiError::from(e)
 }
 
 /// Reads a JSON body: the content type must be JSON, the body within [`MAX_BODY_BYTES`] (a larger
@@ -788,106 +534,6 @@ mod tests {
             &accept("*/*, text/event-stream;q=0"),
             false
         ));
-    }
-
-    #[test]
-    fn core_errors_map_to_statuses() {
-        use std::time::Duration;
-        let up = |class, retry_after| UpstreamError {
-            provider: "p".into(),
-            class,
-            status: None,
-            message: String::new(),
-            retry_after,
-        };
-        let cases = [
-            (
-                LlmError::UnknownProvider {
-                    name: "x".into(),
-                    available: "p".into(),
-                },
-                404,
-                "model_not_found",
-            ),
-            (LlmError::NoProviders, 503, "no_providers"),
-            (
-                LlmError::InvalidRequest("bad".into()),
-                400,
-                "invalid_request",
-            ),
-            (
-                LlmError::Upstream(up(ErrorClass::RateLimit, Some(Duration::from_millis(2500)))),
-                429,
-                "upstream_rate_limited",
-            ),
-            (
-                LlmError::Upstream(up(ErrorClass::Auth, None)),
-                502,
-                "upstream_auth_error",
-            ),
-            (
-                LlmError::Upstream(up(ErrorClass::Server, None)),
-                502,
-                "server_error",
-            ),
-            (
-                LlmError::Upstream(up(ErrorClass::ModelNotFound, None)),
-                404,
-                "model_not_found",
-            ),
-            (
-                LlmError::Upstream(up(ErrorClass::Timeout, None)),
-                504,
-                "timeout",
-            ),
-            (
-                LlmError::AllFailed(vec![
-                    up(ErrorClass::Server, None),
-                    up(ErrorClass::Auth, None),
-                ]),
-                503,
-                "all_providers_failed",
-            ),
-            (
-                LlmError::AllFailed(vec![up(ErrorClass::RateLimit, None)]),
-                429,
-                "upstream_rate_limited",
-            ),
-            (
-                LlmError::AllFailed(vec![
-                    up(ErrorClass::Timeout, None),
-                    up(ErrorClass::Timeout, None),
-                ]),
-                504,
-                "upstream_timeout",
-            ),
-            (
-                LlmError::AllFailed(vec![
-                    up(ErrorClass::Timeout, None),
-                    up(ErrorClass::Server, None),
-                ]),
-                503,
-                "all_providers_failed",
-            ),
-        ];
-        for (e, status, code) in cases {
-            let a = ApiError::from_llm(&e);
-            assert_eq!((a.status.as_u16(), a.code.as_ref()), (status, code), "{e}");
-            assert_eq!(
-                a.retry_after.is_some(),
-                status == 429,
-                "Retry-After goes with 429: {e}"
-            );
-        }
-        let a = ApiError::from_llm(&LlmError::Upstream(up(
-            ErrorClass::RateLimit,
-            Some(Duration::from_millis(2500)),
-        )));
-        assert_eq!(a.retry_after, Some(3));
-        assert_eq!(
-            ApiError::from_llm(&LlmError::Upstream(up(ErrorClass::Auth, None))).kind,
-            "upstream_auth_error"
-        );
     }
 
     #[test]

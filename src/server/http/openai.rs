@@ -22,12 +22,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Api, ApiError, Caller, UsageOut};
+use crate::gateway::{Error, PromptCall};
 use crate::llm::fallback::Answer;
-use crate::llm::gateway::PromptCall;
 use crate::llm::json::{json_str, json_value};
 use crate::llm::{Delta, Message};
-use crate::server::Prepared;
-use crate::server::grpc::{MAX_TOKENS_LIMIT, validate_history, validate_prompt};
 
 /// Most stop sequences accepted.
 const MAX_STOP: usize = 16;
@@ -146,7 +144,7 @@ struct Part {
 }
 
 impl Content {
-    fn into_text(self, index: usize) -> Result<String, ApiError> {
+    fn into_text(self, index: usize) -> Result<String, Error> {
         match self {
             Content::Text(t) => Ok(t),
             Content::Parts(parts) => {
@@ -155,13 +153,10 @@ impl Content {
                     match (p.kind.as_str(), p.text) {
                         ("text", Some(t)) => out.push_str(&t),
                         (kind, _) => {
-                            return Err(ApiError::invalid(
-                                "invalid_request",
-                                format!(
-                                    "messages[{index}]: content part type `{}` is not supported (text only)",
-                                    kind.chars().take(40).collect::<String>()
-                                ),
-                            ));
+                            return Err(Error::InvalidArgument(format!(
+                                "messages[{index}]: content part type `{}` is not supported (text only)",
+                                kind.chars().take(40).collect::<String>()
+                            )));
                         }
                     }
                 }
@@ -196,37 +191,21 @@ fn finish_reason(raw: Option<&str>) -> &'static str {
         .map_or("stop", |(_, name)| name)
 }
 
-/// Validates the request and turns it into the core call to `provider` and `model` (what its
-/// `model` resolved to).
+/// Decodes the request into the core call to `provider` and `model` (what its `model` resolved
+/// to): the OpenAI fields are checked here, the prompt, history and `max_tokens` by the core.
 fn into_call(
     r: CompletionRequest,
-    prepared: &Prepared,
     (provider, model): (String, String),
-) -> Result<PromptCall, ApiError> {
+) -> Result<PromptCall, Error> {
+    let invalid = |m: String| Err(Error::InvalidArgument(m));
     if r.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid(
-            "invalid_request",
-            "n: only one choice per request is supported",
-        ));
-    }
-    let max_tokens = r.max_completion_tokens.or(r.max_tokens);
-    if max_tokens.is_some_and(|n| n > MAX_TOKENS_LIMIT.unsigned_abs()) {
-        return Err(ApiError::invalid(
-            "invalid_request",
-            format!("max_tokens must be at most {MAX_TOKENS_LIMIT}"),
-        ));
+        return invalid("n: only one choice per request is supported".into());
     }
     if r.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-        return Err(ApiError::invalid(
-            "invalid_request",
-            "temperature must be between 0 and 2",
-        ));
+        return invalid("temperature must be between 0 and 2".into());
     }
     if r.top_p.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
-        return Err(ApiError::invalid(
-            "invalid_request",
-            "top_p must be between 0 and 1",
-        ));
+        return invalid("top_p must be between 0 and 1".into());
     }
     let stop = match r.stop {
         None => Vec::new(),
@@ -234,10 +213,7 @@ fn into_call(
         Some(Stop::Many(v)) => v,
     };
     if stop.len() > MAX_STOP {
-        return Err(ApiError::invalid(
-            "invalid_request",
-            format!("stop: at most {MAX_STOP} sequences"),
-        ));
+        return invalid(format!("stop: at most {MAX_STOP} sequences"));
     }
     let mut turns = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
@@ -246,12 +222,9 @@ fn into_call(
             "user" => "user",
             "assistant" => "assistant",
             other => {
-                return Err(ApiError::invalid(
-                    "invalid_request",
-                    format!(
-                        "messages[{i}]: role `{}` is not supported (system, developer, user, assistant)",
-                        other.chars().take(40).collect::<String>()
-                    ),
+                return invalid(format!(
+                    "messages[{i}]: role `{}` is not supported (system, developer, user, assistant)",
+                    other.chars().take(40).collect::<String>()
                 ));
             }
         };
@@ -267,34 +240,18 @@ fn into_call(
     let prompt = match turns.pop() {
         Some(last) if last.role == "user" => last.content,
         Some(_) => {
-            return Err(ApiError::invalid(
-                "invalid_request",
-                "messages: the last message must be the user's (it is the prompt)",
-            ));
+            return invalid(
+                "messages: the last message must be the user's (it is the prompt)".into(),
+            );
         }
-        None => {
-            return Err(ApiError::invalid(
-                "invalid_request",
-                "messages: at least one user message is required",
-            ));
-        }
+        None => return invalid("messages: at least one user message is required".into()),
     };
-    validate_prompt(&prompt, prepared).map_err(|s| ApiError::from_status(&s))?;
-    let history_proto: Vec<crate::proto::ChatMessage> = turns
-        .iter()
-        .map(|m| crate::proto::ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
-            meta: None,
-        })
-        .collect();
-    validate_history(&history_proto, prepared).map_err(|s| ApiError::from_status(&s))?;
     Ok(PromptCall {
         provider,
         model,
         history: turns,
         prompt,
-        max_tokens: max_tokens.filter(|n| *n > 0),
+        max_tokens: r.max_completion_tokens.or(r.max_tokens).filter(|n| *n > 0),
         temperature: r.temperature,
         top_p: r.top_p,
         stop,
@@ -332,14 +289,14 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         .registry
         .resolve_model_id(req.model.as_deref().unwrap_or(""))
         .await;
-    let mut call = into_call(req, &prepared, target)?;
+    let mut call = into_call(req, target)?;
     call.unary = !stream;
     let slot = match stream {
         true => api.stream_slot(&prepared, &caller.limit_key)?,
         false => None,
     };
     let busy = api.busy();
-    let answer = api.start(&prepared, call).await?;
+    let answer = api.core(&prepared).prompt(call).await?;
     caller.notes.answered_by(&answer.provider, &answer.model);
     let id = completion_id();
     let created = super::unix_now();
@@ -376,7 +333,7 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
                 Err(e) => {
                     tracing::debug!(error = %e, "stream failed after its first delta");
                     notes.failed(&e.to_string());
-                    let body = ApiError::from_llm(&e).openai_body();
+                    let body = ApiError::from(Error::from(e)).openai_body();
                     yield super::sse_json(&body);
                     return;
                 }
@@ -427,7 +384,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
             Ok(Delta::Text(t)) => text.push_str(&t),
             Ok(Delta::Usage(u)) => usage = Some(u),
             Ok(Delta::Finish(r)) => finish = Some(r),
-            Err(e) => return Err(ApiError::from_llm(&e)),
+            Err(e) => return Err(Error::from(e).into()),
         }
     }
     let completion = Completion {
@@ -530,25 +487,18 @@ struct ChunkFrames {
 
 impl ChunkFrames {
     fn new(id: &str, created: u64, model: &str, include_usage: bool) -> Self {
-        let whole = super::sse_json(&ChunkOut {
-            id,
-            object: "chat.completion.chunk",
-            created,
-            model,
-            system_fingerprint: None,
-            choices: &[ChunkChoice {
-                index: 0,
-                delta: DeltaOut::default(),
-                logprobs: None,
-                finish_reason: None,
-            }],
-            usage: None,
-        });
-        // Everything up to the delta's `{}`.
-        let head = whole
-            .windows(9)
-            .rposition(|w| w == br#""delta":{"#)
-            .map_or_else(Vec::new, |at| whole[..at + 8].to_vec());
+        // Written by hand, not through serde: the head is built after the first delta arrived
+        // and before it goes out, so its cost is on every stream's time to first token.
+        let mut head = Vec::with_capacity(160 + id.len() + model.len());
+        head.extend_from_slice(b"data: {\"id\":");
+        json_str(&mut head, id);
+        head.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        head.extend_from_slice(created.to_string().as_bytes());
+        head.extend_from_slice(b",\"model\":");
+        json_str(&mut head, model);
+        head.extend_from_slice(
+            b",\"system_fingerprint\":null,\"choices\":[{\"index\":0,\"delta\":",
+        );
         Self {
             head,
             tail: match include_usage {

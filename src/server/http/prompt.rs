@@ -14,13 +14,12 @@
 //! Every event of a `/request` call is also published on the [`EventBus`](crate::server::events)
 //! that `GET /updates` streams, tagged with the call's request id and principal.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -28,13 +27,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Api, ApiError, Caller, UsageOut};
+use crate::gateway::{Error, PromptAnswer, PromptCall};
+use crate::llm::Delta;
 use crate::llm::fallback::Answer;
-use crate::llm::gateway::PromptCall;
-use crate::llm::{Delta, LlmError, Message};
 use crate::server::events::{Received, Scope, Update, owner_key};
-use crate::server::grpc::{MAX_TOKENS_LIMIT, validate_history, validate_prompt};
-use crate::sessions::{SessionData, SessionError, StoredMessage};
-use crate::telemetry::SessionOperation;
 
 /// How often `/updates` sends a `: ping` comment so proxies keep it open.
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -56,43 +52,6 @@ struct PromptRequest {
     model: Option<String>,
     #[serde(default)]
     session: Option<String>,
-}
-
-/// A session's lock, held while its turn is appended.
-type SessionLock = Arc<tokio::sync::Mutex<()>>;
-
-/// One lock per (namespace, session) so concurrent calls on a session append both turns.
-#[derive(Debug, Default)]
-pub(super) struct SessionLocks {
-    inner: Mutex<HashMap<(String, String), SessionLock>>,
-}
-
-impl SessionLocks {
-    fn get(&self, ns: &str, name: &str) -> SessionLock {
-        let mut map = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Forget locks nobody holds, so the map stays as small as the calls in flight.
-        map.retain(|_, l| Arc::strong_count(l) > 1);
-        map.entry((ns.to_string(), name.to_string()))
-            .or_default()
-            .clone()
-    }
-}
-
-/// The session a call continues.
-struct SessionTurn {
-    namespace: String,
-    name: String,
-}
-
-fn session_error(e: &SessionError) -> ApiError {
-    let mut err = ApiError::from_status(&e.to_status());
-    if matches!(e, SessionError::NotFound { .. }) {
-        err.code = "session_not_found".into();
-    }
-    err
 }
 
 /// Publishes the events of one call on the bus.
@@ -128,10 +87,7 @@ pub(super) async fn request(State(api): State<Arc<Api>>, caller: Caller, req: Re
         Ok(r) => r,
         Err(Failure::Refused(e)) => e.into_request_response(),
         Err(Failure::Failed(e)) => {
-            publisher.send(
-                "error",
-                &json!({"message": e.message, "code": e.code.as_ref()}),
-            );
+            publisher.send("error", &e.event_data());
             e.into_request_response()
         }
     }
@@ -163,72 +119,32 @@ async fn run(
         return Err(super::not_acceptable().into());
     }
     let prepared = caller.prepared.clone();
-    validate_prompt(&req.prompt, &prepared).map_err(|s| ApiError::from_status(&s))?;
-    if req
-        .max_tokens
-        .is_some_and(|n| n > MAX_TOKENS_LIMIT.unsigned_abs())
-    {
-        return Err(ApiError::invalid(
-            "invalid_request",
-            format!("max_tokens must be at most {MAX_TOKENS_LIMIT}"),
-        )
-        .into());
+    let session = req.session.filter(|s| !s.is_empty());
+    if let Some(name) = &session {
+        caller.notes.resource(name);
     }
-    let session = match req.session.filter(|s| !s.is_empty()) {
-        None => None,
-        Some(name) => {
-            caller.notes.resource(&name);
-            crate::sessions::validate_name(&name).map_err(|e| session_error(&e))?;
-            if !caller.principal.can_write() {
-                caller.notes.denied();
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "permission_error",
-                    "permission_denied",
-                    "readonly principals cannot write sessions",
-                )
-                .into());
-            }
-            Some(SessionTurn {
-                namespace: caller.principal.session_namespace(),
-                name,
-            })
-        }
-    };
-    let history = match &session {
-        None => Vec::new(),
-        Some(s) => load(&api, s).await?.chat_history,
-    };
-    let history_proto: Vec<crate::proto::ChatMessage> = history
-        .iter()
-        .map(|m| crate::proto::ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
-            meta: None,
-        })
-        .collect();
-    validate_history(&history_proto, &prepared).map_err(|s| ApiError::from_status(&s))?;
     let call = PromptCall {
         provider: req.provider.unwrap_or_default(),
         model: req.model.unwrap_or_default(),
-        history: history
-            .into_iter()
-            .map(|m| Message {
-                role: m.role,
-                content: m.content,
-            })
-            .collect(),
-        prompt: req.prompt.clone(),
+        prompt: req.prompt,
         max_tokens: req.max_tokens.filter(|n| *n > 0),
         unary: !stream,
         ..Default::default()
     };
+    let core = api.core(&prepared);
     let slot = match stream {
         true => api.stream_slot(&prepared, &caller.limit_key)?,
         false => None,
     };
     let busy = api.busy();
-    let answer = api.start(&prepared, call).await.map_err(Failure::Failed)?;
+    // Failures of the providers are published as events; refusals before them are not.
+    let PromptAnswer { answer, session } = core
+        .session_prompt(&caller.principal, call, session)
+        .await
+        .map_err(|e| match e {
+            Error::Provider(_) => Failure::Failed(ApiError::from(e)),
+            e => Failure::Refused(super::refusal(&caller.notes, e)),
+        })?;
     caller.notes.answered_by(&answer.provider, &answer.model);
     let notes = caller.notes.clone();
     let Answer {
@@ -237,7 +153,6 @@ async fn run(
         stream: mut upstream,
         ..
     } = answer;
-    let prompt = req.prompt;
 
     if !stream {
         let mut text = String::new();
@@ -251,13 +166,13 @@ async fn run(
                 }
                 Ok(Delta::Usage(u)) => usage = Some(u),
                 Ok(Delta::Finish(_)) => {}
-                Err(e) => return Err(Failure::Failed(ApiError::from_llm(&e))),
+                Err(e) => return Err(Failure::Failed(Error::from(e).into())),
             }
         }
-        if let Some(s) = &session {
-            save_turn(&api, s, prompt, text.clone())
+        if let Some(turn) = session {
+            turn.save(&core, &api.session_locks, text.clone())
                 .await
-                .map_err(Failure::Failed)?;
+                .map_err(|e| Failure::Failed(e.into()))?;
         }
         let complete =
             json!({"provider": provider, "model": model, "usage": usage.map(UsageOut::from)});
@@ -293,18 +208,20 @@ async fn run(
                 Ok(Delta::Usage(u)) => usage = Some(u),
                 Ok(Delta::Finish(_)) => {}
                 Err(e) => {
+                    tracing::debug!(error = %e, "stream failed after its first delta");
                     notes.failed(&e.to_string());
-                    failure = Some(failed_midway(&e));
+                    failure = Some(Error::from(e).into());
                     break;
                 }
             }
         }
-        if failure.is_none() && let Some(s) = &session {
-            failure = save_turn(&api, s, prompt, text).await.err();
+        if failure.is_none() && let Some(turn) = session {
+            let core = api.core(&prepared);
+            failure = turn.save(&core, &api.session_locks, text).await.err().map(ApiError::from);
         }
         match failure {
             Some(e) => {
-                let data = json!({"message": e.message, "code": e.code.as_ref()});
+                let data = e.event_data();
                 publisher.send("error", &data);
                 yield Ok(event("error", data));
             }
@@ -319,58 +236,8 @@ async fn run(
     Ok(super::sse_headers(Sse::new(out).into_response()))
 }
 
-fn failed_midway(e: &LlmError) -> ApiError {
-    tracing::debug!(error = %e, "stream failed after its first delta");
-    ApiError::from_llm(e)
-}
-
 fn event(kind: &str, data: Value) -> Event {
     Event::default().data(json!({"type": kind, "data": data}).to_string())
-}
-
-/// The session, or a new empty one.
-async fn load(api: &Api, s: &SessionTurn) -> Result<SessionData, ApiError> {
-    if let Some(m) = &api.state.metrics {
-        m.session_operation(SessionOperation::Load);
-    }
-    match api.state.sessions.load(&s.namespace, &s.name).await {
-        Ok(d) => Ok(d),
-        Err(SessionError::NotFound { .. }) => Ok(SessionData::default()),
-        Err(e) => Err(session_error(&e)),
-    }
-}
-
-/// Appends the turn to the session as it is now (another call may have added one meanwhile).
-async fn save_turn(
-    api: &Api,
-    s: &SessionTurn,
-    prompt: String,
-    answer: String,
-) -> Result<(), ApiError> {
-    let lock = api.session_locks.get(&s.namespace, &s.name);
-    let _held = lock.lock().await;
-    let mut data = load(api, s).await?;
-    data.chat_history.push(StoredMessage {
-        role: "user".into(),
-        content: prompt,
-        meta: None,
-    });
-    data.chat_history.push(StoredMessage {
-        role: "assistant".into(),
-        content: answer,
-        meta: None,
-    });
-    if let Some(m) = &api.state.metrics {
-        m.session_operation(SessionOperation::Save);
-    }
-    api.state
-        .sessions
-        .save(&s.namespace, &s.name, data)
-        .await
-        .map_err(|e| {
-            tracing::warn!(session = %s.name, error = %e, "saving the session turn failed");
-            session_error(&e)
-        })
 }
 
 /// `GET /updates`: the caller's `/request` events (everyone's for admins) as SSE.

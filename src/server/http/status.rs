@@ -9,7 +9,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{Api, Caller};
+use super::{Api, ApiError, Caller};
+use crate::gateway::{Error, admin};
 
 /// `GET /health`: `{"status":"SERVING"}`, or 503 `NOT_SERVING` while draining.
 pub(super) async fn health(State(api): State<Arc<Api>>) -> Response {
@@ -31,38 +32,28 @@ fn rfc3339_in(left: std::time::Duration) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
-/// `GET /status`.
+/// `GET /status`: the core's status report, with the load and who is asking.
 pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Response {
     let state = &api.state;
-    let reg = &caller.prepared.registry;
-    let cooling = state.cooldowns.snapshot();
-    let unready = state.unready_providers();
-    let providers: Vec<Value> = reg
-        .providers()
+    let report = api
+        .core(&caller.prepared)
+        .status(&state.unready_providers(), state.reloader());
+    let providers: Vec<Value> = report
+        .providers
         .iter()
         .map(|p| {
-            let name = p.name();
-            let cd = cooling
-                .iter()
-                .find(|c| c.provider.eq_ignore_ascii_case(name));
-            let not_ready = unready.get(name);
-            let state = match (cd, not_ready) {
-                (Some(_), _) => "cooling_down",
-                (None, Some(_)) => "unready",
-                (None, None) => "ok",
-            };
             json!({
-                "name": name,
-                "kind": p.kind().as_str(),
-                "default_model": p.default_model(),
-                "state": state,
-                "cooldown": cd.map(|c| json!({
+                "name": p.name,
+                "kind": p.kind,
+                "default_model": p.default_model,
+                "state": p.state(),
+                "cooldown": p.cooldown.as_ref().map(|c| json!({
                     "until": rfc3339_in(c.remaining),
                     "remaining_seconds": c.remaining.as_secs().max(1),
                     "failures": c.failures,
                     "last_error": c.reason,
                 })),
-                "unready_reason": not_ready,
+                "unready_reason": p.unready,
             })
         })
         .collect();
@@ -81,57 +72,41 @@ pub(super) async fn status(State(api): State<Arc<Api>>, caller: Caller) -> Respo
         "uptime_seconds": state.started.elapsed().as_secs(),
         "draining": state.is_draining(),
         "default": {
-            "provider": reg.default_provider().map(|p| p.name()),
-            "model": reg.default_model(),
+            "provider": report.default_provider,
+            "model": report.default_model,
         },
-        "fallback": reg.fallback().chain,
+        "fallback": report.fallback,
         "providers": providers,
         "requests_in_flight": grpc + http,
         "in_flight": {"grpc": grpc, "http": http},
         "update_subscribers": state.events.subscribers(),
-        "config": state.reloader.get().map(|r| {
-            let st = r.status();
-            json!({
-                "generation": st.generation,
-                "hash": st.config_hash,
-                "last_reload_error": st.last_error,
-                "restart_needed": st.restart_needed,
-            })
-        }),
+        "config": report.config.map(|st| json!({
+            "generation": st.generation,
+            "hash": st.config_hash,
+            "last_reload_error": st.last_error,
+            "restart_needed": st.restart_needed,
+        })),
         "caller": who,
     }))
     .into_response()
 }
 
-/// `POST /admin/reload`: re-reads the configuration now (admins only).
+/// `POST /admin/reload`: re-reads the configuration now (admins only). A refused configuration
+/// answers 422 with `"reloaded": false` and its problems beside the error.
 pub(super) async fn admin_reload(State(api): State<Arc<Api>>, caller: Caller) -> Response {
-    use axum::http::StatusCode;
-    if caller.principal.role != crate::auth::Role::Admin {
-        caller.notes.denied();
-        return (
-            StatusCode::FORBIDDEN,
-            Json(json!({"error": {"message": "reload is for admins", "type": "permission_error", "code": "forbidden"}})),
-        )
-            .into_response();
-    }
-    let Some(reloader) = api.state.reloader.get() else {
-        return (
-            StatusCode::CONFLICT,
-            Json(json!({"error": {"message": "this server was not started from config files; nothing to reload", "type": "invalid_request_error", "code": "no_reload"}})),
-        )
-            .into_response();
-    };
-    match reloader.reload("admin API", true).await {
+    match admin::reload(&caller.principal, api.state.reloader(), "admin API").await {
         Ok(outcome) => {
-            let generation = match outcome {
-                crate::reload::ReloadOutcome::Applied(g) | crate::reload::ReloadOutcome::Unchanged(g) => g,
-            };
-            Json(json!({"reloaded": true, "generation": generation})).into_response()
+            Json(json!({"reloaded": true, "generation": outcome.generation()})).into_response()
         }
-        Err(problems) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({"reloaded": false, "error": {"message": "reload failed; the previous configuration keeps serving", "type": "config_error", "code": "reload_failed", "problems": problems}})),
-        )
-            .into_response(),
+        Err(Error::ReloadFailed { problems }) => {
+            let e = ApiError::from(Error::ReloadFailed {
+                problems: problems.clone(),
+            });
+            let mut body = e.openai_body();
+            body["reloaded"] = json!(false);
+            body["error"]["problems"] = json!(problems);
+            e.respond(body)
+        }
+        Err(e) => super::refusal(&caller.notes, e).into_response(),
     }
 }

@@ -1,27 +1,33 @@
-//! Hot reload: debounce → load → validate → prepare (may fail) → swap (cannot fail).
+//! Hot reload: load → validate → prepare (may fail) → swap (cannot fail), and what triggers it.
 //!
-//! Triggers: changes in the directories of the config file, its `conf.d/` drop-ins and every file
-//! the config points to (directories, not files, so atomic renames and the Kubernetes `..data`
-//! symlink swap are seen; events are debounced ~250 ms, at most 1 s, so an editor's
-//! truncate-then-write is read once, whole), SIGHUP, and the admin commands (`/reload`, `POST /admin/reload`).
+//! Triggers: the file watcher ([`watch`]: one debounced watcher over the directories of the config
+//! file, its `conf.d/` drop-ins, every file the config points to (secrets, tokens, keys) and the
+//! TLS material), SIGHUP ([`on_sighup`], which also re-reads the TLS material), and the
+//! admin commands (`/reload`, `POST /admin/reload`).
 //!
 //! A reload reads and validates everything into a new [`Prepared`] off the request path and
-//! publishes it with one store; requests keep the snapshot they started with. Unchanged providers
-//! keep their connection pools, cooldowns live beside the snapshot. A config that fails keeps the
-//! old one serving, logs every problem at once and counts the failure; the files the failed config
-//! names are watched beside the serving config's, so creating the one that was missing (a token
-//! file, a key) applies it. A config that would leave the listener on a non-loopback address
-//! without any authentication is refused ([`crate::server::check_exposure`]).
+//! publishes it with one store ([`AppState::publish`]); requests keep the snapshot they started
+//! with. Unchanged providers keep their connection pools; the live state beside the snapshot
+//! (rate-limit buckets, the failed-authentication limiter, stream caps, cooldowns) takes the new
+//! limits and keeps what callers have spent where their limit did not change. A config that fails
+//! keeps the old one serving, logs every problem at once and counts the failure; the files the
+//! failed config names are watched beside the serving config's, so creating the one that was
+//! missing (a token file, a key) applies it. A config that would leave the listener on a
+//! non-loopback address without any authentication is refused ([`crate::server::check_exposure`]).
 //!
 //! Every key of the config file is either applied by a reload ([`RELOADABLE`]) or needs a restart
 //! ([`RESTART_ONLY`]). A restart-only key that changed keeps its running value, is named in the
 //! reload's log lines and is flagged by `chatcli_config_reload_restart_needed{key="…"}` (1) until
 //! the files agree with the running value again.
 
+mod watch;
+
+pub use watch::{WatchGuard, on_sighup, watch};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use sha2::{Digest, Sha256};
@@ -116,7 +122,7 @@ pub struct Reloader {
     /// a reload succeeds: creating the missing one retries it.
     pending: Mutex<Vec<PathBuf>>,
     /// Tells the file watcher to re-arm its directories, after a reload from any trigger.
-    rearm: tokio::sync::Notify,
+    pub(super) rearm: tokio::sync::Notify,
     running: tokio::sync::Mutex<()>,
     metrics: Option<ReloadMetrics>,
 }
@@ -273,22 +279,13 @@ impl Reloader {
             || new_tls.client_ca_file != old_tls.client_ca_file
             || new_tls.min_version != old_tls.min_version;
         let tls_cfg = new_tls.clone();
-        let auth_failures_per_minute = prepared.config.limits.auth_failures_per_minute;
         state.publish(prepared);
         lock(&self.pending).clear();
-        // Live state beside the snapshot takes the new limits.
-        state.auth_failures.set_per_minute(auth_failures_per_minute);
-        if tls_changed {
-            let result = match (state.tls_watch.get(), &state.tls) {
-                // The watcher switches to the new paths and logs and counts the reload itself.
-                (Some(watch), _) => watch.follow(tls_cfg).or(Ok(())),
-                (None, Some(acceptor)) => acceptor.reload(&tls_cfg),
-                (None, None) => Ok(()),
-            };
-            if let Err(e) = result {
-                // Checked above; a file changed in between: the old certificate keeps serving.
-                tracing::error!("TLS reload failed, still serving the previous certificate: {e}");
-            }
+        if tls_changed && let Some(rotation) = &state.tls_rotation {
+            // The rotation switches to the new paths (the watcher follows them after this reload)
+            // and logs and counts the reload itself; the files were checked above, and a file
+            // changed in between leaves the old certificate serving.
+            let _ = rotation.follow(tls_cfg);
         }
         if level_changed
             && let Some(set) = &self.set_level
@@ -705,96 +702,11 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Quiet time that ends a burst of file events (an editor's truncate-then-write is read once).
-const DEBOUNCE: Duration = Duration::from_millis(250);
-/// Longest a burst may postpone its reload: files rewritten faster than [`DEBOUNCE`] still apply.
-const MAX_DELAY: Duration = Duration::from_secs(1);
-
-/// Watches the config's directories and reloads on changes: a burst of events ends after
-/// `DEBOUNCE` of quiet, or `MAX_DELAY` after its first event, whichever comes first. The
-/// returned guard stops watching when dropped. After each reload, whatever triggered it, the set
-/// of directories is recomputed (a config that now points to a new key file gets that file's
-/// directory watched; so does a failed config's missing file).
-pub fn watch(reloader: Arc<Reloader>) -> Result<WatchGuard, String> {
-    use notify::{RecursiveMode, Watcher};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let Ok(e) = res else { return };
-        use notify::EventKind::*;
-        let relevant = matches!(e.kind, Create(_) | Remove(_))
-            || matches!(e.kind, Modify(k) if !matches!(k, notify::event::ModifyKind::Metadata(_)));
-        if relevant && !e.paths.is_empty() {
-            let _ = tx.send(e.paths);
-        }
-    })
-    .map_err(|e| format!("cannot watch the configuration: {e}"))?;
-    let mut watched = reloader.watched_dirs();
-    for d in &watched {
-        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory");
-        }
-    }
-    let watcher = Arc::new(Mutex::new(watcher));
-    let task = {
-        let watcher = watcher.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    received = rx.recv() => {
-                        let Some(mut paths) = received else { return };
-                        let deadline = tokio::time::Instant::now() + MAX_DELAY;
-                        loop {
-                            let quiet = tokio::time::Instant::now() + DEBOUNCE;
-                            match tokio::time::timeout_at(quiet.min(deadline), rx.recv()).await {
-                                Ok(Some(more)) => paths.extend(more),
-                                Ok(None) => return,
-                                Err(_) => break,
-                            }
-                        }
-                        if !paths.iter().any(|p| reloader.is_relevant(p)) {
-                            continue;
-                        }
-                        let _ = reloader.reload("file change", false).await;
-                    }
-                    _ = reloader.rearm.notified() => {}
-                }
-                let now = reloader.watched_dirs();
-                if now != watched {
-                    let mut w = lock(&watcher);
-                    for old in watched.iter().filter(|o| !now.contains(o)) {
-                        let _ = w.unwatch(old);
-                    }
-                    for new in now.iter().filter(|n| !watched.contains(n)) {
-                        if let Err(e) = w.watch(new, RecursiveMode::NonRecursive) {
-                            tracing::warn!(dir = %new.display(), error = %e, "cannot watch directory");
-                        }
-                    }
-                    watched = now;
-                }
-            }
-        })
-    };
-    Ok(WatchGuard {
-        _watcher: Box::new(watcher),
-        task,
-    })
-}
-
-/// Stops watching when dropped.
-pub struct WatchGuard {
-    _watcher: Box<dyn std::any::Any + Send>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for WatchGuard {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// The dotted keys of the example config, commented-out ones included (keys without a default
