@@ -7,6 +7,7 @@
 //! input can describe); round-trips where an encoder exists. The number of generated cases is
 //! small by default (the test command stays fast); `PROPTEST_CASES` raises it, and
 //! `bench/fuzz.sh` runs the suite in a loop for a number of minutes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // reason: test code; a failed unwrap is a failed test
 
 mod auth;
 mod config;

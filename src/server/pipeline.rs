@@ -266,6 +266,9 @@ impl Pipeline {
         };
         let (mut parts, body) = req.into_parts();
         let prepared = sides.state.prepared();
+        // An HTTP API body must arrive within the read timeout; gRPC streams have deadlines.
+        let read_limit = Some(prepared.config.server.body_read_timeout)
+            .filter(|d| !is_grpc && !d.is_zero() && !http_body::Body::is_end_stream(&body));
         let client = super::forwarded::client_of(
             &prepared.trusted_proxies,
             conn.remote,
@@ -282,12 +285,22 @@ impl Pipeline {
             limit_key: None,
         });
         // Only the audit record reports the bytes read.
-        let body = match &bytes_in {
-            Some(count) => Body::new(Counting {
+        let body = match (&bytes_in, read_limit) {
+            (Some(count), None) => Body::new(Counting {
                 inner: Box::pin(body),
                 count: count.clone(),
             }),
-            None => Body::new(body),
+            (None, None) => Body::new(body),
+            (count, Some(limit)) => {
+                let timed = ReadDeadline::new(body, limit);
+                match count {
+                    Some(count) => Body::new(Counting {
+                        inner: Box::pin(timed),
+                        count: count.clone(),
+                    }),
+                    None => Body::new(timed),
+                }
+            }
         };
         let req = Request::from_parts(parts, body);
         let mut resp = if is_grpc {
@@ -604,6 +617,64 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
 /// The `grpc-status` in `headers`, when present and a number.
 fn status_of(headers: &HeaderMap) -> Option<tonic::Code> {
     headers.get(&GRPC_STATUS).and_then(code_of)
+}
+
+/// The error of a request body that did not arrive within `server.body_read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was not sent within {0:?}")]
+pub struct BodyReadTimeout(std::time::Duration);
+
+/// A request body that fails with [`BodyReadTimeout`] once its deadline passes. The timer is made
+/// only when a read has to wait, so a body that is already there costs no timer.
+struct ReadDeadline<B> {
+    inner: Pin<Box<B>>,
+    limit: std::time::Duration,
+    deadline: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> ReadDeadline<B> {
+    fn new(inner: B, limit: std::time::Duration) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            limit,
+            deadline: tokio::time::Instant::now() + limit,
+            timer: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for ReadDeadline<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Some(Err(BodyReadTimeout(this.limit).into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Counts the bytes of a request body.

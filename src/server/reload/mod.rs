@@ -495,6 +495,10 @@ restart_only!(
     server.max_send_msg_size,
     server.max_concurrent_streams,
     server.header_read_timeout,
+    server.max_header_bytes,
+    server.max_connections_per_client,
+    server.tls_handshake_timeout,
+    server.max_pending_reset_streams,
     server.reflection,
     server.proxy_protocol,
     metrics.port,
@@ -520,6 +524,7 @@ restart_only!(
 /// The watcher's keys are read from the snapshot too; the watcher itself is not in this build.
 pub const RELOADABLE: &[&str] = &[
     "server.shutdown_grace",
+    "server.body_read_timeout",
     "server.allow_no_auth",
     "server.trusted_proxies",
     "server.tls.cert_file",
@@ -574,6 +579,7 @@ pub const RELOADABLE: &[&str] = &[
     "llm.providers.first_byte_timeout",
     "llm.providers.idle_timeout",
     "llm.providers.unary_timeout",
+    "llm.providers.max_response_bytes",
     "llm.providers.models",
     "llm.providers.discover_models",
     "llm.providers.models_refresh",
