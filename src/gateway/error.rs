@@ -97,6 +97,8 @@ codes! {
     ReloadFailed = "reload_failed",
     /// The capability is not in this build.
     NotImplemented = "not_implemented",
+    /// The server is draining after SIGTERM and takes no new calls; another instance may.
+    ShuttingDown = "shutting_down",
     /// The server failed in a way the caller cannot fix.
     Internal = "internal",
 }
@@ -292,6 +294,7 @@ impl Code {
                 | Code::AllProvidersFailed
                 | Code::SessionStorageFailed
                 | Code::Internal
+                | Code::ShuttingDown
         )
     }
 }

@@ -63,7 +63,8 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         Code::NoProviders
         | Code::UpstreamAuthFailed
         | Code::UpstreamUnavailable
-        | Code::AllProvidersFailed => G::Unavailable,
+        | Code::AllProvidersFailed
+        | Code::ShuttingDown => G::Unavailable,
         Code::UpstreamTimeout | Code::IdleTimeout => G::DeadlineExceeded,
         Code::ReloadUnavailable | Code::ReloadFailed => G::FailedPrecondition,
         Code::NotImplemented => G::Unimplemented,
@@ -159,6 +160,11 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
             StatusCode::NOT_IMPLEMENTED,
             "server_error",
             "not_implemented",
+        ),
+        Code::ShuttingDown => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "shutting_down",
         ),
     }
 }

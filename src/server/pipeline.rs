@@ -438,6 +438,12 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
     let (prepared, notes, conn) = (&ctx.prepared, &ctx.notes, &ctx.conn);
     let ip = ctx.client.ip;
     let exempt = crate::auth::is_exempt(req.uri().path());
+    // Draining: a call that reaches a connection before its GOAWAY (or on a kept-alive HTTP/1
+    // connection) is refused cleanly; the calls in flight finish. Health checks still answer.
+    if !exempt && state.is_draining() {
+        notes.note(|n| n.refusal = Some("the server is shutting down".into()));
+        return Err(Refusal::ShuttingDown);
+    }
     let throttled = state.auth_failures.is_blocked(ip);
     let verification = match throttled {
         Some(_) => Verification::Cheap,
@@ -515,6 +521,8 @@ enum Refusal {
     RateLimited(u64),
     /// The failed-auth limiter refuses the caller's address for this many seconds.
     AuthThrottled(u64),
+    /// The server is draining.
+    ShuttingDown,
 }
 
 impl Refusal {
@@ -525,13 +533,14 @@ impl Refusal {
             Refusal::Unauthenticated => Code::Unauthenticated,
             Refusal::RateLimited(_) => Code::RateLimited,
             Refusal::AuthThrottled(_) => Code::TooManyAuthFailures,
+            Refusal::ShuttingDown => Code::ShuttingDown,
         }
     }
 
     /// The `Retry-After` (`retry-after` in gRPC metadata) of the refusal, in seconds.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Refusal::Unauthenticated => None,
+            Refusal::Unauthenticated | Refusal::ShuttingDown => None,
             Refusal::RateLimited(s) | Refusal::AuthThrottled(s) => Some(*s),
         }
     }
@@ -553,6 +562,7 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
                 ("8", format!("rate limit exceeded, retry after {s} seconds"))
             }
             Refusal::AuthThrottled(s) => ("8", throttled_message(s)),
+            Refusal::ShuttingDown => ("14", "the server is shutting down".to_string()),
         };
         let mut r = Response::new(Body::empty());
         let h = r.headers_mut();
@@ -586,6 +596,10 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
                     "chatcli_code": "too_many_auth_failures",
                 }})
                 .to_string(),
+            ),
+            Refusal::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":{"message":"the server is shutting down","type":"server_error","code":"shutting_down","chatcli_code":"shutting_down"}}"#.to_string(),
             ),
         };
         let mut r = Response::new(Body::from(body));

@@ -7,6 +7,7 @@ mod binary;
 mod client;
 mod client_credentials;
 mod config_tables;
+mod crash;
 mod error_classes;
 mod fault_table;
 mod first_hour;
