@@ -12,6 +12,7 @@ mod error_classes;
 mod fault_table;
 mod first_hour;
 mod grpc;
+mod held_streams;
 mod hostile;
 mod http;
 mod http_api;
