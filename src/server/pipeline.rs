@@ -303,6 +303,25 @@ impl Pipeline {
             }
         };
         let req = Request::from_parts(parts, body);
+        // The record is made before the call runs, so that a call dropped before it has a
+        // response (its client went away while it waited for the first delta) is audited too.
+        let mut early = EarlyAudit(sides.state.audit.clone().map(|audit| PendingAudit {
+            audit,
+            started,
+            request_id: request_id_string(&request_id),
+            client_addr: client.to_string(),
+            peer_addr: client.forwarded.then(|| conn.remote.to_string()),
+            method,
+            is_grpc,
+            http_status: CLIENT_CLOSED_REQUEST,
+            header_status: None,
+            header_message: None,
+            header_error_code: None,
+            bytes_in: bytes_in.unwrap_or_default(),
+            bytes_out: 0,
+            notes,
+            done: false,
+        }));
         let mut resp = if is_grpc {
             sides.grpc.clone().oneshot(req).await?
         } else {
@@ -327,28 +346,14 @@ impl Pipeline {
         {
             m.error_answered(code);
         }
-        let Some(audit) = sides.state.audit.clone() else {
+        let Some(mut pending) = early.0.take() else {
             return Ok(resp);
         };
-        let request_id = request_id_string(&request_id);
         let (parts, body) = resp.into_parts();
-        let pending = PendingAudit {
-            audit,
-            started,
-            request_id,
-            client_addr: client.to_string(),
-            peer_addr: client.forwarded.then(|| conn.remote.to_string()),
-            method,
-            is_grpc,
-            http_status: parts.status,
-            header_status: status_of(&parts.headers),
-            header_message: parts.headers.get(&GRPC_MESSAGE).cloned(),
-            header_error_code: parts.headers.get(&ERROR_CODE_HEADER).cloned(),
-            bytes_in: bytes_in.unwrap_or_default(),
-            bytes_out: 0,
-            notes,
-            done: false,
-        };
+        pending.http_status = parts.status;
+        pending.header_status = status_of(&parts.headers);
+        pending.header_message = parts.headers.get(&GRPC_MESSAGE).cloned();
+        pending.header_error_code = parts.headers.get(&ERROR_CODE_HEADER).cloned();
         Ok(Response::from_parts(
             parts,
             Body::new(Audited {
@@ -886,6 +891,28 @@ impl http_body::Body for Audited {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The status an HTTP call is audited with when its client went away before it had a response
+/// (nginx's 499; never sent, as nobody is left to read it).
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// A call's audit record until the call has a response; written as cancelled if the call is
+/// dropped first.
+struct EarlyAudit(Option<PendingAudit>);
+
+impl Drop for EarlyAudit {
+    fn drop(&mut self) {
+        if let Some(mut pending) = self.0.take() {
+            pending
+                .notes
+                .note(|n| n.failure = Some("the client went away before the answer began".into()));
+            pending.finish(None, false);
+        }
     }
 }
 

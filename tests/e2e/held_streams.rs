@@ -1,6 +1,7 @@
 //! Many streams held open at once against a slow upstream, on both transports: while they are
 //! held, the in-flight counts say so; once they end (half answered to the end, half cancelled by
-//! the client mid-stream), the upstream saw every cancelled call go away, the in-flight gauges are
+//! the client mid-stream, a few more cancelled before their first delta), the upstream saw every
+//! cancelled call go away, the in-flight gauges are
 //! back to zero, the open file descriptors are back where they were, and every call has its audit
 //! record. `bench/held-streams.sh` runs the full numbers (1,000 per transport, with RSS).
 
@@ -194,6 +195,47 @@ async fn held_streams_end_with_gauges_and_descriptors_back_to_their_baseline() {
         "the upstream saw {} of {streams} cancelled calls go",
         fake.cancelled()
     );
+    // And calls cancelled before their first delta, on both transports, while the upstream holds
+    // it: the upstream sees those go too.
+    const EARLY: usize = 10;
+    fake.on_model(
+        "early",
+        Reply::steps(vec![Step::AwaitRelease, Step::Text("late".into())]),
+    );
+    let upstream_before = fake.requests().len();
+    let mut early = Vec::new();
+    for i in 0..EARLY {
+        let mut client = channels[0].clone();
+        early.push(tokio::spawn(async move {
+            let _ = client
+                .stream_prompt(StreamPromptRequest {
+                    prompt: format!("early {i}"),
+                    model: "early".into(),
+                    ..StreamPromptRequest::default()
+                })
+                .await;
+        }));
+        let req = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"model": "slow/early", "stream": true,
+                          "messages": [{"role": "user", "content": "early"}]}));
+        early.push(tokio::spawn(async move {
+            let _ = req.send().await;
+        }));
+    }
+    eventually("the early calls upstream", || async {
+        (fake.requests().len() >= upstream_before + 2 * EARLY).then_some(())
+    })
+    .await;
+    for t in &early {
+        t.abort();
+    }
+    assert!(
+        fake.wait_cancelled(streams + 2 * EARLY, HANG_GUARD).await,
+        "the upstream saw {} of {} cancelled calls go",
+        fake.cancelled(),
+        streams + 2 * EARLY
+    );
     // The others are answered to their end.
     fake.release();
     for mut stream in keep_grpc {
@@ -240,8 +282,8 @@ async fn held_streams_end_with_gauges_and_descriptors_back_to_their_baseline() {
         (open_fds_without_upstream(upstream_port).0 <= allowed).then_some(())
     })
     .await;
-    // Every call has its audit record: the two warm-up calls and every held one.
-    let calls = 2 + 2 * streams;
+    // Every call has its audit record: the two warm-up calls, every held one and every early one.
+    let calls = 2 + 2 * streams + 2 * EARLY;
     let lines = eventually("every audit record", || async {
         let text = std::fs::read_to_string(&audit).ok()?;
         let lines: Vec<Value> = text
