@@ -204,6 +204,10 @@ async fn serve_conn<S>(
 {
     let remote = info.remote;
     let info = Arc::new(info);
+    // Cancelled by the drain, or by the ping-flood guard for this connection alone: either way the
+    // connection sends GOAWAY.
+    let shut = drain.child_token();
+    let stream = super::ping_flood::PingGuard::new(stream, shut.clone());
     let svc =
         tower::service_fn(move |req: Request<Incoming>| pipeline.clone().handle(info.clone(), req));
     let mut builder = auto::Builder::new(SpawnBoxed);
@@ -227,7 +231,7 @@ async fn serve_conn<S>(
     let conn = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
         .into_owned();
-    if let Err(e) = Draining::new(conn, drain, |c| c.graceful_shutdown()).await {
+    if let Err(e) = Draining::new(conn, shut, |c| c.graceful_shutdown()).await {
         tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
     }
 }
