@@ -1,6 +1,9 @@
 //! The HTTP/2 ping-flood guard: a connection's byte stream is read as HTTP/2 frames (only when it
 //! starts with the HTTP/2 preface; HTTP/1 and anything else pass through untouched) and its PING
-//! frames counted. A client over [`MAX_PINGS_PER_SECOND`] has its connection ended: the guard
+//! frames counted: a client that sends more than [`MAX_PINGS_PER_SECOND`] in a second, and no
+//! other frame between them, has its connection ended. Any other frame starts the count again,
+//! so the pings gRPC clients send to size their flow-control window (each after a DATA frame,
+//! with WINDOW_UPDATEs between them) never count as a flood. The guard
 //! cancels the connection's token, so the connection sends GOAWAY as it does when draining, stops
 //! reading the client's frames and, after [`FLOOD_GRACE`] for the GOAWAY to go out, ends.
 //!
@@ -103,7 +106,9 @@ impl<S> PingGuard<S> {
                     *skip = usize::from(head[0]) << 16
                         | usize::from(head[1]) << 8
                         | usize::from(head[2]);
-                    if head[3] == PING && head[4] & ACK == 0 {
+                    if head[3] != PING {
+                        self.pings = 0;
+                    } else if head[4] & ACK == 0 {
                         let now = Instant::now();
                         if now.duration_since(self.window) >= Duration::from_secs(1) {
                             self.window = now;
@@ -212,6 +217,19 @@ mod tests {
         let one_more = frame(PING, 0, &[0; 8]);
         assert!(whole.scan(&one_more));
         assert!(bytewise.scan(&one_more));
+    }
+
+    #[tokio::test]
+    async fn another_frame_between_pings_starts_the_count_again() {
+        let mut g = guard();
+        let mut stream = PREFACE.to_vec();
+        for _ in 0..10 {
+            for _ in 0..MAX_PINGS_PER_SECOND {
+                stream.extend(frame(PING, 0, &[0; 8]));
+            }
+            stream.extend(frame(0x8, 0, &[0, 0, 1, 0]));
+        }
+        assert!(!g.scan(&stream));
     }
 
     #[tokio::test]
