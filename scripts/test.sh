@@ -44,6 +44,9 @@ if cargo tree --locked -e normal,build --prefix none | grep -E '^(openssl-sys|op
   echo "a forbidden TLS/crypto crate is in the dependency tree (see DEPENDENCIES.md)" >&2; exit 1
 fi
 
+step "cargo audit: known vulnerabilities in Cargo.lock (reviewed ignores in .cargo/audit.toml; skipped with a message when the advisory database cannot be fetched)"
+scripts/audit.sh
+
 step "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod exit;
+#[cfg(test)]
+mod fuzz;
 pub mod gateway;
 pub mod hub;
 pub mod llm;

@@ -152,6 +152,26 @@ pub struct ServerConfig {
     /// connections are not affected. `0` = no limit. Needs a restart.
     #[serde(with = "duration_str")]
     pub header_read_timeout: Duration,
+    /// Longest time a client may take to send the body of an HTTP API request, counted from the
+    /// end of its headers. A client that trickles its body is answered 408 and disconnected, so
+    /// it cannot hold a connection and a handler by sending a byte at a time. gRPC calls are not
+    /// affected (their streams have deadlines of their own). `0` = no limit.
+    #[serde(with = "duration_str")]
+    pub body_read_timeout: Duration,
+    /// Largest request head a client may send, in bytes: an HTTP/1 request line and headers over
+    /// it are answered 431, an HTTP/2 header list over it is refused (the stream is reset). Needs
+    /// a restart.
+    pub max_header_bytes: u32,
+    /// Connections one client address (the TCP peer) may hold open at once; a further one is
+    /// closed as soon as it is accepted. `0` = no limit. Needs a restart.
+    pub max_connections_per_client: u32,
+    /// Longest time a client may take to complete the TLS handshake; a client that stalls in it
+    /// is disconnected. Needs a restart.
+    #[serde(with = "duration_str")]
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/2 streams a client may open and reset before the server accepts them; a client over it
+    /// (the "rapid reset" attack) gets GOAWAY and its connection is closed. Needs a restart.
+    pub max_pending_reset_streams: u32,
     /// Serve gRPC reflection (`--enable-reflection`); also needs `CHATCLI_GRPC_REFLECTION=true`.
     pub reflection: bool,
     /// Start without any authentication on a non-loopback address (`--allow-no-auth`).
@@ -191,6 +211,11 @@ impl Default for ServerConfig {
             max_send_msg_size: 52_428_800,
             max_concurrent_streams: 100,
             header_read_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            max_header_bytes: 65_536,
+            max_connections_per_client: 0,
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_pending_reset_streams: 20,
             reflection: false,
             allow_no_auth: false,
             trusted_proxies: Vec::new(),
@@ -557,6 +582,10 @@ pub struct ProviderConfig {
     /// provider's cooldown: how long an answer takes depends on what was asked.
     #[serde(with = "duration_str")]
     pub unary_timeout: Duration,
+    /// Largest answer body this provider may send, in bytes (`0` = no bound): an upstream that
+    /// sends more is cut off and the call fails as a malformed answer (the fallback chain moves
+    /// on when nothing was sent to the caller yet). Bounds the memory one call can take.
+    pub max_response_bytes: u64,
     /// Anthropic `anthropic-version` header.
     pub api_version: Option<String>,
     /// StackSpot client id.
@@ -591,6 +620,7 @@ impl Default for ProviderConfig {
             first_byte_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             unary_timeout: Duration::from_secs(300),
+            max_response_bytes: 16 * 1024 * 1024,
             api_version: None,
             client_id: None,
             client_key: None,

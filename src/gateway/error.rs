@@ -121,7 +121,8 @@ codes! {
     AgentNotFound = "agent_not_found",
     /// No skill of that name.
     SkillNotFound = "skill_not_found",
-    /// The server is shutting down; the work was stopped.
+    /// The server is shutting down: it takes no new calls and stops long work (a plugin run);
+    /// another instance may take the call.
     ShuttingDown = "shutting_down",
     /// The capability is not in this build.
     NotImplemented = "not_implemented",

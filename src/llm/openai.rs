@@ -431,11 +431,22 @@ impl WireFormat for OpenAi {
     ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
         async_stream::try_stream! {
             let resp = pending.answer(&name).await?;
-            let is_json = resp
-                .headers()
-                .get(reqwest::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
+            let ct = resp.content_type();
+            // A page (a proxy's login or error page answered with 200) is not an answer; other
+            // content types are read as events, since compatible servers label SSE loosely.
+            if let Some(ct) = ct.as_deref().filter(|ct| {
+                ["text/html", "application/xhtml", "text/xml", "application/xml"]
+                    .iter()
+                    .any(|page| ct.starts_with(page))
+            }) {
+                Err(malformed(
+                    &name,
+                    format!("expected an event stream, got content type `{ct}`"),
+                ))?;
+            }
+            let is_json = ct
+                .as_deref()
+                .is_some_and(|ct| ct.starts_with("application/json"));
             if is_json {
                 let body = resp.bytes(&name).await?;
                 for d in whole_answer(&name, &body)? {
@@ -847,6 +858,17 @@ mod tests {
                 completion_tokens: 3
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_streamed_call_answered_with_an_html_page_is_malformed() {
+        let u = fails_with(Reply::Raw {
+            content_type: "text/html; charset=utf-8".into(),
+            body: "<html><body>Sign in</body></html>".into(),
+        })
+        .await;
+        assert_eq!(u.class, ErrorClass::Malformed, "{u}");
+        assert!(u.message.contains("text/html"), "{u}");
     }
 
     #[tokio::test]

@@ -75,10 +75,11 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         Code::NoProviders
         | Code::UpstreamAuthFailed
         | Code::UpstreamUnavailable
-        | Code::AllProvidersFailed => G::Unavailable,
+        | Code::AllProvidersFailed
+        | Code::ShuttingDown => G::Unavailable,
         Code::UpstreamTimeout | Code::IdleTimeout => G::DeadlineExceeded,
         Code::ReloadUnavailable | Code::ReloadFailed | Code::PluginBuiltin => G::FailedPrecondition,
-        Code::HubDisabled | Code::HubUnavailable | Code::ShuttingDown => G::Unavailable,
+        Code::HubDisabled | Code::HubUnavailable => G::Unavailable,
         Code::SubscriberLagged => G::Aborted,
         Code::NotImplemented => G::Unimplemented,
     }

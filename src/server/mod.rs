@@ -16,6 +16,7 @@ pub mod healthcheck;
 mod http;
 mod listener;
 mod metrics_http;
+mod ping_flood;
 pub mod pipeline;
 pub mod proxy_protocol;
 pub mod ratelimit;

@@ -297,6 +297,14 @@ async fn json_body<T: serde::de::DeserializeOwned>(
                 if s.is::<http_body_util::LengthLimitError>() {
                     return too_large();
                 }
+                if s.is::<crate::server::pipeline::BodyReadTimeout>() {
+                    return ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "invalid_request_error",
+                        "request_timeout",
+                        "the request body was not sent in time",
+                    );
+                }
                 source = s.source();
             }
             ApiError::invalid(
