@@ -163,7 +163,11 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
             "config_error",
             "reload_failed",
         ),
-        Code::HubDisabled => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "hub_disabled"),
+        Code::HubDisabled => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "hub_disabled",
+        ),
         Code::HubUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",

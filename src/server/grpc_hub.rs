@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 
 use super::AppState;
 use super::error;
-use crate::gateway::Error;
 use super::pipeline::CallContext;
+use crate::gateway::Error;
 use crate::hub::{AppendRequest, Caller, HubError, HubLimits};
 use crate::proto::*;
 use crate::state::{Binding, StoredEvent};
