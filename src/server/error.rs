@@ -73,7 +73,8 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         Code::UpstreamTimeout | Code::IdleTimeout => G::DeadlineExceeded,
         Code::ReloadUnavailable | Code::ReloadFailed => G::FailedPrecondition,
         Code::HubDisabled | Code::HubUnavailable => G::Unavailable,
-        Code::SubscriberLagged => G::Aborted,
+        Code::SubscriberLagged | Code::SessionConflict => G::Aborted,
+        Code::StateUnavailable => G::Unavailable,
         Code::NotImplemented => G::Unimplemented,
     }
 }
@@ -175,6 +176,12 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
         ),
         Code::ConversationNotFound => (StatusCode::NOT_FOUND, INVALID, "conversation_not_found"),
         Code::SubscriberLagged => (StatusCode::CONFLICT, INVALID, "subscriber_lagged"),
+        Code::SessionConflict => (StatusCode::CONFLICT, INVALID, "session_conflict"),
+        Code::StateUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "state_unavailable",
+        ),
         Code::HubStoreFailed => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -381,10 +388,12 @@ mod tests {
         }
     }
 
-    /// Each HTTP status has one gRPC class.
-    fn class_of(status: StatusCode) -> tonic::Code {
+    /// Each HTTP status has one gRPC class; 409 has two: a precondition the caller must change
+    /// (`FAILED_PRECONDITION`) or a concurrency conflict to retry from a fresh read (`ABORTED`).
+    fn class_of(status: StatusCode, grpc: tonic::Code) -> tonic::Code {
         use tonic::Code as G;
         match status.as_u16() {
+            409 if grpc == G::Aborted => G::Aborted,
             400 => G::InvalidArgument,
             401 => G::Unauthenticated,
             403 => G::PermissionDenied,
@@ -444,7 +453,7 @@ mod tests {
         for code in Code::ALL {
             assert_eq!(
                 grpc_code(*code),
-                class_of(http_status(*code)),
+                class_of(http_status(*code), grpc_code(*code)),
                 "{code}: gRPC and HTTP disagree"
             );
         }

@@ -12,6 +12,7 @@ pub mod anthropic;
 pub mod gemini;
 pub mod ollama;
 pub mod openai;
+pub mod redis;
 pub mod stackspot;
 
 use std::collections::VecDeque;
