@@ -33,6 +33,15 @@ if ! command -v shellcheck >/dev/null; then
 fi
 shellcheck -x scripts/*.sh bench/*.sh .ci/run
 
+step "redis-server for the Redis state backend's tests (installs Debian's redis-server when missing)"
+if ! command -v redis-server >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is needed by the tests (Debian: apt-get install redis-server)" >&2; exit 69
+  fi
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
