@@ -247,8 +247,8 @@ pub async fn run_with(
     let hub_housekeeping = start_hub(&state).await;
     let state_probe = state
         .shared
-        .clone()
-        .map(|shared| tokio::spawn(probe_state_backend(shared, health_reporter.clone())));
+        .is_some()
+        .then(|| tokio::spawn(probe_state_backend(state.clone(), health_reporter.clone())));
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     housekeeping.abort();
     if let Some(p) = state_probe {
@@ -301,18 +301,18 @@ async fn check_state_backend(state: &AppState) -> Result<(), ServerError> {
 
 /// Pings the Redis state backend once a second, so that its gauge and readiness follow it without
 /// traffic and the connection is re-established (with the connection's own backoff) while idle.
-/// With `[state] required`, `grpc.health.v1` follows it too.
-async fn probe_state_backend(
-    shared: Arc<crate::state::redis::RedisState>,
-    reporter: tonic_health::server::HealthReporter,
-) {
+/// With `[state] required`, `grpc.health.v1` follows it too (until the drain, which owns it then).
+async fn probe_state_backend(state: Arc<AppState>, reporter: tonic_health::server::HealthReporter) {
+    let Some(shared) = state.shared.clone() else {
+        return;
+    };
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving = true;
     loop {
         tick.tick().await;
         let up = shared.ping().await.is_ok();
-        if shared.required() && up != serving {
+        if shared.required() && up != serving && !state.is_draining() {
             serving = up;
             let status = match up {
                 true => tonic_health::ServingStatus::Serving,

@@ -325,3 +325,72 @@ async fn a_required_redis_with_a_wrong_password_stops_the_start_with_exit_78() {
     assert!(stderr.contains("state.redis"), "{stderr}");
     assert!(!stderr.contains("not-the-right-one"), "{stderr}");
 }
+
+/// The gRPC health of the whole server.
+async fn grpc_health(
+    addr: std::net::SocketAddr,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    tonic_health::pb::health_client::HealthClient::new(connect(addr).await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+#[tokio::test]
+async fn a_required_redis_drives_readiness_and_grpc_health() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut redis = RedisServer::start();
+    let mut config = crate::support::echo_config();
+    config.state.backend = chatcli::config::StateBackend::Redis;
+    config.state.required = true;
+    config.state.redis.url = Some(redis.url());
+    let s = crate::support::TestServer::start_with_metrics(config).await;
+    let http = crate::support::http_client();
+    let ready = || async {
+        let r = http.get(s.metrics_url("/readyz")).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    crate::support::eventually("ready with Redis up", || async {
+        (ready().await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(grpc_health(s.addr).await, ServingStatus::Serving);
+    redis.stop();
+    let body = crate::support::eventually("NOT ready with Redis down", || async {
+        let (status, body) = ready().await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("Redis"), "{body}");
+    crate::support::eventually("grpc health NOT_SERVING", || async {
+        (grpc_health(s.addr).await == ServingStatus::NotServing).then_some(())
+    })
+    .await;
+    let metrics = http
+        .get(s.metrics_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("chatcli_state_backend_up 0"), "{metrics}");
+    assert!(
+        metrics.contains("chatcli_state_backend_errors_total{op=\"ping\"}"),
+        "{metrics}"
+    );
+    redis.restart();
+    crate::support::eventually("ready again once Redis is back", || async {
+        (ready().await.0 == 200).then_some(())
+    })
+    .await;
+    crate::support::eventually("grpc health SERVING again", || async {
+        (grpc_health(s.addr).await == ServingStatus::Serving).then_some(())
+    })
+    .await;
+    s.shutdown().await;
+}
