@@ -666,7 +666,8 @@ pub struct StateConfig {
     /// pointed at it) (`CHATCLI_STATE_BACKEND`). Needs a restart.
     pub backend: StateBackend,
     /// What rate limits do while Redis cannot be reached: `local` (each replica limits with its own
-    /// buckets) or `deny` (calls are refused). Session and hub calls answer `UNAVAILABLE` either way.
+    /// buckets) or `deny` (calls are refused). Session calls answer `UNAVAILABLE` either way. Needs
+    /// a restart.
     pub on_unavailable: OnUnavailable,
     /// With `backend = "redis"`: refuse to start when Redis cannot be reached or refuses the
     /// credentials (exit 78), and report NOT_SERVING on `/readyz` and `grpc.health.v1` while it is
@@ -728,10 +729,10 @@ pub struct RedisConfig {
     pub ca_file: Option<PathBuf>,
     /// Prepended to every key, so several deployments can share one Redis. Needs a restart.
     pub key_prefix: String,
-    /// How long connecting (TCP, TLS, AUTH) may take.
+    /// How long connecting (TCP, TLS, AUTH) may take. Needs a restart.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// How long one command may take before it counts as a failure of Redis.
+    /// How long one command may take before it counts as a failure of Redis. Needs a restart.
     #[serde(with = "duration_str")]
     pub response_timeout: Duration,
     /// Redis Sentinel addresses (`host:port`); with `master_name`, the master is found through
