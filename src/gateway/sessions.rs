@@ -84,7 +84,7 @@ impl SessionTurn {
     /// Appends the prompt and `answer` to the session as it is now (another call may have added a
     /// turn meanwhile), under the session's lock. With the shared (Redis) store, a call on another
     /// replica may save in between: the write is conditional on the version read, and a conflict
-    /// re-reads and appends again, up to [`TURN_SAVE_ATTEMPTS`] times, then answers
+    /// re-reads and appends again, up to `TURN_SAVE_ATTEMPTS` times, then answers
     /// `session_conflict`; a turn is never dropped silently.
     pub async fn save(
         self,
