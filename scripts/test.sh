@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need (a Python venv with grpcio
-# and grpcio-tools for the non-Rust peer, shellcheck), then runs the format check, clippy, the docs
+# and grpcio-tools for the non-Rust peer, shellcheck, redis-server), then runs the format check, clippy, the docs
 # and every test, and checks the release tooling with the debug build (the scripts lint clean, the
 # PGO training load runs, the shipping checks that need no optimized build). The optimized builds
 # and the checks that need them are scripts/release.sh.

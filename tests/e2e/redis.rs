@@ -394,3 +394,40 @@ async fn a_required_redis_drives_readiness_and_grpc_health() {
     .await;
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn on_unavailable_deny_refuses_rate_limited_calls_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("chatcli.toml");
+    let base = replica_config(dir.path(), &redis, "");
+    let text = std::fs::read_to_string(&base)
+        .unwrap()
+        .replace("[state]\n", "[state]\non_unavailable = \"deny\"\n");
+    std::fs::write(&config, text).unwrap();
+    let a = BinaryServer::start(&config, &[]);
+    let http = crate::support::http_client();
+    let call = || {
+        http.post(format!("http://{}/request", a.addr))
+            .bearer_auth(ALICE)
+            .json(&json!({"prompt": "hello"}))
+            .send()
+    };
+    assert!(call().await.unwrap().status().is_success());
+    redis.stop();
+    let refused = call().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        refused.headers().get("x-chatcli-error-code").unwrap(),
+        "rate_limited"
+    );
+    redis.restart();
+    crate::support::eventually("calls admitted once Redis is back", || async {
+        call()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(drop)
+    })
+    .await;
+}
