@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need (a Python venv with grpcio
-# and grpcio-tools for the non-Rust peer, shellcheck), then runs the format check, clippy, the docs
+# and grpcio-tools for the non-Rust peer, shellcheck, redis-server), then runs the format check, clippy, the docs
 # and every test, and checks the release tooling with the debug build (the scripts lint clean, the
 # PGO training load runs, the shipping checks that need no optimized build). The optimized builds
 # and the checks that need them are scripts/release.sh.
@@ -32,6 +32,15 @@ if ! command -v shellcheck >/dev/null; then
   fi
 fi
 shellcheck -x scripts/*.sh bench/*.sh .ci/run
+
+step "redis-server for the Redis state backend's tests (installs Debian's redis-server when missing)"
+if ! command -v redis-server >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is needed by the tests (Debian: apt-get install redis-server)" >&2; exit 69
+  fi
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

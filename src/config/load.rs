@@ -154,6 +154,8 @@ pub const COMPAT_ENV: &[(&str, &str)] = &[
     ("CHATCLI_MCP_CONFIG", "catalog.mcp_config"),
     ("CHATCLI_ALLOW_UNSIGNED_PLUGINS", "catalog.allow_unsigned"),
     ("CHATCLI_DATA_DIR", "state.data_dir"),
+    ("CHATCLI_STATE_BACKEND", "state.backend"),
+    ("CHATCLI_STATE_REDIS_URL", "state.redis.url"),
     ("CHATCLI_HUB_ENABLED", "hub.enabled"),
     ("CHATCLI_HUB_DB", "hub.db"),
     ("CHATCLI_HUB_TAIL_BUFFER", "hub.tail_buffer"),

@@ -835,3 +835,60 @@ fn catalog_settings_layer_and_validate() {
         assert!(keys.contains(&key.to_string()), "{key} not in {keys:?}");
     }
 }
+
+#[test]
+fn state_defaults_to_local_and_redis_settings_are_checked() {
+    let l = load(&sources(&[], None, vec![])).unwrap();
+    assert_eq!(l.config.state.backend, StateBackend::Local);
+    assert_eq!(l.config.state.on_unavailable, OnUnavailable::Local);
+    assert!(!l.config.state.required);
+    assert_eq!(l.config.state.redis.key_prefix, "chatcli:");
+
+    let env = [
+        ("CHATCLI_STATE_BACKEND", "redis"),
+        ("CHATCLI_STATE_REDIS_URL", "rediss://cache.internal:6380/2"),
+    ];
+    let l = load(&sources(&env, None, vec![])).unwrap();
+    assert_eq!(l.config.state.backend, StateBackend::Redis);
+    assert_eq!(
+        l.config.state.redis.url.as_deref(),
+        Some("rediss://cache.internal:6380/2")
+    );
+
+    let d = tempfile::tempdir().unwrap();
+    let f = write(
+        d.path(),
+        "c.toml",
+        "[state]\nbackend = \"redis\"\non_unavailable = \"deny\"\n[state.redis]\nsentinels = [\"s1\"]\nresponse_timeout = \"0s\"\n",
+    );
+    let mut keys: Vec<String> = problems(&sources(&[], Some(&f), vec![]))
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "state.redis.master_name",
+            "state.redis.response_timeout",
+            "state.redis.sentinels"
+        ]
+    );
+    let f = write(d.path(), "c2.toml", "[state]\nbackend = \"redis\"\n");
+    let p = problems(&sources(&[], Some(&f), vec![]));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "state.redis.url");
+    assert!(p[0].message.contains("must be set"), "{}", p[0].message);
+    let f = write(
+        d.path(),
+        "c3.toml",
+        "[state.redis]\nurl = \"http://user:hunter2@host\"\n",
+    );
+    let p = problems(&sources(&[], Some(&f), vec![]));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "state.redis.url");
+    assert!(!p[0].message.contains("hunter2"), "{}", p[0].message);
+    let f = write(d.path(), "c4.toml", "[state]\nbackend = \"memcached\"\n");
+    let p = problems(&sources(&[], Some(&f), vec![]));
+    assert_eq!(p[0].key, "state.backend", "{p:?}");
+}

@@ -804,12 +804,99 @@ pub struct StateConfig {
     /// Where sessions, plugins, agents and skills live (`CHATCLI_DATA_DIR`); default `$HOME/.chatcli`.
     /// Needs a restart.
     pub data_dir: PathBuf,
+    /// Where the state replicas share lives: `local` (files and the embedded store of this machine)
+    /// or `redis` (sessions, rate limits and the hub on `[state.redis]`, shared by every replica
+    /// pointed at it) (`CHATCLI_STATE_BACKEND`). Needs a restart.
+    pub backend: StateBackend,
+    /// What rate limits do while Redis cannot be reached: `local` (each replica limits with its own
+    /// buckets) or `deny` (calls are refused). Session calls answer `UNAVAILABLE` either way. Needs
+    /// a restart.
+    pub on_unavailable: OnUnavailable,
+    /// With `backend = "redis"`: refuse to start when Redis cannot be reached or refuses the
+    /// credentials (exit 78), and report NOT_SERVING on `/readyz` and `grpc.health.v1` while it is
+    /// down. Needs a restart.
+    pub required: bool,
+    /// The Redis server of `backend = "redis"`.
+    pub redis: RedisConfig,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from(".chatcli"),
+            backend: StateBackend::Local,
+            on_unavailable: OnUnavailable::Local,
+            required: false,
+            redis: RedisConfig::default(),
+        }
+    }
+}
+
+/// `[state] backend`
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// Files and the embedded store of one machine.
+    #[default]
+    Local,
+    /// A Redis server shared by every replica.
+    Redis,
+}
+
+/// `[state] on_unavailable`
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Rate limits fall back to this replica's own buckets.
+    #[default]
+    Local,
+    /// Rate-limited calls are refused.
+    Deny,
+}
+
+/// `[state.redis]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://host:port/db` (TLS through rustls); a Redis Cluster is
+    /// given as several comma-separated URLs (`CHATCLI_STATE_REDIS_URL`). Put the password in
+    /// `password_file`, not in the URL. Needs a restart.
+    pub url: Option<String>,
+    /// The ACL user name (Redis 6+); empty = the default user. Needs a restart.
+    pub username: Option<String>,
+    /// A file holding the password (relative names are looked up in `$CREDENTIALS_DIRECTORY`).
+    /// Needs a restart.
+    pub password_file: Option<PathBuf>,
+    /// A PEM file of the CA certificates trusted for `rediss://`; default the system's roots.
+    /// Needs a restart.
+    pub ca_file: Option<PathBuf>,
+    /// Prepended to every key, so several deployments can share one Redis. Needs a restart.
+    pub key_prefix: String,
+    /// How long connecting (TCP, TLS, AUTH) may take. Needs a restart.
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// How long one command may take before it counts as a failure of Redis. Needs a restart.
+    #[serde(with = "duration_str")]
+    pub response_timeout: Duration,
+    /// Redis Sentinel addresses (`host:port`); with `master_name`, the master is found through
+    /// them instead of `url`'s host. Needs a restart.
+    pub sentinels: Vec<String>,
+    /// The master's name at the sentinels. Needs a restart.
+    pub master_name: Option<String>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            key_prefix: "chatcli:".into(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_millis(500),
+            sentinels: Vec::new(),
+            master_name: None,
         }
     }
 }

@@ -65,6 +65,9 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
             "must be greater than 0".into(),
         );
     }
+    for (key, message) in state_problems(&config.state) {
+        bad(key, message);
+    }
     let tls = &s.tls;
     if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
         bad(
@@ -221,6 +224,92 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
                 format!("`{name}` is not an environment variable name"),
             );
         }
+    }
+    out
+}
+
+/// The problems of `[state]` and `[state.redis]`, by key.
+fn state_problems(state: &super::StateConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let r = &state.redis;
+    let urls: Vec<&str> = r
+        .url
+        .as_deref()
+        .map(|u| {
+            u.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    for u in &urls {
+        let scheme_ok = u.starts_with("redis://") || u.starts_with("rediss://");
+        let parsed = redis::IntoConnectionInfo::into_connection_info(*u);
+        if !scheme_ok || parsed.is_err() {
+            // The URL may carry a password: name the problem, never echo the value.
+            out.push((
+                "state.redis.url",
+                "is not a redis:// or rediss:// URL (e.g. redis://127.0.0.1:6379/0)".to_string(),
+            ));
+            break;
+        }
+    }
+    let sentinel = !r.sentinels.is_empty() || r.master_name.is_some();
+    if state.backend == super::StateBackend::Redis && urls.is_empty() && !sentinel {
+        out.push((
+            "state.redis.url",
+            "must be set when state.backend = \"redis\"".to_string(),
+        ));
+    }
+    if !r.sentinels.is_empty() && r.master_name.is_none() {
+        out.push((
+            "state.redis.master_name",
+            "must be set when state.redis.sentinels is".to_string(),
+        ));
+    }
+    if r.master_name.is_some() && r.sentinels.is_empty() {
+        out.push((
+            "state.redis.sentinels",
+            "must list the sentinels (host:port) when state.redis.master_name is set".to_string(),
+        ));
+    }
+    if sentinel && urls.len() > 1 {
+        out.push((
+            "state.redis.sentinels",
+            "cannot be combined with a cluster (several URLs in state.redis.url)".to_string(),
+        ));
+    }
+    for (i, s) in r.sentinels.iter().enumerate() {
+        let ok = s
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            out.push((
+                "state.redis.sentinels",
+                format!("entry {i}: `{s}` is not host:port"),
+            ));
+        }
+    }
+    if r.connect_timeout.is_zero() {
+        out.push((
+            "state.redis.connect_timeout",
+            "must be greater than 0".into(),
+        ));
+    }
+    if r.response_timeout.is_zero() {
+        out.push((
+            "state.redis.response_timeout",
+            "must be greater than 0".into(),
+        ));
+    }
+    if r.key_prefix
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        out.push((
+            "state.redis.key_prefix",
+            "may not contain whitespace or control characters".into(),
+        ));
     }
     out
 }

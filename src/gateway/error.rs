@@ -63,6 +63,11 @@ codes! {
     SessionCorrupt = "session_corrupt",
     /// The session store's file system failed.
     SessionStorageFailed = "session_storage_failed",
+    /// Another call saved the session after this one read it (shared state backend); nothing was
+    /// written.
+    SessionConflict = "session_conflict",
+    /// The shared state backend (Redis) cannot be reached.
+    StateUnavailable = "state_unavailable",
     /// The call carries no valid credentials.
     Unauthenticated = "unauthenticated",
     /// The caller's role may not do this.
@@ -345,6 +350,8 @@ impl Code {
                 | Code::UpstreamUnavailable
                 | Code::AllProvidersFailed
                 | Code::SessionStorageFailed
+                | Code::SessionConflict
+                | Code::StateUnavailable
                 | Code::HubUnavailable
                 | Code::SubscriberLagged
                 | Code::HubStoreFailed
@@ -411,6 +418,14 @@ impl From<SessionError> for Error {
             SessionError::NotFound { name } => Error::SessionNotFound(name),
             e @ SessionError::Corrupt { .. } => Error::SessionStore {
                 code: Code::SessionCorrupt,
+                message: e.to_string(),
+            },
+            e @ SessionError::Conflict { .. } => Error::SessionStore {
+                code: Code::SessionConflict,
+                message: e.to_string(),
+            },
+            e @ SessionError::Unavailable { .. } => Error::SessionStore {
+                code: Code::StateUnavailable,
                 message: e.to_string(),
             },
             e @ SessionError::Io { .. } => Error::SessionStore {

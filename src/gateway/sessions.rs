@@ -61,6 +61,7 @@ impl SessionTurn {
         Ok(self
             .load(g)
             .await?
+            .0
             .chat_history
             .into_iter()
             .map(|m| Message {
@@ -70,18 +71,21 @@ impl SessionTurn {
             .collect())
     }
 
-    /// The session, or a new empty one.
-    async fn load(&self, g: &Gateway<'_>) -> Result<SessionData, Error> {
+    /// The session, or a new empty one, with its version.
+    async fn load(&self, g: &Gateway<'_>) -> Result<(SessionData, u64), Error> {
         g.count(SessionOperation::Load);
-        match g.sessions.load(&self.namespace, &self.name).await {
+        match g.sessions.load_versioned(&self.namespace, &self.name).await {
             Ok(d) => Ok(d),
-            Err(SessionError::NotFound { .. }) => Ok(SessionData::default()),
+            Err(SessionError::NotFound { .. }) => Ok((SessionData::default(), 0)),
             Err(e) => Err(e.into()),
         }
     }
 
     /// Appends the prompt and `answer` to the session as it is now (another call may have added a
-    /// turn meanwhile), under the session's lock.
+    /// turn meanwhile), under the session's lock. With the shared (Redis) store, a call on another
+    /// replica may save in between: the write is conditional on the version read, and a conflict
+    /// re-reads and appends again, up to `TURN_SAVE_ATTEMPTS` times, then answers
+    /// `session_conflict`; a turn is never dropped silently.
     pub async fn save(
         self,
         g: &Gateway<'_>,
@@ -90,27 +94,42 @@ impl SessionTurn {
     ) -> Result<(), Error> {
         let lock = locks.get(&self.namespace, &self.name);
         let _held = lock.lock().await;
-        let mut data = self.load(g).await?;
-        data.chat_history.push(StoredMessage {
-            role: "user".into(),
-            content: self.prompt,
-            meta: None,
-        });
-        data.chat_history.push(StoredMessage {
-            role: "assistant".into(),
-            content: answer,
-            meta: None,
-        });
-        g.count(SessionOperation::Save);
-        g.sessions
-            .save(&self.namespace, &self.name, data)
-            .await
-            .map_err(|e| {
-                tracing::warn!(session = %self.name, error = %e, "saving the session turn failed");
-                e.into()
-            })
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut data, version) = self.load(g).await?;
+            data.chat_history.push(StoredMessage {
+                role: "user".into(),
+                content: self.prompt.clone(),
+                meta: None,
+            });
+            data.chat_history.push(StoredMessage {
+                role: "assistant".into(),
+                content: answer.clone(),
+                meta: None,
+            });
+            g.count(SessionOperation::Save);
+            match g
+                .sessions
+                .save_if(&self.namespace, &self.name, data, version)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(SessionError::Conflict { .. }) if attempt < TURN_SAVE_ATTEMPTS => {
+                    tracing::debug!(session = %self.name, attempt, "session changed meanwhile; appending the turn again");
+                }
+                Err(e) => {
+                    tracing::warn!(session = %self.name, error = %e, "saving the session turn failed");
+                    return Err(e.into());
+                }
+            }
+        }
     }
 }
+
+/// How often a session turn is re-read and appended again when another replica saved the session
+/// in between, before the call answers `session_conflict`.
+pub const TURN_SAVE_ATTEMPTS: u32 = 8;
 
 impl Gateway<'_> {
     fn count(&self, op: SessionOperation) {

@@ -80,7 +80,8 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         Code::UpstreamTimeout | Code::IdleTimeout => G::DeadlineExceeded,
         Code::ReloadUnavailable | Code::ReloadFailed | Code::PluginBuiltin => G::FailedPrecondition,
         Code::HubDisabled | Code::HubUnavailable => G::Unavailable,
-        Code::SubscriberLagged => G::Aborted,
+        Code::SubscriberLagged | Code::SessionConflict => G::Aborted,
+        Code::StateUnavailable => G::Unavailable,
         Code::NotImplemented => G::Unimplemented,
     }
 }
@@ -195,6 +196,12 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
         ),
         Code::ConversationNotFound => (StatusCode::NOT_FOUND, INVALID, "conversation_not_found"),
         Code::SubscriberLagged => (StatusCode::CONFLICT, INVALID, "subscriber_lagged"),
+        Code::SessionConflict => (StatusCode::CONFLICT, INVALID, "session_conflict"),
+        Code::StateUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "state_unavailable",
+        ),
         Code::HubStoreFailed => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -401,7 +408,6 @@ mod tests {
         }
     }
 
-    /// Each HTTP status has one gRPC class.
     /// The gRPC codes an HTTP status may stand for (409 Conflict is both a failed precondition
     /// and an aborted operation, as in Google's API design guide).
     fn classes_of(status: StatusCode) -> &'static [tonic::Code] {

@@ -528,7 +528,7 @@ impl ChatCliService for ChatCliGrpc {
                 // the call that opened the stream.
                 let refused = match kind {
                     Ok(Type::UserInput | Type::Command) => {
-                        this.state.rate_limits.check_as(&who, &limit_key).err()
+                        this.state.check_rate(&who, &limit_key).await.err()
                     }
                     _ => None,
                 };

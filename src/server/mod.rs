@@ -164,6 +164,7 @@ pub async fn run_with(
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
     state.watcher.apply(&state.prepared().config.watcher);
+    check_state_backend(&state).await?;
     if let Some(sources) = options.reload {
         let _ = state.reloader.set(reload::Reloader::new(
             &state,
@@ -249,10 +250,17 @@ pub async fn run_with(
         })
     };
     let hub_housekeeping = start_hub(&state).await;
+    let state_probe = state
+        .shared
+        .is_some()
+        .then(|| tokio::spawn(probe_state_backend(state.clone(), health_reporter.clone())));
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     state.catalog.shutdown();
     state.watcher.stop();
     housekeeping.abort();
+    if let Some(p) = state_probe {
+        p.abort();
+    }
     if let Some(h) = hub_housekeeping {
         h.abort();
     }
@@ -271,6 +279,58 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// With the Redis backend: one `PING` at start. When `[state] required` is set, a Redis that cannot
+/// be reached or refuses the credentials stops the start as a config error (exit 78); otherwise
+/// the failure is logged and the server starts, with sessions unavailable and rate limits as
+/// `on_unavailable` says, until Redis answers.
+async fn check_state_backend(state: &AppState) -> Result<(), ServerError> {
+    let Some(shared) = &state.shared else {
+        return Ok(());
+    };
+    match shared.ping().await {
+        Ok(()) => {
+            tracing::info!("state backend: redis (reachable)");
+            Ok(())
+        }
+        Err(e) if shared.required() => Err(ServerError::Config(vec![format!(
+            "state.redis: {e} (state.required is set, so the server does not start without it)"
+        )])),
+        Err(e) => {
+            tracing::warn!(
+                "state backend: {e}; starting anyway (state.required is not set): session calls answer UNAVAILABLE until Redis answers"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Pings the Redis state backend once a second, so that its gauge and readiness follow it without
+/// traffic and the connection is re-established (with the connection's own backoff) while idle.
+/// With `[state] required`, `grpc.health.v1` follows it too (until the drain, which owns it then).
+async fn probe_state_backend(state: Arc<AppState>, reporter: tonic_health::server::HealthReporter) {
+    let Some(shared) = state.shared.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    loop {
+        tick.tick().await;
+        let up = shared.ping().await.is_ok();
+        if shared.required() && up != serving && !state.is_draining() {
+            serving = up;
+            let status = match up {
+                true => tonic_health::ServingStatus::Serving,
+                false => tonic_health::ServingStatus::NotServing,
+            };
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status("chatcli.v1.ChatCLIService", status)
+                .await;
+        }
+    }
 }
 
 /// Opens the conversation hub's store when its database exists (a failure is logged; hub calls

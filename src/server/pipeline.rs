@@ -329,7 +329,7 @@ impl Pipeline {
             // refused calls by their route too.
             sides
                 .http
-                .serve(req, |req| admit(&sides.state, req, false))
+                .serve(req, async |req| admit(&sides.state, req, false).await)
                 .await
         };
         // Never indexed by HTTP/2's header compression: each call's id is new, so adding it to the
@@ -401,7 +401,7 @@ async fn guard(
     router: Router,
     chat: GrpcService,
 ) -> Response<Body> {
-    if let Some(refused) = admit(state, &mut req, true) {
+    if let Some(refused) = admit(state, &mut req, true).await {
         return refused;
     }
     let routed = match super::grpc::GrpcRoutes::direct(req.uri().path()) {
@@ -416,9 +416,24 @@ async fn guard(
 
 /// Authenticates the call and applies the rate limit: `None` when admitted (the principal and the
 /// limit key are then in the request's [`CallContext`]), else the refusal to send.
-fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Response<Body>> {
+async fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Response<Body>> {
     match check(state, req) {
-        Ok((principal, key)) => {
+        Ok((principal, key, shared_limit)) => {
+            // The shared (Redis) bucket is charged here, where a round trip can be awaited; the
+            // local one was charged in `check`.
+            if shared_limit && let Err(wait) = state.check_rate(&principal, &key).await {
+                let secs = wait.as_secs().max(1);
+                tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited (shared)");
+                if let Some(ctx) = req.extensions().get::<CallContext>() {
+                    ctx.notes.note(|n| {
+                        n.principal = Some(principal.clone());
+                        n.denied = true;
+                        n.refusal =
+                            Some(format!("rate limit exceeded, retry after {secs} seconds"));
+                    });
+                }
+                return Some(refuse(is_grpc, Refusal::RateLimited(secs)));
+            }
             if let Some(ctx) = req.extensions_mut().get_mut::<CallContext>() {
                 ctx.principal = Some(principal);
                 ctx.limit_key = Some(key);
@@ -436,7 +451,10 @@ fn admit(state: &AppState, req: &mut Request<Body>, is_grpc: bool) -> Option<Res
 /// cheap way ([`Verification::Cheap`]: tokens, certificates, HS256 JWTs, public-key JWTs that
 /// verified before), and whatever does not pass that is refused with the wait, before any
 /// expensive check, without charging the address again.
-fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), Refusal> {
+///
+/// Returns whether the shared (Redis) rate limit still has to be charged: with the Redis backend
+/// the local buckets are left alone here.
+fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String, bool), Refusal> {
     let Some(ctx) = req.extensions().get::<CallContext>() else {
         return Err(Refusal::Unauthenticated);
     };
@@ -509,6 +527,9 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
     };
     notes.note(|n| n.principal = Some(principal.clone()));
     let key = conn.limit_key(&principal, &ctx.client);
+    if !exempt && state.shared.is_some() {
+        return Ok((principal, key, true));
+    }
     if !exempt && let Err(wait) = state.rate_limits.check_as(&principal, &key) {
         let secs = wait.as_secs().max(1);
         tracing::debug!(principal = %principal.id, retry_after = secs, "rate limited");
@@ -518,7 +539,7 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
         });
         return Err(Refusal::RateLimited(secs));
     }
-    Ok((principal, key))
+    Ok((principal, key, false))
 }
 
 enum Refusal {

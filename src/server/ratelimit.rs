@@ -56,7 +56,7 @@ fn role_slot(role: Role) -> usize {
 /// A wait rounded up to whole seconds, at least one: `Retry-After` has second resolution, and
 /// rounding down would tell a client to retry before the bucket has a token (or to retry at once,
 /// with "0").
-fn whole_seconds(wait: Duration) -> Duration {
+pub(crate) fn whole_seconds(wait: Duration) -> Duration {
     let secs = wait
         .as_secs()
         .saturating_add(u64::from(wait.subsec_nanos() > 0));
@@ -389,6 +389,18 @@ impl<C: Clock + Clone> RateLimits<C> {
         limiter
             .check_key(&key.to_owned())
             .map_err(|not_until| whole_seconds(not_until.wait_time_from(limiter.clock().now())))
+    }
+
+    /// The limit [`Self::check_as`] applies to `principal`: one call per `period`, `burst` at once.
+    /// The shared (Redis) buckets use the same limit.
+    pub fn limit_of(&self, principal: &Principal) -> (Duration, u32) {
+        let table = self.table.load();
+        let role = role_slot(principal.role);
+        let limit = match principal.method {
+            AuthMethod::Token => table.plan.for_token(&principal.id, role),
+            _ => table.plan.by_role[role],
+        };
+        (limit.period, limit.burst.get())
     }
 
     /// Drops the principals whose bucket is full again (indistinguishable from a new one). Runs by

@@ -180,6 +180,10 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     /// Sessions, per principal.
     pub sessions: SessionStore,
+    /// The Redis state backend, when `[state] backend = "redis"`: sessions and rate-limit buckets
+    /// shared with the other replicas. `None` (the default `local` backend) keeps every check on
+    /// this process' own state, with no Redis code on the path.
+    pub shared: Option<Arc<crate::state::redis::RedisState>>,
     /// Metrics, when the metrics listener is on.
     pub metrics: Option<Arc<Metrics>>,
     /// Cooldowns of the fallback chain (kept across reloads).
@@ -271,7 +275,6 @@ impl AppState {
         with_metrics: bool,
         audit: Option<AuditLog>,
     ) -> Result<Self, ServerError> {
-        let sessions = SessionStore::new(config.sessions_dir());
         let prepared = Prepared::new(config)
             .map_err(|e| ServerError::Config(e.iter().map(ToString::to_string).collect()))?;
         let tls = match prepared.config.server.tls.cert_file {
@@ -304,6 +307,23 @@ impl AppState {
         if let Some(m) = &metrics {
             auth_failures.register(m.registry())?;
         }
+        let shared = match prepared.config.state.backend {
+            crate::config::StateBackend::Local => None,
+            crate::config::StateBackend::Redis => Some(
+                crate::state::redis::RedisState::new(
+                    &prepared.config.state,
+                    metrics.as_ref().map(|m| m.registry()),
+                )
+                .map_err(|e| ServerError::Config(vec![e]))?,
+            ),
+        };
+        let sessions = match &shared {
+            Some(r) => SessionStore::shared(
+                prepared.config.sessions_dir(),
+                crate::sessions::RedisSessions::new(r.clone()),
+            ),
+            None => SessionStore::new(prepared.config.sessions_dir()),
+        };
         let tls_rotation = match &tls {
             Some(acceptor) => Some(Arc::new(TlsRotation::new(
                 acceptor.clone(),
@@ -344,6 +364,7 @@ impl AppState {
             prepared: ArcSwap::from_pointee(prepared),
             rate_limits,
             sessions,
+            shared,
             metrics,
             cooldowns: Cooldowns::default(),
             auth_failures,
@@ -409,6 +430,12 @@ impl AppState {
         if self.is_draining() {
             return Some("draining");
         }
+        if let Some(r) = &self.shared
+            && r.required()
+            && !r.is_up()
+        {
+            return Some("the Redis state backend is unreachable (state.required)");
+        }
         let prepared = self.prepared();
         if prepared.registry.is_empty() {
             return Some("no LLM provider configured");
@@ -426,6 +453,36 @@ impl AppState {
             return Some("no LLM provider passed its start-up check");
         }
         None
+    }
+
+    /// Charges one call of `principal` to its rate-limit bucket `key`: Ok, or the wait (whole
+    /// seconds, at least 1). With the Redis backend the bucket is shared by every replica (one
+    /// round trip); while Redis is unreachable `[state] on_unavailable` decides: this replica's
+    /// own buckets (`local`) or a refusal (`deny`).
+    pub async fn check_rate(
+        &self,
+        principal: &crate::auth::Principal,
+        key: &str,
+    ) -> Result<(), std::time::Duration> {
+        use crate::state::redis::RateCheck;
+        let Some(shared) = &self.shared else {
+            return self.rate_limits.check_as(principal, key);
+        };
+        let (period, burst) = self.rate_limits.limit_of(principal);
+        match shared.rate_check(key, period, burst).await {
+            Ok(RateCheck::Allowed) => Ok(()),
+            Ok(RateCheck::Wait(wait)) => Err(crate::server::ratelimit::whole_seconds(wait)),
+            Err(e) => match shared.on_unavailable() {
+                crate::config::OnUnavailable::Local => {
+                    tracing::debug!(error = %e, "shared rate limit unavailable; using this replica's buckets");
+                    self.rate_limits.check_as(principal, key)
+                }
+                crate::config::OnUnavailable::Deny => {
+                    tracing::debug!(error = %e, "shared rate limit unavailable; refusing (state.on_unavailable = deny)");
+                    Err(std::time::Duration::from_secs(1))
+                }
+            },
+        }
     }
 
     /// Runs every provider's start-up check and remembers the failures (logged with their reason).

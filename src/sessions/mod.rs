@@ -34,12 +34,14 @@ mod convert;
 mod data;
 mod format;
 mod fsio;
+mod redis;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+pub use self::redis::RedisSessions;
 pub use data::{SESSION_FORMAT_VERSION, SessionData, StoredMessage, StoredMeta, derive_title};
 use format::Decoded;
 
@@ -65,6 +67,13 @@ pub enum SessionError {
     /// The file exists but is not a session; it is left untouched.
     #[error("session '{name}' is corrupt: {reason}")]
     Corrupt { name: String, reason: String },
+    /// Another writer saved the session after it was read (the shared state backend); nothing was
+    /// written. Re-read and try again.
+    #[error("session '{name}' was changed by another call; reload it and try again")]
+    Conflict { name: String },
+    /// The shared state backend (Redis) cannot be reached; `action` names the operation.
+    #[error("{action} failed: {reason}")]
+    Unavailable { action: String, reason: String },
     /// The file system failed; `action` names the operation and session, never a path.
     #[error("{action} failed: {source}")]
     Io {
@@ -114,6 +123,8 @@ pub struct SessionStore {
     /// Serialises this process's writes, so a legacy migration (which re-checks the file under
     /// this lock) can never overwrite a concurrent save or resurrect a concurrent delete.
     writes: tokio::sync::Mutex<()>,
+    /// The sessions on Redis, when `[state] backend = "redis"`: every method goes there instead.
+    shared: Option<RedisSessions>,
 }
 
 impl SessionStore {
@@ -122,6 +133,46 @@ impl SessionStore {
         Self {
             root,
             writes: tokio::sync::Mutex::new(()),
+            shared: None,
+        }
+    }
+
+    /// Sessions kept on Redis (`root` is then unused, except by `chatcli state migrate`).
+    pub fn shared(root: PathBuf, redis: RedisSessions) -> Self {
+        Self {
+            shared: Some(redis),
+            ..Self::new(root)
+        }
+    }
+
+    /// The session and the version a [`Self::save_if`] compares with. Files have no versions
+    /// (this process's writes are serialised): their version is always 0.
+    pub async fn load_versioned(
+        &self,
+        principal: &str,
+        name: &str,
+    ) -> Result<(SessionData, u64), SessionError> {
+        match &self.shared {
+            Some(r) => r.load(principal, name).await,
+            None => Ok((self.load(principal, name).await?, 0)),
+        }
+    }
+
+    /// [`Self::save`] when the stored session still has `version` (0 = none stored yet), else
+    /// [`SessionError::Conflict`]. Files save unconditionally.
+    pub async fn save_if(
+        &self,
+        principal: &str,
+        name: &str,
+        data: SessionData,
+        version: u64,
+    ) -> Result<(), SessionError> {
+        match &self.shared {
+            Some(r) => r
+                .save(principal, name, &data, Some(version))
+                .await
+                .map(drop),
+            None => self.save(principal, name, data).await,
         }
     }
 
@@ -144,6 +195,9 @@ impl SessionStore {
     /// Names of `principal`'s sessions, sorted. Temp files, non-`.json` files, folders and files
     /// whose name breaks the name rule are not sessions.
     pub async fn list(&self, principal: &str) -> Result<Vec<String>, SessionError> {
+        if let Some(r) = &self.shared {
+            return r.list(principal).await;
+        }
         let dir = self.principal_dir(principal);
         blocking(move || fsio::list_json_stems(&dir, |stem| validate_name(stem).is_ok()))
             .await
@@ -153,6 +207,9 @@ impl SessionStore {
     /// Loads a session. A legacy bare-array file is returned as v2 and rewritten on disk as a v2
     /// object; if that rewrite fails the data is still returned and a warning is logged.
     pub async fn load(&self, principal: &str, name: &str) -> Result<SessionData, SessionError> {
+        if let Some(r) = &self.shared {
+            return r.load(principal, name).await.map(|(d, _)| d);
+        }
         self.load_with(principal, name, |_| Ok(())).await
     }
 
@@ -250,6 +307,9 @@ impl SessionStore {
         name: &str,
         data: SessionData,
     ) -> Result<(), SessionError> {
+        if let Some(r) = &self.shared {
+            return r.save(principal, name, &data, None).await.map(drop);
+        }
         validate_name(name)?;
         if !fits_file_system(name) {
             return Err(SessionError::InvalidName {
@@ -275,6 +335,9 @@ impl SessionStore {
 
     /// Removes the session `name`.
     pub async fn delete(&self, principal: &str, name: &str) -> Result<(), SessionError> {
+        if let Some(r) = &self.shared {
+            return r.delete(principal, name).await;
+        }
         validate_name(name)?;
         if !fits_file_system(name) {
             return Err(not_found(name));

@@ -13,6 +13,7 @@ pub mod gemini;
 pub mod kube;
 pub mod ollama;
 pub mod openai;
+pub mod redis;
 pub mod stackspot;
 
 use std::collections::VecDeque;

@@ -22,6 +22,7 @@ mod hub;
 mod interactive;
 mod providers;
 mod python;
+mod redis;
 mod reload;
 mod security;
 mod sessions;

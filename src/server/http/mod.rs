@@ -92,12 +92,12 @@ impl HttpApi {
     pub async fn serve(
         &self,
         mut req: axum::extract::Request,
-        admit: impl FnOnce(&mut axum::extract::Request) -> Option<Response>,
+        admit: impl AsyncFnOnce(&mut axum::extract::Request) -> Option<Response>,
     ) -> Response {
         use tower::ServiceExt;
         let route = route_label(&self.labels, req.uri().path());
         let started = std::time::Instant::now();
-        let resp = match admit(&mut req) {
+        let resp = match admit(&mut req).await {
             Some(refused) => refused,
             // The hot route straight to its handler: the router's matching, its boxed handler
             // service and futures cost about 5k instructions per call (bench/HISTORY.md, step 20).
