@@ -16,8 +16,9 @@ use crate::config::FlagValue;
 
 /// chatcli: one authenticated endpoint for many LLM providers, speaking the ChatCLI gRPC protocol.
 /// Help heading of the flags that are accepted and checked but drive nothing in this build yet
-/// (the Kubernetes watcher and the MCP tools): a config that sets them starts, with a warning.
-const NOT_ACTIVE: &str = "Not active yet (accepted and checked; the Kubernetes watcher and MCP tools are not in this build)";
+/// (the Kubernetes watcher): a config that sets them starts, with a warning.
+const NOT_ACTIVE: &str =
+    "Not active yet (accepted and checked; the Kubernetes watcher is not in this build)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -267,8 +268,9 @@ pub struct ServerArgs {
     /// Cooldown cap (env CHATCLI_FALLBACK_COOLDOWN_MAX; default 5m).
     #[arg(long)]
     pub fallback_cooldown_max: Option<String>,
-    /// MCP servers JSON (env CHATCLI_MCP_CONFIG).
-    #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]
+    /// MCP servers JSON whose tools prompts use (env CHATCLI_MCP_CONFIG; default
+    /// <data-dir>/mcp_servers.json when it exists).
+    #[arg(long, value_name = "FILE")]
     pub mcp_config: Option<PathBuf>,
     /// Multi-target watcher YAML (env CHATCLI_WATCH_CONFIG).
     #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod exit;
 pub mod gateway;
 pub mod llm;
+pub mod mcp;
 mod proto_debug;
 pub mod server;
 pub mod sessions;

@@ -797,7 +797,9 @@ mod tests {
             Err(CatalogError::Invalid(_))
         ));
         assert!(matches!(
-                        cat.execute(&f.settings, Role::User, "@coder", &[]).await.unwrap_err(),
+            cat.execute(&f.settings, Role::User, "@coder", &[])
+                .await
+                .unwrap_err(),
             CatalogError::Builtin(_)
         ));
 
@@ -933,15 +935,21 @@ mod tests {
         );
         // Present but unsigned.
         assert!(matches!(
-                        cat.download(&f.settings, Role::User, "tool", "windows", "amd64").await.unwrap_err(),
+            cat.download(&f.settings, Role::User, "tool", "windows", "amd64")
+                .await
+                .unwrap_err(),
             CatalogError::Failed { .. }
         ));
         assert!(matches!(
-                        cat.download(&f.settings, Role::User, "tool", "freebsd", "amd64").await.unwrap_err(),
+            cat.download(&f.settings, Role::User, "tool", "freebsd", "amd64")
+                .await
+                .unwrap_err(),
             CatalogError::NoPlatformBuild { .. }
         ));
         assert!(matches!(
-                        cat.download(&f.settings, Role::User, "nope", "", "").await.unwrap_err(),
+            cat.download(&f.settings, Role::User, "nope", "", "")
+                .await
+                .unwrap_err(),
             CatalogError::PluginNotFound(_)
         ));
         // Platform builds are not plugins of their own.
@@ -978,7 +986,7 @@ mod tests {
         assert_eq!(cat.skills(&f.settings).await.len() as i32, c.skills);
         assert_eq!(cat.agent(&f.settings, "a").await.unwrap().content, "A\n");
         assert!(matches!(
-                        cat.agent(&f.settings, "bad").await.unwrap_err(),
+            cat.agent(&f.settings, "bad").await.unwrap_err(),
             CatalogError::AgentNotFound(_)
         ));
         assert_eq!(cat.skill(&f.settings, "s").await.unwrap().content, "S\n");

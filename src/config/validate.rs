@@ -199,6 +199,9 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
     if cat.max_output_bytes == 0 {
         bad("catalog.max_output_bytes", "must be greater than 0".into());
     }
+    if !(1..=64).contains(&cat.mcp_max_rounds) {
+        bad("catalog.mcp_max_rounds", "must be between 1 and 64".into());
+    }
     for name in &cat.env_allow {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
             bad(
@@ -266,12 +269,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
         later(
             "the Kubernetes watcher (watcher.*)",
             "the watcher capability (not scheduled yet)",
-        );
-    }
-    if config.catalog.mcp_config.is_some() {
-        later(
-            "catalog.mcp_config",
-            "the MCP client (not in this build yet)",
         );
     }
     w

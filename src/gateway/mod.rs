@@ -38,10 +38,12 @@ pub use error::{Code, Error, whole_seconds};
 pub use sessions::{SessionLocks, SessionTurn};
 
 use crate::auth::Principal;
-use crate::config::LimitsConfig;
+use crate::config::{CatalogConfig, LimitsConfig};
 use crate::llm::fallback::{Answer, Cooldowns};
 pub use crate::llm::gateway::PromptCall;
+pub use crate::llm::tools::ToolEvent;
 use crate::llm::{Message, ProviderRegistry};
+use crate::mcp::McpHub;
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;
 
@@ -80,6 +82,10 @@ pub struct Gateway<'a> {
     pub metrics: Option<&'a Arc<Metrics>>,
     /// The saved sessions.
     pub sessions: &'a SessionStore,
+    /// The MCP servers whose tools prompts may use.
+    pub mcp: Option<&'a Arc<McpHub>>,
+    /// The catalog settings of the call's config snapshot (`mcp_roles`, `mcp_max_rounds`).
+    pub catalog: &'a CatalogConfig,
 }
 
 /// A prompt's answer: the provider's stream, and the session turn to save once it is complete.
@@ -111,6 +117,25 @@ pub struct TurnAnswer {
     pub model: String,
     /// How many of the oldest history messages were dropped to keep within the limits.
     pub trimmed: usize,
+    /// The tool calls the turn made, in order.
+    pub tools: Vec<ToolEvent>,
+}
+
+/// Reads an answer whole: its text and its tool events.
+pub async fn collect_with_tools(
+    mut stream: crate::llm::DeltaStream,
+) -> Result<(String, Vec<ToolEvent>), Error> {
+    use futures::StreamExt;
+    let mut text = String::new();
+    let mut tools = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item? {
+            crate::llm::Delta::Text(t) => text.push_str(&t),
+            crate::llm::Delta::Tool(e) => tools.push(e),
+            _ => {}
+        }
+    }
+    Ok((text, tools))
 }
 
 /// The answer of a call whose capability is not in this build.
@@ -232,8 +257,33 @@ impl Gateway<'_> {
         })
     }
 
+    /// The tools a call of `role` may offer: those of the MCP servers ready now, when the role is
+    /// one of `catalog.mcp_roles`; `None` (a plain prompt) otherwise or when no server is
+    /// configured.
+    pub fn tools_for(&self, role: crate::auth::Role) -> Option<crate::llm::tools::PromptTools> {
+        let hub = self.mcp.filter(|h| h.is_configured())?;
+        if !self.catalog.mcp_roles.contains(&role) {
+            tracing::debug!(
+                ?role,
+                "MCP tools not offered: the role is not in catalog.mcp_roles"
+            );
+            return None;
+        }
+        let host = hub.toolbox()?;
+        Some(crate::llm::tools::PromptTools {
+            host,
+            max_rounds: self.catalog.mcp_max_rounds,
+            audit: None,
+        })
+    }
+
     /// Starts a validated call on the providers.
-    pub async fn start(&self, call: PromptCall) -> Result<Answer, Error> {
+    pub async fn start(&self, mut call: PromptCall) -> Result<Answer, Error> {
+        if call.tools.is_none()
+            && let Some(role) = call.tool_role
+        {
+            call.tools = self.tools_for(role);
+        }
         crate::llm::gateway::start(
             self.registry,
             self.cooldowns,
@@ -258,6 +308,8 @@ impl Gateway<'_> {
         provider: String,
         model: String,
         client_api_key: &str,
+        role: crate::auth::Role,
+        tool_audit: Option<crate::llm::tools::ToolAudit>,
     ) -> Result<TurnAnswer, Error> {
         self.validate_prompt(&prompt)?;
         let call = PromptCall {
@@ -268,11 +320,13 @@ impl Gateway<'_> {
             credentials: crate::llm::ClientCredentials::from_request(client_api_key, Vec::new()),
             // The session answers with the whole text.
             unary: true,
+            tool_role: Some(role),
+            tool_audit,
             ..Default::default()
         };
         let prompt = call.prompt.clone();
         let answer = self.start(call).await?;
-        let (text, _) = crate::llm::collect(answer.stream).await?;
+        let (text, tools) = collect_with_tools(answer.stream).await?;
         history.push(Message {
             role: "user".into(),
             content: prompt,
@@ -294,6 +348,7 @@ impl Gateway<'_> {
             provider: answer.provider,
             model: answer.model,
             trimmed,
+            tools,
         })
     }
 }
@@ -374,6 +429,8 @@ mod tests {
             cooldowns: &cooldowns,
             metrics: None,
             sessions: &sessions,
+            mcp: None,
+            catalog: &Default::default(),
         };
         let code = |r: Result<(), Error>| r.unwrap_err().code();
         assert_eq!(code(g.validate_prompt("")), Code::PromptEmpty);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::error::{ErrorClass, LlmError};
 use super::http::{self, ModelListing, SseEvent};
@@ -142,7 +142,11 @@ impl WireFormat for Anthropic {
     }
 
     fn body(&self, req: &ChatRequest, model: &str) -> Vec<u8> {
-        serde_json::to_vec(&MessagesBody::new(req, model)).unwrap_or_default()
+        let body = serde_json::to_vec(&MessagesBody::new(req, model)).unwrap_or_default();
+        match req.uses_tools() {
+            false => body,
+            true => with_tools(body, req),
+        }
     }
 
     fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
@@ -202,6 +206,54 @@ impl WireFormat for Anthropic {
             ));
         }
     }
+}
+
+/// The body with the offered tools (`tools`, `tool_choice`) and the tool rounds so far (an
+/// assistant message with its `tool_use` blocks, then a user message with one `tool_result` block
+/// per call).
+fn with_tools(body: Vec<u8>, req: &ChatRequest) -> Vec<u8> {
+    let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    if let Some(Value::Array(messages)) = v.get_mut("messages") {
+        for turn in &req.tool_turns {
+            let mut blocks = Vec::new();
+            if !turn.text.is_empty() {
+                blocks.push(json!({"type": "text", "text": turn.text}));
+            }
+            for c in &turn.calls {
+                let input = match &c.arguments {
+                    Value::Object(_) => c.arguments.clone(),
+                    _ => json!({}),
+                };
+                blocks
+                    .push(json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input}));
+            }
+            messages.push(json!({"role": "assistant", "content": blocks}));
+            let results: Vec<Value> = turn
+                .calls
+                .iter()
+                .zip(&turn.outputs)
+                .map(|(c, out)| {
+                    json!({"type": "tool_result", "tool_use_id": c.id,
+                           "content": out.content, "is_error": out.is_error})
+                })
+                .collect();
+            messages.push(json!({"role": "user", "content": results}));
+        }
+    }
+    if !req.tools.is_empty() {
+        let tools: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+            .collect();
+        v.insert("tools".into(), Value::Array(tools));
+        if req.tool_choice_none {
+            v.insert("tool_choice".into(), json!({"type": "none"}));
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or(body)
 }
 
 /// The Messages request body.
@@ -275,6 +327,8 @@ struct StreamState {
     output_tokens: Option<u64>,
     /// `message_stop` was seen.
     done: bool,
+    /// The `tool_use` block being read: id, name, and its input's JSON so far.
+    tool: Option<(String, String, String)>,
 }
 
 impl StreamState {
@@ -312,6 +366,24 @@ impl StreamState {
                 Ok(None)
             }
             "content_block_start" => {
+                let block = data.get("content_block");
+                if block.and_then(|b| b.get("type")).and_then(Value::as_str) == Some("tool_use") {
+                    let field = |k: &str| {
+                        block
+                            .and_then(|b| b.get(k))
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    // The input comes in `input_json_delta`s; a start with the whole input keeps it.
+                    let input = block
+                        .and_then(|b| b.get("input"))
+                        .filter(|i| i.as_object().is_some_and(|o| !o.is_empty()))
+                        .map(Value::to_string)
+                        .unwrap_or_default();
+                    self.tool = Some((field("id"), field("name"), input));
+                    return Ok(None);
+                }
                 let text = data
                     .pointer("/content_block/text")
                     .and_then(Value::as_str)
@@ -320,6 +392,17 @@ impl StreamState {
             }
             "content_block_delta" => {
                 let delta = data.get("delta").ok_or_else(|| malformed("`delta`"))?;
+                if delta.get("type").and_then(Value::as_str) == Some("input_json_delta")
+                    && let Some((_, _, input)) = &mut self.tool
+                {
+                    input.push_str(
+                        delta
+                            .get("partial_json")
+                            .and_then(Value::as_str)
+                            .unwrap_or(""),
+                    );
+                    return Ok(None);
+                }
                 if delta.get("type").and_then(Value::as_str) != Some("text_delta") {
                     // Tool input, thinking and signature deltas are not answer text.
                     return Ok(None);
@@ -342,12 +425,26 @@ impl StreamState {
                 self.done = true;
                 Ok(None)
             }
+            "content_block_stop" => {
+                let Some((id, name, input)) = self.tool.take() else {
+                    return Ok(None);
+                };
+                let arguments = match input.trim().is_empty() {
+                    true => json!({}),
+                    false => serde_json::from_str(&input).unwrap_or(Value::String(input)),
+                };
+                Ok(Some(Delta::ToolCall(crate::llm::tools::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                })))
+            }
             "error" => {
                 let (class, message) = classify_body(&data)
                     .unwrap_or((ErrorClass::Server, "error event without details".into()));
                 Err(LlmError::upstream(provider, class, message))
             }
-            // `ping`, `content_block_stop` and event types added later carry no answer text.
+            // `ping` and event types added later carry no answer text.
             _ => Ok(None),
         }
     }

@@ -24,6 +24,7 @@ pub mod openai;
 mod registry;
 pub mod ssrf;
 pub mod stackspot;
+pub mod tools;
 pub mod wire;
 
 use std::pin::Pin;
@@ -73,6 +74,19 @@ pub struct ChatRequest {
     /// does not, a provider may ask its upstream for the whole answer in one response (less
     /// framing to parse, and what any other gateway sends); its stream then yields it at once.
     pub stream: bool,
+    /// Tools offered to the model (empty: none; wire formats then send what they always did).
+    pub tools: Arc<[tools::ToolSpec]>,
+    /// The rounds of tool use so far, after `messages`.
+    pub tool_turns: Vec<tools::ToolTurn>,
+    /// Ask the model to answer without calling a tool (the last round).
+    pub tool_choice_none: bool,
+}
+
+impl ChatRequest {
+    /// Whether the request carries tools or tool turns (the wire formats' slower path).
+    pub fn uses_tools(&self) -> bool {
+        !self.tools.is_empty() || !self.tool_turns.is_empty()
+    }
 }
 
 impl ChatRequest {
@@ -86,6 +100,9 @@ impl ChatRequest {
             top_p: None,
             stop: Vec::new(),
             stream: true,
+            tools: Arc::from(Vec::new()),
+            tool_turns: Vec::new(),
+            tool_choice_none: false,
         }
     }
 }
@@ -108,6 +125,10 @@ pub enum Delta {
     Usage(Usage),
     /// Why the answer ended ("stop", "length", …), when the upstream says.
     Finish(String),
+    /// The model asks for a tool call (only when tools were offered).
+    ToolCall(tools::ToolCall),
+    /// A tool call the prompt made, for the caller to show (tool-use prompts only).
+    Tool(tools::ToolEvent),
 }
 
 /// A stream of deltas, ending when the answer is complete.
@@ -167,7 +188,7 @@ pub async fn collect(mut stream: DeltaStream) -> Result<(String, Option<Usage>),
             Delta::Text(t) if text.is_empty() => text = t,
             Delta::Text(t) => text.push_str(&t),
             Delta::Usage(u) => usage = Some(u),
-            Delta::Finish(_) => {}
+            Delta::Finish(_) | Delta::ToolCall(_) | Delta::Tool(_) => {}
         }
     }
     Ok((text, usage))

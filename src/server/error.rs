@@ -111,11 +111,13 @@ fn http_parts(code: Code) -> (StatusCode, &'static str, &'static str) {
             "server_error",
             "shutting_down",
         ),
-        Code::SessionCorrupt | Code::SessionStorageFailed | Code::PluginFailed | Code::Internal => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal_error",
-        ),
+        Code::SessionCorrupt | Code::SessionStorageFailed | Code::PluginFailed | Code::Internal => {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            )
+        }
         Code::Unauthenticated => (
             StatusCode::UNAUTHORIZED,
             "authentication_error",

@@ -159,6 +159,7 @@ pub async fn run_with(
         options.audit,
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
+    state.mcp.apply(&state.prepared().mcp_servers);
     if let Some(sources) = options.reload {
         let _ = state.reloader.set(reload::Reloader::new(
             &state,
@@ -244,6 +245,7 @@ pub async fn run_with(
     };
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     state.catalog.shutdown();
+    state.mcp.shutdown(std::time::Duration::from_secs(5)).await;
     housekeeping.abort();
     sighup.abort();
 

@@ -36,6 +36,8 @@ pub struct Prepared {
     pub rate_plan: RatePlan,
     /// The proxies trusted to name the client (`server.trusted_proxies`).
     pub trusted_proxies: TrustedProxies,
+    /// The MCP servers of its servers file (the connections are [`AppState::mcp`]).
+    pub mcp_servers: Arc<[crate::mcp::ServerConfig]>,
 }
 
 /// One part of a config that cannot be prepared: the setting it is about, when the message names
@@ -124,12 +126,25 @@ impl Prepared {
             .map_err(|e| PrepareError::from_message(&e))?;
         let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)
             .map_err(PrepareError::from_messages)?;
+        let (mcp_path, required) = crate::mcp::config::path_of(&config);
+        let mcp_servers = crate::mcp::config::load(&mcp_path, required)
+            .map_err(|problems| {
+                problems
+                    .into_iter()
+                    .map(|reason| PrepareError {
+                        setting: "catalog.mcp_config".into(),
+                        reason,
+                    })
+                    .collect::<Vec<_>>()
+            })?
+            .into();
         Ok(Self {
             config,
             registry,
             auth,
             rate_plan,
             trusted_proxies,
+            mcp_servers,
         })
     }
 }
@@ -210,6 +225,8 @@ pub struct AppState {
     pub in_flight: InFlight,
     /// Plugins, agents and skills (rescanned as their folders and settings change).
     pub catalog: Arc<crate::catalog::Catalog>,
+    /// The MCP servers' connections (live state: a reload hands it the new servers file).
+    pub mcp: Arc<crate::mcp::McpHub>,
 }
 
 /// The transport a call came on.
@@ -327,6 +344,11 @@ impl AppState {
                 .map_err(|e| {
                     ServerError::CannotCreate(format!("creating the plugin cache: {e}"))
                 })?;
+        let mcp = crate::mcp::McpHub::new().map_err(ServerError::CannotCreate)?;
+        if let Some(m) = &metrics {
+            mcp.register(m.registry())
+                .map_err(|e| ServerError::Config(vec![e]))?;
+        }
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             rate_limits,
@@ -346,6 +368,7 @@ impl AppState {
             events: super::events::EventBus::default(),
             in_flight: InFlight::default(),
             catalog: Arc::new(catalog),
+            mcp: Arc::new(mcp),
         })
     }
 
@@ -367,6 +390,7 @@ impl AppState {
         }
         self.auth_failures
             .set_per_minute(prepared.config.limits.auth_failures_per_minute);
+        self.mcp.apply(&prepared.mcp_servers);
         self.prepared.store(Arc::new(prepared));
     }
 
@@ -446,6 +470,8 @@ impl AppState {
             cooldowns: &self.cooldowns,
             metrics: self.metrics.as_ref(),
             sessions: &self.sessions,
+            mcp: Some(&self.mcp),
+            catalog: &prepared.config.catalog,
         }
     }
 

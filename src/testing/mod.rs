@@ -10,6 +10,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+pub mod mcp;
 pub mod ollama;
 pub mod openai;
 pub mod stackspot;

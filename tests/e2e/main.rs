@@ -14,6 +14,7 @@ mod grpc;
 mod http;
 mod http_api;
 mod interactive;
+mod mcp;
 mod providers;
 mod python;
 mod reload;
