@@ -122,7 +122,7 @@ pub async fn start(
 /// Whether prompts to a provider of `kind` may offer tools (the wire formats that carry them).
 pub fn offers_tools(kind: super::ProviderKind) -> bool {
     use super::ProviderKind as K;
-    matches!(kind, K::OpenAi | K::Anthropic)
+    matches!(kind, K::OpenAi | K::Anthropic | K::Gemini | K::Ollama)
 }
 
 /// The existing ChatCLI's `error_type` label for an error.

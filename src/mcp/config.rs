@@ -343,7 +343,9 @@ mod tests {
         assert!(all.contains("transport: `ftp`"), "{all}");
         assert!(all.contains("timeout: -1"), "{all}");
         assert!(all.contains("used twice"), "{all}");
-        assert!(parse("[]").is_err());
+        // An array, not a map (the existing ChatCLI's own mistake to avoid).
+        assert!(parse(r#"{"mcpServers": {"a": {"command": "x"}}}"#).is_err());
+        assert!(parse("not json").is_err());
     }
 
     #[test]

@@ -121,7 +121,8 @@ pub struct McpHub {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     metrics: Mutex<Option<McpMetrics>>,
-    http: reqwest::Client,
+    /// The client of the streamable-HTTP servers, built when the first one connects.
+    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl std::fmt::Debug for McpHub {
@@ -132,21 +133,34 @@ impl std::fmt::Debug for McpHub {
     }
 }
 
+impl Default for McpHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl McpHub {
-    /// A hub with no servers. Its HTTP client is built here: the process's crypto provider must
-    /// be installed first.
-    pub fn new() -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| format!("the MCP HTTP client cannot be built: {e}"))?;
-        Ok(Self {
+    /// A hub with no servers.
+    pub fn new() -> Self {
+        Self {
             servers: Mutex::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             metrics: Mutex::default(),
-            http,
-        })
+            http: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The HTTP client (rustls on the process's crypto provider, installed by `main` first).
+    fn http(&self) -> Result<reqwest::Client, String> {
+        self.http
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .build()
+                    .map_err(|e| format!("the MCP HTTP client cannot be built: {e}"))
+            })
+            .clone()
     }
 
     fn servers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Server>>> {
@@ -246,11 +260,15 @@ impl McpHub {
             self.gauge(name, &State::Starting);
             let hub = Arc::downgrade(self);
             let shutdown = self.shutdown.clone();
-            let http = self.http.clone();
+            let http = match cfg.transport() {
+                Transport::Http => Some(self.http()),
+                Transport::Stdio | Transport::Sse => None,
+            };
+            let tasks = self.tasks.clone();
             self.tasks.spawn(async move {
                 let cfg = &server.config;
                 let started = tokio::select! {
-                    r = tokio::time::timeout(cfg.init_timeout(), connect(cfg, http)) => r,
+                    r = tokio::time::timeout(cfg.init_timeout(), connect(cfg, http, &tasks)) => r,
                     () = shutdown.cancelled() => return,
                 };
                 let state = match started {
@@ -381,7 +399,8 @@ fn function_name(raw: &str) -> String {
 /// Connects to a server and lists its tools.
 async fn connect(
     cfg: &ServerConfig,
-    http: reqwest::Client,
+    http: Option<Result<reqwest::Client, String>>,
+    tasks: &TaskTracker,
 ) -> Result<(Client, Vec<rmcp::model::Tool>), String> {
     let client = match cfg.transport() {
         Transport::Stdio => {
@@ -402,7 +421,7 @@ async fn connect(
                 .map_err(|e| format!("cannot start `{}`: {e}", cfg.command))?;
             if let Some(stderr) = stderr {
                 let name = cfg.name.clone();
-                tokio::spawn(log_stderr(name, stderr));
+                tasks.spawn(log_stderr(name, stderr));
             }
             ().serve(transport)
                 .await
@@ -451,6 +470,7 @@ async fn connect(
             if let Some(token) = bearer {
                 config = config.auth_header(token);
             }
+            let http = http.unwrap_or_else(|| Err("no HTTP client".into()))?;
             let transport = StreamableHttpClientTransport::with_client(http, config);
             ().serve(transport)
                 .await

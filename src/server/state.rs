@@ -344,7 +344,7 @@ impl AppState {
                 .map_err(|e| {
                     ServerError::CannotCreate(format!("creating the plugin cache: {e}"))
                 })?;
-        let mcp = crate::mcp::McpHub::new().map_err(ServerError::CannotCreate)?;
+        let mcp = crate::mcp::McpHub::new();
         if let Some(m) = &metrics {
             mcp.register(m.registry())
                 .map_err(|e| ServerError::Config(vec![e]))?;

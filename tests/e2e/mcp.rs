@@ -16,8 +16,8 @@ use chatcli::testing::{Reply, openai};
 use serde_json::{Value, json};
 
 use crate::support::{
-    BearerToken, TestServer, http_client, metrics_with_lines, openai_fake, openai_provider,
-    sha256_hex, upstream_provider,
+    BearerToken, TestServer, eventually, http_client, metrics_with_lines, openai_fake,
+    openai_provider, sha256_hex, upstream_provider,
 };
 
 fn token(name: &str, role: Role) -> NamedToken {
@@ -47,6 +47,7 @@ fn config(dir: &Path, provider: ProviderConfig, servers: Value) -> Config {
         token("reader", Role::ReadOnly),
     ];
     c.catalog.mcp_config = Some(file);
+    c.audit.path = Some(dir.join("audit.log"));
     c
 }
 
@@ -91,6 +92,23 @@ fn answer_text(events: &[Value]) -> String {
         .iter()
         .map(|e| e["data"]["delta"].as_str().unwrap_or("").to_string())
         .collect()
+}
+
+/// The audit records of `dir`'s audit log once one with `method` is written.
+async fn audit_records(dir: &Path, method: &str) -> Vec<Value> {
+    let file = dir.join("audit.log");
+    eventually(&format!("an audit record of {method}"), || async {
+        let text = std::fs::read_to_string(&file).ok()?;
+        let records: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        records
+            .iter()
+            .any(|r| r["method"] == method)
+            .then_some(records)
+    })
+    .await
 }
 
 async fn openai_setup(servers: Value) -> (tempfile::TempDir, FakeUpstream, TestServer) {
@@ -159,6 +177,65 @@ async fn an_openai_tool_call_runs_on_the_stdio_server_and_the_answer_follows() {
         &[r#"chatcli_mcp_tool_calls_total{outcome="ok",server="fake",tool="echo"} 1"#],
     )
     .await;
+
+    // The tool call has an audit record of its own, with the caller and without the arguments.
+    let records = audit_records(_dir.path(), "MCP tools/call").await;
+    let prompt = records
+        .iter()
+        .find(|r| r["method"] == "POST /request")
+        .unwrap();
+    let tool = records
+        .iter()
+        .find(|r| r["method"] == "MCP tools/call")
+        .unwrap();
+    assert_eq!(tool["resource"], "fake/echo");
+    assert_eq!(tool["code"], "ok");
+    assert_eq!(tool["result"], "ok");
+    assert_eq!(tool["principal"], "user");
+    assert_eq!(tool["request_id"], prompt["request_id"]);
+    assert!(!tool.to_string().contains("hi\""), "{tool}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_interactive_reply_carries_the_tool_calls_in_its_metadata() {
+    use chatcli::proto::SessionMessage;
+    use chatcli::proto::session_message::Type;
+    let (_dir, fake, server) = openai_setup(json!([stdio_entry("fake", 30)])).await;
+    ready(&server, "fake").await;
+    fake.push(openai::tool_calls_reply(&[(
+        "call_i",
+        "echo",
+        json!({"text": "interactive"}),
+    )]));
+    fake.push(Reply::text("said it"));
+    let mut client = ChatCliServiceClient::with_interceptor(
+        server.channel.clone(),
+        BearerToken(Some("tok-user".into())),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = client
+        .interactive_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(SessionMessage {
+        r#type: Type::UserInput as i32,
+        content: "go".into(),
+        metadata: Default::default(),
+    })
+    .await
+    .unwrap();
+    let reply = replies.message().await.unwrap().unwrap();
+    assert_eq!(reply.r#type, Type::AssistantResponse as i32, "{reply:?}");
+    assert_eq!(reply.content, "said it");
+    let calls: Value = serde_json::from_str(&reply.metadata["tool_calls"]).unwrap();
+    assert_eq!(calls[0]["name"], "echo");
+    assert_eq!(calls[0]["server"], "fake");
+    assert_eq!(calls[0]["arguments"], json!({"text": "interactive"}));
+    assert_eq!(calls[0]["outcome"], "ok");
+    assert_eq!(calls[0]["result"], "echo: interactive");
+    drop(tx);
     server.shutdown().await;
 }
 
