@@ -400,3 +400,93 @@ async fn without_mcp_servers_the_request_is_unchanged() {
     let _ = Duration::ZERO;
     server.shutdown().await;
 }
+
+/// The MCP servers file is reloaded through the config's reload path: a server added to it is
+/// started, one removed is stopped, and a file that does not parse is refused (the running
+/// servers keep serving).
+#[tokio::test]
+async fn the_servers_file_is_hot_reloaded() {
+    use chatcli::config::Sources;
+    use chatcli::server::{Listeners, RunOptions};
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let servers = etc.join("mcp_servers.json");
+    let write_servers = |list: Value| {
+        crate::support::write_atomically(&servers, &json!({ "mcpServers": list }).to_string());
+    };
+    write_servers(json!([stdio_entry("a", 30)]));
+    let path = etc.join("chatcli.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[state]\ndata_dir = {:?}\n\n[catalog]\nmcp_config = {:?}\n\n[llm]\ndefault = \"echo\"\n\n[[llm.providers]]\nname = \"echo\"\nkind = \"echo\"\n",
+            root.path().join("data").display().to_string(),
+            servers.display().to_string()
+        ),
+    )
+    .unwrap();
+    let sources = Sources {
+        env: Default::default(),
+        config_flag: Some(path.clone()),
+        default_config_path: "/nonexistent/chatcli.toml".into(),
+        flags: vec![],
+    };
+    let loaded = chatcli::config::load(&sources).unwrap_or_else(|e| panic!("{:?}", e.problems));
+    let main = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(chatcli::server::run_with(
+        Listeners {
+            main,
+            metrics: Some(metrics),
+        },
+        loaded.config,
+        shutdown.clone(),
+        RunOptions {
+            reload: Some(sources),
+            set_log_level: None,
+            audit: None,
+        },
+    ));
+    let http = http_client();
+    let metrics_has = |wanted: Vec<String>, gone: Vec<String>| {
+        let (http, url) = (http.clone(), metrics_url.clone());
+        async move {
+            eventually(
+                &format!("{wanted:?} and not {gone:?} in /metrics"),
+                || async {
+                    let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+                    let has = |w: &String| text.lines().any(|l| l.starts_with(w.as_str()));
+                    (wanted.iter().all(has) && !gone.iter().any(has)).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    metrics_has(
+        vec![r#"chatcli_mcp_server_up{server="a"} 1"#.into()],
+        vec![],
+    )
+    .await;
+
+    write_servers(json!([stdio_entry("b", 30)]));
+    metrics_has(
+        vec![r#"chatcli_mcp_server_up{server="b"} 1"#.into()],
+        vec![r#"chatcli_mcp_server_up{server="a"}"#.into()],
+    )
+    .await;
+
+    crate::support::write_atomically(&servers, "{\"mcpServers\": {\"not\": \"an array\"}}");
+    metrics_has(
+        vec![
+            r#"chatcli_config_reloads_total{result="error"} 1"#.into(),
+            r#"chatcli_mcp_server_up{server="b"} 1"#.into(),
+        ],
+        vec![],
+    )
+    .await;
+    shutdown.cancel();
+    let _ = task.await;
+}
