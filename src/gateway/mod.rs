@@ -121,6 +121,16 @@ pub struct TurnAnswer {
     pub tools: Vec<ToolEvent>,
 }
 
+/// Who asks an interactive turn: the role that decides whether its prompt may use the MCP tools,
+/// and where its tool calls are noted for the audit log.
+#[derive(Debug, Clone)]
+pub struct TurnCaller {
+    /// The caller's role.
+    pub role: crate::auth::Role,
+    /// Told of each tool call.
+    pub tool_audit: Option<crate::llm::tools::ToolAudit>,
+}
+
 /// Reads an answer whole: its text and its tool events.
 pub async fn collect_with_tools(
     mut stream: crate::llm::DeltaStream,
@@ -308,8 +318,7 @@ impl Gateway<'_> {
         provider: String,
         model: String,
         client_api_key: &str,
-        role: crate::auth::Role,
-        tool_audit: Option<crate::llm::tools::ToolAudit>,
+        caller: TurnCaller,
     ) -> Result<TurnAnswer, Error> {
         self.validate_prompt(&prompt)?;
         let call = PromptCall {
@@ -320,8 +329,8 @@ impl Gateway<'_> {
             credentials: crate::llm::ClientCredentials::from_request(client_api_key, Vec::new()),
             // The session answers with the whole text.
             unary: true,
-            tool_role: Some(role),
-            tool_audit,
+            tool_role: Some(caller.role),
+            tool_audit: caller.tool_audit,
             ..Default::default()
         };
         let prompt = call.prompt.clone();

@@ -312,8 +312,10 @@ impl ChatCliGrpc {
                 provider,
                 model,
                 &key,
-                who.role,
-                notes.tool_audit(),
+                crate::gateway::TurnCaller {
+                    role: who.role,
+                    tool_audit: notes.tool_audit(),
+                },
             )
             .await;
         match turn {
