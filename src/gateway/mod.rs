@@ -26,7 +26,9 @@
 //! calls answer [`Error::NotImplemented`] ([`waits_for`]).
 //!
 //! The view borrows: building one per call costs nothing, and a use case never reaches back into
-//! the server, so `gateway` depends on `llm`, `sessions`, `auth`, `config` and `telemetry` only.
+//! the server, so `gateway` depends on `llm`, `mcp`, `catalog`, `sessions`, `auth`, `config` and
+//! `telemetry` only. A prompt's MCP tools come from [`Gateway::tools_for`]: the caller's role
+//! ([`PromptCall::tool_role`]) against `catalog.mcp_roles`, and the servers ready now.
 
 pub mod admin;
 mod error;
