@@ -36,10 +36,16 @@ shellcheck -x scripts/*.sh bench/*.sh .ci/run
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "no import cycle between the top-level modules of src/ (scripts/check-module-cycles.py)"
+python3 scripts/check-module-cycles.py
+
 step "one crypto backend (ring): no openssl, native-tls or aws-lc in the tree"
 if cargo tree --locked -e normal,build --prefix none | grep -E '^(openssl-sys|openssl|native-tls|aws-lc-sys|aws-lc-rs) '; then
   echo "a forbidden TLS/crypto crate is in the dependency tree (see DEPENDENCIES.md)" >&2; exit 1
 fi
+
+step "cargo audit: known vulnerabilities in Cargo.lock (reviewed ignores in .cargo/audit.toml; skipped with a message when the advisory database cannot be fetched)"
+scripts/audit.sh
 
 step "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings

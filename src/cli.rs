@@ -14,12 +14,10 @@ use serde::Serialize;
 
 use crate::config::FlagValue;
 
-/// chatcli: one authenticated endpoint for many LLM providers, speaking the ChatCLI gRPC protocol.
-/// Help heading of the flags that are accepted and checked but drive nothing in this build yet
-/// (the Kubernetes watcher): a config that sets them starts, with a warning.
-const NOT_ACTIVE: &str =
-    "Not active yet (accepted and checked; the Kubernetes watcher is not in this build)";
+/// Help heading of the Kubernetes watcher's flags.
+const WATCHER: &str = "Kubernetes watcher";
 
+/// chatcli: one authenticated endpoint for many LLM providers, speaking the ChatCLI gRPC protocol.
 #[derive(Debug, Parser)]
 #[command(
     name = "chatcli",
@@ -273,25 +271,25 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub mcp_config: Option<PathBuf>,
     /// Multi-target watcher YAML (env CHATCLI_WATCH_CONFIG).
-    #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]
+    #[arg(long, value_name = "FILE", help_heading = WATCHER)]
     pub watch_config: Option<PathBuf>,
     /// Single watcher target (env CHATCLI_WATCH_DEPLOYMENT).
-    #[arg(long, help_heading = NOT_ACTIVE)]
+    #[arg(long, help_heading = WATCHER)]
     pub watch_deployment: Option<String>,
     /// Single target namespace (env CHATCLI_WATCH_NAMESPACE; default "default").
-    #[arg(long, help_heading = NOT_ACTIVE)]
+    #[arg(long, help_heading = WATCHER)]
     pub watch_namespace: Option<String>,
     /// Watcher interval (env CHATCLI_WATCH_INTERVAL; default 30s).
-    #[arg(long, help_heading = NOT_ACTIVE)]
+    #[arg(long, help_heading = WATCHER)]
     pub watch_interval: Option<String>,
     /// Watcher window (env CHATCLI_WATCH_WINDOW; default 2h).
-    #[arg(long, help_heading = NOT_ACTIVE)]
+    #[arg(long, help_heading = WATCHER)]
     pub watch_window: Option<String>,
     /// Log lines per pod (env CHATCLI_WATCH_MAX_LOG_LINES; default 100).
-    #[arg(long, help_heading = NOT_ACTIVE)]
+    #[arg(long, help_heading = WATCHER)]
     pub watch_max_log_lines: Option<u32>,
     /// Kubeconfig (env CHATCLI_KUBECONFIG; default in-cluster).
-    #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]
+    #[arg(long, value_name = "FILE", help_heading = WATCHER)]
     pub watch_kubeconfig: Option<PathBuf>,
     /// Serve gRPC reflection; CHATCLI_GRPC_REFLECTION=true is needed as well.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]

@@ -11,16 +11,21 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod exit;
+#[cfg(test)]
+mod fuzz;
 pub mod gateway;
+pub mod hub;
 pub mod llm;
 pub mod mcp;
 mod proto_debug;
 pub mod server;
 pub mod sessions;
+pub mod state;
 pub mod systemd;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod watcher;
 
 /// Types and service traits generated from `proto/chatcli/v1/chatcli.proto`.
 #[allow(clippy::all, missing_docs)] // reason: generated code

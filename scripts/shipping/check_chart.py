@@ -160,10 +160,25 @@ def check_promises(docs: list[dict], label: str, values: dict) -> None:
     grpc_ports = [p for s in services for p in s["spec"]["ports"] if p["name"] == "grpc"]
     if not grpc_ports or any(p.get("appProtocol") != "grpc" for p in grpc_ports):
         problems.append("the Service's grpc port has no appProtocol: grpc")
-    for role in by_kind.get("Role", []) + by_kind.get("ClusterRole", []):
+    roles = by_kind.get("Role", []) + by_kind.get("ClusterRole", [])
+    for role in roles:
         verbs = {v for r in role["rules"] for v in r["verbs"]}
         if verbs - {"get", "list", "watch"}:
             problems.append(f"{role['kind']} grants more than read: {sorted(verbs)}")
+    # The watcher's RBAC is exactly what it reads: nothing without it, pods/log only get, nodes
+    # only when asked, never secrets, configmaps or metrics it does not read.
+    watcher = values.get("watcher", {}) or {}
+    if roles and not watcher.get("enabled"):
+        problems.append("a Role or ClusterRole is rendered without watcher.enabled")
+    for role in roles:
+        for r in role["rules"]:
+            resources = set(r.get("resources", []))
+            if "pods/log" in resources and set(r["verbs"]) != {"get"}:
+                problems.append(f"{role['kind']} grants pods/log more than get: {r['verbs']}")
+            if "nodes" in resources and not watcher.get("nodes"):
+                problems.append(f"{role['kind']} grants nodes without watcher.nodes")
+            if resources & {"secrets", "configmaps", "services", "endpoints"}:
+                problems.append(f"{role['kind']} grants what the watcher never reads: {sorted(resources)}")
     for sm in by_kind.get("ServiceMonitor", []):
         try:
             jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)

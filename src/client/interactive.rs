@@ -50,6 +50,7 @@ Type a message and press Enter. Ctrl-C cancels an answer; at the prompt, Ctrl-C 
 leaves.
   /status                 server status
   /watcher status         Kubernetes watcher status
+  /watcher alerts         Kubernetes watcher alerts
   /plugins list           plugins on the server
   /agents list            agents on the server
   /skills list            skills on the server
@@ -401,7 +402,7 @@ impl<'a> Interactive<'a> {
                 say("conversation cleared");
             }
             ("status", [])
-            | ("watcher", ["status"])
+            | ("watcher", [] | ["status" | "alerts"])
             | ("plugins", ["list"])
             | ("agents", ["list"])
             | ("skills", ["list"]) => {

@@ -32,6 +32,7 @@ fn element_defaults(ty: &str) -> Option<toml::Table> {
     match ty {
         "ProviderConfig" => toml::Table::try_from(super::types::ProviderConfig::default()).ok(),
         "NamedToken" => toml::Table::try_from(super::types::NamedToken::default()).ok(),
+        "WatchTarget" => toml::Table::try_from(super::types::WatchTarget::default()).ok(),
         _ => None,
     }
 }

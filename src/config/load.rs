@@ -154,6 +154,9 @@ pub const COMPAT_ENV: &[(&str, &str)] = &[
     ("CHATCLI_MCP_CONFIG", "catalog.mcp_config"),
     ("CHATCLI_ALLOW_UNSIGNED_PLUGINS", "catalog.allow_unsigned"),
     ("CHATCLI_DATA_DIR", "state.data_dir"),
+    ("CHATCLI_HUB_ENABLED", "hub.enabled"),
+    ("CHATCLI_HUB_DB", "hub.db"),
+    ("CHATCLI_HUB_TAIL_BUFFER", "hub.tail_buffer"),
 ];
 
 /// `CHATCLI_*` names that are read elsewhere (the client, the switch for reflection, features still
@@ -169,9 +172,6 @@ const OTHER_KNOWN_ENV: &[&str] = &[
     "CHATCLI_ALLOW_INSECURE",
     "CHATCLI_AUTH_DIR",
     "CHATCLI_OPENAI_CLIENT_ID",
-    "CHATCLI_HUB_ENABLED",
-    "CHATCLI_HUB_DB",
-    "CHATCLI_HUB_TAIL_BUFFER",
     "CHATCLI_GATEWAY_IN_SERVER",
     "CHATCLI_DEBUG",
     "CHATCLI_MCP_ENABLED",
@@ -252,6 +252,8 @@ struct Schema {
     provider: serde_json::Value,
     /// One `[limits.roles.<role>]` table, with values so that its leaves read as numbers.
     role_limits: serde_json::Value,
+    /// One `[[watcher.targets]]` item.
+    watch_target: serde_json::Value,
 }
 
 enum Leaf {
@@ -276,6 +278,7 @@ impl Schema {
             root: serde_json::to_value(Config::default()).unwrap_or_default(),
             provider: serde_json::to_value(ProviderConfig::default()).unwrap_or_default(),
             role_limits: serde_json::to_value(role_limits).unwrap_or_default(),
+            watch_target: serde_json::to_value(super::WatchTarget::default()).unwrap_or_default(),
         }
     }
 
@@ -320,7 +323,10 @@ impl Schema {
                 true => part.to_string(),
                 false => format!("{walked}.{part}"),
             };
-            if key.starts_with("llm.providers") && part == "providers" && parts.peek().is_some() {
+            if (key.starts_with("llm.providers") && part == "providers"
+                || key.starts_with("watcher.targets") && part == "targets")
+                && parts.peek().is_some()
+            {
                 return None;
             }
         }
@@ -379,6 +385,15 @@ impl Schema {
                     for (i, item) in items.iter_mut().enumerate() {
                         if let toml::Value::Table(t) = item {
                             self.strip(&self.provider, t, &format!("{path}.{i}"), unknown);
+                        }
+                    }
+                }
+                (serde_json::Value::Array(_), Some(toml::Value::Array(items)))
+                    if path == "watcher.targets" =>
+                {
+                    for (i, item) in items.iter_mut().enumerate() {
+                        if let toml::Value::Table(t) = item {
+                            self.strip(&self.watch_target, t, &format!("{path}.{i}"), unknown);
                         }
                     }
                 }
@@ -497,6 +512,11 @@ pub fn load(sources: &Sources) -> Result<Loaded, LoadError> {
         credentials_dir(env).as_deref(),
     ));
     resolve_tls_files(&mut config, env);
+    super::watcher::resolve(
+        &mut config.watcher,
+        &|key| super::origin(&figment, key),
+        &mut problems,
+    );
     problems.extend(validate::validate(&config, &figment));
     warnings.extend(validate::warnings(&config));
     if !problems.is_empty() {
@@ -653,6 +673,7 @@ fn extract(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
         watcher: section(figment, "watcher", problems),
         catalog: section(figment, "catalog", problems),
         state: section(figment, "state", problems),
+        hub: section(figment, "hub", problems),
     }
 }
 

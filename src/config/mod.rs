@@ -11,6 +11,7 @@ mod show;
 mod types;
 mod validate;
 pub mod values;
+mod watcher;
 
 use figment::Figment;
 
@@ -23,6 +24,7 @@ pub(crate) use secret_files::{credential_path, credentials_directory, read_crede
 pub use show::render_show;
 pub use types::*;
 pub use values::Secret;
+pub use watcher::{FileTarget, WatchFile, read_watch_file, resolve_watcher};
 
 /// One thing wrong with the configuration: which key, where its value came from, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

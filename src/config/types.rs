@@ -34,6 +34,8 @@ pub struct Config {
     pub catalog: CatalogConfig,
     /// Where state (sessions, plugins, agents, skills) is kept.
     pub state: StateConfig,
+    /// The conversation hub: conversations shared by several front ends of one principal.
+    pub hub: HubConfig,
 }
 
 /// Environment-derived defaults: the bind rule and the data dir depend on the process environment.
@@ -82,6 +84,7 @@ impl Config {
             watcher: WatcherConfig::default(),
             catalog: CatalogConfig::default(),
             state: StateConfig::default(),
+            hub: HubConfig::default(),
         };
         c.server.bind_address = d.bind_address;
         c.metrics.bind_address = d.bind_address;
@@ -149,6 +152,26 @@ pub struct ServerConfig {
     /// connections are not affected. `0` = no limit. Needs a restart.
     #[serde(with = "duration_str")]
     pub header_read_timeout: Duration,
+    /// Longest time a client may take to send the body of an HTTP API request, counted from the
+    /// end of its headers. A client that trickles its body is answered 408 and disconnected, so
+    /// it cannot hold a connection and a handler by sending a byte at a time. gRPC calls are not
+    /// affected (their streams have deadlines of their own). `0` = no limit.
+    #[serde(with = "duration_str")]
+    pub body_read_timeout: Duration,
+    /// Largest request head a client may send, in bytes: an HTTP/1 request line and headers over
+    /// it are answered 431, an HTTP/2 header list over it is refused (the stream is reset). Needs
+    /// a restart.
+    pub max_header_bytes: u32,
+    /// Connections one client address (the TCP peer) may hold open at once; a further one is
+    /// closed as soon as it is accepted. `0` = no limit. Needs a restart.
+    pub max_connections_per_client: u32,
+    /// Longest time a client may take to complete the TLS handshake; a client that stalls in it
+    /// is disconnected. Needs a restart.
+    #[serde(with = "duration_str")]
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/2 streams a client may open and reset before the server accepts them; a client over it
+    /// (the "rapid reset" attack) gets GOAWAY and its connection is closed. Needs a restart.
+    pub max_pending_reset_streams: u32,
     /// Serve gRPC reflection (`--enable-reflection`); also needs `CHATCLI_GRPC_REFLECTION=true`.
     pub reflection: bool,
     /// Start without any authentication on a non-loopback address (`--allow-no-auth`).
@@ -188,6 +211,11 @@ impl Default for ServerConfig {
             max_send_msg_size: 52_428_800,
             max_concurrent_streams: 100,
             header_read_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            max_header_bytes: 65_536,
+            max_connections_per_client: 0,
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_pending_reset_streams: 20,
             reflection: false,
             allow_no_auth: false,
             trusted_proxies: Vec::new(),
@@ -385,6 +413,11 @@ pub struct LimitsConfig {
     pub max_streams_per_principal: u32,
     /// Failed authentications allowed per client IP per minute before they are slowed.
     pub auth_failures_per_minute: u32,
+    /// Largest `content` of one hub event (`AppendEvent`), in bytes.
+    pub hub_max_content_bytes: usize,
+    /// Longest `channel`, `role` or `client_msg_id` of one hub event, and longest `platform`,
+    /// `user_id` or `principal` of a hub binding, in bytes.
+    pub hub_max_field_bytes: usize,
 }
 
 /// A role's rate limit.
@@ -409,6 +442,8 @@ impl Default for LimitsConfig {
             roles: Default::default(),
             max_streams_per_principal: 32,
             auth_failures_per_minute: 5,
+            hub_max_content_bytes: 1024 * 1024,
+            hub_max_field_bytes: 256,
         }
     }
 }
@@ -547,6 +582,10 @@ pub struct ProviderConfig {
     /// provider's cooldown: how long an answer takes depends on what was asked.
     #[serde(with = "duration_str")]
     pub unary_timeout: Duration,
+    /// Largest answer body this provider may send, in bytes (`0` = no bound): an upstream that
+    /// sends more is cut off and the call fails as a malformed answer (the fallback chain moves
+    /// on when nothing was sent to the caller yet). Bounds the memory one call can take.
+    pub max_response_bytes: u64,
     /// Anthropic `anthropic-version` header.
     pub api_version: Option<String>,
     /// StackSpot client id.
@@ -581,6 +620,7 @@ impl Default for ProviderConfig {
             first_byte_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             unary_timeout: Duration::from_secs(300),
+            max_response_bytes: 16 * 1024 * 1024,
             api_version: None,
             client_id: None,
             client_key: None,
@@ -610,8 +650,17 @@ pub struct WatcherConfig {
     pub window: Duration,
     /// Log lines per pod (`--watch-max-log-lines`).
     pub max_log_lines: u32,
-    /// Kubeconfig path; unset = in-cluster (`--watch-kubeconfig`, `CHATCLI_KUBECONFIG`).
+    /// Kubeconfig path; unset = in-cluster when running in a pod, else `KUBECONFIG` or
+    /// `~/.kube/config` (`--watch-kubeconfig`, `CHATCLI_KUBECONFIG`).
     pub kubeconfig: Option<PathBuf>,
+    /// Most characters of watcher context added to a prompt.
+    pub max_context_chars: usize,
+    /// Whether prompts of the OpenAI-compatible API (`/v1/chat/completions`) get the watcher's
+    /// context too; chatcli's own prompts always do, AnalyzeIssue and AgenticStep never.
+    pub inject_openai: bool,
+    /// The targets (`[[watcher.targets]]`); the multi-target YAML of `config_file` replaces them,
+    /// and without either `deployment` is the one target.
+    pub targets: Vec<WatchTarget>,
 }
 
 impl Default for WatcherConfig {
@@ -624,7 +673,85 @@ impl Default for WatcherConfig {
             window: Duration::from_secs(2 * 3600),
             max_log_lines: 100,
             kubeconfig: None,
+            max_context_chars: 32_000,
+            inject_openai: false,
+            targets: Vec::new(),
         }
+    }
+}
+
+/// The kind of workload a target names.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize,
+)]
+pub enum WorkloadKind {
+    /// `apps/v1` Deployment.
+    #[default]
+    Deployment,
+    /// `apps/v1` StatefulSet.
+    StatefulSet,
+    /// `apps/v1` DaemonSet.
+    DaemonSet,
+    /// `batch/v1` Job.
+    Job,
+    /// `batch/v1` CronJob.
+    CronJob,
+}
+
+impl WorkloadKind {
+    /// The kind's name as Kubernetes writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deployment => "Deployment",
+            Self::StatefulSet => "StatefulSet",
+            Self::DaemonSet => "DaemonSet",
+            Self::Job => "Job",
+            Self::CronJob => "CronJob",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One workload to watch (`[[watcher.targets]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchTarget {
+    /// The workload's name (required).
+    pub deployment: String,
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job` or `CronJob`.
+    pub kind: WorkloadKind,
+    /// The workload's namespace.
+    pub namespace: String,
+    /// Port of the pods' Prometheus endpoint to scrape; unset = no scrape.
+    pub metrics_port: Option<u16>,
+    /// Path of that endpoint (default `/metrics`).
+    pub metrics_path: Option<String>,
+    /// Glob patterns of the scraped metric names to keep (e.g. `http_*`); empty = all.
+    pub metrics_filter: Vec<String>,
+}
+
+impl Default for WatchTarget {
+    fn default() -> Self {
+        Self {
+            deployment: String::new(),
+            kind: WorkloadKind::Deployment,
+            namespace: "default".into(),
+            metrics_port: None,
+            metrics_path: None,
+            metrics_filter: Vec::new(),
+        }
+    }
+}
+
+impl WatchTarget {
+    /// The target's key in the store and in alerts: `Kind/namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.kind, self.namespace, self.deployment)
     }
 }
 
@@ -694,7 +821,43 @@ impl Default for StateConfig {
     }
 }
 
+/// `[hub]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Serve the conversation hub RPCs; when off they answer `UNAVAILABLE`
+    /// (`CHATCLI_HUB_ENABLED`). Needs a restart.
+    pub enabled: bool,
+    /// The hub's SQLite database; default `<state.data_dir>/hub.db` (`CHATCLI_HUB_DB`). Needs a
+    /// restart.
+    pub db: Option<PathBuf>,
+    /// Live events a subscriber may fall behind by before it is cut off with `ABORTED` (it then
+    /// re-reads and re-subscribes) (`CHATCLI_HUB_TAIL_BUFFER`). Needs a restart.
+    pub tail_buffer: usize,
+    /// Conversations with no event for this many days are deleted (checked every minute);
+    /// `0` = keep them forever.
+    pub retention_days: u32,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            db: None,
+            tail_buffer: 1024,
+            retention_days: 0,
+        }
+    }
+}
+
 impl Config {
+    /// The hub's database file.
+    pub fn hub_db(&self) -> PathBuf {
+        self.hub
+            .db
+            .clone()
+            .unwrap_or_else(|| self.state.data_dir.join("hub.db"))
+    }
     /// The sessions folder.
     pub fn sessions_dir(&self) -> PathBuf {
         self.state.data_dir.join("sessions")

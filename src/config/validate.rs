@@ -50,6 +50,21 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
             bad("server.trusted_proxies", format!("entry {why}"));
         }
     }
+    if config.hub.tail_buffer == 0 {
+        bad("hub.tail_buffer", "must be greater than 0".into());
+    }
+    if config.limits.hub_max_content_bytes == 0 {
+        bad(
+            "limits.hub_max_content_bytes",
+            "must be greater than 0".into(),
+        );
+    }
+    if config.limits.hub_max_field_bytes == 0 {
+        bad(
+            "limits.hub_max_field_bytes",
+            "must be greater than 0".into(),
+        );
+    }
     let tls = &s.tls;
     if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
         bad(
@@ -260,15 +275,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
             "server.proxy_protocol is on but server.trusted_proxies is empty: every connection \
              must start with a PROXY header, and the address it carries is never used"
                 .to_string(),
-        );
-    }
-    let mut later = |what: &str, issue: &str| {
-        w.push(format!("{what} has no effect yet: it waits for {issue}"));
-    };
-    if config.watcher.deployment.is_some() || config.watcher.config_file.is_some() {
-        later(
-            "the Kubernetes watcher (watcher.*)",
-            "the watcher capability (not scheduled yet)",
         );
     }
     w

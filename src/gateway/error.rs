@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use crate::catalog::CatalogError;
+use crate::hub::HubError;
 use crate::llm::{ErrorClass, LlmError, UpstreamError};
 use crate::sessions::SessionError;
 
@@ -52,6 +53,8 @@ codes! {
     ProviderConfigInvalid = "provider_config_invalid",
     /// Another field of the request is wrong (OpenAI sampling fields, messages, plugin arguments).
     InvalidArgument = "invalid_argument",
+    /// An AnalyzeIssue or AgenticStep field is over its size limit.
+    AiopsFieldTooLarge = "aiops_field_too_large",
     /// The session name breaks the name rule.
     SessionNameInvalid = "session_name_invalid",
     /// No session of that name for the caller.
@@ -96,6 +99,16 @@ codes! {
     ReloadUnavailable = "reload_unavailable",
     /// The new configuration was refused; the previous one keeps serving.
     ReloadFailed = "reload_failed",
+    /// The conversation hub is turned off on this server.
+    HubDisabled = "hub_disabled",
+    /// The conversation hub's store cannot be opened or reached.
+    HubUnavailable = "hub_unavailable",
+    /// No conversation has this id.
+    ConversationNotFound = "conversation_not_found",
+    /// A hub subscriber fell further behind the live events than the tail buffer holds.
+    SubscriberLagged = "subscriber_lagged",
+    /// The conversation hub's store failed an operation.
+    HubStoreFailed = "hub_store_failed",
     /// No plugin of that name (or none the caller may see).
     PluginNotFound = "plugin_not_found",
     /// The plugin has no build for the `os`/`arch` asked for.
@@ -108,7 +121,8 @@ codes! {
     AgentNotFound = "agent_not_found",
     /// No skill of that name.
     SkillNotFound = "skill_not_found",
-    /// The server is shutting down; the work was stopped.
+    /// The server is shutting down: it takes no new calls and stops long work (a plugin run);
+    /// another instance may take the call.
     ShuttingDown = "shutting_down",
     /// The capability is not in this build.
     NotImplemented = "not_implemented",
@@ -165,6 +179,16 @@ pub enum Error {
     /// See [`Code::InvalidArgument`]; the message is whole as given.
     #[error("{0}")]
     InvalidArgument(String),
+    /// See [`Code::AiopsFieldTooLarge`].
+    #[error("validation: {field} is {bytes} bytes; the limit is {limit}")]
+    AiopsFieldTooLarge {
+        /// The field.
+        field: &'static str,
+        /// Its size.
+        bytes: usize,
+        /// Its limit.
+        limit: usize,
+    },
     /// See [`Code::SessionNameInvalid`].
     #[error("validation: {0}")]
     SessionNameInvalid(String),
@@ -224,6 +248,9 @@ pub enum Error {
         /// What was wrong with the new configuration, one problem each.
         problems: Vec<String>,
     },
+    /// A conversation hub error; its code follows its kind.
+    #[error(transparent)]
+    Hub(#[from] HubError),
     /// A catalog failure (plugins, agents, skills) other than a bad argument or a refused
     /// permission; its code says which.
     #[error("{message}")]
@@ -262,6 +289,7 @@ impl Error {
             Error::MaxTokensOutOfRange { .. } => Code::MaxTokensOutOfRange,
             Error::ProviderConfigInvalid(_) => Code::ProviderConfigInvalid,
             Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::AiopsFieldTooLarge { .. } => Code::AiopsFieldTooLarge,
             Error::SessionNameInvalid(_) => Code::SessionNameInvalid,
             Error::SessionNotFound(_) => Code::SessionNotFound,
             Error::SessionStore { code, .. } => *code,
@@ -274,6 +302,7 @@ impl Error {
             Error::IdleTimeout { .. } => Code::IdleTimeout,
             Error::ReloadUnavailable => Code::ReloadUnavailable,
             Error::ReloadFailed { .. } => Code::ReloadFailed,
+            Error::Hub(e) => hub_code(e),
             Error::Catalog { code, .. } => *code,
             Error::NotImplemented { .. } => Code::NotImplemented,
             Error::Internal(_) => Code::Internal,
@@ -316,6 +345,9 @@ impl Code {
                 | Code::UpstreamUnavailable
                 | Code::AllProvidersFailed
                 | Code::SessionStorageFailed
+                | Code::HubUnavailable
+                | Code::SubscriberLagged
+                | Code::HubStoreFailed
                 | Code::ShuttingDown
                 | Code::Internal
         )
@@ -356,6 +388,19 @@ fn class_code(class: ErrorClass) -> Code {
         ErrorClass::Server | ErrorClass::Transport | ErrorClass::Malformed => {
             Code::UpstreamUnavailable
         }
+    }
+}
+
+fn hub_code(e: &HubError) -> Code {
+    match e {
+        HubError::Disabled => Code::HubDisabled,
+        HubError::Unavailable(_) => Code::HubUnavailable,
+        HubError::Unauthenticated => Code::Unauthenticated,
+        HubError::PermissionDenied(_) => Code::PermissionDenied,
+        HubError::InvalidArgument(_) => Code::InvalidArgument,
+        HubError::ConversationNotFound(_) => Code::ConversationNotFound,
+        HubError::SubscriberLagged { .. } => Code::SubscriberLagged,
+        HubError::Store(_) => Code::HubStoreFailed,
     }
 }
 
@@ -427,6 +472,27 @@ mod tests {
                 !s.is_empty() && s.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'),
                 "{s}"
             );
+        }
+    }
+
+    #[test]
+    fn hub_errors_keep_the_code_the_hub_names() {
+        let all = [
+            HubError::Disabled,
+            HubError::Unavailable("x".into()),
+            HubError::Unauthenticated,
+            HubError::PermissionDenied("x".into()),
+            HubError::InvalidArgument("x".into()),
+            HubError::ConversationNotFound("c".into()),
+            HubError::SubscriberLagged {
+                behind: 3,
+                last_seq: 1,
+                tail_buffer: 2,
+            },
+            HubError::Store("x".into()),
+        ];
+        for e in all {
+            assert_eq!(Error::from(e.clone()).code().as_str(), e.code(), "{e}");
         }
     }
 

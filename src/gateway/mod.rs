@@ -13,34 +13,42 @@
 //!   history, trimmed to the history limits;
 //! - sessions ([`Gateway::list_sessions`], [`Gateway::load_session`], [`Gateway::save_session`],
 //!   [`Gateway::delete_session`]), each caller in its own namespace;
-//! - reload admin ([`admin::reload`]) and the status report ([`admin::StatusReport`]).
+//! - reload admin ([`admin::reload`]) and the status report ([`admin::StatusReport`]);
+//! - the Kubernetes watcher's status and alerts ([`Gateway::watcher_status`],
+//!   [`Gateway::alerts`]) and its context in prompts ([`Gateway::prompt_context`], the one place
+//!   that decides which prompts get it);
+//! - AIOps ([`Gateway::analyze_issue`], [`Gateway::agentic_step`]): one structured LLM call each,
+//!   validated against its JSON contract.
 //!
 //! # Where new services plug in
 //!
 //! A [`Gateway`] is a view of the server for one call: the call's config snapshot (providers,
-//! limits) and the live state that outlives snapshots (cooldowns, sessions, metrics). The coming
-//! Kubernetes watcher, plugin/agent/skill catalog and conversation hub are services of the same
-//! kind: each becomes a module here (`gateway/watcher.rs`, `gateway/catalog.rs`,
-//! `gateway/hub.rs`) with its use cases as methods of [`Gateway`], and a field of [`Gateway`]
-//! borrowing its live state, filled in by the server next to the ones below. Until then, their
-//! calls answer [`Error::NotImplemented`] ([`waits_for`]).
+//! limits) and the live state that outlives snapshots (cooldowns, sessions, metrics, the
+//! watcher). The coming plugin/agent/skill catalog and conversation hub are services of the same
+//! kind as the watcher: each becomes a module here (`gateway/catalog.rs`, `gateway/hub.rs`) with
+//! its use cases as methods of [`Gateway`], and a field of [`Gateway`] borrowing its live state,
+//! filled in by the server next to the ones below. Until then, their calls answer
+//! [`Error::NotImplemented`] ([`waits_for`]).
 //!
 //! The view borrows: building one per call costs nothing, and a use case never reaches back into
-//! the server, so `gateway` depends on `llm`, `mcp`, `catalog`, `sessions`, `auth`, `config` and
-//! `telemetry` only. A prompt's MCP tools come from [`Gateway::tools_for`]: the caller's role
-//! ([`PromptCall::tool_role`]) against `catalog.mcp_roles`, and the servers ready now.
+//! the server, so `gateway` depends on `llm`, `mcp`, `catalog`, `sessions`, `auth`, `config`,
+//! `telemetry` and `watcher` only. A prompt's MCP tools come from [`Gateway::tools_for`]: the
+//! caller's role ([`PromptCall::tool_role`]) against `catalog.mcp_roles`, and the servers ready now.
 
 pub mod admin;
+pub mod aiops;
 mod error;
 mod sessions;
+mod watcher;
 
 use std::sync::Arc;
 
 pub use error::{Code, Error, whole_seconds};
 pub use sessions::{SessionLocks, SessionTurn};
+pub use watcher::PromptRoute;
 
 use crate::auth::Principal;
-use crate::config::{CatalogConfig, LimitsConfig};
+use crate::config::{CatalogConfig, LimitsConfig, WatcherConfig};
 use crate::llm::fallback::{Answer, Cooldowns};
 pub use crate::llm::gateway::PromptCall;
 pub use crate::llm::tools::ToolEvent;
@@ -88,6 +96,10 @@ pub struct Gateway<'a> {
     pub mcp: Option<&'a Arc<McpHub>>,
     /// The catalog settings of the call's config snapshot (`mcp_roles`, `mcp_max_rounds`).
     pub catalog: &'a CatalogConfig,
+    /// The Kubernetes watcher (it runs nothing without targets).
+    pub watcher: &'a crate::watcher::Watcher,
+    /// The watcher's section of the call's config snapshot.
+    pub watcher_config: &'a WatcherConfig,
 }
 
 /// A prompt's answer: the provider's stream, and the session turn to save once it is complete.
@@ -228,13 +240,20 @@ impl Gateway<'_> {
         Ok(())
     }
 
-    /// A prompt: validated (prompt, `max_tokens`, history), then answered through the fallback
-    /// chain; returns once a provider produced its first delta.
+    /// A prompt of chatcli's own API (SendPrompt, StreamPrompt, `POST /request`): validated
+    /// (prompt, `max_tokens`, history), then answered through the fallback chain with the
+    /// watcher's context; returns once a provider produced its first delta.
     pub async fn prompt(&self, call: PromptCall) -> Result<Answer, Error> {
+        self.prompt_via(PromptRoute::Chatcli, call).await
+    }
+
+    /// A prompt arriving by `route`: as [`Gateway::prompt`], with the context that route gets
+    /// ([`Gateway::prompt_context`]).
+    pub async fn prompt_via(&self, route: PromptRoute, call: PromptCall) -> Result<Answer, Error> {
         self.validate_prompt(&call.prompt)?;
         self.validate_max_tokens(call.max_tokens)?;
         self.validate_history(&call.history)?;
-        self.start(call).await
+        self.start(route, call).await
     }
 
     /// A prompt that may continue a saved session: with `session` (a session name of `who`,
@@ -262,7 +281,7 @@ impl Gateway<'_> {
         let turn = SessionTurn::new(who.session_namespace(), name, call.prompt.clone());
         call.history = turn.history(self).await?;
         self.validate_history(&call.history)?;
-        let answer = self.start(call).await?;
+        let answer = self.start(PromptRoute::Chatcli, call).await?;
         Ok(PromptAnswer {
             answer,
             session: Some(turn),
@@ -290,17 +309,18 @@ impl Gateway<'_> {
     }
 
     /// Starts a validated call on the providers.
-    pub async fn start(&self, mut call: PromptCall) -> Result<Answer, Error> {
+    pub async fn start(&self, route: PromptRoute, mut call: PromptCall) -> Result<Answer, Error> {
         if call.tools.is_none()
             && let Some(role) = call.tool_role
         {
             call.tools = self.tools_for(role);
         }
+        let context = self.prompt_context(route);
         crate::llm::gateway::start(
             self.registry,
             self.cooldowns,
             self.metrics.cloned(),
-            None,
+            context.as_deref(),
             call,
         )
         .await
@@ -336,7 +356,7 @@ impl Gateway<'_> {
             ..Default::default()
         };
         let prompt = call.prompt.clone();
-        let answer = self.start(call).await?;
+        let answer = self.start(PromptRoute::Chatcli, call).await?;
         let (text, tools) = collect_with_tools(answer.stream).await?;
         history.push(Message {
             role: "user".into(),
@@ -434,6 +454,8 @@ mod tests {
         let registry = ProviderRegistry::default();
         let cooldowns = Cooldowns::default();
         let sessions = SessionStore::new(std::path::PathBuf::from("/nonexistent"));
+        let watcher = crate::watcher::Watcher::new(None);
+        let watcher_config = WatcherConfig::default();
         let g = Gateway {
             registry: &registry,
             limits: &limits,
@@ -442,6 +464,8 @@ mod tests {
             sessions: &sessions,
             mcp: None,
             catalog: &Default::default(),
+            watcher: &watcher,
+            watcher_config: &watcher_config,
         };
         let code = |r: Result<(), Error>| r.unwrap_err().code();
         assert_eq!(code(g.validate_prompt("")), Code::PromptEmpty);

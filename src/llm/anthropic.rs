@@ -272,6 +272,27 @@ struct MessagesBody<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop_sequences: &'a [String],
+    /// The one tool whose input is the structured answer, when one is asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<[Tool<'a>; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<ToolChoice>,
+}
+
+/// A tool with an input schema: Anthropic's way to an answer that follows a JSON schema (the
+/// forced tool call's input is the answer; its `input_json_delta`s are read as the text).
+#[derive(Debug, Serialize)]
+struct Tool<'a> {
+    name: &'static str,
+    description: &'static str,
+    input_schema: &'a serde_json::Value,
+}
+
+#[derive(Debug, Serialize)]
+struct ToolChoice {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    name: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -316,6 +337,17 @@ impl<'a> MessagesBody<'a> {
             temperature: req.temperature,
             top_p: req.top_p,
             stop_sequences: &req.stop,
+            tools: req.schema.as_deref().map(|s| {
+                [Tool {
+                    name: s.name,
+                    description: s.description,
+                    input_schema: &s.schema,
+                }]
+            }),
+            tool_choice: req.schema.as_deref().map(|s| ToolChoice {
+                kind: "tool",
+                name: s.name,
+            }),
         }
     }
 }
@@ -392,19 +424,22 @@ impl StreamState {
             }
             "content_block_delta" => {
                 let delta = data.get("delta").ok_or_else(|| malformed("`delta`"))?;
-                if delta.get("type").and_then(Value::as_str) == Some("input_json_delta")
-                    && let Some((_, _, input)) = &mut self.tool
-                {
-                    input.push_str(
-                        delta
-                            .get("partial_json")
-                            .and_then(Value::as_str)
-                            .unwrap_or(""),
-                    );
+                if delta.get("type").and_then(Value::as_str) == Some("input_json_delta") {
+                    // A tool's input, kept until its block ends. A structured answer (a request's
+                    // `schema`) is a forced tool call too: `llm::collect` reads its input as the
+                    // answer's text.
+                    if let Some((_, _, input)) = &mut self.tool {
+                        input.push_str(
+                            delta
+                                .get("partial_json")
+                                .and_then(Value::as_str)
+                                .unwrap_or(""),
+                        );
+                    }
                     return Ok(None);
                 }
                 if delta.get("type").and_then(Value::as_str) != Some("text_delta") {
-                    // Tool input, thinking and signature deltas are not answer text.
+                    // Thinking and signature deltas are not answer text.
                     return Ok(None);
                 }
                 let text = delta
@@ -551,6 +586,45 @@ mod tests {
         let fake = FakeUpstream::start(AnthropicFormat).await.unwrap();
         let provider = build(&config(&fake.base_url()), &ctx()).unwrap();
         (fake, provider)
+    }
+
+    fn schema() -> std::sync::Arc<crate::llm::ResponseSchema> {
+        std::sync::Arc::new(crate::llm::ResponseSchema {
+            name: "answer",
+            description: "the answer",
+            schema: serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "a": {"type": "string"},
+                    "params": {"type": "object", "additionalProperties": {"type": "string"}}
+                },
+                "required": ["a", "params"]
+            }),
+        })
+    }
+
+    #[test]
+    fn a_schema_is_asked_for_as_a_forced_tool_whose_input_is_the_text() {
+        let mut r = user("hi");
+        r.schema = Some(schema());
+        let body = serde_json::to_value(MessagesBody::new(&r, "m")).unwrap();
+        assert_eq!(body["tools"][0]["name"], "answer");
+        assert_eq!(body["tools"][0]["input_schema"], schema().schema);
+        assert_eq!(
+            body["tool_choice"],
+            serde_json::json!({"type": "tool", "name": "answer"})
+        );
+        let plain = serde_json::to_value(MessagesBody::new(&user("hi"), "m")).unwrap();
+        assert!(plain.get("tools").is_none() && plain.get("tool_choice").is_none());
+        let mut state = StreamState::default();
+        let event = crate::llm::http::SseEvent {
+            event: "content_block_delta".into(),
+            data: r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"a\": "}}"#.into(),
+        };
+        match state.on_event("p", &event).unwrap() {
+            Some(Delta::Text(t)) => assert_eq!(t, "{\"a\": "),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn user(text: &str) -> ChatRequest {

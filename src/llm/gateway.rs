@@ -47,6 +47,8 @@ pub struct PromptCall {
     pub tools: Option<super::tools::PromptTools>,
     /// Told of each tool call the prompt makes (the audit log).
     pub tool_audit: Option<super::tools::ToolAudit>,
+    /// The JSON schema the answer must follow ([`ChatRequest::schema`]).
+    pub schema: Option<Arc<super::ResponseSchema>>,
 }
 
 /// Starts a prompt: returns once a provider has produced its first delta (or every candidate
@@ -79,6 +81,7 @@ pub async fn start(
     request.top_p = call.top_p;
     request.stop = call.stop;
     request.stream = !call.unary;
+    request.schema = call.schema;
     let started = Instant::now();
     let result = match call.tools {
         Some(mut tools) if offers_tools(resolved.provider.kind()) => {

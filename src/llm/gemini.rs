@@ -329,6 +329,61 @@ struct GenerationConfig<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_schema: Option<serde_json::Value>,
+}
+
+/// A JSON schema as Gemini's `responseSchema` (an OpenAPI subset) takes it: types named as its
+/// `Type` enum (`OBJECT`, `STRING`, …), without `additionalProperties`, and without free-form
+/// objects (an object with no `properties`, which Gemini refuses), so such a field is left to the
+/// prompt.
+fn gemini_schema(schema: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match schema {
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in map {
+                match k.as_str() {
+                    "additionalProperties" => {}
+                    "type" => {
+                        let t = v.as_str().map(str::to_ascii_uppercase);
+                        out.insert(k.clone(), t.map_or_else(|| v.clone(), Value::String));
+                    }
+                    "properties" => {
+                        let props: serde_json::Map<String, Value> = v
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .filter(|(_, p)| {
+                                p.get("type").and_then(Value::as_str) != Some("object")
+                                    || p.get("properties").is_some()
+                            })
+                            .map(|(name, p)| (name.clone(), gemini_schema(p)))
+                            .collect();
+                        out.insert(k.clone(), Value::Object(props));
+                    }
+                    _ => {
+                        out.insert(k.clone(), gemini_schema(v));
+                    }
+                }
+            }
+            // `required` may not name a property that was left out.
+            if let (Some(Value::Array(req)), Some(Value::Object(props))) =
+                (out.get("required").cloned(), out.get("properties"))
+            {
+                let kept: Vec<Value> = req
+                    .into_iter()
+                    .filter(|r| r.as_str().is_some_and(|r| props.contains_key(r)))
+                    .collect();
+                out.insert("required".into(), Value::Array(kept));
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(gemini_schema).collect()),
+        other => other.clone(),
+    }
 }
 
 impl<'a> GenerateBody<'a> {
@@ -366,11 +421,14 @@ impl<'a> GenerateBody<'a> {
             temperature: req.temperature,
             top_p: req.top_p,
             stop_sequences: &req.stop,
+            response_mime_type: req.schema.as_ref().map(|_| "application/json"),
+            response_schema: req.schema.as_ref().map(|s| gemini_schema(&s.schema)),
         };
         let any_config = config.max_output_tokens.is_some()
             || config.temperature.is_some()
             || config.top_p.is_some()
-            || !config.stop_sequences.is_empty();
+            || !config.stop_sequences.is_empty()
+            || config.response_schema.is_some();
         Self {
             contents,
             system_instruction: (!system.is_empty()).then(|| SystemInstruction {
@@ -663,6 +721,37 @@ mod tests {
             p.stream(&user("hi"))
         })
         .await;
+    }
+
+    fn schema() -> std::sync::Arc<crate::llm::ResponseSchema> {
+        std::sync::Arc::new(crate::llm::ResponseSchema {
+            name: "answer",
+            description: "the answer",
+            schema: serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "a": {"type": "string"},
+                    "params": {"type": "object", "additionalProperties": {"type": "string"}}
+                },
+                "required": ["a", "params"]
+            }),
+        })
+    }
+
+    #[test]
+    fn a_schema_is_asked_for_as_a_response_schema_gemini_accepts() {
+        let mut r = user("hi");
+        r.schema = Some(schema());
+        let body = serde_json::to_value(GenerateBody::new(&r)).unwrap();
+        let config = &body["generationConfig"];
+        assert_eq!(config["responseMimeType"], "application/json");
+        let s = &config["responseSchema"];
+        assert_eq!(s["type"], "OBJECT");
+        assert_eq!(s["properties"]["a"]["type"], "STRING");
+        assert!(s["properties"].get("params").is_none(), "{s}");
+        assert_eq!(s["required"], serde_json::json!(["a"]));
+        let plain = serde_json::to_value(GenerateBody::new(&user("hi"))).unwrap();
+        assert!(plain.get("generationConfig").is_none(), "{plain}");
     }
 
     fn user(text: &str) -> ChatRequest {

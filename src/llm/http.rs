@@ -40,6 +40,9 @@ pub struct Timeouts {
     pub first_byte: Duration,
     /// Between one body byte and the next.
     pub idle: Duration,
+    /// Not a time: the most body bytes an answer may have (0 = no bound). Read with the time
+    /// bounds, by the same body wrapper.
+    pub max_bytes: u64,
 }
 
 impl Timeouts {
@@ -49,6 +52,7 @@ impl Timeouts {
             headers: cfg.timeout,
             first_byte: cfg.first_byte_timeout,
             idle: cfg.idle_timeout,
+            max_bytes: cfg.max_response_bytes,
         }
     }
 }
@@ -78,13 +82,23 @@ impl BodyStalled {
     }
 }
 
-/// The error of a [`TimedBody`]: the inner body's, or the stall.
+/// An upstream whose answer's body went over `max_response_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the answer is larger than {limit} bytes (max_response_bytes)")]
+pub struct BodyTooLarge {
+    /// The bound that was passed.
+    pub limit: u64,
+}
+
+/// The error of a [`TimedBody`]: the inner body's, the stall, or the size bound.
 #[derive(Debug)]
 pub enum BodyError<E> {
     /// The inner body failed.
     Read(E),
     /// The upstream sent nothing within the bound.
     Stalled(BodyStalled),
+    /// The upstream sent more than the size bound.
+    TooLarge(BodyTooLarge),
 }
 
 impl<E: std::fmt::Display> std::fmt::Display for BodyError<E> {
@@ -92,6 +106,7 @@ impl<E: std::fmt::Display> std::fmt::Display for BodyError<E> {
         match self {
             BodyError::Read(e) => e.fmt(f),
             BodyError::Stalled(s) => s.fmt(f),
+            BodyError::TooLarge(t) => t.fmt(f),
         }
     }
 }
@@ -101,19 +116,22 @@ impl<E: std::error::Error + 'static> std::error::Error for BodyError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BodyError::Read(e) => e.source(),
-            BodyError::Stalled(_) => None,
+            BodyError::Stalled(_) | BodyError::TooLarge(_) => None,
         }
     }
 }
 
-/// A response body read under the first-byte and idle bounds of [`Timeouts`]. The clock runs only
-/// while a read is waiting for the upstream (from the first poll that finds nothing, to the next
-/// frame), so a slow reader downstream never counts against the upstream. One timer per body,
-/// moved only when it fires early (at most once per bound), not on every frame.
+/// A response body read under the first-byte and idle bounds of [`Timeouts`], and its size bound.
+/// The clock runs only while a read is waiting for the upstream (from the first poll that finds
+/// nothing, to the next frame), so a slow reader downstream never counts against the upstream. One
+/// timer per body, moved only when it fires early (at most once per bound), not on every frame.
 pub struct TimedBody<B> {
     inner: B,
     first_byte: Duration,
     idle: Duration,
+    /// Body bytes allowed (0 = no bound), and read so far.
+    max_bytes: u64,
+    read: u64,
     got_first: bool,
     /// When the current wait for a frame began; `None` while no read is waiting.
     waiting_since: Option<tokio::time::Instant>,
@@ -127,6 +145,8 @@ impl<B> TimedBody<B> {
             inner,
             first_byte: t.first_byte,
             idle: t.idle,
+            max_bytes: t.max_bytes,
+            read: 0,
             got_first: false,
             waiting_since: None,
             timer: None,
@@ -162,6 +182,16 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 this.got_first = true;
                 this.waiting_since = None;
+                if this.max_bytes > 0
+                    && let Some(d) = frame.data_ref()
+                {
+                    this.read += d.len() as u64;
+                    if this.read > this.max_bytes {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(BodyTooLarge {
+                            limit: this.max_bytes,
+                        }))));
+                    }
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(BodyError::Read(e)))),
@@ -211,20 +241,35 @@ where
     }
 }
 
-/// The stall behind `e`, if the body it read went silent (`e` itself or any of its causes).
-fn stall_of(e: &(dyn std::error::Error + 'static)) -> Option<BodyStalled> {
+/// The error of a body bound behind `e`, if the body it read went silent or over its size bound
+/// (`e` itself or any of its causes).
+fn bound_error(provider: &str, e: &(dyn std::error::Error + 'static)) -> Option<LlmError> {
     std::iter::once(e).chain(causes(e)).find_map(|s| {
         if let Some(st) = s.downcast_ref::<BodyStalled>() {
-            return Some(*st);
+            return Some(stalled_error(provider, *st));
+        }
+        if let Some(t) = s.downcast_ref::<BodyTooLarge>() {
+            return Some(too_large_error(provider, *t));
         }
         match (
             s.downcast_ref::<BodyError<reqwest::Error>>(),
             s.downcast_ref::<BodyError<hyper::Error>>(),
         ) {
-            (Some(BodyError::Stalled(st)), _) | (_, Some(BodyError::Stalled(st))) => Some(*st),
+            (Some(BodyError::Stalled(st)), _) | (_, Some(BodyError::Stalled(st))) => {
+                Some(stalled_error(provider, *st))
+            }
+            (Some(BodyError::TooLarge(t)), _) | (_, Some(BodyError::TooLarge(t))) => {
+                Some(too_large_error(provider, *t))
+            }
             _ => None,
         }
     })
+}
+
+/// The error of an answer over its size bound, class `Malformed`: no answer that size is one
+/// the gateway can pass on.
+fn too_large_error(provider: &str, t: BodyTooLarge) -> LlmError {
+    LlmError::upstream(provider, ErrorClass::Malformed, t.to_string())
 }
 
 /// The error of a stalled body, class `Timeout`.
@@ -234,7 +279,7 @@ fn stalled_error(provider: &str, stall: BodyStalled) -> LlmError {
 
 /// `resp` with its body read under `t`'s first-byte and idle bounds.
 pub fn timed_response(resp: reqwest::Response, t: &Timeouts) -> reqwest::Response {
-    if t.first_byte.is_zero() && t.idle.is_zero() {
+    if t.first_byte.is_zero() && t.idle.is_zero() && t.max_bytes == 0 {
         return resp;
     }
     let resp: http::Response<reqwest::Body> = resp.into();
@@ -451,6 +496,7 @@ fn lean_body_error(provider: &str, e: &BodyError<hyper::Error>) -> LlmError {
     match e {
         BodyError::Read(h) => body_error(provider, h),
         BodyError::Stalled(st) => stalled_error(provider, *st),
+        BodyError::TooLarge(t) => too_large_error(provider, *t),
     }
 }
 
@@ -557,8 +603,8 @@ async fn read_bounded(resp: reqwest::Response, limit: usize) -> String {
 
 /// Classifies a reqwest transport error (never an HTTP status: those are handled in [`send`]).
 pub fn transport_error(provider: &str, e: &reqwest::Error) -> LlmError {
-    if let Some(stall) = stall_of(e) {
-        return stalled_error(provider, stall);
+    if let Some(bound) = bound_error(provider, e) {
+        return bound;
     }
     // reqwest marks every failed body read as a decode error; only a decode error that did not come
     // from the connection (hyper or I/O underneath) is the upstream speaking garbage.
@@ -662,8 +708,8 @@ where
                     lean_body_error(&provider, l)
                 } else if let Some(h) = b.downcast_ref::<hyper::Error>() {
                     body_error(&provider, h)
-                } else if let Some(st) = stall_of(b.as_ref()) {
-                    stalled_error(&provider, st)
+                } else if let Some(bound) = bound_error(&provider, b.as_ref()) {
+                    bound
                 } else {
                     LlmError::upstream(&provider, ErrorClass::Transport, b.to_string())
                 }
@@ -1062,6 +1108,7 @@ mod tests {
             headers: Duration::ZERO,
             first_byte: Duration::from_millis(first_byte_ms),
             idle: Duration::from_millis(idle_ms),
+            max_bytes: 0,
         }
     }
 
@@ -1084,9 +1131,44 @@ mod tests {
                     break;
                 }
                 Err(BodyError::Read(e)) => unreachable!("{e:?}"),
+                Err(BodyError::TooLarge(t)) => unreachable!("{t:?}"),
             }
         }
         out
+    }
+
+    #[tokio::test]
+    async fn a_body_over_its_size_bound_fails_and_one_at_it_is_read_whole() {
+        use http_body_util::BodyExt;
+        let bound = Timeouts {
+            max_bytes: 8,
+            ..bounds(0, 0)
+        };
+        let at = TimedBody::new(body_of(&["1234", "5678"], false), &bound);
+        let Ok(whole) = at.collect().await else {
+            panic!("a body at its bound failed")
+        };
+        assert_eq!(&whole.to_bytes()[..], b"12345678");
+        let mut over = TimedBody::new(body_of(&["1234", "5678", "9"], false), &bound);
+        let mut frames = 0;
+        let err = loop {
+            match over.frame().await {
+                Some(Ok(_)) => frames += 1,
+                Some(Err(e)) => break e,
+                None => panic!("the body ended without its error"),
+            }
+        };
+        assert_eq!(frames, 2, "the frame over the bound was passed on");
+        assert!(
+            matches!(err, BodyError::TooLarge(BodyTooLarge { limit: 8 })),
+            "{err:?}"
+        );
+        let e = too_large_error("p", BodyTooLarge { limit: 8 });
+        let LlmError::Upstream(u) = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(u.class, ErrorClass::Malformed);
+        assert!(u.message.contains("max_response_bytes"), "{u}");
     }
 
     #[tokio::test]

@@ -80,6 +80,10 @@ pub struct ChatRequest {
     pub tool_turns: Vec<tools::ToolTurn>,
     /// Ask the model to answer without calling a tool (the last round).
     pub tool_choice_none: bool,
+    /// The JSON schema the answer must follow, for providers whose API takes one (OpenAI
+    /// `response_format`, Gemini `responseSchema`, Anthropic a forced tool, Ollama `format`);
+    /// the others get only the prompt's own instructions.
+    pub schema: Option<Arc<ResponseSchema>>,
 }
 
 impl ChatRequest {
@@ -87,6 +91,17 @@ impl ChatRequest {
     pub fn uses_tools(&self) -> bool {
         !self.tools.is_empty() || !self.tool_turns.is_empty()
     }
+}
+
+/// A JSON schema an answer is asked to follow (structured output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseSchema {
+    /// Its name (OpenAI's `json_schema.name`, Anthropic's tool name): `[a-zA-Z0-9_-]`, ≤ 64.
+    pub name: &'static str,
+    /// What the answer is, for the tool's description.
+    pub description: &'static str,
+    /// The JSON schema of the whole answer (an object).
+    pub schema: serde_json::Value,
 }
 
 impl ChatRequest {
@@ -103,6 +118,7 @@ impl ChatRequest {
             tools: Arc::from(Vec::new()),
             tool_turns: Vec::new(),
             tool_choice_none: false,
+            schema: None,
         }
     }
 }
@@ -188,7 +204,13 @@ pub async fn collect(mut stream: DeltaStream) -> Result<(String, Option<Usage>),
             Delta::Text(t) if text.is_empty() => text = t,
             Delta::Text(t) => text.push_str(&t),
             Delta::Usage(u) => usage = Some(u),
-            Delta::Finish(_) | Delta::ToolCall(_) | Delta::Tool(_) => {}
+            // A call that offered no tools gets a tool call only as a structured answer
+            // (Anthropic answers a request's `schema` with the forced tool): its input is the text.
+            Delta::ToolCall(c) => match c.arguments {
+                serde_json::Value::String(s) => text.push_str(&s),
+                v => text.push_str(&v.to_string()),
+            },
+            Delta::Finish(_) | Delta::Tool(_) => {}
         }
     }
     Ok((text, usage))

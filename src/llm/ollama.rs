@@ -199,6 +199,10 @@ fn chat_body(model: &str, r: &ChatRequest) -> Value {
     if r.uses_tools() {
         add_tools(&mut body, r);
     }
+    if let Some(schema) = &r.schema {
+        // Ollama's structured output: `format` takes the JSON schema itself.
+        body["format"] = schema.schema.clone();
+    }
     body
 }
 
@@ -818,6 +822,29 @@ mod tests {
         assert!(build(&c, &ctx()).is_err());
         let p = build(&ProviderConfig::default(), &ctx()).unwrap();
         assert_eq!(p.default_model(), DEFAULT_MODEL);
+    }
+
+    fn schema() -> std::sync::Arc<crate::llm::ResponseSchema> {
+        std::sync::Arc::new(crate::llm::ResponseSchema {
+            name: "answer",
+            description: "the answer",
+            schema: serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "a": {"type": "string"},
+                    "params": {"type": "object", "additionalProperties": {"type": "string"}}
+                },
+                "required": ["a", "params"]
+            }),
+        })
+    }
+
+    #[test]
+    fn a_schema_is_asked_for_as_the_format() {
+        let mut r = hi();
+        assert!(chat_body("m", &r).get("format").is_none());
+        r.schema = Some(schema());
+        assert_eq!(chat_body("m", &r)["format"], schema().schema);
     }
 
     #[test]

@@ -251,6 +251,14 @@ impl OpenAi {
             temperature: request.temperature.and_then(float),
             top_p: request.top_p.and_then(float),
             stop: &request.stop,
+            response_format: request.schema.as_deref().map(|s| ResponseFormat {
+                kind: "json_schema",
+                json_schema: JsonSchemaFormat {
+                    name: s.name,
+                    schema: &s.schema,
+                    strict: false,
+                },
+            }),
         }
     }
 }
@@ -273,6 +281,25 @@ struct RequestBody<'a> {
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<ResponseFormat<'a>>,
+}
+
+/// `response_format` asking for an answer that follows a JSON schema.
+#[derive(Serialize)]
+struct ResponseFormat<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    json_schema: JsonSchemaFormat<'a>,
+}
+
+#[derive(Serialize)]
+struct JsonSchemaFormat<'a> {
+    name: &'static str,
+    schema: &'a serde_json::Value,
+    // Strict mode wants every property required and no free-form maps (`params`); the answer is
+    // validated by the caller anyway.
+    strict: bool,
 }
 
 #[derive(Serialize)]
@@ -330,6 +357,10 @@ impl RequestBody<'_> {
         if !self.stop.is_empty() {
             buf.extend_from_slice(b",\"stop\":");
             json_value(&mut buf, self.stop);
+        }
+        if let Some(f) = &self.response_format {
+            buf.extend_from_slice(b",\"response_format\":");
+            json_value(&mut buf, f);
         }
         buf.push(b'}');
         buf
@@ -483,11 +514,22 @@ impl WireFormat for OpenAi {
     ) -> impl Stream<Item = Result<Delta, LlmError>> + Send + 'static {
         async_stream::try_stream! {
             let resp = pending.answer(&name).await?;
-            let is_json = resp
-                .headers()
-                .get(reqwest::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
+            let ct = resp.content_type();
+            // A page (a proxy's login or error page answered with 200) is not an answer; other
+            // content types are read as events, since compatible servers label SSE loosely.
+            if let Some(ct) = ct.as_deref().filter(|ct| {
+                ["text/html", "application/xhtml", "text/xml", "application/xml"]
+                    .iter()
+                    .any(|page| ct.starts_with(page))
+            }) {
+                Err(malformed(
+                    &name,
+                    format!("expected an event stream, got content type `{ct}`"),
+                ))?;
+            }
+            let is_json = ct
+                .as_deref()
+                .is_some_and(|ct| ct.starts_with("application/json"));
             if is_json {
                 let body = resp.bytes(&name).await?;
                 for d in whole_answer(&name, &body)? {
@@ -909,6 +951,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_streamed_call_answered_with_an_html_page_is_malformed() {
+        let u = fails_with(Reply::Raw {
+            content_type: "text/html; charset=utf-8".into(),
+            body: "<html><body>Sign in</body></html>".into(),
+        })
+        .await;
+        assert_eq!(u.class, ErrorClass::Malformed, "{u}");
+        assert!(u.message.contains("text/html"), "{u}");
+    }
+
+    #[tokio::test]
     async fn streams_each_delta_then_finish_and_usage() {
         let fake = fake().await;
         fake.push(Reply::steps(vec![
@@ -1286,6 +1339,7 @@ mod tests {
             vec![],
         ];
         let stops = [vec![], vec!["END".to_string(), "a\"b".to_string()]];
+        let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "string"}}});
         for messages in &conversations {
             for stream in [false, true] {
                 for (max_tokens, max_completion_tokens) in
@@ -1307,6 +1361,14 @@ mod tests {
                                 temperature,
                                 top_p,
                                 stop,
+                                response_format: (!stop.is_empty()).then_some(ResponseFormat {
+                                    kind: "json_schema",
+                                    json_schema: JsonSchemaFormat {
+                                        name: "n",
+                                        schema: &schema,
+                                        strict: false,
+                                    },
+                                }),
                             };
                             let want = serde_json::to_vec(&body).unwrap();
                             assert_eq!(

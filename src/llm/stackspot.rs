@@ -83,8 +83,8 @@ fn token_url_in(idm: &str, realm: &str) -> String {
 
 /// Where the chat call's bearer token comes from.
 enum Auth {
-    /// Client credentials, exchanged for tokens and cached.
-    Tokens(TokenSource),
+    /// Client credentials, exchanged for tokens and cached (boxed: far larger than a token).
+    Tokens(Box<TokenSource>),
     /// A token the caller forwarded (`client_api_key` with `oauth:` or `token:`); never renewed.
     Fixed(Secret),
 }
@@ -269,7 +269,7 @@ impl StackSpotProvider {
             token_url,
             client: client.clone(),
         };
-        let auth = Auth::Tokens(TokenSource {
+        let auth = Auth::Tokens(Box::new(TokenSource {
             provider: cfg.name.clone(),
             client: client.clone(),
             token_url: account.token_url_for(realm),
@@ -277,7 +277,7 @@ impl StackSpotProvider {
             client_key: account.client_key.clone(),
             timeouts: http::Timeouts::of(cfg),
             cache: tokio::sync::Mutex::new(None),
-        });
+        }));
         Ok(Self {
             name: cfg.name.clone(),
             agent_id: agent_id.to_string(),
@@ -382,7 +382,7 @@ impl StackSpotProvider {
                     self.account.client_key.clone(),
                 )
             });
-            Arc::new(Auth::Tokens(TokenSource {
+            Arc::new(Auth::Tokens(Box::new(TokenSource {
                 provider: self.name.clone(),
                 client,
                 token_url: token_endpoint,
@@ -390,7 +390,7 @@ impl StackSpotProvider {
                 client_key,
                 timeouts: self.timeouts,
                 cache: tokio::sync::Mutex::new(None),
-            }))
+            })))
         };
 
         let (agent_id, replaced_default) = match agent {

@@ -407,6 +407,7 @@ fn open_rotator(
         file.set_permissions(Permissions::from_mode(FILE_MODE))?;
     }
     drop(file);
+    drop_torn_tail(path)?;
 
     let mut options = OpenOptions::new();
     options.read(true).create(true).append(true).mode(FILE_MODE);
@@ -421,6 +422,39 @@ fn open_rotator(
         )
     }))
     .map_err(|_| io::Error::other("cannot set up rotation (is the directory readable?)"))
+}
+
+/// Cuts a last line that has no newline off the file: the rest of a record whose write a crash
+/// (`kill -9`, power loss) interrupted. Appending after it would glue the next record onto it, so
+/// the log would hold a torn line in the middle; cut off, the only torn line a reader can ever see
+/// is the last one of a log whose writer died mid-write (SECURITY.md tells readers to skip it).
+fn drop_torn_tail(path: &Path) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 8192];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..usize::try_from(end - start).unwrap_or(0)];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        let newline = chunk.iter().rposition(|b| *b == b'\n');
+        if end == len && newline == Some(chunk.len() - 1) {
+            return Ok(());
+        }
+        if let Some(i) = newline {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        tracing::warn!(path = %path.display(), bytes = len - end, "audit log: dropped a line cut short by a crash");
+        file.set_len(end)?;
+        file.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The writer side: owns the queue's receiver and the file, on its own thread.
@@ -707,6 +741,28 @@ mod tests {
         let log = AuditLog::open(&config(&wide), None).unwrap().unwrap();
         log.close().await;
         assert_eq!(mode(&wide), 0o600);
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_is_dropped_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let whole = "{\"a\":1}\n{\"b\":2}\n";
+        for (on_disk, kept) in [
+            ("", ""),
+            (whole, whole),
+            ("{\"a\":1}\n{\"b\":2}\n{\"c\":", whole),
+            ("{\"cut", ""),
+        ] {
+            fs::write(&path, on_disk).unwrap();
+            drop_torn_tail(&path).unwrap();
+            assert_eq!(fs::read_to_string(&path).unwrap(), kept, "{on_disk:?}");
+        }
+        // A torn line longer than one read chunk.
+        let long = format!("{whole}{{\"x\":\"{}", "y".repeat(20_000));
+        fs::write(&path, long).unwrap();
+        drop_torn_tail(&path).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), whole);
     }
 
     #[tokio::test]

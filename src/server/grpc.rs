@@ -1,6 +1,5 @@
 //! `chatcli.v1.ChatCLIService` as a codec over the core ([`crate::gateway`]): each handler decodes
 //! the request, calls a use case and encodes its answer, or its error through `server/error.rs`.
-//! RPCs whose capability is not in this build answer `UNIMPLEMENTED` naming what they wait for.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, Prepared, Transport, error};
 use crate::auth::Principal;
-use crate::gateway::{Code, Error, Gateway, PromptCall, admin, waits_for, whole_seconds};
+use crate::gateway::{Code, Error, Gateway, PromptCall, admin, whole_seconds};
 use crate::llm::fallback::Answer;
 use crate::llm::{ClientCredentials, Delta, Message};
 use crate::proto::chat_cli_service_server::{ChatCliService, ChatCliServiceServer};
@@ -350,8 +349,12 @@ impl ChatCliGrpc {
                     .gateway(prepared)
                     .status(&Default::default(), self.state.reloader());
                 let n = super::grpc_catalog::counts(&self.state, prepared).await;
+                let watcher = match self.state.gateway(prepared).watcher_target() {
+                    Some(t) => format!("active ({t})"),
+                    None => "inactive".to_string(),
+                };
                 let mut out = format!(
-                    "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  inactive\nPlugins:  {} loaded\nAgents:   {} available\nSkills:   {} available\nProviders: {}",
+                    "=== Server Status ===\nVersion:  {}\nProvider: {}\nModel:    {}\nWatcher:  {watcher}\nPlugins:  {} loaded\nAgents:   {} available\nSkills:   {} available\nProviders: {}",
                     crate::VERSION,
                     report.default_provider.as_deref().unwrap_or("none"),
                     report.default_model,
@@ -420,13 +423,14 @@ impl ChatCliGrpc {
                 ),
                 Err(e) => format!("Error: {e}"),
             },
-            "watcher status" => "K8s Watcher: inactive (no watcher configured)".to_string(),
+            "watcher" | "watcher status" => self.state.gateway(prepared).watcher_status_text(),
+            "watcher alerts" => self.state.gateway(prepared).alerts_text(),
             "plugins list" | "agents list" | "skills list" => {
                 let what = cmd.split(' ').next().unwrap_or(cmd);
                 super::grpc_catalog::command_list(&self.state, prepared, what, who.role).await
             }
             _ => format!(
-                "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model, fallback and config state\n  /reload          re-read the configuration (admins)\n  /watcher status  Kubernetes watcher state\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
+                "Unknown command: '{raw}'\n\nAvailable remote commands:\n  /status          server version, provider, model, fallback and config state\n  /reload          re-read the configuration (admins)\n  /watcher status  Kubernetes watcher state\n  /watcher alerts  Kubernetes watcher alerts\n  /plugins list    plugins on the server\n  /agents list     agents on the server\n  /skills list     skills on the server"
             ),
         }
     }
@@ -705,6 +709,7 @@ impl ChatCliService for ChatCliGrpc {
     ) -> Result<Response<GetServerInfoResponse>, Status> {
         let prepared = snapshot(&self.state, &request);
         let counts = super::grpc_catalog::counts(&self.state, &prepared).await;
+        let watcher_target = self.state.gateway(&prepared).watcher_target();
         let reg = &prepared.registry;
         Ok(Response::new(GetServerInfoResponse {
             version: crate::VERSION.to_string(),
@@ -714,8 +719,8 @@ impl ChatCliService for ChatCliGrpc {
                 .unwrap_or_default(),
             model: reg.default_model(),
             available_providers: reg.names(),
-            watcher_active: false,
-            watcher_target: String::new(),
+            watcher_active: watcher_target.is_some(),
+            watcher_target: watcher_target.unwrap_or_default(),
             plugin_count: counts.plugins,
             agent_count: counts.agents,
             skill_count: counts.skills,
@@ -726,9 +731,8 @@ impl ChatCliService for ChatCliGrpc {
         &self,
         _request: Request<GetWatcherStatusRequest>,
     ) -> Result<Response<GetWatcherStatusResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "GetWatcherStatus",
-            "the Kubernetes watcher capability (not scheduled yet)",
+        Ok(Response::new(super::grpc_watcher::status(
+            &self.state.watcher,
         )))
     }
 
@@ -748,32 +752,49 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn get_alerts(
         &self,
-        _request: Request<GetAlertsRequest>,
+        request: Request<GetAlertsRequest>,
     ) -> Result<Response<GetAlertsResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "GetAlerts",
-            "the Kubernetes watcher capability (not scheduled yet)",
+        Ok(Response::new(super::grpc_watcher::alerts(
+            &self.state.watcher,
+            request.get_ref(),
         )))
     }
 
     async fn analyze_issue(
         &self,
-        _request: Request<AnalyzeIssueRequest>,
+        request: Request<AnalyzeIssueRequest>,
     ) -> Result<Response<AnalyzeIssueResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "AnalyzeIssue",
-            "the AIOps capability (not scheduled yet)",
-        )))
+        let _busy = self.state.in_flight.enter(Transport::Grpc);
+        let prepared = snapshot(&self.state, &request);
+        let notes = notes(&request);
+        let (target, issue) = super::grpc_aiops::analyze_in(request.into_inner());
+        notes.resource(&issue.issue_name);
+        let analysis = self
+            .state
+            .gateway(&prepared)
+            .analyze_issue(target, issue)
+            .await
+            .map_err(|e| fail(&notes, &e))?;
+        notes.answered_by(&analysis.provider, &analysis.model);
+        Ok(Response::new(super::grpc_aiops::analyze_out(analysis)))
     }
 
     async fn agentic_step(
         &self,
-        _request: Request<AgenticStepRequest>,
+        request: Request<AgenticStepRequest>,
     ) -> Result<Response<AgenticStepResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "AgenticStep",
-            "the AIOps capability (not scheduled yet)",
-        )))
+        let _busy = self.state.in_flight.enter(Transport::Grpc);
+        let prepared = snapshot(&self.state, &request);
+        let notes = notes(&request);
+        let (target, step) = super::grpc_aiops::step_in(request.into_inner());
+        notes.resource(&step.issue.issue_name);
+        let step = self
+            .state
+            .gateway(&prepared)
+            .agentic_step(target, step)
+            .await
+            .map_err(|e| fail(&notes, &e))?;
+        Ok(Response::new(super::grpc_aiops::step_out(step)))
     }
 
     async fn list_remote_plugins(
@@ -829,74 +850,53 @@ impl ChatCliService for ChatCliGrpc {
 
     async fn resolve_active_conversation(
         &self,
-        _request: Request<ResolveActiveConversationRequest>,
+        request: Request<ResolveActiveConversationRequest>,
     ) -> Result<Response<ResolveActiveConversationResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ResolveActiveConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::resolve_active_conversation(&self.state, request).await
     }
 
     async fn new_conversation(
         &self,
-        _request: Request<NewConversationRequest>,
+        request: Request<NewConversationRequest>,
     ) -> Result<Response<NewConversationResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "NewConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::new_conversation(&self.state, request).await
     }
 
     async fn append_event(
         &self,
-        _request: Request<AppendEventRequest>,
+        request: Request<AppendEventRequest>,
     ) -> Result<Response<AppendEventResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "AppendEvent",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::append_event(&self.state, request).await
     }
 
     async fn read_conversation(
         &self,
-        _request: Request<ReadConversationRequest>,
+        request: Request<ReadConversationRequest>,
     ) -> Result<Response<ReadConversationResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ReadConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::read_conversation(&self.state, request).await
     }
 
     type SubscribeConversationStream = BoxStream<ConversationEvent>;
 
     async fn subscribe_conversation(
         &self,
-        _request: Request<SubscribeConversationRequest>,
+        request: Request<SubscribeConversationRequest>,
     ) -> Result<Response<Self::SubscribeConversationStream>, Status> {
-        Err(error::to_status(&waits_for(
-            "SubscribeConversation",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::subscribe_conversation(&self.state, request).await
     }
 
     async fn set_binding(
         &self,
-        _request: Request<SetBindingRequest>,
+        request: Request<SetBindingRequest>,
     ) -> Result<Response<SetBindingResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "SetBinding",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::set_binding(&self.state, request).await
     }
 
     async fn list_bindings(
         &self,
-        _request: Request<ListBindingsRequest>,
+        request: Request<ListBindingsRequest>,
     ) -> Result<Response<ListBindingsResponse>, Status> {
-        Err(error::to_status(&waits_for(
-            "ListBindings",
-            "the conversation hub capability (not scheduled yet)",
-        )))
+        super::grpc_hub::list_bindings(&self.state, request).await
     }
 }
 

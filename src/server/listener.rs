@@ -4,9 +4,11 @@
 //! grace period (`server.shutdown_grace` of the config serving when the drain starts, so a reload
 //! changes it), then aborts what is left.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -24,9 +26,6 @@ use super::AppState;
 use super::pipeline::{ConnInfo, Pipeline};
 use super::tls::PeerCertificates;
 
-/// Longest TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts until `shutdown`, then drains.
 pub async fn serve(
     listener: TcpListener,
@@ -40,8 +39,14 @@ pub async fn serve(
         ConnLimits {
             max_streams: server.max_concurrent_streams,
             header_timeout: server.header_read_timeout,
+            max_header_bytes: server.max_header_bytes,
+            max_pending_resets: server.max_pending_reset_streams,
         }
     };
+    let handshake_timeout = state.prepared().config.server.tls_handshake_timeout;
+    let per_client = Arc::new(PerClient::new(
+        state.prepared().config.server.max_connections_per_client,
+    ));
     let proxy_protocol = state.prepared().config.server.proxy_protocol;
     let local = listener.local_addr().ok();
     // Cancelled once the listener is closed: every connection then finishes its calls and closes.
@@ -60,11 +65,16 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let Some(slot) = per_client.acquire(remote.ip()) else {
+                    tracing::debug!(peer = %remote, "too many connections from this address; closed");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let pipeline = pipeline.clone();
                 let tls = state.tls.clone();
                 let drain = drain.clone();
                 conns.spawn(async move {
+                    let _slot = slot;
                     let mut stream = stream;
                     let Ok(proxied) = super::proxy_protocol::on_accept(&mut stream, remote, proxy_protocol).await else {
                         return;
@@ -80,7 +90,7 @@ pub async fn serve(
                     match tls {
                         None => serve_conn(stream, info, pipeline, limits, drain).await,
                         Some(acceptor) => {
-                            let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => {
                                     tracing::debug!(peer = %remote, error = %e, "TLS handshake failed");
@@ -127,6 +137,60 @@ pub async fn serve(
 struct ConnLimits {
     max_streams: u32,
     header_timeout: Duration,
+    /// HTTP/1: the read buffer (a head over it is answered 431); HTTP/2: the header list.
+    max_header_bytes: u32,
+    /// HTTP/2: streams reset by the client before they are accepted; over it, GOAWAY.
+    max_pending_resets: u32,
+}
+
+/// The connections each client address holds, against `server.max_connections_per_client`.
+struct PerClient {
+    limit: u32,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One open connection of an address; dropping it frees the place.
+struct ClientSlot {
+    owner: Option<(Arc<PerClient>, IpAddr)>,
+}
+
+impl PerClient {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for one more connection from `ip`, or `None` when it holds `limit` already.
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        if self.limit == 0 {
+            return Some(ClientSlot { owner: None });
+        }
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            owner: Some((self.clone(), ip)),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Some((owner, ip)) = self.owner.take() {
+            let mut open = owner.open.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = open.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 async fn serve_conn<S>(
@@ -140,10 +204,24 @@ async fn serve_conn<S>(
 {
     let remote = info.remote;
     let info = Arc::new(info);
+    // Cancelled by the drain, or by the ping-flood guard for this connection alone: either way the
+    // connection sends GOAWAY.
+    let shut = drain.child_token();
+    let stream = super::ping_flood::PingGuard::new(stream, shut.clone());
     let svc =
         tower::service_fn(move |req: Request<Incoming>| pipeline.clone().handle(info.clone(), req));
     let mut builder = auto::Builder::new(SpawnBoxed);
-    builder.http2().max_concurrent_streams(limits.max_streams);
+    builder
+        .http2()
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(limits.max_header_bytes)
+        .max_pending_accept_reset_streams(usize::try_from(limits.max_pending_resets).ok());
+    // hyper's smallest read buffer is 8 KiB (it panics below that).
+    builder.http1().max_buf_size(
+        usize::try_from(limits.max_header_bytes)
+            .unwrap_or(usize::MAX)
+            .max(8192),
+    );
     if !limits.header_timeout.is_zero() {
         builder
             .http1()
@@ -153,7 +231,7 @@ async fn serve_conn<S>(
     let conn = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
         .into_owned();
-    if let Err(e) = Draining::new(conn, drain, |c| c.graceful_shutdown()).await {
+    if let Err(e) = Draining::new(conn, shut, |c| c.graceful_shutdown()).await {
         tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
     }
 }

@@ -8,11 +8,15 @@ pub mod error;
 pub mod events;
 pub mod forwarded;
 mod grpc;
+mod grpc_aiops;
 mod grpc_catalog;
+mod grpc_hub;
+mod grpc_watcher;
 pub mod healthcheck;
 mod http;
 mod listener;
 mod metrics_http;
+mod ping_flood;
 pub mod pipeline;
 pub mod proxy_protocol;
 pub mod ratelimit;
@@ -160,6 +164,7 @@ pub async fn run_with(
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
     state.mcp.apply(&state.prepared().mcp_servers);
+    state.watcher.apply(&state.prepared().config.watcher);
     if let Some(sources) = options.reload {
         let _ = state.reloader.set(reload::Reloader::new(
             &state,
@@ -222,6 +227,7 @@ pub async fn run_with(
         async move {
             crate::systemd::stopping();
             state.set_draining();
+            state.hub.drain();
             reporter
                 .set_not_serving::<crate::proto::chat_cli_service_server::ChatCliServiceServer<grpc::ChatCliGrpc>>()
                 .await;
@@ -243,10 +249,15 @@ pub async fn run_with(
             }
         })
     };
+    let hub_housekeeping = start_hub(&state).await;
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     state.catalog.shutdown();
     state.mcp.shutdown(std::time::Duration::from_secs(5)).await;
+    state.watcher.stop();
     housekeeping.abort();
+    if let Some(h) = hub_housekeeping {
+        h.abort();
+    }
     sighup.abort();
 
     if let Some(w) = watchdog {
@@ -262,6 +273,27 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the conversation hub's store when its database exists (a failure is logged; hub calls
+/// then answer `UNAVAILABLE` and retry opening it) and starts its housekeeping (retention, store
+/// size), when the hub is on.
+async fn start_hub(state: &Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
+    if !state.hub.enabled() {
+        tracing::info!("conversation hub disabled");
+        return None;
+    }
+    if let Err(e) = state.hub.open_existing().await {
+        tracing::error!("{e}");
+    }
+    let reader = state.clone();
+    Some(
+        state
+            .hub
+            .spawn_housekeeping(std::time::Duration::from_secs(60), move || {
+                reader.prepared().config.hub.retention_days
+            }),
+    )
 }
 
 fn local_addr(l: &TcpListener) -> Result<SocketAddr, ServerError> {

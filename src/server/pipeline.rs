@@ -287,6 +287,9 @@ impl Pipeline {
         };
         let (mut parts, body) = req.into_parts();
         let prepared = sides.state.prepared();
+        // An HTTP API body must arrive within the read timeout; gRPC streams have deadlines.
+        let read_limit = Some(prepared.config.server.body_read_timeout)
+            .filter(|d| !is_grpc && !d.is_zero() && !http_body::Body::is_end_stream(&body));
         let client = super::forwarded::client_of(
             &prepared.trusted_proxies,
             conn.remote,
@@ -303,14 +306,43 @@ impl Pipeline {
             limit_key: None,
         });
         // Only the audit record reports the bytes read.
-        let body = match &bytes_in {
-            Some(count) => Body::new(Counting {
+        let body = match (&bytes_in, read_limit) {
+            (Some(count), None) => Body::new(Counting {
                 inner: Box::pin(body),
                 count: count.clone(),
             }),
-            None => Body::new(body),
+            (None, None) => Body::new(body),
+            (count, Some(limit)) => {
+                let timed = ReadDeadline::new(body, limit);
+                match count {
+                    Some(count) => Body::new(Counting {
+                        inner: Box::pin(timed),
+                        count: count.clone(),
+                    }),
+                    None => Body::new(timed),
+                }
+            }
         };
         let req = Request::from_parts(parts, body);
+        // The record is made before the call runs, so that a call dropped before it has a
+        // response (its client went away while it waited for the first delta) is audited too.
+        let mut early = EarlyAudit(sides.state.audit.clone().map(|audit| PendingAudit {
+            audit,
+            started,
+            request_id: request_id_string(&request_id),
+            client_addr: client.to_string(),
+            peer_addr: client.forwarded.then(|| conn.remote.to_string()),
+            method,
+            is_grpc,
+            http_status: CLIENT_CLOSED_REQUEST,
+            header_status: None,
+            header_message: None,
+            header_error_code: None,
+            bytes_in: bytes_in.unwrap_or_default(),
+            bytes_out: 0,
+            notes,
+            done: false,
+        }));
         let mut resp = if is_grpc {
             sides.grpc.clone().oneshot(req).await?
         } else {
@@ -335,28 +367,14 @@ impl Pipeline {
         {
             m.error_answered(code);
         }
-        let Some(audit) = sides.state.audit.clone() else {
+        let Some(mut pending) = early.0.take() else {
             return Ok(resp);
         };
-        let request_id = request_id_string(&request_id);
         let (parts, body) = resp.into_parts();
-        let pending = PendingAudit {
-            audit,
-            started,
-            request_id,
-            client_addr: client.to_string(),
-            peer_addr: client.forwarded.then(|| conn.remote.to_string()),
-            method,
-            is_grpc,
-            http_status: parts.status,
-            header_status: status_of(&parts.headers),
-            header_message: parts.headers.get(&GRPC_MESSAGE).cloned(),
-            header_error_code: parts.headers.get(&ERROR_CODE_HEADER).cloned(),
-            bytes_in: bytes_in.unwrap_or_default(),
-            bytes_out: 0,
-            notes,
-            done: false,
-        };
+        pending.http_status = parts.status;
+        pending.header_status = status_of(&parts.headers);
+        pending.header_message = parts.headers.get(&GRPC_MESSAGE).cloned();
+        pending.header_error_code = parts.headers.get(&ERROR_CODE_HEADER).cloned();
         Ok(Response::from_parts(
             parts,
             Body::new(Audited {
@@ -446,6 +464,12 @@ fn check(state: &AppState, req: &Request<Body>) -> Result<(Principal, String), R
     let (prepared, notes, conn) = (&ctx.prepared, &ctx.notes, &ctx.conn);
     let ip = ctx.client.ip;
     let exempt = crate::auth::is_exempt(req.uri().path());
+    // Draining: a call that reaches a connection before its GOAWAY (or on a kept-alive HTTP/1
+    // connection) is refused cleanly; the calls in flight finish. Health checks still answer.
+    if !exempt && state.is_draining() {
+        notes.note(|n| n.refusal = Some("the server is shutting down".into()));
+        return Err(Refusal::ShuttingDown);
+    }
     let throttled = state.auth_failures.is_blocked(ip);
     let verification = match throttled {
         Some(_) => Verification::Cheap,
@@ -523,6 +547,8 @@ enum Refusal {
     RateLimited(u64),
     /// The failed-auth limiter refuses the caller's address for this many seconds.
     AuthThrottled(u64),
+    /// The server is draining.
+    ShuttingDown,
 }
 
 impl Refusal {
@@ -533,13 +559,14 @@ impl Refusal {
             Refusal::Unauthenticated => Code::Unauthenticated,
             Refusal::RateLimited(_) => Code::RateLimited,
             Refusal::AuthThrottled(_) => Code::TooManyAuthFailures,
+            Refusal::ShuttingDown => Code::ShuttingDown,
         }
     }
 
     /// The `Retry-After` (`retry-after` in gRPC metadata) of the refusal, in seconds.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Refusal::Unauthenticated => None,
+            Refusal::Unauthenticated | Refusal::ShuttingDown => None,
             Refusal::RateLimited(s) | Refusal::AuthThrottled(s) => Some(*s),
         }
     }
@@ -561,6 +588,7 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
                 ("8", format!("rate limit exceeded, retry after {s} seconds"))
             }
             Refusal::AuthThrottled(s) => ("8", throttled_message(s)),
+            Refusal::ShuttingDown => ("14", "the server is shutting down".to_string()),
         };
         let mut r = Response::new(Body::empty());
         let h = r.headers_mut();
@@ -595,6 +623,10 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
                 }})
                 .to_string(),
             ),
+            Refusal::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":{"message":"the server is shutting down","type":"server_error","code":"shutting_down","chatcli_code":"shutting_down"}}"#.to_string(),
+            ),
         };
         let mut r = Response::new(Body::from(body));
         *r.status_mut() = status;
@@ -625,6 +657,64 @@ fn refuse(is_grpc: bool, why: Refusal) -> Response<Body> {
 /// The `grpc-status` in `headers`, when present and a number.
 fn status_of(headers: &HeaderMap) -> Option<tonic::Code> {
     headers.get(&GRPC_STATUS).and_then(code_of)
+}
+
+/// The error of a request body that did not arrive within `server.body_read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was not sent within {0:?}")]
+pub struct BodyReadTimeout(std::time::Duration);
+
+/// A request body that fails with [`BodyReadTimeout`] once its deadline passes. The timer is made
+/// only when a read has to wait, so a body that is already there costs no timer.
+struct ReadDeadline<B> {
+    inner: Pin<Box<B>>,
+    limit: std::time::Duration,
+    deadline: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> ReadDeadline<B> {
+    fn new(inner: B, limit: std::time::Duration) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            limit,
+            deadline: tokio::time::Instant::now() + limit,
+            timer: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for ReadDeadline<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Some(Err(BodyReadTimeout(this.limit).into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Counts the bytes of a request body.
@@ -852,6 +942,28 @@ impl http_body::Body for Audited {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The status an HTTP call is audited with when its client went away before it had a response
+/// (nginx's 499; never sent, as nobody is left to read it).
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// A call's audit record until the call has a response; written as cancelled if the call is
+/// dropped first.
+struct EarlyAudit(Option<PendingAudit>);
+
+impl Drop for EarlyAudit {
+    fn drop(&mut self) {
+        if let Some(mut pending) = self.0.take() {
+            pending
+                .notes
+                .note(|n| n.failure = Some("the client went away before the answer began".into()));
+            pending.finish(None, false);
+        }
     }
 }
 

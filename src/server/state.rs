@@ -223,10 +223,14 @@ pub struct AppState {
     pub events: super::events::EventBus,
     /// Prompt calls being answered on each transport, for `/status`.
     pub in_flight: InFlight,
+    /// The conversation hub.
+    pub hub: Arc<crate::hub::Hub>,
     /// Plugins, agents and skills (rescanned as their folders and settings change).
     pub catalog: Arc<crate::catalog::Catalog>,
     /// The MCP servers' connections (live state: a reload hands it the new servers file).
     pub mcp: Arc<crate::mcp::McpHub>,
+    /// The Kubernetes watcher; it has no target (and runs nothing) unless the config names some.
+    pub watcher: Arc<crate::watcher::Watcher>,
 }
 
 /// The transport a call came on.
@@ -339,6 +343,14 @@ impl AppState {
             )
             .map_err(ServerError::CannotCreate)?,
         };
+        let hub = Arc::new(crate::hub::Hub::new(
+            &prepared.config.hub,
+            prepared.config.hub_db(),
+            metrics
+                .as_ref()
+                .map(|m| crate::telemetry::HubMetrics::register(m.registry()))
+                .transpose()?,
+        ));
         let catalog =
             crate::catalog::Catalog::new(&crate::catalog::Settings::from_config(&prepared.config))
                 .map_err(|e| {
@@ -349,6 +361,7 @@ impl AppState {
             mcp.register(m.registry())
                 .map_err(|e| ServerError::Config(vec![e]))?;
         }
+        let watcher = crate::watcher::Watcher::new(metrics.as_ref().map(|m| m.registry()));
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
             rate_limits,
@@ -367,8 +380,10 @@ impl AppState {
             started: Instant::now(),
             events: super::events::EventBus::default(),
             in_flight: InFlight::default(),
+            hub,
             catalog: Arc::new(catalog),
             mcp: Arc::new(mcp),
+            watcher,
         })
     }
 
@@ -472,6 +487,8 @@ impl AppState {
             sessions: &self.sessions,
             mcp: Some(&self.mcp),
             catalog: &prepared.config.catalog,
+            watcher: &self.watcher,
+            watcher_config: &prepared.config.watcher,
         }
     }
 

@@ -116,6 +116,7 @@ pub struct Metrics {
     session_active: IntGauge,
     session_operations: IntCounterVec,
     errors: IntCounterVec,
+    aiops_parse_failures: IntCounterVec,
     server_info: IntGaugeVec,
     uptime: Gauge,
     llm_series: Arc<SeriesCache<LlmSeries>>,
@@ -370,6 +371,13 @@ impl Metrics {
                 "Errors answered on either transport, by stable error code (docs/errors.md).",
                 &["code"],
             )?,
+            aiops_parse_failures: counter_vec(
+                &registry,
+                "chatcli_aiops_parse_failures_total",
+                "AnalyzeIssue and AgenticStep answers that were not the JSON asked for, after one \
+                 retry, by RPC.",
+                &["rpc"],
+            )?,
             server_info: register(
                 &registry,
                 IntGaugeVec::new(
@@ -487,6 +495,12 @@ impl Metrics {
         self.errors.with_label_values(&[code]).inc();
     }
 
+    /// Counts an AIOps answer (`rpc`: `AnalyzeIssue` or `AgenticStep`) that stayed unparsable
+    /// after its retry.
+    pub fn aiops_parse_failure(&self, rpc: &str) {
+        self.aiops_parse_failures.with_label_values(&[rpc]).inc();
+    }
+
     /// Replaces the single `chatcli_server_info` series.
     pub fn set_server_info(&self, version: &str, provider: &str, model: &str) {
         self.server_info.reset();
@@ -571,6 +585,110 @@ fn histogram_vec(
 ) -> Result<HistogramVec, prometheus::Error> {
     let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
     register(registry, HistogramVec::new(opts, labels)?)
+}
+
+// ---- Conversation hub ---------------------------------------------------------------------------
+
+/// The conversation hub's series, registered in a server's registry by [`HubMetrics::register`].
+#[derive(Clone, Debug)]
+pub struct HubMetrics {
+    /// `chatcli_hub_events_appended_total`: events stored by `AppendEvent` (an idempotent retry
+    /// that stored nothing new is not counted).
+    pub events_appended: IntCounter,
+    /// `chatcli_hub_subscribers`: open `SubscribeConversation` streams.
+    pub subscribers: IntGauge,
+    /// `chatcli_hub_store_bytes`: size of the hub's store (database and write-ahead log).
+    pub store_bytes: IntGauge,
+}
+
+impl HubMetrics {
+    /// Registers the hub's series in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            events_appended: register(
+                registry,
+                IntCounter::new(
+                    "chatcli_hub_events_appended_total",
+                    "Conversation hub events stored",
+                )?,
+            )?,
+            subscribers: register(
+                registry,
+                IntGauge::new(
+                    "chatcli_hub_subscribers",
+                    "Open conversation hub subscriptions",
+                )?,
+            )?,
+            store_bytes: register(
+                registry,
+                IntGauge::new(
+                    "chatcli_hub_store_bytes",
+                    "Size of the conversation hub store in bytes",
+                )?,
+            )?,
+        })
+    }
+}
+
+// The Kubernetes watcher's metrics, registered by the watcher itself on the server's registry.
+
+/// `chatcli_watcher_*`: collection time, alerts raised, pods ready and desired, targets.
+#[derive(Debug, Clone)]
+pub struct WatcherMetrics {
+    /// `chatcli_watcher_collection_duration_seconds{target}`.
+    pub collection_duration: HistogramVec,
+    /// `chatcli_watcher_collection_errors_total{target}`.
+    pub collection_errors: IntCounterVec,
+    /// `chatcli_watcher_alerts_total{target,severity,type}`: alerts raised (once per condition).
+    pub alerts: IntCounterVec,
+    /// `chatcli_watcher_pods_ready{namespace,deployment}`.
+    pub pods_ready: prometheus::IntGaugeVec,
+    /// `chatcli_watcher_pods_desired{namespace,deployment}`.
+    pub pods_desired: prometheus::IntGaugeVec,
+    /// `chatcli_watcher_targets_monitored`.
+    pub targets: prometheus::IntGauge,
+}
+
+impl WatcherMetrics {
+    /// Registers the watcher's metrics on `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let gauge_vec = |name: &str, help: &str| {
+            register(
+                registry,
+                prometheus::IntGaugeVec::new(Opts::new(name, help), &["namespace", "deployment"])?,
+            )
+        };
+        Ok(Self {
+            collection_duration: histogram_vec(
+                registry,
+                "chatcli_watcher_collection_duration_seconds",
+                "Time to collect one target.",
+                &["target"],
+                &[0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+            )?,
+            collection_errors: counter_vec(
+                registry,
+                "chatcli_watcher_collection_errors_total",
+                "Collections of a target that could not read the API.",
+                &["target"],
+            )?,
+            alerts: counter_vec(
+                registry,
+                "chatcli_watcher_alerts_total",
+                "Alerts raised, once per condition while it lasts.",
+                &["target", "severity", "type"],
+            )?,
+            pods_ready: gauge_vec("chatcli_watcher_pods_ready", "Ready pods of a target.")?,
+            pods_desired: gauge_vec("chatcli_watcher_pods_desired", "Desired pods of a target.")?,
+            targets: register(
+                registry,
+                prometheus::IntGauge::new(
+                    "chatcli_watcher_targets_monitored",
+                    "Targets the watcher collects.",
+                )?,
+            )?,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -10,4 +10,7 @@ pub use grpc_layer::{
     GrpcMetricsLayer, GrpcMetricsService, MetricsBody, ResponseFuture, UNKNOWN_METHOD, code_name,
 };
 pub use logging::{LogFormat, LogGuard, LogSettings, LoggingError, init_logging};
-pub use metrics::{ActiveSession, LlmErrorType, LlmSeries, LlmStatus, Metrics, SessionOperation};
+pub use metrics::{
+    ActiveSession, HubMetrics, LlmErrorType, LlmSeries, LlmStatus, Metrics, SessionOperation,
+    WatcherMetrics,
+};

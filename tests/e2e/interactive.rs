@@ -236,6 +236,7 @@ async fn remote_commands_answer() {
     assert!(status.contains("primary"), "{status}");
     for cmd in [
         "/watcher status",
+        "/watcher alerts",
         "/plugins list",
         "/agents list",
         "/skills list",
@@ -250,6 +251,7 @@ async fn remote_commands_answer() {
     for known in [
         "/status",
         "/watcher status",
+        "/watcher alerts",
         "/plugins list",
         "/agents list",
         "/skills list",

@@ -3,16 +3,22 @@
 //! the listening line, SIGTERM drain), and a Python gRPC peer generated from our proto.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: a failed unwrap is a failed test
 
+mod aiops;
 mod binary;
 mod catalog;
 mod client;
 mod client_credentials;
 mod config_tables;
+mod crash;
 mod error_classes;
+mod fault_table;
 mod first_hour;
 mod grpc;
+mod held_streams;
+mod hostile;
 mod http;
 mod http_api;
+mod hub;
 mod interactive;
 mod mcp;
 mod providers;
@@ -23,3 +29,4 @@ mod sessions;
 mod support;
 mod tls;
 mod upstream_faults;
+mod watcher;

@@ -385,6 +385,12 @@ impl BinaryServer {
         assert!(status.success(), "kill -TERM failed: {status}");
     }
 
+    /// Kills the process with SIGKILL (no drain, no flush) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits until stderr contains `needle`; panics after [`HANG_GUARD`].
     pub async fn wait_for_log(&self, needle: &str) {
         eventually(&format!("log line containing {needle:?}"), || async {

@@ -58,6 +58,69 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "conf.d_%s" . }}
 {{- end }}
 
+{{/*
+The watcher's drop-in (conf.d/00-watcher.toml): [watcher] and its [[watcher.targets]], from the
+watcher values; a target without a namespace watches the release's.
+*/}}
+{{- define "chatcli.watcherToml" -}}
+# Rendered from the chart's watcher values.
+[watcher]
+interval = {{ .Values.watcher.interval | quote }}
+window = {{ .Values.watcher.window | quote }}
+max_log_lines = {{ .Values.watcher.maxLogLines | int }}
+max_context_chars = {{ .Values.watcher.maxContextChars | int }}
+inject_openai = {{ .Values.watcher.injectOpenai }}
+{{- range .Values.watcher.targets }}
+
+[[watcher.targets]]
+deployment = {{ .deployment | quote }}
+kind = {{ .kind | default "Deployment" | quote }}
+namespace = {{ .namespace | default $.Release.Namespace | quote }}
+{{- with .metricsPort }}
+metrics_port = {{ . | int }}
+{{- end }}
+{{- with .metricsPath }}
+metrics_path = {{ . | quote }}
+{{- end }}
+{{- with .metricsFilter }}
+metrics_filter = [{{ range $i, $g := . }}{{ if $i }}, {{ end }}{{ $g | quote }}{{ end }}]
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The watcher's namespaced rules; the argument is the set (a dict) of the targets' kinds, so only
+the workload resources watched are granted.
+*/}}
+{{- define "chatcli.watcherRules" -}}
+- apiGroups: [""]
+  resources: ["pods", "events"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+{{- $apps := list }}
+{{- if hasKey . "Deployment" }}{{ $apps = append $apps "deployments" }}{{ end }}
+{{- if hasKey . "StatefulSet" }}{{ $apps = append $apps "statefulsets" }}{{ end }}
+{{- if hasKey . "DaemonSet" }}{{ $apps = append $apps "daemonsets" }}{{ end }}
+{{- if $apps }}
+- apiGroups: ["apps"]
+  resources: [{{ range $i, $r := $apps }}{{ if $i }}, {{ end }}{{ $r | quote }}{{ end }}]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+{{- $batch := list }}
+{{- if hasKey . "Job" }}{{ $batch = append $batch "jobs" }}{{ end }}
+{{- if hasKey . "CronJob" }}{{ $batch = append $batch "cronjobs" }}{{ end }}
+{{- if $batch }}
+- apiGroups: ["batch"]
+  resources: [{{ range $i, $r := $batch }}{{ if $i }}, {{ end }}{{ $r | quote }}{{ end }}]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
 {{/* Settings that must hold together; each failure says what to change. */}}
 {{- define "chatcli.validate" -}}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
@@ -74,6 +137,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- if and .Values.watcher.enabled (not .Values.watcher.targets) }}
+{{- fail "watcher.enabled needs at least one entry in watcher.targets" }}
+{{- end }}
+{{- if and .Values.watcher.enabled (not .Values.serviceAccount.automountServiceAccountToken) }}
+{{- fail "watcher.enabled needs serviceAccount.automountServiceAccountToken: the watcher reads the API server with that token" }}
 {{- end }}
 {{- end }}
 

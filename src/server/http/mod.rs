@@ -32,6 +32,7 @@ mod metrics;
 mod openai;
 mod prompt;
 mod status;
+mod watcher;
 
 use std::sync::Arc;
 
@@ -67,6 +68,8 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<Arc<Api>>)> {
         ("/updates", get(prompt::updates)),
         ("/admin/reload", post(status::admin_reload)),
         ("/plugins/{name}/exec", post(catalog::exec)),
+        ("/watcher/status", get(watcher::status)),
+        ("/watcher/alerts", get(watcher::alerts)),
     ]
 }
 
@@ -294,6 +297,14 @@ async fn json_body<T: serde::de::DeserializeOwned>(
                 if s.is::<http_body_util::LengthLimitError>() {
                     return too_large();
                 }
+                if s.is::<crate::server::pipeline::BodyReadTimeout>() {
+                    return ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "invalid_request_error",
+                        "request_timeout",
+                        "the request body was not sent in time",
+                    );
+                }
                 source = s.source();
             }
             ApiError::invalid(
@@ -520,6 +531,8 @@ mod tests {
                 "/updates",
                 "/admin/reload",
                 "/plugins/{name}/exec",
+                "/watcher/status",
+                "/watcher/alerts",
             ]
         );
         for path in &labels {

@@ -296,7 +296,10 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
         false => None,
     };
     let busy = api.busy();
-    let answer = api.core(&prepared).prompt(call).await?;
+    let answer = api
+        .core(&prepared)
+        .prompt_via(crate::gateway::PromptRoute::OpenAi, call)
+        .await?;
     caller.notes.answered_by(&answer.provider, &answer.model);
     let id = completion_id();
     let created = super::unix_now();

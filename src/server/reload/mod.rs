@@ -279,7 +279,9 @@ impl Reloader {
             || new_tls.client_ca_file != old_tls.client_ca_file
             || new_tls.min_version != old_tls.min_version;
         let tls_cfg = new_tls.clone();
+        let watcher_config = prepared.config.watcher.clone();
         state.publish(prepared);
+        state.watcher.apply(&watcher_config);
         lock(&self.pending).clear();
         if tls_changed && let Some(rotation) = &state.tls_rotation {
             // The rotation switches to the new paths (the watcher follows them after this reload)
@@ -495,6 +497,10 @@ restart_only!(
     server.max_send_msg_size,
     server.max_concurrent_streams,
     server.header_read_timeout,
+    server.max_header_bytes,
+    server.max_connections_per_client,
+    server.tls_handshake_timeout,
+    server.max_pending_reset_streams,
     server.reflection,
     server.proxy_protocol,
     metrics.port,
@@ -511,15 +517,23 @@ restart_only!(
     audit.max_backups,
     audit.queue,
     state.data_dir,
+    hub.enabled,
+    hub.db,
+    hub.tail_buffer,
 );
 
 /// Keys a reload applies: they are read from the snapshot of each request (providers, auth,
 /// limits, catalog folders), or the reload hands them to the live part that uses them (TLS
 /// material, log level, the failed-authentication limiter; the shutdown grace is read when the
 /// drain starts). Items of a list of tables are named without their index (`llm.providers.name`).
-/// The watcher's keys are read from the snapshot too; the watcher itself is not in this build.
+/// The watcher's targets are handed to the running watcher, which restarts only the changed ones.
 pub const RELOADABLE: &[&str] = &[
+    // Read by the hub's housekeeping on each sweep and by each hub call.
+    "hub.retention_days",
+    "limits.hub_max_content_bytes",
+    "limits.hub_max_field_bytes",
     "server.shutdown_grace",
+    "server.body_read_timeout",
     "server.allow_no_auth",
     "server.trusted_proxies",
     "server.tls.cert_file",
@@ -574,6 +588,7 @@ pub const RELOADABLE: &[&str] = &[
     "llm.providers.first_byte_timeout",
     "llm.providers.idle_timeout",
     "llm.providers.unary_timeout",
+    "llm.providers.max_response_bytes",
     "llm.providers.models",
     "llm.providers.discover_models",
     "llm.providers.models_refresh",
@@ -591,6 +606,14 @@ pub const RELOADABLE: &[&str] = &[
     "watcher.window",
     "watcher.max_log_lines",
     "watcher.kubeconfig",
+    "watcher.max_context_chars",
+    "watcher.inject_openai",
+    "watcher.targets.deployment",
+    "watcher.targets.kind",
+    "watcher.targets.namespace",
+    "watcher.targets.metrics_port",
+    "watcher.targets.metrics_path",
+    "watcher.targets.metrics_filter",
     "catalog.plugins_dir",
     "catalog.agents_dir",
     "catalog.skills_dir",
