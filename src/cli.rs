@@ -267,7 +267,7 @@ pub struct ServerArgs {
     #[arg(long)]
     pub fallback_cooldown_max: Option<String>,
     /// MCP servers JSON whose tools prompts use (env CHATCLI_MCP_CONFIG; default
-    /// <data-dir>/mcp_servers.json when it exists).
+    /// `<data-dir>/mcp_servers.json` when it exists).
     #[arg(long, value_name = "FILE")]
     pub mcp_config: Option<PathBuf>,
     /// Multi-target watcher YAML (env CHATCLI_WATCH_CONFIG).
