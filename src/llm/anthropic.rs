@@ -616,15 +616,38 @@ mod tests {
         );
         let plain = serde_json::to_value(MessagesBody::new(&user("hi"), "m")).unwrap();
         assert!(plain.get("tools").is_none() && plain.get("tool_choice").is_none());
+        // The forced tool's input arrives in pieces and comes out whole, as a tool call that
+        // `llm::collect` reads as the answer's text.
         let mut state = StreamState::default();
-        let event = crate::llm::http::SseEvent {
-            event: "content_block_delta".into(),
-            data: r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"a\": "}}"#.into(),
-        };
-        match state.on_event("p", &event).unwrap() {
-            Some(Delta::Text(t)) => assert_eq!(t, "{\"a\": "),
-            other => panic!("{other:?}"),
+        let events = [
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"t1","name":"answer","input":{}}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"a\": "}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"x\", \"params\": {}}"}}"#,
+            r#"{"type":"content_block_stop","index":0}"#,
+        ];
+        let mut out = Vec::new();
+        for data in events {
+            let kind = serde_json::from_str::<serde_json::Value>(data).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let event = crate::llm::http::SseEvent {
+                event: kind.into(),
+                data: data.into(),
+            };
+            out.extend(state.on_event("p", &event).unwrap());
         }
+        let call = match out.as_slice() {
+            [Delta::ToolCall(c)] => c.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(call.name, "answer");
+        assert_eq!(call.arguments, serde_json::json!({"a": "x", "params": {}}));
+        let stream: crate::llm::DeltaStream =
+            Box::pin(futures::stream::iter([Ok(Delta::ToolCall(call))]));
+        let (text, _) = futures::executor::block_on(crate::llm::collect(stream)).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, serde_json::json!({"a": "x", "params": {}}));
     }
 
     fn user(text: &str) -> ChatRequest {
