@@ -14,14 +14,10 @@ use serde::Serialize;
 
 use crate::config::FlagValue;
 
-/// chatcli: one authenticated endpoint for many LLM providers, speaking the ChatCLI gRPC protocol.
-/// Help heading of the flags that are accepted and checked but drive nothing in this build yet
-/// (the MCP tools): a config that sets them starts, with a warning.
-const NOT_ACTIVE: &str =
-    "Not active yet (accepted and checked; the MCP tools are not in this build)";
 /// Help heading of the Kubernetes watcher's flags.
 const WATCHER: &str = "Kubernetes watcher";
 
+/// chatcli: one authenticated endpoint for many LLM providers, speaking the ChatCLI gRPC protocol.
 #[derive(Debug, Parser)]
 #[command(
     name = "chatcli",
@@ -270,8 +266,9 @@ pub struct ServerArgs {
     /// Cooldown cap (env CHATCLI_FALLBACK_COOLDOWN_MAX; default 5m).
     #[arg(long)]
     pub fallback_cooldown_max: Option<String>,
-    /// MCP servers JSON (env CHATCLI_MCP_CONFIG).
-    #[arg(long, value_name = "FILE", help_heading = NOT_ACTIVE)]
+    /// MCP servers JSON whose tools prompts use (env CHATCLI_MCP_CONFIG; default
+    /// `<data-dir>/mcp_servers.json` when it exists).
+    #[arg(long, value_name = "FILE")]
     pub mcp_config: Option<PathBuf>,
     /// Multi-target watcher YAML (env CHATCLI_WATCH_CONFIG).
     #[arg(long, value_name = "FILE", help_heading = WATCHER)]

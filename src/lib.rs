@@ -16,6 +16,7 @@ mod fuzz;
 pub mod gateway;
 pub mod hub;
 pub mod llm;
+pub mod mcp;
 mod proto_debug;
 pub mod server;
 pub mod sessions;

@@ -91,7 +91,7 @@ impl Settings {
     }
 }
 
-/// Why a catalog call failed. Each kind has a stable [`CatalogError::code`].
+/// Why a catalog call failed. Each kind has a stable code once it is a `gateway::Error`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CatalogError {
     /// Bad request values.

@@ -777,8 +777,13 @@ pub struct CatalogConfig {
     pub max_output_bytes: usize,
     /// Variables of the server's environment a plugin sees; every other one is removed.
     pub env_allow: Vec<String>,
-    /// MCP servers JSON (`--mcp-config`).
+    /// MCP servers JSON (`--mcp-config`, `CHATCLI_MCP_CONFIG`); default
+    /// `<data_dir>/mcp_servers.json` when that file exists. Its changes are reloaded.
     pub mcp_config: Option<PathBuf>,
+    /// Roles whose prompts may use the MCP servers' tools.
+    pub mcp_roles: Vec<Role>,
+    /// Rounds of tool calls a prompt may make before the model must answer (1 to 64).
+    pub mcp_max_rounds: u32,
 }
 
 impl Default for CatalogConfig {
@@ -793,6 +798,8 @@ impl Default for CatalogConfig {
             max_output_bytes: 8 * 1024 * 1024,
             env_allow: ["PATH", "LANG", "LC_ALL", "TZ"].map(String::from).to_vec(),
             mcp_config: None,
+            mcp_roles: vec![Role::Admin, Role::User],
+            mcp_max_rounds: 8,
         }
     }
 }

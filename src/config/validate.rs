@@ -217,6 +217,9 @@ pub fn validate(config: &Config, figment: &Figment) -> Vec<Problem> {
     if cat.max_output_bytes == 0 {
         bad("catalog.max_output_bytes", "must be greater than 0".into());
     }
+    if !(1..=64).contains(&cat.mcp_max_rounds) {
+        bad("catalog.mcp_max_rounds", "must be between 1 and 64".into());
+    }
     for name in &cat.env_allow {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
             bad(
@@ -361,15 +364,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
             "server.proxy_protocol is on but server.trusted_proxies is empty: every connection \
              must start with a PROXY header, and the address it carries is never used"
                 .to_string(),
-        );
-    }
-    let mut later = |what: &str, issue: &str| {
-        w.push(format!("{what} has no effect yet: it waits for {issue}"));
-    };
-    if config.catalog.mcp_config.is_some() {
-        later(
-            "catalog.mcp_config",
-            "the MCP client (not in this build yet)",
         );
     }
     w

@@ -31,8 +31,9 @@
 //! [`Error::NotImplemented`] ([`waits_for`]).
 //!
 //! The view borrows: building one per call costs nothing, and a use case never reaches back into
-//! the server, so `gateway` depends on `llm`, `sessions`, `auth`, `config`, `telemetry` and
-//! `watcher` only.
+//! the server, so `gateway` depends on `llm`, `mcp`, `catalog`, `sessions`, `auth`, `config`,
+//! `telemetry` and `watcher` only. A prompt's MCP tools come from [`Gateway::tools_for`]: the
+//! caller's role ([`PromptCall::tool_role`]) against `catalog.mcp_roles`, and the servers ready now.
 
 pub mod admin;
 pub mod aiops;
@@ -47,10 +48,12 @@ pub use sessions::{SessionLocks, SessionTurn};
 pub use watcher::PromptRoute;
 
 use crate::auth::Principal;
-use crate::config::{LimitsConfig, WatcherConfig};
+use crate::config::{CatalogConfig, LimitsConfig, WatcherConfig};
 use crate::llm::fallback::{Answer, Cooldowns};
 pub use crate::llm::gateway::PromptCall;
+pub use crate::llm::tools::ToolEvent;
 use crate::llm::{Message, ProviderRegistry};
+use crate::mcp::McpHub;
 use crate::sessions::SessionStore;
 use crate::telemetry::Metrics;
 
@@ -89,6 +92,10 @@ pub struct Gateway<'a> {
     pub metrics: Option<&'a Arc<Metrics>>,
     /// The saved sessions.
     pub sessions: &'a SessionStore,
+    /// The MCP servers whose tools prompts may use.
+    pub mcp: Option<&'a Arc<McpHub>>,
+    /// The catalog settings of the call's config snapshot (`mcp_roles`, `mcp_max_rounds`).
+    pub catalog: &'a CatalogConfig,
     /// The Kubernetes watcher (it runs nothing without targets).
     pub watcher: &'a crate::watcher::Watcher,
     /// The watcher's section of the call's config snapshot.
@@ -124,6 +131,35 @@ pub struct TurnAnswer {
     pub model: String,
     /// How many of the oldest history messages were dropped to keep within the limits.
     pub trimmed: usize,
+    /// The tool calls the turn made, in order.
+    pub tools: Vec<ToolEvent>,
+}
+
+/// Who asks an interactive turn: the role that decides whether its prompt may use the MCP tools,
+/// and where its tool calls are noted for the audit log.
+#[derive(Debug, Clone)]
+pub struct TurnCaller {
+    /// The caller's role.
+    pub role: crate::auth::Role,
+    /// Told of each tool call.
+    pub tool_audit: Option<crate::llm::tools::ToolAudit>,
+}
+
+/// Reads an answer whole: its text and its tool events.
+pub async fn collect_with_tools(
+    mut stream: crate::llm::DeltaStream,
+) -> Result<(String, Vec<ToolEvent>), Error> {
+    use futures::StreamExt;
+    let mut text = String::new();
+    let mut tools = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item? {
+            crate::llm::Delta::Text(t) => text.push_str(&t),
+            crate::llm::Delta::Tool(e) => tools.push(e),
+            _ => {}
+        }
+    }
+    Ok((text, tools))
 }
 
 /// The answer of a call whose capability is not in this build.
@@ -252,8 +288,33 @@ impl Gateway<'_> {
         })
     }
 
-    /// Starts a validated call arriving by `route` on the providers, with that route's context.
-    pub async fn start(&self, route: PromptRoute, call: PromptCall) -> Result<Answer, Error> {
+    /// The tools a call of `role` may offer: those of the MCP servers ready now, when the role is
+    /// one of `catalog.mcp_roles`; `None` (a plain prompt) otherwise or when no server is
+    /// configured.
+    pub fn tools_for(&self, role: crate::auth::Role) -> Option<crate::llm::tools::PromptTools> {
+        let hub = self.mcp.filter(|h| h.is_configured())?;
+        if !self.catalog.mcp_roles.contains(&role) {
+            tracing::debug!(
+                ?role,
+                "MCP tools not offered: the role is not in catalog.mcp_roles"
+            );
+            return None;
+        }
+        let host = hub.toolbox()?;
+        Some(crate::llm::tools::PromptTools {
+            host,
+            max_rounds: self.catalog.mcp_max_rounds,
+            audit: None,
+        })
+    }
+
+    /// Starts a validated call on the providers.
+    pub async fn start(&self, route: PromptRoute, mut call: PromptCall) -> Result<Answer, Error> {
+        if call.tools.is_none()
+            && let Some(role) = call.tool_role
+        {
+            call.tools = self.tools_for(role);
+        }
         let context = self.prompt_context(route);
         crate::llm::gateway::start(
             self.registry,
@@ -279,6 +340,7 @@ impl Gateway<'_> {
         provider: String,
         model: String,
         client_api_key: &str,
+        caller: TurnCaller,
     ) -> Result<TurnAnswer, Error> {
         self.validate_prompt(&prompt)?;
         let call = PromptCall {
@@ -289,11 +351,13 @@ impl Gateway<'_> {
             credentials: crate::llm::ClientCredentials::from_request(client_api_key, Vec::new()),
             // The session answers with the whole text.
             unary: true,
+            tool_role: Some(caller.role),
+            tool_audit: caller.tool_audit,
             ..Default::default()
         };
         let prompt = call.prompt.clone();
         let answer = self.start(PromptRoute::Chatcli, call).await?;
-        let (text, _) = crate::llm::collect(answer.stream).await?;
+        let (text, tools) = collect_with_tools(answer.stream).await?;
         history.push(Message {
             role: "user".into(),
             content: prompt,
@@ -315,6 +379,7 @@ impl Gateway<'_> {
             provider: answer.provider,
             model: answer.model,
             trimmed,
+            tools,
         })
     }
 }
@@ -397,6 +462,8 @@ mod tests {
             cooldowns: &cooldowns,
             metrics: None,
             sessions: &sessions,
+            mcp: None,
+            catalog: &Default::default(),
             watcher: &watcher,
             watcher_config: &watcher_config,
         };

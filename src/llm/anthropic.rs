@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::error::{ErrorClass, LlmError};
 use super::http::{self, ModelListing, SseEvent};
@@ -142,7 +142,11 @@ impl WireFormat for Anthropic {
     }
 
     fn body(&self, req: &ChatRequest, model: &str) -> Vec<u8> {
-        serde_json::to_vec(&MessagesBody::new(req, model)).unwrap_or_default()
+        let body = serde_json::to_vec(&MessagesBody::new(req, model)).unwrap_or_default();
+        match req.uses_tools() {
+            false => body,
+            true => with_tools(body, req),
+        }
     }
 
     fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
@@ -202,6 +206,54 @@ impl WireFormat for Anthropic {
             ));
         }
     }
+}
+
+/// The body with the offered tools (`tools`, `tool_choice`) and the tool rounds so far (an
+/// assistant message with its `tool_use` blocks, then a user message with one `tool_result` block
+/// per call).
+fn with_tools(body: Vec<u8>, req: &ChatRequest) -> Vec<u8> {
+    let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    if let Some(Value::Array(messages)) = v.get_mut("messages") {
+        for turn in &req.tool_turns {
+            let mut blocks = Vec::new();
+            if !turn.text.is_empty() {
+                blocks.push(json!({"type": "text", "text": turn.text}));
+            }
+            for c in &turn.calls {
+                let input = match &c.arguments {
+                    Value::Object(_) => c.arguments.clone(),
+                    _ => json!({}),
+                };
+                blocks
+                    .push(json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input}));
+            }
+            messages.push(json!({"role": "assistant", "content": blocks}));
+            let results: Vec<Value> = turn
+                .calls
+                .iter()
+                .zip(&turn.outputs)
+                .map(|(c, out)| {
+                    json!({"type": "tool_result", "tool_use_id": c.id,
+                           "content": out.content, "is_error": out.is_error})
+                })
+                .collect();
+            messages.push(json!({"role": "user", "content": results}));
+        }
+    }
+    if !req.tools.is_empty() {
+        let tools: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+            .collect();
+        v.insert("tools".into(), Value::Array(tools));
+        if req.tool_choice_none {
+            v.insert("tool_choice".into(), json!({"type": "none"}));
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or(body)
 }
 
 /// The Messages request body.
@@ -307,6 +359,8 @@ struct StreamState {
     output_tokens: Option<u64>,
     /// `message_stop` was seen.
     done: bool,
+    /// The `tool_use` block being read: id, name, and its input's JSON so far.
+    tool: Option<(String, String, String)>,
 }
 
 impl StreamState {
@@ -344,6 +398,24 @@ impl StreamState {
                 Ok(None)
             }
             "content_block_start" => {
+                let block = data.get("content_block");
+                if block.and_then(|b| b.get("type")).and_then(Value::as_str) == Some("tool_use") {
+                    let field = |k: &str| {
+                        block
+                            .and_then(|b| b.get(k))
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    // The input comes in `input_json_delta`s; a start with the whole input keeps it.
+                    let input = block
+                        .and_then(|b| b.get("input"))
+                        .filter(|i| i.as_object().is_some_and(|o| !o.is_empty()))
+                        .map(Value::to_string)
+                        .unwrap_or_default();
+                    self.tool = Some((field("id"), field("name"), input));
+                    return Ok(None);
+                }
                 let text = data
                     .pointer("/content_block/text")
                     .and_then(Value::as_str)
@@ -353,13 +425,18 @@ impl StreamState {
             "content_block_delta" => {
                 let delta = data.get("delta").ok_or_else(|| malformed("`delta`"))?;
                 if delta.get("type").and_then(Value::as_str) == Some("input_json_delta") {
-                    // chatcli offers a tool only to get a structured answer (a request's
-                    // `schema`): the forced call's input is the answer's text.
-                    let json = delta
-                        .get("partial_json")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    return Ok((!json.is_empty()).then(|| Delta::Text(json.to_string())));
+                    // A tool's input, kept until its block ends. A structured answer (a request's
+                    // `schema`) is a forced tool call too: `llm::collect` reads its input as the
+                    // answer's text.
+                    if let Some((_, _, input)) = &mut self.tool {
+                        input.push_str(
+                            delta
+                                .get("partial_json")
+                                .and_then(Value::as_str)
+                                .unwrap_or(""),
+                        );
+                    }
+                    return Ok(None);
                 }
                 if delta.get("type").and_then(Value::as_str) != Some("text_delta") {
                     // Thinking and signature deltas are not answer text.
@@ -383,12 +460,26 @@ impl StreamState {
                 self.done = true;
                 Ok(None)
             }
+            "content_block_stop" => {
+                let Some((id, name, input)) = self.tool.take() else {
+                    return Ok(None);
+                };
+                let arguments = match input.trim().is_empty() {
+                    true => json!({}),
+                    false => serde_json::from_str(&input).unwrap_or(Value::String(input)),
+                };
+                Ok(Some(Delta::ToolCall(crate::llm::tools::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                })))
+            }
             "error" => {
                 let (class, message) = classify_body(&data)
                     .unwrap_or((ErrorClass::Server, "error event without details".into()));
                 Err(LlmError::upstream(provider, class, message))
             }
-            // `ping`, `content_block_stop` and event types added later carry no answer text.
+            // `ping` and event types added later carry no answer text.
             _ => Ok(None),
         }
     }
@@ -525,15 +616,38 @@ mod tests {
         );
         let plain = serde_json::to_value(MessagesBody::new(&user("hi"), "m")).unwrap();
         assert!(plain.get("tools").is_none() && plain.get("tool_choice").is_none());
+        // The forced tool's input arrives in pieces and comes out whole, as a tool call that
+        // `llm::collect` reads as the answer's text.
         let mut state = StreamState::default();
-        let event = crate::llm::http::SseEvent {
-            event: "content_block_delta".into(),
-            data: r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"a\": "}}"#.into(),
-        };
-        match state.on_event("p", &event).unwrap() {
-            Some(Delta::Text(t)) => assert_eq!(t, "{\"a\": "),
-            other => panic!("{other:?}"),
+        let events = [
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"t1","name":"answer","input":{}}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"a\": "}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"x\", \"params\": {}}"}}"#,
+            r#"{"type":"content_block_stop","index":0}"#,
+        ];
+        let mut out = Vec::new();
+        for data in events {
+            let kind = serde_json::from_str::<serde_json::Value>(data).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let event = crate::llm::http::SseEvent {
+                event: kind.into(),
+                data: data.into(),
+            };
+            out.extend(state.on_event("p", &event).unwrap());
         }
+        let call = match out.as_slice() {
+            [Delta::ToolCall(c)] => c.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(call.name, "answer");
+        assert_eq!(call.arguments, serde_json::json!({"a": "x", "params": {}}));
+        let stream: crate::llm::DeltaStream =
+            Box::pin(futures::stream::iter([Ok(Delta::ToolCall(call))]));
+        let (text, _) = futures::executor::block_on(crate::llm::collect(stream)).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, serde_json::json!({"a": "x", "params": {}}));
     }
 
     fn user(text: &str) -> ChatRequest {

@@ -39,6 +39,14 @@ pub struct PromptCall {
     /// The caller takes the whole answer at once (SendPrompt, `stream: false`): providers may ask
     /// their upstream for a whole answer too ([`ChatRequest::stream`]).
     pub unary: bool,
+    /// The caller's role, on the surfaces whose prompts may use the server's MCP tools
+    /// (`SendPrompt`, `StreamPrompt`, `InteractiveSession`, `POST /request`); `None` elsewhere.
+    /// The core turns it into [`PromptCall::tools`] when the role may use them.
+    pub tool_role: Option<crate::config::Role>,
+    /// The tools the call offers; `None`: a plain prompt.
+    pub tools: Option<super::tools::PromptTools>,
+    /// Told of each tool call the prompt makes (the audit log).
+    pub tool_audit: Option<super::tools::ToolAudit>,
     /// The JSON schema the answer must follow ([`ChatRequest::schema`]).
     pub schema: Option<Arc<super::ResponseSchema>>,
 }
@@ -75,15 +83,32 @@ pub async fn start(
     request.stream = !call.unary;
     request.schema = call.schema;
     let started = Instant::now();
-    let result = fallback::start(
-        candidates,
-        request,
-        registry.fallback(),
-        cooldowns,
-        metrics.as_deref(),
-        call.deadline,
-    )
-    .await;
+    let result = match call.tools {
+        Some(mut tools) if offers_tools(resolved.provider.kind()) => {
+            tools.audit = call.tool_audit;
+            super::tools::start(
+                candidates,
+                request,
+                registry.fallback(),
+                cooldowns,
+                metrics.as_deref(),
+                call.deadline,
+                tools,
+            )
+            .await
+        }
+        _ => {
+            fallback::start(
+                candidates,
+                request,
+                registry.fallback(),
+                cooldowns,
+                metrics.as_deref(),
+                call.deadline,
+            )
+            .await
+        }
+    };
     match (result, metrics) {
         (Ok(answer), Some(m)) => Ok(instrument(answer, m, started)),
         (Ok(answer), None) => Ok(answer),
@@ -95,6 +120,12 @@ pub async fn start(
         }
         (Err(e), None) => Err(e),
     }
+}
+
+/// Whether prompts to a provider of `kind` may offer tools (the wire formats that carry them).
+pub fn offers_tools(kind: super::ProviderKind) -> bool {
+    use super::ProviderKind as K;
+    matches!(kind, K::OpenAi | K::Anthropic | K::Gemini | K::Ollama)
 }
 
 /// The existing ChatCLI's `error_type` label for an error.

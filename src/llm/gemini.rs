@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::error::{ErrorClass, LlmError};
 use super::http::{self, ModelListing, SseEvent};
@@ -170,7 +170,11 @@ impl WireFormat for Gemini {
     }
 
     fn body(&self, req: &ChatRequest, _model: &str) -> Vec<u8> {
-        serde_json::to_vec(&GenerateBody::new(req)).unwrap_or_default()
+        let body = serde_json::to_vec(&GenerateBody::new(req)).unwrap_or_default();
+        match req.uses_tools() {
+            false => body,
+            true => with_tools(body, req),
+        }
     }
 
     fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
@@ -233,6 +237,52 @@ impl WireFormat for Gemini {
             }
         }
     }
+}
+
+/// The body with the offered tools (`tools[0].functionDeclarations`, `toolConfig`) and the tool
+/// rounds so far (a `model` turn with its `functionCall` parts, then a `user` turn with one
+/// `functionResponse` part per result).
+fn with_tools(body: Vec<u8>, req: &ChatRequest) -> Vec<u8> {
+    let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    if let Some(Value::Array(contents)) = v.get_mut("contents") {
+        for turn in &req.tool_turns {
+            let mut parts = Vec::new();
+            if !turn.text.is_empty() {
+                parts.push(json!({"text": turn.text}));
+            }
+            for c in &turn.calls {
+                parts.push(json!({"functionCall": {"name": c.name, "args": c.arguments}}));
+            }
+            contents.push(json!({"role": "model", "parts": parts}));
+            let results: Vec<Value> = turn
+                .calls
+                .iter()
+                .zip(&turn.outputs)
+                .map(|(c, out)| {
+                    let key = if out.is_error { "error" } else { "result" };
+                    json!({"functionResponse": {"name": c.name, "response": {key: out.content}}})
+                })
+                .collect();
+            contents.push(json!({"role": "user", "parts": results}));
+        }
+    }
+    if !req.tools.is_empty() {
+        let decls: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| json!({"name": t.name, "description": t.description, "parameters": t.parameters}))
+            .collect();
+        v.insert("tools".into(), json!([{"functionDeclarations": decls}]));
+        if req.tool_choice_none {
+            v.insert(
+                "toolConfig".into(),
+                json!({"functionCallingConfig": {"mode": "NONE"}}),
+            );
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or(body)
 }
 
 /// The `streamGenerateContent` request body.
@@ -398,6 +448,8 @@ struct StreamState {
     usage: Option<Usage>,
     /// A `finishReason` was seen.
     finished: bool,
+    /// Function calls seen (their ids when Gemini gives none).
+    calls: usize,
 }
 
 impl StreamState {
@@ -446,6 +498,20 @@ impl StreamState {
             for part in parts {
                 // Thought summaries are not answer text.
                 if part.get("thought").and_then(Value::as_bool) == Some(true) {
+                    continue;
+                }
+                if let Some(call) = part.get("functionCall") {
+                    let name = call.get("name").and_then(Value::as_str).unwrap_or("");
+                    self.calls += 1;
+                    let id = call
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .map_or_else(|| format!("call_{}", self.calls), str::to_string);
+                    deltas.push(Delta::ToolCall(super::tools::ToolCall {
+                        id,
+                        name: name.to_string(),
+                        arguments: call.get("args").cloned().unwrap_or_else(|| json!({})),
+                    }));
                     continue;
                 }
                 match part.get("text") {
@@ -546,6 +612,74 @@ mod tests {
     use crate::llm::ClientCredentials;
     use crate::llm::ssrf::SsrfPolicy;
     use crate::llm::{Message, UpstreamError, collect};
+
+    fn tool_request() -> ChatRequest {
+        use crate::llm::tools::{ToolCall, ToolOutput, ToolSpec, ToolTurn};
+        let mut r = ChatRequest::new(
+            vec![crate::llm::Message {
+                role: "user".into(),
+                content: "q".into(),
+            }],
+            "m",
+        );
+        r.tools = std::sync::Arc::from(vec![ToolSpec {
+            name: "echo".into(),
+            description: "Repeats".into(),
+            parameters: json!({"type": "object"}),
+        }]);
+        r.tool_turns = vec![ToolTurn {
+            text: String::new(),
+            calls: vec![ToolCall {
+                id: "c1".into(),
+                name: "echo".into(),
+                arguments: json!({"text": "hi"}),
+            }],
+            outputs: vec![ToolOutput {
+                content: "echo: hi".into(),
+                is_error: false,
+            }],
+        }];
+        r
+    }
+
+    #[test]
+    fn tools_and_tool_rounds_in_the_body_and_calls_in_the_answer() {
+        let mut r = tool_request();
+        r.tool_choice_none = true;
+        let body: Value = serde_json::from_slice(&Gemini.body(&r, "m")).unwrap();
+        assert_eq!(body["tools"][0]["functionDeclarations"][0]["name"], "echo");
+        assert_eq!(body["toolConfig"]["functionCallingConfig"]["mode"], "NONE");
+        let contents = body["contents"].as_array().unwrap();
+        assert_eq!(
+            contents[1],
+            json!({"role": "model", "parts": [{"functionCall": {"name": "echo", "args": {"text": "hi"}}}]})
+        );
+        assert_eq!(
+            contents[2],
+            json!({"role": "user", "parts": [{"functionResponse": {"name": "echo", "response": {"result": "echo: hi"}}}]})
+        );
+        let plain: Value =
+            serde_json::from_slice(&Gemini.body(&ChatRequest::new(vec![], "m"), "m")).unwrap();
+        assert!(plain.get("tools").is_none());
+
+        let mut state = StreamState::default();
+        let event = SseEvent {
+            event: "message".into(),
+            data: json!({"candidates": [{"content": {"parts": [
+                {"functionCall": {"name": "echo", "args": {"text": "x"}}}]},
+                "finishReason": "STOP"}]})
+            .to_string(),
+        };
+        let deltas = state.on_event("g", &event).unwrap();
+        assert_eq!(
+            deltas[0],
+            Delta::ToolCall(crate::llm::tools::ToolCall {
+                id: "call_1".into(),
+                name: "echo".into(),
+                arguments: json!({"text": "x"}),
+            })
+        );
+    }
     use crate::testing::gemini::{GeminiFormat, error_body};
     use crate::testing::{FakeUpstream, Reply, Step};
 

@@ -24,6 +24,7 @@ pub mod openai;
 mod registry;
 pub mod ssrf;
 pub mod stackspot;
+pub mod tools;
 pub mod wire;
 
 use std::pin::Pin;
@@ -73,10 +74,23 @@ pub struct ChatRequest {
     /// does not, a provider may ask its upstream for the whole answer in one response (less
     /// framing to parse, and what any other gateway sends); its stream then yields it at once.
     pub stream: bool,
+    /// Tools offered to the model (empty: none; wire formats then send what they always did).
+    pub tools: Arc<[tools::ToolSpec]>,
+    /// The rounds of tool use so far, after `messages`.
+    pub tool_turns: Vec<tools::ToolTurn>,
+    /// Ask the model to answer without calling a tool (the last round).
+    pub tool_choice_none: bool,
     /// The JSON schema the answer must follow, for providers whose API takes one (OpenAI
     /// `response_format`, Gemini `responseSchema`, Anthropic a forced tool, Ollama `format`);
     /// the others get only the prompt's own instructions.
     pub schema: Option<Arc<ResponseSchema>>,
+}
+
+impl ChatRequest {
+    /// Whether the request carries tools or tool turns (the wire formats' slower path).
+    pub fn uses_tools(&self) -> bool {
+        !self.tools.is_empty() || !self.tool_turns.is_empty()
+    }
 }
 
 /// A JSON schema an answer is asked to follow (structured output).
@@ -101,6 +115,9 @@ impl ChatRequest {
             top_p: None,
             stop: Vec::new(),
             stream: true,
+            tools: Arc::from(Vec::new()),
+            tool_turns: Vec::new(),
+            tool_choice_none: false,
             schema: None,
         }
     }
@@ -124,6 +141,10 @@ pub enum Delta {
     Usage(Usage),
     /// Why the answer ended ("stop", "length", …), when the upstream says.
     Finish(String),
+    /// The model asks for a tool call (only when tools were offered).
+    ToolCall(tools::ToolCall),
+    /// A tool call the prompt made, for the caller to show (tool-use prompts only).
+    Tool(tools::ToolEvent),
 }
 
 /// A stream of deltas, ending when the answer is complete.
@@ -183,7 +204,13 @@ pub async fn collect(mut stream: DeltaStream) -> Result<(String, Option<Usage>),
             Delta::Text(t) if text.is_empty() => text = t,
             Delta::Text(t) => text.push_str(&t),
             Delta::Usage(u) => usage = Some(u),
-            Delta::Finish(_) => {}
+            // A call that offered no tools gets a tool call only as a structured answer
+            // (Anthropic answers a request's `schema` with the forced tool): its input is the text.
+            Delta::ToolCall(c) => match c.arguments {
+                serde_json::Value::String(s) => text.push_str(&s),
+                v => text.push_str(&v.to_string()),
+            },
+            Delta::Finish(_) | Delta::Tool(_) => {}
         }
     }
     Ok((text, usage))

@@ -196,11 +196,43 @@ fn chat_body(model: &str, r: &ChatRequest) -> Value {
     if !options.is_empty() {
         body["options"] = Value::Object(options);
     }
+    if r.uses_tools() {
+        add_tools(&mut body, r);
+    }
     if let Some(schema) = &r.schema {
         // Ollama's structured output: `format` takes the JSON schema itself.
         body["format"] = schema.schema.clone();
     }
     body
+}
+
+/// The offered tools (`tools`; none on the last round, as Ollama has no `tool_choice`) and the tool
+/// rounds so far (an assistant message with its `tool_calls`, then one `tool` message per result).
+fn add_tools(body: &mut Value, r: &ChatRequest) {
+    if let Some(Value::Array(messages)) = body.get_mut("messages") {
+        for turn in &r.tool_turns {
+            let calls: Vec<Value> = turn
+                .calls
+                .iter()
+                .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+            messages.push(json!({"role": "assistant", "content": turn.text, "tool_calls": calls}));
+            for (c, out) in turn.calls.iter().zip(&turn.outputs) {
+                messages.push(json!({"role": "tool", "tool_name": c.name, "content": out.content}));
+            }
+        }
+    }
+    if !r.tools.is_empty() && !r.tool_choice_none {
+        let tools: Vec<Value> = r
+            .tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters}})
+            })
+            .collect();
+        body["tools"] = Value::Array(tools);
+    }
 }
 
 /// An f32 as the decimal a person wrote (0.7, not 0.699999988079071).
@@ -237,6 +269,29 @@ fn read_line(provider: &str, v: &Value) -> Result<(Vec<Delta>, bool), LlmError> 
         .filter(|t| !t.is_empty())
     {
         deltas.push(Delta::Text(text.to_string()));
+    }
+    if let Some(calls) = obj
+        .get("message")
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+    {
+        for (i, c) in calls.iter().enumerate() {
+            let Some(name) = c.pointer("/function/name").and_then(Value::as_str) else {
+                continue;
+            };
+            let arguments = match c.pointer("/function/arguments") {
+                Some(Value::String(t)) => {
+                    serde_json::from_str(t).unwrap_or_else(|_| Value::String(t.clone()))
+                }
+                Some(v) => v.clone(),
+                None => json!({}),
+            };
+            deltas.push(Delta::ToolCall(super::tools::ToolCall {
+                id: format!("call_{i}"),
+                name: name.to_string(),
+                arguments,
+            }));
+        }
     }
     let done = obj.get("done").and_then(Value::as_bool).unwrap_or(false);
     if done {
@@ -293,6 +348,72 @@ mod tests {
     use crate::config::Secret;
     use crate::llm::ClientCredentials;
     use crate::llm::ssrf::SsrfPolicy;
+
+    fn tool_request() -> ChatRequest {
+        use crate::llm::tools::{ToolCall, ToolOutput, ToolSpec, ToolTurn};
+        let mut r = ChatRequest::new(
+            vec![crate::llm::Message {
+                role: "user".into(),
+                content: "q".into(),
+            }],
+            "m",
+        );
+        r.tools = std::sync::Arc::from(vec![ToolSpec {
+            name: "echo".into(),
+            description: "Repeats".into(),
+            parameters: json!({"type": "object"}),
+        }]);
+        r.tool_turns = vec![ToolTurn {
+            text: String::new(),
+            calls: vec![ToolCall {
+                id: "c1".into(),
+                name: "echo".into(),
+                arguments: json!({"text": "hi"}),
+            }],
+            outputs: vec![ToolOutput {
+                content: "echo: hi".into(),
+                is_error: false,
+            }],
+        }];
+        r
+    }
+
+    #[test]
+    fn tools_and_tool_rounds_in_the_body_and_calls_in_the_answer() {
+        let mut r = tool_request();
+        let body = chat_body("m", &r);
+        assert_eq!(body["tools"][0]["function"]["name"], "echo");
+        let msgs = body["messages"].as_array().unwrap();
+        assert_eq!(
+            msgs[1]["tool_calls"][0]["function"]["arguments"],
+            json!({"text": "hi"})
+        );
+        assert_eq!(
+            msgs[2],
+            json!({"role": "tool", "tool_name": "echo", "content": "echo: hi"})
+        );
+        r.tool_choice_none = true;
+        assert!(chat_body("m", &r).get("tools").is_none());
+        assert!(
+            chat_body("m", &ChatRequest::new(vec![], "m"))
+                .get("tools")
+                .is_none()
+        );
+
+        let line = json!({"message": {"role": "assistant", "content": "",
+            "tool_calls": [{"function": {"name": "echo", "arguments": {"text": "x"}}}]},
+            "done": true, "done_reason": "stop"});
+        let (deltas, done) = read_line("o", &line).unwrap();
+        assert!(done);
+        assert_eq!(
+            deltas[0],
+            Delta::ToolCall(crate::llm::tools::ToolCall {
+                id: "call_0".into(),
+                name: "echo".into(),
+                arguments: json!({"text": "x"}),
+            })
+        );
+    }
     use crate::llm::{ClientKey, Message, collect};
     use crate::testing::ollama::OllamaFormat;
     use crate::testing::{FakeUpstream, Reply, Step};

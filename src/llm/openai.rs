@@ -14,7 +14,7 @@ use reqwest::header::{
     ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::error::{ErrorClass, LlmError, UpstreamError};
 use super::http::{self, ModelListing};
@@ -367,6 +367,85 @@ impl RequestBody<'_> {
     }
 }
 
+/// The body with the offered tools (`tools`, `tool_choice`) and the tool rounds so far (an
+/// assistant message with its `tool_calls`, then one `tool` message per result).
+fn with_tools(body: Vec<u8>, req: &ChatRequest) -> Vec<u8> {
+    let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    if let Some(Value::Array(messages)) = v.get_mut("messages") {
+        for turn in &req.tool_turns {
+            let calls: Vec<Value> = turn
+                .calls
+                .iter()
+                .map(|c| {
+                    json!({"id": c.id, "type": "function",
+                           "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+                })
+                .collect();
+            let text = match turn.text.is_empty() {
+                true => Value::Null,
+                false => Value::String(turn.text.clone()),
+            };
+            messages.push(json!({"role": "assistant", "content": text, "tool_calls": calls}));
+            for (c, out) in turn.calls.iter().zip(&turn.outputs) {
+                messages
+                    .push(json!({"role": "tool", "tool_call_id": c.id, "content": out.content}));
+            }
+        }
+    }
+    if !req.tools.is_empty() {
+        let tools: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters}})
+            })
+            .collect();
+        v.insert("tools".into(), Value::Array(tools));
+        if req.tool_choice_none {
+            v.insert("tool_choice".into(), json!("none"));
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or(body)
+}
+
+/// The tool calls of a message (`message.tool_calls` of a whole answer).
+fn tool_calls(message: Option<&Value>) -> Vec<Delta> {
+    let Some(calls) = message
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+    else {
+        return Vec::new();
+    };
+    calls
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let f = c.get("function")?;
+            let name = f.get("name")?.as_str()?.to_string();
+            let arguments = match f.get("arguments") {
+                Some(Value::String(text)) if text.trim().is_empty() => json!({}),
+                Some(Value::String(text)) => {
+                    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+                }
+                Some(other) => other.clone(),
+                None => json!({}),
+            };
+            let id = c
+                .get("id")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("call_{i}"), str::to_string);
+            Some(Delta::ToolCall(crate::llm::tools::ToolCall {
+                id,
+                name,
+                arguments,
+            }))
+        })
+        .collect()
+}
+
 /// An f32 as the JSON number it was written as (0.7, not 0.699999988079071).
 fn float(x: f32) -> Option<f64> {
     x.to_string().parse::<f64>().ok().filter(|f| f.is_finite())
@@ -416,7 +495,11 @@ impl WireFormat for OpenAi {
     }
 
     fn body(&self, req: &ChatRequest, model: &str) -> Vec<u8> {
-        self.request_body(req, model).to_json()
+        let body = self.request_body(req, model).to_json();
+        match req.uses_tools() {
+            false => body,
+            true => with_tools(body, req),
+        }
     }
 
     fn parse_error(status: u16, body: &str) -> Option<(ErrorClass, String)> {
@@ -573,6 +656,9 @@ struct PayloadChoice<'a> {
 struct PayloadText<'a> {
     #[serde(default, borrow)]
     content: Option<std::borrow::Cow<'a, str>>,
+    /// Tool calls are read by the tolerant path.
+    #[serde(default)]
+    tool_calls: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -620,6 +706,9 @@ fn typed_deltas(data: &str, shape: Shape) -> Option<Vec<Delta>> {
         Shape::Chunk => c.delta.as_ref(),
         Shape::Whole => c.message.as_ref(),
     });
+    if text.is_some_and(|t| t.tool_calls.is_some()) {
+        return None;
+    }
     if let Some(t) = text
         .and_then(|t| t.content.as_deref())
         .filter(|t| !t.is_empty())
@@ -690,6 +779,7 @@ fn tolerant_whole(name: &str, body: &[u8]) -> Result<Vec<Delta>, LlmError> {
     {
         out.push(Delta::Text(text.to_string()));
     }
+    out.extend(tool_calls(choice.get("message")));
     if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
         out.push(Delta::Finish(reason.to_string()));
     }

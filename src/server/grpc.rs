@@ -236,6 +236,57 @@ fn error_reply(e: &Error) -> SessionMessage {
     session_reply(session_message::Type::Error, e.to_string(), metadata)
 }
 
+/// `/status`'s MCP lines: `MCP:      active (ready/configured servers ready)` when servers are
+/// configured, then for admins one line per server with its state (and why it is unavailable).
+fn mcp_lines(servers: &[crate::mcp::ServerStatus], role: crate::auth::Role) -> String {
+    if servers.is_empty() {
+        return String::new();
+    }
+    let ready = servers.iter().filter(|s| s.state == "ready").count();
+    let mut out = format!(
+        "\nMCP:      active ({ready}/{} servers ready)",
+        servers.len()
+    );
+    if role == crate::auth::Role::Admin {
+        for s in servers {
+            out.push_str(&format!(
+                "\nMCP server {} ({}): {}",
+                s.name, s.transport, s.state
+            ));
+            match s.state {
+                "ready" => out.push_str(&format!(", {} tools", s.tools)),
+                "unavailable" => out.push_str(&format!(": {}", s.reason)),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// The `tool_calls` metadata of an interactive reply: a JSON array with one object per tool call
+/// the turn made, in order: `{"id", "name", "server", "arguments", "outcome", "is_error",
+/// "duration_ms", "result"}`.
+fn tool_calls_metadata(events: &[crate::gateway::ToolEvent]) -> String {
+    use crate::gateway::ToolEvent;
+    let mut calls: Vec<serde_json::Value> = Vec::new();
+    for e in events {
+        match e {
+            ToolEvent::Call { call, server } => calls.push(serde_json::json!({
+                "id": call.id, "name": call.name, "server": server, "arguments": call.arguments,
+            })),
+            ToolEvent::Result { id, reply, .. } => {
+                if let Some(c) = calls.iter_mut().rev().find(|c| c["id"] == *id) {
+                    c["outcome"] = reply.outcome.as_str().into();
+                    c["is_error"] = reply.output.is_error.into();
+                    c["duration_ms"] = (reply.duration.as_secs_f64() * 1000.0).into();
+                    c["result"] = reply.output.content.clone().into();
+                }
+            }
+        }
+    }
+    serde_json::Value::Array(calls).to_string()
+}
+
 impl ChatCliGrpc {
     /// One USER_INPUT turn over the session's running history (see
     /// [`Gateway::interactive_turn`]); the reply's `history_trimmed` metadata says how many of the
@@ -245,6 +296,8 @@ impl ChatCliGrpc {
         prepared: &Prepared,
         history: &mut Vec<Message>,
         msg: SessionMessage,
+        who: &Principal,
+        notes: &Arc<AuditNotes>,
     ) -> SessionMessage {
         use session_message::Type;
         let meta = |k: &str| msg.metadata.get(k).cloned().unwrap_or_default();
@@ -252,7 +305,17 @@ impl ChatCliGrpc {
         let turn = self
             .state
             .gateway(prepared)
-            .interactive_turn(history, msg.content, provider, model, &key)
+            .interactive_turn(
+                history,
+                msg.content,
+                provider,
+                model,
+                &key,
+                crate::gateway::TurnCaller {
+                    role: who.role,
+                    tool_audit: notes.tool_audit(),
+                },
+            )
             .await;
         match turn {
             Ok(answer) => {
@@ -264,6 +327,9 @@ impl ChatCliGrpc {
                 .collect();
                 if answer.trimmed > 0 {
                     metadata.insert("history_trimmed".into(), answer.trimmed.to_string());
+                }
+                if !answer.tools.is_empty() {
+                    metadata.insert("tool_calls".into(), tool_calls_metadata(&answer.tools));
                 }
                 session_reply(Type::AssistantResponse, answer.text, metadata)
             }
@@ -305,6 +371,7 @@ impl ChatCliGrpc {
                 out.push_str(
                     &super::grpc_catalog::refused_lines(&self.state, prepared, who.role).await,
                 );
+                out.push_str(&mcp_lines(&self.state.mcp.status(), who.role));
                 if !report.fallback.is_empty() {
                     out.push_str(&format!(
                         "\nFallback: configured ({})",
@@ -399,10 +466,13 @@ impl ChatCliService for ChatCliGrpc {
         let deadline = deadline(&request);
         let notes = notes(&request);
         let core = self.state.gateway(&prepared);
+        let role = principal(&request).role;
         let mut call = prompt_fields!(request.into_inner())
             .into_call(&core, deadline)
             .map_err(|e| fail(&notes, &e))?;
         call.unary = true;
+        call.tool_role = Some(role);
+        call.tool_audit = notes.tool_audit();
         let answer = core.prompt(call).await.map_err(|e| fail(&notes, &e))?;
         notes.answered_by(&answer.provider, &answer.model);
         let (text, _) = crate::llm::collect(answer.stream)
@@ -427,9 +497,13 @@ impl ChatCliService for ChatCliGrpc {
         let notes = notes(&request);
         let slot = self.stream_slot(&prepared, &request)?;
         let core = self.state.gateway(&prepared);
-        let call = prompt_fields!(request.into_inner())
+        let role = principal(&request).role;
+        let mut call = prompt_fields!(request.into_inner())
             .into_call(&core, deadline)
             .map_err(|e| fail(&notes, &e))?;
+        // The final text only: the proto has no tool events.
+        call.tool_role = Some(role);
+        call.tool_audit = notes.tool_audit();
         let answer = core.prompt(call).await.map_err(|e| fail(&notes, &e))?;
         notes.answered_by(&answer.provider, &answer.model);
         let metrics = self.state.metrics.clone();
@@ -486,6 +560,7 @@ impl ChatCliService for ChatCliGrpc {
         let prepared = snapshot(&self.state, &request);
         let slot = self.stream_slot(&prepared, &request)?;
         let who = principal(&request);
+        let call_notes = notes(&request);
         let limit_key = context(&request)
             .and_then(|c| c.limit_key.clone())
             .unwrap_or_else(|| who.limit_key(None));
@@ -538,7 +613,7 @@ impl ChatCliService for ChatCliGrpc {
                         tracing::debug!(principal = %who.id, retry_after = secs, "interactive message rate limited");
                         error_reply(&Error::RateLimited { secs })
                     }
-                    (Ok(Type::UserInput), None) => this.session_turn(&prepared, &mut history, msg).await,
+                    (Ok(Type::UserInput), None) => this.session_turn(&prepared, &mut history, msg, &who, &call_notes).await,
                     (Ok(Type::Command), None) => session_reply(
                         Type::CommandResult,
                         this.command(&prepared, &who, &msg.content).await,

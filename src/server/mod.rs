@@ -163,6 +163,7 @@ pub async fn run_with(
         options.audit,
     )?);
     check_exposure(main_addr, &state.prepared()).map_err(|e| ServerError::Config(vec![e]))?;
+    state.mcp.apply(&state.prepared().mcp_servers);
     state.watcher.apply(&state.prepared().config.watcher);
     check_state_backend(&state).await?;
     if let Some(sources) = options.reload {
@@ -256,6 +257,7 @@ pub async fn run_with(
         .then(|| tokio::spawn(probe_state_backend(state.clone(), health_reporter.clone())));
     listener::serve(listeners.main, state.clone(), pipeline, shutdown, on_drain).await;
     state.catalog.shutdown();
+    state.mcp.shutdown(std::time::Duration::from_secs(5)).await;
     state.watcher.stop();
     housekeeping.abort();
     if let Some(p) = state_probe {

@@ -121,6 +121,8 @@ struct Notes {
     /// Why a call whose success status had already gone out failed after all (an HTTP stream
     /// that broke off with an SSE `error` event).
     failure: Option<String>,
+    /// The MCP tool calls the call's prompt made: each gets a record of its own.
+    tools: Vec<crate::llm::tools::ToolReply>,
 }
 
 /// What the pipeline knows about a call, for the handlers behind it. One entry in the request's
@@ -184,6 +186,25 @@ impl AuditNotes {
     /// `error` event): the audit record says it failed, and why.
     pub fn failed(&self, why: &str) {
         self.note(|n| n.failure = Some(why.to_string()));
+    }
+    /// An MCP tool call the call's prompt made (server, tool, outcome and duration are recorded;
+    /// never its arguments or result).
+    pub fn tool_used(&self, reply: &crate::llm::tools::ToolReply) {
+        self.note(|n| {
+            let mut r = reply.clone();
+            r.output.content.clear();
+            n.tools.push(r);
+        });
+    }
+    /// The hook that notes the tool calls of a prompt.
+    pub fn tool_audit(self: &Arc<Self>) -> Option<crate::llm::tools::ToolAudit> {
+        if !self.kept {
+            return None;
+        }
+        let notes = self.clone();
+        Some(crate::llm::tools::ToolAudit(Arc::new(move |r| {
+            notes.tool_used(r)
+        })))
     }
 }
 
@@ -833,7 +854,7 @@ impl PendingAudit {
             (Some(p), false) => (p.id, p.tenant_id, p.method.as_str().to_string()),
             (None, false) => ("anonymous".to_string(), None, "none".to_string()),
         };
-        self.audit.log(AuditRecord {
+        let record = AuditRecord {
             timestamp: super::audit::now_rfc3339(),
             request_id: std::mem::take(&mut self.request_id),
             principal,
@@ -852,7 +873,37 @@ impl PendingAudit {
             provider: notes.provider,
             model: notes.model,
             error: notes.refusal.or(error),
-        });
+        };
+        // One record per MCP tool call, after the call's own, with its request id and caller.
+        let tools: Vec<AuditRecord> = notes
+            .tools
+            .iter()
+            .map(|t| {
+                let ok = t.outcome == crate::llm::tools::ToolOutcome::Ok;
+                AuditRecord {
+                    method: "MCP tools/call".into(),
+                    resource: format!("{}/{}", t.server, t.tool),
+                    result: if ok {
+                        AuditResult::Ok
+                    } else {
+                        AuditResult::Error
+                    },
+                    code: t.outcome.as_str().to_string(),
+                    error_code: None,
+                    duration_ms: t.duration.as_secs_f64() * 1000.0,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    provider: None,
+                    model: None,
+                    error: (!ok).then(|| t.outcome.as_str().to_string()),
+                    ..record.clone()
+                }
+            })
+            .collect();
+        self.audit.log(record);
+        for r in tools {
+            self.audit.log(r);
+        }
     }
 }
 

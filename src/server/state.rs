@@ -36,6 +36,8 @@ pub struct Prepared {
     pub rate_plan: RatePlan,
     /// The proxies trusted to name the client (`server.trusted_proxies`).
     pub trusted_proxies: TrustedProxies,
+    /// The MCP servers of its servers file (the connections are [`AppState::mcp`]).
+    pub mcp_servers: Arc<[crate::mcp::ServerConfig]>,
 }
 
 /// One part of a config that cannot be prepared: the setting it is about, when the message names
@@ -124,12 +126,25 @@ impl Prepared {
             .map_err(|e| PrepareError::from_message(&e))?;
         let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies)
             .map_err(PrepareError::from_messages)?;
+        let (mcp_path, required) = crate::mcp::config::path_of(&config);
+        let mcp_servers = crate::mcp::config::load(&mcp_path, required)
+            .map_err(|problems| {
+                problems
+                    .into_iter()
+                    .map(|reason| PrepareError {
+                        setting: "catalog.mcp_config".into(),
+                        reason,
+                    })
+                    .collect::<Vec<_>>()
+            })?
+            .into();
         Ok(Self {
             config,
             registry,
             auth,
             rate_plan,
             trusted_proxies,
+            mcp_servers,
         })
     }
 }
@@ -216,6 +231,8 @@ pub struct AppState {
     pub hub: Arc<crate::hub::Hub>,
     /// Plugins, agents and skills (rescanned as their folders and settings change).
     pub catalog: Arc<crate::catalog::Catalog>,
+    /// The MCP servers' connections (live state: a reload hands it the new servers file).
+    pub mcp: Arc<crate::mcp::McpHub>,
     /// The Kubernetes watcher; it has no target (and runs nothing) unless the config names some.
     pub watcher: Arc<crate::watcher::Watcher>,
 }
@@ -359,6 +376,11 @@ impl AppState {
                 .map_err(|e| {
                     ServerError::CannotCreate(format!("creating the plugin cache: {e}"))
                 })?;
+        let mcp = crate::mcp::McpHub::new();
+        if let Some(m) = &metrics {
+            mcp.register(m.registry())
+                .map_err(|e| ServerError::Config(vec![e]))?;
+        }
         let watcher = crate::watcher::Watcher::new(metrics.as_ref().map(|m| m.registry()));
         Ok(Self {
             prepared: ArcSwap::from_pointee(prepared),
@@ -381,6 +403,7 @@ impl AppState {
             in_flight: InFlight::default(),
             hub,
             catalog: Arc::new(catalog),
+            mcp: Arc::new(mcp),
             watcher,
         })
     }
@@ -403,6 +426,7 @@ impl AppState {
         }
         self.auth_failures
             .set_per_minute(prepared.config.limits.auth_failures_per_minute);
+        self.mcp.apply(&prepared.mcp_servers);
         self.prepared.store(Arc::new(prepared));
     }
 
@@ -518,6 +542,8 @@ impl AppState {
             cooldowns: &self.cooldowns,
             metrics: self.metrics.as_ref(),
             sessions: &self.sessions,
+            mcp: Some(&self.mcp),
+            catalog: &prepared.config.catalog,
             watcher: &self.watcher,
             watcher_config: &prepared.config.watcher,
         }

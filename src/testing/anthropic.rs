@@ -127,6 +127,51 @@ impl WireFormat for AnthropicFormat {
     }
 }
 
+/// A streamed Message that asks for one tool call (`tool_use` with id `id`), its input sent in two
+/// `input_json_delta` pieces, stop reason `tool_use`.
+pub fn tool_use_reply(id: &str, name: &str, input: &serde_json::Value) -> super::Reply {
+    let text = input.to_string();
+    let (a, b) = text.split_at(text.len() / 2);
+    let body = [
+        event(
+            "message_start",
+            &json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
+                "role": "assistant", "content": [], "model": FAKE_MODEL,
+                "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+        ),
+        event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
+        ),
+        event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": a}}),
+        ),
+        event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": b}}),
+        ),
+        event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": 0}),
+        ),
+        event(
+            "message_delta",
+            &json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                "usage": {"output_tokens": 7}}),
+        ),
+        event("message_stop", &json!({"type": "message_stop"})),
+    ]
+    .concat();
+    super::Reply::Raw {
+        content_type: "text/event-stream".into(),
+        body,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

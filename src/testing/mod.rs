@@ -11,6 +11,7 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod kube;
+pub mod mcp;
 pub mod ollama;
 pub mod openai;
 pub mod redis;

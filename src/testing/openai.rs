@@ -127,6 +127,28 @@ pub fn error_body(type_: &str, message: &str) -> String {
     json!({"error": {"message": message, "type": ty, "param": null, "code": code}}).to_string()
 }
 
+/// A whole `chat.completion` whose message asks for tool calls (`(id, name, arguments)` each),
+/// finish reason `tool_calls`.
+pub fn tool_calls_reply(calls: &[(&str, &str, Value)]) -> super::Reply {
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|(id, name, args)| {
+            json!({"id": id, "type": "function",
+                   "function": {"name": name, "arguments": args.to_string()}})
+        })
+        .collect();
+    let body = json!({
+        "id": ID, "object": "chat.completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "finish_reason": "tool_calls",
+                     "message": {"role": "assistant", "content": null, "tool_calls": calls}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    });
+    super::Reply::Raw {
+        content_type: "application/json".into(),
+        body: body.to_string(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

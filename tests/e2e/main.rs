@@ -20,6 +20,7 @@ mod http;
 mod http_api;
 mod hub;
 mod interactive;
+mod mcp;
 mod providers;
 mod python;
 mod redis;

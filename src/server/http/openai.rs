@@ -333,6 +333,8 @@ async fn completions(api: Arc<Api>, caller: Caller, req: Request) -> Result<Resp
                 }
                 Ok(Delta::Usage(u)) => usage = Some(u),
                 Ok(Delta::Finish(r)) => finish = Some(r),
+                // The OpenAI routes offer no server tools.
+                Ok(Delta::ToolCall(_) | Delta::Tool(_)) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "stream failed after its first delta");
                     notes.failed(&e.to_string());
@@ -387,6 +389,7 @@ async fn whole(answer: Answer, id: String, created: u64) -> Result<Response, Api
             Ok(Delta::Text(t)) => text.push_str(&t),
             Ok(Delta::Usage(u)) => usage = Some(u),
             Ok(Delta::Finish(r)) => finish = Some(r),
+            Ok(Delta::ToolCall(_) | Delta::Tool(_)) => {}
             Err(e) => return Err(Error::from(e).into()),
         }
     }

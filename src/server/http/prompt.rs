@@ -129,6 +129,8 @@ async fn run(
         prompt: req.prompt,
         max_tokens: req.max_tokens.filter(|n| *n > 0),
         unary: !stream,
+        tool_role: Some(caller.principal.role),
+        tool_audit: caller.notes.tool_audit(),
         ..Default::default()
     };
     let core = api.core(&prepared);
@@ -157,6 +159,7 @@ async fn run(
     if !stream {
         let mut text = String::new();
         let mut usage = None;
+        let mut tools: Vec<Value> = Vec::new();
         while let Some(item) = upstream.next().await {
             match item {
                 Ok(Delta::Text(t)) if t.is_empty() => {}
@@ -165,7 +168,12 @@ async fn run(
                     text.push_str(&t);
                 }
                 Ok(Delta::Usage(u)) => usage = Some(u),
-                Ok(Delta::Finish(_)) => {}
+                Ok(Delta::Tool(t)) => {
+                    let (kind, data) = tool_event(&t);
+                    publisher.send(kind, &data);
+                    tools.push(json!({"type": kind, "data": data}));
+                }
+                Ok(Delta::Finish(_) | Delta::ToolCall(_)) => {}
                 Err(e) => return Err(Failure::Failed(Error::from(e).into())),
             }
         }
@@ -178,14 +186,17 @@ async fn run(
             json!({"provider": provider, "model": model, "usage": usage.map(UsageOut::from)});
         publisher.send("response_complete", &complete);
         drop(busy);
-        return Ok(Json(json!({
+        let mut body = json!({
             "success": true,
             "response": text,
             "provider": provider,
             "model": model,
             "usage": usage.map(UsageOut::from),
-        }))
-        .into_response());
+        });
+        if !tools.is_empty() {
+            body["tool_events"] = Value::Array(tools);
+        }
+        return Ok(Json(body).into_response());
     }
 
     // One event per delta as the provider yields it; dropping this stream (the client went away)
@@ -206,7 +217,12 @@ async fn run(
                     yield Ok::<_, std::convert::Infallible>(event("delta", data));
                 }
                 Ok(Delta::Usage(u)) => usage = Some(u),
-                Ok(Delta::Finish(_)) => {}
+                Ok(Delta::Tool(t)) => {
+                    let (kind, data) = tool_event(&t);
+                    publisher.send(kind, &data);
+                    yield Ok(event(kind, data));
+                }
+                Ok(Delta::Finish(_) | Delta::ToolCall(_)) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "stream failed after its first delta");
                     notes.failed(&e.to_string());
@@ -234,6 +250,28 @@ async fn run(
         yield Ok(Event::default().data(json!({"done": true}).to_string()));
     };
     Ok(super::sse_headers(Sse::new(out).into_response()))
+}
+
+/// A tool event as `/request` sends it: `tool_call` `{"id", "name", "server", "arguments"}` when a
+/// call starts, `tool_result` `{"id", "name", "server", "outcome", "is_error", "duration_ms",
+/// "result"}` when it ends.
+fn tool_event(e: &crate::gateway::ToolEvent) -> (&'static str, Value) {
+    use crate::gateway::ToolEvent;
+    match e {
+        ToolEvent::Call { call, server } => (
+            "tool_call",
+            json!({"id": call.id, "name": call.name, "server": server, "arguments": call.arguments}),
+        ),
+        ToolEvent::Result { id, name, reply } => (
+            "tool_result",
+            json!({
+                "id": id, "name": name, "server": reply.server,
+                "outcome": reply.outcome.as_str(), "is_error": reply.output.is_error,
+                "duration_ms": reply.duration.as_secs_f64() * 1000.0,
+                "result": reply.output.content,
+            }),
+        ),
+    }
 }
 
 fn event(kind: &str, data: Value) -> Event {

@@ -635,6 +635,8 @@ pub const RELOADABLE: &[&str] = &[
     "catalog.max_output_bytes",
     "catalog.env_allow",
     "catalog.mcp_config",
+    "catalog.mcp_roles",
+    "catalog.mcp_max_rounds",
 ];
 
 /// A restart-only key whose value in the files differs from the running one.
@@ -701,6 +703,8 @@ fn named_files(table: &toml::Table, creds: Option<&std::path::Path>) -> Vec<Path
 /// files it points to (keys, tokens, certificates).
 fn watched_files(c: &Config, sources: &Sources) -> Vec<PathBuf> {
     let mut files = config::config_files(sources);
+    // The MCP servers file is part of the snapshot: its changes reload like the config's.
+    files.push(crate::mcp::config::path_of(c).0);
     if let Ok(table) = toml::Table::try_from(c) {
         files.extend(named_files(&table, sources.credentials_dir().as_deref()));
     }

@@ -1,5 +1,7 @@
 //! The one file watcher of the server and the SIGHUP handler, both driving the same two reloads:
-//! the configuration ([`Reloader`]) and the TLS material ([`TlsRotation`]).
+//! the configuration ([`Reloader`]) and the TLS material ([`TlsRotation`]); the same watcher also
+//! has the catalog rebuilt when one of its folders changes (plugins, trusted keys, agents,
+//! skills), and the MCP servers file is one of the configuration's files.
 //!
 //! The watcher is notify-debouncer-full over directories, not files (atomic renames and the
 //! Kubernetes `..data` symlink swap are seen): those of the config file and its drop-ins and of
@@ -51,16 +53,27 @@ impl Drop for WatchGuard {
     }
 }
 
-/// What is watched: the config's reloader (when the config came from files) and the TLS rotation
-/// (when TLS is on).
+/// What is watched: the config's reloader (when the config came from files), the TLS rotation
+/// (when TLS is on) and the catalog's folders (plugins, trusted keys, agents, skills).
 struct Targets {
     reloader: Option<Arc<Reloader>>,
     tls: Option<Arc<TlsRotation>>,
+    state: Weak<AppState>,
 }
 
 impl Targets {
     fn tls_dirs(&self) -> Vec<PathBuf> {
         self.tls.as_ref().map(|t| t.dirs()).unwrap_or_default()
+    }
+
+    /// The catalog's folders under the serving config, those that exist.
+    fn catalog_dirs(&self) -> Vec<PathBuf> {
+        let Some(state) = self.state.upgrade() else {
+            return Vec::new();
+        };
+        let mut dirs = crate::catalog::Settings::from_config(&state.prepared().config).watch_dirs();
+        dirs.retain(|d| d.is_dir());
+        dirs
     }
 
     /// Every directory to watch, sorted, each once.
@@ -69,6 +82,7 @@ impl Targets {
         if let Some(r) = &self.reloader {
             dirs.extend(r.watched_dirs());
         }
+        dirs.extend(self.catalog_dirs());
         dirs.sort();
         dirs.dedup();
         dirs
@@ -82,8 +96,9 @@ pub fn watch(state: &Arc<AppState>) -> Option<WatchGuard> {
     let targets = Targets {
         reloader: state.reloader.get().cloned(),
         tls: state.tls_rotation.clone(),
+        state: Arc::downgrade(state),
     };
-    if targets.reloader.is_none() && targets.tls.is_none() {
+    if targets.reloader.is_none() && targets.tls.is_none() && targets.catalog_dirs().is_empty() {
         return None;
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
@@ -193,6 +208,20 @@ async fn changed(targets: &Targets, paths: &[PathBuf]) {
         && paths.iter().any(|p| r.is_relevant(p))
     {
         let _ = r.reload("file change", false).await;
+    }
+    // A plugin, key, agent or skill added, replaced or removed: the catalog is rebuilt now, so a
+    // new plugin is checked and probed before the first call asks for it.
+    let catalog = targets.catalog_dirs();
+    if !catalog.is_empty()
+        && paths.iter().any(|p| in_dirs(p, &catalog))
+        && let Some(state) = targets.state.upgrade()
+    {
+        let settings = crate::catalog::Settings::from_config(&state.prepared().config);
+        let snap = state.catalog.rescan(&settings).await;
+        tracing::debug!(
+            plugins = snap.plugins.len(),
+            "catalog rescanned after a folder change"
+        );
     }
 }
 
