@@ -501,21 +501,7 @@ async fn agents_and_skills_come_from_their_folders() {
     s.shutdown().await;
 }
 
-/// `$CHATCLI_TEST_PYTHON`, else `<repo>/.venv/bin/python` (as the other Python peers).
-fn python() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidate = match std::env::var_os("CHATCLI_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => repo.join(".venv/bin/python"),
-    };
-    assert!(
-        candidate.exists(),
-        "no Python for the gRPC peer at {}: set CHATCLI_TEST_PYTHON or create the venv: \
-         python3 -m venv .venv && .venv/bin/pip install -r tests/python/requirements.txt",
-        candidate.display()
-    );
-    candidate
-}
+use crate::python::python;
 
 #[tokio::test]
 async fn python_peer_lists_and_downloads_a_plugin() {

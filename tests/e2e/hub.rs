@@ -5,7 +5,7 @@
 //! Python grpcio peer.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -711,21 +711,7 @@ async fn acknowledged_appends_survive_kill_9() {
     }
 }
 
-/// `$CHATCLI_TEST_PYTHON`, else `<repo>/.venv/bin/python`.
-fn python() -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidate = match std::env::var_os("CHATCLI_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => repo.join(".venv/bin/python"),
-    };
-    assert!(
-        candidate.exists(),
-        "no Python for the hub peer at {}: set CHATCLI_TEST_PYTHON to an interpreter with grpcio \
-         and grpcio-tools, or create the venv: python3 -m venv .venv && .venv/bin/pip install -r tests/python/requirements.txt",
-        candidate.display(),
-    );
-    candidate
-}
+use crate::python::python;
 
 #[tokio::test]
 async fn a_python_peer_appends_and_subscribes() {

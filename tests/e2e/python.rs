@@ -10,8 +10,8 @@ use crate::support::{BinaryServer, demo_config};
 const SETUP: &str =
     "python3 -m venv .venv && .venv/bin/pip install -r tests/python/requirements.txt";
 
-/// `$CHATCLI_TEST_PYTHON`, else `<repo>/.venv/bin/python`.
-fn python() -> PathBuf {
+/// `$CHATCLI_TEST_PYTHON`, else `<repo>/.venv/bin/python`: the interpreter every Python peer runs on.
+pub(crate) fn python() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let candidate = match std::env::var_os("CHATCLI_TEST_PYTHON") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
